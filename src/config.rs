@@ -1,0 +1,2694 @@
+//! The relay's configuration: four raw layers merged into one validated, typed [`Config`].
+//!
+//! Layers, later ones winning key by key:
+//! built-in defaults < YAML file < environment variables < command-line flags.
+//! Every raw value is kept as text together with where it came from ([`Origin`]) until
+//! `Layers::resolve` parses and checks it, so an error can always name the key, the
+//! offending value and its source (file position, env var or flag) — the way ripgrep turns
+//! `LowArgs` into `HiArgs`.
+//!
+//! Owns: the CLI definition ([`Cli`]), the environment variable names, the YAML schema, every
+//! default (module `defaults`) and every limit (module `limits`), the validation rules and the
+//! machine probes that size the defaults (CPU count, memory available to the process).
+//!
+//! Does not own: acting on the values (logging setup, sockets, Valkey connections) and the
+//! search for `./config.yaml`, which only [`load_from_process`] does; [`load`] reads no file
+//! but the one given with `--config` and no environment but the lookup it is handed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and limits: the one place to change a number.
+// ---------------------------------------------------------------------------------------------
+
+/// Built-in defaults, the lowest layer. `config.yaml.example` shows the same values; a unit
+/// test keeps the two equal.
+mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    use std::time::Duration;
+
+    use super::{AckMode, LogFormat, LogLevel, StorageBackend, KIB, MIB};
+
+    /// Loopback: exposing the relay beyond the host must be an explicit choice.
+    pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+    /// 0 = one shard per CPU available to the process.
+    pub const SHARDS: u64 = 0;
+    pub const LOG_LEVEL: LogLevel = LogLevel::Info;
+    pub const LOG_FORMAT: LogFormat = LogFormat::Text;
+
+    pub const HTTP_MAX_HEADER_BYTES: u64 = 16 * KIB;
+    pub const HTTP_MAX_HEADERS: u64 = 64;
+    pub const HTTP_MAX_BODY_BYTES: u64 = 16 * MIB;
+    pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: u64 = 10_000;
+
+    pub const API_MAX_BULK_MESSAGES: u64 = 1000;
+    pub const API_DEFAULT_PAGE_LIMIT: u64 = 10;
+    pub const API_MAX_PAGE_LIMIT: u64 = 1000;
+    pub const API_MAX_PAYLOAD_BYTES: u64 = MIB;
+    pub const API_MAX_TOPIC_NAME_LEN: u64 = 255;
+
+    pub const STORAGE_BACKEND: StorageBackend = StorageBackend::Memory;
+    pub const STORAGE_PERSISTENT_TIER_RETENTION: Duration = Duration::from_secs(24 * 3600);
+    pub const STORAGE_MAX_MESSAGES_PER_TOPIC: u64 = 1_000_000;
+
+    /// `memory.max_bytes` is a quarter of the memory available to the process; this is used
+    /// when neither /proc/meminfo nor the cgroup limit can be read.
+    pub const MEMORY_MAX_BYTES_FALLBACK: u64 = super::GIB;
+    /// A quarter leaves room for connection buffers, the allocator's slack and, on a shared
+    /// host, for Valkey itself; half was rejected because a full hot tier plus in-flight
+    /// 16 MiB bodies on every shard could then reach the cgroup limit and get OOM-killed.
+    pub const MEMORY_SHARE_DIVISOR: u64 = 4;
+
+    pub const HOT_TIER_MAX_MESSAGES: u64 = 10_000;
+    pub const HOT_TIER_RETENTION: Duration = Duration::from_secs(3600);
+
+    pub const VALKEY_HOST: &str = "localhost";
+    pub const VALKEY_PORT: u64 = 6379;
+    pub const VALKEY_DB: u64 = 0;
+    pub const VALKEY_USE_TLS: bool = false;
+    pub const VALKEY_CONNECTIONS_PER_SHARD: u64 = 1;
+    pub const VALKEY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const VALKEY_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+    pub const VALKEY_MAX_PENDING: u64 = 10_000;
+    pub const VALKEY_STREAM_KEY: &str = "topic:{topic}:stream";
+    pub const VALKEY_META_KEY: &str = "topic:{topic}:meta";
+
+    pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
+}
+
+/// Accepted ranges. Lower bounds catch unit mistakes (a size meant in KiB written as bytes);
+/// upper bounds keep arithmetic safe (`Instant + Duration` panics on overflow, so no timeout
+/// may be near `u64::MAX` seconds) and catch a saturated parse (`99999EiB`).
+mod limits {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    use super::{GIB, KIB, MIB, TIB};
+
+    const MS: Duration = Duration::from_millis(1);
+    const SEC: Duration = Duration::from_secs(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// 1024 shards is far beyond today's largest single hosts (384 cores); a larger value is a
+    /// typo, and each shard costs a thread, a listener and a channel to every other shard.
+    pub const SHARDS: RangeInclusive<u64> = 0..=1024;
+    /// A request head is at least its request line plus `Host`; below 1 KiB ordinary clients
+    /// (browsers send ~500 bytes of headers) fail. Above 1 MiB a slowloris client can pin that
+    /// much per connection.
+    pub const HTTP_MAX_HEADER_BYTES: RangeInclusive<u64> = KIB..=MIB;
+    /// Curl sends 3 headers, browsers ~15; 8 leaves room for Host, Content-Type,
+    /// Content-Length and a proxy's additions.
+    pub const HTTP_MAX_HEADERS: RangeInclusive<u64> = 8..=1024;
+    /// Bodies are buffered whole before parsing, so one request may hold this much memory.
+    pub const HTTP_MAX_BODY_BYTES: RangeInclusive<u64> = KIB..=GIB;
+    pub const HTTP_HEADER_READ_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
+    pub const HTTP_KEEPALIVE_TIMEOUT: RangeInclusive<Duration> = MS..=DAY;
+    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: RangeInclusive<u64> = 1..=1_000_000;
+
+    pub const API_MAX_BULK_MESSAGES: RangeInclusive<u64> = 1..=1_000_000;
+    pub const API_PAGE_LIMIT: RangeInclusive<u64> = 1..=1_000_000;
+    /// 64 bytes: the smallest useful JSON message is tens of bytes, so a smaller cap is a
+    /// unit mistake rather than a policy.
+    pub const API_MAX_PAYLOAD_BYTES: RangeInclusive<u64> = 64..=GIB;
+    /// Topic names travel in URL paths, which many proxies cap at 4–8 KiB.
+    pub const API_MAX_TOPIC_NAME_LEN: RangeInclusive<u64> = 1..=4096;
+
+    /// Valkey trims by stream-ID milliseconds; below a second retention is a mistake, and
+    /// above ten years the `now - retention` arithmetic is still exact in milliseconds.
+    pub const RETENTION: RangeInclusive<Duration> = SEC..=Duration::from_secs(3650 * 24 * 3600);
+    pub const MAX_MESSAGES: RangeInclusive<u64> = 1..=u64::MAX;
+
+    /// Below 1 MiB not even one maximum-size default payload fits; 1 PiB catches a
+    /// saturated size parse.
+    pub const MEMORY_MAX_BYTES: RangeInclusive<u64> = MIB..=1024 * TIB;
+
+    pub const VALKEY_PORT: RangeInclusive<u64> = 1..=65535;
+    /// `SELECT` takes a C `int`.
+    pub const VALKEY_DB: RangeInclusive<u64> = 0..=(i32::MAX as u64);
+    /// 256 so that the seeds' `pool_size: 100` (an alias) still loads.
+    pub const VALKEY_CONNECTIONS_PER_SHARD: RangeInclusive<u64> = 1..=256;
+    pub const VALKEY_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
+    /// 0 = refuse publishes at once while Valkey is unreachable.
+    pub const VALKEY_MAX_PENDING: RangeInclusive<u64> = 0..=10_000_000;
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+
+/// The file [`load_from_process`] reads when no `--config` is given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config.yaml";
+
+/// The placeholder a Valkey key template must contain exactly once.
+pub const TOPIC_PLACEHOLDER: &str = "{topic}";
+
+// ---------------------------------------------------------------------------------------------
+// Keys and their environment variables.
+// ---------------------------------------------------------------------------------------------
+
+/// Canonical dotted key paths. Constants rather than literals so a typo between the YAML
+/// flattening and the resolution is a compile error instead of a silently ignored setting.
+mod key {
+    pub const LISTEN: &str = "listen";
+    pub const SHARDS: &str = "shards";
+    pub const LOG_LEVEL: &str = "log_level";
+    pub const LOG_FORMAT: &str = "log_format";
+    pub const HTTP_MAX_HEADER_BYTES: &str = "http.max_header_bytes";
+    pub const HTTP_MAX_HEADERS: &str = "http.max_headers";
+    pub const HTTP_MAX_BODY_BYTES: &str = "http.max_body_bytes";
+    pub const HTTP_HEADER_READ_TIMEOUT: &str = "http.header_read_timeout";
+    pub const HTTP_KEEPALIVE_TIMEOUT: &str = "http.keepalive_timeout";
+    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: &str = "http.max_connections_per_shard";
+    pub const API_MAX_BULK_MESSAGES: &str = "api.max_bulk_messages";
+    pub const API_DEFAULT_PAGE_LIMIT: &str = "api.default_page_limit";
+    pub const API_MAX_PAGE_LIMIT: &str = "api.max_page_limit";
+    pub const API_MAX_PAYLOAD_BYTES: &str = "api.max_payload_bytes";
+    pub const API_MAX_TOPIC_NAME_LEN: &str = "api.max_topic_name_len";
+    pub const STORAGE_BACKEND: &str = "storage.backend";
+    pub const STORAGE_PERSISTENT_TIER_RETENTION: &str = "storage.persistent_tier_retention";
+    pub const STORAGE_MAX_MESSAGES_PER_TOPIC: &str = "storage.max_messages_per_topic";
+    pub const MEMORY_MAX_BYTES: &str = "memory.max_bytes";
+    pub const HOT_TIER_MAX_MESSAGES: &str = "hot_tier.max_messages";
+    pub const HOT_TIER_RETENTION: &str = "hot_tier.retention";
+    pub const VALKEY_HOST: &str = "valkey.host";
+    pub const VALKEY_PORT: &str = "valkey.port";
+    pub const VALKEY_USERNAME: &str = "valkey.username";
+    pub const VALKEY_PASSWORD: &str = "valkey.password";
+    pub const VALKEY_DB: &str = "valkey.db";
+    pub const VALKEY_USE_TLS: &str = "valkey.use_tls";
+    pub const VALKEY_TLS_CA_FILE: &str = "valkey.tls_ca_file";
+    pub const VALKEY_CONNECTIONS_PER_SHARD: &str = "valkey.connections_per_shard";
+    /// Written form only: the seeds' quick start uses it; it sets `connections_per_shard`.
+    pub const VALKEY_POOL_SIZE: &str = "valkey.pool_size";
+    pub const VALKEY_CONNECT_TIMEOUT: &str = "valkey.connect_timeout";
+    pub const VALKEY_COMMAND_TIMEOUT: &str = "valkey.command_timeout";
+    pub const VALKEY_MAX_PENDING: &str = "valkey.max_pending";
+    pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
+    pub const VALKEY_META_KEY: &str = "valkey.meta_key";
+    pub const DURABILITY_ACK: &str = "durability.ack";
+}
+
+/// One settable leaf.
+struct KeySpec {
+    /// Canonical dotted YAML path, used in every error message.
+    path: &'static str,
+    /// Environment variables that set it, lowest priority first: the unprefixed name the
+    /// Python relay read, then the `PULSAR_` form its deployments used, which therefore wins.
+    env: &'static [&'static str],
+    /// Never echoed: errors show `<redacted>` instead of the value.
+    secret: bool,
+}
+
+const fn spec(path: &'static str, env: &'static [&'static str]) -> KeySpec {
+    KeySpec {
+        path,
+        env,
+        secret: false,
+    }
+}
+
+/// Every key, in YAML order. `--help` and `config.yaml.example` list the same set (tested).
+const KEYS: &[KeySpec] = &[
+    // Unprefixed LISTEN/SHARDS are too generic (other software sets them), hence PULSAR_ only.
+    spec(key::LISTEN, &["PULSAR_LISTEN"]),
+    spec(key::SHARDS, &["PULSAR_SHARDS"]),
+    spec(key::LOG_LEVEL, &["LOG_LEVEL", "PULSAR_LOG_LEVEL"]),
+    spec(key::LOG_FORMAT, &["LOG_FORMAT", "PULSAR_LOG_FORMAT"]),
+    spec(key::HTTP_MAX_HEADER_BYTES, &[]),
+    spec(key::HTTP_MAX_HEADERS, &[]),
+    spec(key::HTTP_MAX_BODY_BYTES, &[]),
+    spec(key::HTTP_HEADER_READ_TIMEOUT, &[]),
+    spec(key::HTTP_KEEPALIVE_TIMEOUT, &[]),
+    spec(key::HTTP_MAX_CONNECTIONS_PER_SHARD, &[]),
+    spec(key::API_MAX_BULK_MESSAGES, &[]),
+    spec(key::API_DEFAULT_PAGE_LIMIT, &[]),
+    spec(key::API_MAX_PAGE_LIMIT, &[]),
+    spec(key::API_MAX_PAYLOAD_BYTES, &[]),
+    spec(key::API_MAX_TOPIC_NAME_LEN, &[]),
+    spec(
+        key::STORAGE_BACKEND,
+        &["STORAGE_BACKEND", "PULSAR_STORAGE_BACKEND"],
+    ),
+    spec(
+        key::STORAGE_PERSISTENT_TIER_RETENTION,
+        &[
+            "PERSISTENT_TIER_RETENTION",
+            "PULSAR_PERSISTENT_TIER_RETENTION",
+        ],
+    ),
+    spec(
+        key::STORAGE_MAX_MESSAGES_PER_TOPIC,
+        &["MAX_MESSAGES_PER_TOPIC", "PULSAR_MAX_MESSAGES_PER_TOPIC"],
+    ),
+    spec(
+        key::MEMORY_MAX_BYTES,
+        &["MEMORY_MAX_BYTES", "PULSAR_MEMORY_MAX_BYTES"],
+    ),
+    spec(key::HOT_TIER_MAX_MESSAGES, &[]),
+    spec(key::HOT_TIER_RETENTION, &[]),
+    spec(key::VALKEY_HOST, &["VALKEY_HOST", "PULSAR_VALKEY_HOST"]),
+    spec(key::VALKEY_PORT, &["VALKEY_PORT", "PULSAR_VALKEY_PORT"]),
+    spec(
+        key::VALKEY_USERNAME,
+        &["VALKEY_USERNAME", "PULSAR_VALKEY_USERNAME"],
+    ),
+    KeySpec {
+        path: key::VALKEY_PASSWORD,
+        env: &["VALKEY_PASSWORD", "PULSAR_VALKEY_PASSWORD"],
+        secret: true,
+    },
+    spec(key::VALKEY_DB, &["VALKEY_DB", "PULSAR_VALKEY_DB"]),
+    spec(
+        key::VALKEY_USE_TLS,
+        &["VALKEY_USE_TLS", "PULSAR_VALKEY_USE_TLS"],
+    ),
+    spec(
+        key::VALKEY_TLS_CA_FILE,
+        &["VALKEY_TLS_CA_FILE", "PULSAR_VALKEY_TLS_CA_FILE"],
+    ),
+    spec(key::VALKEY_CONNECTIONS_PER_SHARD, &[]),
+    spec(key::VALKEY_CONNECT_TIMEOUT, &[]),
+    spec(key::VALKEY_COMMAND_TIMEOUT, &[]),
+    spec(key::VALKEY_MAX_PENDING, &[]),
+    spec(key::VALKEY_STREAM_KEY, &[]),
+    spec(key::VALKEY_META_KEY, &[]),
+    spec(key::DURABILITY_ACK, &[]),
+];
+
+fn is_secret(path: &str) -> bool {
+    KEYS.iter().any(|spec| spec.path == path && spec.secret)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line.
+// ---------------------------------------------------------------------------------------------
+
+const AFTER_HELP: &str = "\
+Settings are layered, later layers winning key by key:
+  built-in defaults < config file < environment variables < command-line flags
+
+Environment variables (each also accepted as PULSAR_<NAME>, which wins when both are set;
+an empty value counts as unset):
+  STORAGE_BACKEND            storage.backend: memory | valkey
+  VALKEY_HOST                valkey.host
+  VALKEY_PORT                valkey.port
+  VALKEY_USERNAME            valkey.username (ACL user; a password alone means user `default`)
+  VALKEY_PASSWORD            valkey.password
+  VALKEY_DB                  valkey.db
+  VALKEY_USE_TLS             valkey.use_tls: true|false|1|0|yes|no
+  VALKEY_TLS_CA_FILE         valkey.tls_ca_file
+  PERSISTENT_TIER_RETENTION  storage.persistent_tier_retention: integer seconds or 24h
+  MAX_MESSAGES_PER_TOPIC     storage.max_messages_per_topic
+  MEMORY_MAX_BYTES           memory.max_bytes
+  LOG_LEVEL                  log_level: trace|debug|info|warn|error
+  LOG_FORMAT                 log_format: text|json
+  PULSAR_LISTEN              listen (PULSAR_ form only)
+  PULSAR_SHARDS              shards (PULSAR_ form only)
+
+Config file keys (YAML, all optional, unknown keys are errors; defaults in config.yaml.example):
+  listen  shards  log_level  log_format
+  http:        max_header_bytes  max_headers  max_body_bytes  header_read_timeout
+               keepalive_timeout  max_connections_per_shard
+  api:         max_bulk_messages  default_page_limit  max_page_limit  max_payload_bytes
+               max_topic_name_len
+  storage:     backend  persistent_tier_retention  max_messages_per_topic
+  memory:      max_bytes
+  hot_tier:    max_messages  retention
+  valkey:      host  port  username  password  db  use_tls  tls_ca_file
+               connections_per_shard (alias pool_size)  connect_timeout  command_timeout
+               max_pending  stream_key  meta_key
+  durability:  ack: persisted | buffered
+
+Sizes: 16KiB, 64MiB, 1GiB (KB/MB/GB are powers of 1000) or integer bytes.
+Durations: 500ms, 30s, 24h, or integer seconds.";
+
+/// Pulsar Relay: a thread-per-core message relay (HTTP publish, in-memory hot tier, Valkey
+/// Streams persistence).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Parser)]
+#[command(name = "pulsar-relay", bin_name = "pulsar-relay", version, about, long_about = None, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Address and port to listen on, e.g. 0.0.0.0:8080 (default 127.0.0.1:8080;
+    /// env PULSAR_LISTEN; config key `listen`)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Number of shards (threads, one per core), 1..=1024; 0 = one per available CPU
+    /// (default 0; env PULSAR_SHARDS; config key `shards`)
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u64>,
+
+    /// YAML config file to read (it must exist); without this flag ./config.yaml is read
+    /// if present
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration every other module reads. Built once at start-up, then
+/// cloned into each shard (no shared state on the hot path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where the HTTP listener (one `SO_REUSEPORT` socket per shard) binds.
+    pub listen: SocketAddr,
+    /// Number of shards, `shards: 0` already resolved to the CPU count.
+    pub shards: usize,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    pub http: HttpConfig,
+    pub api: ApiConfig,
+    pub storage: StorageConfig,
+    pub memory: MemoryConfig,
+    pub hot_tier: HotTierConfig,
+    pub valkey: ValkeyConfig,
+    pub durability: DurabilityConfig,
+    /// The YAML file that was read, if any, so start-up can log which one was used.
+    pub source_file: Option<PathBuf>,
+}
+
+/// HTTP connection and request limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Request line plus headers; beyond it the request gets 431.
+    pub max_header_bytes: usize,
+    /// Number of header fields; beyond it 431 (also the size of httparse's header array).
+    pub max_headers: usize,
+    /// Request body; beyond it 413. Always `>= api.max_payload_bytes`.
+    pub max_body_bytes: usize,
+    /// From a request's first byte to its complete head (slowloris defence).
+    pub header_read_timeout: Duration,
+    /// Idle time allowed between requests on a keep-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Accepted connections a shard holds at once; beyond it new ones are closed.
+    pub max_connections_per_shard: usize,
+}
+
+/// Limits of the publish/read API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Messages in one bulk publish.
+    pub max_bulk_messages: usize,
+    /// Page size of a history read that gives no `limit`. Always `<= max_page_limit`.
+    pub default_page_limit: usize,
+    /// Largest `limit` a history read may ask for.
+    pub max_page_limit: usize,
+    /// One message's payload.
+    pub max_payload_bytes: usize,
+    /// Topic name length in bytes.
+    pub max_topic_name_len: usize,
+}
+
+/// Storage backend selection and retention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// How long Valkey keeps messages (stream trimming by ID).
+    pub persistent_tier_retention: Duration,
+    /// Stream length cap per topic (memory backend: ring size per topic).
+    pub max_messages_per_topic: usize,
+}
+
+/// Memory budget of the in-memory store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes all shards' stores may hold together; by default a quarter of the memory
+    /// available to the process.
+    pub max_bytes: usize,
+}
+
+/// The in-memory tier in front of Valkey (valkey backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HotTierConfig {
+    /// Messages kept in memory per topic.
+    pub max_messages: usize,
+    /// How long a message stays in the hot tier.
+    pub retention: Duration,
+}
+
+/// Valkey connection settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValkeyConfig {
+    pub host: String,
+    pub port: u16,
+    /// ACL user; `None` with a password means the `default` user.
+    pub username: Option<String>,
+    /// Hidden from `Debug`.
+    pub password: Option<Secret>,
+    pub db: u32,
+    pub use_tls: bool,
+    /// CA bundle to verify the server with; `None` = system roots. Existence is checked when
+    /// connecting, not here, so loading stays free of filesystem checks.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Pipelined connections each shard opens (YAML alias `pool_size`).
+    pub connections_per_shard: usize,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    /// Publishes queued while reconnecting; past it 503 at once. 0 = never queue.
+    pub max_pending: usize,
+    /// Key of a topic's stream.
+    pub stream_key: KeyTemplate,
+    /// Key of a topic's metadata hash. Always different from `stream_key`.
+    pub meta_key: KeyTemplate,
+}
+
+/// When a publish is acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurabilityConfig {
+    pub ack: AckMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StorageBackend {
+    Memory,
+    Valkey,
+}
+
+impl StorageBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageBackend::Memory => "memory",
+            StorageBackend::Valkey => "valkey",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AckMode {
+    /// Acknowledge after Valkey confirmed the write.
+    Persisted,
+    /// Acknowledge once the write is queued in the shard.
+    Buffered,
+}
+
+impl AckMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::Persisted => "persisted",
+            AckMode::Buffered => "buffered",
+        }
+    }
+}
+
+/// Log verbosity; our own enum so this module does not depend on `tracing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    /// The directive `tracing_subscriber::EnvFilter` understands.
+    pub fn as_filter_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// A string that `Debug` never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it (Valkey `AUTH`/`HELLO`).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A Valkey key with `{topic}` in it, split once at load so rendering a key per publish is
+/// two copies and no search.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyTemplate {
+    /// Text before `{topic}`.
+    prefix: String,
+    /// Text after `{topic}`.
+    suffix: String,
+}
+
+impl KeyTemplate {
+    /// `None` unless `template` contains [`TOPIC_PLACEHOLDER`] exactly once.
+    pub fn parse(template: &str) -> Option<Self> {
+        let (prefix, suffix) = template.split_once(TOPIC_PLACEHOLDER)?;
+        if suffix.contains(TOPIC_PLACEHOLDER) {
+            return None;
+        }
+        Some(KeyTemplate {
+            prefix: prefix.to_owned(),
+            suffix: suffix.to_owned(),
+        })
+    }
+
+    /// Appends the key for `topic` to `out` (a RESP command buffer, say).
+    pub fn render_into(&self, topic: &str, out: &mut Vec<u8>) {
+        out.reserve(self.rendered_len(topic));
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(self.suffix.as_bytes());
+    }
+
+    pub fn render(&self, topic: &str) -> String {
+        let mut key = String::with_capacity(self.rendered_len(topic));
+        key.push_str(&self.prefix);
+        key.push_str(topic);
+        key.push_str(&self.suffix);
+        key
+    }
+
+    pub fn rendered_len(&self, topic: &str) -> usize {
+        self.prefix.len() + topic.len() + self.suffix.len()
+    }
+}
+
+impl fmt::Display for KeyTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{TOPIC_PLACEHOLDER}{}", self.prefix, self.suffix)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------------------------
+
+/// Where a value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File {
+        path: PathBuf,
+        /// The key as written when it was an alias (`valkey.pool_size`).
+        alias: Option<&'static str>,
+        /// 1-based; 0 when the parser could not tell.
+        line: u64,
+        column: u64,
+    },
+    Env(&'static str),
+    Flag(&'static str),
+}
+
+impl Origin {
+    /// Precedence, used to blame the more deliberate of two conflicting settings.
+    fn rank(&self) -> u8 {
+        match self {
+            Origin::Default => 0,
+            Origin::File { .. } => 1,
+            Origin::Env(_) => 2,
+            Origin::Flag(_) => 3,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("built-in default"),
+            Origin::File {
+                path,
+                alias,
+                line,
+                column,
+            } => {
+                f.write_str("from ")?;
+                if let Some(alias) = alias {
+                    write!(f, "`{alias}` in ")?;
+                }
+                write!(f, "{}", path.display())?;
+                if *line > 0 {
+                    write!(f, ":{line}:{column}")?;
+                }
+                Ok(())
+            }
+            Origin::Env(var) => write!(f, "from env {var}"),
+            Origin::Flag(flag) => write!(f, "from flag {flag}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read (missing, unreadable, not UTF-8).
+    #[error("cannot read config file `{}`: {io}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        /// In the message rather than `#[source]`: start-up prints the error with `{}`, and a
+        /// missing file's reason must not need `{:#}` to show.
+        io: std::io::Error,
+    },
+
+    /// Not YAML, not a mapping, an unknown or duplicate key, or a section that is not a
+    /// mapping. `message` is the parser's and ends with its location.
+    #[error("cannot parse config file `{}`: {message}", path.display())]
+    Yaml {
+        path: PathBuf,
+        message: String,
+        line: Option<u64>,
+        column: Option<u64>,
+    },
+
+    /// A value that does not parse or is out of range. `value` is `<redacted>` for secrets.
+    #[error("invalid value `{value}` for `{key}` ({origin}): expected {expected}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Origin,
+        expected: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+// ---------------------------------------------------------------------------------------------
+
+/// Builds the configuration from defaults, the file given with `--config` (if any), the
+/// environment as seen through `env`, and `cli`. Reads no other file: see
+/// [`load_from_process`] for the `./config.yaml` fallback.
+pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    load_with(cli, env, None, &Machine::detect())
+}
+
+/// [`load`] with the process environment and, when no `--config` is given, `./config.yaml`
+/// if it exists. Non-UTF-8 environment values are converted lossily (and then usually fail
+/// validation by name) rather than silently ignored.
+pub fn load_from_process(cli: &Cli) -> Result<Config, ConfigError> {
+    let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    let implicit = Path::new(DEFAULT_CONFIG_PATH);
+    let implicit = implicit.is_file().then_some(implicit);
+    load_with(cli, &env, implicit, &Machine::detect())
+}
+
+fn load_with(
+    cli: &Cli,
+    env: &dyn Fn(&str) -> Option<String>,
+    implicit_file: Option<&Path>,
+    machine: &Machine,
+) -> Result<Config, ConfigError> {
+    let file = cli.config.as_deref().or(implicit_file);
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|io| ConfigError::ReadFile {
+                path: path.to_owned(),
+                io,
+            })?,
+        ),
+        None => None,
+    };
+    let yaml = file.zip(text.as_deref());
+    load_from_parts(cli, env, yaml, machine)
+}
+
+/// Everything after file I/O; tests enter here with in-memory YAML and a fixed machine.
+fn load_from_parts(
+    cli: &Cli,
+    env: &dyn Fn(&str) -> Option<String>,
+    yaml: Option<(&Path, &str)>,
+    machine: &Machine,
+) -> Result<Config, ConfigError> {
+    let mut layers = Layers::default();
+    if let Some((path, text)) = yaml {
+        layers.apply_yaml(path, text)?;
+    }
+    layers.apply_env(env);
+    layers.apply_cli(cli);
+    let mut config = layers.resolve(machine)?;
+    config.source_file = yaml.map(|(path, _)| path.to_owned());
+    Ok(config)
+}
+
+/// One raw value: text as written, and its source.
+struct Sourced {
+    text: String,
+    origin: Origin,
+}
+
+/// The merged raw layers: the highest-precedence value of each key set anywhere. No `Debug`,
+/// as it holds the password in clear.
+#[derive(Default)]
+struct Layers {
+    values: HashMap<&'static str, Sourced>,
+}
+
+impl Layers {
+    fn set(&mut self, key: &'static str, text: String, origin: Origin) {
+        self.values.insert(key, Sourced { text, origin });
+    }
+
+    fn apply_yaml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        // No source snippets in errors: a snippet around a syntax error near `password:`
+        // would print the password.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let raw: RawFile = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+            let location = e.location();
+            ConfigError::Yaml {
+                path: path.to_owned(),
+                message: e.to_string(),
+                line: location.map(|l| l.line()),
+                column: location.map(|l| l.column()),
+            }
+        })?;
+        for entry in raw.into_entries(path)? {
+            let origin = Origin::File {
+                path: path.to_owned(),
+                alias: (entry.written != entry.key).then_some(entry.written),
+                line: entry.value.referenced.line(),
+                column: entry.value.referenced.column(),
+            };
+            self.set(entry.key, entry.value.value, origin);
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        for spec in KEYS {
+            // Highest priority first; an empty value counts as unset (`VALKEY_PASSWORD=` in
+            // the seeds means "no password"), so it falls through to the next name.
+            let found = spec.env.iter().rev().find_map(|name| {
+                let value = env(name)?;
+                (!value.trim().is_empty()).then_some((*name, value))
+            });
+            if let Some((name, value)) = found {
+                // Whitespace around a password may be part of it; anywhere else it is noise
+                // from shell quoting.
+                let value = if spec.secret {
+                    value
+                } else {
+                    value.trim().to_owned()
+                };
+                self.set(spec.path, value, Origin::Env(name));
+            }
+        }
+    }
+
+    fn apply_cli(&mut self, cli: &Cli) {
+        if let Some(listen) = cli.listen {
+            self.set(key::LISTEN, listen.to_string(), Origin::Flag("--listen"));
+        }
+        if let Some(shards) = cli.shards {
+            self.set(key::SHARDS, shards.to_string(), Origin::Flag("--shards"));
+        }
+    }
+
+    /// Parses and checks every key; the first failure is returned.
+    fn resolve(&self, machine: &Machine) -> Result<Config, ConfigError> {
+        let listen = self
+            .get(
+                key::LISTEN,
+                defaults::LISTEN,
+                |text| text.parse().ok(),
+                SocketAddr::to_string,
+                "an IP address and port such as `127.0.0.1:8080` or `[::]:8080`",
+            )?
+            .value;
+
+        let shards = self.uint(key::SHARDS, defaults::SHARDS, limits::SHARDS)?;
+        let shards = match shards.value {
+            // More CPUs than the shard limit is possible only on exotic hosts; use the limit.
+            0 => machine.cpus.clamp(1, *limits::SHARDS.end() as usize),
+            _ => shards.to_usize()?,
+        };
+
+        let log_level = self
+            .choice(
+                key::LOG_LEVEL,
+                defaults::LOG_LEVEL,
+                &[
+                    ("trace", LogLevel::Trace),
+                    ("debug", LogLevel::Debug),
+                    ("info", LogLevel::Info),
+                    ("warn", LogLevel::Warn),
+                    // The Python relay's spelling.
+                    ("warning", LogLevel::Warn),
+                    ("error", LogLevel::Error),
+                ],
+                "one of `trace`, `debug`, `info`, `warn`, `error` (case-insensitive)",
+                |l| l.as_filter_str(),
+            )?
+            .value;
+        let log_format = self
+            .choice(
+                key::LOG_FORMAT,
+                defaults::LOG_FORMAT,
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+                "`text` or `json`",
+                LogFormat::as_str,
+            )?
+            .value;
+
+        let (http, api) = self.resolve_http_and_api()?;
+        let storage = self.resolve_storage()?;
+        let memory = self.resolve_memory(machine, &api)?;
+        let hot_tier = HotTierConfig {
+            max_messages: self
+                .uint(
+                    key::HOT_TIER_MAX_MESSAGES,
+                    defaults::HOT_TIER_MAX_MESSAGES,
+                    limits::MAX_MESSAGES,
+                )?
+                .to_usize()?,
+            retention: self
+                .duration(
+                    key::HOT_TIER_RETENTION,
+                    defaults::HOT_TIER_RETENTION,
+                    limits::RETENTION,
+                )?
+                .value,
+        };
+        let valkey = self.resolve_valkey()?;
+        let ack = self
+            .choice(
+                key::DURABILITY_ACK,
+                defaults::DURABILITY_ACK,
+                &[
+                    ("persisted", AckMode::Persisted),
+                    ("buffered", AckMode::Buffered),
+                ],
+                "`persisted` or `buffered`",
+                AckMode::as_str,
+            )?
+            .value;
+
+        Ok(Config {
+            listen,
+            shards,
+            log_level,
+            log_format,
+            http,
+            api,
+            storage,
+            memory,
+            hot_tier,
+            valkey,
+            durability: DurabilityConfig { ack },
+            source_file: None,
+        })
+    }
+
+    fn resolve_http_and_api(&self) -> Result<(HttpConfig, ApiConfig), ConfigError> {
+        let max_body = self.size(
+            key::HTTP_MAX_BODY_BYTES,
+            defaults::HTTP_MAX_BODY_BYTES,
+            limits::HTTP_MAX_BODY_BYTES,
+        )?;
+        let max_payload = self.size(
+            key::API_MAX_PAYLOAD_BYTES,
+            defaults::API_MAX_PAYLOAD_BYTES,
+            limits::API_MAX_PAYLOAD_BYTES,
+        )?;
+        require_le(&max_payload, &max_body, format_size)?;
+        let default_page = self.uint(
+            key::API_DEFAULT_PAGE_LIMIT,
+            defaults::API_DEFAULT_PAGE_LIMIT,
+            limits::API_PAGE_LIMIT,
+        )?;
+        let max_page = self.uint(
+            key::API_MAX_PAGE_LIMIT,
+            defaults::API_MAX_PAGE_LIMIT,
+            limits::API_PAGE_LIMIT,
+        )?;
+        require_le(&default_page, &max_page, |v| v.to_string())?;
+
+        let http = HttpConfig {
+            max_header_bytes: self
+                .size(
+                    key::HTTP_MAX_HEADER_BYTES,
+                    defaults::HTTP_MAX_HEADER_BYTES,
+                    limits::HTTP_MAX_HEADER_BYTES,
+                )?
+                .to_usize()?,
+            max_headers: self
+                .uint(
+                    key::HTTP_MAX_HEADERS,
+                    defaults::HTTP_MAX_HEADERS,
+                    limits::HTTP_MAX_HEADERS,
+                )?
+                .to_usize()?,
+            max_body_bytes: max_body.to_usize()?,
+            header_read_timeout: self
+                .duration(
+                    key::HTTP_HEADER_READ_TIMEOUT,
+                    defaults::HTTP_HEADER_READ_TIMEOUT,
+                    limits::HTTP_HEADER_READ_TIMEOUT,
+                )?
+                .value,
+            keepalive_timeout: self
+                .duration(
+                    key::HTTP_KEEPALIVE_TIMEOUT,
+                    defaults::HTTP_KEEPALIVE_TIMEOUT,
+                    limits::HTTP_KEEPALIVE_TIMEOUT,
+                )?
+                .value,
+            max_connections_per_shard: self
+                .uint(
+                    key::HTTP_MAX_CONNECTIONS_PER_SHARD,
+                    defaults::HTTP_MAX_CONNECTIONS_PER_SHARD,
+                    limits::HTTP_MAX_CONNECTIONS_PER_SHARD,
+                )?
+                .to_usize()?,
+        };
+        let api = ApiConfig {
+            max_bulk_messages: self
+                .uint(
+                    key::API_MAX_BULK_MESSAGES,
+                    defaults::API_MAX_BULK_MESSAGES,
+                    limits::API_MAX_BULK_MESSAGES,
+                )?
+                .to_usize()?,
+            default_page_limit: default_page.to_usize()?,
+            max_page_limit: max_page.to_usize()?,
+            max_payload_bytes: max_payload.to_usize()?,
+            max_topic_name_len: self
+                .uint(
+                    key::API_MAX_TOPIC_NAME_LEN,
+                    defaults::API_MAX_TOPIC_NAME_LEN,
+                    limits::API_MAX_TOPIC_NAME_LEN,
+                )?
+                .to_usize()?,
+        };
+        Ok((http, api))
+    }
+
+    fn resolve_storage(&self) -> Result<StorageConfig, ConfigError> {
+        Ok(StorageConfig {
+            backend: self
+                .choice(
+                    key::STORAGE_BACKEND,
+                    defaults::STORAGE_BACKEND,
+                    &[
+                        ("memory", StorageBackend::Memory),
+                        ("valkey", StorageBackend::Valkey),
+                    ],
+                    "`memory` or `valkey`",
+                    StorageBackend::as_str,
+                )?
+                .value,
+            persistent_tier_retention: self
+                .duration(
+                    key::STORAGE_PERSISTENT_TIER_RETENTION,
+                    defaults::STORAGE_PERSISTENT_TIER_RETENTION,
+                    limits::RETENTION,
+                )?
+                .value,
+            max_messages_per_topic: self
+                .uint(
+                    key::STORAGE_MAX_MESSAGES_PER_TOPIC,
+                    defaults::STORAGE_MAX_MESSAGES_PER_TOPIC,
+                    limits::MAX_MESSAGES,
+                )?
+                .to_usize()?,
+        })
+    }
+
+    fn resolve_memory(
+        &self,
+        machine: &Machine,
+        api: &ApiConfig,
+    ) -> Result<MemoryConfig, ConfigError> {
+        let machine_default = machine
+            .memory_bytes
+            .map_or(defaults::MEMORY_MAX_BYTES_FALLBACK, |m| {
+                m / defaults::MEMORY_SHARE_DIVISOR
+            })
+            // A tiny cgroup must not make the *default* invalid; the store then simply evicts
+            // early.
+            .clamp(
+                *limits::MEMORY_MAX_BYTES.start(),
+                *limits::MEMORY_MAX_BYTES.end(),
+            );
+        let max_bytes = self.size(
+            key::MEMORY_MAX_BYTES,
+            machine_default,
+            limits::MEMORY_MAX_BYTES,
+        )?;
+        if max_bytes.value < api.max_payload_bytes as u64 {
+            return Err(max_bytes.invalid(format!(
+                "at least `{}` = {}, so one message fits",
+                key::API_MAX_PAYLOAD_BYTES,
+                format_size(api.max_payload_bytes as u64)
+            )));
+        }
+        Ok(MemoryConfig {
+            max_bytes: max_bytes.to_usize()?,
+        })
+    }
+
+    fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
+        let host = self.get(
+            key::VALKEY_HOST,
+            defaults::VALKEY_HOST.to_owned(),
+            |text| (!text.is_empty() && !has_space_or_control(text)).then(|| text.to_owned()),
+            String::clone,
+            "a host name or IP address without spaces",
+        )?;
+        let port = self.uint(key::VALKEY_PORT, defaults::VALKEY_PORT, limits::VALKEY_PORT)?;
+        let port = u16::try_from(port.value).map_err(|_| port.invalid("a port from 1 to 65535"))?;
+
+        let username = self.optional_text(key::VALKEY_USERNAME);
+        if let Some(user) = &username {
+            if has_space_or_control(&user.value) {
+                return Err(user.invalid("an ACL user name without spaces"));
+            }
+        }
+        let password = self.optional_text(key::VALKEY_PASSWORD);
+        let db = self.uint(key::VALKEY_DB, defaults::VALKEY_DB, limits::VALKEY_DB)?;
+        let db = u32::try_from(db.value).map_err(|_| db.invalid("a database index"))?;
+
+        let stream_key = self.template(key::VALKEY_STREAM_KEY, defaults::VALKEY_STREAM_KEY)?;
+        let meta_key = self.template(key::VALKEY_META_KEY, defaults::VALKEY_META_KEY)?;
+        if stream_key.value == meta_key.value {
+            // Same key for a stream and a hash: every publish would fail with WRONGTYPE.
+            let blamed = if meta_key.origin.rank() >= stream_key.origin.rank() {
+                &meta_key
+            } else {
+                &stream_key
+            };
+            return Err(blamed.invalid(format!(
+                "`{}` and `{}` to differ (a stream and a hash cannot share a key)",
+                key::VALKEY_STREAM_KEY,
+                key::VALKEY_META_KEY
+            )));
+        }
+
+        Ok(ValkeyConfig {
+            host: host.value,
+            port,
+            username: username.map(|u| u.value),
+            password: password.map(|p| Secret(p.value)),
+            db,
+            use_tls: self
+                .boolean(key::VALKEY_USE_TLS, defaults::VALKEY_USE_TLS)?
+                .value,
+            tls_ca_file: self
+                .optional_text(key::VALKEY_TLS_CA_FILE)
+                .map(|f| PathBuf::from(f.value)),
+            connections_per_shard: self
+                .uint(
+                    key::VALKEY_CONNECTIONS_PER_SHARD,
+                    defaults::VALKEY_CONNECTIONS_PER_SHARD,
+                    limits::VALKEY_CONNECTIONS_PER_SHARD,
+                )?
+                .to_usize()?,
+            connect_timeout: self
+                .duration(
+                    key::VALKEY_CONNECT_TIMEOUT,
+                    defaults::VALKEY_CONNECT_TIMEOUT,
+                    limits::VALKEY_TIMEOUT,
+                )?
+                .value,
+            command_timeout: self
+                .duration(
+                    key::VALKEY_COMMAND_TIMEOUT,
+                    defaults::VALKEY_COMMAND_TIMEOUT,
+                    limits::VALKEY_TIMEOUT,
+                )?
+                .value,
+            max_pending: self
+                .uint(
+                    key::VALKEY_MAX_PENDING,
+                    defaults::VALKEY_MAX_PENDING,
+                    limits::VALKEY_MAX_PENDING,
+                )?
+                .to_usize()?,
+            stream_key: stream_key.value,
+            meta_key: meta_key.value,
+        })
+    }
+
+    // --- typed getters -------------------------------------------------------------------
+
+    /// The value of `key` from the highest layer that set it, parsed; or `default`.
+    /// `expected` goes into the error when `parse` fails.
+    fn get<T>(
+        &self,
+        key: &'static str,
+        default: T,
+        parse: impl FnOnce(&str) -> Option<T>,
+        show_default: impl FnOnce(&T) -> String,
+        expected: &str,
+    ) -> Result<Got<T>, ConfigError> {
+        match self.values.get(key) {
+            None => Ok(Got {
+                key,
+                text: show_default(&default),
+                origin: Origin::Default,
+                value: default,
+            }),
+            Some(raw) => match parse(&raw.text) {
+                Some(value) => Ok(Got {
+                    key,
+                    text: raw.text.clone(),
+                    origin: raw.origin.clone(),
+                    value,
+                }),
+                None => Err(invalid(key, &raw.text, &raw.origin, expected.to_owned())),
+            },
+        }
+    }
+
+    fn uint(
+        &self,
+        key: &'static str,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Got<u64>, ConfigError> {
+        let expected = match (*range.start(), *range.end()) {
+            (start, u64::MAX) => format!("an integer of at least {start}"),
+            (start, end) => format!("an integer from {start} to {end}"),
+        };
+        let got = self.get(key, default, parse_uint, u64::to_string, &expected)?;
+        if !range.contains(&got.value) {
+            return Err(got.invalid(expected));
+        }
+        Ok(got)
+    }
+
+    fn size(
+        &self,
+        key: &'static str,
+        default: u64,
+        range: RangeInclusive<u64>,
+    ) -> Result<Got<u64>, ConfigError> {
+        let expected = format!(
+            "a size such as `16KiB`, `64MiB` or integer bytes, from {} to {}",
+            format_size(*range.start()),
+            format_size(*range.end())
+        );
+        let got = self.get(key, default, parse_size, |v| format_size(*v), &expected)?;
+        if !range.contains(&got.value) {
+            return Err(got.invalid(expected));
+        }
+        Ok(got)
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Got<Duration>, ConfigError> {
+        let expected = format!(
+            "a duration such as `24h` or integer seconds, from {} to {}",
+            format_duration(*range.start()),
+            format_duration(*range.end())
+        );
+        let got = self.get(
+            key,
+            default,
+            parse_duration,
+            |d| format_duration(*d),
+            &expected,
+        )?;
+        if !range.contains(&got.value) {
+            return Err(got.invalid(expected));
+        }
+        Ok(got)
+    }
+
+    fn boolean(&self, key: &'static str, default: bool) -> Result<Got<bool>, ConfigError> {
+        self.get(
+            key,
+            default,
+            parse_bool,
+            bool::to_string,
+            "`true` or `false` (also `1`/`0`, `yes`/`no`)",
+        )
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        key: &'static str,
+        default: T,
+        names: &[(&str, T)],
+        expected: &str,
+        name_of: impl Fn(T) -> &'static str,
+    ) -> Result<Got<T>, ConfigError> {
+        let parse = |text: &str| {
+            names
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(text))
+                .map(|(_, value)| *value)
+        };
+        self.get(key, default, parse, |v| name_of(*v).to_owned(), expected)
+    }
+
+    /// Unset, null and empty are all `None`: an empty value means "none" in the seeds.
+    fn optional_text(&self, key: &'static str) -> Option<Got<String>> {
+        let raw = self.values.get(key)?;
+        (!raw.text.trim().is_empty()).then(|| Got {
+            key,
+            value: raw.text.clone(),
+            text: raw.text.clone(),
+            origin: raw.origin.clone(),
+        })
+    }
+
+    fn template(&self, key: &'static str, default: &str) -> Result<Got<KeyTemplate>, ConfigError> {
+        let default = KeyTemplate::parse(default)
+            // The defaults are constants containing `{topic}` once (tested).
+            .expect("default key template contains {topic} exactly once");
+        self.get(
+            key,
+            default,
+            KeyTemplate::parse,
+            KeyTemplate::to_string,
+            "a key template containing `{topic}` exactly once, e.g. `topic:{topic}:stream`",
+        )
+    }
+}
+
+/// A resolved value with what is needed to complain about it later (cross-key checks).
+struct Got<T> {
+    value: T,
+    key: &'static str,
+    /// The value as written (or the default, formatted).
+    text: String,
+    origin: Origin,
+}
+
+impl<T> Got<T> {
+    fn invalid(&self, expected: impl Into<String>) -> ConfigError {
+        invalid(self.key, &self.text, &self.origin, expected.into())
+    }
+}
+
+impl Got<u64> {
+    fn to_usize(&self) -> Result<usize, ConfigError> {
+        usize::try_from(self.value)
+            .map_err(|_| self.invalid(format!("at most {} on this platform", usize::MAX)))
+    }
+}
+
+fn has_space_or_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn invalid(key: &'static str, text: &str, origin: &Origin, expected: String) -> ConfigError {
+    let value = if is_secret(key) {
+        "<redacted>".to_owned()
+    } else {
+        shown_value(text)
+    };
+    ConfigError::Invalid {
+        key,
+        value,
+        origin: origin.clone(),
+        expected,
+    }
+}
+
+/// Escapes control characters and shortens long values so one bad line stays one line.
+fn shown_value(text: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let mut shown: String = text
+        .chars()
+        .take(MAX_CHARS)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(MAX_CHARS).is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// `lower <= upper` or an error blaming whichever was set more deliberately (a flag over an
+/// env var over the file over a default), so the message points at what the user changed.
+fn require_le(
+    lower: &Got<u64>,
+    upper: &Got<u64>,
+    render: impl Fn(u64) -> String,
+) -> Result<(), ConfigError> {
+    if lower.value <= upper.value {
+        return Ok(());
+    }
+    Err(if lower.origin.rank() >= upper.origin.rank() {
+        lower.invalid(format!(
+            "at most `{}` = {} ({})",
+            upper.key,
+            render(upper.value),
+            upper.origin
+        ))
+    } else {
+        upper.invalid(format!(
+            "at least `{}` = {} ({})",
+            lower.key,
+            render(lower.value),
+            lower.origin
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value syntax.
+// ---------------------------------------------------------------------------------------------
+
+/// Decimal digits, optionally grouped with `_` as YAML allows (`1_000_000`).
+fn parse_uint(text: &str) -> Option<u64> {
+    let grouped_ok = !text.starts_with('_') && !text.ends_with('_') && !text.contains("__");
+    if text.is_empty() || !grouped_ok || !text.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
+        return None;
+    }
+    text.bytes()
+        .filter(u8::is_ascii_digit)
+        .try_fold(0u64, |acc, digit| {
+            acc.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+        })
+}
+
+/// Integer bytes, or a number with a unit: `KiB`/`MiB`/`GiB` (1024-based), `KB`/`MB`/`GB`
+/// (1000-based), as `bytesize` reads them.
+fn parse_size(text: &str) -> Option<u64> {
+    if let Some(bytes) = parse_uint(text) {
+        return Some(bytes);
+    }
+    // bytesize reads "1e3" as 1 and unit "e3" (rejected), and "-1" as an error; it accepts
+    // fractions ("1.5KiB") and a space before the unit.
+    if !text.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<bytesize::ByteSize>()
+        .ok()
+        .map(|size| size.as_u64())
+}
+
+/// Integer seconds (the seeds' `PERSISTENT_TIER_RETENTION=86400`) or a humantime duration.
+fn parse_duration(text: &str) -> Option<Duration> {
+    if let Some(secs) = parse_uint(text) {
+        return Some(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).ok()
+}
+
+fn parse_bool(text: &str) -> Option<bool> {
+    const TRUE: [&str; 3] = ["true", "1", "yes"];
+    const FALSE: [&str; 3] = ["false", "0", "no"];
+    if TRUE.iter().any(|t| t.eq_ignore_ascii_case(text)) {
+        Some(true)
+    } else if FALSE.iter().any(|f| f.eq_ignore_ascii_case(text)) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Exact and re-parseable: the largest binary unit that divides the value.
+fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// Exact and re-parseable, in the largest unit that divides the value (`24h`, not
+/// humantime's `1day`).
+fn format_duration(duration: Duration) -> String {
+    if duration.subsec_nanos() != 0 {
+        return format!("{}ms", duration.as_millis());
+    }
+    let secs = duration.as_secs();
+    match secs {
+        0 => "0s".to_owned(),
+        // Days only from two on: `24h` reads better than `1d` for the default retention.
+        s if s % 86400 == 0 && s >= 2 * 86400 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// YAML schema (raw layer).
+// ---------------------------------------------------------------------------------------------
+
+/// Every leaf is read as its text (serde-saphyr keeps a plain scalar's spelling when asked
+/// for a string: `007` stays `007`, `yes` stays `yes`), so the file goes through the same
+/// parsers as env vars and flags and a bad value gets our message, not serde's.
+type RawValue = Option<Spanned<String>>;
+
+/// Sections are `Option` so that a section whose keys are all commented out (`memory:`
+/// followed by comments only, as in the example file) is a null and still loads.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawFile {
+    listen: RawValue,
+    shards: RawValue,
+    log_level: RawValue,
+    log_format: RawValue,
+    http: Option<RawHttp>,
+    api: Option<RawApi>,
+    storage: Option<RawStorage>,
+    memory: Option<RawMemory>,
+    hot_tier: Option<RawHotTier>,
+    valkey: Option<RawValkey>,
+    durability: Option<RawDurability>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    max_header_bytes: RawValue,
+    max_headers: RawValue,
+    max_body_bytes: RawValue,
+    header_read_timeout: RawValue,
+    keepalive_timeout: RawValue,
+    max_connections_per_shard: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    max_bulk_messages: RawValue,
+    default_page_limit: RawValue,
+    max_page_limit: RawValue,
+    max_payload_bytes: RawValue,
+    max_topic_name_len: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawStorage {
+    backend: RawValue,
+    persistent_tier_retention: RawValue,
+    max_messages_per_topic: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMemory {
+    max_bytes: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawHotTier {
+    max_messages: RawValue,
+    retention: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawValkey {
+    host: RawValue,
+    port: RawValue,
+    username: RawValue,
+    password: RawValue,
+    db: RawValue,
+    use_tls: RawValue,
+    tls_ca_file: RawValue,
+    connections_per_shard: RawValue,
+    /// The seeds' name (`valkey: pool_size: 100`); an alias of `connections_per_shard`, kept
+    /// as its own field so errors name the key the user wrote.
+    pool_size: RawValue,
+    connect_timeout: RawValue,
+    command_timeout: RawValue,
+    max_pending: RawValue,
+    stream_key: RawValue,
+    meta_key: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawDurability {
+    ack: RawValue,
+}
+
+/// One value set in the file.
+struct RawEntry {
+    /// Canonical key.
+    key: &'static str,
+    /// The key as written (differs for an alias).
+    written: &'static str,
+    value: Spanned<String>,
+}
+
+impl RawFile {
+    fn into_entries(self, path: &Path) -> Result<Vec<RawEntry>, ConfigError> {
+        let mut out = Vec::new();
+        let mut put = |key: &'static str, value: RawValue| {
+            if let Some(value) = value {
+                out.push(RawEntry {
+                    key,
+                    written: key,
+                    value,
+                });
+            }
+        };
+        put(key::LISTEN, self.listen);
+        put(key::SHARDS, self.shards);
+        put(key::LOG_LEVEL, self.log_level);
+        put(key::LOG_FORMAT, self.log_format);
+        let h = self.http.unwrap_or_default();
+        put(key::HTTP_MAX_HEADER_BYTES, h.max_header_bytes);
+        put(key::HTTP_MAX_HEADERS, h.max_headers);
+        put(key::HTTP_MAX_BODY_BYTES, h.max_body_bytes);
+        put(key::HTTP_HEADER_READ_TIMEOUT, h.header_read_timeout);
+        put(key::HTTP_KEEPALIVE_TIMEOUT, h.keepalive_timeout);
+        put(
+            key::HTTP_MAX_CONNECTIONS_PER_SHARD,
+            h.max_connections_per_shard,
+        );
+        let a = self.api.unwrap_or_default();
+        put(key::API_MAX_BULK_MESSAGES, a.max_bulk_messages);
+        put(key::API_DEFAULT_PAGE_LIMIT, a.default_page_limit);
+        put(key::API_MAX_PAGE_LIMIT, a.max_page_limit);
+        put(key::API_MAX_PAYLOAD_BYTES, a.max_payload_bytes);
+        put(key::API_MAX_TOPIC_NAME_LEN, a.max_topic_name_len);
+        let s = self.storage.unwrap_or_default();
+        put(key::STORAGE_BACKEND, s.backend);
+        put(
+            key::STORAGE_PERSISTENT_TIER_RETENTION,
+            s.persistent_tier_retention,
+        );
+        put(
+            key::STORAGE_MAX_MESSAGES_PER_TOPIC,
+            s.max_messages_per_topic,
+        );
+        let m = self.memory.unwrap_or_default();
+        put(key::MEMORY_MAX_BYTES, m.max_bytes);
+        let t = self.hot_tier.unwrap_or_default();
+        put(key::HOT_TIER_MAX_MESSAGES, t.max_messages);
+        put(key::HOT_TIER_RETENTION, t.retention);
+        let v = self.valkey.unwrap_or_default();
+        put(key::VALKEY_HOST, v.host);
+        put(key::VALKEY_PORT, v.port);
+        put(key::VALKEY_USERNAME, v.username);
+        put(key::VALKEY_PASSWORD, v.password);
+        put(key::VALKEY_DB, v.db);
+        put(key::VALKEY_USE_TLS, v.use_tls);
+        put(key::VALKEY_TLS_CA_FILE, v.tls_ca_file);
+        put(key::VALKEY_CONNECT_TIMEOUT, v.connect_timeout);
+        put(key::VALKEY_COMMAND_TIMEOUT, v.command_timeout);
+        put(key::VALKEY_MAX_PENDING, v.max_pending);
+        put(key::VALKEY_STREAM_KEY, v.stream_key);
+        put(key::VALKEY_META_KEY, v.meta_key);
+        let d = self.durability.unwrap_or_default();
+        put(key::DURABILITY_ACK, d.ack);
+        match (v.connections_per_shard, v.pool_size) {
+            (Some(_), Some(alias)) => {
+                let origin = Origin::File {
+                    path: path.to_owned(),
+                    alias: Some(key::VALKEY_POOL_SIZE),
+                    line: alias.referenced.line(),
+                    column: alias.referenced.column(),
+                };
+                return Err(invalid(
+                    key::VALKEY_CONNECTIONS_PER_SHARD,
+                    &alias.value,
+                    &origin,
+                    format!(
+                        "only one of `{}` and its alias `{}`",
+                        key::VALKEY_CONNECTIONS_PER_SHARD,
+                        key::VALKEY_POOL_SIZE
+                    ),
+                ));
+            }
+            (Some(value), None) => out.push(RawEntry {
+                key: key::VALKEY_CONNECTIONS_PER_SHARD,
+                written: key::VALKEY_CONNECTIONS_PER_SHARD,
+                value,
+            }),
+            (None, Some(value)) => out.push(RawEntry {
+                key: key::VALKEY_CONNECTIONS_PER_SHARD,
+                written: key::VALKEY_POOL_SIZE,
+                value,
+            }),
+            (None, None) => {}
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine probes (the only I/O besides reading the config file).
+// ---------------------------------------------------------------------------------------------
+
+/// Facts about the host that size two defaults.
+#[derive(Clone, Copy, Debug)]
+struct Machine {
+    /// CPUs this process may run on (affinity and cgroup CPU quota included).
+    cpus: usize,
+    /// `min(MemTotal, cgroup v2 memory.max)`, or `None` when neither could be read.
+    memory_bytes: Option<u64>,
+}
+
+impl Machine {
+    fn detect() -> Self {
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+            memory_bytes: detect_memory_bytes(),
+        }
+    }
+}
+
+fn detect_memory_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| parse_meminfo_total(&text));
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| cgroup_v2_path(&text).map(str::to_owned))
+        .and_then(|path| cgroup_memory_max(&path));
+    match (total, cgroup) {
+        (Some(total), Some(limit)) => Some(total.min(limit)),
+        (total, limit) => total.or(limit),
+    }
+}
+
+/// The effective cgroup v2 limit is the smallest `memory.max` from the process's cgroup up
+/// to the root: a parent's limit binds its children even when theirs says `max`.
+fn cgroup_memory_max(cgroup_path: &str) -> Option<u64> {
+    const ROOT: &str = "/sys/fs/cgroup";
+    let mut dir = PathBuf::from(ROOT);
+    dir.extend(
+        cgroup_path
+            .split('/')
+            .filter(|part| !part.is_empty() && *part != "." && *part != ".."),
+    );
+    let mut limit: Option<u64> = None;
+    loop {
+        if let Some(found) = std::fs::read_to_string(dir.join("memory.max"))
+            .ok()
+            .and_then(|text| parse_memory_max(&text))
+        {
+            limit = Some(limit.map_or(found, |l| l.min(found)));
+        }
+        if dir == Path::new(ROOT) || !dir.pop() {
+            return limit;
+        }
+    }
+}
+
+/// `MemTotal:       16314204 kB` → bytes.
+fn parse_meminfo_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut fields = line["MemTotal:".len()..].split_whitespace();
+    let kib: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") => kib.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// The cgroup v2 entry of /proc/self/cgroup (`0::/system.slice/relay.service`).
+fn cgroup_v2_path(proc_self_cgroup: &str) -> Option<&str> {
+    proc_self_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::trim)
+}
+
+/// `memory.max` holds bytes or `max` (no limit).
+fn parse_memory_max(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    const MACHINE: Machine = Machine {
+        cpus: 4,
+        memory_bytes: Some(8 * GIB),
+    };
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn from_yaml(yaml: &str) -> Result<Config, ConfigError> {
+        load_from_parts(
+            &Cli::default(),
+            &no_env,
+            Some((Path::new("test.yaml"), yaml)),
+            &MACHINE,
+        )
+    }
+
+    fn from_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        load_from_parts(&Cli::default(), &env_of(pairs), None, &MACHINE)
+    }
+
+    fn defaults() -> Config {
+        load_from_parts(&Cli::default(), &no_env, None, &MACHINE).expect("defaults are valid")
+    }
+
+    fn error_text<T: fmt::Debug>(result: Result<T, ConfigError>) -> String {
+        match result {
+            Ok(value) => panic!("expected an error, got {value:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_mentions(message: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(message.contains(part), "`{part}` missing from: {message}");
+        }
+    }
+
+    fn template(text: &str) -> KeyTemplate {
+        KeyTemplate::parse(text).expect("valid template")
+    }
+
+    #[test]
+    fn defaults_are_the_documented_values() {
+        let expected = Config {
+            listen: "127.0.0.1:8080".parse().expect("literal"),
+            shards: 4,
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
+            http: HttpConfig {
+                max_header_bytes: 16 * 1024,
+                max_headers: 64,
+                max_body_bytes: 16 * 1024 * 1024,
+                header_read_timeout: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(60),
+                max_connections_per_shard: 10_000,
+            },
+            api: ApiConfig {
+                max_bulk_messages: 1000,
+                default_page_limit: 10,
+                max_page_limit: 1000,
+                max_payload_bytes: 1024 * 1024,
+                max_topic_name_len: 255,
+            },
+            storage: StorageConfig {
+                backend: StorageBackend::Memory,
+                persistent_tier_retention: Duration::from_secs(86_400),
+                max_messages_per_topic: 1_000_000,
+            },
+            memory: MemoryConfig {
+                max_bytes: 2 * 1024 * 1024 * 1024,
+            },
+            hot_tier: HotTierConfig {
+                max_messages: 10_000,
+                retention: Duration::from_secs(3600),
+            },
+            valkey: ValkeyConfig {
+                host: "localhost".to_owned(),
+                port: 6379,
+                username: None,
+                password: None,
+                db: 0,
+                use_tls: false,
+                tls_ca_file: None,
+                connections_per_shard: 1,
+                connect_timeout: Duration::from_secs(5),
+                command_timeout: Duration::from_secs(5),
+                max_pending: 10_000,
+                stream_key: template("topic:{topic}:stream"),
+                meta_key: template("topic:{topic}:meta"),
+            },
+            durability: DurabilityConfig {
+                ack: AckMode::Persisted,
+            },
+            source_file: None,
+        };
+        assert_eq!(defaults(), expected);
+    }
+
+    #[test]
+    fn memory_default_is_a_quarter_of_the_machine_or_one_gib() {
+        let with = |memory_bytes| {
+            let machine = Machine {
+                cpus: 1,
+                memory_bytes,
+            };
+            load_from_parts(&Cli::default(), &no_env, None, &machine)
+                .expect("valid")
+                .memory
+                .max_bytes as u64
+        };
+        assert_eq!(with(Some(8 * GIB)), 2 * GIB);
+        assert_eq!(with(None), GIB);
+        // A 2 MiB cgroup would give 512 KiB, below the limit: clamped instead of failing.
+        assert_eq!(with(Some(2 * MIB)), MIB);
+    }
+
+    #[test]
+    fn zero_shards_means_available_cpus_capped_at_the_limit() {
+        let shards = |cpus| {
+            let machine = Machine {
+                cpus,
+                memory_bytes: None,
+            };
+            load_from_parts(&Cli::default(), &no_env, None, &machine)
+                .expect("valid")
+                .shards
+        };
+        assert_eq!(shards(1), 1);
+        assert_eq!(shards(12), 12);
+        assert_eq!(shards(5000), 1024);
+        assert_eq!(from_yaml("shards: 7").expect("valid").shards, 7);
+        assert_eq!(from_yaml("shards: 0").expect("valid").shards, 4);
+    }
+
+    const EXAMPLE: &str = include_str!("../config.yaml.example");
+
+    #[test]
+    fn example_file_equals_built_in_defaults() {
+        let mut from_example = load_from_parts(
+            &Cli::default(),
+            &no_env,
+            Some((Path::new("config.yaml.example"), EXAMPLE)),
+            &MACHINE,
+        )
+        .expect("example loads");
+        assert_eq!(
+            from_example.source_file.take(),
+            Some(PathBuf::from("config.yaml.example"))
+        );
+        assert_eq!(from_example, defaults());
+    }
+
+    fn flattened(yaml: &str) -> Vec<&'static str> {
+        let raw: RawFile = serde_saphyr::from_str(yaml).expect("parses");
+        let entries = raw.into_entries(Path::new("x")).expect("flattens");
+        entries.iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn example_file_shows_every_key() {
+        let shown = flattened(EXAMPLE);
+        for spec in KEYS {
+            // Machine-dependent, shown commented out.
+            if spec.path == key::MEMORY_MAX_BYTES {
+                assert!(EXAMPLE.contains("# max_bytes:"));
+                continue;
+            }
+            // `null` values are not entries; check the key is written.
+            let leaf = spec.path.rsplit('.').next().unwrap_or(spec.path);
+            assert!(
+                shown.contains(&spec.path) || EXAMPLE.contains(&format!("  {leaf}: null")),
+                "{} missing from config.yaml.example",
+                spec.path
+            );
+        }
+    }
+
+    const EVERY_KEY_YAML: &str = r#"
+listen: "0.0.0.0:9090"
+shards: 3
+log_level: DEBUG
+log_format: json
+http:
+  max_header_bytes: 32KiB
+  max_headers: 100
+  max_body_bytes: 64MiB
+  header_read_timeout: 500ms
+  keepalive_timeout: 2m
+  max_connections_per_shard: 500
+api:
+  max_bulk_messages: 50
+  default_page_limit: 20
+  max_page_limit: 200
+  max_payload_bytes: 2MiB
+  max_topic_name_len: 100
+storage:
+  backend: valkey
+  persistent_tier_retention: 48h
+  max_messages_per_topic: 5000
+memory:
+  max_bytes: 3GiB
+hot_tier:
+  max_messages: 100
+  retention: 30m
+valkey:
+  host: valkey.internal
+  port: 6380
+  username: relay
+  password: "s3cret"
+  db: 2
+  use_tls: yes
+  tls_ca_file: /etc/ssl/ca.pem
+  connections_per_shard: 4
+  connect_timeout: 2s
+  command_timeout: 250ms
+  max_pending: 0
+  stream_key: "s:{topic}"
+  meta_key: "m:{topic}"
+durability:
+  ack: buffered
+"#;
+
+    #[test]
+    fn yaml_overrides_every_key() {
+        let config = from_yaml(EVERY_KEY_YAML).expect("valid");
+        let expected = Config {
+            listen: "0.0.0.0:9090".parse().expect("literal"),
+            shards: 3,
+            log_level: LogLevel::Debug,
+            log_format: LogFormat::Json,
+            http: HttpConfig {
+                max_header_bytes: 32 * 1024,
+                max_headers: 100,
+                max_body_bytes: 64 * 1024 * 1024,
+                header_read_timeout: Duration::from_millis(500),
+                keepalive_timeout: Duration::from_secs(120),
+                max_connections_per_shard: 500,
+            },
+            api: ApiConfig {
+                max_bulk_messages: 50,
+                default_page_limit: 20,
+                max_page_limit: 200,
+                max_payload_bytes: 2 * 1024 * 1024,
+                max_topic_name_len: 100,
+            },
+            storage: StorageConfig {
+                backend: StorageBackend::Valkey,
+                persistent_tier_retention: Duration::from_secs(48 * 3600),
+                max_messages_per_topic: 5000,
+            },
+            memory: MemoryConfig {
+                max_bytes: 3 * 1024 * 1024 * 1024,
+            },
+            hot_tier: HotTierConfig {
+                max_messages: 100,
+                retention: Duration::from_secs(1800),
+            },
+            valkey: ValkeyConfig {
+                host: "valkey.internal".to_owned(),
+                port: 6380,
+                username: Some("relay".to_owned()),
+                password: Some(Secret::new("s3cret")),
+                db: 2,
+                use_tls: true,
+                tls_ca_file: Some(PathBuf::from("/etc/ssl/ca.pem")),
+                connections_per_shard: 4,
+                connect_timeout: Duration::from_secs(2),
+                command_timeout: Duration::from_millis(250),
+                max_pending: 0,
+                stream_key: template("s:{topic}"),
+                meta_key: template("m:{topic}"),
+            },
+            durability: DurabilityConfig {
+                ack: AckMode::Buffered,
+            },
+            source_file: Some(PathBuf::from("test.yaml")),
+        };
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn the_yaml_schema_covers_exactly_the_key_table() {
+        let mut from_yaml = flattened(EVERY_KEY_YAML);
+        let mut table: Vec<&str> = KEYS.iter().map(|k| k.path).collect();
+        from_yaml.sort_unstable();
+        table.sort_unstable();
+        assert_eq!(from_yaml, table);
+    }
+
+    #[test]
+    fn empty_file_null_sections_and_comments_only_give_defaults() {
+        for yaml in [
+            "",
+            "# nothing\n",
+            "memory:\n  # max_bytes: 1GiB\nvalkey:\n",
+            "listen: ~\n",
+        ] {
+            let mut config = from_yaml(yaml).expect("valid");
+            config.source_file = None;
+            assert_eq!(config, defaults(), "for {yaml:?}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_yaml() {
+        let yaml = "valkey:\n  host: from-file\n  port: 7000\nlog_level: debug\n";
+        let env = env_of(&[("VALKEY_HOST", "from-env"), ("LOG_LEVEL", "error")]);
+        let config = load_from_parts(
+            &Cli::default(),
+            &env,
+            Some((Path::new("c.yaml"), yaml)),
+            &MACHINE,
+        )
+        .expect("valid");
+        assert_eq!(config.valkey.host, "from-env");
+        assert_eq!(
+            config.valkey.port, 7000,
+            "file value kept where env is silent"
+        );
+        assert_eq!(config.log_level, LogLevel::Error);
+    }
+
+    #[test]
+    fn pulsar_prefix_wins_over_unprefixed() {
+        let config = from_env(&[
+            ("VALKEY_PORT", "1111"),
+            ("PULSAR_VALKEY_PORT", "2222"),
+            ("PULSAR_STORAGE_BACKEND", "valkey"),
+            ("STORAGE_BACKEND", "memory"),
+        ])
+        .expect("valid");
+        assert_eq!(config.valkey.port, 2222);
+        assert_eq!(config.storage.backend, StorageBackend::Valkey);
+        // An empty prefixed value counts as unset and falls through.
+        let config =
+            from_env(&[("VALKEY_PORT", "1111"), ("PULSAR_VALKEY_PORT", "")]).expect("valid");
+        assert_eq!(config.valkey.port, 1111);
+    }
+
+    #[test]
+    fn every_environment_variable_is_applied() {
+        let config = from_env(&[
+            ("STORAGE_BACKEND", "VALKEY"),
+            ("VALKEY_HOST", "10.0.0.5"),
+            ("VALKEY_PORT", " 6390 "),
+            ("VALKEY_USERNAME", "relay"),
+            ("VALKEY_PASSWORD", " pw with spaces "),
+            ("VALKEY_DB", "3"),
+            ("VALKEY_USE_TLS", "1"),
+            ("VALKEY_TLS_CA_FILE", "/ca.pem"),
+            ("PERSISTENT_TIER_RETENTION", "3600"),
+            ("MAX_MESSAGES_PER_TOPIC", "42"),
+            ("MEMORY_MAX_BYTES", "64MiB"),
+            ("LOG_LEVEL", "WARNING"),
+            ("LOG_FORMAT", "JSON"),
+            ("PULSAR_LISTEN", "[::1]:9000"),
+            ("PULSAR_SHARDS", "2"),
+        ])
+        .expect("valid");
+        assert_eq!(config.storage.backend, StorageBackend::Valkey);
+        assert_eq!(config.valkey.host, "10.0.0.5");
+        assert_eq!(config.valkey.port, 6390, "surrounding spaces trimmed");
+        assert_eq!(config.valkey.username.as_deref(), Some("relay"));
+        assert_eq!(
+            config.valkey.password.as_ref().map(Secret::expose),
+            Some(" pw with spaces "),
+            "a password is taken verbatim"
+        );
+        assert_eq!(config.valkey.db, 3);
+        assert!(config.valkey.use_tls);
+        assert_eq!(config.valkey.tls_ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(
+            config.storage.persistent_tier_retention,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(config.storage.max_messages_per_topic, 42);
+        assert_eq!(config.memory.max_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.log_level, LogLevel::Warn);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.listen, "[::1]:9000".parse().expect("literal"));
+        assert_eq!(config.shards, 2);
+    }
+
+    #[test]
+    fn generic_listen_and_shards_variables_are_ignored() {
+        let config = from_env(&[("LISTEN", "0.0.0.0:1"), ("SHARDS", "9")]).expect("valid");
+        assert_eq!(config.listen, defaults::LISTEN);
+        assert_eq!(config.shards, MACHINE.cpus);
+    }
+
+    #[test]
+    fn cli_overrides_env_and_file() {
+        let cli =
+            Cli::try_parse_from(["pulsar-relay", "--listen", "0.0.0.0:7777", "--shards", "6"])
+                .expect("valid flags");
+        let env = env_of(&[("PULSAR_LISTEN", "127.0.0.1:1"), ("PULSAR_SHARDS", "2")]);
+        let yaml = "listen: 127.0.0.1:2\nshards: 3\n";
+        let config = load_from_parts(&cli, &env, Some((Path::new("c.yaml"), yaml)), &MACHINE)
+            .expect("valid");
+        assert_eq!(config.listen, "0.0.0.0:7777".parse().expect("literal"));
+        assert_eq!(config.shards, 6);
+    }
+
+    #[test]
+    fn seed_documents_forms_load() {
+        // 003 quick start, `config.yaml` retention section and tuning section.
+        let config = from_yaml(
+            "storage:\n  persistent_tier_retention: 24h  # How long to keep in Valkey\n  \
+             max_messages_per_topic: 1000000 # Max messages per topic stream\n\
+             valkey:\n  pool_size: 100  # Increase for high concurrency\n",
+        )
+        .expect("seed YAML loads");
+        assert_eq!(
+            config.storage.persistent_tier_retention,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(config.storage.max_messages_per_topic, 1_000_000);
+        assert_eq!(config.valkey.connections_per_shard, 100);
+        // 000 storage backend, environment section.
+        let config = from_env(&[
+            ("STORAGE_BACKEND", "valkey"),
+            ("VALKEY_HOST", "localhost"),
+            ("VALKEY_PORT", "6379"),
+            ("VALKEY_PASSWORD", ""),
+            ("VALKEY_USE_TLS", "false"),
+            ("PERSISTENT_TIER_RETENTION", "86400"),
+            ("MAX_MESSAGES_PER_TOPIC", "1000000"),
+        ])
+        .expect("seed env loads");
+        assert_eq!(config.storage.backend, StorageBackend::Valkey);
+        assert_eq!(config.valkey.password, None, "empty password = none");
+        assert!(!config.valkey.use_tls);
+        assert_eq!(
+            config.storage.persistent_tier_retention,
+            Duration::from_secs(86_400)
+        );
+    }
+
+    #[test]
+    fn pool_size_and_connections_per_shard_together_are_rejected() {
+        let message = error_text(from_yaml(
+            "valkey:\n  connections_per_shard: 2\n  pool_size: 100\n",
+        ));
+        assert_mentions(
+            &message,
+            &[
+                "`valkey.connections_per_shard`",
+                "`100`",
+                "`valkey.pool_size`",
+                "only one",
+            ],
+        );
+        // An out-of-range alias names the key as written.
+        let message = error_text(from_yaml("valkey:\n  pool_size: 1000\n"));
+        assert_mentions(
+            &message,
+            &["`1000`", "from `valkey.pool_size` in test.yaml:2:14"],
+        );
+    }
+
+    #[test]
+    fn sizes_accept_units_and_plain_integers() {
+        let body = |text: &str| {
+            from_yaml(&format!(
+                "http:\n  max_body_bytes: {text}\napi:\n  max_payload_bytes: 64\n"
+            ))
+            .map(|c| c.http.max_body_bytes)
+        };
+        assert_eq!(body("64MiB").expect("valid"), 64 * 1024 * 1024);
+        assert_eq!(body("16KiB").expect("valid"), 16 * 1024);
+        assert_eq!(body("16 KiB").expect("valid"), 16 * 1024);
+        assert_eq!(body("1048576").expect("valid"), 1_048_576);
+        assert_eq!(body("1_048_576").expect("valid"), 1_048_576);
+        assert_eq!(body("16MB").expect("valid"), 16_000_000);
+        assert_eq!(body("1.5MiB").expect("valid"), 1_572_864);
+        for bad in ["abc", "-1", "16XB", "1e6", "''", "_1", "1__0", "MiB"] {
+            let message = error_text(body(bad));
+            assert_mentions(&message, &["`http.max_body_bytes`", "expected a size"]);
+        }
+    }
+
+    #[test]
+    fn value_parsers_at_their_edges() {
+        assert_eq!(parse_uint("0"), Some(0));
+        assert_eq!(parse_uint("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_uint("18446744073709551616"), None, "overflow");
+        assert_eq!(parse_uint("+5"), None);
+        assert_eq!(parse_uint("1_0"), Some(10));
+        assert_eq!(parse_uint("1_"), None);
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("86400"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("-5s"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+        for (text, value) in [
+            ("true", true),
+            ("YES", true),
+            ("1", true),
+            ("no", false),
+            ("False", false),
+            ("0", false),
+        ] {
+            assert_eq!(parse_bool(text), Some(value), "{text}");
+        }
+        assert_eq!(parse_bool("on"), None);
+        assert_eq!(parse_bool("maybe"), None);
+    }
+
+    #[test]
+    fn formatted_defaults_parse_back_to_themselves() {
+        for bytes in [1, 1000, KIB, 16 * KIB, 3 * MIB, GIB, 1024 * TIB, 1536] {
+            assert_eq!(
+                parse_size(&format_size(bytes).replace(" bytes", "")),
+                Some(bytes)
+            );
+        }
+        for d in [
+            Duration::from_millis(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(90),
+            Duration::from_secs(86_400),
+            Duration::from_secs(3650 * 86_400),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Some(d), "{d:?}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "24h");
+        assert_eq!(format_size(16 * MIB), "16MiB");
+    }
+
+    #[test]
+    fn log_level_is_case_insensitive_and_accepts_warning() {
+        for (text, level) in [
+            ("TRACE", LogLevel::Trace),
+            ("Debug", LogLevel::Debug),
+            ("info", LogLevel::Info),
+            ("WARNING", LogLevel::Warn),
+            ("warn", LogLevel::Warn),
+            ("Error", LogLevel::Error),
+        ] {
+            let config = from_env(&[("LOG_LEVEL", text)]).expect("valid");
+            assert_eq!(config.log_level, level, "{text}");
+        }
+        assert_eq!(LogLevel::Warn.as_filter_str(), "warn");
+    }
+
+    /// (YAML, key, shown value, part of the expectation) for every rule.
+    #[rustfmt::skip]
+    const INVALID: &[(&str, &str, &str, &str)] = &[
+        ("listen: localhost:80", "listen", "localhost:80",
+            "an IP address and port"),
+        ("listen: 1.2.3.4", "listen", "1.2.3.4",
+            "an IP address and port"),
+        ("shards: 1025", "shards", "1025",
+            "from 0 to 1024"),
+        ("shards: many", "shards", "many",
+            "an integer"),
+        ("log_level: verbose", "log_level", "verbose",
+            "`trace`, `debug`"),
+        ("log_format: xml", "log_format", "xml",
+            "`text` or `json`"),
+        ("http:\n  max_header_bytes: 512", "http.max_header_bytes", "512",
+            "from 1KiB to 1MiB"),
+        ("http:\n  max_headers: 4", "http.max_headers", "4",
+            "from 8 to 1024"),
+        ("http:\n  max_body_bytes: 2GiB", "http.max_body_bytes", "2GiB",
+            "from 1KiB to 1GiB"),
+        ("http:\n  header_read_timeout: 0", "http.header_read_timeout", "0",
+            "from 1ms to 1h"),
+        ("http:\n  keepalive_timeout: soon", "http.keepalive_timeout", "soon",
+            "a duration"),
+        ("http:\n  keepalive_timeout: 2d", "http.keepalive_timeout", "2d",
+            "from 1ms to 24h"),
+        ("http:\n  max_connections_per_shard: 0", "http.max_connections_per_shard", "0",
+            "from 1 to 1000000"),
+        ("api:\n  max_bulk_messages: 0", "api.max_bulk_messages", "0",
+            "from 1 to 1000000"),
+        ("api:\n  default_page_limit: 0", "api.default_page_limit", "0",
+            "from 1 to 1000000"),
+        ("api:\n  default_page_limit: 2000", "api.default_page_limit", "2000",
+            "at most `api.max_page_limit` = 1000 (built-in default)"),
+        ("api:\n  max_page_limit: 5", "api.max_page_limit", "5",
+            "at least `api.default_page_limit` = 10 (built-in default)"),
+        ("api:\n  max_payload_bytes: 10", "api.max_payload_bytes", "10",
+            "from 64 bytes to 1GiB"),
+        ("api:\n  max_payload_bytes: 32MiB", "api.max_payload_bytes", "32MiB",
+            "at most `http.max_body_bytes` = 16MiB (built-in default)"),
+        ("http:\n  max_body_bytes: 512KiB", "http.max_body_bytes", "512KiB",
+            "at least `api.max_payload_bytes` = 1MiB (built-in default)"),
+        ("api:\n  max_topic_name_len: 0", "api.max_topic_name_len", "0",
+            "from 1 to 4096"),
+        ("storage:\n  backend: redis", "storage.backend", "redis",
+            "`memory` or `valkey`"),
+        ("storage:\n  persistent_tier_retention: abc", "storage.persistent_tier_retention", "abc",
+            "a duration such as `24h` or integer seconds"),
+        ("storage:\n  persistent_tier_retention: 500ms", "storage.persistent_tier_retention", "500ms",
+            "from 1s to 3650d"),
+        ("storage:\n  max_messages_per_topic: 0", "storage.max_messages_per_topic", "0",
+            "an integer of at least 1"),
+        ("memory:\n  max_bytes: 1KiB", "memory.max_bytes", "1KiB",
+            "from 1MiB to 1024TiB"),
+        ("memory:\n  max_bytes: 1MiB\napi:\n  max_payload_bytes: 2MiB", "memory.max_bytes", "1MiB",
+            "at least `api.max_payload_bytes` = 2MiB"),
+        ("hot_tier:\n  max_messages: 0", "hot_tier.max_messages", "0",
+            "an integer of at least 1"),
+        ("hot_tier:\n  retention: 0s", "hot_tier.retention", "0s",
+            "from 1s"),
+        ("valkey:\n  host: bad host", "valkey.host", "bad host",
+            "without spaces"),
+        ("valkey:\n  host: ''", "valkey.host", "",
+            "a host name"),
+        ("valkey:\n  port: 0", "valkey.port", "0",
+            "from 1 to 65535"),
+        ("valkey:\n  port: 70000", "valkey.port", "70000",
+            "from 1 to 65535"),
+        ("valkey:\n  username: a b", "valkey.username", "a b",
+            "without spaces"),
+        ("valkey:\n  db: -1", "valkey.db", "-1",
+            "an integer from 0 to 2147483647"),
+        ("valkey:\n  use_tls: maybe", "valkey.use_tls", "maybe",
+            "`true` or `false`"),
+        ("valkey:\n  connections_per_shard: 0", "valkey.connections_per_shard", "0",
+            "from 1 to 256"),
+        ("valkey:\n  connect_timeout: 0", "valkey.connect_timeout", "0",
+            "from 1ms to 1h"),
+        ("valkey:\n  command_timeout: 2h", "valkey.command_timeout", "2h",
+            "from 1ms to 1h"),
+        ("valkey:\n  max_pending: 20000000", "valkey.max_pending", "20000000",
+            "from 0 to 10000000"),
+        ("valkey:\n  stream_key: topic-stream", "valkey.stream_key", "topic-stream",
+            "`{topic}` exactly once"),
+        ("valkey:\n  meta_key: '{topic}:{topic}'", "valkey.meta_key", "{topic}:{topic}",
+            "`{topic}` exactly once"),
+        ("valkey:\n  meta_key: 'topic:{topic}:stream'", "valkey.meta_key", "topic:{topic}:stream",
+            "to differ"),
+        ("durability:\n  ack: sometimes", "durability.ack", "sometimes",
+            "`persisted` or `buffered`"),
+    ];
+
+    #[test]
+    fn every_invalid_value_names_key_value_source_and_rule() {
+        for (yaml, key, value, expected) in INVALID {
+            let message = error_text(from_yaml(yaml));
+            assert_mentions(
+                &message,
+                &[
+                    &format!("invalid value `{value}` for `{key}` (from test.yaml:"),
+                    "): expected ",
+                    expected,
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_env_var_or_flag_they_came_from() {
+        let message = error_text(from_env(&[("PERSISTENT_TIER_RETENTION", "abc")]));
+        assert_eq!(
+            message,
+            "invalid value `abc` for `storage.persistent_tier_retention` (from env \
+             PERSISTENT_TIER_RETENTION): expected a duration such as `24h` or integer seconds, \
+             from 1s to 3650d"
+        );
+        let message = error_text(from_env(&[
+            ("PULSAR_VALKEY_PORT", "abc"),
+            ("VALKEY_PORT", "1"),
+        ]));
+        assert_mentions(
+            &message,
+            &["`valkey.port`", "(from env PULSAR_VALKEY_PORT)"],
+        );
+        let cli = Cli {
+            shards: Some(2000),
+            ..Cli::default()
+        };
+        let message = error_text(load_from_parts(&cli, &no_env, None, &MACHINE));
+        assert_mentions(&message, &["`2000` for `shards` (from flag --shards)"]);
+        // The position in the file is the value's.
+        let message = error_text(from_yaml("\nhttp:\n  max_headers: 4\n"));
+        assert_mentions(&message, &["(from test.yaml:3:16)"]);
+    }
+
+    #[test]
+    fn a_conflict_blames_the_more_deliberate_setting() {
+        // Payload from env beats body from the file: the env var is blamed.
+        let env = env_of(&[("MEMORY_MAX_BYTES", "1MiB")]);
+        let yaml = "api:\n  max_payload_bytes: 2MiB\n";
+        let message = error_text(load_from_parts(
+            &Cli::default(),
+            &env,
+            Some((Path::new("c.yaml"), yaml)),
+            &MACHINE,
+        ));
+        assert_mentions(
+            &message,
+            &["`memory.max_bytes` (from env MEMORY_MAX_BYTES)"],
+        );
+        let message = error_text(from_yaml(
+            "valkey:\n  stream_key: 'k:{topic}'\n  meta_key: 'k:{topic}'\n",
+        ));
+        assert_mentions(&message, &["`valkey.meta_key`", "to differ"]);
+    }
+
+    #[test]
+    fn shown_values_are_escaped_and_shortened() {
+        let message = error_text(from_env(&[("LOG_FORMAT", "te\nxt")]));
+        assert_mentions(&message, &["`te\\nxt`"]);
+        let long = "x".repeat(500);
+        let message = error_text(from_env(&[("LOG_FORMAT", &long)]));
+        assert!(message.len() < 300, "{message}");
+        assert_mentions(&message, &["xxx…`"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name_and_position() {
+        let message = error_text(from_yaml("http:\n  max_bdy_bytes: 1\n"));
+        assert_mentions(&message, &["test.yaml", "max_bdy_bytes", "line 2"]);
+        let message = error_text(from_yaml("listen: 127.0.0.1:1\nlisten_addr: x\n"));
+        assert_mentions(&message, &["listen_addr", "line 2"]);
+        match from_yaml("\n\nbogus: 1\n") {
+            Err(ConfigError::Yaml { line, .. }) => assert_eq!(line, Some(3)),
+            other => panic!("expected a YAML error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_yaml_reports_path_and_location() {
+        for yaml in [
+            "listen: 'open\n",
+            "- a\n- b\n",
+            "http: 5\n",
+            "valkey:\n  port: [1]\n",
+            "shards: 1\nshards: 2\n",
+        ] {
+            match from_yaml(yaml) {
+                Err(e @ ConfigError::Yaml { .. }) => {
+                    let message = e.to_string();
+                    assert_mentions(&message, &["`test.yaml`", "line "]);
+                }
+                other => panic!("{yaml:?}: expected a YAML error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn password_is_hidden_from_debug_and_errors() {
+        let config = from_yaml("valkey:\n  password: hunter2\n").expect("valid");
+        assert_eq!(
+            config.valkey.password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        let debug = format!("{config:?} {:#?}", config.valkey);
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("<redacted>"));
+        // No source snippet around a syntax error next to the password.
+        let message = error_text(from_yaml("valkey:\n  password: hunter2\n  port: [\n"));
+        assert!(!message.contains("hunter2"), "{message}");
+        // Should a rule ever reject a password, the value is not echoed.
+        let error = invalid(
+            key::VALKEY_PASSWORD,
+            "hunter2",
+            &Origin::Env("VALKEY_PASSWORD"),
+            "anything".to_owned(),
+        );
+        assert!(!format!("{error} {error:?}").contains("hunter2"));
+    }
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("pulsar-relay-config-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("temp dir writable");
+        path
+    }
+
+    #[test]
+    fn explicit_file_is_read_and_must_exist() {
+        let path = temp_file("explicit.yaml", "valkey:\n  port: 7001\n");
+        let cli = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let config = load(&cli, &no_env).expect("valid");
+        assert_eq!(config.valkey.port, 7001);
+        assert_eq!(config.source_file.as_deref(), Some(path.as_path()));
+        std::fs::remove_file(&path).expect("remove temp file");
+
+        let missing = PathBuf::from("/nonexistent-pulsar-relay-dir/config.yaml");
+        let cli = Cli {
+            config: Some(missing.clone()),
+            ..Cli::default()
+        };
+        match load(&cli, &no_env) {
+            Err(e @ ConfigError::ReadFile { .. }) => assert_mentions(
+                &e.to_string(),
+                &["/nonexistent-pulsar-relay-dir/config.yaml"],
+            ),
+            other => panic!("expected ReadFile, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn implicit_file_is_used_only_without_explicit_config() {
+        let implicit = temp_file("implicit.yaml", "valkey:\n  port: 7002\n");
+        let explicit = temp_file("explicit2.yaml", "valkey:\n  port: 7003\n");
+        let port = |cli: &Cli| {
+            load_with(cli, &no_env, Some(&implicit), &MACHINE)
+                .expect("valid")
+                .valkey
+                .port
+        };
+        assert_eq!(port(&Cli::default()), 7002);
+        let cli = Cli {
+            config: Some(explicit.clone()),
+            ..Cli::default()
+        };
+        assert_eq!(port(&cli), 7003);
+        for path in [implicit, explicit] {
+            std::fs::remove_file(path).expect("remove temp file");
+        }
+    }
+
+    #[test]
+    fn help_documents_every_option_variable_and_key() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for option in [
+            "--listen <ADDR>",
+            "--shards <N>",
+            "--config <PATH>",
+            "--version",
+            "--help",
+        ] {
+            assert!(help.contains(option), "{option} missing from --help");
+        }
+        for spec in KEYS {
+            for var in spec.env {
+                // The prefixed forms are documented once, as PULSAR_<NAME>.
+                let unprefixed = var.strip_prefix("PULSAR_").unwrap_or(var);
+                assert!(
+                    help.contains(var) || spec.env.contains(&unprefixed),
+                    "{var} missing from --help"
+                );
+            }
+            let (section, leaf) = spec.path.split_once('.').unwrap_or(("", spec.path));
+            let section_line = help
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")))
+                .take(3)
+                .collect::<String>();
+            let listed = if section.is_empty() {
+                help.lines()
+                    .any(|l| l.starts_with("  listen") && l.split_whitespace().any(|w| w == leaf))
+            } else {
+                section_line
+                    .split_whitespace()
+                    .any(|w| w.trim_end_matches(':') == leaf)
+            };
+            assert!(listed, "{} missing from --help", spec.path);
+        }
+    }
+
+    #[test]
+    fn flags_parse_and_version_is_offered() {
+        let cli = Cli::try_parse_from([
+            "pulsar-relay",
+            "--listen",
+            "[::]:80",
+            "--shards",
+            "8",
+            "--config",
+            "/etc/relay.yaml",
+        ])
+        .expect("valid flags");
+        assert_eq!(cli.listen, Some("[::]:80".parse().expect("literal")));
+        assert_eq!(cli.shards, Some(8));
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/relay.yaml")));
+        let version = Cli::try_parse_from(["pulsar-relay", "--version"]).map(|_| ());
+        assert!(matches!(
+            version.map_err(|e| e.kind()),
+            Err(clap::error::ErrorKind::DisplayVersion)
+        ));
+        assert!(Cli::try_parse_from(["pulsar-relay", "--listen", "localhost:80"]).is_err());
+    }
+
+    #[test]
+    fn key_templates_render_around_the_placeholder() {
+        let t = template("topic:{topic}:stream");
+        assert_eq!(t.render("orders"), "topic:orders:stream");
+        let mut out = b"*2\r\n".to_vec();
+        t.render_into("a", &mut out);
+        assert_eq!(out, b"*2\r\ntopic:a:stream");
+        assert_eq!(t.rendered_len("abc"), "topic:abc:stream".len());
+        assert_eq!(t.to_string(), "topic:{topic}:stream");
+        assert_eq!(template("{topic}").render("x"), "x");
+        assert_eq!(KeyTemplate::parse("topic:stream"), None);
+        assert_eq!(KeyTemplate::parse("{topic}{topic}"), None);
+        assert_eq!(KeyTemplate::parse("{Topic}"), None);
+    }
+
+    #[test]
+    fn machine_probe_parsers() {
+        let meminfo = "MemTotal:       16314204 kB\nMemFree:         1000 kB\n";
+        assert_eq!(parse_meminfo_total(meminfo), Some(16_314_204 * 1024));
+        assert_eq!(parse_meminfo_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_meminfo_total("MemTotal: 12\n"), None, "unit required");
+        assert_eq!(
+            cgroup_v2_path("12:cpu:/x\n0::/system.slice/relay.service\n"),
+            Some("/system.slice/relay.service")
+        );
+        assert_eq!(cgroup_v2_path("0::/\n"), Some("/"));
+        assert_eq!(
+            cgroup_v2_path("4:memory:/docker/abc\n"),
+            None,
+            "cgroup v1 only"
+        );
+        assert_eq!(parse_memory_max("536870912\n"), Some(536_870_912));
+        assert_eq!(parse_memory_max("max\n"), None);
+    }
+
+    #[test]
+    fn machine_detection_yields_usable_values() {
+        let machine = Machine::detect();
+        assert!(machine.cpus >= 1);
+        if let Some(bytes) = machine.memory_bytes {
+            assert!(bytes >= MIB, "{bytes}");
+        }
+    }
+}
