@@ -1,0 +1,1339 @@
+//! The per-shard in-memory log of topics: the whole store with the memory backend, and the
+//! cache of recent messages in front of Valkey with the Valkey backend.
+//!
+//! Owns: each topic's id-ordered log and its id sequence (the memory backend assigns ids
+//! here; the Valkey backend inserts ids Valkey assigned), paginated reads by cursor, and the
+//! three retention rules: a per-topic message count, an age (and per-message ttl) swept by
+//! [`HotTier::expire`], and a shard-wide byte budget enforced on every append by evicting the
+//! shard's oldest messages.
+//!
+//! Does not own: which shard holds a topic (the router), the clock (`now_ms` is an argument,
+//! so everything here is deterministic under test), validating topic names, payloads or
+//! limits (the HTTP layer), or any I/O. Single-threaded by design: one `HotTier` per shard,
+//! never shared; only the `Message`s it hands out cross shards.
+//!
+//! # Structures and costs
+//!
+//! - Topics live in a slot vector indexed through a name → slot `HashMap`. Slots carry a
+//!   generation bumped whenever their topic is removed, so a `(slot, generation)` handle
+//!   names one incarnation of one topic without hashing or owning its name.
+//! - Each topic is a `VecDeque<Message>` in strictly increasing id order: appends at the
+//!   back, every retention rule removes from the front, reads binary-search the cursor.
+//! - The shard-wide *arrival FIFO* holds one `MessageRef` per retained message in the order
+//!   messages arrived. Its front is the shard's oldest message, so byte-budget eviction and
+//!   age expiry cost O(1) per removed message instead of a scan over topics. Removals that
+//!   do not go through the FIFO (count retention, trim, delete, ttl) leave stale entries
+//!   behind; those are recognised lazily (a topic only ever loses its oldest messages, so an
+//!   entry is live iff its topic incarnation exists and its id is not older than the topic's
+//!   first) and the FIFO is compacted once stale entries outnumber live ones.
+//! - A min-heap on expiry time holds one entry per message with a ttl, so [`HotTier::expire`]
+//!   finds due ttls in O(log n) each without visiting topics where nothing is due. It is
+//!   compacted like the FIFO.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::message::{Message, MessageId};
+
+/// Retention limits of one shard's hot tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotTierLimits {
+    /// Count retention: a topic keeps at most this many messages, dropping its oldest. A
+    /// value of 0 is treated as 1 (the message just appended is always kept).
+    pub max_messages_per_topic: usize,
+    /// Age retention: a message whose `timestamp_ms` is more than this many milliseconds
+    /// before `now` is no longer readable and is removed by [`HotTier::expire`]. `u64::MAX`
+    /// disables age retention.
+    pub retention_ms: u64,
+    /// This shard's share of the process memory budget, as a sum of
+    /// [`Message::footprint`]s.
+    pub max_bytes: usize,
+}
+
+/// Direction of a page read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first; a cursor returns ids greater than it.
+    Asc,
+    /// Newest first; a cursor returns ids less than it.
+    Desc,
+}
+
+/// A history read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Exclusive cursor: usually the previous page's `next_cursor`. `None` starts at the
+    /// oldest (`Asc`) or newest (`Desc`) message. Need not be an id that exists.
+    pub after: Option<MessageId>,
+    pub order: Order,
+    /// At most this many messages. 0 yields an empty page with `next_cursor: None`;
+    /// callers clamp client limits to at least 1.
+    pub limit: usize,
+}
+
+/// One page of a topic's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// In the query's order; never contains an expired (ttl or age) message.
+    pub messages: Vec<Message>,
+    /// Messages retained in the topic. Counts expired messages the sweeper has not removed
+    /// yet, because excluding them would cost a full scan per read.
+    pub total: usize,
+    /// The id of the last message returned when more readable messages remain in the
+    /// query's direction; pass it as the next query's `after`. `None` when this page ends
+    /// the topic (in that direction).
+    pub next_cursor: Option<MessageId>,
+}
+
+/// A topic's summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicStats {
+    pub name: Arc<str>,
+    /// Messages retained (including expired ones not yet swept).
+    pub length: usize,
+    /// Id of the oldest retained message.
+    pub first_id: Option<MessageId>,
+    /// Id of the newest retained message. `None` for a topic trimmed to nothing, even though
+    /// [`HotTier::last_id`] still remembers the last id it issued.
+    pub last_id: Option<MessageId>,
+    /// `timestamp_ms` of the oldest retained message.
+    pub oldest_timestamp_ms: Option<u64>,
+    /// `timestamp_ms` of the newest retained message.
+    pub newest_timestamp_ms: Option<u64>,
+    /// Sum of the retained messages' footprints.
+    pub bytes: usize,
+}
+
+/// [`HotTier::insert`] was given an id not greater than the topic's last id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("message id {attempted} is not greater than the topic's last id {last}")]
+pub struct OutOfOrder {
+    /// The topic's last id ([`MessageId::MIN`] for a new topic: `0-0` is never a valid id).
+    pub last: MessageId,
+    pub attempted: MessageId,
+}
+
+/// Stale entries tolerated in the arrival FIFO and the ttl heap beyond as many as there are
+/// live messages before compacting. Compaction is O(entries) and happens only after at least
+/// `live + slack` entries went stale, so it is O(1) amortised per removal; the slack keeps a
+/// small tier from compacting every few operations (1024 entries is 32-40 KiB).
+const COMPACTION_SLACK: usize = 1024;
+
+/// A topic log's capacity is only given back once it is 4× its length and above this, so a
+/// topic that fluctuates around a size does not reallocate back and forth.
+const MIN_SHRINK_CAPACITY: usize = 64;
+
+/// One incarnation of a topic plus an id in it: 32 bytes, no name, no hashing to resolve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct MessageRef {
+    slot: usize,
+    generation: u64,
+    id: MessageId,
+}
+
+/// A ttl heap entry, ordered by expiry first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TtlEntry {
+    expires_at_ms: u64,
+    message: MessageRef,
+}
+
+struct Topic {
+    /// Shared with the index key and handed out in stats without copying the string.
+    name: Arc<str>,
+    /// Strictly increasing ids, oldest at the front.
+    log: VecDeque<Message>,
+    /// Sum of `log`'s footprints, kept so stats and per-topic accounting are O(1).
+    bytes: usize,
+    /// The last id issued or inserted, kept when the log is trimmed empty so later ids keep
+    /// increasing and old cursors never see a reused id.
+    last_id: Option<MessageId>,
+}
+
+struct Slot {
+    /// Bumped each time the slot's topic is removed, which makes every outstanding
+    /// `MessageRef` to that incarnation stale. 64 bits so it can never wrap around into a
+    /// stale entry's value.
+    generation: u64,
+    topic: Option<Topic>,
+}
+
+/// One shard's topics and their retention. See the module docs for the structures.
+pub struct HotTier {
+    limits: HotTierLimits,
+    /// Name → slot. std's SipHash with a per-map random key: topic names come from clients,
+    /// and the one hash per request it costs (~20 ns for a short name) is noise next to
+    /// parsing the request, where a weak hasher would let crafted names collide.
+    index: HashMap<Arc<str>, usize>,
+    /// Topic storage; never shrinks, so a `MessageRef`'s slot index is always in range.
+    slots: Vec<Slot>,
+    /// Slots whose topic was removed, reused before `slots` grows.
+    free_slots: Vec<usize>,
+    /// Every retained message's ref in arrival order (plus stale entries, at most
+    /// `message_count + COMPACTION_SLACK` of them): the eviction and age-expiry order.
+    arrivals: VecDeque<MessageRef>,
+    /// Refs of messages with a ttl, soonest expiry on top (plus stale entries).
+    ttl_queue: BinaryHeap<Reverse<TtlEntry>>,
+    /// Retained messages over all topics; the live-entry count the compaction bound uses.
+    message_count: usize,
+    /// Retained messages with a ttl; bounds `ttl_queue`'s stale entries.
+    ttl_message_count: usize,
+    /// Sum of retained footprints, compared with `limits.max_bytes` on every append.
+    bytes: usize,
+    /// Messages removed by the byte budget (a metric).
+    evictions: u64,
+    /// Messages removed by age retention or ttl (a metric).
+    expirations: u64,
+    /// [`COMPACTION_SLACK`]; a field only so tests can make compaction frequent.
+    compaction_slack: usize,
+}
+
+impl HotTier {
+    pub fn new(limits: HotTierLimits) -> HotTier {
+        HotTier {
+            limits: HotTierLimits {
+                max_messages_per_topic: limits.max_messages_per_topic.max(1),
+                ..limits
+            },
+            index: HashMap::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            arrivals: VecDeque::new(),
+            ttl_queue: BinaryHeap::new(),
+            message_count: 0,
+            ttl_message_count: 0,
+            bytes: 0,
+            evictions: 0,
+            expirations: 0,
+            compaction_slack: COMPACTION_SLACK,
+        }
+    }
+
+    /// Memory backend: appends a message to `topic` (created if needed) with the next id
+    /// after the topic's last ([`MessageId::next_after`]), stamped `now_ms`, expiring at
+    /// `now_ms + ttl_ms`. Then applies count retention to the topic, drops due (ttl or age)
+    /// messages at its front, and applies the byte budget to the shard.
+    /// Returns the stored message (a cheap clone).
+    ///
+    /// The new message itself is never removed here, even when it alone exceeds the byte
+    /// budget: the producer was just told it was accepted, and a budget smaller than one
+    /// message is a configuration error the HTTP layer's size limit should prevent.
+    pub fn append(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        metadata: Option<Bytes>,
+        ttl_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Message {
+        let slot = self.slot_for(topic);
+        let id = MessageId::next_after(self.topic(slot).last_id, now_ms);
+        let message = Message {
+            id,
+            timestamp_ms: now_ms,
+            expires_at_ms: ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
+            payload,
+            metadata,
+        };
+        self.push(slot, message.clone());
+        self.enforce_count(slot);
+        let expired = self.pop_due_fronts(slot, now_ms, 1);
+        self.expirations += expired as u64;
+        self.enforce_budget();
+        self.compact_if_stale();
+        message
+    }
+
+    /// Valkey backend: stores a message whose id was assigned elsewhere, creating the topic
+    /// if needed, then applies count retention and the byte budget like [`HotTier::append`]
+    /// (without the expiry check, which needs a clock; the sweeper covers it). The id must be
+    /// greater than the topic's last id (and than `0-0`) so logs stay strictly ordered.
+    pub fn insert(&mut self, topic: &str, message: Message) -> Result<(), OutOfOrder> {
+        let existing = self.index.get(topic).copied();
+        let last = existing
+            .and_then(|slot| self.topic(slot).last_id)
+            .unwrap_or(MessageId::MIN);
+        if message.id <= last {
+            return Err(OutOfOrder {
+                last,
+                attempted: message.id,
+            });
+        }
+        let slot = match existing {
+            Some(slot) => slot,
+            None => self.slot_for(topic),
+        };
+        self.push(slot, message);
+        self.enforce_count(slot);
+        self.enforce_budget();
+        self.compact_if_stale();
+        Ok(())
+    }
+
+    /// A page of `topic`'s history, `None` for an unknown topic. O(log n + limit) plus any
+    /// expired-but-unswept messages skipped on the way.
+    pub fn read(&self, topic: &str, query: &PageQuery, now_ms: u64) -> Option<Page> {
+        let topic = self.topic_named(topic)?;
+        let log = &topic.log;
+        let readable = |m: &&Message| !is_due(m, now_ms, self.limits.retention_ms);
+        // Never trust `limit` for capacity: it comes from a client.
+        let mut messages = Vec::with_capacity(query.limit.min(log.len()));
+        let more_remain = match query.order {
+            Order::Asc => {
+                let start = query
+                    .after
+                    .map_or(0, |after| log.partition_point(|m| m.id <= after));
+                let mut rest = log.range(start..).filter(readable);
+                messages.extend(rest.by_ref().take(query.limit).cloned());
+                rest.next().is_some()
+            }
+            Order::Desc => {
+                let end = query
+                    .after
+                    .map_or(log.len(), |after| log.partition_point(|m| m.id < after));
+                let mut rest = log.range(..end).rev().filter(readable);
+                messages.extend(rest.by_ref().take(query.limit).cloned());
+                rest.next().is_some()
+            }
+        };
+        let next_cursor = if more_remain {
+            messages.last().map(|m| m.id)
+        } else {
+            None
+        };
+        Some(Page {
+            messages,
+            total: log.len(),
+            next_cursor,
+        })
+    }
+
+    pub fn stats(&self, topic: &str) -> Option<TopicStats> {
+        self.topic_named(topic).map(topic_stats)
+    }
+
+    /// Every topic's stats, in no particular order.
+    pub fn topics(&self) -> impl Iterator<Item = TopicStats> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.topic.as_ref())
+            .map(topic_stats)
+    }
+
+    /// Keeps only the newest `keep_count` messages of `topic` and returns how many were
+    /// removed; `None` for an unknown topic. The topic stays (even when emptied) and keeps
+    /// its last id, so later ids keep increasing.
+    pub fn trim(&mut self, topic: &str, keep_count: usize) -> Option<usize> {
+        let slot = *self.index.get(topic)?;
+        let removed = self.topic(slot).log.len().saturating_sub(keep_count);
+        for _ in 0..removed {
+            self.pop_front(slot);
+        }
+        self.compact_if_stale();
+        Some(removed)
+    }
+
+    /// Removes `topic` and its messages; `false` when it did not exist. A topic created again
+    /// later starts a fresh id sequence from the clock.
+    pub fn delete(&mut self, topic: &str) -> bool {
+        let Some(&slot) = self.index.get(topic) else {
+            return false;
+        };
+        self.remove_topic(slot);
+        self.compact_if_stale();
+        true
+    }
+
+    /// Age retention and ttls, shard-wide: removes messages older than the retention and
+    /// expired-ttl messages once they are the oldest of their topic (a log only loses its
+    /// front). Topics emptied here are removed entirely, so a stream of uniquely named
+    /// topics cannot leak. Returns how many messages were removed.
+    ///
+    /// O(removed + 1) plus O(log n) per due ttl: the arrival FIFO front is the shard's oldest
+    /// message and the ttl heap's top the soonest expiry, so nothing not due is visited.
+    ///
+    /// Not covered: an expired-ttl message behind an unexpired one whose own ttl entry came
+    /// due while it was not the front. It is dropped as soon as its predecessors go through
+    /// here or through count retention, otherwise by age retention or the byte budget, and
+    /// reads never return it meanwhile.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let retention_ms = self.limits.retention_ms;
+        let mut removed = 0;
+
+        while let Some(&oldest) = self.arrivals.front() {
+            if let Some(slot) = live_slot(&self.slots, &oldest) {
+                let due = self
+                    .topic(slot)
+                    .log
+                    .front()
+                    .is_some_and(|m| is_due(m, now_ms, retention_ms));
+                if !due {
+                    break;
+                }
+                removed += self.pop_due_fronts(slot, now_ms, 0);
+                self.remove_topic_if_empty(slot);
+            }
+            // Live and just removed, or stale: either way the entry is done.
+            self.arrivals.pop_front();
+        }
+
+        while let Some(&Reverse(entry)) = self.ttl_queue.peek() {
+            if entry.expires_at_ms > now_ms {
+                break;
+            }
+            self.ttl_queue.pop();
+            let Some(slot) = live_slot(&self.slots, &entry.message) else {
+                continue;
+            };
+            let is_front = self
+                .topic(slot)
+                .log
+                .front()
+                .is_some_and(|m| m.id == entry.message.id);
+            if is_front {
+                removed += self.pop_due_fronts(slot, now_ms, 0);
+                self.remove_topic_if_empty(slot);
+            }
+        }
+
+        self.expirations += removed as u64;
+        self.compact_if_stale();
+        removed
+    }
+
+    /// The last id issued to (or inserted into) `topic`, even if that message is gone;
+    /// `None` for an unknown topic.
+    pub fn last_id(&self, topic: &str) -> Option<MessageId> {
+        self.topic_named(topic)?.last_id
+    }
+
+    pub fn message_count(&self) -> usize {
+        self.message_count
+    }
+
+    /// Sum of the retained messages' footprints.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Messages removed by the byte budget since creation.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Messages removed by age retention or ttl since creation.
+    pub fn expirations(&self) -> u64 {
+        self.expirations
+    }
+
+    fn topic_named(&self, name: &str) -> Option<&Topic> {
+        self.index
+            .get(name)
+            .and_then(|&slot| self.slots[slot].topic.as_ref())
+    }
+
+    /// The topic in a slot the caller got from `index`, `slot_for` or a live `MessageRef`.
+    fn topic(&self, slot: usize) -> &Topic {
+        match &self.slots[slot].topic {
+            Some(topic) => topic,
+            // Invariant: `index` and live refs only ever point at occupied slots.
+            None => unreachable!("slot {slot} is empty but was reached through a live handle"),
+        }
+    }
+
+    fn topic_mut(&mut self, slot: usize) -> &mut Topic {
+        match &mut self.slots[slot].topic {
+            Some(topic) => topic,
+            // Invariant: as in `topic`.
+            None => unreachable!("slot {slot} is empty but was reached through a live handle"),
+        }
+    }
+
+    /// The slot of `name`, creating the topic if it does not exist.
+    fn slot_for(&mut self, name: &str) -> usize {
+        if let Some(&slot) = self.index.get(name) {
+            return slot;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let topic = Topic {
+            name: Arc::clone(&name),
+            log: VecDeque::new(),
+            bytes: 0,
+            last_id: None,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot].topic = Some(topic);
+                slot
+            }
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    topic: Some(topic),
+                });
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(name, slot);
+        slot
+    }
+
+    fn push(&mut self, slot: usize, message: Message) {
+        let footprint = message.footprint();
+        let handle = MessageRef {
+            slot,
+            generation: self.slots[slot].generation,
+            id: message.id,
+        };
+        if let Some(expires_at_ms) = message.expires_at_ms {
+            self.ttl_queue.push(Reverse(TtlEntry {
+                expires_at_ms,
+                message: handle,
+            }));
+            self.ttl_message_count += 1;
+        }
+        self.arrivals.push_back(handle);
+        let topic = self.topic_mut(slot);
+        debug_assert!(topic.last_id.is_none_or(|last| message.id > last));
+        topic.last_id = Some(message.id);
+        topic.bytes += footprint;
+        topic.log.push_back(message);
+        self.bytes += footprint;
+        self.message_count += 1;
+    }
+
+    /// Removes the topic's oldest message, keeping every counter exact. Its FIFO and heap
+    /// entries become stale.
+    fn pop_front(&mut self, slot: usize) -> Option<Message> {
+        let topic = self.topic_mut(slot);
+        let message = topic.log.pop_front()?;
+        let footprint = message.footprint();
+        topic.bytes -= footprint;
+        if topic.log.capacity() > MIN_SHRINK_CAPACITY && topic.log.len() < topic.log.capacity() / 4
+        {
+            let keep = topic.log.len() * 2;
+            topic.log.shrink_to(keep);
+        }
+        self.bytes -= footprint;
+        self.message_count -= 1;
+        if message.expires_at_ms.is_some() {
+            self.ttl_message_count -= 1;
+        }
+        Some(message)
+    }
+
+    /// Pops the topic's front while it is due (ttl or age) and more than `keep` remain.
+    fn pop_due_fronts(&mut self, slot: usize, now_ms: u64, keep: usize) -> usize {
+        let retention_ms = self.limits.retention_ms;
+        let mut removed = 0;
+        loop {
+            let log = &self.topic(slot).log;
+            let due =
+                log.len() > keep && log.front().is_some_and(|m| is_due(m, now_ms, retention_ms));
+            if !due {
+                return removed;
+            }
+            self.pop_front(slot);
+            removed += 1;
+        }
+    }
+
+    fn enforce_count(&mut self, slot: usize) {
+        while self.topic(slot).log.len() > self.limits.max_messages_per_topic {
+            self.pop_front(slot);
+        }
+    }
+
+    /// Evicts the shard's oldest messages until the budget holds. The message just pushed is
+    /// the FIFO's back, so stopping at one entry keeps it.
+    fn enforce_budget(&mut self) {
+        while self.bytes > self.limits.max_bytes && self.arrivals.len() > 1 {
+            let Some(oldest) = self.arrivals.pop_front() else {
+                break;
+            };
+            let Some(slot) = live_slot(&self.slots, &oldest) else {
+                continue;
+            };
+            // The FIFO's first live entry is its topic's front: a topic's entries are in id
+            // order and all earlier entries are gone.
+            debug_assert_eq!(self.topic(slot).log.front().map(|m| m.id), Some(oldest.id));
+            self.pop_front(slot);
+            self.evictions += 1;
+            self.remove_topic_if_empty(slot);
+        }
+    }
+
+    fn remove_topic_if_empty(&mut self, slot: usize) {
+        if self.topic(slot).log.is_empty() {
+            self.remove_topic(slot);
+        }
+    }
+
+    fn remove_topic(&mut self, slot: usize) {
+        let entry = &mut self.slots[slot];
+        let Some(topic) = entry.topic.take() else {
+            return;
+        };
+        entry.generation += 1;
+        self.free_slots.push(slot);
+        self.index.remove(&*topic.name);
+        self.bytes -= topic.bytes;
+        self.message_count -= topic.log.len();
+        self.ttl_message_count -= topic
+            .log
+            .iter()
+            .filter(|m| m.expires_at_ms.is_some())
+            .count();
+    }
+
+    /// Drops stale FIFO and heap entries once they outnumber live ones (plus slack), which
+    /// bounds both at about twice the retained messages.
+    fn compact_if_stale(&mut self) {
+        let slots = &self.slots;
+        let slack = self.compaction_slack;
+        if self.arrivals.len() > 2 * self.message_count + slack {
+            self.arrivals.retain(|r| live_slot(slots, r).is_some());
+            debug_assert_eq!(self.arrivals.len(), self.message_count);
+            self.arrivals.shrink_to(2 * self.arrivals.len() + slack);
+        }
+        if self.ttl_queue.len() > 2 * self.ttl_message_count + slack {
+            self.ttl_queue
+                .retain(|Reverse(entry)| live_slot(slots, &entry.message).is_some());
+            self.ttl_queue.shrink_to(2 * self.ttl_queue.len() + slack);
+        }
+    }
+}
+
+/// The slot a ref points into if its message is still retained. Topics only lose their
+/// oldest messages, so a message of a live incarnation is retained iff its id is not older
+/// than the topic's first.
+fn live_slot(slots: &[Slot], handle: &MessageRef) -> Option<usize> {
+    let slot = slots.get(handle.slot)?;
+    if slot.generation != handle.generation {
+        return None;
+    }
+    let first = slot.topic.as_ref()?.log.front()?;
+    (first.id <= handle.id).then_some(handle.slot)
+}
+
+/// Whether a message must no longer be read: its ttl ran out or it is older than retention.
+fn is_due(message: &Message, now_ms: u64, retention_ms: u64) -> bool {
+    message.is_expired(now_ms) || now_ms.saturating_sub(message.timestamp_ms) > retention_ms
+}
+
+fn topic_stats(topic: &Topic) -> TopicStats {
+    let first = topic.log.front();
+    let last = topic.log.back();
+    TopicStats {
+        name: Arc::clone(&topic.name),
+        length: topic.log.len(),
+        first_id: first.map(|m| m.id),
+        last_id: last.map(|m| m.id),
+        oldest_timestamp_ms: first.map(|m| m.timestamp_ms),
+        newest_timestamp_ms: last.map(|m| m.timestamp_ms),
+        bytes: topic.bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::message::MESSAGE_OVERHEAD_BYTES;
+    use super::*;
+
+    const NO_LIMITS: HotTierLimits = HotTierLimits {
+        max_messages_per_topic: usize::MAX,
+        retention_ms: u64::MAX,
+        max_bytes: usize::MAX,
+    };
+
+    fn id(ms: u64, seq: u64) -> MessageId {
+        MessageId::new(ms, seq)
+    }
+
+    fn payload(text: &str) -> Bytes {
+        Bytes::copy_from_slice(text.as_bytes())
+    }
+
+    fn query(after: Option<MessageId>, order: Order, limit: usize) -> PageQuery {
+        PageQuery {
+            after,
+            order,
+            limit,
+        }
+    }
+
+    fn ids(page: &Page) -> Vec<MessageId> {
+        page.messages.iter().map(|m| m.id).collect()
+    }
+
+    fn read(tier: &HotTier, topic: &str, q: PageQuery, now: u64) -> Page {
+        match tier.read(topic, &q, now) {
+            Some(page) => page,
+            None => panic!("topic {topic} missing"),
+        }
+    }
+
+    /// Every id of `topic` reachable by following cursors from no cursor, each once.
+    fn walk(tier: &HotTier, topic: &str, order: Order, limit: usize, now: u64) -> Vec<MessageId> {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = read(tier, topic, query(after, order, limit), now);
+            assert!(page.messages.len() <= limit);
+            seen.extend(ids(&page));
+            match page.next_cursor {
+                Some(cursor) => {
+                    assert_eq!(Some(cursor), seen.last().copied());
+                    after = Some(cursor);
+                }
+                None => return seen,
+            }
+        }
+    }
+
+    /// A tier holding topic "t" with ids 10-0, 10-1, 20-0, 30-0, 30-1.
+    fn five() -> HotTier {
+        let mut tier = HotTier::new(NO_LIMITS);
+        for now in [10, 10, 20, 30, 30] {
+            tier.append("t", payload("1"), None, None, now);
+        }
+        tier
+    }
+
+    #[test]
+    fn overhead_covers_the_per_message_structures() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<MessageRef>(), 32);
+        assert!(
+            size_of::<Message>() + size_of::<MessageRef>() + size_of::<Reverse<TtlEntry>>()
+                <= MESSAGE_OVERHEAD_BYTES
+        );
+    }
+
+    #[test]
+    fn append_assigns_increasing_ids_even_when_the_clock_steps_back() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        let a = tier.append("t", payload("1"), None, None, 100);
+        let b = tier.append("t", payload("2"), None, None, 100);
+        let c = tier.append("t", payload("3"), None, None, 50);
+        let d = tier.append("t", payload("4"), None, Some(7), 101);
+        let other = tier.append("u", payload("5"), None, None, 60);
+        assert_eq!(
+            [a.id, b.id, c.id, d.id],
+            [id(100, 0), id(100, 1), id(100, 2), id(101, 0)]
+        );
+        assert_eq!(c.timestamp_ms, 50);
+        assert_eq!(d.expires_at_ms, Some(108));
+        assert_eq!(other.id, id(60, 0), "ids are per topic");
+        assert_eq!(tier.last_id("t"), Some(id(101, 0)));
+        assert_eq!(tier.message_count(), 5);
+        assert_eq!(tier.topic_count(), 2);
+    }
+
+    #[test]
+    fn pagination_reaches_every_message_once_in_both_orders() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        let mut all = Vec::new();
+        for i in 0..23u64 {
+            all.push(tier.append("t", payload("x"), None, None, 1000 + i / 3).id);
+        }
+        let mut reversed = all.clone();
+        reversed.reverse();
+        for limit in [1, 2, 5, 22, 23, 24, 100] {
+            assert_eq!(
+                walk(&tier, "t", Order::Asc, limit, 2000),
+                all,
+                "asc {limit}"
+            );
+            assert_eq!(
+                walk(&tier, "t", Order::Desc, limit, 2000),
+                reversed,
+                "desc {limit}"
+            );
+        }
+    }
+
+    #[test]
+    fn cursor_positions() {
+        let tier = five();
+        let asc = |after, limit| ids(&read(&tier, "t", query(after, Order::Asc, limit), 40));
+        let desc = |after, limit| ids(&read(&tier, "t", query(after, Order::Desc, limit), 40));
+        // Before the first / after the last.
+        assert_eq!(asc(Some(MessageId::MIN), 2), [id(10, 0), id(10, 1)]);
+        assert_eq!(asc(Some(id(30, 1)), 9), []);
+        assert_eq!(asc(Some(MessageId::MAX), 9), []);
+        assert_eq!(desc(Some(MessageId::MAX), 2), [id(30, 1), id(30, 0)]);
+        assert_eq!(desc(Some(id(10, 0)), 9), []);
+        assert_eq!(desc(Some(MessageId::MIN), 9), []);
+        // Cursors between ids that do not exist.
+        assert_eq!(asc(Some(id(15, 7)), 9), [id(20, 0), id(30, 0), id(30, 1)]);
+        assert_eq!(asc(Some(id(10, 5)), 1), [id(20, 0)]);
+        assert_eq!(desc(Some(id(25, 0)), 9), [id(20, 0), id(10, 1), id(10, 0)]);
+        assert_eq!(desc(Some(id(30, 0)), 9), [id(20, 0), id(10, 1), id(10, 0)]);
+        // Exclusive at existing ids.
+        assert_eq!(asc(Some(id(20, 0)), 9), [id(30, 0), id(30, 1)]);
+    }
+
+    #[test]
+    fn limit_and_next_cursor() {
+        let tier = five();
+        let page = read(&tier, "t", query(None, Order::Asc, 2), 40);
+        assert_eq!(page.total, 5);
+        assert_eq!(page.next_cursor, Some(id(10, 1)));
+        let page = read(&tier, "t", query(None, Order::Asc, 5), 40);
+        assert_eq!(page.messages.len(), 5);
+        assert_eq!(page.next_cursor, None, "exactly exhausted: no further page");
+        let page = read(&tier, "t", query(None, Order::Desc, 4), 40);
+        assert_eq!(page.next_cursor, Some(id(10, 1)));
+        let page = read(&tier, "t", query(None, Order::Asc, 0), 40);
+        assert!(page.messages.is_empty());
+        assert_eq!(page.next_cursor, None);
+        let page = read(&tier, "t", query(None, Order::Asc, usize::MAX), 40);
+        assert_eq!(page.messages.len(), 5);
+        assert!(tier.read("nope", &query(None, Order::Asc, 1), 40).is_none());
+    }
+
+    #[test]
+    fn expired_messages_are_never_read() {
+        let mut tier = HotTier::new(HotTierLimits {
+            retention_ms: 1000,
+            ..NO_LIMITS
+        });
+        let old = tier.append("t", payload("1"), None, None, 0);
+        let short = tier.append("t", payload("2"), None, Some(200), 500);
+        let zero = tier.append("t", payload("3"), None, Some(0), 600);
+        let kept = tier.append("t", payload("4"), None, Some(5000), 700);
+        // At 600: ttl 0 is expired at once; the others are fine.
+        let page = read(&tier, "t", query(None, Order::Asc, 9), 600);
+        assert_eq!(ids(&page), [old.id, short.id, kept.id]);
+        assert!(!ids(&page).contains(&zero.id));
+        // At 1001: `old` is past retention (age 1001 > 1000), `short` past its ttl.
+        let page = read(&tier, "t", query(None, Order::Asc, 9), 1001);
+        assert_eq!(ids(&page), [kept.id]);
+        assert_eq!(page.total, 4, "not swept yet");
+        // A page that stops before only-expired messages reports no next cursor.
+        let page = read(&tier, "t", query(None, Order::Desc, 1), 1001);
+        assert_eq!((ids(&page), page.next_cursor), (vec![kept.id], None));
+        // At exactly the retention boundary the message is still readable.
+        let page = read(&tier, "t", query(None, Order::Asc, 1), 1000);
+        assert_eq!(ids(&page), [old.id]);
+    }
+
+    #[test]
+    fn count_retention_drops_the_oldest_of_that_topic() {
+        let mut tier = HotTier::new(HotTierLimits {
+            max_messages_per_topic: 3,
+            ..NO_LIMITS
+        });
+        tier.append("other", payload("o"), None, None, 1);
+        for now in 1..=5 {
+            tier.append("t", payload("x"), None, None, now);
+        }
+        let stats = tier.stats("t");
+        assert_eq!(
+            stats.as_ref().map(|s| (s.length, s.first_id, s.last_id)),
+            Some((3, Some(id(3, 0)), Some(id(5, 0))))
+        );
+        assert_eq!(tier.stats("other").map(|s| s.length), Some(1));
+        assert_eq!(tier.message_count(), 4);
+        assert_eq!(tier.bytes(), 4 * (1 + MESSAGE_OVERHEAD_BYTES));
+        assert_eq!((tier.evictions(), tier.expirations()), (0, 0));
+    }
+
+    #[test]
+    fn zero_count_limit_still_keeps_the_new_message() {
+        let mut tier = HotTier::new(HotTierLimits {
+            max_messages_per_topic: 0,
+            ..NO_LIMITS
+        });
+        tier.append("t", payload("1"), None, None, 1);
+        let last = tier.append("t", payload("2"), None, None, 2);
+        assert_eq!(
+            ids(&read(&tier, "t", query(None, Order::Asc, 9), 2)),
+            [last.id]
+        );
+    }
+
+    #[test]
+    fn age_expiry_removes_old_messages_and_emptied_topics() {
+        let mut tier = HotTier::new(HotTierLimits {
+            retention_ms: 100,
+            ..NO_LIMITS
+        });
+        tier.append("a", payload("1"), None, None, 0);
+        tier.append("b", payload("2"), None, None, 10);
+        tier.append("a", payload("3"), None, None, 50);
+        assert_eq!(tier.expire(100), 0, "nothing older than 100 ms yet");
+        assert_eq!(tier.expire(111), 2, "a's first and all of b");
+        assert_eq!(tier.topic_count(), 1);
+        assert!(tier.stats("b").is_none());
+        assert_eq!(tier.stats("a").map(|s| s.first_id), Some(Some(id(50, 0))));
+        assert_eq!(tier.expire(151), 1);
+        assert_eq!(
+            (tier.topic_count(), tier.message_count(), tier.bytes()),
+            (0, 0, 0)
+        );
+        assert_eq!(tier.expirations(), 3);
+        assert_eq!(tier.expire(10_000), 0);
+    }
+
+    #[test]
+    fn ttl_expiry_removes_fronts_and_cascades() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        // Many uniquely named topics with a short ttl must not leak.
+        for i in 0..100 {
+            tier.append(&format!("unique-{i}"), payload("1"), None, Some(10), 0);
+        }
+        // t: [long, short, short]: the short ones expire first but sit behind `long`.
+        tier.append("t", payload("1"), None, Some(1000), 0);
+        tier.append("t", payload("2"), None, Some(5), 0);
+        tier.append("t", payload("3"), None, Some(5), 0);
+        assert_eq!(tier.expire(9), 0, "short ones are due but not at the front");
+        assert_eq!(tier.stats("t").map(|s| s.length), Some(3));
+        assert_eq!(tier.expire(10), 100);
+        assert_eq!(tier.topic_count(), 1);
+        // When `long` expires, the expired ones behind it go with it.
+        assert_eq!(tier.expire(1000), 3);
+        assert_eq!(
+            (tier.topic_count(), tier.message_count(), tier.bytes()),
+            (0, 0, 0)
+        );
+        assert!(tier.ttl_queue.is_empty());
+    }
+
+    #[test]
+    fn append_drops_due_fronts_of_its_topic() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        tier.append("t", payload("1"), None, Some(5), 0);
+        tier.append("t", payload("2"), None, Some(5), 0);
+        let new = tier.append("t", payload("3"), None, Some(0), 10);
+        // The expired predecessors go; the new message stays even though its ttl is 0.
+        assert_eq!(
+            tier.stats("t").map(|s| (s.length, s.first_id)),
+            Some((1, Some(new.id)))
+        );
+        assert_eq!(tier.expirations(), 2);
+    }
+
+    #[test]
+    fn byte_budget_evicts_the_shards_oldest_across_topics() {
+        let each = 10 + MESSAGE_OVERHEAD_BYTES;
+        let mut tier = HotTier::new(HotTierLimits {
+            max_bytes: 3 * each,
+            ..NO_LIMITS
+        });
+        let ten = || payload("0123456789");
+        tier.append("a", ten(), None, None, 1);
+        tier.append("b", ten(), None, None, 2);
+        tier.append("a", ten(), None, None, 3);
+        assert_eq!(tier.evictions(), 0);
+        let newest = tier.append("c", ten(), None, None, 4);
+        // a's first (the shard's oldest) went, not c or b.
+        assert_eq!(tier.evictions(), 1);
+        assert_eq!(tier.bytes(), 3 * each);
+        assert_eq!(
+            tier.stats("a").map(|s| (s.length, s.first_id)),
+            Some((1, Some(id(3, 0))))
+        );
+        tier.append("c", ten(), None, None, 5);
+        // b's only message went and b with it.
+        assert!(tier.stats("b").is_none());
+        assert_eq!(tier.topic_count(), 2);
+        // One message larger than the whole budget: everything else goes, it stays.
+        let huge = tier.append("d", Bytes::from(vec![b'1'; 4 * each]), None, None, 6);
+        assert_eq!(tier.message_count(), 1);
+        assert_eq!(tier.topic_count(), 1);
+        assert_eq!(tier.bytes(), huge.footprint());
+        assert_eq!(tier.evictions(), 5);
+        assert!(tier.read("c", &query(None, Order::Asc, 1), 6).is_none());
+        assert_ne!(newest.id, huge.id);
+    }
+
+    #[test]
+    fn budget_skips_entries_already_removed_by_trim_and_delete() {
+        let each = 1 + MESSAGE_OVERHEAD_BYTES;
+        let mut tier = HotTier::new(HotTierLimits {
+            max_bytes: 2 * each,
+            ..NO_LIMITS
+        });
+        tier.append("gone", payload("1"), None, None, 1);
+        tier.append("t", payload("1"), None, None, 2);
+        assert!(tier.delete("gone"));
+        tier.append("t", payload("1"), None, None, 3);
+        assert_eq!(tier.evictions(), 0, "delete already made room");
+        tier.append("t", payload("1"), None, None, 4);
+        assert_eq!(tier.evictions(), 1);
+        assert_eq!(tier.stats("t").map(|s| s.first_id), Some(Some(id(3, 0))));
+    }
+
+    #[test]
+    fn trim_keeps_the_newest_and_ids_keep_increasing() {
+        let mut tier = five();
+        assert_eq!(tier.trim("t", 2), Some(3));
+        assert_eq!(
+            ids(&read(&tier, "t", query(None, Order::Asc, 9), 40)),
+            [id(30, 0), id(30, 1)]
+        );
+        assert_eq!(tier.trim("t", 5), Some(0));
+        assert_eq!(tier.trim("t", 0), Some(2));
+        let stats = tier.stats("t");
+        assert_eq!(
+            stats.map(|s| (s.length, s.last_id, s.bytes)),
+            Some((0, None, 0))
+        );
+        assert_eq!(tier.topic_count(), 1, "trim keeps the topic");
+        assert_eq!(tier.last_id("t"), Some(id(30, 1)));
+        // The clock stepped back: the next id still follows the trimmed ones.
+        assert_eq!(tier.append("t", payload("1"), None, None, 5).id, id(30, 2));
+        assert_eq!(tier.trim("nope", 1), None);
+        // An emptied topic is not removed by a later sweep of nothing.
+        assert_eq!(
+            (tier.message_count(), tier.bytes()),
+            (1, 1 + MESSAGE_OVERHEAD_BYTES)
+        );
+    }
+
+    #[test]
+    fn delete_forgets_the_topic() {
+        let mut tier = five();
+        tier.append("u", payload("1"), None, Some(100), 1);
+        assert!(tier.delete("t"));
+        assert!(!tier.delete("t"));
+        assert!(tier.read("t", &query(None, Order::Asc, 1), 40).is_none());
+        assert_eq!(tier.last_id("t"), None);
+        assert_eq!((tier.topic_count(), tier.message_count()), (1, 1));
+        assert_eq!(tier.bytes(), 1 + MESSAGE_OVERHEAD_BYTES);
+        // Re-created: a fresh sequence in a reused slot, unaffected by the old entries.
+        assert_eq!(tier.append("t", payload("1"), None, None, 5).id, id(5, 0));
+        assert_eq!(tier.expire(50), 0);
+        assert_eq!(tier.stats("t").map(|s| s.length), Some(1));
+    }
+
+    #[test]
+    fn insert_requires_increasing_ids() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        let msg = |ms, seq| Message {
+            id: id(ms, seq),
+            timestamp_ms: ms,
+            expires_at_ms: None,
+            payload: payload("1"),
+            metadata: Some(payload("{\"k\":\"v\"}")),
+        };
+        assert_eq!(
+            tier.insert("t", msg(0, 0)),
+            Err(OutOfOrder {
+                last: MessageId::MIN,
+                attempted: MessageId::MIN
+            })
+        );
+        assert!(
+            tier.stats("t").is_none(),
+            "a rejected insert creates nothing"
+        );
+        assert_eq!(tier.insert("t", msg(5, 3)), Ok(()));
+        assert!(tier.insert("t", msg(5, 3)).is_err());
+        assert!(tier.insert("t", msg(4, 9)).is_err());
+        assert_eq!(tier.insert("t", msg(5, 4)), Ok(()));
+        assert_eq!(tier.last_id("t"), Some(id(5, 4)));
+        assert_eq!(tier.bytes(), 2 * (1 + 9 + MESSAGE_OVERHEAD_BYTES));
+        // A memory-backend append continues after inserted ids.
+        assert_eq!(tier.append("t", payload("1"), None, None, 3).id, id(5, 5));
+    }
+
+    #[test]
+    fn stale_entries_stay_bounded() {
+        let mut tier = HotTier::new(HotTierLimits {
+            max_messages_per_topic: 1,
+            ..NO_LIMITS
+        });
+        for now in 0..(10 * COMPACTION_SLACK as u64) {
+            tier.append("t", payload("1"), None, Some(u64::MAX), now);
+            assert!(tier.arrivals.len() <= 2 * tier.message_count() + COMPACTION_SLACK + 1);
+            assert!(tier.ttl_queue.len() <= 2 * tier.message_count() + COMPACTION_SLACK + 1);
+        }
+        assert_eq!(tier.message_count(), 1);
+    }
+
+    #[test]
+    fn topics_lists_every_topic() {
+        let mut tier = five();
+        tier.append("u", payload("12"), None, None, 7);
+        let mut all: Vec<TopicStats> = tier.topics().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[1],
+            TopicStats {
+                name: Arc::from("u"),
+                length: 1,
+                first_id: Some(id(7, 0)),
+                last_id: Some(id(7, 0)),
+                oldest_timestamp_ms: Some(7),
+                newest_timestamp_ms: Some(7),
+                bytes: 2 + MESSAGE_OVERHEAD_BYTES,
+            }
+        );
+        assert_eq!(all[0].length, 5);
+        assert_eq!(all[0].oldest_timestamp_ms, Some(10));
+        assert_eq!(all[0].newest_timestamp_ms, Some(30));
+    }
+
+    /// A deliberately naive model: one arrival-ordered list, linear scans everywhere.
+    #[derive(Default)]
+    struct Model {
+        /// (topic, message, still has a ttl heap entry) in arrival order.
+        arrivals: Vec<(String, Message, bool)>,
+        last_ids: HashMap<String, MessageId>,
+        evictions: u64,
+        expirations: u64,
+    }
+
+    impl Model {
+        fn topic_messages(&self, topic: &str) -> Vec<&Message> {
+            self.arrivals
+                .iter()
+                .filter(|(t, ..)| t == topic)
+                .map(|(_, m, _)| m)
+                .collect()
+        }
+
+        fn position_of_front(&self, topic: &str) -> Option<usize> {
+            self.arrivals.iter().position(|(t, ..)| t == topic)
+        }
+
+        fn remove_due_fronts(&mut self, topic: &str, now: u64, retention: u64, keep: usize) -> u64 {
+            let mut removed = 0;
+            while self.topic_messages(topic).len() > keep {
+                let Some(pos) = self.position_of_front(topic) else {
+                    break;
+                };
+                if !is_due(&self.arrivals[pos].1, now, retention) {
+                    break;
+                }
+                self.arrivals.remove(pos);
+                removed += 1;
+            }
+            removed
+        }
+
+        fn forget_if_empty(&mut self, topic: &str) {
+            if self.position_of_front(topic).is_none() {
+                self.last_ids.remove(topic);
+            }
+        }
+
+        fn bytes(&self) -> usize {
+            self.arrivals.iter().map(|(_, m, _)| m.footprint()).sum()
+        }
+
+        fn append(
+            &mut self,
+            limits: &HotTierLimits,
+            topic: &str,
+            size: usize,
+            ttl: Option<u64>,
+            now: u64,
+        ) {
+            let id = MessageId::next_after(self.last_ids.get(topic).copied(), now);
+            self.last_ids.insert(topic.to_string(), id);
+            let message = Message {
+                id,
+                timestamp_ms: now,
+                expires_at_ms: ttl.map(|t| now.saturating_add(t)),
+                payload: Bytes::from(vec![b'7'; size]),
+                metadata: None,
+            };
+            self.arrivals
+                .push((topic.to_string(), message, ttl.is_some()));
+            while self.topic_messages(topic).len() > limits.max_messages_per_topic.max(1) {
+                if let Some(pos) = self.position_of_front(topic) {
+                    self.arrivals.remove(pos);
+                }
+            }
+            self.expirations += self.remove_due_fronts(topic, now, limits.retention_ms, 1);
+            while self.bytes() > limits.max_bytes && self.arrivals.len() > 1 {
+                let (evicted, ..) = self.arrivals.remove(0);
+                self.evictions += 1;
+                self.forget_if_empty(&evicted);
+            }
+        }
+
+        fn expire(&mut self, retention: u64, now: u64) -> u64 {
+            let mut removed = 0;
+            while let Some((topic, message, _)) = self.arrivals.first() {
+                if !is_due(message, now, retention) {
+                    break;
+                }
+                let topic = topic.clone();
+                removed += self.remove_due_fronts(&topic, now, retention, 0);
+                self.forget_if_empty(&topic);
+            }
+            // Heap phase: its result does not depend on the order entries come due in.
+            let topics: Vec<String> = self.last_ids.keys().cloned().collect();
+            for topic in topics {
+                let Some(pos) = self.position_of_front(&topic) else {
+                    continue;
+                };
+                let (_, front, has_entry) = &self.arrivals[pos];
+                if *has_entry && front.is_expired(now) {
+                    removed += self.remove_due_fronts(&topic, now, retention, 0);
+                    self.forget_if_empty(&topic);
+                }
+            }
+            for (_, message, has_entry) in &mut self.arrivals {
+                if message.is_expired(now) {
+                    *has_entry = false;
+                }
+            }
+            self.expirations += removed;
+            removed
+        }
+    }
+
+    /// Deterministic xorshift so the property test needs no extra crate and replays exactly.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    fn check_against_model(tier: &HotTier, model: &Model, now: u64) {
+        assert_eq!(tier.bytes(), model.bytes());
+        assert_eq!(tier.message_count(), model.arrivals.len());
+        assert_eq!(tier.topic_count(), model.last_ids.len());
+        assert_eq!(
+            (tier.evictions(), tier.expirations()),
+            (model.evictions, model.expirations)
+        );
+        // Internal accounting agrees with a recount from the logs.
+        let mut recount = (0, 0, 0);
+        for topic in tier.slots.iter().filter_map(|s| s.topic.as_ref()) {
+            let bytes: usize = topic.log.iter().map(Message::footprint).sum();
+            assert_eq!(topic.bytes, bytes);
+            assert!(topic
+                .log
+                .iter()
+                .zip(topic.log.iter().skip(1))
+                .all(|(a, b)| a.id < b.id));
+            recount.0 += bytes;
+            recount.1 += topic.log.len();
+            recount.2 += topic
+                .log
+                .iter()
+                .filter(|m| m.expires_at_ms.is_some())
+                .count();
+        }
+        assert_eq!(
+            recount,
+            (tier.bytes, tier.message_count, tier.ttl_message_count)
+        );
+        let live_arrivals = tier
+            .arrivals
+            .iter()
+            .filter(|r| live_slot(&tier.slots, r).is_some())
+            .count();
+        assert_eq!(live_arrivals, tier.message_count);
+        assert!(tier.arrivals.len() <= 2 * tier.message_count + tier.compaction_slack);
+        assert!(
+            tier.ttl_queue.len() <= 2 * tier.ttl_message_count + tier.compaction_slack,
+            "{} {} {}",
+            tier.ttl_queue.len(),
+            tier.ttl_message_count,
+            tier.ttl_queue
+                .iter()
+                .filter(|Reverse(e)| live_slot(&tier.slots, &e.message).is_some())
+                .count()
+        );
+        for (topic, last) in &model.last_ids {
+            assert_eq!(tier.last_id(topic), Some(*last), "{topic}");
+            let expected: Vec<MessageId> = model
+                .topic_messages(topic)
+                .into_iter()
+                .filter(|m| !is_due(m, now, tier.limits.retention_ms))
+                .map(|m| m.id)
+                .collect();
+            assert_eq!(walk(tier, topic, Order::Asc, 3, now), expected);
+            let mut reversed = expected;
+            reversed.reverse();
+            assert_eq!(walk(tier, topic, Order::Desc, 4, now), reversed);
+        }
+    }
+
+    #[test]
+    fn mixed_operations_match_a_naive_model() {
+        for seed in 1..=6u64 {
+            let limits = HotTierLimits {
+                max_messages_per_topic: 3 + (seed as usize % 3) * 5,
+                retention_ms: 200 + seed * 50,
+                max_bytes: (8 + seed as usize) * (MESSAGE_OVERHEAD_BYTES + 20),
+            };
+            let mut tier = HotTier::new(limits);
+            // Odd seeds compact as often as possible (0 slack), even seeds at a few entries.
+            tier.compaction_slack = (seed as usize % 2) * 3;
+            let mut model = Model::default();
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut now = 1_000u64;
+            for step in 0..4_000 {
+                // The clock mostly advances and sometimes steps back.
+                now = match rng.below(20) {
+                    0 => now.saturating_sub(rng.below(30)),
+                    _ => now + rng.below(4),
+                };
+                let topic = format!("topic-{}", rng.below(6));
+                match rng.below(100) {
+                    0..=69 => {
+                        let size = rng.below(40) as usize;
+                        let ttl = match rng.below(3) {
+                            0 => Some(rng.below(150)),
+                            _ => None,
+                        };
+                        tier.append(&topic, Bytes::from(vec![b'7'; size]), None, ttl, now);
+                        model.append(&limits, &topic, size, ttl, now);
+                    }
+                    70..=79 => {
+                        let keep = rng.below(4) as usize;
+                        let expected = model.last_ids.contains_key(&topic).then(|| {
+                            let messages = model.topic_messages(&topic);
+                            let remove = messages.len().saturating_sub(keep);
+                            let doomed: Vec<MessageId> =
+                                messages[..remove].iter().map(|m| m.id).collect();
+                            model
+                                .arrivals
+                                .retain(|(t, m, _)| t != &topic || !doomed.contains(&m.id));
+                            remove
+                        });
+                        assert_eq!(tier.trim(&topic, keep), expected);
+                    }
+                    80..=84 => {
+                        let existed = model.last_ids.remove(&topic).is_some();
+                        model.arrivals.retain(|(t, ..)| t != &topic);
+                        assert_eq!(tier.delete(&topic), existed);
+                    }
+                    _ => {
+                        let expected = model.expire(limits.retention_ms, now);
+                        assert_eq!(tier.expire(now) as u64, expected, "seed {seed} step {step}");
+                    }
+                }
+                if step % 7 == 0 {
+                    check_against_model(&tier, &model, now);
+                }
+            }
+            check_against_model(&tier, &model, now);
+            assert!(
+                tier.evictions() > 0 && tier.expirations() > 0,
+                "seed {seed} exercised both"
+            );
+        }
+    }
+}
