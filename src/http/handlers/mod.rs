@@ -1,0 +1,133 @@
+//! The API endpoints: a decoded request in, a response appended to the connection's output.
+//!
+//! [`handle`] routes the request, runs the endpoint and renders either its [`Reply`] or its
+//! [`ApiError`]. Endpoints are grouped by resource:
+//! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
+//! - [`topics`]: history pages, topic stats and listing, trim, delete;
+//! - [`health`]: `/health` and `/ready`.
+
+pub mod health;
+pub mod publish;
+pub mod topics;
+
+use bytes::BytesMut;
+
+use super::codec::{Method, Request};
+use super::error::ApiError;
+use super::response::{write_json_error, write_response, ResponseHead};
+use super::router::{self, Route};
+use crate::shard::Shard;
+
+/// A successful response: status and JSON body (empty for 204).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Vec<u8>) -> Reply {
+        Reply { status, body }
+    }
+    pub fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            body: Vec::new(),
+        }
+    }
+}
+
+/// Handles one request, appending its response to `out`. Returns whether the connection stays
+/// open afterwards.
+pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> bool {
+    let keep_alive = request.keep_alive();
+    let head_only = request.method() == Method::Head;
+    // An HTTP/1.0 client keeps the connection only if told so explicitly (ab -k relies on it).
+    let connection_header: &[(&str, &str)] = if keep_alive && request.version_minor() == 0 {
+        &[("Connection", "keep-alive")]
+    } else {
+        &[]
+    };
+    let result = match router::route(request.method(), request.path()) {
+        Ok(route) => dispatch(shard, route, &request).await,
+        Err(e) => Err(e),
+    };
+    shard.with_date(|date| match result {
+        Ok(reply) => write_response(
+            out,
+            date,
+            &ResponseHead {
+                status: reply.status,
+                content_type: "application/json",
+                extra_headers: connection_header,
+                keep_alive,
+                head_only,
+            },
+            &reply.body,
+        ),
+        Err(error) => {
+            let retry_after;
+            let mut extra: Vec<(&str, &str)> = connection_header.to_vec();
+            if let Some(secs) = error.retry_after {
+                retry_after = secs.to_string();
+                extra.push(("Retry-After", &retry_after));
+            }
+            if error.status == 405 {
+                extra.push(("Allow", router::allow_header(request.path())));
+            }
+            if error.status == 500 {
+                tracing::error!(path = %request.path().escape_debug(), "internal error");
+            }
+            write_json_error(
+                out,
+                date,
+                error.status,
+                error.code,
+                &error.message,
+                keep_alive,
+                head_only,
+                &extra,
+            )
+        }
+    });
+    keep_alive
+}
+
+async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Reply, ApiError> {
+    match route {
+        Route::Publish => publish::publish_one(shard, request).await,
+        Route::PublishBulk => publish::publish_bulk(shard, request).await,
+        Route::ListTopics => topics::list(shard).await,
+        Route::TopicStats(topic) => topics::stats(shard, topic).await,
+        Route::DeleteTopic(topic) => topics::delete(shard, topic).await,
+        Route::History(topic) => topics::history(shard, topic, request.query()).await,
+        Route::Trim(topic) => topics::trim(shard, topic, request).await,
+        Route::Health => health::health(shard).await,
+        Route::Ready => Ok(health::ready(shard)),
+    }
+}
+
+/// Refuses a body that declares a media type other than JSON (`application/json` or any
+/// `+json` type, parameters ignored). A body without `Content-Type` is taken as JSON: the
+/// Python relay's clients do not all send one.
+pub fn require_json(request: &Request) -> Result<(), ApiError> {
+    let Some(value) = request.content_type() else {
+        return Ok(());
+    };
+    let media = value.split(|&b| b == b';').next().unwrap_or(&[]);
+    let media = media.trim_ascii();
+    let is_json = media.eq_ignore_ascii_case(b"application/json")
+        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(
+            "the body must be JSON (Content-Type: application/json)",
+        ))
+    }
+}
+
+/// `serde_json`'s message for a body that does not match the expected shape, made into a 400.
+pub fn bad_json(e: serde_json::Error) -> ApiError {
+    ApiError::invalid_request(format!("invalid JSON body: {e}"))
+}

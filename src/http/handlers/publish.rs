@@ -1,0 +1,376 @@
+//! `POST /api/v1/messages` and `POST /api/v1/messages/bulk`.
+//!
+//! Body parsing is sans-IO ([`parse_publish`], [`parse_bulk`]) so it can be fuzzed and
+//! benchmarked alone. The payload is kept as the exact JSON text the producer sent
+//! (`serde_json::value::RawValue`), never parsed into a tree and re-serialised.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{bad_json, require_json, Reply};
+use crate::config::ApiConfig;
+use crate::http::codec::Request;
+use crate::http::error::ApiError;
+use crate::shard::Shard;
+use crate::store::message::{write_rfc3339_millis, MessageId};
+use crate::store::{PublishAck, PublishItem};
+use crate::topic;
+
+/// The longest ttl accepted: ten years. Beyond that a ttl is a mistake, and the product with
+/// 1000 must stay far from u64 overflow.
+const MAX_TTL_SECONDS: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    ttl: Option<f64>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BulkBody<'a> {
+    #[serde(borrow)]
+    messages: Option<Vec<&'a RawValue>>,
+}
+
+/// Just the topic of a bulk item that failed validation, to echo it in the item's result.
+#[derive(Deserialize)]
+struct TopicOnly<'a> {
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+}
+
+/// Parses and validates a single-message body.
+pub fn parse_publish(body: &[u8], limits: &ApiConfig) -> Result<PublishItem, ApiError> {
+    let parsed: PublishBody = serde_json::from_slice(body).map_err(bad_json)?;
+    validate(parsed, limits)
+}
+
+/// One bulk item's outcome of validation: the item, or the topic it named (if any) and why it
+/// was rejected.
+pub type BulkItem = Result<PublishItem, (Option<String>, ApiError)>;
+
+/// Parses a bulk body. The envelope must be valid; each item is validated on its own.
+pub fn parse_bulk(body: &[u8], limits: &ApiConfig) -> Result<Vec<BulkItem>, ApiError> {
+    let parsed: BulkBody = serde_json::from_slice(body).map_err(bad_json)?;
+    let items = parsed
+        .messages
+        .ok_or_else(|| ApiError::invalid_request("`messages` is required: an array of messages"))?;
+    if items.is_empty() || items.len() > limits.max_bulk_messages {
+        return Err(ApiError::invalid_request(format!(
+            "`messages` must hold 1 to {} messages, got {}",
+            limits.max_bulk_messages,
+            items.len()
+        )));
+    }
+    Ok(items
+        .into_iter()
+        .map(|raw| {
+            let parsed: PublishBody = serde_json::from_str(raw.get()).map_err(|e| {
+                (
+                    topic_of(raw),
+                    ApiError::invalid_request(format!("invalid message: {e}")),
+                )
+            })?;
+            let topic = parsed.topic.as_deref().map(str::to_owned);
+            validate(parsed, limits).map_err(|e| (topic, e))
+        })
+        .collect())
+}
+
+fn topic_of(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<TopicOnly>(raw.get())
+        .ok()
+        .and_then(|t| t.topic)
+        .map(Cow::into_owned)
+}
+
+fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiError> {
+    let topic = body
+        .topic
+        .ok_or_else(|| ApiError::invalid_request("`topic` is required"))?;
+    topic::validate(&topic, limits.max_topic_name_len)
+        .map_err(|e| ApiError::invalid_topic(e.to_string()))?;
+    let payload = body
+        .payload
+        .ok_or_else(|| ApiError::invalid_request("`payload` is required and must not be null"))?;
+    let payload = payload.get().as_bytes();
+    if payload.len() > limits.max_payload_bytes {
+        return Err(ApiError::payload_too_large(format!(
+            "payload is {} bytes; the limit is {}",
+            payload.len(),
+            limits.max_payload_bytes
+        )));
+    }
+    let ttl_ms = match body.ttl {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 && s <= MAX_TTL_SECONDS => {
+            Some((s * 1000.0).ceil() as u64)
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "`ttl` must be a number of seconds greater than 0 (at most ten years)",
+            ))
+        }
+    };
+    let metadata = match body.metadata {
+        None => None,
+        Some(raw) => {
+            let map: BTreeMap<String, String> = serde_json::from_str(raw.get()).map_err(|_| {
+                ApiError::invalid_request("`metadata` must be an object of string values")
+            })?;
+            let encoded = serde_json::to_vec(&map).map_err(|_| ApiError::internal())?;
+            Some(Bytes::from(encoded))
+        }
+    };
+    Ok(PublishItem {
+        topic: topic.into_owned(),
+        // Copied: a slice of the request would pin the whole request buffer in the hot tier.
+        payload: Bytes::copy_from_slice(payload),
+        metadata,
+        ttl_ms,
+    })
+}
+
+pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+    require_json(request)?;
+    let item = parse_publish(request.body(), &shard.config.api)?;
+    let owner = shard.owner_of(&item.topic);
+    let topic = item.topic.clone();
+    let mut results = shard.publish_on(owner, vec![item]).await?;
+    let ack = match results.pop() {
+        Some(result) => result?,
+        None => return Err(ApiError::internal()),
+    };
+    let mut body = Vec::with_capacity(96 + topic.len());
+    body.extend_from_slice(b"{\"message_id\":\"");
+    ack.id.write_to(&mut body);
+    body.extend_from_slice(b"\",\"topic\":\"");
+    // Validated topic names are plain ASCII with nothing to escape.
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(b"\",\"timestamp\":\"");
+    write_rfc3339_millis(&mut body, ack.timestamp_ms);
+    body.extend_from_slice(b"\"}");
+    Ok(Reply::json(201, body))
+}
+
+/// The outcome of one bulk item, in request order.
+enum Outcome {
+    Accepted(String, PublishAck),
+    Rejected(Option<String>, ApiError),
+}
+
+pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+    require_json(request)?;
+    let items = parse_bulk(request.body(), &shard.config.api)?;
+    let total = items.len();
+    let mut outcomes: Vec<Option<Outcome>> = (0..total).map(|_| None).collect();
+
+    // Group valid items by owning shard, keeping request order within each group, so each
+    // shard gets one request and a topic's messages keep their order.
+    let mut groups: Vec<(Vec<usize>, Vec<PublishItem>)> = (0..shard.shard_count())
+        .map(|_| (Vec::new(), Vec::new()))
+        .collect();
+    for (index, item) in items.into_iter().enumerate() {
+        match item {
+            Ok(item) => {
+                let group = &mut groups[shard.owner_of(&item.topic)];
+                group.0.push(index);
+                group.1.push(item);
+            }
+            Err((topic, error)) => outcomes[index] = Some(Outcome::Rejected(topic, error)),
+        }
+    }
+    let calls = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (indexes, _))| !indexes.is_empty())
+        .map(|(owner, (indexes, items))| async move {
+            let topics: Vec<String> = items.iter().map(|i| i.topic.clone()).collect();
+            let results = shard.publish_on(owner, items).await;
+            (indexes, topics, results)
+        });
+    for (indexes, topics, results) in join_all(calls).await {
+        match results {
+            Ok(results) => {
+                for ((index, topic), result) in indexes.into_iter().zip(topics).zip(results) {
+                    outcomes[index] = Some(match result {
+                        Ok(ack) => Outcome::Accepted(topic, ack),
+                        Err(e) => Outcome::Rejected(Some(topic), e.into()),
+                    });
+                }
+            }
+            Err(e) => {
+                let error: ApiError = e.into();
+                for (index, topic) in indexes.into_iter().zip(topics) {
+                    outcomes[index] = Some(Outcome::Rejected(Some(topic), error.clone()));
+                }
+            }
+        }
+    }
+
+    let mut body = Vec::with_capacity(64 + total * 96);
+    body.extend_from_slice(b"{\"results\":[");
+    let mut accepted = 0usize;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        match outcome {
+            Some(Outcome::Accepted(topic, ack)) => {
+                accepted += 1;
+                write_accepted(&mut body, &topic, ack.id, ack.timestamp_ms);
+            }
+            Some(Outcome::Rejected(topic, error)) => write_rejected(&mut body, topic, &error),
+            // Every index is filled above: a valid item's shard answered or failed as a group.
+            None => write_rejected(&mut body, None, &ApiError::internal()),
+        }
+    }
+    body.extend_from_slice(b"],\"summary\":{\"total\":");
+    body.extend_from_slice(itoa::Buffer::new().format(total).as_bytes());
+    body.extend_from_slice(b",\"accepted\":");
+    body.extend_from_slice(itoa::Buffer::new().format(accepted).as_bytes());
+    body.extend_from_slice(b",\"rejected\":");
+    body.extend_from_slice(itoa::Buffer::new().format(total - accepted).as_bytes());
+    body.extend_from_slice(b"}}");
+    Ok(Reply::json(207, body))
+}
+
+fn write_accepted(body: &mut Vec<u8>, topic: &str, id: MessageId, timestamp_ms: u64) {
+    body.extend_from_slice(b"{\"message_id\":\"");
+    id.write_to(body);
+    body.extend_from_slice(b"\",\"topic\":\"");
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(b"\",\"timestamp\":\"");
+    write_rfc3339_millis(body, timestamp_ms);
+    body.extend_from_slice(b"\",\"status\":\"accepted\"}");
+}
+
+fn write_rejected(body: &mut Vec<u8>, topic: Option<String>, error: &ApiError) {
+    // A rejected item's topic may be anything the client sent: escape it.
+    let value = serde_json::json!({
+        "topic": topic,
+        "status": "rejected",
+        "error": error.code,
+        "message": error.message,
+    });
+    // Writing a `serde_json::Value` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *body, &value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ApiConfig {
+        crate::config::load(&crate::config::Cli::default(), &|_| None)
+            .expect("built-in defaults are valid")
+            .api
+    }
+
+    #[test]
+    fn payload_is_kept_byte_for_byte() {
+        let body = br#"{"topic":"t","payload": {"b":1,  "a":[1.50, "x\u0041"]} }"#;
+        let item = parse_publish(body, &limits()).expect("valid");
+        assert_eq!(&item.payload[..], br#"{"b":1,  "a":[1.50, "x\u0041"]}"#);
+        assert_eq!(item.topic, "t");
+        assert_eq!(item.ttl_ms, None);
+    }
+
+    #[test]
+    fn rejects_null_or_missing_payload_and_bad_topic() {
+        let l = limits();
+        assert_eq!(
+            parse_publish(br#"{"topic":"t"}"#, &l).err().map(|e| e.code),
+            Some("INVALID_REQUEST")
+        );
+        assert_eq!(
+            parse_publish(br#"{"topic":"t","payload":null}"#, &l)
+                .err()
+                .map(|e| e.code),
+            Some("INVALID_REQUEST")
+        );
+        assert_eq!(
+            parse_publish(br#"{"topic":"a b","payload":1}"#, &l)
+                .err()
+                .map(|e| e.code),
+            Some("INVALID_TOPIC")
+        );
+        assert_eq!(parse_publish(b"{", &l).err().map(|e| e.status), Some(400));
+        assert_eq!(
+            parse_publish(br#"{"topic":5,"payload":1}"#, &l)
+                .err()
+                .map(|e| e.status),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn ttl_and_metadata_are_validated() {
+        let l = limits();
+        let item = parse_publish(
+            br#"{"topic":"t","payload":1,"ttl":1.5,"metadata":{"b":"2","a":"1"}}"#,
+            &l,
+        )
+        .expect("valid");
+        assert_eq!(item.ttl_ms, Some(1500));
+        assert_eq!(item.metadata.as_deref(), Some(&br#"{"a":"1","b":"2"}"#[..]));
+        for bad in [
+            r#""ttl":0"#,
+            r#""ttl":-1"#,
+            r#""ttl":"5""#,
+            r#""metadata":{"a":1}"#,
+            r#""metadata":[]"#,
+        ] {
+            let body = format!(r#"{{"topic":"t","payload":1,{bad}}}"#);
+            assert_eq!(
+                parse_publish(body.as_bytes(), &l).err().map(|e| e.status),
+                Some(400),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bulk_validates_each_item_alone() {
+        let l = limits();
+        let body = br#"{"messages":[{"topic":"a","payload":1},{"topic":"b c","payload":2},{"payload":3},7]}"#;
+        let items = parse_bulk(body, &l).expect("envelope valid");
+        assert_eq!(items.len(), 4);
+        assert!(items[0].is_ok());
+        assert_eq!(
+            items[1]
+                .as_ref()
+                .map_err(|(t, e)| (t.clone(), e.code))
+                .err(),
+            Some((Some("b c".into()), "INVALID_TOPIC"))
+        );
+        assert_eq!(
+            items[2]
+                .as_ref()
+                .map_err(|(t, e)| (t.clone(), e.code))
+                .err(),
+            Some((None, "INVALID_REQUEST"))
+        );
+        assert!(items[3].is_err());
+        assert_eq!(
+            parse_bulk(br#"{"messages":[]}"#, &l)
+                .map_err(|e| e.status)
+                .err(),
+            Some(400)
+        );
+        assert_eq!(
+            parse_bulk(br#"{}"#, &l).map_err(|e| e.status).err(),
+            Some(400)
+        );
+    }
+}

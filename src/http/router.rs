@@ -1,0 +1,184 @@
+//! Method + path → [`Route`]; unknown paths are 404, known paths with another method 405.
+//!
+//! Hand-matched on path segments rather than a routing crate: the API has eight shapes, and
+//! matching them this way allocates only the decoded topic name.
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode_str;
+
+use super::codec::Method;
+use super::error::ApiError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Publish,
+    PublishBulk,
+    ListTopics,
+    TopicStats(String),
+    DeleteTopic(String),
+    History(String),
+    Trim(String),
+    Health,
+    Ready,
+}
+
+/// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
+pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
+    let get = matches!(method, Method::Get | Method::Head);
+    let segments: Vec<&str> = match path.strip_prefix('/') {
+        Some(rest) => rest.split('/').collect(),
+        None => return Err(not_found(path)),
+    };
+    let allowed = |ok: bool, allow: &'static str, route: Route| {
+        if ok {
+            Ok(route)
+        } else {
+            Err(ApiError::method_not_allowed(format!(
+                "{} is not allowed here; allowed: {allow}",
+                method_name(method)
+            )))
+        }
+    };
+    match segments.as_slice() {
+        ["health"] => allowed(get, "GET, HEAD", Route::Health),
+        ["ready"] => allowed(get, "GET, HEAD", Route::Ready),
+        ["api", "v1", "messages"] => allowed(method == Method::Post, "POST", Route::Publish),
+        ["api", "v1", "messages", "bulk"] => {
+            allowed(method == Method::Post, "POST", Route::PublishBulk)
+        }
+        ["api", "v1", "topics"] => allowed(get, "GET, HEAD", Route::ListTopics),
+        ["api", "v1", "topics", topic] if !topic.is_empty() => {
+            let topic = decode_segment(topic)?;
+            match method {
+                Method::Get | Method::Head => Ok(Route::TopicStats(topic)),
+                Method::Delete => Ok(Route::DeleteTopic(topic)),
+                _ => allowed(false, "GET, HEAD, DELETE", Route::Health),
+            }
+        }
+        ["api", "v1", "topics", topic, "messages"] if !topic.is_empty() => {
+            allowed(get, "GET, HEAD", Route::History(decode_segment(topic)?))
+        }
+        ["api", "v1", "topics", topic, "trim"] if !topic.is_empty() => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Trim(decode_segment(topic)?),
+        ),
+        _ => Err(not_found(path)),
+    }
+}
+
+/// The `Allow` header value for a 405 on `path` (the message names it too).
+pub fn allow_header(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", "v1", "messages"] | ["api", "v1", "messages", "bulk"] => "POST",
+        ["api", "v1", "topics", _, "trim"] => "POST",
+        ["api", "v1", "topics", _] => "GET, HEAD, DELETE",
+        _ => "GET, HEAD",
+    }
+}
+
+fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Delete => "DELETE",
+        Method::Patch => "PATCH",
+        Method::Options => "OPTIONS",
+        Method::Other => "this method",
+    }
+}
+
+fn not_found(path: &str) -> ApiError {
+    // The path is the client's; it is JSON-escaped in the body, never put in a header.
+    ApiError::not_found(format!("no route for {}", truncate(path, 200)))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn decode_segment(segment: &str) -> Result<String, ApiError> {
+    percent_decode_str(segment)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| ApiError::invalid_topic("topic in the path is not valid UTF-8"))
+}
+
+/// Iterates `name=value` pairs of a query string, percent-decoded (`+` as space).
+pub fn query_pairs(query: Option<&str>) -> form_urlencoded::Parse<'_> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_every_endpoint() {
+        assert_eq!(route(Method::Post, "/api/v1/messages"), Ok(Route::Publish));
+        assert_eq!(
+            route(Method::Post, "/api/v1/messages/bulk"),
+            Ok(Route::PublishBulk)
+        );
+        assert_eq!(route(Method::Get, "/api/v1/topics"), Ok(Route::ListTopics));
+        assert_eq!(
+            route(Method::Head, "/api/v1/topics/a"),
+            Ok(Route::TopicStats("a".into()))
+        );
+        assert_eq!(
+            route(Method::Delete, "/api/v1/topics/a"),
+            Ok(Route::DeleteTopic("a".into()))
+        );
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/a/messages"),
+            Ok(Route::History("a".into()))
+        );
+        assert_eq!(
+            route(Method::Post, "/api/v1/topics/a/trim"),
+            Ok(Route::Trim("a".into()))
+        );
+        assert_eq!(route(Method::Get, "/health"), Ok(Route::Health));
+        assert_eq!(route(Method::Get, "/ready"), Ok(Route::Ready));
+    }
+
+    #[test]
+    fn wrong_method_is_405_and_unknown_path_404() {
+        assert_eq!(
+            route(Method::Get, "/api/v1/messages").map_err(|e| e.status),
+            Err(405)
+        );
+        assert_eq!(
+            route(Method::Put, "/api/v1/topics/a").map_err(|e| e.status),
+            Err(405)
+        );
+        assert_eq!(route(Method::Get, "/nope").map_err(|e| e.status), Err(404));
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/").map_err(|e| e.status),
+            Err(404)
+        );
+        assert_eq!(allow_header("/api/v1/topics/a"), "GET, HEAD, DELETE");
+    }
+
+    #[test]
+    fn topic_segment_is_percent_decoded() {
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/a%2Fb"),
+            Ok(Route::TopicStats("a/b".into()))
+        );
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/%FF").map_err(|e| e.code),
+            Err("INVALID_TOPIC")
+        );
+    }
+}

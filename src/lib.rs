@@ -1,0 +1,43 @@
+//! Pulsar Relay: a thread-per-core message relay.
+//!
+//! Producers POST JSON messages to topics over HTTP; the relay keeps recent messages in an
+//! in-memory hot tier (the whole store with the memory backend) and serves history reads.
+//!
+//! # Architecture
+//!
+//! One glommio executor runs per shard, each pinned to a core. Every shard binds the same
+//! listen address (`SO_REUSEPORT`), so the kernel spreads connections over the shards, and a
+//! shard serves every request on the connections it accepted. Topics are partitioned over the
+//! shards by a stable hash of their name: the *owning* shard holds the topic's state (its
+//! ordered log in the hot tier and its id sequence). A request for a topic another shard owns
+//! travels there as a typed [`shard::ShardRequest`]; the reply comes back on a oneshot channel.
+//! Shard state is plain `!Send` data behind `RefCell`s: no locks and no shared atomics on the
+//! hot path. What must be seen by every shard (readiness, draining) lives in one small
+//! [`shard::RuntimeState`] that only start-up, shutdown and `/ready` touch.
+//!
+//! A request's life: [`net::listener`] accepts → [`net::connection`] reads bytes and feeds the
+//! sans-IO [`http::codec`] → [`http::router`] picks a route → a handler in [`http::handlers`]
+//! parses and validates the body and asks the owning shard via [`shard::Shard`] →
+//! [`store::Storage`] appends or reads → the handler encodes JSON with [`http::response`] into
+//! the connection's output buffer, which is written once per batch of pipelined requests.
+//!
+//! # Module map
+//!
+//! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`].
+//! - [`shard`]: per-core state, cross-shard messages, topic→shard routing, executor start-up
+//!   and the shutdown gate.
+//! - [`net`]: the per-shard listener and the connection loop (timeouts, batching); the only
+//!   code that touches client sockets.
+//! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
+//! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
+//!   behind which backends live.
+//! - [`topic`]: the topic-name rule.
+//! - [`clock`]: wall-clock milliseconds, read in one place.
+
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod net;
+pub mod shard;
+pub mod store;
+pub mod topic;

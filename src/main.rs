@@ -1,0 +1,43 @@
+//! The `pulsar-relay` binary: parse flags, load the configuration, start logging, run the
+//! shards until a signal, exit with a status that says how it went.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use pulsar_relay::config::{self, Cli, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load_from_process(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pulsar-relay: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %config.listen, shards = config.shards, "starting");
+    match pulsar_relay::shard::runtime::run(config) {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pulsar-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &config::Config) {
+    let filter = tracing_subscriber::EnvFilter::new(config.log_level.as_filter_str());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

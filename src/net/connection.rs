@@ -1,0 +1,167 @@
+//! One client connection: read → decode → handle → write, with keep-alive and timeouts.
+//!
+//! Requests pipelined on a connection are handled in order and their responses collected in
+//! one output buffer, written with a single syscall once no complete request is left in the
+//! input (glommio's `poll_flush` is a no-op and every write is a syscall, so batching here is
+//! what keeps pipelined throughput up).
+//!
+//! Timeouts, so a slow or silent client cannot pin a connection forever:
+//! - between requests, `http.keepalive_timeout` of silence closes the connection quietly;
+//! - once a request's first byte has arrived, its head must be complete within
+//!   `http.header_read_timeout` (slowloris), else 408 and close;
+//! - while a body arrives, each read must make progress within `http.keepalive_timeout`.
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::future::{select, Either};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::http::codec::{Event, Limits, RequestDecoder};
+use crate::http::handlers;
+use crate::http::response::{write_continue, write_http_error, write_json_error};
+use crate::shard::Shard;
+
+/// Bytes asked of each `read`. 16 KiB holds a typical pipelined burst of small publishes in
+/// one syscall; larger reads cost more zeroing per call than they save on a 2-core box.
+const READ_CHUNK: usize = 16 << 10;
+
+/// A connection that has been idle keeps no buffer larger than this; 10,000 idle WebSocket or
+/// keep-alive connections must not each pin a burst-sized buffer.
+const IDLE_BUFFER_CAP: usize = 4 << 10;
+
+enum ReadOutcome {
+    Data(usize),
+    Closed,
+    TimedOut,
+    Failed,
+}
+
+pub async fn serve(shard: &Shard, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let http = &shard.config.http;
+    let mut decoder = RequestDecoder::new(Limits {
+        max_header_bytes: http.max_header_bytes,
+        max_headers: http.max_headers,
+        max_body_bytes: http.max_body_bytes,
+    });
+    let mut input = BytesMut::with_capacity(IDLE_BUFFER_CAP);
+    let mut output = BytesMut::new();
+    // When the request now being received sent its first byte (for the header timeout).
+    let mut request_started: Option<Instant> = None;
+
+    loop {
+        // Handle every complete request already buffered.
+        let mut keep_open = true;
+        while keep_open {
+            match decoder.decode(&mut input) {
+                Ok(Some(Event::Request(request))) => {
+                    request_started = None;
+                    keep_open = handlers::handle(shard, request, &mut output).await
+                        && !shard.is_shutting_down();
+                }
+                Ok(Some(Event::ContinueExpected)) => {
+                    // The client waits for this before sending the body: write it now.
+                    write_continue(&mut output);
+                    if write_out(&mut stream, &mut output).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    shard.with_date(|date| write_http_error(&mut output, date, &e));
+                    keep_open = false;
+                }
+            }
+        }
+        if !output.is_empty() && write_out(&mut stream, &mut output).await.is_err() {
+            return;
+        }
+        if !keep_open || (shard.is_shutting_down() && decoder.is_idle(&input)) {
+            let _ = stream.close().await;
+            return;
+        }
+
+        // Choose how long the next read may take.
+        let idle = decoder.is_idle(&input);
+        let wait = if idle {
+            if input.capacity() > IDLE_BUFFER_CAP {
+                input = BytesMut::with_capacity(IDLE_BUFFER_CAP);
+            }
+            http.keepalive_timeout
+        } else if decoder.in_body() {
+            http.keepalive_timeout
+        } else {
+            let started = *request_started.get_or_insert_with(Instant::now);
+            http.header_read_timeout.saturating_sub(started.elapsed())
+        };
+
+        // An idle connection also wakes for shutdown, so draining does not wait out its
+        // keep-alive timeout.
+        let read = read_some(&mut stream, &mut input, wait);
+        let outcome = if idle {
+            match select(Box::pin(read), Box::pin(shard.shutdown.wait())).await {
+                Either::Left((outcome, _)) => outcome,
+                Either::Right(_) => ReadOutcome::Closed,
+            }
+        } else {
+            read.await
+        };
+        match outcome {
+            ReadOutcome::Data(_) => {
+                if request_started.is_none() && !decoder.in_body() {
+                    request_started = Some(Instant::now());
+                }
+            }
+            ReadOutcome::Closed | ReadOutcome::Failed => return,
+            ReadOutcome::TimedOut => {
+                if !idle {
+                    shard.with_date(|date| {
+                        write_json_error(
+                            &mut output,
+                            date,
+                            408,
+                            "REQUEST_TIMEOUT",
+                            "the request was not received in time",
+                            false,
+                            false,
+                            &[],
+                        )
+                    });
+                    let _ = write_out(&mut stream, &mut output).await;
+                }
+                let _ = stream.close().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Reads at least one byte into `input`, or reports why not within `wait`.
+async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration) -> ReadOutcome {
+    let start = input.len();
+    input.resize(start + READ_CHUNK, 0);
+    let outcome = {
+        let read = Box::pin(stream.read(&mut input[start..]));
+        let timer = Box::pin(glommio::timer::sleep(wait));
+        match select(read, timer).await {
+            Either::Left((Ok(0), _)) => ReadOutcome::Closed,
+            Either::Left((Ok(n), _)) => ReadOutcome::Data(n),
+            Either::Left((Err(_), _)) => ReadOutcome::Failed,
+            Either::Right(_) => ReadOutcome::TimedOut,
+        }
+    };
+    let filled = match outcome {
+        ReadOutcome::Data(n) => n,
+        _ => 0,
+    };
+    input.truncate(start + filled);
+    outcome
+}
+
+async fn write_out(stream: &mut TcpStream, output: &mut BytesMut) -> std::io::Result<()> {
+    let result = stream.write_all(output).await;
+    output.clear();
+    result
+}

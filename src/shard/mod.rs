@@ -1,0 +1,346 @@
+//! Shards: per-core state, cross-shard requests, topic routing, start-up and shutdown.
+//!
+//! A [`Shard`] is everything one core owns: its partition of the topics (the [`Storage`]),
+//! its connection count, its shutdown gate, and a sender into every shard's inbox. It is
+//! `!Send` and reached through `Rc<Shard>` by the tasks of its executor only.
+//!
+//! Operations on a topic go through the `Shard` methods below ([`Shard::publish`],
+//! [`Shard::read`], ...): when this shard owns the topic they run on the local store at once;
+//! otherwise they travel to the owner as a [`ShardRequest`] and the reply comes back the same
+//! way. Handlers never need to know where a topic lives.
+//!
+//! - [`router`]: topic → owning shard.
+//! - [`message`]: the typed cross-shard requests.
+//! - [`runtime`]: starting one pinned executor per shard, readiness, signals.
+//! - [`shutdown`]: the shard-local shutdown broadcast idle connections wait on.
+
+pub mod message;
+pub mod router;
+pub mod runtime;
+pub mod shutdown;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use glommio::sync::Gate;
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::http::response::DateCache;
+use crate::store::hot_tier::{Page, PageQuery, TopicStats};
+use crate::store::{PublishAck, PublishItem, Storage, StorageSummary, StoreError};
+pub use message::ShardRequest;
+
+/// The sending side of a shard's inbox. Unbounded because the number of requests in flight is
+/// already bounded by its producers: each connection has at most one request being handled
+/// (pipelined requests are handled in order), and connections per shard are capped. A bounded
+/// channel would add a second, deadlock-prone back-pressure path between shards (the trap
+/// glommio#555 documents for its channel mesh).
+pub type ShardSender = mpsc::UnboundedSender<ShardRequest>;
+pub type ShardInbox = mpsc::UnboundedReceiver<ShardRequest>;
+
+/// Why a cross-shard operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    /// The owning shard has stopped (shutdown in progress).
+    #[error("shard {0} is not running")]
+    ShardGone(usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// State every shard and the signal thread can see. Touched only at start-up, shutdown and by
+/// `/ready`, never per message, so atomics here cost nothing on the hot path.
+#[derive(Debug)]
+pub struct RuntimeState {
+    pub shards: usize,
+    /// Shards that have bound their listener and warmed their timers.
+    started: AtomicUsize,
+    /// Set at the first shutdown signal: `/ready` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+impl RuntimeState {
+    pub fn new(shards: usize) -> RuntimeState {
+        RuntimeState {
+            shards,
+            started: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+    pub fn mark_started(&self) {
+        self.started.fetch_add(1, Ordering::AcqRel);
+    }
+    pub fn started_shards(&self) -> usize {
+        self.started.load(Ordering::Acquire)
+    }
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+    pub fn is_ready(&self) -> bool {
+        self.started_shards() == self.shards && !self.is_draining()
+    }
+}
+
+/// One core's share of the relay.
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub runtime: Arc<RuntimeState>,
+    pub storage: Storage,
+    /// Inbox senders of every shard, indexed by shard id (this shard's own included, unused).
+    peers: Vec<ShardSender>,
+    /// Open client connections on this shard, against `http.max_connections_per_shard`.
+    connections: Cell<usize>,
+    /// Held by every connection task; shutdown closes it and waits for them to finish.
+    pub gate: Gate,
+    /// Triggered when this shard starts shutting down: the accept loop stops and connections
+    /// close after their current request (idle ones at once).
+    pub shutdown: shutdown::ShutdownSignal,
+    /// The `Date:` header value, re-formatted at most once a second for all connections.
+    date: RefCell<DateCache>,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        runtime: Arc<RuntimeState>,
+        storage: Storage,
+        peers: Vec<ShardSender>,
+    ) -> Shard {
+        Shard {
+            id,
+            config,
+            runtime,
+            storage,
+            peers,
+            connections: Cell::new(0),
+            gate: Gate::new(),
+            shutdown: shutdown::ShutdownSignal::new(),
+            date: RefCell::new(DateCache::new(SystemTime::now())),
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn owner_of(&self, topic: &str) -> usize {
+        router::owner_of(topic, self.peers.len())
+    }
+
+    /// Counts a new connection unless the shard is at its limit.
+    pub fn try_open_connection(&self) -> bool {
+        let n = self.connections.get();
+        if n >= self.config.http.max_connections_per_shard {
+            return false;
+        }
+        self.connections.set(n + 1);
+        true
+    }
+
+    pub fn close_connection(&self) {
+        self.connections
+            .set(self.connections.get().saturating_sub(1));
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.get()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_triggered()
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// The current `Date:` header value.
+    pub fn with_date<R>(&self, f: impl FnOnce(&DateCache) -> R) -> R {
+        let mut date = self.date.borrow_mut();
+        date.update(SystemTime::now());
+        f(&date)
+    }
+
+    /// Sends `request` to shard `owner` and awaits the reply `make` wired into it.
+    async fn ask<T>(
+        &self,
+        owner: usize,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardRequest,
+    ) -> Result<T, ShardError> {
+        let (tx, rx) = oneshot::channel();
+        let peer = self.peers.get(owner).ok_or(ShardError::ShardGone(owner))?;
+        peer.unbounded_send(make(tx))
+            .map_err(|_| ShardError::ShardGone(owner))?;
+        rx.await.map_err(|_| ShardError::ShardGone(owner))
+    }
+
+    /// Appends messages that all belong to topics owned by `owner`.
+    pub async fn publish_on(
+        &self,
+        owner: usize,
+        items: Vec<PublishItem>,
+    ) -> Result<Vec<Result<PublishAck, StoreError>>, ShardError> {
+        if owner == self.id {
+            return Ok(self.storage.publish(items, now_ms()).await);
+        }
+        self.ask(owner, |reply| ShardRequest::Publish { items, reply })
+            .await
+    }
+
+    pub async fn read(&self, topic: String, query: PageQuery) -> Result<Option<Page>, ShardError> {
+        let owner = self.owner_of(&topic);
+        if owner == self.id {
+            return Ok(self.storage.read(&topic, &query, now_ms()).await?);
+        }
+        Ok(self
+            .ask(owner, |reply| ShardRequest::Read {
+                topic,
+                query,
+                reply,
+            })
+            .await??)
+    }
+
+    pub async fn stats(&self, topic: String) -> Result<Option<TopicStats>, ShardError> {
+        let owner = self.owner_of(&topic);
+        if owner == self.id {
+            return Ok(self.storage.stats(&topic).await?);
+        }
+        Ok(self
+            .ask(owner, |reply| ShardRequest::Stats { topic, reply })
+            .await??)
+    }
+
+    pub async fn trim(
+        &self,
+        topic: String,
+        keep_count: usize,
+    ) -> Result<Option<usize>, ShardError> {
+        let owner = self.owner_of(&topic);
+        if owner == self.id {
+            return Ok(self.storage.trim(&topic, keep_count).await?);
+        }
+        Ok(self
+            .ask(owner, |reply| ShardRequest::Trim {
+                topic,
+                keep_count,
+                reply,
+            })
+            .await??)
+    }
+
+    pub async fn delete(&self, topic: String) -> Result<bool, ShardError> {
+        let owner = self.owner_of(&topic);
+        if owner == self.id {
+            return Ok(self.storage.delete(&topic).await?);
+        }
+        Ok(self
+            .ask(owner, |reply| ShardRequest::Delete { topic, reply })
+            .await??)
+    }
+
+    /// Every topic of every shard, sorted by name (map-reduce over the shards).
+    pub async fn all_topics(&self) -> Result<Vec<TopicStats>, ShardError> {
+        let mut all = Vec::new();
+        for owner in 0..self.shard_count() {
+            let part = if owner == self.id {
+                self.storage.topics().await?
+            } else {
+                self.ask(owner, |reply| ShardRequest::Topics { reply })
+                    .await??
+            };
+            all.extend(part);
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// Storage counts summed over every shard.
+    pub async fn storage_summary(&self) -> Result<StorageSummary, ShardError> {
+        let mut sum = StorageSummary::default();
+        for owner in 0..self.shard_count() {
+            let part = if owner == self.id {
+                self.storage.summary()
+            } else {
+                self.ask(owner, |reply| ShardRequest::Summary { reply })
+                    .await?
+            };
+            sum = sum + part;
+        }
+        Ok(sum)
+    }
+}
+
+/// Serves requests other shards send this one until the inbox closes or `Shutdown` arrives.
+/// Each request runs as its own task so a slow operation (later: a Valkey round trip) does
+/// not hold up the requests queued behind it.
+pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
+    while let Some(request) = inbox.next().await {
+        if matches!(request, ShardRequest::Shutdown) {
+            shard.begin_shutdown();
+            break;
+        }
+        let shard = shard.clone();
+        glommio::spawn_local(async move { handle_request(&shard, request).await }).detach();
+    }
+    // Keep answering peers while the rest of the shard drains: a peer's in-flight request for
+    // one of our topics must still get its reply.
+    let drain_shard = shard.clone();
+    glommio::spawn_local(async move {
+        while let Some(request) = inbox.next().await {
+            if !matches!(request, ShardRequest::Shutdown) {
+                handle_request(&drain_shard, request).await;
+            }
+        }
+    })
+    .detach();
+}
+
+/// Executes one request from a peer and sends the reply. A dropped receiver (the asking
+/// connection went away) is not an error: the work is done either way.
+async fn handle_request(shard: &Shard, request: ShardRequest) {
+    let store = &shard.storage;
+    match request {
+        ShardRequest::Publish { items, reply } => {
+            let _ = reply.send(store.publish(items, now_ms()).await);
+        }
+        ShardRequest::Read {
+            topic,
+            query,
+            reply,
+        } => {
+            let _ = reply.send(store.read(&topic, &query, now_ms()).await);
+        }
+        ShardRequest::Stats { topic, reply } => {
+            let _ = reply.send(store.stats(&topic).await);
+        }
+        ShardRequest::Topics { reply } => {
+            let _ = reply.send(store.topics().await);
+        }
+        ShardRequest::Trim {
+            topic,
+            keep_count,
+            reply,
+        } => {
+            let _ = reply.send(store.trim(&topic, keep_count).await);
+        }
+        ShardRequest::Delete { topic, reply } => {
+            let _ = reply.send(store.delete(&topic).await);
+        }
+        ShardRequest::Summary { reply } => {
+            let _ = reply.send(store.summary());
+        }
+        ShardRequest::Shutdown => {}
+    }
+}

@@ -1,0 +1,292 @@
+//! Starting the shards: one pinned glommio executor per shard, readiness, signals, shutdown.
+//!
+//! Start-up order matters for `--listen 127.0.0.1:0`: shard 0 binds first and reports the port
+//! the kernel chose; the other shards then bind that same address (`SO_REUSEPORT`). When every
+//! shard has bound its listener and warmed its timer, the process prints one line on stdout,
+//! `pulsar-relay ready: http://<addr>`, which scripts and the test harness wait for.
+//!
+//! Shutdown: the first SIGTERM/SIGINT marks the runtime draining (`/ready` turns 503) and sends
+//! every shard a `Shutdown` request; each shard stops accepting, lets in-flight requests
+//! finish, then waits until every shard has drained (so none loses a peer its in-flight
+//! requests still need) or `shutdown.timeout` passes. A second signal exits at once.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use futures::channel::mpsc;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use super::{serve_inbox, RuntimeState, Shard, ShardInbox, ShardRequest, ShardSender};
+use crate::config::Config;
+use crate::net::listener;
+use crate::store::Storage;
+
+/// glommio's default is 10 MiB of registered io_uring buffers per executor, meant for file
+/// DMA, which the relay never does; 64 KiB keeps the locked-memory need of the whole process
+/// far below a typical 8 MiB `ulimit -l`.
+const IO_MEMORY_BYTES: usize = 64 << 10;
+
+/// How long shutdown waits for in-flight requests before giving up on them.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the relay until it is told to stop. Returns once every shard has exited.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let shards = config.shards;
+    let runtime = Arc::new(RuntimeState::new(shards));
+    let drained = Arc::new(AtomicUsize::new(0));
+
+    let (senders, inboxes): (Vec<ShardSender>, Vec<ShardInbox>) = (0..shards)
+        .map(|_| {
+            let (tx, rx) = mpsc::unbounded();
+            (tx, rx)
+        })
+        .unzip();
+
+    let cpus = allowed_cpus();
+    let (bound_tx, bound_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
+    let mut handles = Vec::with_capacity(shards);
+    let mut addr = config.listen;
+    for (id, inbox) in inboxes.into_iter().enumerate() {
+        let boot = ShardBoot {
+            id,
+            addr,
+            config: config.clone(),
+            runtime: runtime.clone(),
+            peers: senders.clone(),
+            inbox,
+            bound: bound_tx.clone(),
+            drained: drained.clone(),
+        };
+        let placement = match cpus.get(id % cpus.len().max(1)) {
+            Some(&cpu) => Placement::Fixed(cpu),
+            None => Placement::Unbound,
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .spawn(move || run_shard(boot))
+            .map_err(|e| explain_executor_failure(id, &e.to_string()))?;
+        handles.push(handle);
+        // Wait for this shard's bind before starting the next, so port 0 resolves once.
+        let bound = bound_rx
+            .recv()
+            .map_err(|_| anyhow!("shard {id} exited during start-up"))??;
+        addr = bound;
+    }
+
+    spawn_signal_thread(runtime.clone(), senders.clone())?;
+    drop(senders);
+
+    // Readiness: every shard bound and warmed. `run_shard` marks itself started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runtime.started_shards() < shards {
+        if Instant::now() > deadline {
+            return Err(anyhow!("shards did not become ready within 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    tracing::info!(%addr, shards, backend = ?config.storage.backend, "relay ready");
+    println!("pulsar-relay ready: http://{addr}");
+
+    let mut first_error = None;
+    for (id, handle) in handles.into_iter().enumerate() {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(shard = id, error = %e, "shard failed");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(anyhow!("shard {id} panicked: {e}"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What a shard's executor needs to start.
+struct ShardBoot {
+    id: usize,
+    addr: SocketAddr,
+    config: Arc<Config>,
+    runtime: Arc<RuntimeState>,
+    peers: Vec<ShardSender>,
+    inbox: ShardInbox,
+    /// Where the shard reports its bound address (or why it could not bind).
+    bound: std_mpsc::Sender<anyhow::Result<SocketAddr>>,
+    /// Shards that finished draining; each waits for all before exiting.
+    drained: Arc<AtomicUsize>,
+}
+
+async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
+    let ShardBoot {
+        id,
+        addr,
+        config,
+        runtime,
+        peers,
+        inbox,
+        bound,
+        drained,
+    } = boot;
+    let storage = match Storage::new(&config, peers.len()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = bound.send(Err(anyhow!("shard {id}: {e}")));
+            return Err(anyhow!("{e}"));
+        }
+    };
+    let listener = match glommio::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let err = anyhow!("cannot listen on {addr}: {e}");
+            let _ = bound.send(Err(anyhow!("{err}")));
+            return Err(err);
+        }
+    };
+    let local = listener
+        .local_addr()
+        .map_err(|e| anyhow!("shard {id}: local address: {e}"))?;
+    let _ = bound.send(Ok(local));
+
+    let shard = Rc::new(Shard::new(
+        id,
+        config.clone(),
+        runtime.clone(),
+        storage,
+        peers,
+    ));
+
+    // The first timer of an executor can take 30-80 ms to arm (glommio 0.9, fixed only on
+    // master); pay that now rather than on the first slow-client timeout.
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+
+    glommio::spawn_local(sweeper(shard.clone())).detach();
+    let inbox_task = glommio::spawn_local(serve_inbox(shard.clone(), inbox));
+    runtime.mark_started();
+    tracing::debug!(shard = id, %local, "shard serving");
+
+    listener::accept_loop(shard.clone(), listener).await;
+    inbox_task.await;
+
+    // Drain: connections finish their current request and close (they watch
+    // `is_shutting_down`); the gate closes when the last one has left.
+    let gate_closed = glommio::timer::timeout(SHUTDOWN_TIMEOUT, async {
+        shard.gate.close().await.ok();
+        Ok(())
+    })
+    .await;
+    if gate_closed.is_err() {
+        tracing::warn!(
+            shard = id,
+            "shutdown timeout: closing remaining connections"
+        );
+    }
+    drained.fetch_add(1, Ordering::AcqRel);
+    // Keep serving peers' requests until every shard has drained.
+    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+    while drained.load(Ordering::Acquire) < shard.shard_count() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    tracing::debug!(shard = id, "shard stopped");
+    Ok(())
+}
+
+/// Applies age retention and ttls on this shard's topics once a second. A read never returns
+/// an expired message whether or not the sweeper has run; the sweeper frees the memory.
+async fn sweeper(shard: Rc<Shard>) {
+    let period = Duration::from_secs(1);
+    while !shard.is_shutting_down() {
+        glommio::timer::sleep(period).await;
+        let removed = shard.storage.expire(crate::clock::now_ms());
+        if removed > 0 {
+            tracing::debug!(shard = shard.id, removed, "expired messages");
+        }
+    }
+}
+
+fn spawn_signal_thread(runtime: Arc<RuntimeState>, shards: Vec<ShardSender>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen > 1 {
+                    tracing::warn!(signal, "second signal: exiting now");
+                    std::process::exit(130);
+                }
+                tracing::info!(signal, "shutting down: draining connections");
+                runtime.begin_draining();
+                for tx in &shards {
+                    let _ = tx.unbounded_send(ShardRequest::Shutdown);
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// The CPUs this process may run on, from `Cpus_allowed_list` in /proc/self/status (it honours
+/// taskset and cgroup cpusets, unlike counting online CPUs). Empty when unreadable: shards
+/// then run unpinned.
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or("")
+        .trim();
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let mut bounds = part.splitn(2, '-').map(|n| n.trim().parse::<usize>());
+        match (bounds.next(), bounds.next()) {
+            (Some(Ok(a)), None) => cpus.push(a),
+            (Some(Ok(a)), Some(Ok(b))) if a <= b => cpus.extend(a..=b),
+            _ => return Vec::new(),
+        }
+    }
+    cpus
+}
+
+/// Turns glommio's start-up failure into a message that names the likely cause.
+fn explain_executor_failure(id: usize, error: &str) -> anyhow::Error {
+    let memlock = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|line| line.starts_with("Max locked memory"))
+                .map(|line| {
+                    line.split_whitespace()
+                        .skip(3)
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "absent".into());
+    anyhow!(
+        "cannot start shard {id}: {error}\n\
+         The relay runs on io_uring (glommio). Likely causes:\n\
+         - the kernel lacks io_uring (needs Linux 5.8+) or disables it \
+           (/proc/sys/kernel/io_uring_disabled = {io_uring_disabled}; must be 0);\n\
+         - locked memory is too small: `ulimit -l` must allow at least 512 KiB per shard \
+           (soft/hard now: {memlock});\n\
+         - a container's seccomp profile blocks the io_uring syscalls (Docker 25+ and \
+           containerd do by default): run with the shipped seccomp profile."
+    )
+}
