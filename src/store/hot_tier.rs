@@ -323,12 +323,28 @@ impl HotTier {
             .map(topic_stats)
     }
 
-    /// Keeps only the newest `keep_count` messages of `topic` and returns how many were
-    /// removed; `None` for an unknown topic. The topic stays (even when emptied) and keeps
-    /// its last id, so later ids keep increasing.
-    pub fn trim(&mut self, topic: &str, keep_count: usize) -> Option<usize> {
+    /// Keeps only the newest `keep_count` readable messages of `topic` and returns how many
+    /// were removed; `None` for an unknown topic. Expired messages not yet swept do not count
+    /// as kept (they would otherwise displace live ones); those newer than the cut stay until
+    /// the sweeper reaches them, unreadable. The topic stays (even when emptied) and keeps its
+    /// last id, so later ids keep increasing.
+    pub fn trim(&mut self, topic: &str, keep_count: usize, now_ms: u64) -> Option<usize> {
         let slot = *self.index.get(topic)?;
-        let removed = self.topic(slot).log.len().saturating_sub(keep_count);
+        let retention_ms = self.limits.retention_ms;
+        let log = &self.topic(slot).log;
+        // Walk back from the newest until `keep_count` readable messages are behind us.
+        let mut live = 0;
+        let mut cut = log.len();
+        while cut > 0 && live < keep_count {
+            cut -= 1;
+            if !is_due(&log[cut], now_ms, retention_ms) {
+                live += 1;
+            }
+        }
+        if live < keep_count {
+            cut = 0;
+        }
+        let removed = cut;
         for _ in 0..removed {
             self.pop_front(slot);
         }
@@ -976,13 +992,13 @@ mod tests {
     #[test]
     fn trim_keeps_the_newest_and_ids_keep_increasing() {
         let mut tier = five();
-        assert_eq!(tier.trim("t", 2), Some(3));
+        assert_eq!(tier.trim("t", 2, 0), Some(3));
         assert_eq!(
             ids(&read(&tier, "t", query(None, Order::Asc, 9), 40)),
             [id(30, 0), id(30, 1)]
         );
-        assert_eq!(tier.trim("t", 5), Some(0));
-        assert_eq!(tier.trim("t", 0), Some(2));
+        assert_eq!(tier.trim("t", 5, 0), Some(0));
+        assert_eq!(tier.trim("t", 0, 0), Some(2));
         let stats = tier.stats("t");
         assert_eq!(
             stats.map(|s| (s.length, s.last_id, s.bytes)),
@@ -992,7 +1008,7 @@ mod tests {
         assert_eq!(tier.last_id("t"), Some(id(30, 1)));
         // The clock stepped back: the next id still follows the trimmed ones.
         assert_eq!(tier.append("t", payload("1"), None, None, 5).id, id(30, 2));
-        assert_eq!(tier.trim("nope", 1), None);
+        assert_eq!(tier.trim("nope", 1, 0), None);
         // An emptied topic is not removed by a later sweep of nothing.
         assert_eq!(
             (tier.message_count(), tier.bytes()),
@@ -1313,7 +1329,7 @@ mod tests {
                                 .retain(|(t, m, _)| t != &topic || !doomed.contains(&m.id));
                             remove
                         });
-                        assert_eq!(tier.trim(&topic, keep), expected);
+                        assert_eq!(tier.trim(&topic, keep, 0), expected);
                     }
                     80..=84 => {
                         let existed = model.last_ids.remove(&topic).is_some();
@@ -1335,5 +1351,38 @@ mod tests {
                 "seed {seed} exercised both"
             );
         }
+    }
+
+    #[test]
+    fn trim_keeps_the_newest_live_messages_not_expired_ones() {
+        // Regression: trim counted expired-but-unswept messages as kept, deleting live ones.
+        let mut tier = HotTier::new(HotTierLimits {
+            max_messages_per_topic: 100,
+            retention_ms: u64::MAX,
+            max_bytes: usize::MAX,
+        });
+        for i in 0..8u64 {
+            tier.append("t", Bytes::from(i.to_string()), None, None, 1_000 + i);
+        }
+        for i in 8..12u64 {
+            tier.append("t", Bytes::from(i.to_string()), None, Some(10), 1_000 + i);
+        }
+        let now = 5_000; // the ttl'd four have expired, nothing swept yet
+        assert_eq!(tier.trim("t", 3, now), Some(5));
+        let page = tier
+            .read(
+                "t",
+                &PageQuery {
+                    after: None,
+                    order: Order::Asc,
+                    limit: 100,
+                },
+                now,
+            )
+            .expect("topic");
+        let payloads: Vec<&[u8]> = page.messages.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(payloads, vec![&b"5"[..], b"6", b"7"]);
+        // Fewer live messages than keep_count: nothing is removed.
+        assert_eq!(tier.trim("t", 10, now), Some(0));
     }
 }

@@ -169,7 +169,10 @@ impl Storage {
 
     /// Keeps the newest `keep_count` messages; `None` for an unknown topic.
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
-        Ok(self.hot.borrow_mut().trim(topic, keep_count))
+        Ok(self
+            .hot
+            .borrow_mut()
+            .trim(topic, keep_count, crate::clock::now_ms()))
     }
 
     /// Deletes a topic; `false` when it did not exist.
