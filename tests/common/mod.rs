@@ -1,0 +1,692 @@
+//! Shared harness for the black-box integration tests: starts the real `pulsar-relay` binary
+//! on an ephemeral port with a per-test configuration, and talks to it over real sockets with
+//! a deliberately small HTTP/1.1 client.
+//!
+//! Owns: process lifecycle (spawn, wait for the ready line, SIGKILL on drop, SIGTERM on
+//! request), a temp directory per server, and a raw client that can send arbitrary bytes and
+//! read back any number of (pipelined) responses. Does not own: any knowledge of the server's
+//! internals — everything here goes through the documented CLI, config file and wire protocol.
+//!
+//! Every socket read has a timeout, so a hung server fails the test with a message instead of
+//! hanging the suite.
+
+// Each integration-test binary compiles this module and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long the server may take to print its ready line. Startup is milliseconds normally; 20 s
+/// leaves room for a loaded 2-core CI machine running several test binaries at once.
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Default per-read socket timeout: far above any legitimate response time, far below a CI
+/// job's patience.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The line the server prints on stdout once every shard accepts connections.
+const READY_PREFIX: &str = "pulsar-relay ready: http://";
+
+static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
+
+/// A running `pulsar-relay` process, killed when dropped.
+pub struct Server {
+    /// The child process; `None` once it has been reaped by [`Server::terminate`].
+    child: Option<Child>,
+    /// Where the server listens, parsed from its ready line.
+    pub addr: SocketAddr,
+    /// Holds the config file and the stderr log; removed on drop.
+    dir: PathBuf,
+    /// The server's stderr, printed when startup fails so the cause is visible.
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts a server with 2 shards and the given YAML configuration (may be empty).
+    pub fn start(config_yaml: &str) -> Server {
+        Server::start_with_shards(config_yaml, 2)
+    }
+
+    /// Starts a server with `shards` shards and the given YAML configuration.
+    pub fn start_with_shards(config_yaml: &str, shards: usize) -> Server {
+        let dir = std::env::temp_dir().join(format!(
+            "pulsar-relay-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, config_yaml).expect("write config");
+        let stderr_path = dir.join("stderr.log");
+        let stderr_file = File::create(&stderr_path).expect("create stderr log");
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--shards")
+            .arg(shards.to_string())
+            .arg("--config")
+            .arg(&config_path)
+            .env("LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr_file))
+            .spawn()
+            .expect("spawn pulsar-relay");
+
+        // A thread owns stdout for the process's whole life: it reports lines over a channel
+        // (so the wait below can have a deadline) and keeps draining afterwards so the server
+        // never blocks on a full pipe.
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // The receiver is gone after startup; keep draining regardless.
+                let _ = tx.send(line);
+            }
+        });
+
+        let deadline = Instant::now() + READY_DEADLINE;
+        let mut seen = Vec::new();
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(READY_PREFIX) {
+                        let addr: SocketAddr = rest
+                            .trim()
+                            .trim_end_matches('/')
+                            .parse()
+                            .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+                        break addr;
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let status = child.try_wait().ok().flatten();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    panic!(
+                        "pulsar-relay did not print its ready line within {READY_DEADLINE:?} \
+                         (exit status: {status:?})\nstdout so far: {seen:?}\nstderr:\n{stderr}"
+                    );
+                }
+            }
+        };
+        Server {
+            child: Some(child),
+            addr,
+            dir,
+            stderr_path,
+        }
+    }
+
+    /// A new connection to the server.
+    pub fn connect(&self) -> Conn {
+        Conn::connect(self.addr)
+    }
+
+    /// The server's stderr so far, for failure messages.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for the process to exit.
+    pub fn terminate(&mut self, deadline: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("server already terminated");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "server did not exit within {deadline:?} of SIGTERM\nstderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // --- convenience wrappers, each on a fresh connection ---
+
+    pub fn get(&self, path: &str) -> Response {
+        self.connect().request("GET", path, None)
+    }
+
+    pub fn post_json(&self, path: &str, body: &str) -> Response {
+        self.connect().request("POST", path, Some(body.as_bytes()))
+    }
+
+    pub fn delete(&self, path: &str) -> Response {
+        self.connect().request("DELETE", path, None)
+    }
+
+    /// Publishes a message whose payload is the given JSON text; asserts 201.
+    pub fn publish(&self, topic: &str, payload_json: &str) -> Value {
+        self.connect().publish(topic, payload_json)
+    }
+
+    /// Reads a topic page; asserts 200.
+    pub fn read_topic(&self, topic: &str, query: &str) -> Value {
+        let path = if query.is_empty() {
+            format!("/api/v1/topics/{topic}/messages")
+        } else {
+            format!("/api/v1/topics/{topic}/messages?{query}")
+        };
+        let resp = self.get(&path);
+        assert_eq!(resp.status, 200, "GET {path}: {resp:?}");
+        resp.json()
+    }
+
+    /// The payload texts of every message of a topic, oldest first (paged, limit 1000).
+    pub fn all_payloads(&self, topic: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let query = match &cursor {
+                Some(c) => format!("order=asc&limit=1000&cursor={c}"),
+                None => "order=asc&limit=1000".to_string(),
+            };
+            let page = self.read_topic(topic, &query);
+            for m in page["messages"].as_array().expect("messages array") {
+                out.push(m["payload"].clone());
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+    }
+
+    /// `GET /health` as JSON; asserts 200.
+    pub fn health(&self) -> Value {
+        let resp = self.get("/health");
+        assert_eq!(resp.status, 200, "GET /health: {resp:?}");
+        resp.json()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One parsed HTTP response.
+#[derive(Clone)]
+pub struct Response {
+    /// e.g. `HTTP/1.1`.
+    pub version: String,
+    pub status: u16,
+    pub reason: String,
+    /// In wire order, names as sent.
+    pub headers: Vec<(String, String)>,
+    /// Decoded body (de-chunked if chunked).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// How many headers have this name (case-insensitive).
+    pub fn header_count(&self, name: &str) -> usize {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; panics with the raw body if it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {self:?}"))
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.version, self.status, self.reason)?;
+        for (n, v) in &self.headers {
+            write!(f, "\n  {n}: {v}")?;
+        }
+        let body = String::from_utf8_lossy(&self.body);
+        if body.len() > 2000 {
+            let head: String = body.chars().take(2000).collect();
+            write!(f, "\n\n{head}...({} bytes)", body.len())
+        } else {
+            write!(f, "\n\n{body}")
+        }
+    }
+}
+
+/// A raw client connection: writes arbitrary bytes, reads responses one at a time.
+pub struct Conn {
+    pub stream: TcpStream,
+    /// Bytes read from the socket but not yet consumed by a response.
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect to server");
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .expect("set read timeout");
+        stream
+            .set_write_timeout(Some(READ_TIMEOUT))
+            .expect("set write timeout");
+        stream.set_nodelay(true).expect("set nodelay");
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("set read timeout");
+    }
+
+    /// Writes all bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write to server");
+        self.stream.flush().expect("flush");
+    }
+
+    /// Writes all bytes, reporting failure instead of panicking (the server may have closed).
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Half-closes the write side.
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Sends a request with `Host`, and for a body `Content-Type: application/json` and
+    /// `Content-Length`, then reads the response.
+    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
+        self.send(&build_request(method, path, &[], body));
+        self.read_response(method == "HEAD")
+    }
+
+    /// Like [`Conn::request`] with extra headers (which may replace the defaults: a
+    /// `Content-Type` given here suppresses the default one).
+    pub fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Response {
+        self.send(&build_request(method, path, headers, body));
+        self.read_response(method == "HEAD")
+    }
+
+    /// Publishes a message whose payload is the given JSON text; asserts 201 and returns the
+    /// response JSON.
+    pub fn publish(&mut self, topic: &str, payload_json: &str) -> Value {
+        let body = format!(r#"{{"topic":"{topic}","payload":{payload_json}}}"#);
+        let resp = self.request("POST", "/api/v1/messages", Some(body.as_bytes()));
+        assert_eq!(resp.status, 201, "publish to {topic}: {resp:?}");
+        resp.json()
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    fn fill_or_panic(&mut self, what: &str) {
+        match self.fill() {
+            Ok(0) => panic!(
+                "server closed the connection while {what}; got so far: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+            Ok(_) => {}
+            Err(e) => panic!(
+                "read error while {what}: {e}; got so far: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Reads one CRLF-terminated line (without the CRLF).
+    pub fn read_line(&mut self) -> String {
+        loop {
+            if let Some(pos) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
+                self.buf.drain(..pos + 2);
+                return line;
+            }
+            self.fill_or_panic("reading a line");
+        }
+    }
+
+    /// Reads just a response head (status line + headers), leaving the body unread.
+    pub fn read_head(&mut self) -> Response {
+        let end = loop {
+            if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
+                break pos;
+            }
+            self.fill_or_panic("reading a response head");
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_string();
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let reason = parts.next().unwrap_or_default().to_string();
+        let headers = lines
+            .map(|l| {
+                let (n, v) = l
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("bad header line {l:?}"));
+                (n.trim().to_string(), v.trim().to_string())
+            })
+            .collect();
+        Response {
+            version,
+            status,
+            reason,
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    /// Reads one full response. `head_request` says the request was HEAD (so no body follows
+    /// whatever Content-Length says).
+    pub fn read_response(&mut self, head_request: bool) -> Response {
+        let mut resp = self.read_head();
+        let bodiless =
+            head_request || (100..200).contains(&resp.status) || matches!(resp.status, 204 | 304);
+        if bodiless {
+            return resp;
+        }
+        let chunked = resp
+            .header("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        if chunked {
+            resp.body = self.read_chunked_body();
+        } else if let Some(cl) = resp.header("content-length") {
+            let len: usize = cl
+                .parse()
+                .unwrap_or_else(|_| panic!("bad content-length {cl:?}"));
+            while self.buf.len() < len {
+                self.fill_or_panic("reading a response body");
+            }
+            resp.body = self.buf.drain(..len).collect();
+        } else {
+            // Close-delimited body.
+            loop {
+                match self.fill() {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("read error in close-delimited body: {e}"),
+                }
+            }
+            resp.body = std::mem::take(&mut self.buf);
+        }
+        resp
+    }
+
+    fn read_chunked_body(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let size_line = self.read_line();
+            let size_hex = size_line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_hex, 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
+            if size == 0 {
+                // Trailers until an empty line.
+                while !self.read_line().is_empty() {}
+                return body;
+            }
+            while self.buf.len() < size + 2 {
+                self.fill_or_panic("reading a chunk");
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
+    /// Reads `n` responses (non-HEAD).
+    pub fn read_responses(&mut self, n: usize) -> Vec<Response> {
+        (0..n).map(|_| self.read_response(false)).collect()
+    }
+
+    /// True if the server closes the connection (EOF or reset) within `within`, with no
+    /// further bytes; panics if bytes arrive instead.
+    pub fn closed_within(&mut self, within: Duration) -> bool {
+        assert!(
+            self.buf.is_empty(),
+            "unconsumed bytes before close check: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.set_read_timeout(left);
+            let mut chunk = [0u8; 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => panic!(
+                    "expected the connection to close, got bytes: {:?}",
+                    String::from_utf8_lossy(&chunk[..n])
+                ),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return false
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // A reset is a close too.
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Whether any unconsumed bytes are buffered.
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// Builds a request: request line, `Host`, the given headers, and — for a body — default
+/// `Content-Type: application/json` (unless given) and `Content-Length`.
+pub fn build_request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if let Some(body) = body {
+        let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+        if !has("content-type") {
+            out.push_str("Content-Type: application/json\r\n");
+        }
+        if !has("content-length") && !has("transfer-encoding") {
+            out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    if let Some(body) = body {
+        bytes.extend_from_slice(body);
+    }
+    bytes
+}
+
+/// The documented HTTP status of each error code.
+pub fn status_of(code: &str) -> u16 {
+    match code {
+        "INVALID_REQUEST" | "INVALID_TOPIC" | "INVALID_CURSOR" => 400,
+        "NOT_FOUND" => 404,
+        "METHOD_NOT_ALLOWED" => 405,
+        "REQUEST_TIMEOUT" => 408,
+        "PAYLOAD_TOO_LARGE" => 413,
+        "UNSUPPORTED_MEDIA_TYPE" => 415,
+        "HEADERS_TOO_LARGE" => 431,
+        "SERVICE_UNAVAILABLE" => 503,
+        other => panic!("test bug: unknown error code {other}"),
+    }
+}
+
+/// Asserts `resp` is the documented error: the code's status, a JSON body of shape
+/// `{error, message, detail}` with `error == code`, and a JSON content type.
+pub fn assert_error_body(resp: &Response, code: &str) {
+    assert_eq!(
+        resp.status,
+        status_of(code),
+        "expected {code}, got: {resp:?}"
+    );
+    let v = resp.json();
+    assert_eq!(v["error"], code, "error code: {resp:?}");
+    assert!(v["message"].is_string(), "error message missing: {resp:?}");
+    assert!(v.get("detail").is_some(), "error detail missing: {resp:?}");
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|ct| ct.starts_with("application/json")),
+        "error content-type: {resp:?}"
+    );
+}
+
+/// A JSON publish body for `topic` with the given payload JSON text.
+pub fn publish_body(topic: &str, payload_json: &str) -> String {
+    format!(r#"{{"topic":"{topic}","payload":{payload_json}}}"#)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses a message id `<ms>-<seq>` for ordering comparisons.
+pub fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id
+        .split_once('-')
+        .unwrap_or_else(|| panic!("message id {id:?} is not <ms>-<seq>"));
+    (
+        ms.parse()
+            .unwrap_or_else(|_| panic!("message id {id:?}: bad ms")),
+        seq.parse()
+            .unwrap_or_else(|_| panic!("message id {id:?}: bad seq")),
+    )
+}
+
+/// Asserts `ids` are strictly increasing as `(ms, seq)`.
+pub fn assert_strictly_increasing(ids: &[String]) {
+    for pair in ids.windows(2) {
+        assert!(
+            parse_id(&pair[0]) < parse_id(&pair[1]),
+            "ids not strictly increasing: {} then {} (all: {ids:?})",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+/// Asserts `ts` looks like an RFC 3339 UTC timestamp ending in `Z`, e.g.
+/// `2026-11-23T10:39:06.123Z`.
+pub fn assert_rfc3339_utc(ts: &Value) {
+    let s = ts
+        .as_str()
+        .unwrap_or_else(|| panic!("timestamp {ts} is not a string"));
+    let b = s.as_bytes();
+    let ok = s.len() >= 20
+        && s.ends_with('Z')
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
+            .iter()
+            .all(|&i| b[i].is_ascii_digit());
+    assert!(ok, "timestamp {s:?} is not RFC 3339 UTC with Z");
+}
+
+/// Polls `cond` until it returns true or `within` passes; returns whether it held. Polling a
+/// condition with a deadline (not sleeping a fixed time) keeps timing tests both fast and
+/// robust on slow machines.
+pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `n` distinct valid topic names with the given prefix. 20 names land on both of 2 shards
+/// with probability 1 - 2^-19 for any hash; tests that need certainty assert it via stats.
+pub fn topics(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:02}")).collect()
+}
+
+/// The shard the documented routing (`xxh3_64(topic) % shards`) assigns a topic to; used only
+/// to check that a test's topic set really spans every shard.
+pub fn shard_of(topic: &str, shards: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(topic.as_bytes()) % shards
+}
+
+/// Asserts the topic set covers every one of `shards` shards under the documented routing.
+pub fn assert_spans_shards(topics: &[String], shards: u64) {
+    for shard in 0..shards {
+        assert!(
+            topics.iter().any(|t| shard_of(t, shards) == shard),
+            "test precondition: no topic of {topics:?} routes to shard {shard}"
+        );
+    }
+}
