@@ -4,7 +4,7 @@
 //! its connection count, its shutdown gate, and a sender into every shard's inbox. It is
 //! `!Send` and reached through `Rc<Shard>` by the tasks of its executor only.
 //!
-//! Operations on a topic go through the `Shard` methods below ([`Shard::publish`],
+//! Operations on a topic go through the `Shard` methods below ([`Shard::publish_on`],
 //! [`Shard::read`], ...): when this shard owns the topic they run on the local store at once;
 //! otherwise they travel to the owner as a [`ShardRequest`] and the reply comes back the same
 //! way. Handlers never need to know where a topic lives.
