@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("{e:#}");
+            // Printed rather than logged: it must reach the operator whatever LOG_LEVEL says.
             eprintln!("pulsar-relay: {e:#}");
             ExitCode::FAILURE
         }

@@ -48,10 +48,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .unzip();
 
     let cpus = allowed_cpus();
-    let (bound_tx, bound_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
     let mut handles = Vec::with_capacity(shards);
     let mut addr = config.listen;
     for (id, inbox) in inboxes.into_iter().enumerate() {
+        // One channel per shard: if the executor dies before binding (no io_uring, too little
+        // locked memory), its sender drops with it and `recv` below returns instead of hanging.
+        let (bound_tx, bound_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
         let boot = ShardBoot {
             id,
             addr,
@@ -59,7 +61,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             runtime: runtime.clone(),
             peers: senders.clone(),
             inbox,
-            bound: bound_tx.clone(),
+            bound: bound_tx,
             drained: drained.clone(),
         };
         let placement = match cpus.get(id % cpus.len().max(1)) {
@@ -71,12 +73,20 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .io_memory(IO_MEMORY_BYTES)
             .spawn(move || run_shard(boot))
             .map_err(|e| explain_executor_failure(id, &e.to_string()))?;
-        handles.push(handle);
         // Wait for this shard's bind before starting the next, so port 0 resolves once.
-        let bound = bound_rx
-            .recv()
-            .map_err(|_| anyhow!("shard {id} exited during start-up"))??;
-        addr = bound;
+        match bound_rx.recv() {
+            Ok(bound) => addr = bound?,
+            Err(_) => {
+                // The executor thread ended without reporting: glommio could not start it.
+                let cause = match handle.join() {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "exited before binding".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(explain_executor_failure(id, &cause));
+            }
+        }
+        handles.push(handle);
     }
 
     spawn_signal_thread(runtime.clone(), senders.clone())?;
@@ -287,6 +297,7 @@ fn explain_executor_failure(id: usize, error: &str) -> anyhow::Error {
          - locked memory is too small: `ulimit -l` must allow at least 512 KiB per shard \
            (soft/hard now: {memlock});\n\
          - a container's seccomp profile blocks the io_uring syscalls (Docker 25+ and \
-           containerd do by default): run with the shipped seccomp profile."
+           containerd do by default): allow io_uring_setup, io_uring_enter and \
+           io_uring_register in the profile."
     )
 }
