@@ -1,0 +1,1357 @@
+//! The per-shard Valkey client: a command queue, group commit onto pipelined connections, and
+//! reconnection with capped exponential backoff.
+//!
+//! Owns: queueing commands and matching replies to callers, the driver tasks (one per
+//! connection) and their reconnect loop, the expiry of commands that waited too long, and
+//! shutdown. Does not own: the bytes on the wire (`codec.rs`) or connecting (`connection.rs`).
+//!
+//! Group commit: callers append encoded commands to one shard-local queue and await a oneshot.
+//! A driver that has a connection and nothing in flight takes everything queued (up to
+//! `max_batch_commands`) as one batch, writes it with one write, reads the replies, and
+//! completes the callers in order. While that batch is in flight, new commands accumulate
+//! and form the next batch. There is no timer: a command arriving at an idle driver goes out
+//! at once, and a burst becomes one pipeline. With `connections > 1`, whichever driver is idle
+//! takes the next batch.
+//!
+//! Failure semantics (one outcome per command, nothing waits forever):
+//! - Error reply (`-ERR ...`) to a command: `Err(ValkeyError::Server)` for that command only.
+//! - Connection lost while a batch is in flight: the commands whose replies had not arrived
+//!   fail with `ConnectionLost` (they may have been applied); those with replies get them.
+//!   Commands still queued are sent on the next connection.
+//! - No reply within `command_timeout`: the rest of the batch fails with `Timeout` and the
+//!   connection is dropped (its replies would be out of step) and reconnected.
+//! - Queued for longer than `command_timeout` (no connection, or all busy): `Timeout`. So a
+//!   command's total wait is bounded by about 2 x `command_timeout` (queue + round trip).
+//! - Queue holding `max_pending` commands: `Backpressure` at once, nothing queued.
+//! - After `shutdown`: `Unavailable` at once.
+//!
+//! A command whose `call` future is dropped is still sent if it was queued: the queue holds
+//! encoded bytes back to back, and withdrawing one from the middle is not worth a copy.
+//!
+//! Ordering: one connection executes batches in order, so with `connections == 1` commands run
+//! in queue order. With more connections, only the commands of one `call_many` (always in one
+//! batch) and commands awaited one after the other are ordered.
+//!
+//! Commands must produce exactly one reply each: SUBSCRIBE, MONITOR, CLIENT REPLY and HELLO
+//! would put replies out of step. Blocking commands (BLPOP, XREAD BLOCK) hold up the whole
+//! pipeline of their connection and must finish well within `command_timeout`.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+use futures_lite::future::poll_fn;
+use glommio::Task;
+use hdrhistogram::Histogram;
+
+use super::codec::{encode_command, validate_command, ProtocolError, Reply};
+use super::connection::{ConnectConfig, Connection, Connector};
+use super::{with_timeout, ValkeyError};
+
+/// A connection that stayed up this long was healthy: after losing it, reconnect at once
+/// instead of continuing the previous backoff. Shorter-lived ones (a server that accepts and
+/// then drops us) keep backing off, so a flapping server is not hammered.
+const STABLE_CONNECTION: Duration = Duration::from_secs(1);
+
+/// Initial size of the queue's byte arena: a few hundred typical XADDs.
+const ARENA_CAPACITY: usize = 64 << 10;
+
+/// Configuration of one shard's client.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect: ConnectConfig,
+    /// Connections (and driver tasks) per shard, at least 1. More than one lets a batch go out
+    /// while another is in flight; one keeps all commands in order.
+    pub connections: usize,
+    /// Commands allowed to wait in the queue (not counting those in flight) before `call`
+    /// fails with `Backpressure`. Bounds memory while Valkey is down.
+    pub max_pending: usize,
+    /// Most commands in one pipeline. A single `call_many` larger than this still goes out as
+    /// one batch.
+    pub max_batch_commands: usize,
+    /// First reconnect delay; also the least delay between failed attempts.
+    pub backoff_min: Duration,
+    /// Cap of the exponential reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect: ConnectConfig::default(),
+            connections: 1,
+            max_pending: 100_000,
+            max_batch_commands: 4096,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One encoded command, checked to be exactly one non-empty RESP array of bulk strings (so it
+/// gets exactly one reply and cannot put the pipeline out of step).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command(Bytes);
+
+impl Command {
+    /// Encodes `args` (command name first).
+    pub fn new(args: &[&[u8]]) -> Result<Command, ProtocolError> {
+        if args.is_empty() {
+            return Err(ProtocolError::EmptyCommand);
+        }
+        let mut out = BytesMut::new();
+        encode_command(&mut out, args);
+        Ok(Command(out.freeze()))
+    }
+
+    /// Accepts bytes encoded elsewhere (e.g. with [`encode_command`]) after checking them.
+    pub fn from_encoded(encoded: Bytes) -> Result<Command, ProtocolError> {
+        validate_command(&encoded)?;
+        Ok(Command(encoded))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A snapshot of the client's counters and gauges, for `/stats` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections up right now.
+    pub connected: usize,
+    /// Commands waiting for a batch.
+    pub queued: usize,
+    /// Commands written and awaiting replies.
+    pub in_flight: usize,
+    /// Commands taken into batches (written, or attempted).
+    pub commands_sent: u64,
+    pub batches_sent: u64,
+    pub bytes_sent: u64,
+    pub last_batch_commands: usize,
+    pub largest_batch_commands: usize,
+    /// Batch size percentiles (commands per batch), from an HDR histogram.
+    pub batch_commands_p50: u64,
+    pub batch_commands_p99: u64,
+    /// Successful connects (handshake done), including the first per connection.
+    pub connects: u64,
+    /// Successful connects after a connection had been up before.
+    pub reconnects: u64,
+    /// Failed connect attempts of any kind (includes the auth and TLS ones below).
+    pub connect_failures: u64,
+    pub auth_failures: u64,
+    pub tls_failures: u64,
+    /// Established connections that failed (lost, timed out, protocol error).
+    pub connections_lost: u64,
+    /// Commands answered with an error reply.
+    pub error_replies: u64,
+    /// Commands failed in flight because their connection was lost.
+    pub failed_connection_lost: u64,
+    /// Commands failed in flight because no reply came within `command_timeout`.
+    pub failed_timeout_in_flight: u64,
+    /// Commands failed because they waited in the queue longer than `command_timeout`.
+    pub failed_timeout_queued: u64,
+    /// Commands failed in flight because Valkey sent something unparseable.
+    pub failed_protocol: u64,
+    pub rejected_backpressure: u64,
+    pub rejected_shut_down: u64,
+    /// Why the most recent connect attempt failed; cleared by a successful connect.
+    pub last_connect_error: Option<ValkeyError>,
+}
+
+/// Where the reply (or replies) of one queued entry go.
+enum Completion {
+    One(oneshot::Sender<Result<Reply, ValkeyError>>),
+    Many(oneshot::Sender<Vec<Result<Reply, ValkeyError>>>),
+}
+
+/// One `call` (one command) or one `call_many` (several, never split across batches).
+struct QueuedGroup {
+    /// Length of this group's encoded commands, which sit in the arena right after those of
+    /// the groups before it.
+    bytes: usize,
+    commands: usize,
+    completion: Completion,
+    /// For expiry while queued.
+    enqueued_at: Instant,
+}
+
+impl QueuedGroup {
+    fn fail(self, error: &ValkeyError) {
+        // A receiver that is gone belongs to a caller that stopped waiting: nothing to do.
+        match self.completion {
+            Completion::One(tx) => {
+                let _ = tx.send(Err(error.clone()));
+            }
+            Completion::Many(tx) => {
+                let _ = tx.send(vec![Err(error.clone()); self.commands]);
+            }
+        }
+    }
+
+    /// Takes this group's replies from `replies`; commands without one get `missing`.
+    fn complete(self, replies: &mut impl Iterator<Item = Reply>, missing: &ValkeyError) {
+        let mut next = || match replies.next() {
+            Some(Reply::Error(message)) => Err(ValkeyError::Server(message)),
+            Some(reply) => Ok(reply),
+            None => Err(missing.clone()),
+        };
+        match self.completion {
+            Completion::One(tx) => {
+                let _ = tx.send(next());
+            }
+            Completion::Many(tx) => {
+                let results = (0..self.commands).map(|_| next()).collect();
+                let _ = tx.send(results);
+            }
+        }
+    }
+}
+
+/// Everything the callers and the tasks share. Only ever borrowed between awaits.
+struct State {
+    /// Encoded commands of every queued group, back to back in queue order. A batch is split
+    /// off the front without copying; the arena reuses its allocation once the batch that
+    /// shares it is written and dropped.
+    arena: BytesMut,
+    queue: VecDeque<QueuedGroup>,
+    queued_commands: usize,
+    in_flight_commands: usize,
+    connected: usize,
+    /// `shutdown` began: refuse new commands.
+    closing: bool,
+    /// Drivers waiting for work; all are woken by the next enqueue (a handful at most, and a
+    /// woken driver that finds the queue empty just waits again).
+    idle_drivers: Vec<Waker>,
+    /// The expiry task, when it waits for the queue to become non-empty.
+    janitor: Option<Waker>,
+    /// `shutdown` and `wait_connected`, woken on any change of queue, flight or connections.
+    watchers: Vec<Waker>,
+    stats: ClientStats,
+    /// `None` only if the bounds were rejected, which `max_batch_commands >= 1` rules out.
+    batch_sizes: Option<Histogram<u64>>,
+}
+
+impl State {
+    fn wake_watchers(&mut self) {
+        for waker in self.watchers.drain(..) {
+            waker.wake();
+        }
+    }
+}
+
+fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
+    if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+        wakers.push(cx.waker().clone());
+    }
+}
+
+struct Shared {
+    config: ClientConfig,
+    /// Built once: TLS roots are loaded at start, not per reconnect.
+    connector: Connector,
+    state: RefCell<State>,
+}
+
+/// The shard's Valkey client. `!Send`; share it as `Rc<Client>` within the shard.
+pub struct Client {
+    shared: Rc<Shared>,
+    /// Driver and expiry tasks; dropping a glommio `Task` cancels it, so dropping the client
+    /// stops them.
+    tasks: RefCell<Vec<Task<()>>>,
+}
+
+impl Client {
+    /// Validates `config`, loads TLS roots, and starts one driver task per connection plus an
+    /// expiry task on the current glommio executor (panics outside one). Drivers connect in
+    /// the background and reconnect until `shutdown`; commands queue meanwhile.
+    pub fn start(config: ClientConfig) -> Result<Rc<Client>, ValkeyError> {
+        if config.connections == 0 || config.max_batch_commands == 0 || config.max_pending == 0 {
+            return Err(ValkeyError::Config(
+                "connections, max_batch_commands and max_pending must be at least 1".to_owned(),
+            ));
+        }
+        if config.backoff_min.is_zero() || config.backoff_max < config.backoff_min {
+            return Err(ValkeyError::Config(
+                "backoff_min must be positive and at most backoff_max".to_owned(),
+            ));
+        }
+        let connector = Connector::new(config.connect.clone())?;
+        let batch_sizes =
+            Histogram::new_with_bounds(1, (config.max_batch_commands as u64).max(2), 3).ok();
+        let shared = Rc::new(Shared {
+            connector,
+            state: RefCell::new(State {
+                arena: BytesMut::with_capacity(ARENA_CAPACITY),
+                queue: VecDeque::new(),
+                queued_commands: 0,
+                in_flight_commands: 0,
+                connected: 0,
+                closing: false,
+                idle_drivers: Vec::new(),
+                janitor: None,
+                watchers: Vec::new(),
+                stats: ClientStats::default(),
+                batch_sizes,
+            }),
+            config,
+        });
+        let mut tasks = Vec::with_capacity(shared.config.connections + 1);
+        for index in 0..shared.config.connections {
+            tasks.push(glommio::spawn_local(run_driver(shared.clone(), index)));
+        }
+        tasks.push(glommio::spawn_local(run_janitor(shared.clone())));
+        Ok(Rc::new(Client {
+            shared,
+            tasks: RefCell::new(tasks),
+        }))
+    }
+
+    /// Queues one command and awaits its reply. An error reply is `Err(ValkeyError::Server)`.
+    pub async fn call(&self, args: &[&[u8]]) -> Result<Reply, ValkeyError> {
+        if args.is_empty() {
+            return Err(ProtocolError::EmptyCommand.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .enqueue(1, |arena| encode_command(arena, args), Completion::One(tx))?;
+        rx.await.unwrap_or_else(|_| Err(stopped_in_flight()))
+    }
+
+    /// Queues `commands` to go out together in one batch, in order, and awaits one result per
+    /// command (error replies as `Err(ValkeyError::Server)`, others unaffected).
+    pub async fn call_many(&self, commands: &[Command]) -> Vec<Result<Reply, ValkeyError>> {
+        self.submit(commands).await
+    }
+
+    /// Like [`Client::call_many`], but queues the commands *now*, before returning, and the
+    /// returned future borrows nothing. For work that must keep its place in the pipeline
+    /// while its reply is awaited elsewhere (write-behind persistence).
+    pub fn submit(
+        &self,
+        commands: &[Command],
+    ) -> impl std::future::Future<Output = Vec<Result<Reply, ValkeyError>>> + 'static {
+        let n = commands.len();
+        let queued = if n == 0 {
+            Ok(None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            self.shared
+                .enqueue(
+                    n,
+                    |arena| {
+                        for command in commands {
+                            arena.extend_from_slice(command.as_bytes());
+                        }
+                    },
+                    Completion::Many(tx),
+                )
+                .map(|()| Some(rx))
+        };
+        async move {
+            match queued {
+                Ok(None) => Vec::new(),
+                Ok(Some(rx)) => rx
+                    .await
+                    .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
+                Err(error) => vec![Err(error); n],
+            }
+        }
+    }
+
+    /// Whether at least one connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.shared.state.borrow().connected > 0
+    }
+
+    /// Waits until a connection is up; false if none came within `within`.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let up = self.shared.until(|state| state.connected > 0);
+        with_timeout(within, "", async {
+            up.await;
+            Ok(())
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Commands queued plus in flight.
+    pub fn pending(&self) -> usize {
+        let state = self.shared.state.borrow();
+        state.queued_commands + state.in_flight_commands
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        let state = self.shared.state.borrow();
+        let mut stats = state.stats.clone();
+        stats.connected = state.connected;
+        stats.queued = state.queued_commands;
+        stats.in_flight = state.in_flight_commands;
+        if let Some(histogram) = &state.batch_sizes {
+            stats.batch_commands_p50 = histogram.value_at_quantile(0.5);
+            stats.batch_commands_p99 = histogram.value_at_quantile(0.99);
+        }
+        stats
+    }
+
+    /// Refuses new commands, sends what is queued and waits for the replies (at most
+    /// `command_timeout`), fails whatever is left with `Unavailable`, and stops the tasks
+    /// (closing the connections). Commands still in flight then fail with `ConnectionLost`.
+    pub async fn shutdown(&self) {
+        self.shared.state.borrow_mut().closing = true;
+        let drained = self
+            .shared
+            .until(|state| state.queue.is_empty() && state.in_flight_commands == 0);
+        let limit = self.shared.config.connect.command_timeout;
+        let _ = with_timeout(limit, "", async {
+            drained.await;
+            Ok(())
+        })
+        .await;
+        let leftovers: Vec<QueuedGroup> = {
+            let mut state = self.shared.state.borrow_mut();
+            state.arena.clear();
+            state.queued_commands = 0;
+            state.queue.drain(..).collect()
+        };
+        let error = ValkeyError::Unavailable("client shut down before the command was sent");
+        for group in leftovers {
+            group.fail(&error);
+        }
+        let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
+        for task in tasks {
+            task.cancel().await;
+        }
+        // A driver cancelled mid-batch never finished its accounting; its callers got
+        // `ConnectionLost` through their dropped senders.
+        self.shared.state.borrow_mut().in_flight_commands = 0;
+        tracing::info!(client = %self.shared.config.connect.client_name, "Valkey client stopped");
+    }
+}
+
+/// What a caller sees when its command's driver was stopped before replying.
+fn stopped_in_flight() -> ValkeyError {
+    ValkeyError::ConnectionLost("client stopped with the command in flight".to_owned())
+}
+
+impl Shared {
+    /// Admission control and appending to the queue, in one borrow.
+    fn enqueue(
+        &self,
+        commands: usize,
+        write: impl FnOnce(&mut BytesMut),
+        completion: Completion,
+    ) -> Result<(), ValkeyError> {
+        let mut state = self.state.borrow_mut();
+        if state.closing {
+            state.stats.rejected_shut_down += commands as u64;
+            return Err(ValkeyError::Unavailable("client is shut down"));
+        }
+        if state.queued_commands + commands > self.config.max_pending {
+            state.stats.rejected_backpressure += commands as u64;
+            return Err(ValkeyError::Backpressure {
+                limit: self.config.max_pending,
+            });
+        }
+        let before = state.arena.len();
+        write(&mut state.arena);
+        let bytes = state.arena.len() - before;
+        state.queue.push_back(QueuedGroup {
+            bytes,
+            commands,
+            completion,
+            enqueued_at: Instant::now(),
+        });
+        state.queued_commands += commands;
+        for waker in state.idle_drivers.drain(..) {
+            waker.wake();
+        }
+        if let Some(waker) = state.janitor.take() {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Resolves once `condition` holds; re-checked whenever watchers are woken.
+    fn until<'a>(
+        &'a self,
+        condition: impl Fn(&State) -> bool + 'a,
+    ) -> impl Future<Output = ()> + 'a {
+        poll_fn(move |cx| {
+            let mut state = self.state.borrow_mut();
+            if condition(&state) {
+                Poll::Ready(())
+            } else {
+                register(&mut state.watchers, cx);
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Resolves when something is queued.
+    fn work_available(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            let mut state = self.state.borrow_mut();
+            if state.queue.is_empty() {
+                register(&mut state.idle_drivers, cx);
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+    }
+
+    /// Moves the front groups (up to `max_batch_commands`, whole groups only, at least one)
+    /// into `groups` and splits their bytes off the arena.
+    fn take_batch(&self, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize) {
+        let mut state = self.state.borrow_mut();
+        let limit = self.config.max_batch_commands;
+        let (mut commands, mut bytes) = (0, 0);
+        while let Some(front) = state.queue.front() {
+            if commands > 0 && commands + front.commands > limit {
+                break;
+            }
+            let Some(group) = state.queue.pop_front() else {
+                break;
+            };
+            commands += group.commands;
+            bytes += group.bytes;
+            groups.push(group);
+        }
+        let batch = state.arena.split_to(bytes);
+        state.queued_commands -= commands;
+        state.in_flight_commands += commands;
+        let stats = &mut state.stats;
+        stats.commands_sent += commands as u64;
+        stats.batches_sent += 1;
+        stats.bytes_sent += bytes as u64;
+        stats.last_batch_commands = commands;
+        stats.largest_batch_commands = stats.largest_batch_commands.max(commands);
+        if let Some(histogram) = state.batch_sizes.as_mut() {
+            histogram.saturating_record(commands as u64);
+        }
+        (batch, commands)
+    }
+
+    /// Completes the callers of a finished batch: replies in order, `failure` for the rest.
+    fn finish_batch(
+        &self,
+        groups: &mut Vec<QueuedGroup>,
+        replies: &mut Vec<Reply>,
+        commands: usize,
+        failure: Option<&ValkeyError>,
+    ) {
+        {
+            let mut state = self.state.borrow_mut();
+            state.in_flight_commands -= commands;
+            let error_replies = replies.iter().filter(|r| r.is_error()).count() as u64;
+            let unanswered = commands.saturating_sub(replies.len()) as u64;
+            let stats = &mut state.stats;
+            stats.error_replies += error_replies;
+            match failure {
+                Some(ValkeyError::Timeout(_)) => stats.failed_timeout_in_flight += unanswered,
+                Some(ValkeyError::Protocol(_)) => stats.failed_protocol += unanswered,
+                Some(_) => stats.failed_connection_lost += unanswered,
+                None => {}
+            }
+            state.wake_watchers();
+        }
+        let fallback;
+        let missing = match failure {
+            Some(error) => error,
+            None => {
+                // round_trip returns Ok only with every reply; kept total anyway.
+                fallback = ValkeyError::ConnectionLost("reply missing".to_owned());
+                &fallback
+            }
+        };
+        let mut replies = replies.drain(..);
+        for group in groups.drain(..) {
+            group.complete(&mut replies, missing);
+        }
+    }
+
+    fn on_connected(&self, index: usize, connection: &Connection, reconnect: bool) {
+        let mut state = self.state.borrow_mut();
+        state.connected += 1;
+        state.stats.connects += 1;
+        if reconnect {
+            state.stats.reconnects += 1;
+        }
+        state.stats.last_connect_error = None;
+        state.wake_watchers();
+        let name = &self.config.connect.client_name;
+        let peer = connection.peer_addr();
+        if reconnect {
+            tracing::info!(client = %name, connection = index, %peer, "reconnected to Valkey");
+        } else {
+            tracing::info!(client = %name, connection = index, %peer, "connected to Valkey");
+        }
+    }
+
+    fn on_connect_failed(&self, index: usize, failures: u32, error: ValkeyError) {
+        let mut state = self.state.borrow_mut();
+        state.stats.connect_failures += 1;
+        match &error {
+            ValkeyError::Auth(_) => state.stats.auth_failures += 1,
+            ValkeyError::Tls(_) => state.stats.tls_failures += 1,
+            _ => {}
+        }
+        let name = &self.config.connect.client_name;
+        // The first failure of a streak is news; repeats every few seconds are not.
+        if failures == 0 {
+            tracing::warn!(client = %name, connection = index, %error, "cannot connect to Valkey; retrying with backoff");
+        } else {
+            tracing::debug!(client = %name, connection = index, %error, attempt = failures + 1, "still cannot connect to Valkey");
+        }
+        state.stats.last_connect_error = Some(error);
+    }
+
+    fn on_lost(&self, index: usize, error: &ValkeyError) {
+        let mut state = self.state.borrow_mut();
+        state.stats.connections_lost += 1;
+        let name = &self.config.connect.client_name;
+        tracing::warn!(client = %name, connection = index, %error, "lost connection to Valkey; reconnecting");
+    }
+
+    /// Pops every group queued at or before `cutoff` into `expired`; they are at the front
+    /// because all groups share one timeout and the queue is in arrival order.
+    fn expire_queued(&self, cutoff: Instant, expired: &mut Vec<QueuedGroup>) {
+        let mut state = self.state.borrow_mut();
+        while state
+            .queue
+            .front()
+            .is_some_and(|front| front.enqueued_at <= cutoff)
+        {
+            let Some(group) = state.queue.pop_front() else {
+                break;
+            };
+            let _ = state.arena.split_to(group.bytes);
+            state.queued_commands -= group.commands;
+            state.stats.failed_timeout_queued += group.commands as u64;
+            expired.push(group);
+        }
+        state.wake_watchers();
+    }
+}
+
+/// Counts a connection as up for as long as the driver holds it, including when the driver
+/// task is cancelled mid-batch by `shutdown`.
+struct ConnectedGuard<'a>(&'a Shared);
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.borrow_mut();
+        state.connected -= 1;
+        state.wake_watchers();
+    }
+}
+
+/// One connection's life, forever: connect (with backoff), serve batches until the connection
+/// fails, repeat. Stopped by cancelling its task.
+async fn run_driver(shared: Rc<Shared>, index: usize) {
+    let mut failures: u32 = 0;
+    let mut ever_connected = false;
+    // Reused across batches: no allocation per batch once warmed up.
+    let mut groups = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        if failures > 0 {
+            let delay = backoff_delay(
+                shared.config.backoff_min,
+                shared.config.backoff_max,
+                failures,
+            );
+            glommio::timer::sleep(delay).await;
+        }
+        let mut connection = match shared.connector.connect().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                shared.on_connect_failed(index, failures, error);
+                failures = failures.saturating_add(1);
+                continue;
+            }
+        };
+        shared.on_connected(index, &connection, ever_connected);
+        ever_connected = true;
+        let connected_at = Instant::now();
+        let guard = ConnectedGuard(&shared);
+        let error = serve(&shared, &mut connection, &mut groups, &mut replies).await;
+        drop(guard);
+        drop(connection);
+        shared.on_lost(index, &error);
+        failures = if connected_at.elapsed() >= STABLE_CONNECTION {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+    }
+}
+
+/// Sends batches over `connection` until it fails; returns why.
+async fn serve(
+    shared: &Shared,
+    connection: &mut Connection,
+    groups: &mut Vec<QueuedGroup>,
+    replies: &mut Vec<Reply>,
+) -> ValkeyError {
+    loop {
+        // Idle: wait for work, but also watch the socket, so a restarted Valkey is noticed
+        // (and reconnected to) before the next batch is written into a dead connection.
+        // `or` polls the queue first: under load the read is never even started.
+        let died = futures_lite::future::or(
+            async {
+                shared.work_available().await;
+                None
+            },
+            async { Some(connection.closed().await) },
+        )
+        .await;
+        if let Some(error) = died {
+            return error;
+        }
+        let (batch, commands) = shared.take_batch(groups);
+        replies.clear();
+        let result = connection.round_trip(&batch, commands, replies).await;
+        drop(batch);
+        shared.finish_batch(groups, replies, commands, result.as_ref().err());
+        if let Err(error) = result {
+            return error;
+        }
+    }
+}
+
+/// Fails queued commands that waited longer than `command_timeout`. Sleeps until the oldest
+/// queued command's deadline, or until something is queued.
+async fn run_janitor(shared: Rc<Shared>) {
+    let limit = shared.config.connect.command_timeout;
+    let error = ValkeyError::Timeout("waiting in the queue for a connection");
+    let mut expired = Vec::new();
+    loop {
+        let oldest = poll_fn(|cx| {
+            let mut state = shared.state.borrow_mut();
+            match state.queue.front() {
+                Some(front) => Poll::Ready(front.enqueued_at),
+                None => {
+                    state.janitor = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        let now = Instant::now();
+        // `Connector::new` bounds the timeout to an hour, so neither side overflows.
+        let deadline = oldest + limit;
+        if deadline > now {
+            glommio::timer::sleep(deadline - now).await;
+            continue;
+        }
+        shared.expire_queued(now.checked_sub(limit).unwrap_or(oldest), &mut expired);
+        for group in expired.drain(..) {
+            group.fail(&error);
+        }
+    }
+}
+
+/// Delay before reconnect attempt `failures` (>= 1): uniform in `[min, cap]` where the cap
+/// doubles from `min` up to `max` ("full jitter", floored at `min` so attempts are never
+/// back to back: a wrong password costs a handful of attempts per second, not thousands).
+fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    let cap = min.saturating_mul(1u32 << doublings).min(max);
+    let (low, high) = (min.as_nanos() as u64, cap.as_nanos() as u64);
+    Duration::from_nanos(fastrand::u64(low..=high.max(low)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{eventually, free_port, run_local, ValkeyServer};
+    use super::*;
+
+    fn config_for(connect: ConnectConfig) -> ClientConfig {
+        ClientConfig {
+            connect,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            ..ClientConfig::default()
+        }
+    }
+
+    fn unreachable_config(command_timeout: Duration) -> ClientConfig {
+        config_for(ConnectConfig {
+            port: free_port(),
+            connect_timeout: Duration::from_millis(500),
+            command_timeout,
+            ..ConnectConfig::default()
+        })
+    }
+
+    #[test]
+    fn backoff_is_capped_exponential_with_floor() {
+        let (min, max) = (Duration::from_millis(50), Duration::from_secs(5));
+        for _ in 0..200 {
+            let first = backoff_delay(min, max, 1);
+            assert_eq!(first, min);
+            let third = backoff_delay(min, max, 3);
+            assert!(
+                third >= min && third <= Duration::from_millis(200),
+                "{third:?}"
+            );
+            let late = backoff_delay(min, max, 40);
+            assert!(late >= min && late <= max, "{late:?}");
+        }
+        let spread: std::collections::HashSet<_> =
+            (0..50).map(|_| backoff_delay(min, max, 10)).collect();
+        assert!(spread.len() > 10, "jittered");
+    }
+
+    #[test]
+    fn commands_are_validated() {
+        assert_eq!(Command::new(&[]), Err(ProtocolError::EmptyCommand));
+        let ping = Command::new(&[b"PING"]).expect("ping");
+        assert_eq!(ping.as_bytes(), b"*1\r\n$4\r\nPING\r\n");
+        assert_eq!(
+            Command::from_encoded(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")),
+            Ok(ping)
+        );
+        assert!(Command::from_encoded(Bytes::from_static(b"PING\r\n")).is_err());
+        assert!(Command::from_encoded(Bytes::from_static(
+            b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n"
+        ))
+        .is_err());
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        run_local(|| async {
+            for bad in [
+                ClientConfig {
+                    connections: 0,
+                    ..ClientConfig::default()
+                },
+                ClientConfig {
+                    max_batch_commands: 0,
+                    ..ClientConfig::default()
+                },
+                ClientConfig {
+                    backoff_min: Duration::from_secs(10),
+                    ..ClientConfig::default()
+                },
+            ] {
+                assert!(matches!(Client::start(bad), Err(ValkeyError::Config(_))));
+            }
+        });
+    }
+
+    #[test]
+    fn round_trips_ping_set_get_xadd() {
+        let server = ValkeyServer::start(&[]);
+        let config = config_for(server.config());
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert_eq!(
+                client.call(&[b"PING"]).await.expect("PING").as_str(),
+                Some("PONG")
+            );
+            assert!(client
+                .call(&[b"SET", b"k", b"v"])
+                .await
+                .expect("SET")
+                .is_ok());
+            assert_eq!(
+                client.call(&[b"GET", b"k"]).await.expect("GET").as_str(),
+                Some("v")
+            );
+            assert_eq!(client.call(&[b"GET", b"nope"]).await, Ok(Reply::Nil));
+            let id = client
+                .call(&[b"XADD", b"topic:t:stream", b"*", b"d", b"{\"a\":1}"])
+                .await
+                .expect("XADD");
+            let range = client
+                .call(&[b"XRANGE", b"topic:t:stream", b"-", b"+"])
+                .await
+                .expect("XRANGE")
+                .into_array()
+                .expect("array");
+            let entry = range[0].as_array().expect("entry");
+            assert_eq!(entry[0], id);
+            assert!(client.is_connected());
+            assert_eq!(client.pending(), 0);
+            assert_eq!(
+                client.call(&[]).await,
+                Err(ValkeyError::Protocol(ProtocolError::EmptyCommand))
+            );
+            let stats = client.stats();
+            assert_eq!(stats.connects, 1);
+            assert_eq!(stats.commands_sent, 6);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn ten_thousand_concurrent_calls_go_out_in_few_batches() {
+        let server = ValkeyServer::start(&[]);
+        let config = config_for(server.config());
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            let tasks: Vec<_> = (0..10_000)
+                .map(|_| {
+                    let client = client.clone();
+                    glommio::spawn_local(async move { client.call(&[b"INCR", b"counter"]).await })
+                })
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            for task in tasks {
+                let value = task.await.expect("INCR").as_int().expect("integer");
+                assert!(seen.insert(value), "each INCR got its own reply");
+            }
+            assert_eq!(seen.len(), 10_000);
+            assert_eq!(seen.iter().max(), Some(&10_000));
+            let stats = client.stats();
+            assert_eq!(stats.commands_sent, 10_000);
+            assert!(
+                stats.batches_sent <= 50,
+                "{} batches for 10,000 commands",
+                stats.batches_sent
+            );
+            assert!(stats.largest_batch_commands <= 4096);
+            assert!(stats.largest_batch_commands >= 1000);
+            assert!(stats.batch_commands_p99 >= 1000);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn call_many_keeps_order_and_isolates_error_replies() {
+        let server = ValkeyServer::start(&[]);
+        let config = ClientConfig {
+            connections: 3,
+            ..config_for(server.config())
+        };
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let command = |args: &[&[u8]]| Command::new(args).expect("command");
+            let results = client
+                .call_many(&[
+                    command(&[b"SET", b"s", b"text"]),
+                    command(&[b"RPUSH", b"s", b"x"]),
+                    command(&[b"RPUSH", b"l", b"a"]),
+                    command(&[b"RPUSH", b"l", b"b"]),
+                    command(&[b"LRANGE", b"l", b"0", b"-1"]),
+                    command(&[b"GET", b"s"]),
+                ])
+                .await;
+            assert_eq!(results.len(), 6);
+            assert!(results[0].as_ref().is_ok_and(Reply::is_ok));
+            assert!(
+                matches!(&results[1], Err(ValkeyError::Server(m)) if m.starts_with("WRONGTYPE")),
+                "{:?}",
+                results[1]
+            );
+            assert_eq!(results[2], Ok(Reply::Integer(1)));
+            assert_eq!(results[3], Ok(Reply::Integer(2)));
+            assert_eq!(
+                results[4],
+                Ok(Reply::Array(vec![
+                    Reply::Bulk(Bytes::from_static(b"a")),
+                    Reply::Bulk(Bytes::from_static(b"b"))
+                ]))
+            );
+            assert_eq!(
+                results[5].as_ref().ok().and_then(Reply::as_str),
+                Some("text")
+            );
+            // Many concurrent groups over 3 connections: each group's order holds.
+            let tasks: Vec<_> = (0..200)
+                .map(|i| {
+                    let client = client.clone();
+                    glommio::spawn_local(async move {
+                        let key = format!("list{i}");
+                        let cmds: Vec<Command> = (0..5)
+                            .map(|j| {
+                                Command::new(&[b"RPUSH", key.as_bytes(), j.to_string().as_bytes()])
+                                    .expect("command")
+                            })
+                            .chain([Command::new(&[b"LRANGE", key.as_bytes(), b"0", b"-1"])
+                                .expect("command")])
+                            .collect();
+                        client.call_many(&cmds).await
+                    })
+                })
+                .collect();
+            for task in tasks {
+                let results = task.await;
+                for (j, result) in results[..5].iter().enumerate() {
+                    assert_eq!(result, &Ok(Reply::Integer(j as i64 + 1)));
+                }
+                let items = results[5]
+                    .clone()
+                    .expect("LRANGE")
+                    .into_array()
+                    .expect("array");
+                let items: Vec<_> = items.iter().filter_map(Reply::as_str).collect();
+                assert_eq!(items, ["0", "1", "2", "3", "4"]);
+            }
+            assert!(client.call_many(&[]).await.is_empty());
+            assert!(eventually(Duration::from_secs(5), || client.stats().connected == 3).await);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn queued_commands_time_out_while_disconnected() {
+        let config = unreachable_config(Duration::from_millis(300));
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let started = Instant::now();
+            let result = client.call(&[b"PING"]).await;
+            let waited = started.elapsed();
+            assert_eq!(
+                result,
+                Err(ValkeyError::Timeout(
+                    "waiting in the queue for a connection"
+                ))
+            );
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            assert!(waited < Duration::from_secs(2), "{waited:?}");
+            let many = client
+                .call_many(&vec![Command::new(&[b"PING"]).expect("cmd"); 3])
+                .await;
+            assert!(many
+                .iter()
+                .all(|r| matches!(r, Err(ValkeyError::Timeout(_)))));
+            let stats = client.stats();
+            assert_eq!(stats.failed_timeout_queued, 4);
+            assert_eq!(stats.commands_sent, 0);
+            assert!(stats.connect_failures >= 1);
+            assert!(matches!(
+                stats.last_connect_error,
+                Some(ValkeyError::Connect(_))
+            ));
+            assert!(!client.is_connected());
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn backpressure_when_queue_is_full() {
+        let config = ClientConfig {
+            max_pending: 3,
+            ..unreachable_config(Duration::from_secs(1))
+        };
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let waiting: Vec<_> = (0..3)
+                .map(|_| {
+                    let client = client.clone();
+                    glommio::spawn_local(async move { client.call(&[b"PING"]).await })
+                })
+                .collect();
+            assert!(eventually(Duration::from_secs(5), || client.pending() == 3).await);
+            assert_eq!(
+                client.call(&[b"PING"]).await,
+                Err(ValkeyError::Backpressure { limit: 3 })
+            );
+            let two = client
+                .call_many(&vec![Command::new(&[b"PING"]).expect("cmd"); 2])
+                .await;
+            assert_eq!(two, vec![Err(ValkeyError::Backpressure { limit: 3 }); 2]);
+            assert_eq!(client.stats().rejected_backpressure, 3);
+            // Nothing can be sent (no server): shutdown gives up after command_timeout and
+            // every waiting caller gets an error, none hangs.
+            client.shutdown().await;
+            for task in waiting {
+                assert!(task.await.is_err());
+            }
+            assert_eq!(
+                client.call(&[b"PING"]).await,
+                Err(ValkeyError::Unavailable("client is shut down"))
+            );
+        });
+    }
+
+    #[test]
+    fn reply_timeout_fails_batch_and_reconnects() {
+        let server = ValkeyServer::start(&[]);
+        let config = config_for(ConnectConfig {
+            command_timeout: Duration::from_millis(300),
+            ..server.config()
+        });
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            // BLPOP stalls this connection's pipeline for 5 s; PING rides in the same batch.
+            let results = client
+                .call_many(&[
+                    Command::new(&[b"BLPOP", b"empty", b"5"]).expect("cmd"),
+                    Command::new(&[b"PING"]).expect("cmd"),
+                ])
+                .await;
+            assert_eq!(
+                results,
+                vec![Err(ValkeyError::Timeout("waiting for replies")); 2]
+            );
+            // The stalled connection was dropped; a fresh one answers at once.
+            assert_eq!(
+                client.call(&[b"PING"]).await.expect("PING").as_str(),
+                Some("PONG")
+            );
+            let stats = client.stats();
+            assert_eq!(stats.failed_timeout_in_flight, 2);
+            assert_eq!(stats.connections_lost, 1);
+            assert_eq!(stats.connects, 2);
+            assert_eq!(stats.reconnects, 1);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn server_killed_mid_pipeline_then_restarted() {
+        let mut server = ValkeyServer::start(&[]);
+        let config = config_for(ConnectConfig {
+            command_timeout: Duration::from_secs(10),
+            ..server.config()
+        });
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            assert_eq!(
+                client.call(&[b"SET", b"n", b"0"]).await.map(|r| r.is_ok()),
+                Ok(true)
+            );
+            // In flight: a BLPOP Valkey holds without replying.
+            let in_flight = {
+                let client = client.clone();
+                glommio::spawn_local(async move { client.call(&[b"BLPOP", b"empty", b"30"]).await })
+            };
+            assert!(eventually(Duration::from_secs(5), || client.stats().in_flight == 1).await);
+            // Queued behind it (one connection, busy).
+            let queued: Vec<_> = (0..5)
+                .map(|_| {
+                    let client = client.clone();
+                    glommio::spawn_local(async move { client.call(&[b"INCR", b"n"]).await })
+                })
+                .collect();
+            assert!(eventually(Duration::from_secs(5), || client.stats().queued == 5).await);
+
+            server.kill();
+            let lost = in_flight.await;
+            assert!(
+                matches!(lost, Err(ValkeyError::ConnectionLost(_))),
+                "{lost:?}"
+            );
+            assert!(eventually(Duration::from_secs(5), || !client.is_connected()).await);
+            assert_eq!(
+                client.stats().queued,
+                5,
+                "queued commands were not sent to a dead server"
+            );
+
+            // The data is gone with the killed server (no persistence): INCR starts at 1.
+            server.restart();
+            let mut values = Vec::new();
+            for task in queued {
+                values.push(task.await.expect("queued INCR after reconnect").as_int());
+            }
+            assert_eq!(values, [1, 2, 3, 4, 5].map(Some), "sent in queue order");
+            assert_eq!(
+                client.call(&[b"GET", b"n"]).await.expect("GET").as_str(),
+                Some("5")
+            );
+            let stats = client.stats();
+            assert_eq!(stats.failed_connection_lost, 1);
+            assert!(stats.connections_lost >= 1);
+            assert!(stats.reconnects >= 1);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn idle_connection_reconnects_after_server_restart() {
+        let mut server = ValkeyServer::start(&[]);
+        let config = config_for(server.config());
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            server.restart();
+            // The idle driver notices the close and reconnects without any command failing.
+            assert!(eventually(Duration::from_secs(5), || client.stats().reconnects == 1).await);
+            assert_eq!(
+                client.call(&[b"PING"]).await.expect("PING").as_str(),
+                Some("PONG")
+            );
+            assert_eq!(client.stats().failed_connection_lost, 0);
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn wrong_password_is_auth_error_without_hot_loop() {
+        let server = ValkeyServer::start(&["--requirepass", "right"]);
+        let config = ClientConfig {
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            ..config_for(ConnectConfig {
+                password: Some("wrong".to_owned()),
+                command_timeout: Duration::from_millis(500),
+                ..server.config()
+            })
+        };
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let result = client.call(&[b"PING"]).await;
+            assert_eq!(
+                result,
+                Err(ValkeyError::Timeout(
+                    "waiting in the queue for a connection"
+                ))
+            );
+            let stats = client.stats();
+            assert!(stats.auth_failures >= 1);
+            assert_eq!(stats.auth_failures, stats.connect_failures);
+            // 500 ms with a 50 ms floor and doubling: at most ~6 attempts, never hundreds.
+            assert!(
+                stats.connect_failures <= 8,
+                "{} attempts",
+                stats.connect_failures
+            );
+            assert!(matches!(
+                stats.last_connect_error,
+                Some(ValkeyError::Auth(_))
+            ));
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn acl_user_client() {
+        let server = ValkeyServer::start(&["--requirepass", "admin"]);
+        let admin = ConnectConfig {
+            password: Some("admin".to_owned()),
+            ..server.config()
+        };
+        let user = ConnectConfig {
+            username: Some("relay".to_owned()),
+            password: Some("pw".to_owned()),
+            ..server.config()
+        };
+        run_local(move || async move {
+            let admin = Client::start(config_for(admin)).expect("start admin");
+            admin
+                .call(&[b"ACL", b"SETUSER", b"relay", b"on", b">pw", b"~*", b"+@all"])
+                .await
+                .expect("ACL SETUSER");
+            admin.shutdown().await;
+            let client = Client::start(config_for(user)).expect("start user");
+            let whoami = client.call(&[b"ACL", b"WHOAMI"]).await.expect("WHOAMI");
+            assert_eq!(whoami.as_str(), Some("relay"));
+            client.shutdown().await;
+        });
+    }
+
+    #[test]
+    fn shutdown_flushes_queue_then_refuses() {
+        let server = ValkeyServer::start(&[]);
+        let config = config_for(server.config());
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            // A BLPOP that returns nil after 0.3 s holds the only connection, so the INCRs
+            // below are certainly still queued when shutdown begins.
+            let blocker = {
+                let client = client.clone();
+                glommio::spawn_local(
+                    async move { client.call(&[b"BLPOP", b"empty", b"0.3"]).await },
+                )
+            };
+            assert!(eventually(Duration::from_secs(5), || client.stats().in_flight == 1).await);
+            let tasks: Vec<_> = (0..500)
+                .map(|_| {
+                    let client = client.clone();
+                    glommio::spawn_local(async move { client.call(&[b"INCR", b"x"]).await })
+                })
+                .collect();
+            assert!(eventually(Duration::from_secs(5), || client.stats().queued == 500).await);
+            client.shutdown().await;
+            assert_eq!(blocker.await, Ok(Reply::Nil));
+            let mut values = Vec::new();
+            for task in tasks {
+                values.push(
+                    task.await
+                        .expect("queued before shutdown: sent and answered"),
+                );
+            }
+            assert_eq!(values.last(), Some(&Reply::Integer(500)));
+            assert!(!client.is_connected());
+            assert_eq!(client.pending(), 0);
+            assert_eq!(
+                client.call(&[b"PING"]).await,
+                Err(ValkeyError::Unavailable("client is shut down"))
+            );
+            assert_eq!(client.stats().rejected_shut_down, 1);
+        });
+    }
+
+    #[test]
+    fn shutdown_fails_queued_when_valkey_is_down() {
+        let config = unreachable_config(Duration::from_millis(300));
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let task = {
+                let client = client.clone();
+                glommio::spawn_local(async move { client.call(&[b"PING"]).await })
+            };
+            assert!(eventually(Duration::from_secs(5), || client.pending() == 1).await);
+            let started = Instant::now();
+            client.shutdown().await;
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert!(matches!(
+                task.await,
+                Err(ValkeyError::Timeout(_) | ValkeyError::Unavailable(_))
+            ));
+            assert_eq!(client.pending(), 0);
+        });
+    }
+
+    #[test]
+    fn client_over_tls() {
+        let server = ValkeyServer::start_tls();
+        let config = config_for(ConnectConfig {
+            tls: true,
+            tls_ca_file: Some(server.file("ca.crt")),
+            ..server.config()
+        });
+        let untrusted = config_for(ConnectConfig {
+            tls: true,
+            tls_ca_file: Some(server.file("other-ca.crt")),
+            command_timeout: Duration::from_millis(300),
+            ..server.config()
+        });
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            let results = client
+                .call_many(&[
+                    Command::new(&[b"SET", b"a", b"1"]).expect("cmd"),
+                    Command::new(&[b"INCR", b"a"]).expect("cmd"),
+                ])
+                .await;
+            assert_eq!(results[1], Ok(Reply::Integer(2)));
+            client.shutdown().await;
+            let refused = Client::start(untrusted).expect("start");
+            assert!(refused.call(&[b"PING"]).await.is_err());
+            let stats = refused.stats();
+            assert!(stats.tls_failures >= 1);
+            assert!(matches!(
+                stats.last_connect_error,
+                Some(ValkeyError::Tls(_))
+            ));
+            refused.shutdown().await;
+        });
+    }
+}
