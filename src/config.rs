@@ -606,6 +606,31 @@ impl KeyTemplate {
     pub fn rendered_len(&self, topic: &str) -> usize {
         self.prefix.len() + topic.len() + self.suffix.len()
     }
+
+    /// A `SCAN MATCH` glob matching every key this template renders, with glob
+    /// metacharacters of the fixed parts escaped.
+    pub fn scan_pattern(&self) -> String {
+        fn escape(s: &str, out: &mut String) {
+            for c in s.chars() {
+                if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        }
+        let mut pattern = String::with_capacity(self.prefix.len() + self.suffix.len() + 4);
+        escape(&self.prefix, &mut pattern);
+        pattern.push('*');
+        escape(&self.suffix, &mut pattern);
+        pattern
+    }
+
+    /// The topic a rendered key names, or `None` if `key` does not fit the template.
+    pub fn topic_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(self.prefix.as_str())?
+            .strip_suffix(self.suffix.as_str())
+            .filter(|t| !t.is_empty())
+    }
 }
 
 impl fmt::Display for KeyTemplate {

@@ -61,7 +61,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::Unavailable(_) => {
+            StoreError::Unavailable(cause) | StoreError::Rejected(cause) => {
+                // The cause may name hosts or keys: log it, tell the client only to retry.
+                tracing::warn!(%cause, "storage operation failed");
                 ApiError::unavailable("storage is unavailable; retry shortly")
             }
         }

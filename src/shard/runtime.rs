@@ -147,7 +147,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         bound,
         drained,
     } = boot;
-    let storage = match Storage::new(&config, peers.len()) {
+    let storage = match Storage::new(&config, id, peers.len()) {
         Ok(s) => s,
         Err(e) => {
             let _ = bound.send(Err(anyhow!("shard {id}: {e}")));
@@ -180,6 +180,9 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     glommio::timer::sleep(Duration::from_millis(1)).await;
 
     glommio::spawn_local(sweeper(shard.clone())).detach();
+    if shard.storage.valkey().is_some() {
+        glommio::spawn_local(valkey_maintenance(shard.clone())).detach();
+    }
     let inbox_task = glommio::spawn_local(serve_inbox(shard.clone(), inbox));
     runtime.mark_started();
     tracing::debug!(shard = id, %local, "shard serving");
@@ -220,6 +223,50 @@ async fn sweeper(shard: Rc<Shard>) {
         if removed > 0 {
             tracing::debug!(shard = shard.id, removed, "expired messages");
         }
+    }
+}
+
+/// With the Valkey backend: discover this shard's topics with SCAN (at start and every
+/// minute), enforce age retention and ttls on the streams, and (shard 0) report Valkey
+/// settings that could lose acknowledged messages.
+async fn valkey_maintenance(shard: Rc<Shard>) {
+    let Some(tier) = shard.storage.valkey().cloned() else {
+        return;
+    };
+    let period = crate::store::valkey::sweep_period(shard.config.storage.persistent_tier_retention);
+    let rescan_every =
+        (Duration::from_secs(60).as_millis() / period.as_millis().max(1)).max(1) as u64;
+    let mut warned = false;
+    let mut round: u64 = 0;
+    while !shard.is_shutting_down() {
+        if round.is_multiple_of(rescan_every) || !warned {
+            match tier.discover_topics().await {
+                Ok(found) if found > 0 => {
+                    tracing::info!(shard = shard.id, found, "discovered topics in Valkey")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(shard = shard.id, error = %e, "topic discovery failed"),
+            }
+        }
+        if !warned && shard.id == 0 {
+            if let Ok(info) = tier.server_info().await {
+                warned = true;
+                for risk in info.data_loss_risks() {
+                    tracing::warn!(valkey_version = %info.version, "{risk}");
+                }
+            }
+        } else {
+            warned = true;
+        }
+        match tier.sweep(crate::clock::now_ms()).await {
+            Ok(removed) if removed > 0 => {
+                tracing::debug!(shard = shard.id, removed, "retention sweep")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(shard = shard.id, error = %e, "retention sweep failed"),
+        }
+        round += 1;
+        glommio::timer::sleep(period).await;
     }
 }
 

@@ -1,24 +1,33 @@
 //! Storage: message ids, the wire form of a message, the hot tier, and the storage seam.
 //!
 //! [`Storage`] is the one type the rest of the relay talks to. It lives on the shard that owns
-//! the topics it holds and is `!Send`: every operation runs on that shard. The memory backend
-//! is the [`hot_tier::HotTier`] alone; the Valkey backend (a later issue) keeps the same hot
-//! tier in front of Valkey Streams, so the HTTP handlers never see which backend is running.
+//! the topics it holds and is `!Send`: every operation runs on that shard. Both backends keep
+//! the same [`hot_tier::HotTier`]:
+//! - **memory**: the hot tier is the whole store (lost on restart);
+//! - **valkey**: the hot tier holds each topic's most recent messages in front of Valkey
+//!   Streams ([`valkey::ValkeyTier`]). Writes go to Valkey first (group-committed by the
+//!   shard's pipelined client); reads whose range the hot tier covers never touch Valkey.
+//!
+//! The HTTP handlers never see which backend runs.
 //!
 //! - [`message`]: [`message::MessageId`] (`<ms>-<seq>`, Valkey's stream-id format) and
 //!   [`message::Message`], and the JSON form every delivery path shares.
 //! - [`hot_tier`]: per-topic ordered logs with count, age and byte-budget retention.
+//! - [`valkey`]: the Valkey Streams tier: commands, reply parsing, discovery, retention sweep.
 
 pub mod hot_tier;
 pub mod message;
+pub mod valkey;
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::config::{Config, StorageBackend};
-use hot_tier::{HotTier, HotTierLimits, Page, PageQuery, TopicStats};
-use message::MessageId;
+use crate::config::{AckMode, Config, StorageBackend};
+use hot_tier::{HotTier, HotTierLimits, Order, Page, PageQuery, TopicStats};
+use message::{Message, MessageId};
+use valkey::{ServerInfo, ValkeyTier};
 
 /// One message to append, already validated by the HTTP layer. `Send`: it may travel to the
 /// owning shard.
@@ -43,10 +52,15 @@ pub struct PublishAck {
 /// Why a storage operation failed. Each maps to one client-visible outcome in the HTTP layer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The backend cannot take the operation now (persistent tier down, shutting down):
-    /// 503 with `Retry-After`.
+    /// The backend cannot take the operation now (Valkey down or stalled, the pending queue
+    /// full, shutting down): 503 with `Retry-After`. For a publish, the message may or may not
+    /// have been stored (a reply lost with its connection): a retry can duplicate it.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Valkey refused the command (e.g. OOM under `noeviction`): 503 as well, with the cause
+    /// logged.
+    #[error("storage refused the operation: {0}")]
+    Rejected(String),
 }
 
 /// The backend behind the hot tier.
@@ -54,17 +68,20 @@ pub enum StoreError {
 pub enum BackendKind {
     /// Messages live only in the hot tier and are lost on restart.
     Memory,
+    /// Messages are persisted to Valkey Streams; the hot tier caches the newest.
+    Valkey,
 }
 
 impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Memory => "memory",
+            BackendKind::Valkey => "valkey",
         }
     }
 }
 
-/// Counts one shard reports for `/health` and, later, metrics.
+/// Counts one shard reports for `/health`, `/ready` and, later, metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StorageSummary {
     pub topics: usize,
@@ -72,6 +89,10 @@ pub struct StorageSummary {
     pub bytes: usize,
     pub evictions: u64,
     pub expirations: u64,
+    /// Shards whose persistent tier is connected (all of them with the memory backend).
+    pub connected_shards: usize,
+    /// Commands queued or in flight to Valkey.
+    pub pending: usize,
 }
 
 impl std::ops::Add for StorageSummary {
@@ -83,117 +104,324 @@ impl std::ops::Add for StorageSummary {
             bytes: self.bytes + o.bytes,
             evictions: self.evictions + o.evictions,
             expirations: self.expirations + o.expirations,
+            connected_shards: self.connected_shards + o.connected_shards,
+            pending: self.pending + o.pending,
         }
     }
 }
 
+enum Backend {
+    Memory,
+    Valkey(Rc<ValkeyTier>),
+}
+
 /// A shard's store: the hot tier and the backend behind it.
 pub struct Storage {
-    backend: BackendKind,
+    backend: Backend,
     /// Borrowed only inside synchronous sections, never across an `.await`, so concurrent
     /// tasks on the shard cannot observe a half-applied operation or panic on re-borrow.
     hot: RefCell<HotTier>,
 }
 
 impl Storage {
-    /// The store for one of `shards` shards. Each shard gets an equal share of the process
+    /// The store for shard `shard` of `shards`. Each shard gets an equal share of the process
     /// memory budget: topics hash evenly, and a per-shard budget keeps eviction a local,
-    /// lock-free decision.
-    pub fn new(config: &Config, shards: usize) -> Result<Storage, StoreError> {
-        let backend = match config.storage.backend {
-            StorageBackend::Memory => BackendKind::Memory,
+    /// lock-free decision. With the Valkey backend this starts the shard's client, so it must
+    /// run on the shard's executor; it fails only on settings the client refuses (an
+    /// unreadable CA file, say).
+    pub fn new(config: &Config, shard: usize, shards: usize) -> Result<Storage, String> {
+        let max_bytes = (config.memory.max_bytes / shards.max(1)).max(1);
+        match config.storage.backend {
+            StorageBackend::Memory => Ok(Storage {
+                backend: Backend::Memory,
+                hot: RefCell::new(HotTier::new(HotTierLimits {
+                    max_messages_per_topic: config.storage.max_messages_per_topic,
+                    retention_ms: duration_ms(config.storage.persistent_tier_retention),
+                    max_bytes,
+                })),
+            }),
             StorageBackend::Valkey => {
-                return Err(StoreError::Unavailable(
-                    "STORAGE_BACKEND=valkey is not available in this build yet; use memory"
-                        .to_string(),
-                ))
+                let client =
+                    crate::valkey::Client::start(crate::valkey::client_config(config, shard))
+                        .map_err(|e| format!("valkey client: {e}"))?;
+                let tier = ValkeyTier::new(
+                    client,
+                    config.valkey.stream_key.clone(),
+                    config.valkey.meta_key.clone(),
+                    config.storage.max_messages_per_topic,
+                    duration_ms(config.storage.persistent_tier_retention),
+                    config.durability.ack,
+                    shard,
+                    shards,
+                );
+                Ok(Storage {
+                    backend: Backend::Valkey(Rc::new(tier)),
+                    hot: RefCell::new(HotTier::new(HotTierLimits {
+                        max_messages_per_topic: config
+                            .hot_tier
+                            .max_messages
+                            .min(config.storage.max_messages_per_topic),
+                        retention_ms: duration_ms(
+                            config
+                                .hot_tier
+                                .retention
+                                .min(config.storage.persistent_tier_retention),
+                        ),
+                        max_bytes,
+                    })),
+                })
             }
-        };
-        let limits = HotTierLimits {
-            max_messages_per_topic: config.storage.max_messages_per_topic,
-            retention_ms: duration_ms(config.storage.persistent_tier_retention),
-            max_bytes: (config.memory.max_bytes / shards.max(1)).max(1),
-        };
-        Ok(Storage {
-            backend,
-            hot: RefCell::new(HotTier::new(limits)),
-        })
+        }
     }
 
     pub fn backend(&self) -> BackendKind {
-        self.backend
+        match self.backend {
+            Backend::Memory => BackendKind::Memory,
+            Backend::Valkey(_) => BackendKind::Valkey,
+        }
     }
 
-    /// Appends messages in order; one result per item, in item order.
+    /// The Valkey tier, when that is the backend.
+    pub fn valkey(&self) -> Option<&Rc<ValkeyTier>> {
+        match &self.backend {
+            Backend::Valkey(tier) => Some(tier),
+            Backend::Memory => None,
+        }
+    }
+
+    /// Appends messages; one result per item, in item order. With Valkey and
+    /// `ack = persisted` a result is `Ok` only once Valkey has stored the message.
     pub async fn publish(
         &self,
         items: Vec<PublishItem>,
         now_ms: u64,
     ) -> Vec<Result<PublishAck, StoreError>> {
-        let mut hot = self.hot.borrow_mut();
-        items
-            .into_iter()
-            .map(|item| {
-                let msg = hot.append(
-                    &item.topic,
-                    item.payload,
-                    item.metadata,
-                    item.ttl_ms,
-                    now_ms,
-                );
-                Ok(PublishAck {
-                    id: msg.id,
-                    timestamp_ms: msg.timestamp_ms,
-                })
-            })
-            .collect()
+        match &self.backend {
+            Backend::Memory => {
+                let mut hot = self.hot.borrow_mut();
+                items
+                    .into_iter()
+                    .map(|item| {
+                        let msg = hot.append(
+                            &item.topic,
+                            item.payload,
+                            item.metadata,
+                            item.ttl_ms,
+                            now_ms,
+                        );
+                        Ok(PublishAck {
+                            id: msg.id,
+                            timestamp_ms: msg.timestamp_ms,
+                        })
+                    })
+                    .collect()
+            }
+            Backend::Valkey(tier) => match tier.ack {
+                AckMode::Persisted => {
+                    let cache = |topic: &str, message: Message| self.cache(topic, message);
+                    tier.publish_persisted(items, now_ms, &cache)
+                        .await
+                        .into_iter()
+                        .map(|r| {
+                            r.map(|m| PublishAck {
+                                id: m.id,
+                                timestamp_ms: m.timestamp_ms,
+                            })
+                        })
+                        .collect()
+                }
+                AckMode::Buffered => self.publish_buffered(tier, items, now_ms).await,
+            },
+        }
     }
 
-    /// A page of a topic's history; `None` for a topic this store does not hold.
+    /// `ack = buffered`: ids are chosen here, the messages enter the hot tier and the
+    /// producer is answered; Valkey is written behind. Trade-off (documented): a message
+    /// acknowledged this way is lost if the relay dies before Valkey stored it.
+    async fn publish_buffered(
+        &self,
+        tier: &Rc<ValkeyTier>,
+        items: Vec<PublishItem>,
+        now_ms: u64,
+    ) -> Vec<Result<PublishAck, StoreError>> {
+        let ids = match tier.assign_buffered_ids(&items, now_ms).await {
+            Ok(ids) => ids,
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (item, id) in items.iter().zip(&ids) {
+            self.cache(
+                &item.topic,
+                Message {
+                    id: *id,
+                    timestamp_ms: now_ms,
+                    expires_at_ms: item.ttl_ms.map(|t| now_ms.saturating_add(t)),
+                    payload: item.payload.clone(),
+                    metadata: item.metadata.clone(),
+                },
+            );
+        }
+        let acks = ids
+            .iter()
+            .map(|id| {
+                Ok(PublishAck {
+                    id: *id,
+                    timestamp_ms: now_ms,
+                })
+            })
+            .collect();
+        glommio::spawn_local(tier.persist_behind(items, ids, now_ms)).detach();
+        acks
+    }
+
+    /// Puts a persisted message in the hot tier. A message that would break the topic's id
+    /// order (possible only with several connections per shard racing) evicts the topic from
+    /// memory instead, so its reads go to Valkey rather than miss a message.
+    fn cache(&self, topic: &str, message: Message) {
+        let mut hot = self.hot.borrow_mut();
+        if hot.insert(topic, message).is_err() {
+            tracing::warn!(
+                topic,
+                "out-of-order persisted message: serving the topic from Valkey"
+            );
+            hot.delete(topic);
+        }
+    }
+
+    /// A page of a topic's history; `None` for a topic this store does not hold. With Valkey,
+    /// served from memory when the hot tier covers the whole page.
     pub async fn read(
         &self,
         topic: &str,
         query: &PageQuery,
         now_ms: u64,
     ) -> Result<Option<Page>, StoreError> {
-        Ok(self.hot.borrow().read(topic, query, now_ms))
+        match &self.backend {
+            Backend::Memory => Ok(self.hot.borrow().read(topic, query, now_ms)),
+            Backend::Valkey(tier) => {
+                if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
+                    return Ok(Some(page));
+                }
+                tier.read(topic, query, now_ms).await
+            }
+        }
+    }
+
+    /// The hot tier holds every message of a topic newer than its oldest held message (it has
+    /// seen every publish since it first cached the topic, losing only its oldest). So:
+    /// - ascending after a cursor at or past the oldest held id: fully covered;
+    /// - descending: covered when memory alone fills the page (older pages go to Valkey).
+    fn read_hot(
+        &self,
+        tier: &ValkeyTier,
+        topic: &str,
+        query: &PageQuery,
+        now_ms: u64,
+    ) -> Option<Page> {
+        // Drop what aged out of memory first, so the coverage below is what memory really
+        // holds (cheap: O(removed + 1)).
+        self.hot.borrow_mut().expire(now_ms);
+        let hot = self.hot.borrow();
+        let stats = hot.stats(topic)?;
+        let covered_from = stats.first_id.or(stats.last_id)?;
+        let mut page = match query.order {
+            Order::Asc => {
+                let after = query.after?;
+                if after < covered_from {
+                    return None;
+                }
+                hot.read(topic, query, now_ms)?
+            }
+            Order::Desc => {
+                let page = hot.read(topic, query, now_ms)?;
+                if page.messages.len() < query.limit {
+                    return None;
+                }
+                page
+            }
+        };
+        if query.order == Order::Desc && page.next_cursor.is_none() {
+            // Older messages may remain in Valkey: let the client ask.
+            page.next_cursor = page.messages.last().map(|m| m.id);
+        }
+        page.total = tier
+            .cached_length(topic)
+            .unwrap_or(page.total)
+            .max(page.total);
+        Some(page)
     }
 
     pub async fn stats(&self, topic: &str) -> Result<Option<TopicStats>, StoreError> {
-        Ok(self.hot.borrow().stats(topic))
+        match &self.backend {
+            Backend::Memory => Ok(self.hot.borrow().stats(topic)),
+            Backend::Valkey(tier) => tier.stats(topic).await,
+        }
     }
 
     pub async fn topics(&self) -> Result<Vec<TopicStats>, StoreError> {
-        Ok(self.hot.borrow().topics().collect())
+        match &self.backend {
+            Backend::Memory => Ok(self.hot.borrow().topics().collect()),
+            Backend::Valkey(tier) => tier.topics().await,
+        }
     }
 
     /// Keeps the newest `keep_count` messages; `None` for an unknown topic.
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
-        Ok(self
-            .hot
-            .borrow_mut()
-            .trim(topic, keep_count, crate::clock::now_ms()))
+        let now = crate::clock::now_ms();
+        match &self.backend {
+            Backend::Memory => Ok(self.hot.borrow_mut().trim(topic, keep_count, now)),
+            Backend::Valkey(tier) => {
+                let removed = tier.trim(topic, keep_count).await?;
+                self.hot.borrow_mut().trim(topic, keep_count, now);
+                Ok(removed)
+            }
+        }
     }
 
     /// Deletes a topic; `false` when it did not exist.
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
-        Ok(self.hot.borrow_mut().delete(topic))
+        match &self.backend {
+            Backend::Memory => Ok(self.hot.borrow_mut().delete(topic)),
+            Backend::Valkey(tier) => {
+                let existed = tier.delete(topic).await?;
+                let cached = self.hot.borrow_mut().delete(topic);
+                Ok(existed || cached)
+            }
+        }
     }
 
-    /// Applies age retention and message ttls; run by the shard's sweeper.
+    /// Applies age retention and message ttls to the hot tier; run by the shard's sweeper.
     pub fn expire(&self, now_ms: u64) -> usize {
         self.hot.borrow_mut().expire(now_ms)
     }
 
     pub fn summary(&self) -> StorageSummary {
         let hot = self.hot.borrow();
+        let (connected, pending) = match &self.backend {
+            Backend::Memory => (true, 0),
+            Backend::Valkey(tier) => (tier.client.is_connected(), tier.client.pending()),
+        };
         StorageSummary {
             topics: hot.topic_count(),
             messages: hot.message_count(),
             bytes: hot.bytes(),
             evictions: hot.evictions(),
             expirations: hot.expirations(),
+            connected_shards: usize::from(connected),
+            pending,
         }
+    }
+
+    /// Valkey's `INFO`, when that is the backend and it answers.
+    pub async fn server_info(&self) -> Option<Result<ServerInfo, StoreError>> {
+        match &self.backend {
+            Backend::Memory => None,
+            Backend::Valkey(tier) => Some(tier.server_info().await),
+        }
+    }
+
+    /// The last id this store handed out for `topic` (memory backend), for tests.
+    pub fn last_id(&self, topic: &str) -> Option<MessageId> {
+        self.hot.borrow().last_id(topic)
     }
 }
 

@@ -1,28 +1,30 @@
 //! `/health` (is the process serving, and what is its storage doing) and `/ready` (may a load
-//! balancer send traffic here: every shard up and not draining).
+//! balancer send traffic here: every shard up, storage reachable, not draining).
 
 use super::Reply;
 use crate::clock::now_ms;
 use crate::http::error::ApiError;
 use crate::shard::Shard;
 use crate::store::message::write_rfc3339_millis;
+use crate::store::BackendKind;
 
 pub async fn health(shard: &Shard) -> Result<Reply, ApiError> {
     let summary = shard.storage_summary().await?;
     let mut timestamp = Vec::with_capacity(24);
     write_rfc3339_millis(&mut timestamp, now_ms());
-    let status = if shard.runtime.is_draining() {
-        "draining"
-    } else {
-        "healthy"
-    };
-    let body = serde_json::json!({
-        "status": status,
-        "timestamp": String::from_utf8_lossy(&timestamp),
-        "version": env!("CARGO_PKG_VERSION"),
-        "shards": shard.shard_count(),
-        "storage": {
-            "backend": shard.storage.backend().name(),
+    let shards = shard.shard_count();
+    let connected = summary.connected_shards == shards;
+    let hot_tier = serde_json::json!({
+        "topics": summary.topics,
+        "messages": summary.messages,
+        "bytes": summary.bytes,
+        "max_bytes": shard.config.memory.max_bytes,
+        "evictions": summary.evictions,
+        "expirations": summary.expirations,
+    });
+    let storage = match shard.storage.backend() {
+        BackendKind::Memory => serde_json::json!({
+            "backend": "memory",
             "persistent": false,
             "topics": summary.topics,
             "messages": summary.messages,
@@ -30,19 +32,70 @@ pub async fn health(shard: &Shard) -> Result<Reply, ApiError> {
             "max_bytes": shard.config.memory.max_bytes,
             "evictions": summary.evictions,
             "expirations": summary.expirations,
-        },
+        }),
+        BackendKind::Valkey => {
+            let valkey = &shard.config.valkey;
+            // INFO only when connected: a health check must answer at once, not wait out the
+            // command timeout against a Valkey that is down.
+            let info = if connected {
+                match shard.storage.server_info().await {
+                    Some(Ok(info)) => Some(info),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let warnings = info
+                .as_ref()
+                .map(|i| i.data_loss_risks())
+                .unwrap_or_default();
+            serde_json::json!({
+                "backend": "valkey",
+                "persistent": true,
+                "connected": connected,
+                "connected_shards": summary.connected_shards,
+                "host": valkey.host,
+                "port": valkey.port,
+                "tls": valkey.use_tls,
+                "ack": shard.config.durability.ack.as_str(),
+                "pending": summary.pending,
+                "server_info": info,
+                "warnings": warnings,
+                "hot_tier": hot_tier,
+            })
+        }
+    };
+    let status = if shard.runtime.is_draining() {
+        "draining"
+    } else if !connected {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let body = serde_json::json!({
+        "status": status,
+        "timestamp": String::from_utf8_lossy(&timestamp),
+        "version": env!("CARGO_PKG_VERSION"),
+        "shards": shards,
+        "storage": storage,
     });
     let body = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
     Ok(Reply::json(200, body))
 }
 
-pub fn ready(shard: &Shard) -> Reply {
+pub async fn ready(shard: &Shard) -> Reply {
     let runtime = &shard.runtime;
-    let ready = runtime.is_ready();
+    let shards_ok = runtime.started_shards() == runtime.shards;
+    let storage_ok = match shard.storage_summary().await {
+        Ok(summary) => summary.connected_shards == shard.shard_count(),
+        Err(_) => false,
+    };
+    let ready = shards_ok && storage_ok && !runtime.is_draining();
     let body = serde_json::json!({
         "ready": ready,
         "checks": {
-            "shards": { "ok": runtime.started_shards() == runtime.shards, "started": runtime.started_shards(), "total": runtime.shards },
+            "shards": { "ok": shards_ok, "started": runtime.started_shards(), "total": runtime.shards },
+            "storage": { "ok": storage_ok, "backend": shard.storage.backend().name() },
             "draining": runtime.is_draining(),
         },
     });

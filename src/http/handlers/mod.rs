@@ -103,7 +103,7 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
         Route::History(topic) => topics::history(shard, topic, request.query()).await,
         Route::Trim(topic) => topics::trim(shard, topic, request).await,
         Route::Health => health::health(shard).await,
-        Route::Ready => Ok(health::ready(shard)),
+        Route::Ready => Ok(health::ready(shard).await),
     }
 }
 
