@@ -1,7 +1,8 @@
 //! Pulsar Relay: a thread-per-core message relay.
 //!
-//! Producers POST JSON messages to topics over HTTP; the relay keeps recent messages in an
-//! in-memory hot tier (the whole store with the memory backend) and serves history reads.
+//! Producers POST JSON messages to topics over HTTP; the relay persists them to Valkey Streams
+//! (or keeps them only in memory with the memory backend), keeps the recent ones in an
+//! in-memory hot tier, and serves history reads.
 //!
 //! # Architecture
 //!
@@ -18,7 +19,9 @@
 //! A request's life: [`net::listener`] accepts → [`net::connection`] reads bytes and feeds the
 //! sans-IO [`http::codec`] → [`http::router`] picks a route → a handler in [`http::handlers`]
 //! parses and validates the body and asks the owning shard via [`shard::Shard`] →
-//! [`store::Storage`] appends or reads → the handler encodes JSON with [`http::response`] into
+//! [`store::Storage`] appends (with Valkey: queues an XADD on the shard's [`valkey::Client`],
+//! which sends everything queued meanwhile as one pipeline, and waits for the reply) or reads
+//! → the handler encodes JSON with [`http::response`] into
 //! the connection's output buffer, which is written once per batch of pipelined requests.
 //!
 //! # Module map
@@ -30,7 +33,9 @@
 //!   code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
-//!   behind which backends live.
+//!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
+//! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
+//!   the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 
@@ -41,3 +46,4 @@ pub mod net;
 pub mod shard;
 pub mod store;
 pub mod topic;
+pub mod valkey;
