@@ -441,6 +441,44 @@ impl ValkeyTier {
         }
     }
 
+    /// The stream's first entry id and the newest id ever deleted from it (`XINFO STREAM`'s
+    /// `max-deleted-entry-id`, Valkey 7+), for gap detection; `(None, None)` when the stream
+    /// does not exist.
+    pub async fn gap_info(
+        &self,
+        topic: &str,
+    ) -> Result<(Option<MessageId>, Option<MessageId>), StoreError> {
+        let key = self.stream_key.render(topic);
+        let reply = match self
+            .client
+            .call(&[b"XINFO", b"STREAM", key.as_bytes()])
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) if is_no_such_key(&e) => return Ok((None, None)),
+            Err(e) => return Err(store_error(e)),
+        };
+        let Reply::Array(fields) = reply else {
+            return Ok((None, None));
+        };
+        let mut first = None;
+        let mut max_deleted = None;
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { continue };
+            match name.as_bytes() {
+                Some(b"first-entry") => first = parse_entry(value).map(|(id, _)| id),
+                Some(b"max-deleted-entry-id") => {
+                    max_deleted = value
+                        .as_str()
+                        .and_then(|s| s.parse::<MessageId>().ok())
+                        .filter(|id| *id != MessageId::MIN)
+                }
+                _ => {}
+            }
+        }
+        Ok((first, max_deleted))
+    }
+
     fn parse_xinfo(&self, topic: &str, reply: &Reply) -> Option<TopicStats> {
         let Reply::Array(fields) = reply else {
             return None;
@@ -762,8 +800,11 @@ fn format_ttl_seconds(ttl_ms: u64) -> String {
     }
 }
 
+/// Age counts from the entry id, the same clock `XTRIM MINID` trims by, not from the
+/// `timestamp` field: entries migrated from the Python relay carry new ids but old
+/// timestamps, and must not be hidden (or swept) for that.
 fn is_due(message: &Message, now_ms: u64, retention_ms: u64) -> bool {
-    message.is_expired(now_ms) || now_ms.saturating_sub(message.timestamp_ms) > retention_ms
+    message.is_expired(now_ms) || now_ms.saturating_sub(message.id.ms) > retention_ms
 }
 
 /// Entries of an XRANGE/XREVRANGE reply, skipping any that do not parse.
@@ -904,6 +945,20 @@ mod tests {
         );
         assert_eq!(safe.version, "7.2.4");
         assert!(safe.data_loss_risks().is_empty());
+    }
+
+    #[test]
+    fn age_counts_from_the_entry_id_not_the_timestamp_field() {
+        // Regression: a migrated entry (new id, 2025 timestamp) was hidden and then swept.
+        let m = Message {
+            id: MessageId::new(1_800_000_000_000, 0),
+            timestamp_ms: 1_735_732_800_000,
+            expires_at_ms: None,
+            payload: Bytes::from_static(b"1"),
+            metadata: None,
+        };
+        assert!(!is_due(&m, 1_800_000_001_000, 86_400_000));
+        assert!(is_due(&m, 1_800_000_000_000 + 86_400_001, 86_400_000));
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! on an ephemeral port with a per-test configuration, and talks to it over real sockets with
 //! a deliberately small HTTP/1.1 client.
 //!
-//! Owns: process lifecycle (spawn, wait for the ready line, SIGKILL on drop, SIGTERM on
-//! request), a temp directory per server, and a raw client that can send arbitrary bytes and
-//! read back any number of (pipelined) responses. Does not own: any knowledge of the server's
-//! internals — everything here goes through the documented CLI, config file and wire protocol.
+//! Owns: process lifecycle (spawn with a config file and extra environment, wait for the ready
+//! line, SIGKILL on drop, SIGTERM or SIGKILL on request, start again on the same port), a temp
+//! directory per server, and a raw client that can send arbitrary bytes and read back any
+//! number of (pipelined) responses — or report a dead connection instead of panicking. Does
+//! not own: any knowledge of the server's internals — everything here goes through the
+//! documented CLI, config file, environment and wire protocol. Valkey for the tests of the
+//! Valkey backend is in [`valkey`].
 //!
 //! Every socket read has a timeout, so a hung server fails the test with a message instead of
 //! hanging the suite.
@@ -13,7 +16,8 @@
 // Each integration-test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
-use std::fs::File;
+pub mod valkey;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -37,16 +41,74 @@ const READY_PREFIX: &str = "pulsar-relay ready: http://";
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
+/// The environment variables the relay reads (see `pulsar-relay --help`). They are removed from
+/// every spawned relay's environment so a developer's shell (say, `STORAGE_BACKEND=valkey`
+/// exported for manual runs) cannot change what a test exercises; a test sets what it needs
+/// through [`RelayOpts::env`].
+const RELAY_ENV_VARS: &[&str] = &[
+    "STORAGE_BACKEND",
+    "PERSISTENT_TIER_RETENTION",
+    "MAX_MESSAGES_PER_TOPIC",
+    "MEMORY_MAX_BYTES",
+    "VALKEY_HOST",
+    "VALKEY_PORT",
+    "VALKEY_USERNAME",
+    "VALKEY_PASSWORD",
+    "VALKEY_DB",
+    "VALKEY_USE_TLS",
+    "VALKEY_TLS_CA_FILE",
+    "LOG_FORMAT",
+];
+
+/// How to start a relay: configuration file, shard count, extra environment, listen address.
+#[derive(Clone, Debug)]
+pub struct RelayOpts {
+    /// The YAML written to the config file passed with `--config` (may be empty).
+    pub config_yaml: String,
+    pub shards: usize,
+    /// Extra environment variables (e.g. `STORAGE_BACKEND=valkey`), set after the relay's own
+    /// variables were cleared from the inherited environment.
+    pub env: Vec<(String, String)>,
+    /// `--listen` address; `None` means `127.0.0.1:0` (an ephemeral port).
+    pub listen: Option<SocketAddr>,
+}
+
+impl RelayOpts {
+    /// 2 shards, the given YAML, no extra environment, an ephemeral port.
+    pub fn new(config_yaml: &str) -> RelayOpts {
+        RelayOpts {
+            config_yaml: config_yaml.to_string(),
+            shards: 2,
+            env: Vec::new(),
+            listen: None,
+        }
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> RelayOpts {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn envs(mut self, vars: &[(String, String)]) -> RelayOpts {
+        self.env.extend_from_slice(vars);
+        self
+    }
+}
+
 /// A running `pulsar-relay` process, killed when dropped.
 pub struct Server {
-    /// The child process; `None` once it has been reaped by [`Server::terminate`].
+    /// The child process; `None` once it has been reaped by [`Server::terminate`] or
+    /// [`Server::kill9`].
     child: Option<Child>,
-    /// Where the server listens, parsed from its ready line.
+    /// Where the server listens, parsed from its ready line. A restart keeps it.
     pub addr: SocketAddr,
     /// Holds the config file and the stderr log; removed on drop.
     dir: PathBuf,
-    /// The server's stderr, printed when startup fails so the cause is visible.
+    /// The server's stderr (appended to across restarts), printed when startup fails so the
+    /// cause is visible.
     stderr_path: PathBuf,
+    /// What the server was started with, so [`Server::start_again`] can start the same relay.
+    opts: RelayOpts,
 }
 
 impl Server {
@@ -57,79 +119,85 @@ impl Server {
 
     /// Starts a server with `shards` shards and the given YAML configuration.
     pub fn start_with_shards(config_yaml: &str, shards: usize) -> Server {
+        Server::start_opts(RelayOpts {
+            shards,
+            ..RelayOpts::new(config_yaml)
+        })
+    }
+
+    /// Starts a server as `opts` says.
+    pub fn start_opts(opts: RelayOpts) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "pulsar-relay-test-{}-{}",
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
-        let config_path = dir.join("config.yaml");
-        std::fs::write(&config_path, config_yaml).expect("write config");
         let stderr_path = dir.join("stderr.log");
-        let stderr_file = File::create(&stderr_path).expect("create stderr log");
-
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--shards")
-            .arg(shards.to_string())
-            .arg("--config")
-            .arg(&config_path)
-            .env("LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr_file))
-            .spawn()
-            .expect("spawn pulsar-relay");
-
-        // A thread owns stdout for the process's whole life: it reports lines over a channel
-        // (so the wait below can have a deadline) and keeps draining afterwards so the server
-        // never blocks on a full pipe.
-        let stdout = child.stdout.take().expect("stdout was piped");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // The receiver is gone after startup; keep draining regardless.
-                let _ = tx.send(line);
-            }
+        // A failed start panics inside; the temp dir must not outlive it.
+        let spawned = std::panic::catch_unwind(|| spawn_relay(&opts, &dir, &stderr_path));
+        let (child, addr) = spawned.unwrap_or_else(|panic| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::panic::resume_unwind(panic)
         });
-
-        let deadline = Instant::now() + READY_DEADLINE;
-        let mut seen = Vec::new();
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(READY_PREFIX) {
-                        let addr: SocketAddr = rest
-                            .trim()
-                            .trim_end_matches('/')
-                            .parse()
-                            .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
-                        break addr;
-                    }
-                    seen.push(line);
-                }
-                Err(_) => {
-                    let status = child.try_wait().ok().flatten();
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                    let _ = std::fs::remove_dir_all(&dir);
-                    panic!(
-                        "pulsar-relay did not print its ready line within {READY_DEADLINE:?} \
-                         (exit status: {status:?})\nstdout so far: {seen:?}\nstderr:\n{stderr}"
-                    );
-                }
-            }
-        };
         Server {
             child: Some(child),
             addr,
             dir,
             stderr_path,
+            opts,
         }
+    }
+
+    /// Whether the process has not been stopped by the test (it may still have crashed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGTERM (waiting up to 20 s for the exit), then [`Server::start_again`].
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            let status = self.terminate(Duration::from_secs(20));
+            assert!(
+                status.success(),
+                "relay exited with {status} on SIGTERM\nstderr:\n{}",
+                self.stderr()
+            );
+        }
+        self.start_again();
+    }
+
+    /// Starts the stopped relay again with the same options on the same address.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "test bug: the relay is still running");
+        // The old process's listening sockets belong to its io_uring rings, which the kernel
+        // tears down asynchronously after the exit: for a moment the old socket may still
+        // accept. With SO_REUSEPORT the new relay would share the port with it and lose some
+        // connections to it, so wait (bounded) until the port refuses connections.
+        let closed = eventually(Duration::from_secs(5), || {
+            TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err()
+        });
+        if !closed {
+            eprintln!(
+                "{} still accepts connections after the relay exited",
+                self.addr
+            );
+        }
+        let opts = RelayOpts {
+            listen: Some(self.addr),
+            ..self.opts.clone()
+        };
+        let (child, addr) = spawn_relay(&opts, &self.dir, &self.stderr_path);
+        assert_eq!(addr, self.addr, "restarted relay listens elsewhere");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL and reap: the crash a relay cannot clean up after.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server already stopped");
+        // `Child::kill` sends SIGKILL on Unix.
+        child.kill().expect("SIGKILL the relay");
+        let _ = child.wait();
     }
 
     /// A new connection to the server.
@@ -235,6 +303,91 @@ impl Drop for Server {
     }
 }
 
+/// Spawns the relay with `opts`, its config file and stderr log in `dir`, and waits for its
+/// ready line; panics with the relay's stderr when it does not come.
+fn spawn_relay(
+    opts: &RelayOpts,
+    dir: &std::path::Path,
+    stderr_path: &std::path::Path,
+) -> (Child, SocketAddr) {
+    let config_path = dir.join("config.yaml");
+    std::fs::write(&config_path, &opts.config_yaml).expect("write config");
+    // Appending keeps the log of a previous run of a restarted relay.
+    let mut stderr_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .expect("open stderr log");
+    let _ = writeln!(stderr_file, "--- pulsar-relay starting ---");
+    let listen = opts
+        .listen
+        .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"));
+    for name in RELAY_ENV_VARS {
+        command
+            .env_remove(name)
+            .env_remove(format!("PULSAR_{name}"));
+    }
+    command
+        .arg("--listen")
+        .arg(&listen)
+        .arg("--shards")
+        .arg(opts.shards.to_string())
+        .arg("--config")
+        .arg(&config_path)
+        .env("LOG_LEVEL", "warn")
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr_file));
+    let mut child = command.spawn().expect("spawn pulsar-relay");
+
+    // A thread owns stdout for the process's whole life: it reports lines over a channel
+    // (so the wait below can have a deadline) and keeps draining afterwards so the server
+    // never blocks on a full pipe.
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // The receiver is gone after startup; keep draining regardless.
+            let _ = tx.send(line);
+        }
+    });
+
+    let deadline = Instant::now() + READY_DEADLINE;
+    let mut seen = Vec::new();
+    let addr = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.strip_prefix(READY_PREFIX) {
+                    let addr: SocketAddr = rest
+                        .trim()
+                        .trim_end_matches('/')
+                        .parse()
+                        .unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+                    break addr;
+                }
+                seen.push(line);
+            }
+            Err(_) => {
+                let status = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = std::fs::read_to_string(stderr_path).unwrap_or_default();
+                panic!(
+                    "pulsar-relay (--listen {listen}) did not print its ready line within \
+                     {READY_DEADLINE:?} (exit status: {status:?})\nstdout so far: {seen:?}\n\
+                     stderr:\n{stderr}"
+                );
+            }
+        }
+    };
+    (child, addr)
+}
+
 /// One parsed HTTP response.
 #[derive(Clone)]
 pub struct Response {
@@ -292,6 +445,50 @@ impl std::fmt::Debug for Response {
     }
 }
 
+/// Why a response could not be read: the connection closed, failed or timed out.
+#[derive(Debug)]
+pub struct ConnError {
+    pub kind: ConnErrorKind,
+    /// What the client was doing, for the message.
+    pub what: &'static str,
+    /// The bytes received so far (lossy text).
+    pub got: String,
+}
+
+#[derive(Debug)]
+pub enum ConnErrorKind {
+    /// EOF before the response was complete.
+    Closed,
+    /// A read or write error, including the read timeout.
+    Io(std::io::Error),
+}
+
+impl ConnError {
+    /// Whether the server simply did not answer within the socket timeout (a hang), as
+    /// opposed to closing or resetting the connection.
+    pub fn is_timeout(&self) -> bool {
+        matches!(&self.kind, ConnErrorKind::Io(e)
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+    }
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            ConnErrorKind::Closed => write!(
+                f,
+                "server closed the connection while {}; got so far: {:?}",
+                self.what, self.got
+            ),
+            ConnErrorKind::Io(e) => write!(
+                f,
+                "read error while {}: {e}; got so far: {:?}",
+                self.what, self.got
+            ),
+        }
+    }
+}
+
 /// A raw client connection: writes arbitrary bytes, reads responses one at a time.
 pub struct Conn {
     pub stream: TcpStream,
@@ -301,18 +498,20 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).expect("connect to server");
-        stream
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .expect("set read timeout");
-        stream
-            .set_write_timeout(Some(READ_TIMEOUT))
-            .expect("set write timeout");
-        stream.set_nodelay(true).expect("set nodelay");
-        Conn {
+        Conn::try_connect(addr).expect("connect to server")
+    }
+
+    /// Like [`Conn::connect`], reporting a refused connection (the server is down) instead of
+    /// panicking.
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        stream.set_write_timeout(Some(READ_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
             stream,
             buf: Vec::new(),
-        }
+        })
     }
 
     pub fn set_read_timeout(&self, timeout: Duration) {
@@ -375,39 +574,52 @@ impl Conn {
         Ok(n)
     }
 
-    fn fill_or_panic(&mut self, what: &str) {
+    /// Reads more bytes; EOF is an error too, since the caller needs more.
+    fn fill_more(&mut self, what: &'static str) -> Result<(), ConnError> {
         match self.fill() {
-            Ok(0) => panic!(
-                "server closed the connection while {what}; got so far: {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
-            Ok(_) => {}
-            Err(e) => panic!(
-                "read error while {what}: {e}; got so far: {:?}",
-                String::from_utf8_lossy(&self.buf)
-            ),
+            Ok(0) => Err(ConnError {
+                kind: ConnErrorKind::Closed,
+                what,
+                got: String::from_utf8_lossy(&self.buf).into_owned(),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => Err(ConnError {
+                kind: ConnErrorKind::Io(e),
+                what,
+                got: String::from_utf8_lossy(&self.buf).into_owned(),
+            }),
         }
     }
 
     /// Reads one CRLF-terminated line (without the CRLF).
     pub fn read_line(&mut self) -> String {
+        self.try_read_line().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_read_line(&mut self) -> Result<String, ConnError> {
         loop {
             if let Some(pos) = find(&self.buf, b"\r\n") {
                 let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
                 self.buf.drain(..pos + 2);
-                return line;
+                return Ok(line);
             }
-            self.fill_or_panic("reading a line");
+            self.fill_more("reading a line")?;
         }
     }
 
     /// Reads just a response head (status line + headers), leaving the body unread.
     pub fn read_head(&mut self) -> Response {
+        self.try_read_head().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Conn::read_head`], reporting a closed or failed connection instead of panicking
+    /// (a malformed head still panics: that is a server bug, not a connection fault).
+    pub fn try_read_head(&mut self) -> Result<Response, ConnError> {
         let end = loop {
             if let Some(pos) = find(&self.buf, b"\r\n\r\n") {
                 break pos;
             }
-            self.fill_or_panic("reading a response head");
+            self.fill_more("reading a response head")?;
         };
         let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
         self.buf.drain(..end + 4);
@@ -428,35 +640,42 @@ impl Conn {
                 (n.trim().to_string(), v.trim().to_string())
             })
             .collect();
-        Response {
+        Ok(Response {
             version,
             status,
             reason,
             headers,
             body: Vec::new(),
-        }
+        })
     }
 
     /// Reads one full response. `head_request` says the request was HEAD (so no body follows
     /// whatever Content-Length says).
     pub fn read_response(&mut self, head_request: bool) -> Response {
-        let mut resp = self.read_head();
+        self.try_read_response(head_request)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Conn::read_response`], reporting a closed, reset or timed-out connection instead
+    /// of panicking.
+    pub fn try_read_response(&mut self, head_request: bool) -> Result<Response, ConnError> {
+        let mut resp = self.try_read_head()?;
         let bodiless =
             head_request || (100..200).contains(&resp.status) || matches!(resp.status, 204 | 304);
         if bodiless {
-            return resp;
+            return Ok(resp);
         }
         let chunked = resp
             .header("transfer-encoding")
             .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
         if chunked {
-            resp.body = self.read_chunked_body();
+            resp.body = self.try_read_chunked_body()?;
         } else if let Some(cl) = resp.header("content-length") {
             let len: usize = cl
                 .parse()
                 .unwrap_or_else(|_| panic!("bad content-length {cl:?}"));
             while self.buf.len() < len {
-                self.fill_or_panic("reading a response body");
+                self.fill_more("reading a response body")?;
             }
             resp.body = self.buf.drain(..len).collect();
         } else {
@@ -465,28 +684,52 @@ impl Conn {
                 match self.fill() {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) => panic!("read error in close-delimited body: {e}"),
+                    Err(e) => {
+                        return Err(ConnError {
+                            kind: ConnErrorKind::Io(e),
+                            what: "reading a close-delimited body",
+                            got: String::from_utf8_lossy(&self.buf).into_owned(),
+                        })
+                    }
                 }
             }
             resp.body = std::mem::take(&mut self.buf);
         }
-        resp
+        Ok(resp)
     }
 
-    fn read_chunked_body(&mut self) -> Vec<u8> {
+    /// Sends a request like [`Conn::request`] and reads the response, reporting connection
+    /// faults (the server went away, or did not answer within the read timeout) as errors: for
+    /// tests that kill things under load.
+    pub fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, ConnError> {
+        self.try_send(&build_request(method, path, &[], body))
+            .map_err(|e| ConnError {
+                kind: ConnErrorKind::Io(e),
+                what: "sending a request",
+                got: String::new(),
+            })?;
+        self.try_read_response(method == "HEAD")
+    }
+
+    fn try_read_chunked_body(&mut self) -> Result<Vec<u8>, ConnError> {
         let mut body = Vec::new();
         loop {
-            let size_line = self.read_line();
+            let size_line = self.try_read_line()?;
             let size_hex = size_line.split(';').next().unwrap_or_default().trim();
             let size = usize::from_str_radix(size_hex, 16)
                 .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
             if size == 0 {
                 // Trailers until an empty line.
-                while !self.read_line().is_empty() {}
-                return body;
+                while !self.try_read_line()?.is_empty() {}
+                return Ok(body);
             }
             while self.buf.len() < size + 2 {
-                self.fill_or_panic("reading a chunk");
+                self.fill_more("reading a chunk")?;
             }
             body.extend(self.buf.drain(..size));
             self.buf.drain(..2);
