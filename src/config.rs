@@ -59,6 +59,37 @@ mod defaults {
     pub const API_MAX_PAYLOAD_BYTES: u64 = MIB;
     pub const API_MAX_TOPIC_NAME_LEN: u64 = 255;
 
+    /// Well inside the 60 s idle timeouts of common load balancers (AWS ALB, nginx
+    /// `proxy_read_timeout`), so an idle subscription is never cut by the path in between.
+    pub const WS_PING_INTERVAL: Duration = Duration::from_secs(30);
+    /// Three ping intervals: two lost pongs are tolerated before a dead peer is dropped; one
+    /// interval was rejected because a single delayed pong would close a healthy client.
+    pub const WS_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+    /// Same as `api.max_payload_bytes`: a client frame is a subscribe/ack command, never larger
+    /// than the biggest message it could publish.
+    pub const WS_MAX_MESSAGE_BYTES: u64 = MIB;
+    /// One maximum-size message (1 MiB payload) fits, so the default never closes a consumer
+    /// for a single large message.
+    pub const WS_MAX_QUEUED_BYTES: u64 = MIB;
+    pub const WS_MAX_TOPICS: u64 = 1000;
+
+    pub const LONGPOLL_MAX_TOPICS: u64 = 100;
+    /// Equal to `http.max_connections_per_shard`: every open connection may be a parked poll.
+    pub const LONGPOLL_MAX_PARKED_PER_SHARD: u64 = 10_000;
+    /// Half of the 60 s proxy idle timeouts, so an empty poll returns before a proxy gives up.
+    pub const LONGPOLL_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const LONGPOLL_MAX_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Larger than a history page (10): a poll that returns after a burst should drain it in
+    /// one round trip, not ten.
+    pub const LONGPOLL_DEFAULT_LIMIT: u64 = 100;
+    pub const LONGPOLL_MAX_LIMIT: u64 = 1000;
+
+    /// Half the ping interval: browsers' `EventSource` cannot answer pings, so the heartbeat
+    /// alone keeps proxies from closing the stream.
+    pub const SSE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+    /// As for WebSockets: one maximum-size message fits.
+    pub const SSE_MAX_QUEUED_BYTES: u64 = MIB;
+
     pub const STORAGE_BACKEND: StorageBackend = StorageBackend::Memory;
     pub const STORAGE_PERSISTENT_TIER_RETENTION: Duration = Duration::from_secs(24 * 3600);
     pub const STORAGE_MAX_MESSAGES_PER_TOPIC: u64 = 1_000_000;
@@ -126,6 +157,37 @@ mod limits {
     /// Topic names travel in URL paths, which many proxies cap at 4–8 KiB.
     pub const API_MAX_TOPIC_NAME_LEN: RangeInclusive<u64> = 1..=4096;
 
+    /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and would make
+    /// pings most of an idle connection's traffic; above an hour every NAT and load balancer
+    /// on the path (idle timeouts of 60–350 s) has long dropped the connection the
+    /// keep-alive was meant to protect.
+    pub const KEEPALIVE_INTERVAL: RangeInclusive<Duration> = SEC..=HOUR;
+    /// A day, like `http.keepalive_timeout`: a silent peer that long is gone.
+    pub const WS_IDLE_TIMEOUT: RangeInclusive<Duration> = SEC..=DAY;
+    /// A subscribe frame naming a few topics is hundreds of bytes, so below 1 KiB is a unit
+    /// mistake; fragments are reassembled in memory, so each connection may hold this much.
+    pub const WS_MAX_MESSAGE_BYTES: RangeInclusive<u64> = KIB..=64 * MIB;
+    /// Below 64 KiB (a socket send buffer) a consumer would be closed on an ordinary burst
+    /// it was about to drain; above 1 GiB per connection a few slow consumers exhaust the
+    /// store's budget.
+    pub const OUTBOUND_QUEUE_BYTES: RangeInclusive<u64> = 64 * KIB..=GIB;
+    /// Every subscription is an entry in an owning shard's subscriber map; 100 000 per
+    /// session keeps one client from filling those maps.
+    pub const WS_MAX_TOPICS: RangeInclusive<u64> = 1..=100_000;
+    /// The topics travel in one request; 10 000 names of 255 bytes already exceed any sane
+    /// request head.
+    pub const LONGPOLL_MAX_TOPICS: RangeInclusive<u64> = 1..=10_000;
+    /// As `http.max_connections_per_shard`: a parked poll holds a connection.
+    pub const LONGPOLL_MAX_PARKED_PER_SHARD: RangeInclusive<u64> = 1..=1_000_000;
+    /// Below a second long polling degenerates into busy polling; above 60 s a default
+    /// nginx (`proxy_read_timeout 60s`) cuts the request before the relay answers it.
+    pub const LONGPOLL_DEFAULT_TIMEOUT: RangeInclusive<Duration> = SEC..=Duration::from_secs(60);
+    /// A client may ask for longer than the default when it knows its path allows it.
+    pub const LONGPOLL_MAX_TIMEOUT: RangeInclusive<Duration> = SEC..=HOUR;
+    /// A response is built whole in memory; 100 000 messages of a few hundred bytes is
+    /// already tens of MiB for one poll.
+    pub const LONGPOLL_LIMIT: RangeInclusive<u64> = 1..=100_000;
+
     /// Valkey trims by stream-ID milliseconds; below a second retention is a mistake, and
     /// above ten years the `now - retention` arithmetic is still exact in milliseconds.
     pub const RETENTION: RangeInclusive<Duration> = SEC..=Duration::from_secs(3650 * 24 * 3600);
@@ -178,6 +240,19 @@ mod key {
     pub const API_MAX_PAGE_LIMIT: &str = "api.max_page_limit";
     pub const API_MAX_PAYLOAD_BYTES: &str = "api.max_payload_bytes";
     pub const API_MAX_TOPIC_NAME_LEN: &str = "api.max_topic_name_len";
+    pub const WS_PING_INTERVAL: &str = "ws.ping_interval";
+    pub const WS_IDLE_TIMEOUT: &str = "ws.idle_timeout";
+    pub const WS_MAX_MESSAGE_BYTES: &str = "ws.max_message_bytes";
+    pub const WS_MAX_QUEUED_BYTES: &str = "ws.max_queued_bytes";
+    pub const WS_MAX_TOPICS: &str = "ws.max_topics";
+    pub const LONGPOLL_MAX_TOPICS: &str = "longpoll.max_topics";
+    pub const LONGPOLL_MAX_PARKED_PER_SHARD: &str = "longpoll.max_parked_per_shard";
+    pub const LONGPOLL_DEFAULT_TIMEOUT: &str = "longpoll.default_timeout";
+    pub const LONGPOLL_MAX_TIMEOUT: &str = "longpoll.max_timeout";
+    pub const LONGPOLL_DEFAULT_LIMIT: &str = "longpoll.default_limit";
+    pub const LONGPOLL_MAX_LIMIT: &str = "longpoll.max_limit";
+    pub const SSE_HEARTBEAT_INTERVAL: &str = "sse.heartbeat_interval";
+    pub const SSE_MAX_QUEUED_BYTES: &str = "sse.max_queued_bytes";
     pub const STORAGE_BACKEND: &str = "storage.backend";
     pub const STORAGE_PERSISTENT_TIER_RETENTION: &str = "storage.persistent_tier_retention";
     pub const STORAGE_MAX_MESSAGES_PER_TOPIC: &str = "storage.max_messages_per_topic";
@@ -239,6 +314,19 @@ const KEYS: &[KeySpec] = &[
     spec(key::API_MAX_PAGE_LIMIT, &[]),
     spec(key::API_MAX_PAYLOAD_BYTES, &[]),
     spec(key::API_MAX_TOPIC_NAME_LEN, &[]),
+    spec(key::WS_PING_INTERVAL, &[]),
+    spec(key::WS_IDLE_TIMEOUT, &[]),
+    spec(key::WS_MAX_MESSAGE_BYTES, &[]),
+    spec(key::WS_MAX_QUEUED_BYTES, &[]),
+    spec(key::WS_MAX_TOPICS, &[]),
+    spec(key::LONGPOLL_MAX_TOPICS, &[]),
+    spec(key::LONGPOLL_MAX_PARKED_PER_SHARD, &[]),
+    spec(key::LONGPOLL_DEFAULT_TIMEOUT, &[]),
+    spec(key::LONGPOLL_MAX_TIMEOUT, &[]),
+    spec(key::LONGPOLL_DEFAULT_LIMIT, &[]),
+    spec(key::LONGPOLL_MAX_LIMIT, &[]),
+    spec(key::SSE_HEARTBEAT_INTERVAL, &[]),
+    spec(key::SSE_MAX_QUEUED_BYTES, &[]),
     spec(
         key::STORAGE_BACKEND,
         &["STORAGE_BACKEND", "PULSAR_STORAGE_BACKEND"],
@@ -325,6 +413,10 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
                keepalive_timeout  max_connections_per_shard
   api:         max_bulk_messages  default_page_limit  max_page_limit  max_payload_bytes
                max_topic_name_len
+  ws:          ping_interval  idle_timeout  max_message_bytes  max_queued_bytes  max_topics
+  longpoll:    max_topics  max_parked_per_shard  default_timeout  max_timeout  default_limit
+               max_limit
+  sse:         heartbeat_interval  max_queued_bytes
   storage:     backend  persistent_tier_retention  max_messages_per_topic
   memory:      max_bytes
   hot_tier:    max_messages  retention
@@ -373,6 +465,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub http: HttpConfig,
     pub api: ApiConfig,
+    pub ws: WsConfig,
+    pub longpoll: LongPollConfig,
+    pub sse: SseConfig,
     pub storage: StorageConfig,
     pub memory: MemoryConfig,
     pub hot_tier: HotTierConfig,
@@ -412,6 +507,52 @@ pub struct ApiConfig {
     pub max_payload_bytes: usize,
     /// Topic name length in bytes.
     pub max_topic_name_len: usize,
+}
+
+/// WebSocket delivery: keep-alive and per-connection limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsConfig {
+    /// How often a protocol ping goes to every client, so proxies on the path see traffic
+    /// and a dead peer is noticed. Always `< idle_timeout`.
+    pub ping_interval: Duration,
+    /// A connection with no frame from the client (pongs count) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest client frame or reassembled message; beyond it the connection is closed
+    /// with 1009 (message too big).
+    pub max_message_bytes: usize,
+    /// Bytes queued for one connection; a consumer that falls this far behind is closed
+    /// with 4008 rather than buffered without bound.
+    pub max_queued_bytes: usize,
+    /// Topics one session may subscribe to.
+    pub max_topics: usize,
+}
+
+/// Long-poll delivery limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LongPollConfig {
+    /// Topics one poll request may name.
+    pub max_topics: usize,
+    /// Poll requests a shard holds waiting at once; beyond it 503.
+    pub max_parked_per_shard: usize,
+    /// How long a poll waits when the request gives no `timeout`. Always `<= max_timeout`.
+    pub default_timeout: Duration,
+    /// Largest `timeout` a request may ask for.
+    pub max_timeout: Duration,
+    /// Messages per response when the request gives no `limit`. Always `<= max_limit`.
+    pub default_limit: usize,
+    /// Largest `limit` a request may ask for.
+    pub max_limit: usize,
+}
+
+/// Server-sent events delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SseConfig {
+    /// A comment line goes out on a stream idle this long, so proxies do not close it
+    /// (`EventSource` cannot answer pings).
+    pub heartbeat_interval: Duration,
+    /// Bytes queued for one stream; beyond it the stream is closed and the client resumes
+    /// with `Last-Event-ID`.
+    pub max_queued_bytes: usize,
 }
 
 /// Storage backend selection and retention.
@@ -907,6 +1048,9 @@ impl Layers {
             .value;
 
         let (http, api) = self.resolve_http_and_api()?;
+        let ws = self.resolve_ws()?;
+        let longpoll = self.resolve_longpoll()?;
+        let sse = self.resolve_sse()?;
         let storage = self.resolve_storage()?;
         let memory = self.resolve_memory(machine, &api)?;
         let hot_tier = HotTierConfig {
@@ -946,6 +1090,9 @@ impl Layers {
             log_format,
             http,
             api,
+            ws,
+            longpoll,
+            sse,
             storage,
             memory,
             hot_tier,
@@ -1037,6 +1184,111 @@ impl Layers {
                 .to_usize()?,
         };
         Ok((http, api))
+    }
+
+    fn resolve_ws(&self) -> Result<WsConfig, ConfigError> {
+        let ping_interval = self.duration(
+            key::WS_PING_INTERVAL,
+            defaults::WS_PING_INTERVAL,
+            limits::KEEPALIVE_INTERVAL,
+        )?;
+        let idle_timeout = self.duration(
+            key::WS_IDLE_TIMEOUT,
+            defaults::WS_IDLE_TIMEOUT,
+            limits::WS_IDLE_TIMEOUT,
+        )?;
+        // At or below the ping interval, a quiet but healthy client is closed before its
+        // pong to the first ping can arrive.
+        require_lt(&ping_interval, &idle_timeout, format_duration)?;
+        Ok(WsConfig {
+            ping_interval: ping_interval.value,
+            idle_timeout: idle_timeout.value,
+            max_message_bytes: self
+                .size(
+                    key::WS_MAX_MESSAGE_BYTES,
+                    defaults::WS_MAX_MESSAGE_BYTES,
+                    limits::WS_MAX_MESSAGE_BYTES,
+                )?
+                .to_usize()?,
+            max_queued_bytes: self
+                .size(
+                    key::WS_MAX_QUEUED_BYTES,
+                    defaults::WS_MAX_QUEUED_BYTES,
+                    limits::OUTBOUND_QUEUE_BYTES,
+                )?
+                .to_usize()?,
+            max_topics: self
+                .uint(
+                    key::WS_MAX_TOPICS,
+                    defaults::WS_MAX_TOPICS,
+                    limits::WS_MAX_TOPICS,
+                )?
+                .to_usize()?,
+        })
+    }
+
+    fn resolve_longpoll(&self) -> Result<LongPollConfig, ConfigError> {
+        let default_timeout = self.duration(
+            key::LONGPOLL_DEFAULT_TIMEOUT,
+            defaults::LONGPOLL_DEFAULT_TIMEOUT,
+            limits::LONGPOLL_DEFAULT_TIMEOUT,
+        )?;
+        let max_timeout = self.duration(
+            key::LONGPOLL_MAX_TIMEOUT,
+            defaults::LONGPOLL_MAX_TIMEOUT,
+            limits::LONGPOLL_MAX_TIMEOUT,
+        )?;
+        require_le(&default_timeout, &max_timeout, format_duration)?;
+        let default_limit = self.uint(
+            key::LONGPOLL_DEFAULT_LIMIT,
+            defaults::LONGPOLL_DEFAULT_LIMIT,
+            limits::LONGPOLL_LIMIT,
+        )?;
+        let max_limit = self.uint(
+            key::LONGPOLL_MAX_LIMIT,
+            defaults::LONGPOLL_MAX_LIMIT,
+            limits::LONGPOLL_LIMIT,
+        )?;
+        require_le(&default_limit, &max_limit, |v| v.to_string())?;
+        Ok(LongPollConfig {
+            max_topics: self
+                .uint(
+                    key::LONGPOLL_MAX_TOPICS,
+                    defaults::LONGPOLL_MAX_TOPICS,
+                    limits::LONGPOLL_MAX_TOPICS,
+                )?
+                .to_usize()?,
+            max_parked_per_shard: self
+                .uint(
+                    key::LONGPOLL_MAX_PARKED_PER_SHARD,
+                    defaults::LONGPOLL_MAX_PARKED_PER_SHARD,
+                    limits::LONGPOLL_MAX_PARKED_PER_SHARD,
+                )?
+                .to_usize()?,
+            default_timeout: default_timeout.value,
+            max_timeout: max_timeout.value,
+            default_limit: default_limit.to_usize()?,
+            max_limit: max_limit.to_usize()?,
+        })
+    }
+
+    fn resolve_sse(&self) -> Result<SseConfig, ConfigError> {
+        Ok(SseConfig {
+            heartbeat_interval: self
+                .duration(
+                    key::SSE_HEARTBEAT_INTERVAL,
+                    defaults::SSE_HEARTBEAT_INTERVAL,
+                    limits::KEEPALIVE_INTERVAL,
+                )?
+                .value,
+            max_queued_bytes: self
+                .size(
+                    key::SSE_MAX_QUEUED_BYTES,
+                    defaults::SSE_MAX_QUEUED_BYTES,
+                    limits::OUTBOUND_QUEUE_BYTES,
+                )?
+                .to_usize()?,
+        })
     }
 
     fn resolve_storage(&self) -> Result<StorageConfig, ConfigError> {
@@ -1383,24 +1635,47 @@ fn shown_value(text: &str) -> String {
 
 /// `lower <= upper` or an error blaming whichever was set more deliberately (a flag over an
 /// env var over the file over a default), so the message points at what the user changed.
-fn require_le(
-    lower: &Got<u64>,
-    upper: &Got<u64>,
-    render: impl Fn(u64) -> String,
+fn require_le<T: PartialOrd + Copy>(
+    lower: &Got<T>,
+    upper: &Got<T>,
+    render: impl Fn(T) -> String,
 ) -> Result<(), ConfigError> {
-    if lower.value <= upper.value {
+    require_ordered(lower, upper, false, render)
+}
+
+/// [`require_le`] without equality.
+fn require_lt<T: PartialOrd + Copy>(
+    lower: &Got<T>,
+    upper: &Got<T>,
+    render: impl Fn(T) -> String,
+) -> Result<(), ConfigError> {
+    require_ordered(lower, upper, true, render)
+}
+
+fn require_ordered<T: PartialOrd + Copy>(
+    lower: &Got<T>,
+    upper: &Got<T>,
+    strict: bool,
+    render: impl Fn(T) -> String,
+) -> Result<(), ConfigError> {
+    let (ordered, below, above) = if strict {
+        (lower.value < upper.value, "less than", "more than")
+    } else {
+        (lower.value <= upper.value, "at most", "at least")
+    };
+    if ordered {
         return Ok(());
     }
     Err(if lower.origin.rank() >= upper.origin.rank() {
         lower.invalid(format!(
-            "at most `{}` = {} ({})",
+            "{below} `{}` = {} ({})",
             upper.key,
             render(upper.value),
             upper.origin
         ))
     } else {
         upper.invalid(format!(
-            "at least `{}` = {} ({})",
+            "{above} `{}` = {} ({})",
             lower.key,
             render(lower.value),
             lower.origin
@@ -1509,6 +1784,9 @@ struct RawFile {
     log_format: RawValue,
     http: Option<RawHttp>,
     api: Option<RawApi>,
+    ws: Option<RawWs>,
+    longpoll: Option<RawLongPoll>,
+    sse: Option<RawSse>,
     storage: Option<RawStorage>,
     memory: Option<RawMemory>,
     hot_tier: Option<RawHotTier>,
@@ -1535,6 +1813,34 @@ struct RawApi {
     max_page_limit: RawValue,
     max_payload_bytes: RawValue,
     max_topic_name_len: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawWs {
+    ping_interval: RawValue,
+    idle_timeout: RawValue,
+    max_message_bytes: RawValue,
+    max_queued_bytes: RawValue,
+    max_topics: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLongPoll {
+    max_topics: RawValue,
+    max_parked_per_shard: RawValue,
+    default_timeout: RawValue,
+    max_timeout: RawValue,
+    default_limit: RawValue,
+    max_limit: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSse {
+    heartbeat_interval: RawValue,
+    max_queued_bytes: RawValue,
 }
 
 #[derive(Deserialize, Default)]
@@ -1626,6 +1932,22 @@ impl RawFile {
         put(key::API_MAX_PAGE_LIMIT, a.max_page_limit);
         put(key::API_MAX_PAYLOAD_BYTES, a.max_payload_bytes);
         put(key::API_MAX_TOPIC_NAME_LEN, a.max_topic_name_len);
+        let w = self.ws.unwrap_or_default();
+        put(key::WS_PING_INTERVAL, w.ping_interval);
+        put(key::WS_IDLE_TIMEOUT, w.idle_timeout);
+        put(key::WS_MAX_MESSAGE_BYTES, w.max_message_bytes);
+        put(key::WS_MAX_QUEUED_BYTES, w.max_queued_bytes);
+        put(key::WS_MAX_TOPICS, w.max_topics);
+        let l = self.longpoll.unwrap_or_default();
+        put(key::LONGPOLL_MAX_TOPICS, l.max_topics);
+        put(key::LONGPOLL_MAX_PARKED_PER_SHARD, l.max_parked_per_shard);
+        put(key::LONGPOLL_DEFAULT_TIMEOUT, l.default_timeout);
+        put(key::LONGPOLL_MAX_TIMEOUT, l.max_timeout);
+        put(key::LONGPOLL_DEFAULT_LIMIT, l.default_limit);
+        put(key::LONGPOLL_MAX_LIMIT, l.max_limit);
+        let e = self.sse.unwrap_or_default();
+        put(key::SSE_HEARTBEAT_INTERVAL, e.heartbeat_interval);
+        put(key::SSE_MAX_QUEUED_BYTES, e.max_queued_bytes);
         let s = self.storage.unwrap_or_default();
         put(key::STORAGE_BACKEND, s.backend);
         put(
@@ -1853,6 +2175,25 @@ mod tests {
                 max_payload_bytes: 1024 * 1024,
                 max_topic_name_len: 255,
             },
+            ws: WsConfig {
+                ping_interval: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(90),
+                max_message_bytes: 1024 * 1024,
+                max_queued_bytes: 1024 * 1024,
+                max_topics: 1000,
+            },
+            longpoll: LongPollConfig {
+                max_topics: 100,
+                max_parked_per_shard: 10_000,
+                default_timeout: Duration::from_secs(30),
+                max_timeout: Duration::from_secs(60),
+                default_limit: 100,
+                max_limit: 1000,
+            },
+            sse: SseConfig {
+                heartbeat_interval: Duration::from_secs(15),
+                max_queued_bytes: 1024 * 1024,
+            },
             storage: StorageConfig {
                 backend: StorageBackend::Memory,
                 persistent_tier_retention: Duration::from_secs(86_400),
@@ -1985,6 +2326,22 @@ api:
   max_page_limit: 200
   max_payload_bytes: 2MiB
   max_topic_name_len: 100
+ws:
+  ping_interval: 10s
+  idle_timeout: 1m
+  max_message_bytes: 64KiB
+  max_queued_bytes: 4MiB
+  max_topics: 50
+longpoll:
+  max_topics: 20
+  max_parked_per_shard: 500
+  default_timeout: 20s
+  max_timeout: 2m
+  default_limit: 25
+  max_limit: 250
+sse:
+  heartbeat_interval: 5s
+  max_queued_bytes: 256KiB
 storage:
   backend: valkey
   persistent_tier_retention: 48h
@@ -2034,6 +2391,25 @@ durability:
                 max_page_limit: 200,
                 max_payload_bytes: 2 * 1024 * 1024,
                 max_topic_name_len: 100,
+            },
+            ws: WsConfig {
+                ping_interval: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_message_bytes: 64 * 1024,
+                max_queued_bytes: 4 * 1024 * 1024,
+                max_topics: 50,
+            },
+            longpoll: LongPollConfig {
+                max_topics: 20,
+                max_parked_per_shard: 500,
+                default_timeout: Duration::from_secs(20),
+                max_timeout: Duration::from_secs(120),
+                default_limit: 25,
+                max_limit: 250,
+            },
+            sse: SseConfig {
+                heartbeat_interval: Duration::from_secs(5),
+                max_queued_bytes: 256 * 1024,
             },
             storage: StorageConfig {
                 backend: StorageBackend::Valkey,
@@ -2380,6 +2756,46 @@ durability:
             "at least `api.max_payload_bytes` = 1MiB (built-in default)"),
         ("api:\n  max_topic_name_len: 0", "api.max_topic_name_len", "0",
             "from 1 to 4096"),
+        ("ws:\n  ping_interval: 500ms", "ws.ping_interval", "500ms",
+            "from 1s to 1h"),
+        ("ws:\n  ping_interval: 2h", "ws.ping_interval", "2h",
+            "from 1s to 1h"),
+        ("ws:\n  idle_timeout: 2d", "ws.idle_timeout", "2d",
+            "from 1s to 24h"),
+        ("ws:\n  idle_timeout: 30s", "ws.idle_timeout", "30s",
+            "more than `ws.ping_interval` = 30s (built-in default)"),
+        ("ws:\n  ping_interval: 2m", "ws.ping_interval", "2m",
+            "less than `ws.idle_timeout` = 90s (built-in default)"),
+        ("ws:\n  max_message_bytes: 512", "ws.max_message_bytes", "512",
+            "from 1KiB to 64MiB"),
+        ("ws:\n  max_message_bytes: 65MiB", "ws.max_message_bytes", "65MiB",
+            "from 1KiB to 64MiB"),
+        ("ws:\n  max_queued_bytes: 32KiB", "ws.max_queued_bytes", "32KiB",
+            "from 64KiB to 1GiB"),
+        ("ws:\n  max_topics: 0", "ws.max_topics", "0",
+            "from 1 to 100000"),
+        ("ws:\n  max_topics: 100001", "ws.max_topics", "100001",
+            "from 1 to 100000"),
+        ("longpoll:\n  max_topics: 10001", "longpoll.max_topics", "10001",
+            "from 1 to 10000"),
+        ("longpoll:\n  max_parked_per_shard: 0", "longpoll.max_parked_per_shard", "0",
+            "from 1 to 1000000"),
+        ("longpoll:\n  default_timeout: 61s", "longpoll.default_timeout", "61s",
+            "from 1s to 1m"),
+        ("longpoll:\n  max_timeout: 0s", "longpoll.max_timeout", "0s",
+            "from 1s to 1h"),
+        ("longpoll:\n  max_timeout: 10s", "longpoll.max_timeout", "10s",
+            "at least `longpoll.default_timeout` = 30s (built-in default)"),
+        ("longpoll:\n  default_limit: 0", "longpoll.default_limit", "0",
+            "from 1 to 100000"),
+        ("longpoll:\n  default_limit: 5000", "longpoll.default_limit", "5000",
+            "at most `longpoll.max_limit` = 1000 (built-in default)"),
+        ("longpoll:\n  max_limit: 100001", "longpoll.max_limit", "100001",
+            "from 1 to 100000"),
+        ("sse:\n  heartbeat_interval: 0", "sse.heartbeat_interval", "0",
+            "from 1s to 1h"),
+        ("sse:\n  max_queued_bytes: 2GiB", "sse.max_queued_bytes", "2GiB",
+            "from 64KiB to 1GiB"),
         ("storage:\n  backend: redis", "storage.backend", "redis",
             "`memory` or `valkey`"),
         ("storage:\n  persistent_tier_retention: abc", "storage.persistent_tier_retention", "abc",
@@ -2490,6 +2906,40 @@ durability:
             "valkey:\n  stream_key: 'k:{topic}'\n  meta_key: 'k:{topic}'\n",
         ));
         assert_mentions(&message, &["`valkey.meta_key`", "to differ"]);
+    }
+
+    #[test]
+    fn delivery_cross_key_rules_name_both_keys() {
+        // Equal is not enough for the WebSocket idle timeout: it must exceed the ping interval.
+        let message = error_text(from_yaml("ws:\n  ping_interval: 1m\n  idle_timeout: 60s\n"));
+        assert_mentions(
+            &message,
+            &["`ws.ping_interval`", "`ws.idle_timeout` = 1m", "less than"],
+        );
+        let config = from_yaml("ws:\n  ping_interval: 59s\n  idle_timeout: 60s\n").expect("valid");
+        assert_eq!(config.ws.idle_timeout, Duration::from_secs(60));
+
+        // Equal is fine for the long-poll pairs; one more is not.
+        let message = error_text(from_yaml(
+            "longpoll:\n  default_timeout: 45s\n  max_timeout: 44s\n",
+        ));
+        assert_mentions(
+            &message,
+            &["`longpoll.default_timeout`", "`longpoll.max_timeout` = 44s"],
+        );
+        let config =
+            from_yaml("longpoll:\n  default_timeout: 45s\n  max_timeout: 45s\n").expect("valid");
+        assert_eq!(config.longpoll.max_timeout, Duration::from_secs(45));
+
+        let message = error_text(from_yaml(
+            "longpoll:\n  default_limit: 11\n  max_limit: 10\n",
+        ));
+        assert_mentions(
+            &message,
+            &["`longpoll.default_limit`", "`longpoll.max_limit` = 10"],
+        );
+        let config = from_yaml("longpoll:\n  default_limit: 10\n  max_limit: 10\n").expect("valid");
+        assert_eq!(config.longpoll.default_limit, 10);
     }
 
     #[test]
