@@ -34,6 +34,8 @@
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
 //!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
+//! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
+//!   JSON protocol of `/ws`.
 //! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
 //!   the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
@@ -47,3 +49,4 @@ pub mod shard;
 pub mod store;
 pub mod topic;
 pub mod valkey;
+pub mod ws;
