@@ -34,6 +34,8 @@
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
 //!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
+//! - [`delivery`]: real-time consumers (WebSocket sessions, long-polls, SSE streams): their
+//!   bounded queues, the per-shard subscriber registry, cross-shard fan-out, gap-free resume.
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
@@ -43,6 +45,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod net;
 pub mod shard;

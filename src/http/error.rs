@@ -15,15 +15,19 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (503s the client should retry).
     pub retry_after: Option<u32>,
+    /// Further fixed headers the error's status calls for (426's `Sec-WebSocket-Version`).
+    pub headers: &'static [(&'static str, &'static str)],
 }
 
 impl ApiError {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+    /// An error with a status and code of its own (protocol-specific outcomes).
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
             message: message.into(),
             retry_after: None,
+            headers: &[],
         }
     }
     pub fn invalid_request(message: impl Into<String>) -> ApiError {

@@ -21,6 +21,14 @@ pub enum Route {
     Trim(String),
     Health,
     Ready,
+    /// `POST /messages/poll` (the Python relay's long-poll).
+    Poll,
+    /// `GET /api/v1/poll`.
+    PollGet,
+    /// `GET /api/v1/topics/{topic}/events` (`Some`) or `GET /api/v1/events` (`None`).
+    Events(Option<String>),
+    /// `GET /ws`.
+    WebSocket,
 }
 
 /// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
@@ -48,6 +56,15 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
             allowed(method == Method::Post, "POST", Route::PublishBulk)
         }
         ["api", "v1", "topics"] => allowed(get, "GET, HEAD", Route::ListTopics),
+        ["messages", "poll"] => allowed(method == Method::Post, "POST", Route::Poll),
+        ["api", "v1", "poll"] => allowed(method == Method::Get, "GET", Route::PollGet),
+        ["api", "v1", "events"] => allowed(method == Method::Get, "GET", Route::Events(None)),
+        ["ws"] => allowed(method == Method::Get, "GET", Route::WebSocket),
+        ["api", "v1", "topics", topic, "events"] if !topic.is_empty() => allowed(
+            method == Method::Get,
+            "GET",
+            Route::Events(Some(decode_segment(topic)?)),
+        ),
         ["api", "v1", "topics", topic] if !topic.is_empty() => {
             let topic = decode_segment(topic)?;
             match method {
@@ -72,7 +89,11 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
 pub fn allow_header(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
-        ["api", "v1", "messages"] | ["api", "v1", "messages", "bulk"] => "POST",
+        ["api", "v1", "messages"] | ["api", "v1", "messages", "bulk"] | ["messages", "poll"] => {
+            "POST"
+        }
+        ["api", "v1", "poll"] | ["api", "v1", "events"] | ["ws"] => "GET",
+        ["api", "v1", "topics", _, "events"] => "GET",
         ["api", "v1", "topics", _, "trim"] => "POST",
         ["api", "v1", "topics", _] => "GET, HEAD, DELETE",
         _ => "GET, HEAD",
@@ -150,6 +171,18 @@ mod tests {
         );
         assert_eq!(route(Method::Get, "/health"), Ok(Route::Health));
         assert_eq!(route(Method::Get, "/ready"), Ok(Route::Ready));
+        assert_eq!(route(Method::Post, "/messages/poll"), Ok(Route::Poll));
+        assert_eq!(route(Method::Get, "/api/v1/poll"), Ok(Route::PollGet));
+        assert_eq!(
+            route(Method::Get, "/api/v1/events"),
+            Ok(Route::Events(None))
+        );
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/a/events"),
+            Ok(Route::Events(Some("a".into())))
+        );
+        assert_eq!(route(Method::Get, "/ws"), Ok(Route::WebSocket));
+        assert_eq!(route(Method::Post, "/ws").map_err(|e| e.status), Err(405));
     }
 
     #[test]

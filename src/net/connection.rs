@@ -19,7 +19,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::http::codec::{Event, Limits, RequestDecoder};
-use crate::http::handlers;
+use crate::http::handlers::{self, Outcome};
 use crate::http::response::{write_continue, write_http_error, write_json_error};
 use crate::shard::Shard;
 
@@ -58,8 +58,44 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream) {
             match decoder.decode(&mut input) {
                 Ok(Some(Event::Request(request))) => {
                     request_started = None;
-                    keep_open = handlers::handle(shard, request, &mut output).await
-                        && !shard.is_shutting_down();
+                    let outcome = if parks(&request) {
+                        match handle_watching_peer(
+                            shard,
+                            request,
+                            &mut stream,
+                            &mut input,
+                            &mut output,
+                        )
+                        .await
+                        {
+                            Some(outcome) => outcome,
+                            // The client went away while its poll was parked.
+                            None => return,
+                        }
+                    } else {
+                        handlers::handle(shard, request, &mut output).await
+                    };
+                    match outcome {
+                        Outcome::Respond { keep_alive } => {
+                            keep_open = keep_alive && !shard.is_shutting_down();
+                        }
+                        Outcome::EventStream(sse) => {
+                            if !output.is_empty()
+                                && write_out(&mut stream, &mut output).await.is_err()
+                            {
+                                return;
+                            }
+                            crate::delivery::sse::run(shard, stream, sse).await;
+                            return;
+                        }
+                        Outcome::WebSocket(upgrade) => {
+                            if write_out(&mut stream, &mut output).await.is_err() {
+                                return;
+                            }
+                            crate::delivery::websocket::run(shard, stream, input, upgrade).await;
+                            return;
+                        }
+                    }
                 }
                 Ok(Some(Event::ContinueExpected)) => {
                     // The client waits for this before sending the body: write it now.
@@ -139,11 +175,16 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream) {
 }
 
 /// Reads at least one byte into `input`, or reports why not within `wait`.
+///
+/// Cancel-safe: the bytes are read into a tail split off `input` and joined back only once
+/// the read completed, so dropping this future (a parked poll answered first, shutdown) leaves
+/// `input` exactly as it was.
 async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration) -> ReadOutcome {
-    let start = input.len();
-    input.resize(start + READ_CHUNK, 0);
+    input.reserve(READ_CHUNK);
+    let mut tail = input.split_off(input.len());
+    tail.resize(READ_CHUNK, 0);
     let outcome = {
-        let read = Box::pin(stream.read(&mut input[start..]));
+        let read = Box::pin(stream.read(&mut tail[..]));
         let timer = Box::pin(glommio::timer::sleep(wait));
         match select(read, timer).await {
             Either::Left((Ok(0), _)) => ReadOutcome::Closed,
@@ -152,12 +193,52 @@ async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration)
             Either::Right(_) => ReadOutcome::TimedOut,
         }
     };
-    let filled = match outcome {
-        ReadOutcome::Data(n) => n,
-        _ => 0,
-    };
-    input.truncate(start + filled);
+    if let ReadOutcome::Data(n) = outcome {
+        tail.truncate(n);
+        input.unsplit(tail);
+    }
     outcome
+}
+
+/// Requests that may wait a long time for their answer (long-polls): while they wait, the
+/// connection watches its socket so a client that goes away is noticed at once.
+fn parks(request: &crate::http::codec::Request) -> bool {
+    matches!(request.path(), "/messages/poll" | "/api/v1/poll")
+}
+
+/// Runs a parking request while reading the socket: bytes that arrive (a pipelined request)
+/// are kept for later; end of stream drops the request (its guard detaches it) and returns
+/// `None`.
+async fn handle_watching_peer(
+    shard: &Shard,
+    request: crate::http::codec::Request,
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    output: &mut BytesMut,
+) -> Option<Outcome> {
+    let mut handling = std::pin::pin!(handlers::handle(shard, request, output));
+    let mut peer_open = true;
+    loop {
+        if !peer_open {
+            return Some(handling.await);
+        }
+        let read = Box::pin(read_some(stream, input, Duration::from_secs(3600)));
+        let read_outcome = match select(handling.as_mut(), read).await {
+            Either::Left((outcome, _)) => return Some(outcome),
+            Either::Right((read_outcome, _)) => read_outcome,
+        };
+        match read_outcome {
+            ReadOutcome::Data(_) => {
+                // Cap what a client may pipeline behind a parked poll.
+                let cap = shard.config.http.max_body_bytes + shard.config.http.max_header_bytes;
+                if input.len() > cap {
+                    peer_open = false;
+                }
+            }
+            ReadOutcome::TimedOut => {}
+            ReadOutcome::Closed | ReadOutcome::Failed => return None,
+        }
+    }
 }
 
 async fn write_out(stream: &mut TcpStream, output: &mut BytesMut) -> std::io::Result<()> {

@@ -8,6 +8,7 @@
 use futures::channel::oneshot;
 
 use crate::store::hot_tier::{Page, PageQuery, TopicStats};
+use crate::store::message::{Message, MessageId};
 use crate::store::{PublishAck, PublishItem, StorageSummary, StoreError};
 
 pub type Reply<T> = oneshot::Sender<T>;
@@ -43,8 +44,37 @@ pub enum ShardRequest {
         topic: String,
         reply: Reply<Result<bool, StoreError>>,
     },
+    /// Registers shard `shard`'s interest in `topic` (its consumers get this owner's new
+    /// messages from now on), THEN reads up to `limit` messages after `after` (ascending;
+    /// `None` = from the oldest). `limit` 0 only registers. With `check_gap`, also reports
+    /// whether messages after `after` were already removed.
+    SubscribeRead {
+        topic: String,
+        shard: usize,
+        after: Option<MessageId>,
+        limit: usize,
+        check_gap: bool,
+        reply: Reply<Result<ReplayPage, StoreError>>,
+    },
+    /// Shard `shard` has no consumer of `topic` left (fire and forget).
+    Withdraw { topic: String, shard: usize },
+    /// New messages of `topic`, in id order, for this shard's consumers (fire and forget).
+    Deliver {
+        topic: String,
+        messages: Vec<Message>,
+    },
     /// This shard's storage counts (gathered for `/health`).
     Summary { reply: Reply<StorageSummary> },
     /// Stop accepting, finish in-flight work, exit. Sent by the signal thread.
     Shutdown,
+}
+
+/// One page of history for a consumer catching up.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayPage {
+    pub messages: Vec<Message>,
+    /// More messages follow the page.
+    pub more: bool,
+    /// `Some(oldest available)` when messages after the requested id were already removed.
+    pub gap: Option<Option<MessageId>>,
 }

@@ -31,10 +31,12 @@ use glommio::sync::Gate;
 
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::delivery::registry::Registry;
 use crate::http::response::DateCache;
-use crate::store::hot_tier::{Page, PageQuery, TopicStats};
+use crate::store::hot_tier::{Order, Page, PageQuery, TopicStats};
+use crate::store::message::MessageId;
 use crate::store::{PublishAck, PublishItem, Storage, StorageSummary, StoreError};
-pub use message::ShardRequest;
+pub use message::{ReplayPage, ShardRequest};
 
 /// The sending side of a shard's inbox. Unbounded because the number of requests in flight is
 /// already bounded by its producers: each connection has at most one request being handled
@@ -96,6 +98,8 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub runtime: Arc<RuntimeState>,
     pub storage: Storage,
+    /// This shard's consumers and, for the topics it owns, the shards that have consumers.
+    pub delivery: Registry,
     /// Inbox senders of every shard, indexed by shard id (this shard's own included, unused).
     peers: Vec<ShardSender>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
@@ -122,6 +126,7 @@ impl Shard {
             config,
             runtime,
             storage,
+            delivery: Registry::new(),
             peers,
             connections: Cell::new(0),
             gate: Gate::new(),
@@ -192,10 +197,89 @@ impl Shard {
         items: Vec<PublishItem>,
     ) -> Result<Vec<Result<PublishAck, StoreError>>, ShardError> {
         if owner == self.id {
-            return Ok(self.storage.publish(items, now_ms()).await);
+            let results = self.storage.publish(items, now_ms()).await;
+            self.fan_out();
+            return Ok(results);
         }
         self.ask(owner, |reply| ShardRequest::Publish { items, reply })
             .await
+    }
+
+    /// Hands what the store appended since the last call to the consumers: this shard's own,
+    /// and one copy per other shard that registered interest in the topic. Runs on the
+    /// owning shard right after each publish, so delivery order is append (id) order.
+    pub fn fan_out(&self) {
+        let appended = self.storage.take_appended();
+        if appended.is_empty() {
+            return;
+        }
+        // Group consecutive messages of one topic: a bulk publish becomes one delivery per
+        // topic and interested shard, not one per message.
+        let mut batch: Vec<crate::store::message::Message> = Vec::new();
+        let mut current: Option<String> = None;
+        for (topic, message) in appended {
+            if current.as_deref() != Some(topic.as_str()) {
+                if let Some(done) = current.take() {
+                    self.deliver_batch(done, std::mem::take(&mut batch));
+                }
+                current = Some(topic);
+            }
+            batch.push(message);
+        }
+        if let Some(done) = current {
+            self.deliver_batch(done, batch);
+        }
+    }
+
+    fn deliver_batch(&self, topic: String, messages: Vec<crate::store::message::Message>) {
+        self.delivery.deliver_local(&topic, &messages);
+        for shard in self.delivery.interested_shards(&topic) {
+            if let Some(peer) = self.peers.get(shard) {
+                let _ = peer.unbounded_send(ShardRequest::Deliver {
+                    topic: topic.clone(),
+                    messages: messages.clone(),
+                });
+            }
+        }
+    }
+
+    /// For a consumer on this shard: registers this shard's interest in `topic` with its
+    /// owner, then reads up to `limit` messages after `after` (see
+    /// [`ShardRequest::SubscribeRead`]).
+    pub async fn subscribe_read(
+        &self,
+        topic: &str,
+        after: Option<MessageId>,
+        limit: usize,
+        check_gap: bool,
+    ) -> Result<ReplayPage, ShardError> {
+        let owner = self.owner_of(topic);
+        if owner == self.id {
+            return Ok(replay_page(self, topic, after, limit, check_gap).await?);
+        }
+        Ok(self
+            .ask(owner, |reply| ShardRequest::SubscribeRead {
+                topic: topic.to_owned(),
+                shard: self.id,
+                after,
+                limit,
+                check_gap,
+                reply,
+            })
+            .await??)
+    }
+
+    /// This shard's last consumer of `topic` left: the owner stops forwarding it here.
+    pub fn withdraw_interest(&self, topic: &str) {
+        let owner = self.owner_of(topic);
+        if owner != self.id {
+            if let Some(peer) = self.peers.get(owner) {
+                let _ = peer.unbounded_send(ShardRequest::Withdraw {
+                    topic: topic.to_owned(),
+                    shard: self.id,
+                });
+            }
+        }
     }
 
     pub async fn read(&self, topic: String, query: PageQuery) -> Result<Option<Page>, ShardError> {
@@ -307,13 +391,73 @@ pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     .detach();
 }
 
+/// Reads a page of history after `after` for a consumer catching up (owner side).
+async fn replay_page(
+    shard: &Shard,
+    topic: &str,
+    after: Option<MessageId>,
+    limit: usize,
+    check_gap: bool,
+) -> Result<ReplayPage, StoreError> {
+    let gap = match (check_gap, after) {
+        (true, Some(after)) => shard.storage.gap_after(topic, after).await?,
+        _ => None,
+    };
+    if limit == 0 {
+        return Ok(ReplayPage {
+            messages: Vec::new(),
+            more: false,
+            gap,
+        });
+    }
+    let query = PageQuery {
+        after,
+        order: Order::Asc,
+        limit,
+    };
+    let page = shard.storage.read(topic, &query, now_ms()).await?;
+    Ok(match page {
+        Some(page) => ReplayPage {
+            more: page.next_cursor.is_some(),
+            messages: page.messages,
+            gap,
+        },
+        None => ReplayPage {
+            messages: Vec::new(),
+            more: false,
+            gap,
+        },
+    })
+}
+
 /// Executes one request from a peer and sends the reply. A dropped receiver (the asking
 /// connection went away) is not an error: the work is done either way.
 async fn handle_request(shard: &Shard, request: ShardRequest) {
     let store = &shard.storage;
     match request {
         ShardRequest::Publish { items, reply } => {
-            let _ = reply.send(store.publish(items, now_ms()).await);
+            let results = store.publish(items, now_ms()).await;
+            shard.fan_out();
+            let _ = reply.send(results);
+        }
+        ShardRequest::SubscribeRead {
+            topic,
+            shard: from,
+            after,
+            limit,
+            check_gap,
+            reply,
+        } => {
+            // Interest first, read second: a message appended in between is both forwarded
+            // and (maybe) in the page, and the consumer drops the duplicate; none is missed.
+            shard.delivery.set_interest(&topic, from, true);
+            let _ = reply.send(replay_page(shard, &topic, after, limit, check_gap).await);
+        }
+        ShardRequest::Withdraw { topic, shard: from } => {
+            shard.delivery.set_interest(&topic, from, false);
+        }
+        ShardRequest::Deliver { topic, messages } => {
+            shard.delivery.deliver_local(&topic, &messages);
         }
         ShardRequest::Read {
             topic,

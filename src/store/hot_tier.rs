@@ -151,6 +151,9 @@ struct Topic {
     /// The last id issued or inserted, kept when the log is trimmed empty so later ids keep
     /// increasing and old cursors never see a reused id.
     last_id: Option<MessageId>,
+    /// The newest id ever removed from this topic (retention, eviction, trim): a consumer
+    /// resuming from an id older than this has missed messages, and is told so (a gap).
+    max_removed: Option<MessageId>,
 }
 
 struct Slot {
@@ -426,6 +429,12 @@ impl HotTier {
         self.topic_named(topic)?.last_id
     }
 
+    /// The newest id removed from `topic` so far (by retention, eviction or trim), if any.
+    pub fn max_removed(&self, topic: &str) -> Option<MessageId> {
+        let slot = *self.index.get(topic)?;
+        self.topic(slot).max_removed
+    }
+
     pub fn message_count(&self) -> usize {
         self.message_count
     }
@@ -483,6 +492,7 @@ impl HotTier {
             log: VecDeque::new(),
             bytes: 0,
             last_id: None,
+            max_removed: None,
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -530,6 +540,7 @@ impl HotTier {
     fn pop_front(&mut self, slot: usize) -> Option<Message> {
         let topic = self.topic_mut(slot);
         let message = topic.log.pop_front()?;
+        topic.max_removed = Some(message.id);
         let footprint = message.footprint();
         topic.bytes -= footprint;
         if topic.log.capacity() > MIN_SHRINK_CAPACITY && topic.log.len() < topic.log.capacity() / 4

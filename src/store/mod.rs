@@ -121,6 +121,10 @@ pub struct Storage {
     /// Borrowed only inside synchronous sections, never across an `.await`, so concurrent
     /// tasks on the shard cannot observe a half-applied operation or panic on re-borrow.
     hot: RefCell<HotTier>,
+    /// Messages appended to the hot tier since the shard last took them, in id order per
+    /// topic: what real-time delivery fans out. Filled by whichever task completed the append
+    /// (with Valkey, one task's reply may complete another's messages), drained right after.
+    appended: RefCell<Vec<(String, Message)>>,
 }
 
 impl Storage {
@@ -134,6 +138,7 @@ impl Storage {
         match config.storage.backend {
             StorageBackend::Memory => Ok(Storage {
                 backend: Backend::Memory,
+                appended: RefCell::new(Vec::new()),
                 hot: RefCell::new(HotTier::new(HotTierLimits {
                     max_messages_per_topic: config.storage.max_messages_per_topic,
                     retention_ms: duration_ms(config.storage.persistent_tier_retention),
@@ -156,6 +161,7 @@ impl Storage {
                 );
                 Ok(Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
+                    appended: RefCell::new(Vec::new()),
                     hot: RefCell::new(HotTier::new(HotTierLimits {
                         max_messages_per_topic: config
                             .hot_tier
@@ -199,6 +205,7 @@ impl Storage {
         match &self.backend {
             Backend::Memory => {
                 let mut hot = self.hot.borrow_mut();
+                let mut appended = self.appended.borrow_mut();
                 items
                     .into_iter()
                     .map(|item| {
@@ -209,10 +216,12 @@ impl Storage {
                             item.ttl_ms,
                             now_ms,
                         );
-                        Ok(PublishAck {
+                        let ack = PublishAck {
                             id: msg.id,
                             timestamp_ms: msg.timestamp_ms,
-                        })
+                        };
+                        appended.push((item.topic, msg));
+                        Ok(ack)
                     })
                     .collect()
             }
@@ -277,6 +286,9 @@ impl Storage {
     /// order (possible only with several connections per shard racing) evicts the topic from
     /// memory instead, so its reads go to Valkey rather than miss a message.
     fn cache(&self, topic: &str, message: Message) {
+        self.appended
+            .borrow_mut()
+            .push((topic.to_owned(), message.clone()));
         let mut hot = self.hot.borrow_mut();
         if hot.insert(topic, message).is_err() {
             tracing::warn!(
@@ -385,6 +397,39 @@ impl Storage {
                 let existed = tier.delete(topic).await?;
                 let cached = self.hot.borrow_mut().delete(topic);
                 Ok(existed || cached)
+            }
+        }
+    }
+
+    /// Takes the messages appended since the last call (for fan-out), in append order.
+    pub fn take_appended(&self) -> Vec<(String, Message)> {
+        std::mem::take(&mut *self.appended.borrow_mut())
+    }
+
+    /// Whether a consumer resuming after `after` has missed messages that are gone (removed
+    /// by retention, eviction or trim). `Some(oldest)` names the oldest message still
+    /// available (if any); `None` means nothing after `after` was lost.
+    pub async fn gap_after(
+        &self,
+        topic: &str,
+        after: MessageId,
+    ) -> Result<Option<Option<MessageId>>, StoreError> {
+        match &self.backend {
+            Backend::Memory => {
+                let hot = self.hot.borrow();
+                Ok(match hot.max_removed(topic) {
+                    Some(removed) if removed > after => {
+                        Some(hot.stats(topic).and_then(|s| s.first_id))
+                    }
+                    _ => None,
+                })
+            }
+            Backend::Valkey(tier) => {
+                let (first, max_deleted) = tier.gap_info(topic).await?;
+                Ok(match max_deleted {
+                    Some(deleted) if deleted > after => Some(first),
+                    _ => None,
+                })
             }
         }
     }

@@ -12,6 +12,9 @@ pub mod topics;
 
 use bytes::BytesMut;
 
+use crate::delivery::sse::SseRequest;
+use crate::delivery::websocket::WsUpgrade;
+
 use super::codec::{Method, Request};
 use super::error::ApiError;
 use super::response::{write_json_error, write_response, ResponseHead};
@@ -37,9 +40,52 @@ impl Reply {
     }
 }
 
-/// Handles one request, appending its response to `out`. Returns whether the connection stays
-/// open afterwards.
-pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> bool {
+/// What the connection does after a request.
+pub enum Outcome {
+    /// The response is in the output buffer; keep the connection (`true`) or close it.
+    Respond {
+        keep_alive: bool,
+    },
+    /// The connection leaves HTTP request/response: it becomes an event stream or (the 101
+    /// response already in the output buffer) a WebSocket.
+    EventStream(SseRequest),
+    WebSocket(WsUpgrade),
+}
+
+/// Handles one request, appending its response to `out`.
+pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> Outcome {
+    // Streams and upgrades leave the request/response cycle; everything else answers below.
+    let result = match router::route(request.method(), request.path()) {
+        Ok(Route::Events(topic)) => {
+            match crate::delivery::sse::parse(
+                &request,
+                topic,
+                shard.config.longpoll.max_topics,
+                shard.config.api.max_topic_name_len,
+            ) {
+                Ok(sse) => return Outcome::EventStream(sse),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(Route::WebSocket) => match crate::delivery::websocket::accept(shard, &request) {
+            Ok((upgrade, response)) => {
+                out.extend_from_slice(&response);
+                return Outcome::WebSocket(upgrade);
+            }
+            Err(e) => Err(e),
+        },
+        Ok(route) => dispatch(shard, route, &request).await,
+        Err(e) => Err(e),
+    };
+    respond(shard, &request, result, out)
+}
+
+fn respond(
+    shard: &Shard,
+    request: &Request,
+    result: Result<Reply, ApiError>,
+    out: &mut BytesMut,
+) -> Outcome {
     let keep_alive = request.keep_alive();
     let head_only = request.method() == Method::Head;
     // An HTTP/1.0 client keeps the connection only if told so explicitly (ab -k relies on it).
@@ -47,10 +93,6 @@ pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> bool
         &[("Connection", "keep-alive")]
     } else {
         &[]
-    };
-    let result = match router::route(request.method(), request.path()) {
-        Ok(route) => dispatch(shard, route, &request).await,
-        Err(e) => Err(e),
     };
     shard.with_date(|date| match result {
         Ok(reply) => write_response(
@@ -72,6 +114,7 @@ pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> bool
                 retry_after = secs.to_string();
                 extra.push(("Retry-After", &retry_after));
             }
+            extra.extend_from_slice(error.headers);
             if error.status == 405 {
                 extra.push(("Allow", router::allow_header(request.path())));
             }
@@ -90,7 +133,7 @@ pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> bool
             )
         }
     });
-    keep_alive
+    Outcome::Respond { keep_alive }
 }
 
 async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Reply, ApiError> {
@@ -104,6 +147,25 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
         Route::Trim(topic) => topics::trim(shard, topic, request).await,
         Route::Health => health::health(shard).await,
         Route::Ready => Ok(health::ready(shard).await),
+        Route::Poll => {
+            require_json(request)?;
+            let poll = crate::delivery::longpoll::parse_poll_body(
+                request.body(),
+                &shard.config.longpoll,
+                shard.config.api.max_topic_name_len,
+            )?;
+            crate::delivery::longpoll::poll(shard, poll).await
+        }
+        Route::PollGet => {
+            let poll = crate::delivery::longpoll::parse_poll_query(
+                request.query(),
+                &shard.config.longpoll,
+                shard.config.api.max_topic_name_len,
+            )?;
+            crate::delivery::longpoll::poll(shard, poll).await
+        }
+        // Answered in `handle` before dispatch.
+        Route::Events(_) | Route::WebSocket => Err(ApiError::internal()),
     }
 }
 

@@ -1,0 +1,275 @@
+//! Long-poll: `POST /messages/poll` (the Python relay's form) and `GET /api/v1/poll`.
+//!
+//! A poll returns at once with whatever is retained after the consumer's position, oldest
+//! first; with nothing there it parks until a message arrives or its timeout passes. The
+//! Python relay read, then started waiting, and lost a message published in between; here the
+//! request registers as a consumer of its topics *before* it reads, so such a message is
+//! queued for it while it reads and wakes it at once.
+//!
+//! A parked request whose client disconnects is dropped by the connection loop, which
+//! detaches it (its `Parked` guard) at once.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{select, Either};
+use serde::Deserialize;
+
+use super::sink::{Delivered, Sink};
+use super::{unfollow_all, StartAt};
+use crate::config::LongPollConfig;
+use crate::http::error::ApiError;
+use crate::http::handlers::Reply;
+use crate::shard::Shard;
+use crate::store::message::MessageId;
+
+/// A validated poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollRequest {
+    /// Each topic with where to start reading it.
+    pub topics: Vec<(String, StartAt)>,
+    pub timeout: Duration,
+    pub limit: usize,
+}
+
+#[derive(Deserialize)]
+struct PollBody {
+    topics: Option<Vec<String>>,
+    since: Option<BTreeMap<String, String>>,
+    timeout: Option<f64>,
+    limit: Option<u64>,
+}
+
+/// `POST /messages/poll` body: `{topics, since?: {topic: id}, timeout?, limit?}`. With
+/// `since`, a listed topic without an id is read from its oldest message (the Python relay's
+/// clients rely on that to get what was published before their first poll); without `since`
+/// the poll waits for new messages only.
+pub fn parse_poll_body(
+    body: &[u8],
+    limits: &LongPollConfig,
+    max_topic_len: usize,
+) -> Result<PollRequest, ApiError> {
+    let body: PollBody = serde_json::from_slice(body).map_err(crate::http::handlers::bad_json)?;
+    let topics = body.topics.unwrap_or_default();
+    let since = body.since;
+    let mut starts = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let start = match &since {
+            None => StartAt::Last,
+            Some(map) => match map.get(&topic) {
+                None => StartAt::Earliest,
+                Some(id) => StartAt::After(parse_id(id)?),
+            },
+        };
+        starts.push((topic, start));
+    }
+    finish(starts, body.timeout, body.limit, limits, max_topic_len)
+}
+
+/// `GET /api/v1/poll?topics=a,b&since=<id>&timeout=&limit=`: one `since` for every topic.
+pub fn parse_poll_query(
+    query: Option<&str>,
+    limits: &LongPollConfig,
+    max_topic_len: usize,
+) -> Result<PollRequest, ApiError> {
+    let mut topics = Vec::new();
+    let mut since = None;
+    let mut timeout = None;
+    let mut limit = None;
+    for (key, value) in crate::http::router::query_pairs(query) {
+        match &*key {
+            "topics" | "topic" => topics.extend(
+                value
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            ),
+            "since" | "cursor" if !value.is_empty() => since = Some(parse_id(&value)?),
+            "timeout" => {
+                timeout = Some(value.parse::<f64>().map_err(|_| {
+                    ApiError::invalid_request("`timeout` must be a number of seconds")
+                })?)
+            }
+            "limit" => {
+                limit =
+                    Some(value.parse::<u64>().map_err(|_| {
+                        ApiError::invalid_request("`limit` must be a positive integer")
+                    })?)
+            }
+            _ => {}
+        }
+    }
+    let start = since.map_or(StartAt::Last, StartAt::After);
+    let starts = topics.into_iter().map(|t| (t, start)).collect();
+    finish(starts, timeout, limit, limits, max_topic_len)
+}
+
+fn parse_id(id: &str) -> Result<MessageId, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::invalid_cursor("`since` must hold message ids such as 1700000000000-0")
+    })
+}
+
+fn finish(
+    topics: Vec<(String, StartAt)>,
+    timeout: Option<f64>,
+    limit: Option<u64>,
+    limits: &LongPollConfig,
+    max_topic_len: usize,
+) -> Result<PollRequest, ApiError> {
+    if topics.is_empty() || topics.len() > limits.max_topics {
+        return Err(ApiError::invalid_request(format!(
+            "`topics` must list 1 to {} topics",
+            limits.max_topics
+        )));
+    }
+    for (topic, _) in &topics {
+        crate::topic::validate(topic, max_topic_len)
+            .map_err(|e| ApiError::invalid_topic(e.to_string()))?;
+    }
+    let max_timeout = limits.max_timeout.as_secs_f64();
+    let timeout = match timeout {
+        None => limits.default_timeout,
+        Some(t) if t.is_finite() && (1.0..=max_timeout).contains(&t) => Duration::from_secs_f64(t),
+        Some(_) => {
+            return Err(ApiError::invalid_request(format!(
+                "`timeout` must be 1 to {max_timeout} seconds"
+            )))
+        }
+    };
+    let limit = match limit {
+        None => limits.default_limit,
+        Some(l) if l >= 1 && l as usize <= limits.max_limit => l as usize,
+        Some(_) => {
+            return Err(ApiError::invalid_request(format!(
+                "`limit` must be 1 to {}",
+                limits.max_limit
+            )))
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let topics = topics
+        .into_iter()
+        .filter(|(t, _)| seen.insert(t.clone()))
+        .collect();
+    Ok(PollRequest {
+        topics,
+        timeout,
+        limit,
+    })
+}
+
+/// Detaches a poll's sink however the request ends (answered, timed out, client gone).
+struct Parked<'a> {
+    shard: &'a Shard,
+    sink: Rc<Sink>,
+    counted: bool,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        unfollow_all(self.shard, &self.sink);
+        if self.counted {
+            self.shard.delivery.unpark();
+        }
+    }
+}
+
+/// The queue bound of a poll's sink: it is answered at the first message, so this only
+/// needs to hold one burst.
+const POLL_QUEUE_BYTES: usize = 8 << 20;
+
+pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError> {
+    let sink = shard.delivery.new_sink(POLL_QUEUE_BYTES);
+    let mut guard = Parked {
+        shard,
+        sink: sink.clone(),
+        counted: false,
+    };
+    let mut found: Vec<Rc<Delivered>> = Vec::new();
+    let mut has_more = false;
+    for (topic, start) in &request.topics {
+        let name: Arc<str> = Arc::from(topic.as_str());
+        // Registered before the read below; live messages are held back until the read is
+        // done, then only those newer than what it returned are kept.
+        sink.follow(&name, *start != StartAt::Last);
+        shard.delivery.attach(&name, &sink);
+        let (after, limit) = match start {
+            StartAt::Last => (None, 0),
+            StartAt::Earliest => (None, request.limit),
+            StartAt::After(id) => {
+                sink.seen_up_to(topic, *id);
+                (Some(*id), request.limit)
+            }
+        };
+        let page = shard.subscribe_read(topic, after, limit, false).await?;
+        has_more |= page.more;
+        for message in page.messages {
+            sink.seen_up_to(topic, message.id);
+            found.push(Rc::new(Delivered::new(name.clone(), message)));
+        }
+        sink.finish_replay(topic);
+    }
+    if found.is_empty() {
+        if !shard
+            .delivery
+            .try_park(shard.config.longpoll.max_parked_per_shard)
+        {
+            return Err(ApiError::unavailable(
+                "too many parked poll requests on this shard",
+            ));
+        }
+        guard.counted = true;
+        let ready = Box::pin(sink.ready());
+        let timer = Box::pin(glommio::timer::sleep(request.timeout));
+        if let Either::Right(_) = select(ready, timer).await {
+            return Ok(Reply::json(
+                200,
+                br#"{"messages":[],"has_more":false,"timeout":true}"#.to_vec(),
+            ));
+        }
+    }
+    // Whatever arrived live meanwhile (newer than anything read above) goes after it.
+    sink.take(&mut found, usize::MAX);
+    // Oldest first across topics; per topic the order is already by id.
+    found.sort_by_key(|d| d.id());
+    if found.len() > request.limit {
+        found.truncate(request.limit);
+        has_more = true;
+    }
+    drop(guard);
+    Ok(Reply::json(200, render(&found, has_more)))
+}
+
+fn render(messages: &[Rc<Delivered>], has_more: bool) -> Vec<u8> {
+    let mut body =
+        Vec::with_capacity(64 + messages.iter().map(|d| d.json().len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"messages\":[");
+    let mut last: BTreeMap<&str, MessageId> = BTreeMap::new();
+    for (i, d) in messages.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(d.json());
+        last.insert(&d.topic, d.id());
+    }
+    body.extend_from_slice(if has_more {
+        b"],\"has_more\":true,\"next_offset\":{"
+    } else {
+        b"],\"has_more\":false,\"next_offset\":{"
+    });
+    for (i, (topic, id)) in last.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.push(b'"');
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(b"\":\"");
+        id.write_to(&mut body);
+        body.push(b'"');
+    }
+    body.extend_from_slice(b"}}");
+    body
+}

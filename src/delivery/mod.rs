@@ -1,0 +1,150 @@
+//! Real-time delivery: WebSocket sessions, long-poll requests and Server-Sent Event streams.
+//!
+//! Every consumer, whatever its transport, is a [`sink::Sink`] registered in its shard's
+//! [`registry::Registry`] for the topics it follows. The owning shard of a topic offers each
+//! acknowledged message to its own consumers and forwards one copy to every other shard with
+//! consumers of the topic (see `registry`), so a message crosses a shard boundary at most once
+//! per shard, and each wire encoding is made once per shard and shared by its sockets.
+//!
+//! Resume is gap-free: [`follow`] attaches the sink (live messages are held back), registers
+//! with the owner, replays history after the consumer's offset page by page (hot tier, then
+//! Valkey for older ranges), then releases the held-back live messages newer than the last
+//! replayed one. An offset older than what is retained yields a gap signal first.
+//!
+//! - [`sink`]: a consumer's bounded queue, per-topic cursors, shared encodings.
+//! - [`registry`]: consumers per topic, interest of other shards, parked long-poll count.
+//! - [`longpoll`]: `POST /messages/poll`, `GET /api/v1/poll`.
+//! - [`sse`]: `GET /api/v1/topics/{topic}/events`, `GET /api/v1/events`.
+//! - [`websocket`]: `GET /ws` sessions.
+
+pub mod longpoll;
+pub mod registry;
+pub mod sink;
+pub mod sse;
+pub mod websocket;
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::shard::{Shard, ShardError};
+use crate::store::message::MessageId;
+use sink::{Delivered, Sink, SinkState};
+
+/// Messages per replay round trip: large enough that catching up on a long backlog is few
+/// round trips, small enough that one page never dominates a consumer's queue bound.
+const REPLAY_PAGE: usize = 500;
+
+/// Where a consumer starts reading a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Only messages published from now on.
+    Last,
+    /// Every retained message.
+    Earliest,
+    /// Every message after this id (exclusive).
+    After(MessageId),
+}
+
+/// A gap: messages after `requested` were removed before the consumer could read them;
+/// delivery continues from `oldest_available`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub topic: Arc<str>,
+    pub requested: MessageId,
+    pub oldest_available: Option<MessageId>,
+}
+
+/// Makes `sink` a consumer of `topic` from `start`: [`register`], then [`catch_up`].
+pub async fn follow(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    topic: Arc<str>,
+    start: StartAt,
+    max_queued_bytes: usize,
+    on_gap: &mut dyn FnMut(Gap),
+) -> Result<(), ShardError> {
+    register(shard, sink, &topic, start).await?;
+    catch_up(shard, sink, topic, start, max_queued_bytes, on_gap).await
+}
+
+/// Attaches `sink` to `topic` and registers with the owner; from its return on, every
+/// message appended to the topic reaches the sink (held back while a replay is pending).
+pub async fn register(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    topic: &Arc<str>,
+    start: StartAt,
+) -> Result<(), ShardError> {
+    sink.follow(topic, start != StartAt::Last);
+    if let StartAt::After(id) = start {
+        sink.seen_up_to(topic, id);
+    }
+    shard.delivery.attach(topic, sink);
+    shard.subscribe_read(topic, None, 0, false).await?;
+    Ok(())
+}
+
+/// After [`register`]: replays history after the start (flow-controlled by the sink's
+/// queue), then releases held-back live messages newer than the last replayed one. Reports a
+/// gap through `on_gap` before any replayed message is queued.
+pub async fn catch_up(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    topic: Arc<str>,
+    start: StartAt,
+    max_queued_bytes: usize,
+    on_gap: &mut dyn FnMut(Gap),
+) -> Result<(), ShardError> {
+    let mut after = match start {
+        StartAt::Last => return Ok(()),
+        StartAt::Earliest => None,
+        StartAt::After(id) => Some(id),
+    };
+    let mut first = true;
+    loop {
+        let page = shard
+            .subscribe_read(&topic, after, REPLAY_PAGE, first && after.is_some())
+            .await?;
+        if first {
+            if let (Some(oldest), Some(requested)) = (page.gap, after) {
+                on_gap(Gap {
+                    topic: topic.clone(),
+                    requested,
+                    oldest_available: oldest,
+                });
+            }
+            first = false;
+        }
+        let fetched = page.messages.len();
+        for message in page.messages {
+            after = Some(message.id);
+            sink.push_replayed(Rc::new(Delivered::new(topic.clone(), message)));
+        }
+        if !page.more || fetched == 0 {
+            break;
+        }
+        // Let the consumer drain before fetching more: a backlog never sits in memory whole.
+        sink.drained_below(max_queued_bytes / 2).await;
+        if sink.state() != SinkState::Open {
+            break;
+        }
+    }
+    sink.finish_replay(&topic);
+    Ok(())
+}
+
+/// Stops `sink` following `topic`; the owner stops forwarding when no consumer is left here.
+pub fn unfollow(shard: &Shard, sink: &Sink, topic: &str) {
+    sink.unfollow(topic);
+    if shard.delivery.detach(topic, sink.id) {
+        shard.withdraw_interest(topic);
+    }
+}
+
+/// Stops `sink` following everything (the consumer went away).
+pub fn unfollow_all(shard: &Shard, sink: &Sink) {
+    for topic in sink.topics() {
+        unfollow(shard, sink, &topic);
+    }
+    sink.close();
+}

@@ -1,0 +1,431 @@
+//! WebSocket sessions at `GET /ws`.
+//!
+//! The HTTP layer hands over the upgrade request; [`accept`] validates it and produces the
+//! 101 response (choosing the `bearer` subprotocol when offered, as the Python relay's clients
+//! expect). [`run`] then drives the session over the raw connection:
+//! - a reader decodes client frames (sans-IO codec in `crate::ws`) and acts on the JSON
+//!   commands: subscribe (with an offset), unsubscribe, ack, ping;
+//! - a writer sends, in one write per batch, the session's control frames (acknowledgements,
+//!   errors, gap signals, pongs, protocol pings) and then its queued messages, each one the
+//!   frame encoded once per shard and shared by every socket;
+//! - followers catch subscriptions up (history replay) concurrently with both.
+//!
+//! Subscribing registers every topic with its owner first, then answers `subscribed`, then
+//! replays: so `subscribed` means "from here on nothing is missed", and replayed messages
+//! follow it. A client that falls `ws.max_queued_bytes` behind is closed with 4008 "slow
+//! consumer"; it resumes with its last id. No frame from the client for `ws.idle_timeout`
+//! (protocol pongs count) closes the session; shutdown closes it with 1001.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::channel::mpsc;
+use futures::future::{select, Either};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::sink::{Delivered, Sink, SinkState};
+use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
+use crate::clock::now_ms;
+use crate::http::codec::Request;
+use crate::http::error::ApiError;
+use crate::shard::Shard;
+use crate::store::message::{write_rfc3339_millis, MessageId};
+use crate::ws::codec::{self, CloseReason, CodecLimits, Decoder, Incoming};
+use crate::ws::handshake::{self, UpgradeRequest};
+use crate::ws::protocol::{self, ClientMessage, Offset};
+
+/// What the session needs from the upgrade.
+#[derive(Debug, Clone)]
+pub struct WsUpgrade {
+    pub protocol: Option<&'static str>,
+}
+
+/// Validates an upgrade request; returns the session parameters and the 101 response.
+pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>), ApiError> {
+    let upgrade = UpgradeRequest {
+        method_get: request.method() == crate::http::codec::Method::Get,
+        version_minor: request.version_minor(),
+        connection: request.header("connection"),
+        upgrade: request.header("upgrade"),
+        sec_websocket_key: request.header("sec-websocket-key"),
+        sec_websocket_version: request.header("sec-websocket-version"),
+        sec_websocket_protocol: request.header("sec-websocket-protocol"),
+    };
+    match handshake::accept(&upgrade) {
+        Ok(accepted) => Ok((
+            WsUpgrade {
+                protocol: accepted.protocol,
+            },
+            accepted.response,
+        )),
+        Err(e) => {
+            let mut error = ApiError::new(e.status(), e.code(), e.message());
+            error.headers = e.response_headers();
+            Err(error)
+        }
+    }
+}
+
+/// Bytes asked of each read of client frames.
+const READ_CHUNK: usize = 4 << 10;
+/// Messages written per batch.
+const WRITE_BATCH: usize = 256;
+/// How long a closing session waits for the client's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A subscription's catch-up job for the followers.
+struct Job {
+    topic: Arc<str>,
+    start: StartAt,
+}
+
+/// Drives one session until it closes. `input` holds bytes the client sent after the upgrade
+/// request (its first frames, possibly).
+pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: WsUpgrade) {
+    let config = &shard.config.ws;
+    let (mut reader, mut writer) = stream.split();
+    let sink = shard.delivery.new_sink(config.max_queued_bytes);
+    let session_id = format!("{:x}-{}-{}", fastrand::u64(..), shard.id, sink.id);
+    let last_heard = Cell::new(Instant::now());
+    // Set when the session is ending: the close frame to send (once), if any.
+    let closing: RefCell<Option<Option<CloseReason>>> = RefCell::new(None);
+    let acks = Cell::new(0u64);
+    let (jobs_tx, mut jobs_rx) = mpsc::unbounded::<Vec<Job>>();
+
+    let close_with = |reason: Option<CloseReason>| {
+        let mut c = closing.borrow_mut();
+        if c.is_none() {
+            *c = Some(reason);
+        }
+        drop(c);
+        sink.close();
+    };
+
+    let reader_loop = async {
+        let mut decoder = Decoder::new(CodecLimits {
+            max_frame_bytes: config.max_message_bytes,
+            max_message_bytes: config.max_message_bytes,
+        });
+        let mut buf = input;
+        loop {
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(frame)) => {
+                        last_heard.set(Instant::now());
+                        match frame {
+                            Incoming::Text(text) => {
+                                handle_text(shard, &sink, &text, &session_id, &jobs_tx, &acks).await
+                            }
+                            Incoming::Binary(_) => sink.push_control(error_frame(
+                                "UNSUPPORTED_FRAME",
+                                "binary frames are not supported; send JSON text frames",
+                            )),
+                            Incoming::Ping(payload) => {
+                                let mut out = BytesMut::new();
+                                codec::encode_pong(&mut out, &payload);
+                                sink.push_control(out.freeze());
+                            }
+                            Incoming::Pong(_) => {}
+                            Incoming::Close(code) => {
+                                let mut out = BytesMut::new();
+                                codec::encode_close_echo(&mut out, code.map(|(c, _)| c));
+                                sink.push_control(out.freeze());
+                                close_with(None);
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(reason) => {
+                        close_with(Some(reason));
+                        return;
+                    }
+                }
+            }
+            if closing.borrow().is_some() {
+                return;
+            }
+            let start = buf.len();
+            buf.resize(start + READ_CHUNK, 0);
+            match reader.read(&mut buf[start..]).await {
+                Ok(0) | Err(_) => {
+                    buf.truncate(start);
+                    close_with(None);
+                    return;
+                }
+                Ok(n) => buf.truncate(start + n),
+            }
+        }
+    };
+
+    let followers = async {
+        let mut running = FuturesUnordered::new();
+        loop {
+            let next_job = jobs_rx.next();
+            if running.is_empty() {
+                match next_job.await {
+                    Some(jobs) => {
+                        for job in jobs {
+                            running.push(follow_job(shard, &sink, job, config.max_queued_bytes));
+                        }
+                    }
+                    None => return,
+                }
+                continue;
+            }
+            match select(next_job, running.next()).await {
+                Either::Left((Some(jobs), _)) => {
+                    for job in jobs {
+                        running.push(follow_job(shard, &sink, job, config.max_queued_bytes));
+                    }
+                }
+                Either::Left((None, _)) => {
+                    while running.next().await.is_some() {}
+                    return;
+                }
+                Either::Right(_) => {}
+            }
+        }
+    };
+
+    let writer_loop = async {
+        let mut out = BytesMut::with_capacity(4096);
+        let mut batch: Vec<Rc<Delivered>> = Vec::with_capacity(WRITE_BATCH);
+        let mut next_ping = Instant::now() + config.ping_interval;
+        loop {
+            sink.take_control(&mut out);
+            batch.clear();
+            sink.take(&mut batch, WRITE_BATCH);
+            for d in &batch {
+                out.extend_from_slice(d.ws_frame());
+            }
+            let ending = closing.borrow().is_some() || sink.state() != SinkState::Open;
+            if ending {
+                let reason = match (*closing.borrow(), sink.state()) {
+                    (Some(reason), _) => reason,
+                    (None, SinkState::Overflowed) => Some(CloseReason::SlowConsumer),
+                    (None, _) => Some(CloseReason::GoingAway),
+                };
+                if let Some(reason) = reason {
+                    if reason == CloseReason::SlowConsumer {
+                        tracing::debug!(shard = shard.id, "closing a slow WebSocket consumer");
+                    }
+                    codec::encode_close(&mut out, &reason);
+                }
+                let _ = writer.write_all(&out).await;
+                return;
+            }
+            if !out.is_empty() {
+                if writer.write_all(&out).await.is_err() {
+                    close_with(None);
+                    return;
+                }
+                out.clear();
+                continue;
+            }
+            let now = Instant::now();
+            if now.duration_since(last_heard.get()) > config.idle_timeout {
+                close_with(Some(CloseReason::Policy(1001, "idle timeout")));
+                continue;
+            }
+            if now >= next_ping {
+                codec::encode_ping(&mut out, b"");
+                next_ping = now + config.ping_interval;
+                continue;
+            }
+            let wake_at =
+                next_ping.min(last_heard.get() + config.idle_timeout + Duration::from_millis(1));
+            let ready = Box::pin(sink.ready());
+            let timer = Box::pin(glommio::timer::sleep(
+                wake_at.saturating_duration_since(now),
+            ));
+            match select(select(ready, timer), Box::pin(shard.shutdown.wait())).await {
+                Either::Left(_) => {}
+                Either::Right(_) => close_with(Some(CloseReason::GoingAway)),
+            }
+        }
+    };
+
+    // The writer decides when the session ends; the reader then gets a short grace period to
+    // receive the client's close frame, and followers stop with the sink.
+    let reader_loop = std::pin::pin!(reader_loop);
+    // Followers never finish on their own (they wait for more subscriptions): the session is
+    // over when the writer is, and unfinished catch-ups are dropped with it.
+    let session = async {
+        select(std::pin::pin!(writer_loop), std::pin::pin!(followers)).await;
+    };
+    match select(std::pin::pin!(session), reader_loop).await {
+        Either::Left((_, reader)) => {
+            let _ = select(reader, Box::pin(glommio::timer::sleep(CLOSE_GRACE))).await;
+        }
+        Either::Right((_, session)) => {
+            // The reader ended (close frame, error, EOF): let the writer send what it must.
+            let _ = select(session, Box::pin(glommio::timer::sleep(CLOSE_GRACE))).await;
+        }
+    }
+    unfollow_all(shard, &sink);
+    tracing::trace!(session = %session_id, acks = acks.get(), "WebSocket session ended");
+    let _ = writer.close().await;
+}
+
+async fn follow_job(shard: &Shard, sink: &Rc<Sink>, job: Job, max_queued_bytes: usize) {
+    let mut on_gap = |gap: Gap| sink.push_control(gap_frame(&gap));
+    if let Err(e) = catch_up(
+        shard,
+        sink,
+        job.topic.clone(),
+        job.start,
+        max_queued_bytes,
+        &mut on_gap,
+    )
+    .await
+    {
+        tracing::debug!(error = %e, "WebSocket replay failed");
+        sink.push_control(error_frame(
+            "REPLAY_FAILED",
+            &format!("could not replay `{}`; resubscribe to retry", job.topic),
+        ));
+    }
+}
+
+/// Acts on one JSON command.
+async fn handle_text(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    text: &str,
+    session_id: &str,
+    jobs: &mpsc::UnboundedSender<Vec<Job>>,
+    acks: &Cell<u64>,
+) {
+    let config = &shard.config;
+    match protocol::parse_client_message(text, config.ws.max_topics) {
+        Err(e) => sink.push_control(error_frame(e.code(), &e.message())),
+        Ok(ClientMessage::Ping) => {
+            let mut out = Vec::with_capacity(64);
+            let mut ts = Vec::with_capacity(24);
+            write_rfc3339_millis(&mut ts, now_ms());
+            protocol::write_pong(&mut out, &String::from_utf8_lossy(&ts));
+            sink.push_control(codec::text_frame(&out));
+        }
+        Ok(ClientMessage::Ack { .. }) => acks.set(acks.get() + 1),
+        Ok(ClientMessage::Unsubscribe { topics }) => {
+            for topic in &topics {
+                unfollow(shard, sink, topic);
+            }
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let mut out = Vec::with_capacity(64);
+            protocol::write_unsubscribed(&mut out, &names);
+            sink.push_control(codec::text_frame(&out));
+        }
+        Ok(ClientMessage::Subscribe { topics, offset, .. }) => {
+            let mut plan: Vec<(Arc<str>, StartAt)> = Vec::with_capacity(topics.len());
+            for topic in &topics {
+                if let Err(e) = crate::topic::validate(topic, config.api.max_topic_name_len) {
+                    sink.push_control(error_frame(
+                        "INVALID_TOPIC",
+                        &format!("`{}`: {e}", topic.escape_debug()),
+                    ));
+                    return;
+                }
+                let start = match start_for(&offset, topic) {
+                    Ok(start) => start,
+                    Err(message) => {
+                        sink.push_control(error_frame("INVALID_OFFSET", &message));
+                        return;
+                    }
+                };
+                if !sink.follows(topic) {
+                    plan.push((Arc::from(topic.as_str()), start));
+                }
+            }
+            if sink.topics().len() + plan.len() > config.ws.max_topics {
+                sink.push_control(error_frame(
+                    "TOO_MANY_TOPICS",
+                    &format!(
+                        "a session may follow at most {} topics",
+                        config.ws.max_topics
+                    ),
+                ));
+                return;
+            }
+            // Register everything first, so `subscribed` means nothing from now on is missed.
+            for (topic, start) in &plan {
+                if let Err(e) = register(shard, sink, topic, *start).await {
+                    tracing::debug!(error = %e, "WebSocket subscribe failed");
+                    for (t, _) in &plan {
+                        unfollow(shard, sink, t);
+                    }
+                    sink.push_control(error_frame(
+                        "SERVICE_UNAVAILABLE",
+                        "could not subscribe now; retry shortly",
+                    ));
+                    return;
+                }
+            }
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let mut ts = Vec::with_capacity(24);
+            write_rfc3339_millis(&mut ts, now_ms());
+            let mut out = Vec::with_capacity(128);
+            protocol::write_subscribed(&mut out, &names, session_id, &String::from_utf8_lossy(&ts));
+            sink.push_control(codec::text_frame(&out));
+            let replays: Vec<Job> = plan
+                .into_iter()
+                .filter(|(_, start)| *start != StartAt::Last)
+                .map(|(topic, start)| Job { topic, start })
+                .collect();
+            if !replays.is_empty() {
+                let _ = jobs.unbounded_send(replays);
+            }
+        }
+    }
+}
+
+fn start_for(offset: &Offset, topic: &str) -> Result<StartAt, String> {
+    let parse = |id: &str| {
+        id.parse::<MessageId>().map(StartAt::After).map_err(|_| {
+            format!(
+                "offset `{}` is not a message id such as 1700000000000-0",
+                id.escape_debug()
+            )
+        })
+    };
+    match offset {
+        Offset::Last => Ok(StartAt::Last),
+        Offset::Earliest => Ok(StartAt::Earliest),
+        Offset::After(id) => parse(id),
+        Offset::PerTopic(map) => match map.iter().find(|(t, _)| t == topic) {
+            None => Ok(StartAt::Last),
+            Some((_, id)) if id == "earliest" => Ok(StartAt::Earliest),
+            Some((_, id)) if id == "last" => Ok(StartAt::Last),
+            Some((_, id)) => parse(id),
+        },
+    }
+}
+
+fn error_frame(code: &str, message: &str) -> Bytes {
+    let mut out = Vec::with_capacity(64 + message.len());
+    protocol::write_error(&mut out, code, message);
+    codec::text_frame(&out)
+}
+
+fn gap_frame(gap: &Gap) -> Bytes {
+    let mut requested = Vec::with_capacity(24);
+    gap.requested.write_to(&mut requested);
+    let oldest = gap
+        .oldest_available
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(128);
+    protocol::write_gap(
+        &mut out,
+        &gap.topic,
+        &String::from_utf8_lossy(&requested),
+        &oldest,
+    );
+    codec::text_frame(&out)
+}
