@@ -36,6 +36,7 @@
 //!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
 //! - [`delivery`]: real-time consumers (WebSocket sessions, long-polls, SSE streams): their
 //!   bounded queues, the per-shard subscriber registry, cross-shard fan-out, gap-free resume.
+//! - [`metrics`]: per-shard counters and histograms, summed and rendered at scrape.
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
@@ -47,6 +48,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod metrics;
 pub mod net;
 pub mod shard;
 pub mod store;

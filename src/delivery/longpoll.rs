@@ -240,6 +240,7 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         has_more = true;
     }
     drop(guard);
+    super::record_delivered(shard, crate::metrics::Egress::LongPoll, &found);
     Ok(Reply::json(200, render(&found, has_more)))
 }
 

@@ -133,6 +133,29 @@ pub async fn catch_up(
     Ok(())
 }
 
+/// Counts deliveries about to be written and, for live ones, their lag since the owner
+/// acknowledged them.
+pub fn record_delivered(shard: &Shard, egress: crate::metrics::Egress, batch: &[Rc<Delivered>]) {
+    shard.metrics.delivered(egress, batch.len() as u64);
+    let now = std::time::Instant::now();
+    for d in batch {
+        if let Some(acked) = d.acked_at {
+            shard
+                .metrics
+                .delivery_lag(now.saturating_duration_since(acked));
+        }
+    }
+}
+
+/// Runs a closure when dropped (gauges that must go down however a session ends).
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// Stops `sink` following `topic`; the owner stops forwarding when no consumer is left here.
 pub fn unfollow(shard: &Shard, sink: &Sink, topic: &str) {
     sink.unfollow(topic);

@@ -101,7 +101,12 @@ impl Registry {
     /// Offers messages of `topic` (in id order) to this shard's consumers. Each message is
     /// wrapped once; its encodings are made on first use and shared by all consumers.
     /// Returns how many deliveries were queued.
-    pub fn deliver_local(&self, topic: &str, messages: &[Message]) -> usize {
+    pub fn deliver_local(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        acked_at: std::time::Instant,
+    ) -> usize {
         let sinks: Vec<Rc<Sink>> = match self.local.borrow().get(topic) {
             Some(sinks) if !sinks.is_empty() => sinks.clone(),
             _ => return 0,
@@ -109,7 +114,11 @@ impl Registry {
         let name: Arc<str> = Arc::from(topic);
         let mut queued = 0;
         for message in messages {
-            let delivered = Rc::new(Delivered::new(name.clone(), message.clone()));
+            let delivered = Rc::new(Delivered::live(
+                name.clone(),
+                message.clone(),
+                Some(acked_at),
+            ));
             for sink in &sinks {
                 sink.offer(&delivered);
                 queued += 1;

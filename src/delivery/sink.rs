@@ -25,6 +25,9 @@ use crate::store::message::{write_message_json, Message, MessageId};
 pub struct Delivered {
     pub topic: Arc<str>,
     pub message: Message,
+    /// When the owning shard acknowledged it, for live deliveries (the delivery-lag metric);
+    /// `None` for replayed history.
+    pub acked_at: Option<std::time::Instant>,
     json: OnceCell<Bytes>,
     ws_frame: OnceCell<Bytes>,
     sse_event: OnceCell<Bytes>,
@@ -32,9 +35,18 @@ pub struct Delivered {
 
 impl Delivered {
     pub fn new(topic: Arc<str>, message: Message) -> Delivered {
+        Delivered::live(topic, message, None)
+    }
+
+    pub fn live(
+        topic: Arc<str>,
+        message: Message,
+        acked_at: Option<std::time::Instant>,
+    ) -> Delivered {
         Delivered {
             topic,
             message,
+            acked_at,
             json: OnceCell::new(),
             ws_frame: OnceCell::new(),
             sse_event: OnceCell::new(),

@@ -18,9 +18,10 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::sink::{Delivered, SinkState};
-use super::{follow, unfollow_all, Gap, StartAt};
+use super::{follow, record_delivered, unfollow_all, Gap, OnDrop, StartAt};
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
+use crate::metrics::Egress;
 use crate::shard::Shard;
 use crate::store::message::MessageId;
 
@@ -94,6 +95,8 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
     if stream.write_all(&head).await.is_err() {
         return;
     }
+    shard.metrics.event_stream_opened(1);
+    let _open = OnDrop(|| shard.metrics.event_stream_opened(-1));
     let sink = shard.delivery.new_sink(config.max_queued_bytes);
     let followers = async {
         for topic in &request.topics {
@@ -126,6 +129,9 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
             sink.take_control(&mut out);
             batch.clear();
             sink.take(&mut batch, WRITE_BATCH);
+            if !batch.is_empty() {
+                record_delivered(shard, Egress::Sse, &batch);
+            }
             for d in &batch {
                 out.extend_from_slice(d.sse_event());
             }
@@ -137,6 +143,9 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                 continue;
             }
             if sink.state() != SinkState::Open {
+                if sink.state() == SinkState::Overflowed {
+                    shard.metrics.slow_consumer_disconnect();
+                }
                 return;
             }
             let ready = Box::pin(sink.ready());

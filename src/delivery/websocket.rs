@@ -30,9 +30,11 @@ use glommio::net::TcpStream;
 
 use super::sink::{Delivered, Sink, SinkState};
 use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
+use super::{record_delivered, OnDrop};
 use crate::clock::now_ms;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
+use crate::metrics::Egress;
 use crate::shard::Shard;
 use crate::store::message::{write_rfc3339_millis, MessageId};
 use crate::ws::codec::{self, CloseReason, CodecLimits, Decoder, Incoming};
@@ -88,6 +90,8 @@ struct Job {
 /// request (its first frames, possibly).
 pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: WsUpgrade) {
     let config = &shard.config.ws;
+    shard.metrics.websocket_opened(1);
+    let _open = OnDrop(|| shard.metrics.websocket_opened(-1));
     let (mut reader, mut writer) = stream.split();
     let sink = shard.delivery.new_sink(config.max_queued_bytes);
     let session_id = format!("{:x}-{}-{}", fastrand::u64(..), shard.id, sink.id);
@@ -201,6 +205,9 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
             sink.take_control(&mut out);
             batch.clear();
             sink.take(&mut batch, WRITE_BATCH);
+            if !batch.is_empty() {
+                record_delivered(shard, Egress::WebSocket, &batch);
+            }
             for d in &batch {
                 out.extend_from_slice(d.ws_frame());
             }
@@ -213,6 +220,7 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
                 };
                 if let Some(reason) = reason {
                     if reason == CloseReason::SlowConsumer {
+                        shard.metrics.slow_consumer_disconnect();
                         tracing::debug!(shard = shard.id, "closing a slow WebSocket consumer");
                     }
                     codec::encode_close(&mut out, &reason);

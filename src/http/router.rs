@@ -29,6 +29,36 @@ pub enum Route {
     Events(Option<String>),
     /// `GET /ws`.
     WebSocket,
+    /// `GET /metrics` (Prometheus).
+    Metrics,
+    /// `GET /api/v1/stats` (per-shard introspection).
+    Stats,
+    /// `GET /messages/poll/stats` (the Python relay's long-poll stats).
+    PollStats,
+}
+
+impl Route {
+    /// The `route` label of `relay_http_requests_total`: the route's shape, never the topic
+    /// (bounded cardinality).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Publish => "publish",
+            Route::PublishBulk => "publish_bulk",
+            Route::ListTopics => "topics",
+            Route::TopicStats(_) => "topic",
+            Route::DeleteTopic(_) => "topic_delete",
+            Route::History(_) => "history",
+            Route::Trim(_) => "trim",
+            Route::Health => "health",
+            Route::Ready => "ready",
+            Route::Poll | Route::PollGet => "poll",
+            Route::Events(_) => "events",
+            Route::WebSocket => "ws",
+            Route::Metrics => "metrics",
+            Route::Stats => "stats",
+            Route::PollStats => "poll_stats",
+        }
+    }
 }
 
 /// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
@@ -60,6 +90,9 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
         ["api", "v1", "poll"] => allowed(method == Method::Get, "GET", Route::PollGet),
         ["api", "v1", "events"] => allowed(method == Method::Get, "GET", Route::Events(None)),
         ["ws"] => allowed(method == Method::Get, "GET", Route::WebSocket),
+        ["metrics"] => allowed(get, "GET, HEAD", Route::Metrics),
+        ["api", "v1", "stats"] => allowed(get, "GET, HEAD", Route::Stats),
+        ["messages", "poll", "stats"] => allowed(get, "GET, HEAD", Route::PollStats),
         ["api", "v1", "topics", topic, "events"] if !topic.is_empty() => allowed(
             method == Method::Get,
             "GET",

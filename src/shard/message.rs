@@ -62,6 +62,12 @@ pub enum ShardRequest {
     Deliver {
         topic: String,
         messages: Vec<Message>,
+        /// When the owner acknowledged them (the delivery-lag metric starts here).
+        acked_at: std::time::Instant,
+    },
+    /// This shard's metrics and stats (gathered for `/metrics` and `/api/v1/stats`).
+    Snapshot {
+        reply: Reply<crate::metrics::Snapshot>,
     },
     /// This shard's storage counts (gathered for `/health`).
     Summary { reply: Reply<StorageSummary> },

@@ -100,6 +100,8 @@ pub struct Shard {
     pub storage: Storage,
     /// This shard's consumers and, for the topics it owns, the shards that have consumers.
     pub delivery: Registry,
+    /// Plain counters and histograms, read only when a scrape gathers them.
+    pub metrics: crate::metrics::ShardMetrics,
     /// Inbox senders of every shard, indexed by shard id (this shard's own included, unused).
     peers: Vec<ShardSender>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
@@ -127,6 +129,7 @@ impl Shard {
             runtime,
             storage,
             delivery: Registry::new(),
+            metrics: crate::metrics::ShardMetrics::new(),
             peers,
             connections: Cell::new(0),
             gate: Gate::new(),
@@ -232,15 +235,44 @@ impl Shard {
     }
 
     fn deliver_batch(&self, topic: String, messages: Vec<crate::store::message::Message>) {
-        self.delivery.deliver_local(&topic, &messages);
+        let acked_at = std::time::Instant::now();
+        self.delivery.deliver_local(&topic, &messages, acked_at);
         for shard in self.delivery.interested_shards(&topic) {
             if let Some(peer) = self.peers.get(shard) {
                 let _ = peer.unbounded_send(ShardRequest::Deliver {
                     topic: topic.clone(),
                     messages: messages.clone(),
+                    acked_at,
                 });
             }
         }
+    }
+
+    /// This shard's metrics and stats.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let mut snap = self.metrics.snapshot(self.id);
+        snap.parked_polls = self.delivery.parked();
+        snap.connections = self.connection_count();
+        snap.consumers = self.delivery.consumer_count();
+        snap.storage = self.storage.summary();
+        snap.valkey = self.storage.valkey().map(|tier| tier.snapshot());
+        snap
+    }
+
+    /// Every shard's snapshot, in shard order.
+    pub async fn gather_snapshots(&self) -> Vec<crate::metrics::Snapshot> {
+        let mut all = Vec::with_capacity(self.shard_count());
+        for owner in 0..self.shard_count() {
+            if owner == self.id {
+                all.push(self.snapshot());
+            } else if let Ok(snap) = self
+                .ask(owner, |reply| ShardRequest::Snapshot { reply })
+                .await
+            {
+                all.push(snap);
+            }
+        }
+        all
     }
 
     /// For a consumer on this shard: registers this shard's interest in `topic` with its
@@ -456,8 +488,15 @@ async fn handle_request(shard: &Shard, request: ShardRequest) {
         ShardRequest::Withdraw { topic, shard: from } => {
             shard.delivery.set_interest(&topic, from, false);
         }
-        ShardRequest::Deliver { topic, messages } => {
-            shard.delivery.deliver_local(&topic, &messages);
+        ShardRequest::Deliver {
+            topic,
+            messages,
+            acked_at,
+        } => {
+            shard.delivery.deliver_local(&topic, &messages, acked_at);
+        }
+        ShardRequest::Snapshot { reply } => {
+            let _ = reply.send(shard.snapshot());
         }
         ShardRequest::Read {
             topic,

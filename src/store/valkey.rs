@@ -60,6 +60,8 @@ pub struct ValkeyTier {
     lengths: RefCell<HashMap<String, usize>>,
     /// Per topic, publishes whose XADD is in flight, in submission order (see module doc).
     in_flight: RefCell<HashMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
+    /// Commands issued, by name (the `relay_valkey_operations_total` metric).
+    ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
     /// Buffered mode only: the last id handed out per topic (ids are chosen here so the
     /// producer can be answered before Valkey replies).
     buffered_last: RefCell<HashMap<String, MessageId>>,
@@ -104,6 +106,44 @@ impl ValkeyTier {
             lengths: RefCell::new(HashMap::new()),
             in_flight: RefCell::new(HashMap::new()),
             buffered_last: RefCell::new(HashMap::new()),
+            ops: RefCell::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    fn count(&self, op: &'static str, n: usize) {
+        *self.ops.borrow_mut().entry(op).or_insert(0) += n as u64;
+    }
+
+    /// Operation counts, failures by kind and pipeline batch sizes, for `/metrics`.
+    pub fn snapshot(&self) -> crate::metrics::ValkeySnapshot {
+        let stats = self.client.stats();
+        let mut errors = std::collections::BTreeMap::new();
+        for (kind, n) in [
+            ("connection_lost", stats.failed_connection_lost),
+            (
+                "timeout",
+                stats.failed_timeout_in_flight + stats.failed_timeout_queued,
+            ),
+            ("protocol", stats.failed_protocol),
+            ("backpressure", stats.rejected_backpressure),
+            ("error_reply", stats.error_replies),
+            ("connect", stats.connect_failures),
+            ("auth", stats.auth_failures),
+            ("tls", stats.tls_failures),
+        ] {
+            errors.insert(kind.to_owned(), n);
+        }
+        crate::metrics::ValkeySnapshot {
+            operations: self
+                .ops
+                .borrow()
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            errors,
+            batch_sizes: self.client.batch_histogram(),
+            pending: self.client.pending(),
+            connected: self.client.is_connected(),
         }
     }
 
@@ -192,6 +232,8 @@ impl ValkeyTier {
             .map(|item| self.encode_xadd(item, None, now_ms))
             .collect();
         self.push_meta_for_new_topics(&items, now_ms, &mut commands);
+        self.count("xadd", items.len());
+        self.count("hsetnx", commands.len() - items.len());
         // Reserve each item's place in its topic's queue in the same synchronous section that
         // queues the commands on the client, so queue order = wire order.
         let slots: Vec<Rc<RefCell<Slot>>> = {
@@ -283,6 +325,7 @@ impl ValkeyTier {
                 continue;
             }
             let key = self.stream_key.render(&item.topic);
+            self.count("xrevrange", 1);
             let reply = self
                 .client
                 .call(&[b"XREVRANGE", key.as_bytes(), b"+", b"-", b"COUNT", b"1"])
@@ -327,6 +370,8 @@ impl ValkeyTier {
         for item in &items {
             self.note_written(&item.topic);
         }
+        self.count("xadd", items.len());
+        self.count("hsetnx", commands.len() - items.len());
         let call = self.client.submit(&commands);
         async move {
             for (item, reply) in items.iter().zip(call.await) {
@@ -370,6 +415,15 @@ impl ValkeyTier {
                 count.as_bytes(),
             ]);
             let xlen = command(&[b"XLEN", key.as_bytes()]);
+            self.count(
+                if query.order == Order::Asc {
+                    "xrange"
+                } else {
+                    "xrevrange"
+                },
+                1,
+            );
+            self.count("xlen", 1);
             let mut replies = self.client.call_many(&[range, xlen]).await;
             let len_reply = replies.pop().unwrap_or_else(missing_reply);
             let range_reply = replies.pop().unwrap_or_else(missing_reply);
@@ -430,6 +484,7 @@ impl ValkeyTier {
     /// One topic's stats from `XINFO STREAM`; `None` when the stream does not exist.
     pub async fn stats(&self, topic: &str) -> Result<Option<TopicStats>, StoreError> {
         let key = self.stream_key.render(topic);
+        self.count("xinfo", 1);
         match self
             .client
             .call(&[b"XINFO", b"STREAM", key.as_bytes()])
@@ -449,6 +504,7 @@ impl ValkeyTier {
         topic: &str,
     ) -> Result<(Option<MessageId>, Option<MessageId>), StoreError> {
         let key = self.stream_key.render(topic);
+        self.count("xinfo", 1);
         let reply = match self
             .client
             .call(&[b"XINFO", b"STREAM", key.as_bytes()])
@@ -537,6 +593,7 @@ impl ValkeyTier {
                 ])
             })
             .collect();
+        self.count("xinfo", commands.len());
         let replies = self.client.call_many(&commands).await;
         let mut topics = Vec::with_capacity(names.len());
         for (name, reply) in names.into_iter().zip(replies) {
@@ -562,6 +619,8 @@ impl ValkeyTier {
         let keep = keep_count.to_string();
         let exists = command(&[b"EXISTS", key.as_bytes()]);
         let trim = command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()]);
+        self.count("exists", 1);
+        self.count("xtrim", 1);
         let mut replies = self.client.call_many(&[exists, trim]).await;
         let trimmed = replies.pop().unwrap_or_else(missing_reply);
         let existed = replies.pop().unwrap_or_else(missing_reply);
@@ -585,6 +644,7 @@ impl ValkeyTier {
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
         let stream = self.stream_key.render(topic);
         let meta = self.meta_key.render(topic);
+        self.count("del", 1);
         let reply = self
             .client
             .call(&[b"DEL", stream.as_bytes(), meta.as_bytes()])
@@ -603,6 +663,7 @@ impl ValkeyTier {
         let mut cursor = String::from("0");
         let mut found = 0;
         loop {
+            self.count("scan", 1);
             let reply = self
                 .client
                 .call(&[
@@ -671,6 +732,8 @@ impl ValkeyTier {
             ]);
             commands.push(head);
         }
+        self.count("xtrim", names.len());
+        self.count("xrange", names.len());
         let replies = self.client.call_many(&commands).await;
         let mut removed = 0usize;
         let mut deletions = Vec::new();
@@ -694,6 +757,7 @@ impl ValkeyTier {
             }
         }
         if !deletions.is_empty() {
+            self.count("xdel", deletions.len());
             for reply in self.client.call_many(&deletions).await {
                 if let Ok(Reply::Integer(n)) = reply {
                     removed += usize::try_from(n).unwrap_or(0);
@@ -705,6 +769,7 @@ impl ValkeyTier {
 
     /// `INFO` parsed into what `/health` reports.
     pub async fn server_info(&self) -> Result<ServerInfo, StoreError> {
+        self.count("info", 1);
         let reply = self.client.call(&[b"INFO"]).await.map_err(store_error)?;
         let text = reply
             .as_bytes()

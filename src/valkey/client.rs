@@ -364,6 +364,11 @@ impl Client {
         }
     }
 
+    /// A copy of the batch-size distribution (commands per batch) since start, for metrics.
+    pub fn batch_histogram(&self) -> Option<Histogram<u64>> {
+        self.shared.state.borrow().batch_sizes.clone()
+    }
+
     /// Whether at least one connection is up.
     pub fn is_connected(&self) -> bool {
         self.shared.state.borrow().connected > 0

@@ -104,3 +104,54 @@ pub async fn ready(shard: &Shard) -> Reply {
         serde_json::to_vec(&body).unwrap_or_default(),
     )
 }
+
+/// `GET /api/v1/stats`: per shard, what it holds and serves right now.
+pub async fn stats(shard: &Shard) -> Result<Reply, ApiError> {
+    let snapshots = shard.gather_snapshots().await;
+    let shards: Vec<serde_json::Value> = snapshots
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "shard": s.shard,
+                "connections": s.connections,
+                "websocket_sessions": s.websockets,
+                "event_streams": s.event_streams,
+                "parked_polls": s.parked_polls,
+                "subscribers": s.consumers,
+                "topics_owned": s.storage.topics,
+                "hot_tier": { "messages": s.storage.messages, "bytes": s.storage.bytes, "evictions": s.storage.evictions },
+                "valkey_pipeline_depth": s.valkey.as_ref().map(|v| v.pending),
+                "valkey_connected": s.valkey.as_ref().map(|v| v.connected),
+                "busy_ratio": s.busy_ratio,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "shards": shards,
+        "backend": shard.storage.backend().name(),
+    });
+    Ok(Reply::json(
+        200,
+        serde_json::to_vec(&body).map_err(|_| ApiError::internal())?,
+    ))
+}
+
+/// `GET /messages/poll/stats`, as the Python relay had: parked long-polls and their limits.
+pub async fn poll_stats(shard: &Shard) -> Result<Reply, ApiError> {
+    let snapshots = shard.gather_snapshots().await;
+    let parked: usize = snapshots.iter().map(|s| s.parked_polls).sum();
+    let delivered: u64 = snapshots.iter().map(|s| s.delivered[1]).sum();
+    let limits = &shard.config.longpoll;
+    let body = serde_json::json!({
+        "active_polls": parked,
+        "parked_per_shard": snapshots.iter().map(|s| s.parked_polls).collect::<Vec<_>>(),
+        "messages_delivered": delivered,
+        "max_parked_per_shard": limits.max_parked_per_shard,
+        "default_timeout_s": limits.default_timeout.as_secs_f64(),
+        "max_timeout_s": limits.max_timeout.as_secs_f64(),
+    });
+    Ok(Reply::json(
+        200,
+        serde_json::to_vec(&body).map_err(|_| ApiError::internal())?,
+    ))
+}

@@ -25,18 +25,20 @@ use crate::shard::Shard;
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub content_type: &'static str,
     pub body: Vec<u8>,
 }
 
 impl Reply {
     pub fn json(status: u16, body: Vec<u8>) -> Reply {
-        Reply { status, body }
+        Reply {
+            status,
+            content_type: "application/json",
+            body,
+        }
     }
     pub fn no_content() -> Reply {
-        Reply {
-            status: 204,
-            body: Vec::new(),
-        }
+        Reply::json(204, Vec::new())
     }
 }
 
@@ -55,7 +57,9 @@ pub enum Outcome {
 /// Handles one request, appending its response to `out`.
 pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> Outcome {
     // Streams and upgrades leave the request/response cycle; everything else answers below.
-    let result = match router::route(request.method(), request.path()) {
+    let route = router::route(request.method(), request.path());
+    let label = route.as_ref().map_or("unknown", Route::label);
+    let result = match route {
         Ok(Route::Events(topic)) => {
             match crate::delivery::sse::parse(
                 &request,
@@ -63,12 +67,16 @@ pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> Outc
                 shard.config.longpoll.max_topics,
                 shard.config.api.max_topic_name_len,
             ) {
-                Ok(sse) => return Outcome::EventStream(sse),
+                Ok(sse) => {
+                    shard.metrics.http_request(label, 200);
+                    return Outcome::EventStream(sse);
+                }
                 Err(e) => Err(e),
             }
         }
         Ok(Route::WebSocket) => match crate::delivery::websocket::accept(shard, &request) {
             Ok((upgrade, response)) => {
+                shard.metrics.http_request(label, 101);
                 out.extend_from_slice(&response);
                 return Outcome::WebSocket(upgrade);
             }
@@ -77,6 +85,13 @@ pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> Outc
         Ok(route) => dispatch(shard, route, &request).await,
         Err(e) => Err(e),
     };
+    shard.metrics.http_request(
+        label,
+        match &result {
+            Ok(reply) => reply.status,
+            Err(e) => e.status,
+        },
+    );
     respond(shard, &request, result, out)
 }
 
@@ -100,7 +115,7 @@ fn respond(
             date,
             &ResponseHead {
                 status: reply.status,
-                content_type: "application/json",
+                content_type: reply.content_type,
                 extra_headers: connection_header,
                 keep_alive,
                 head_only,
@@ -164,6 +179,17 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
             )?;
             crate::delivery::longpoll::poll(shard, poll).await
         }
+        Route::Metrics => {
+            let snapshots = shard.gather_snapshots().await;
+            let text = crate::metrics::render(&snapshots, env!("CARGO_PKG_VERSION"));
+            Ok(Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: text.into_bytes(),
+            })
+        }
+        Route::Stats => health::stats(shard).await,
+        Route::PollStats => health::poll_stats(shard).await,
         // Answered in `handle` before dispatch.
         Route::Events(_) | Route::WebSocket => Err(ApiError::internal()),
     }

@@ -16,6 +16,7 @@ use super::{bad_json, require_json, Reply};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
+use crate::metrics::Ingress;
 use crate::shard::Shard;
 use crate::store::message::{write_rfc3339_millis, MessageId};
 use crate::store::{PublishAck, PublishItem};
@@ -142,6 +143,17 @@ fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiErr
 }
 
 pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+    let started = std::time::Instant::now();
+    shard.metrics.received(Ingress::HttpSingle, 1);
+    let result = publish_one_inner(shard, request).await;
+    match &result {
+        Ok(_) => shard.metrics.publish_duration(started.elapsed()),
+        Err(e) => shard.metrics.rejected(e.code, 1),
+    }
+    result
+}
+
+async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     require_json(request)?;
     let item = parse_publish(request.body(), &shard.config.api)?;
     let owner = shard.owner_of(&item.topic);
@@ -170,9 +182,11 @@ enum Outcome {
 }
 
 pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+    let started = std::time::Instant::now();
     require_json(request)?;
     let items = parse_bulk(request.body(), &shard.config.api)?;
     let total = items.len();
+    shard.metrics.received(Ingress::HttpBulk, total as u64);
     let mut outcomes: Vec<Option<Outcome>> = (0..total).map(|_| None).collect();
 
     // Group valid items by owning shard, keeping request order within each group, so each
@@ -230,7 +244,10 @@ pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, Api
                 accepted += 1;
                 write_accepted(&mut body, &topic, ack.id, ack.timestamp_ms);
             }
-            Some(Outcome::Rejected(topic, error)) => write_rejected(&mut body, topic, &error),
+            Some(Outcome::Rejected(topic, error)) => {
+                shard.metrics.rejected(error.code, 1);
+                write_rejected(&mut body, topic, &error)
+            }
             // Every index is filled above: a valid item's shard answered or failed as a group.
             None => write_rejected(&mut body, None, &ApiError::internal()),
         }
@@ -242,6 +259,9 @@ pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, Api
     body.extend_from_slice(b",\"rejected\":");
     body.extend_from_slice(itoa::Buffer::new().format(total - accepted).as_bytes());
     body.extend_from_slice(b"}}");
+    if accepted > 0 {
+        shard.metrics.publish_duration(started.elapsed());
+    }
     Ok(Reply::json(207, body))
 }
 

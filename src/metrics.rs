@@ -1,0 +1,606 @@
+//! Metrics: plain per-shard counters and histograms, summed across shards only when scraped.
+//!
+//! Every shard owns a [`ShardMetrics`] of `Cell`s (no atomics, no locks on the hot path, as
+//! in Seastar's per-core stats). A scrape asks every shard for a [`Snapshot`] (a `Send` copy),
+//! merges them and renders the Prometheus text exposition format 0.0.4 by hand: it is small,
+//! and a client crate would bring registries and atomics the shard model does not want.
+//! Histograms keep HDR histograms of microseconds (or batch sizes) and are rendered into
+//! fixed Prometheus buckets at scrape time.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::store::StorageSummary;
+
+/// Bucket bounds (seconds) for publish duration and delivery lag: 50 µs to 10 s, dense below
+/// 5 ms where a healthy relay lives.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+/// Bucket bounds for commands per Valkey pipeline batch.
+const BATCH_BUCKETS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Publish transports (label `transport` of `relay_messages_received_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Ingress {
+    HttpSingle,
+    HttpBulk,
+}
+
+/// Delivery transports (label `transport` of `relay_messages_delivered_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Egress {
+    WebSocket,
+    LongPoll,
+    Sse,
+}
+
+/// A latency histogram: HDR histogram of microseconds plus the exact sum.
+#[derive(Clone)]
+pub struct LatencyHistogram {
+    micros: Histogram<u64>,
+    sum_micros: u64,
+}
+
+impl LatencyHistogram {
+    fn new() -> LatencyHistogram {
+        LatencyHistogram {
+            // 1 µs .. 1 h at 2 significant digits: ~20 KiB per histogram.
+            micros: Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                .expect("constant histogram bounds are valid"),
+            sum_micros: 0,
+        }
+    }
+    fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.micros.saturating_record(us);
+        self.sum_micros = self.sum_micros.saturating_add(us);
+    }
+    fn merge(&mut self, other: &LatencyHistogram) {
+        let _ = self.micros.add(&other.micros);
+        self.sum_micros = self.sum_micros.saturating_add(other.sum_micros);
+    }
+    pub fn count(&self) -> u64 {
+        self.micros.len()
+    }
+}
+
+/// One shard's counters. Touched only by its own executor.
+pub struct ShardMetrics {
+    received: [Cell<u64>; 2],
+    delivered: [Cell<u64>; 3],
+    rejected: RefCell<BTreeMap<&'static str, u64>>,
+    slow_consumer_disconnects: Cell<u64>,
+    http_requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
+    publish_duration: RefCell<LatencyHistogram>,
+    delivery_lag: RefCell<LatencyHistogram>,
+    /// Open WebSocket sessions and SSE streams (parked polls are counted by the registry).
+    websockets: Cell<i64>,
+    event_streams: Cell<i64>,
+    /// When the busy ratio was last sampled (glommio's executor stats reset on each read).
+    busy_since: Cell<Instant>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        ShardMetrics::new()
+    }
+}
+
+impl ShardMetrics {
+    pub fn new() -> ShardMetrics {
+        ShardMetrics {
+            received: Default::default(),
+            delivered: Default::default(),
+            rejected: RefCell::new(BTreeMap::new()),
+            slow_consumer_disconnects: Cell::new(0),
+            http_requests: RefCell::new(BTreeMap::new()),
+            publish_duration: RefCell::new(LatencyHistogram::new()),
+            delivery_lag: RefCell::new(LatencyHistogram::new()),
+            websockets: Cell::new(0),
+            event_streams: Cell::new(0),
+            busy_since: Cell::new(Instant::now()),
+        }
+    }
+
+    pub fn received(&self, ingress: Ingress, n: u64) {
+        let c = &self.received[ingress as usize];
+        c.set(c.get() + n);
+    }
+
+    pub fn delivered(&self, egress: Egress, n: u64) {
+        let c = &self.delivered[egress as usize];
+        c.set(c.get() + n);
+    }
+
+    /// A message not accepted, by error code (`INVALID_TOPIC`, `SERVICE_UNAVAILABLE`, ...).
+    pub fn rejected(&self, reason: &'static str, n: u64) {
+        *self.rejected.borrow_mut().entry(reason).or_insert(0) += n;
+    }
+
+    pub fn slow_consumer_disconnect(&self) {
+        self.slow_consumer_disconnects
+            .set(self.slow_consumer_disconnects.get() + 1);
+    }
+
+    pub fn http_request(&self, route: &'static str, status: u16) {
+        *self
+            .http_requests
+            .borrow_mut()
+            .entry((route, status))
+            .or_insert(0) += 1;
+    }
+
+    pub fn publish_duration(&self, d: Duration) {
+        self.publish_duration.borrow_mut().record(d);
+    }
+
+    pub fn delivery_lag(&self, d: Duration) {
+        self.delivery_lag.borrow_mut().record(d);
+    }
+
+    pub fn websocket_opened(&self, delta: i64) {
+        self.websockets.set(self.websockets.get() + delta);
+    }
+
+    pub fn event_stream_opened(&self, delta: i64) {
+        self.event_streams.set(self.event_streams.get() + delta);
+    }
+
+    /// A copy for the scrape; `busy_ratio` is the share of wall time the executor spent
+    /// running tasks or polling I/O since the previous snapshot.
+    pub fn snapshot(&self, shard: usize) -> Snapshot {
+        let stats = glommio::executor().executor_stats();
+        let now = Instant::now();
+        let wall = now
+            .duration_since(self.busy_since.replace(now))
+            .as_secs_f64();
+        let busy_ratio = if wall > 0.0 {
+            (stats.total_runtime().as_secs_f64() / wall).min(1.0)
+        } else {
+            0.0
+        };
+        Snapshot {
+            shard,
+            received: [self.received[0].get(), self.received[1].get()],
+            delivered: [
+                self.delivered[0].get(),
+                self.delivered[1].get(),
+                self.delivered[2].get(),
+            ],
+            rejected: self
+                .rejected
+                .borrow()
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            slow_consumer_disconnects: self.slow_consumer_disconnects.get(),
+            http_requests: self
+                .http_requests
+                .borrow()
+                .iter()
+                .map(|((r, s), v)| (((*r).to_owned(), *s), *v))
+                .collect(),
+            publish_duration: self.publish_duration.borrow().clone(),
+            delivery_lag: self.delivery_lag.borrow().clone(),
+            websockets: self.websockets.get(),
+            event_streams: self.event_streams.get(),
+            busy_ratio,
+            ..Snapshot::empty(shard)
+        }
+    }
+}
+
+/// What one shard reports at a scrape (and to `/api/v1/stats`). `Send`.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub shard: usize,
+    pub received: [u64; 2],
+    pub delivered: [u64; 3],
+    pub rejected: BTreeMap<String, u64>,
+    pub slow_consumer_disconnects: u64,
+    pub http_requests: BTreeMap<(String, u16), u64>,
+    pub publish_duration: LatencyHistogram,
+    pub delivery_lag: LatencyHistogram,
+    pub websockets: i64,
+    pub event_streams: i64,
+    pub busy_ratio: f64,
+    /// Filled by the shard: parked long-polls, open connections, consumers, storage counts.
+    pub parked_polls: usize,
+    pub connections: usize,
+    pub consumers: usize,
+    pub storage: StorageSummary,
+    pub valkey: Option<ValkeySnapshot>,
+}
+
+/// The Valkey side of a shard's snapshot.
+#[derive(Clone, Default)]
+pub struct ValkeySnapshot {
+    pub operations: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub batch_sizes: Option<Histogram<u64>>,
+    pub pending: usize,
+    pub connected: bool,
+}
+
+impl Snapshot {
+    pub fn empty(shard: usize) -> Snapshot {
+        Snapshot {
+            shard,
+            received: [0; 2],
+            delivered: [0; 3],
+            rejected: BTreeMap::new(),
+            slow_consumer_disconnects: 0,
+            http_requests: BTreeMap::new(),
+            publish_duration: LatencyHistogram::new(),
+            delivery_lag: LatencyHistogram::new(),
+            websockets: 0,
+            event_streams: 0,
+            busy_ratio: 0.0,
+            parked_polls: 0,
+            connections: 0,
+            consumers: 0,
+            storage: StorageSummary::default(),
+            valkey: None,
+        }
+    }
+}
+
+/// Prometheus label value escaping: backslash, double quote and newline.
+pub fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn latency_histogram(out: &mut String, name: &str, help: &str, h: &LatencyHistogram) {
+    header(out, name, "histogram", help);
+    for &le in LATENCY_BUCKETS {
+        let bound_us = (le * 1_000_000.0) as u64;
+        let n = if h.micros.is_empty() {
+            0
+        } else {
+            h.micros.count_between(0, bound_us)
+        };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count());
+    let _ = writeln!(out, "{name}_sum {}", h.sum_micros as f64 / 1_000_000.0);
+    let _ = writeln!(out, "{name}_count {}", h.count());
+}
+
+/// Renders every shard's snapshot as one exposition.
+pub fn render(shards: &[Snapshot], version: &str) -> String {
+    let mut out = String::with_capacity(8 << 10);
+    let mut total = Snapshot::empty(0);
+    let mut batch: Option<Histogram<u64>> = None;
+    let mut valkey_ops: BTreeMap<String, u64> = BTreeMap::new();
+    let mut valkey_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut any_valkey = false;
+    for s in shards {
+        for i in 0..2 {
+            total.received[i] += s.received[i];
+        }
+        for i in 0..3 {
+            total.delivered[i] += s.delivered[i];
+        }
+        for (k, v) in &s.rejected {
+            *total.rejected.entry(k.clone()).or_insert(0) += v;
+        }
+        for (k, v) in &s.http_requests {
+            *total.http_requests.entry(k.clone()).or_insert(0) += v;
+        }
+        total.slow_consumer_disconnects += s.slow_consumer_disconnects;
+        total.publish_duration.merge(&s.publish_duration);
+        total.delivery_lag.merge(&s.delivery_lag);
+        total.websockets += s.websockets;
+        total.event_streams += s.event_streams;
+        total.parked_polls += s.parked_polls;
+        total.connections += s.connections;
+        total.storage = total.storage + s.storage;
+        if let Some(v) = &s.valkey {
+            any_valkey = true;
+            for (k, n) in &v.operations {
+                *valkey_ops.entry(k.clone()).or_insert(0) += n;
+            }
+            for (k, n) in &v.errors {
+                *valkey_errors.entry(k.clone()).or_insert(0) += n;
+            }
+            if let Some(h) = &v.batch_sizes {
+                match batch.as_mut() {
+                    Some(b) => {
+                        let _ = b.add(h);
+                    }
+                    None => batch = Some(h.clone()),
+                }
+            }
+        }
+    }
+
+    header(
+        &mut out,
+        "relay_build_info",
+        "gauge",
+        "Build information; always 1.",
+    );
+    let _ = writeln!(
+        out,
+        "relay_build_info{{version=\"{}\"}} 1",
+        escape_label(version)
+    );
+
+    header(
+        &mut out,
+        "relay_messages_received_total",
+        "counter",
+        "Messages received by publish transport (accepted or not).",
+    );
+    let _ = writeln!(
+        out,
+        "relay_messages_received_total{{transport=\"http_single\"}} {}",
+        total.received[0]
+    );
+    let _ = writeln!(
+        out,
+        "relay_messages_received_total{{transport=\"http_bulk\"}} {}",
+        total.received[1]
+    );
+
+    header(
+        &mut out,
+        "relay_messages_rejected_total",
+        "counter",
+        "Messages not accepted, by reason (error code).",
+    );
+    for (reason, n) in &total.rejected {
+        let _ = writeln!(
+            out,
+            "relay_messages_rejected_total{{reason=\"{}\"}} {n}",
+            escape_label(reason)
+        );
+    }
+
+    header(
+        &mut out,
+        "relay_messages_delivered_total",
+        "counter",
+        "Messages written to consumers, by transport.",
+    );
+    for (i, name) in ["websocket", "longpoll", "sse"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "relay_messages_delivered_total{{transport=\"{name}\"}} {}",
+            total.delivered[i]
+        );
+    }
+
+    header(
+        &mut out,
+        "relay_slow_consumer_disconnects_total",
+        "counter",
+        "Consumers cut off for falling too far behind.",
+    );
+    let _ = writeln!(
+        out,
+        "relay_slow_consumer_disconnects_total {}",
+        total.slow_consumer_disconnects
+    );
+
+    latency_histogram(
+        &mut out,
+        "relay_publish_duration_seconds",
+        "Publish request received to acknowledged.",
+        &total.publish_duration,
+    );
+    latency_histogram(
+        &mut out,
+        "relay_delivery_lag_seconds",
+        "Message acknowledged to written to a consumer socket.",
+        &total.delivery_lag,
+    );
+
+    header(
+        &mut out,
+        "relay_connections",
+        "gauge",
+        "Open client connections by transport.",
+    );
+    let http = total.connections as i64 - total.websockets - total.event_streams;
+    let _ = writeln!(
+        out,
+        "relay_connections{{transport=\"http\"}} {}",
+        http.max(0)
+    );
+    let _ = writeln!(
+        out,
+        "relay_connections{{transport=\"websocket\"}} {}",
+        total.websockets
+    );
+    let _ = writeln!(
+        out,
+        "relay_connections{{transport=\"sse\"}} {}",
+        total.event_streams
+    );
+    let _ = writeln!(
+        out,
+        "relay_connections{{transport=\"longpoll\"}} {}",
+        total.parked_polls
+    );
+
+    header(
+        &mut out,
+        "relay_hot_tier_messages",
+        "gauge",
+        "Messages held in the in-memory tier.",
+    );
+    let _ = writeln!(out, "relay_hot_tier_messages {}", total.storage.messages);
+    header(
+        &mut out,
+        "relay_hot_tier_bytes",
+        "gauge",
+        "Bytes charged to the memory budget by the in-memory tier.",
+    );
+    let _ = writeln!(out, "relay_hot_tier_bytes {}", total.storage.bytes);
+    header(
+        &mut out,
+        "relay_hot_tier_evictions_total",
+        "counter",
+        "Messages evicted from memory by the byte budget.",
+    );
+    let _ = writeln!(
+        out,
+        "relay_hot_tier_evictions_total {}",
+        total.storage.evictions
+    );
+    header(
+        &mut out,
+        "relay_topics",
+        "gauge",
+        "Topics known to the relay.",
+    );
+    let _ = writeln!(out, "relay_topics {}", total.storage.topics);
+
+    header(
+        &mut out,
+        "relay_http_requests_total",
+        "counter",
+        "HTTP requests by route and status.",
+    );
+    for ((route, status), n) in &total.http_requests {
+        let _ = writeln!(
+            out,
+            "relay_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            escape_label(route)
+        );
+    }
+
+    header(
+        &mut out,
+        "relay_shard_busy_ratio",
+        "gauge",
+        "Share of wall time each shard's executor was busy since the previous scrape.",
+    );
+    for s in shards {
+        let _ = writeln!(
+            out,
+            "relay_shard_busy_ratio{{shard=\"{}\"}} {:.4}",
+            s.shard, s.busy_ratio
+        );
+    }
+
+    header(
+        &mut out,
+        "relay_valkey_operations_total",
+        "counter",
+        "Valkey commands issued, by command.",
+    );
+    for (op, n) in &valkey_ops {
+        let _ = writeln!(
+            out,
+            "relay_valkey_operations_total{{op=\"{}\"}} {n}",
+            escape_label(op)
+        );
+    }
+    header(
+        &mut out,
+        "relay_valkey_errors_total",
+        "counter",
+        "Valkey failures, by kind.",
+    );
+    for (kind, n) in &valkey_errors {
+        let _ = writeln!(
+            out,
+            "relay_valkey_errors_total{{kind=\"{}\"}} {n}",
+            escape_label(kind)
+        );
+    }
+    header(
+        &mut out,
+        "relay_valkey_pipeline_batch_size",
+        "histogram",
+        "Commands per Valkey pipeline batch (group commit).",
+    );
+    let (count, sum) = batch
+        .as_ref()
+        .map_or((0, 0.0), |h| (h.len(), h.mean() * h.len() as f64));
+    for &le in BATCH_BUCKETS {
+        let n = batch
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map_or(0, |h| h.count_between(0, le));
+        let _ = writeln!(
+            out,
+            "relay_valkey_pipeline_batch_size_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "relay_valkey_pipeline_batch_size_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(out, "relay_valkey_pipeline_batch_size_sum {}", sum.round());
+    let _ = writeln!(out, "relay_valkey_pipeline_batch_size_count {count}");
+    header(
+        &mut out,
+        "relay_valkey_connected",
+        "gauge",
+        "Shards whose Valkey connection is up (absent with the memory backend).",
+    );
+    if any_valkey {
+        let _ = writeln!(
+            out,
+            "relay_valkey_connected {}",
+            total.storage.connected_shards
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = LatencyHistogram::new();
+        h.record(Duration::from_micros(80));
+        h.record(Duration::from_millis(3));
+        let mut snap = Snapshot::empty(0);
+        snap.publish_duration = h;
+        let text = render(&[snap], "t");
+        assert!(
+            text.contains("relay_publish_duration_seconds_bucket{le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("relay_publish_duration_seconds_bucket{le=\"0.005\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("relay_publish_duration_seconds_count 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE relay_publish_duration_seconds histogram\n"));
+    }
+}
