@@ -224,7 +224,10 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         guard.counted = true;
         let ready = Box::pin(sink.ready());
         let timer = Box::pin(glommio::timer::sleep(request.timeout));
-        if let Either::Right(_) = select(ready, timer).await {
+        // Shutdown answers a parked poll at once, like its timeout: the client polls again
+        // (elsewhere) from the same position, so nothing is lost.
+        let stop = Box::pin(shard.shutdown.wait());
+        if let Either::Right(_) = select(ready, select(timer, stop)).await {
             return Ok(Reply::json(
                 200,
                 br#"{"messages":[],"has_more":false,"timeout":true}"#.to_vec(),

@@ -209,6 +209,12 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     while drained.load(Ordering::Acquire) < shard.shard_count() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    // Every shard's connections are closed, so no publish can reach this shard's Valkey
+    // client any more: flush what is still queued (write-behind of `ack = buffered`, the
+    // sweeper's last commands) before the shard goes.
+    if let Some(tier) = shard.storage.valkey() {
+        tier.client.shutdown().await;
+    }
     tracing::debug!(shard = id, "shard stopped");
     Ok(())
 }
