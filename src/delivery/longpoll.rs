@@ -80,12 +80,7 @@ pub fn parse_poll_query(
     let mut limit = None;
     for (key, value) in crate::http::router::query_pairs(query) {
         match &*key {
-            "topics" | "topic" => topics.extend(
-                value
-                    .split(',')
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned),
-            ),
+            "topics" | "topic" => crate::http::router::split_topics(&value, &mut topics),
             "since" | "cursor" if !value.is_empty() => since = Some(parse_id(&value)?),
             "timeout" => {
                 timeout = Some(value.parse::<f64>().map_err(|_| {
@@ -126,8 +121,7 @@ fn finish(
         )));
     }
     for (topic, _) in &topics {
-        crate::topic::validate(topic, max_topic_len)
-            .map_err(|e| ApiError::invalid_topic(e.to_string()))?;
+        crate::topic::validate(topic, max_topic_len)?;
     }
     let max_timeout = limits.max_timeout.as_secs_f64();
     let timeout = match timeout {

@@ -44,12 +44,7 @@ pub fn parse(
     let mut since = None;
     for (key, value) in crate::http::router::query_pairs(request.query()) {
         match &*key {
-            "topics" | "topic" => topics.extend(
-                value
-                    .split(',')
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned),
-            ),
+            "topics" | "topic" => crate::http::router::split_topics(&value, &mut topics),
             "since" if !value.is_empty() => since = Some(value.into_owned()),
             _ => {}
         }
@@ -68,8 +63,7 @@ pub fn parse(
         )));
     }
     for topic in &topics {
-        crate::topic::validate(topic, max_topic_len)
-            .map_err(|e| ApiError::invalid_topic(e.to_string()))?;
+        crate::topic::validate(topic, max_topic_len)?;
     }
     let start = match since {
         None => StartAt::Last,

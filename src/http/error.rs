@@ -62,6 +62,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::topic::InvalidTopic> for ApiError {
+    fn from(e: crate::topic::InvalidTopic) -> ApiError {
+        ApiError::invalid_topic(e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {

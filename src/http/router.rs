@@ -169,6 +169,16 @@ fn decode_segment(segment: &str) -> Result<String, ApiError> {
         .map_err(|_| ApiError::invalid_topic("topic in the path is not valid UTF-8"))
 }
 
+/// Appends the topics of a comma-separated query value (`topics=a,b`), skipping empty items.
+pub fn split_topics(value: &str, out: &mut Vec<String>) {
+    out.extend(
+        value
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
+    );
+}
+
 /// Iterates `name=value` pairs of a query string, percent-decoded (`+` as space).
 pub fn query_pairs(query: Option<&str>) -> form_urlencoded::Parse<'_> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())

@@ -23,16 +23,13 @@ pub async fn health(shard: &Shard) -> Result<Reply, ApiError> {
         "expirations": summary.expirations,
     });
     let storage = match shard.storage.backend() {
-        BackendKind::Memory => serde_json::json!({
-            "backend": "memory",
-            "persistent": false,
-            "topics": summary.topics,
-            "messages": summary.messages,
-            "bytes": summary.bytes,
-            "max_bytes": shard.config.memory.max_bytes,
-            "evictions": summary.evictions,
-            "expirations": summary.expirations,
-        }),
+        // The memory backend is the hot tier: its counts stand at the top level.
+        BackendKind::Memory => {
+            let mut storage = hot_tier;
+            storage["backend"] = "memory".into();
+            storage["persistent"] = false.into();
+            storage
+        }
         BackendKind::Valkey => {
             let valkey = &shard.config.valkey;
             // INFO only when connected: a health check must answer at once, not wait out the

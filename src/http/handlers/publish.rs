@@ -99,8 +99,7 @@ fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiErr
     let topic = body
         .topic
         .ok_or_else(|| ApiError::invalid_request("`topic` is required"))?;
-    topic::validate(&topic, limits.max_topic_name_len)
-        .map_err(|e| ApiError::invalid_topic(e.to_string()))?;
+    topic::validate(&topic, limits.max_topic_name_len)?;
     let payload = body
         .payload
         .ok_or_else(|| ApiError::invalid_request("`payload` is required and must not be null"))?;
@@ -292,9 +291,7 @@ mod tests {
     use super::*;
 
     fn limits() -> ApiConfig {
-        crate::config::load(&crate::config::Cli::default(), &|_| None)
-            .expect("built-in defaults are valid")
-            .api
+        crate::http::handlers::default_api_limits()
     }
 
     #[test]

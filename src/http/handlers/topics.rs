@@ -13,8 +13,7 @@ use crate::store::message::{write_message_json, write_rfc3339_millis, MessageId}
 use crate::topic;
 
 fn checked_topic(name: &str, limits: &ApiConfig) -> Result<(), ApiError> {
-    topic::validate(name, limits.max_topic_name_len)
-        .map_err(|e| ApiError::invalid_topic(e.to_string()))
+    Ok(topic::validate(name, limits.max_topic_name_len)?)
 }
 
 /// The query of a history read, validated.
@@ -224,9 +223,7 @@ mod tests {
     use super::*;
 
     fn limits() -> ApiConfig {
-        crate::config::load(&crate::config::Cli::default(), &|_| None)
-            .expect("built-in defaults are valid")
-            .api
+        crate::http::handlers::default_api_limits()
     }
 
     #[test]
