@@ -117,6 +117,23 @@ mod defaults {
     pub const VALKEY_META_KEY: &str = "topic:{topic}:meta";
 
     pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
+
+    /// Kubernetes' default `terminationGracePeriodSeconds`: the orchestrator SIGKILLs the
+    /// process then anyway, so a longer default would only be cut short there; shorter was
+    /// rejected because a long poll parked at `longpoll.default_timeout` (30 s) or a Valkey
+    /// flush after a reconnect should get the chance to finish.
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// `/metrics` stays on the API port unless asked: a second open port is one more thing to
+    /// firewall, and most deployments scrape the port they already route to.
+    pub const METRICS_LISTEN: Option<SocketAddr> = None;
+    /// Off: one series per topic per counter makes a relay with 10^5 topics emit 10^5-line
+    /// scrapes and fills Prometheus with series nobody asked for.
+    pub const METRICS_PER_TOPIC: bool = false;
+    /// 1000 topics × a handful of counters × a few shards keeps a scrape at tens of thousands
+    /// of lines (a few MiB), well inside Prometheus' default 10 s scrape timeout; the busiest
+    /// topics show up first, the long tail is summed under `_other`.
+    pub const METRICS_MAX_TOPIC_SERIES: u64 = 1000;
 }
 
 /// Accepted ranges. Lower bounds catch unit mistakes (a size meant in KiB written as bytes);
@@ -205,6 +222,14 @@ mod limits {
     pub const VALKEY_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
     /// 0 = refuse publishes at once while Valkey is unreachable.
     pub const VALKEY_MAX_PENDING: RangeInclusive<u64> = 0..=10_000_000;
+
+    /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and leaves no
+    /// time to flush queued publishes to Valkey; above an hour every supervisor (systemd's
+    /// `TimeoutStopSec` 90 s, Kubernetes' 30 s grace period) has long SIGKILLed the process.
+    pub const SHUTDOWN_TIMEOUT: RangeInclusive<Duration> = SEC..=HOUR;
+    /// Per shard and counter; at 100 000 a scrape line of ~100 bytes makes each counter
+    /// family ~10 MiB per shard, beyond which a scrape times out rather than informs.
+    pub const METRICS_MAX_TOPIC_SERIES: RangeInclusive<u64> = 1..=100_000;
 }
 
 const KIB: u64 = 1024;
@@ -275,6 +300,10 @@ mod key {
     pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
     pub const VALKEY_META_KEY: &str = "valkey.meta_key";
     pub const DURABILITY_ACK: &str = "durability.ack";
+    pub const SHUTDOWN_TIMEOUT: &str = "shutdown.timeout";
+    pub const METRICS_LISTEN: &str = "metrics.listen";
+    pub const METRICS_PER_TOPIC: &str = "metrics.per_topic";
+    pub const METRICS_MAX_TOPIC_SERIES: &str = "metrics.max_topic_series";
 }
 
 /// One settable leaf.
@@ -375,6 +404,11 @@ const KEYS: &[KeySpec] = &[
     spec(key::VALKEY_STREAM_KEY, &[]),
     spec(key::VALKEY_META_KEY, &[]),
     spec(key::DURABILITY_ACK, &[]),
+    spec(key::SHUTDOWN_TIMEOUT, &[]),
+    // PULSAR_ only, like PULSAR_LISTEN: the Python relay had no such setting.
+    spec(key::METRICS_LISTEN, &["PULSAR_METRICS_LISTEN"]),
+    spec(key::METRICS_PER_TOPIC, &[]),
+    spec(key::METRICS_MAX_TOPIC_SERIES, &[]),
 ];
 
 fn is_secret(path: &str) -> bool {
@@ -406,6 +440,7 @@ an empty value counts as unset):
   LOG_FORMAT                 log_format: text|json
   PULSAR_LISTEN              listen (PULSAR_ form only)
   PULSAR_SHARDS              shards (PULSAR_ form only)
+  PULSAR_METRICS_LISTEN      metrics.listen (PULSAR_ form only)
 
 Config file keys (YAML, all optional, unknown keys are errors; defaults in config.yaml.example):
   listen  shards  log_level  log_format
@@ -424,6 +459,8 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
                connections_per_shard (alias pool_size)  connect_timeout  command_timeout
                max_pending  stream_key  meta_key
   durability:  ack: persisted | buffered
+  shutdown:    timeout
+  metrics:     listen (second address serving only /metrics)  per_topic  max_topic_series
 
 Sizes: 16KiB, 64MiB, 1GiB (KB/MB/GB are powers of 1000) or integer bytes.
 Durations: 500ms, 30s, 24h, or integer seconds.";
@@ -473,6 +510,8 @@ pub struct Config {
     pub hot_tier: HotTierConfig,
     pub valkey: ValkeyConfig,
     pub durability: DurabilityConfig,
+    pub shutdown: ShutdownConfig,
+    pub metrics: MetricsConfig,
     /// The YAML file that was read, if any, so start-up can log which one was used.
     pub source_file: Option<PathBuf>,
 }
@@ -612,6 +651,29 @@ pub struct ValkeyConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DurabilityConfig {
     pub ack: AckMode,
+}
+
+/// Graceful shutdown on SIGTERM/SIGINT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShutdownConfig {
+    /// How long in-flight work (requests, parked polls, the Valkey flush) may take after the
+    /// signal before the relay exits anyway.
+    pub timeout: Duration,
+}
+
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// A second address serving only `GET /metrics`, so scraping can stay on an internal
+    /// interface; `None` = `/metrics` on the API port only. Never overlaps `listen` (same
+    /// non-zero port on the same or a wildcard IP), which `SO_REUSEPORT` would turn into API
+    /// connections silently landing on the metrics socket.
+    pub listen: Option<SocketAddr>,
+    /// Message counters carry a `topic` label.
+    pub per_topic: bool,
+    /// With `per_topic`: distinct `topic` label values a shard emits; later topics are
+    /// counted under `topic="_other"`, so cardinality stays bounded.
+    pub max_topic_series: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1003,15 +1065,13 @@ impl Layers {
 
     /// Parses and checks every key; the first failure is returned.
     fn resolve(&self, machine: &Machine) -> Result<Config, ConfigError> {
-        let listen = self
-            .get(
-                key::LISTEN,
-                defaults::LISTEN,
-                |text| text.parse().ok(),
-                SocketAddr::to_string,
-                "an IP address and port such as `127.0.0.1:8080` or `[::]:8080`",
-            )?
-            .value;
+        let listen = self.get(
+            key::LISTEN,
+            defaults::LISTEN,
+            |text| text.parse().ok(),
+            SocketAddr::to_string,
+            "an IP address and port such as `127.0.0.1:8080` or `[::]:8080`",
+        )?;
 
         let shards = self.uint(key::SHARDS, defaults::SHARDS, limits::SHARDS)?;
         let shards = match shards.value {
@@ -1082,9 +1142,19 @@ impl Layers {
                 AckMode::as_str,
             )?
             .value;
+        let shutdown = ShutdownConfig {
+            timeout: self
+                .duration(
+                    key::SHUTDOWN_TIMEOUT,
+                    defaults::SHUTDOWN_TIMEOUT,
+                    limits::SHUTDOWN_TIMEOUT,
+                )?
+                .value,
+        };
+        let metrics = self.resolve_metrics(&listen)?;
 
         Ok(Config {
-            listen,
+            listen: listen.value,
             shards,
             log_level,
             log_format,
@@ -1098,6 +1168,8 @@ impl Layers {
             hot_tier,
             valkey,
             durability: DurabilityConfig { ack },
+            shutdown,
+            metrics,
             source_file: None,
         })
     }
@@ -1286,6 +1358,52 @@ impl Layers {
                     key::SSE_MAX_QUEUED_BYTES,
                     defaults::SSE_MAX_QUEUED_BYTES,
                     limits::OUTBOUND_QUEUE_BYTES,
+                )?
+                .to_usize()?,
+        })
+    }
+
+    fn resolve_metrics(&self, api_listen: &Got<SocketAddr>) -> Result<MetricsConfig, ConfigError> {
+        let listen = match self.optional_text(key::METRICS_LISTEN) {
+            None => None,
+            Some(text) => {
+                let value: SocketAddr = text.value.parse().map_err(|_| {
+                    text.invalid(
+                        "an IP address and port such as `0.0.0.0:9100` or `[::]:9100`, or null",
+                    )
+                })?;
+                Some(Got {
+                    value,
+                    key: text.key,
+                    text: text.text,
+                    origin: text.origin,
+                })
+            }
+        };
+        if let Some(listen) = &listen {
+            if addresses_overlap(listen.value, api_listen.value) {
+                let (blamed, other) = if listen.origin.rank() >= api_listen.origin.rank() {
+                    (listen, api_listen)
+                } else {
+                    (api_listen, listen)
+                };
+                return Err(blamed.invalid(format!(
+                    "an address not overlapping `{}` = {} ({}): the same port on the same or a \
+                     wildcard address would take the other listener's connections",
+                    other.key, other.value, other.origin
+                )));
+            }
+        }
+        Ok(MetricsConfig {
+            listen: listen.map(|l| l.value).or(defaults::METRICS_LISTEN),
+            per_topic: self
+                .boolean(key::METRICS_PER_TOPIC, defaults::METRICS_PER_TOPIC)?
+                .value,
+            max_topic_series: self
+                .uint(
+                    key::METRICS_MAX_TOPIC_SERIES,
+                    defaults::METRICS_MAX_TOPIC_SERIES,
+                    limits::METRICS_MAX_TOPIC_SERIES,
                 )?
                 .to_usize()?,
         })
@@ -1601,6 +1719,17 @@ impl Got<u64> {
     }
 }
 
+/// Whether two listeners would take each other's connections. Same port (not 0, which picks
+/// a fresh one per bind) and the same IP, or a wildcard on either side: when both sockets set
+/// `SO_REUSEPORT` (the API's do) both binds succeed and Linux splits or steals connections
+/// silently; without it the second bind fails with a bare `EADDRINUSE`. Either way it is
+/// better named here, with both keys.
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn has_space_or_control(text: &str) -> bool {
     text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
@@ -1792,6 +1921,8 @@ struct RawFile {
     hot_tier: Option<RawHotTier>,
     valkey: Option<RawValkey>,
     durability: Option<RawDurability>,
+    shutdown: Option<RawShutdown>,
+    metrics: Option<RawMetrics>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1891,6 +2022,20 @@ struct RawDurability {
     ack: RawValue,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawShutdown {
+    timeout: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: RawValue,
+    per_topic: RawValue,
+    max_topic_series: RawValue,
+}
+
 /// One value set in the file.
 struct RawEntry {
     /// Canonical key.
@@ -1978,6 +2123,12 @@ impl RawFile {
         put(key::VALKEY_META_KEY, v.meta_key);
         let d = self.durability.unwrap_or_default();
         put(key::DURABILITY_ACK, d.ack);
+        let sd = self.shutdown.unwrap_or_default();
+        put(key::SHUTDOWN_TIMEOUT, sd.timeout);
+        let mt = self.metrics.unwrap_or_default();
+        put(key::METRICS_LISTEN, mt.listen);
+        put(key::METRICS_PER_TOPIC, mt.per_topic);
+        put(key::METRICS_MAX_TOPIC_SERIES, mt.max_topic_series);
         match (v.connections_per_shard, v.pool_size) {
             (Some(_), Some(alias)) => {
                 let origin = Origin::File {
@@ -2224,6 +2375,14 @@ mod tests {
             durability: DurabilityConfig {
                 ack: AckMode::Persisted,
             },
+            shutdown: ShutdownConfig {
+                timeout: Duration::from_secs(30),
+            },
+            metrics: MetricsConfig {
+                listen: None,
+                per_topic: false,
+                max_topic_series: 1000,
+            },
             source_file: None,
         };
         assert_eq!(defaults(), expected);
@@ -2367,6 +2526,12 @@ valkey:
   meta_key: "m:{topic}"
 durability:
   ack: buffered
+shutdown:
+  timeout: 2m
+metrics:
+  listen: "0.0.0.0:9100"
+  per_topic: true
+  max_topic_series: 500
 "#;
 
     #[test]
@@ -2440,6 +2605,14 @@ durability:
             },
             durability: DurabilityConfig {
                 ack: AckMode::Buffered,
+            },
+            shutdown: ShutdownConfig {
+                timeout: Duration::from_secs(120),
+            },
+            metrics: MetricsConfig {
+                listen: Some("0.0.0.0:9100".parse().expect("literal")),
+                per_topic: true,
+                max_topic_series: 500,
             },
             source_file: Some(PathBuf::from("test.yaml")),
         };
@@ -2523,6 +2696,7 @@ durability:
             ("LOG_FORMAT", "JSON"),
             ("PULSAR_LISTEN", "[::1]:9000"),
             ("PULSAR_SHARDS", "2"),
+            ("PULSAR_METRICS_LISTEN", " [::1]:9100 "),
         ])
         .expect("valid");
         assert_eq!(config.storage.backend, StorageBackend::Valkey);
@@ -2547,6 +2721,10 @@ durability:
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.listen, "[::1]:9000".parse().expect("literal"));
         assert_eq!(config.shards, 2);
+        assert_eq!(
+            config.metrics.listen,
+            Some("[::1]:9100".parse().expect("literal"))
+        );
     }
 
     #[test]
@@ -2842,6 +3020,26 @@ durability:
             "to differ"),
         ("durability:\n  ack: sometimes", "durability.ack", "sometimes",
             "`persisted` or `buffered`"),
+        ("shutdown:\n  timeout: 500ms", "shutdown.timeout", "500ms",
+            "from 1s to 1h"),
+        ("shutdown:\n  timeout: 2h", "shutdown.timeout", "2h",
+            "from 1s to 1h"),
+        ("shutdown:\n  timeout: soon", "shutdown.timeout", "soon",
+            "a duration"),
+        ("metrics:\n  listen: localhost:9100", "metrics.listen", "localhost:9100",
+            "an IP address and port"),
+        ("metrics:\n  listen: 9100", "metrics.listen", "9100",
+            "an IP address and port"),
+        ("metrics:\n  listen: 127.0.0.1:8080", "metrics.listen", "127.0.0.1:8080",
+            "not overlapping `listen` = 127.0.0.1:8080 (built-in default)"),
+        ("metrics:\n  listen: '[::]:8080'", "metrics.listen", "[::]:8080",
+            "not overlapping `listen` = 127.0.0.1:8080 (built-in default)"),
+        ("metrics:\n  per_topic: sometimes", "metrics.per_topic", "sometimes",
+            "`true` or `false`"),
+        ("metrics:\n  max_topic_series: 0", "metrics.max_topic_series", "0",
+            "from 1 to 100000"),
+        ("metrics:\n  max_topic_series: 100001", "metrics.max_topic_series", "100001",
+            "from 1 to 100000"),
     ];
 
     #[test]
@@ -2940,6 +3138,64 @@ durability:
         );
         let config = from_yaml("longpoll:\n  default_limit: 10\n  max_limit: 10\n").expect("valid");
         assert_eq!(config.longpoll.default_limit, 10);
+    }
+
+    #[test]
+    fn metrics_listen_must_not_overlap_the_api_listener() {
+        // Both keys are named; the more deliberate setting (the flag) is blamed.
+        let cli = Cli {
+            listen: Some("0.0.0.0:9100".parse().expect("literal")),
+            ..Cli::default()
+        };
+        let yaml = "metrics:\n  listen: 127.0.0.1:9100\n";
+        let message = error_text(load_from_parts(
+            &cli,
+            &no_env,
+            Some((Path::new("c.yaml"), yaml)),
+            &MACHINE,
+        ));
+        assert_eq!(
+            message,
+            "invalid value `0.0.0.0:9100` for `listen` (from flag --listen): expected an address \
+             not overlapping `metrics.listen` = 127.0.0.1:9100 (from c.yaml:2:11): the same port \
+             on the same or a wildcard address would take the other listener's connections"
+        );
+        let message = error_text(from_env(&[
+            ("PULSAR_LISTEN", "10.0.0.1:9000"),
+            ("PULSAR_METRICS_LISTEN", "10.0.0.1:9000"),
+        ]));
+        assert_mentions(
+            &message,
+            &[
+                "for `metrics.listen` (from env PULSAR_METRICS_LISTEN)",
+                "`listen` = 10.0.0.1:9000 (from env PULSAR_LISTEN)",
+            ],
+        );
+
+        let metrics_listen = |listen: &str, metrics: &str| {
+            from_env(&[
+                ("PULSAR_LISTEN", listen),
+                ("PULSAR_METRICS_LISTEN", metrics),
+            ])
+            .map(|c| c.metrics.listen)
+        };
+        // Another port, or the same port on two distinct specific addresses, is fine.
+        for (listen, metrics) in [
+            ("0.0.0.0:8080", "0.0.0.0:9100"),
+            ("10.0.0.1:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "[::1]:8080"),
+            // Port 0 picks a fresh port per bind (the test harness' `--listen 127.0.0.1:0`).
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert_eq!(
+                metrics_listen(listen, metrics).expect("valid"),
+                Some(metrics.parse().expect("literal")),
+                "{listen} vs {metrics}"
+            );
+        }
+        assert!(metrics_listen("[::]:8080", "127.0.0.1:8080").is_err());
+        // An empty variable is unset, like every other one.
+        assert_eq!(metrics_listen("127.0.0.1:8080", "").expect("valid"), None);
     }
 
     #[test]
@@ -3087,7 +3343,9 @@ durability:
                 .lines()
                 .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")))
                 .take(3)
-                .collect::<String>();
+                // Joined with a space: the last listed key must not run into the next line.
+                .collect::<Vec<_>>()
+                .join(" ");
             let listed = if section.is_empty() {
                 help.lines()
                     .any(|l| l.starts_with("  listen") && l.split_whitespace().any(|w| w == leaf))

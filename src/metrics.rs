@@ -84,16 +84,26 @@ pub struct ShardMetrics {
     event_streams: Cell<i64>,
     /// When the busy ratio was last sampled (glommio's executor stats reset on each read).
     busy_since: Cell<Instant>,
+    /// `metrics.per_topic`: received/delivered per topic, at most `cap` topics (the rest
+    /// count under `_other`), so a client inventing topic names cannot blow up the series.
+    per_topic: Option<(usize, RefCell<TopicCounts>)>,
 }
 
 impl Default for ShardMetrics {
     fn default() -> Self {
-        ShardMetrics::new()
+        ShardMetrics::new(None)
     }
 }
 
+/// Per topic `[received, delivered]`.
+type TopicCounts = BTreeMap<String, [u64; 2]>;
+
+/// The label value that collects topics beyond `metrics.max_topic_series`.
+const OTHER_TOPICS: &str = "_other";
+
 impl ShardMetrics {
-    pub fn new() -> ShardMetrics {
+    /// `per_topic_cap`: `Some(max series)` when `metrics.per_topic` is on.
+    pub fn new(per_topic_cap: Option<usize>) -> ShardMetrics {
         ShardMetrics {
             received: Default::default(),
             delivered: Default::default(),
@@ -105,7 +115,32 @@ impl ShardMetrics {
             websockets: Cell::new(0),
             event_streams: Cell::new(0),
             busy_since: Cell::new(Instant::now()),
+            per_topic: per_topic_cap.map(|cap| (cap, RefCell::new(BTreeMap::new()))),
         }
+    }
+
+    /// Counts a message of `topic` received (`which` 0) or delivered (1), when per-topic
+    /// metrics are on.
+    pub fn per_topic(&self, topic: &str, which: usize, n: u64) {
+        let Some((cap, map)) = &self.per_topic else {
+            return;
+        };
+        let mut map = map.borrow_mut();
+        if let Some(counts) = map.get_mut(topic) {
+            counts[which] += n;
+            return;
+        }
+        // `_other` itself takes one of the `cap` places once it is needed.
+        let key = if map.len() + 1 < *cap {
+            topic
+        } else {
+            OTHER_TOPICS
+        };
+        map.entry(key.to_owned()).or_insert([0; 2])[which] += n;
+    }
+
+    pub fn per_topic_enabled(&self) -> bool {
+        self.per_topic.is_some()
     }
 
     pub fn received(&self, ingress: Ingress, n: u64) {
@@ -191,6 +226,11 @@ impl ShardMetrics {
             websockets: self.websockets.get(),
             event_streams: self.event_streams.get(),
             busy_ratio,
+            per_topic: self
+                .per_topic
+                .as_ref()
+                .map(|(_, map)| map.borrow().clone())
+                .unwrap_or_default(),
             ..Snapshot::empty(shard)
         }
     }
@@ -216,6 +256,8 @@ pub struct Snapshot {
     pub consumers: usize,
     pub storage: StorageSummary,
     pub valkey: Option<ValkeySnapshot>,
+    /// Per-topic `[received, delivered]`, when `metrics.per_topic` is on.
+    pub per_topic: BTreeMap<String, [u64; 2]>,
 }
 
 /// The Valkey side of a shard's snapshot.
@@ -247,6 +289,7 @@ impl Snapshot {
             consumers: 0,
             storage: StorageSummary::default(),
             valkey: None,
+            per_topic: BTreeMap::new(),
         }
     }
 }
@@ -315,6 +358,11 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         total.parked_polls += s.parked_polls;
         total.connections += s.connections;
         total.storage = total.storage + s.storage;
+        for (topic, counts) in &s.per_topic {
+            let t = total.per_topic.entry(topic.clone()).or_insert([0; 2]);
+            t[0] += counts[0];
+            t[1] += counts[1];
+        }
         if let Some(v) = &s.valkey {
             any_valkey = true;
             for (k, n) in &v.operations {
@@ -556,6 +604,31 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
     );
     let _ = writeln!(out, "relay_valkey_pipeline_batch_size_sum {}", sum.round());
     let _ = writeln!(out, "relay_valkey_pipeline_batch_size_count {count}");
+    if !total.per_topic.is_empty() {
+        header(&mut out, "relay_topic_messages_received_total", "counter", "Messages received per topic (metrics.per_topic; capped, the rest under topic=\"_other\").");
+        for (topic, counts) in &total.per_topic {
+            let _ = writeln!(
+                out,
+                "relay_topic_messages_received_total{{topic=\"{}\"}} {}",
+                escape_label(topic),
+                counts[0]
+            );
+        }
+        header(
+            &mut out,
+            "relay_topic_messages_delivered_total",
+            "counter",
+            "Messages delivered per topic (metrics.per_topic; capped).",
+        );
+        for (topic, counts) in &total.per_topic {
+            let _ = writeln!(
+                out,
+                "relay_topic_messages_delivered_total{{topic=\"{}\"}} {}",
+                escape_label(topic),
+                counts[1]
+            );
+        }
+    }
     header(
         &mut out,
         "relay_valkey_connected",
@@ -575,6 +648,23 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_topic_series_are_capped() {
+        let m = ShardMetrics::new(Some(3));
+        for t in ["a", "b", "c", "d", "a"] {
+            m.per_topic(t, 0, 1);
+        }
+        let map = m
+            .per_topic
+            .as_ref()
+            .map(|(_, m)| m.borrow().clone())
+            .unwrap_or_default();
+        assert_eq!(map.len(), 3, "{map:?}");
+        assert_eq!(map.get("a"), Some(&[2, 0]));
+        assert_eq!(map.get("_other"), Some(&[2, 0]));
+        assert!(!ShardMetrics::new(None).per_topic_enabled());
+    }
 
     #[test]
     fn labels_are_escaped() {

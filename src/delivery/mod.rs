@@ -138,7 +138,11 @@ pub async fn catch_up(
 pub fn record_delivered(shard: &Shard, egress: crate::metrics::Egress, batch: &[Rc<Delivered>]) {
     shard.metrics.delivered(egress, batch.len() as u64);
     let now = std::time::Instant::now();
+    let per_topic = shard.metrics.per_topic_enabled();
     for d in batch {
+        if per_topic {
+            shard.metrics.per_topic(&d.topic, 1, 1);
+        }
         if let Some(acked) = d.acked_at {
             shard
                 .metrics

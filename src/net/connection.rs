@@ -38,7 +38,7 @@ enum ReadOutcome {
     Failed,
 }
 
-pub async fn serve(shard: &Shard, mut stream: TcpStream) {
+pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface) {
     let _ = stream.set_nodelay(true);
     let http = &shard.config.http;
     let mut decoder = RequestDecoder::new(Limits {
@@ -58,7 +58,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream) {
             match decoder.decode(&mut input) {
                 Ok(Some(Event::Request(request))) => {
                     request_started = None;
-                    let outcome = if parks(&request) {
+                    let outcome = if surface == super::Surface::Api && parks(&request) {
                         match handle_watching_peer(
                             shard,
                             request,
@@ -73,7 +73,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream) {
                             None => return,
                         }
                     } else {
-                        handlers::handle(shard, request, &mut output).await
+                        handlers::handle(shard, request, &mut output, surface).await
                     };
                     match outcome {
                         Outcome::Respond { keep_alive } => {
@@ -216,7 +216,12 @@ async fn handle_watching_peer(
     input: &mut BytesMut,
     output: &mut BytesMut,
 ) -> Option<Outcome> {
-    let mut handling = std::pin::pin!(handlers::handle(shard, request, output));
+    let mut handling = std::pin::pin!(handlers::handle(
+        shard,
+        request,
+        output,
+        super::Surface::Api
+    ));
     let mut peer_open = true;
     loop {
         if !peer_open {

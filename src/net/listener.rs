@@ -11,7 +11,7 @@ use crate::http::response::write_json_error;
 use crate::shard::Shard;
 
 /// Accepts connections until the shard starts shutting down.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super::Surface) {
     loop {
         let accepted = {
             let accept = Box::pin(listener.accept());
@@ -41,7 +41,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         };
         let conn_shard = shard.clone();
         glommio::spawn_local(async move {
-            connection::serve(&conn_shard, stream).await;
+            connection::serve(&conn_shard, stream, surface).await;
             conn_shard.close_connection();
             drop(pass);
         })

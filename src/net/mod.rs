@@ -9,3 +9,13 @@
 
 pub mod connection;
 pub mod listener;
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The whole API.
+    Api,
+    /// Only `GET /metrics` (the optional `metrics.listen` address, e.g. for a scrape network
+    /// that must not reach the API).
+    MetricsOnly,
+}

@@ -123,13 +123,17 @@ impl Shard {
         storage: Storage,
         peers: Vec<ShardSender>,
     ) -> Shard {
+        let per_topic_cap = config
+            .metrics
+            .per_topic
+            .then_some(config.metrics.max_topic_series);
         Shard {
             id,
             config,
             runtime,
             storage,
             delivery: Registry::new(),
-            metrics: crate::metrics::ShardMetrics::new(),
+            metrics: crate::metrics::ShardMetrics::new(per_topic_cap),
             peers,
             connections: Cell::new(0),
             gate: Gate::new(),

@@ -23,15 +23,13 @@ use glommio::{LocalExecutorBuilder, Placement};
 use super::{serve_inbox, RuntimeState, Shard, ShardInbox, ShardRequest, ShardSender};
 use crate::config::Config;
 use crate::net::listener;
+use crate::net::Surface;
 use crate::store::Storage;
 
 /// glommio's default is 10 MiB of registered io_uring buffers per executor, meant for file
 /// DMA, which the relay never does; 64 KiB keeps the locked-memory need of the whole process
 /// far below a typical 8 MiB `ulimit -l`.
 const IO_MEMORY_BYTES: usize = 64 << 10;
-
-/// How long shutdown waits for in-flight requests before giving up on them.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the relay until it is told to stop. Returns once every shard has exited.
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -50,13 +48,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let cpus = allowed_cpus();
     let mut handles = Vec::with_capacity(shards);
     let mut addr = config.listen;
+    let mut metrics_addr = config.metrics.listen;
     for (id, inbox) in inboxes.into_iter().enumerate() {
         // One channel per shard: if the executor dies before binding (no io_uring, too little
         // locked memory), its sender drops with it and `recv` below returns instead of hanging.
-        let (bound_tx, bound_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
+        let (bound_tx, bound_rx) = std_mpsc::channel::<anyhow::Result<Bound>>();
         let boot = ShardBoot {
             id,
             addr,
+            metrics_addr,
             config: config.clone(),
             runtime: runtime.clone(),
             peers: senders.clone(),
@@ -75,7 +75,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .map_err(|e| explain_executor_failure(id, &e.to_string()))?;
         // Wait for this shard's bind before starting the next, so port 0 resolves once.
         match bound_rx.recv() {
-            Ok(bound) => addr = bound?,
+            Ok(bound) => {
+                let bound = bound?;
+                addr = bound.api;
+                metrics_addr = bound.metrics;
+            }
             Err(_) => {
                 // The executor thread ended without reporting: glommio could not start it.
                 let cause = match handle.join() {
@@ -101,6 +105,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(1));
     }
     tracing::info!(%addr, shards, backend = ?config.storage.backend, "relay ready");
+    if let Some(metrics) = metrics_addr {
+        println!("pulsar-relay metrics: http://{metrics}/metrics");
+    }
     println!("pulsar-relay ready: http://{addr}");
 
     let mut first_error = None;
@@ -126,20 +133,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 struct ShardBoot {
     id: usize,
     addr: SocketAddr,
+    /// The separate metrics address, if configured (resolved by shard 0 like `addr`).
+    metrics_addr: Option<SocketAddr>,
     config: Arc<Config>,
     runtime: Arc<RuntimeState>,
     peers: Vec<ShardSender>,
     inbox: ShardInbox,
     /// Where the shard reports its bound address (or why it could not bind).
-    bound: std_mpsc::Sender<anyhow::Result<SocketAddr>>,
+    bound: std_mpsc::Sender<anyhow::Result<Bound>>,
     /// Shards that finished draining; each waits for all before exiting.
     drained: Arc<AtomicUsize>,
+}
+
+/// The addresses a shard bound.
+struct Bound {
+    api: SocketAddr,
+    metrics: Option<SocketAddr>,
 }
 
 async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     let ShardBoot {
         id,
         addr,
+        metrics_addr,
         config,
         runtime,
         peers,
@@ -165,7 +181,19 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .map_err(|e| anyhow!("shard {id}: local address: {e}"))?;
-    let _ = bound.send(Ok(local));
+    let metrics_listener = match metrics_addr.map(glommio::net::TcpListener::bind) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            let err = anyhow!("cannot listen for metrics on {metrics_addr:?}: {e}");
+            let _ = bound.send(Err(anyhow!("{err}")));
+            return Err(err);
+        }
+    };
+    let _ = bound.send(Ok(Bound {
+        api: local,
+        metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+    }));
 
     let shard = Rc::new(Shard::new(
         id,
@@ -187,12 +215,23 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     runtime.mark_started();
     tracing::debug!(shard = id, %local, "shard serving");
 
-    listener::accept_loop(shard.clone(), listener).await;
+    let metrics_task = metrics_listener.map(|l| {
+        glommio::spawn_local(listener::accept_loop(
+            shard.clone(),
+            l,
+            Surface::MetricsOnly,
+        ))
+    });
+    listener::accept_loop(shard.clone(), listener, Surface::Api).await;
+    if let Some(task) = metrics_task {
+        task.await;
+    }
     inbox_task.await;
+    let shutdown_timeout = config.shutdown.timeout;
 
     // Drain: connections finish their current request and close (they watch
     // `is_shutting_down`); the gate closes when the last one has left.
-    let gate_closed = glommio::timer::timeout(SHUTDOWN_TIMEOUT, async {
+    let gate_closed = glommio::timer::timeout(shutdown_timeout, async {
         shard.gate.close().await.ok();
         Ok(())
     })
@@ -205,7 +244,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     }
     drained.fetch_add(1, Ordering::AcqRel);
     // Keep serving peers' requests until every shard has drained.
-    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+    let deadline = Instant::now() + shutdown_timeout;
     while drained.load(Ordering::Acquire) < shard.shard_count() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }

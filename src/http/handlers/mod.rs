@@ -55,9 +55,19 @@ pub enum Outcome {
 }
 
 /// Handles one request, appending its response to `out`.
-pub async fn handle(shard: &Shard, request: Request, out: &mut BytesMut) -> Outcome {
+pub async fn handle(
+    shard: &Shard,
+    request: Request,
+    out: &mut BytesMut,
+    surface: crate::net::Surface,
+) -> Outcome {
     // Streams and upgrades leave the request/response cycle; everything else answers below.
-    let route = router::route(request.method(), request.path());
+    let route = match router::route(request.method(), request.path()) {
+        Ok(route) if surface == crate::net::Surface::MetricsOnly && route != Route::Metrics => {
+            Err(ApiError::not_found("this address serves only /metrics"))
+        }
+        other => other,
+    };
     let label = route.as_ref().map_or("unknown", Route::label);
     let result = match route {
         Ok(Route::Events(topic)) => {

@@ -155,6 +155,7 @@ pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiE
 async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     require_json(request)?;
     let item = parse_publish(request.body(), &shard.config.api)?;
+    shard.metrics.per_topic(&item.topic, 0, 1);
     let owner = shard.owner_of(&item.topic);
     let topic = item.topic.clone();
     let mut results = shard.publish_on(owner, vec![item]).await?;
@@ -196,6 +197,7 @@ pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, Api
     for (index, item) in items.into_iter().enumerate() {
         match item {
             Ok(item) => {
+                shard.metrics.per_topic(&item.topic, 0, 1);
                 let group = &mut groups[shard.owner_of(&item.topic)];
                 group.0.push(index);
                 group.1.push(item);
