@@ -151,6 +151,32 @@ pub fn record_delivered(shard: &Shard, egress: crate::metrics::Egress, batch: &[
     }
 }
 
+/// How long a write blocked on a consumer that stopped reading may still take once the
+/// consumer has been cut off (overflow, idle, shutdown): enough for a slow reader to take the
+/// rest of a batch and then see the close frame; after it the connection is dropped, so a
+/// client that never reads cannot hold a connection (and its task) forever.
+pub const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes `bytes` unless the consumer was cut off and the write then stays blocked for
+/// [`WRITE_GRACE`]. `Err` means the connection must be dropped without another frame (a
+/// partial frame may be on the wire).
+pub async fn write_or_give_up<W: futures::AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+    sink: &Sink,
+) -> Result<(), ()> {
+    use futures::AsyncWriteExt;
+    let write = Box::pin(writer.write_all(bytes));
+    let give_up = Box::pin(async {
+        sink.stopped().await;
+        glommio::timer::sleep(WRITE_GRACE).await;
+    });
+    match futures::future::select(write, give_up).await {
+        futures::future::Either::Left((Ok(()), _)) => Ok(()),
+        _ => Err(()),
+    }
+}
+
 /// Runs a closure when dropped (gauges that must go down however a session ends).
 pub struct OnDrop<F: FnMut()>(pub F);
 

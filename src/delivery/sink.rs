@@ -322,6 +322,20 @@ impl Sink {
         Ready { sink: self }
     }
 
+    /// Resolves once the sink stopped taking messages (overflowed or closed).
+    pub async fn stopped(&self) -> SinkState {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.inner.borrow_mut();
+            if inner.state != SinkState::Open {
+                Poll::Ready(inner.state)
+            } else {
+                inner.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// Resolves once the queue holds at most `bytes` (replay flow control), or the sink
     /// stopped.
     pub async fn drained_below(&self, bytes: usize) {

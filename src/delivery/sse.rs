@@ -130,7 +130,10 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                 out.extend_from_slice(d.sse_event());
             }
             if !out.is_empty() {
-                if stream.write_all(&out).await.is_err() {
+                if super::write_or_give_up(&mut stream, &out, &sink)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 out.clear();

@@ -30,7 +30,7 @@ use glommio::net::TcpStream;
 
 use super::sink::{Delivered, Sink, SinkState};
 use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
-use super::{record_delivered, OnDrop};
+use super::{record_delivered, write_or_give_up, OnDrop};
 use crate::clock::now_ms;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -225,11 +225,11 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
                     }
                     codec::encode_close(&mut out, &reason);
                 }
-                let _ = writer.write_all(&out).await;
+                let _ = write_or_give_up(&mut writer, &out, &sink).await;
                 return;
             }
             if !out.is_empty() {
-                if writer.write_all(&out).await.is_err() {
+                if write_or_give_up(&mut writer, &out, &sink).await.is_err() {
                     close_with(None);
                     return;
                 }
