@@ -166,15 +166,18 @@ pub async fn write_or_give_up<W: futures::AsyncWrite + Unpin>(
     sink: &Sink,
 ) -> Result<(), ()> {
     use futures::AsyncWriteExt;
+    sink.set_writing(true);
     let write = Box::pin(writer.write_all(bytes));
     let give_up = Box::pin(async {
         sink.stopped().await;
         glommio::timer::sleep(WRITE_GRACE).await;
     });
-    match futures::future::select(write, give_up).await {
+    let result = match futures::future::select(write, give_up).await {
         futures::future::Either::Left((Ok(()), _)) => Ok(()),
         _ => Err(()),
-    }
+    };
+    sink.set_writing(false);
+    result
 }
 
 /// Runs a closure when dropped (gauges that must go down however a session ends).

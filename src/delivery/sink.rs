@@ -6,6 +6,12 @@
 //! live messages back while the topic's history is being replayed, and counts queued bytes
 //! against a bound. Past the bound the sink marks itself overflowed: the consumer is too slow
 //! and is cut off (WebSocket close 4008) instead of delaying anyone else or growing memory.
+//!
+//! "Too slow" means over the bound *while a write to the consumer's socket is pending*, i.e.
+//! its socket buffers are full. A burst that lands all at once (a 1000-message bulk publish,
+//! a batch forwarded from the owning shard) is not a slow consumer: the queue holds only
+//! shared pointers to messages, and a reading consumer drains it at socket speed. A hard cap
+//! of [`HARD_CAP_FACTOR`] times the bound still applies, whatever the writer is doing.
 //! It never blocks the publisher: `offer` is O(1) and synchronous.
 
 use std::cell::{OnceCell, RefCell};
@@ -109,6 +115,9 @@ impl Delivered {
     }
 }
 
+/// Past this many times the bound, a consumer is cut off even when no write is pending.
+pub const HARD_CAP_FACTOR: usize = 8;
+
 /// Per topic: where the consumer is, and what waits while its history is replayed.
 #[derive(Default)]
 struct Cursor {
@@ -137,6 +146,9 @@ struct Inner {
     /// Bytes in `queue` and every cursor's `pending`.
     queued_bytes: usize,
     state: SinkState,
+    /// A write of this consumer's data to its socket is in progress (and, if an offer
+    /// observes it, blocked: offers run only while the writer's task is suspended).
+    writing: bool,
     waker: Option<Waker>,
     cursors: HashMap<Arc<str>, Cursor>,
 }
@@ -157,6 +169,7 @@ impl Sink {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
                 state: SinkState::Open,
+                writing: false,
                 waker: None,
                 cursors: HashMap::new(),
             }),
@@ -351,8 +364,20 @@ impl Sink {
         .await
     }
 
+    /// Marks the start (`true`) and end of a socket write for this consumer.
+    pub fn set_writing(&self, writing: bool) {
+        let mut inner = self.inner.borrow_mut();
+        inner.writing = writing;
+        // A write that ends with the queue over the bound let it grow while blocked.
+        if !writing {
+            Self::check_bound(&mut inner, self.max_bytes);
+        }
+    }
+
     fn check_bound(inner: &mut Inner, max_bytes: usize) {
-        if inner.queued_bytes > max_bytes {
+        let over = inner.queued_bytes > max_bytes;
+        let hard = inner.queued_bytes > max_bytes.saturating_mul(HARD_CAP_FACTOR);
+        if (over && inner.writing) || hard {
             inner.state = SinkState::Overflowed;
             inner.queue.clear();
             inner.cursors.values_mut().for_each(|c| c.pending.clear());
@@ -426,10 +451,30 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_is_not_a_slow_consumer_but_a_blocked_writer_is() {
+        let t: Arc<str> = "t".into();
+        let sink = Sink::new(1, 1000);
+        sink.follow(&t, false);
+        // 7 x 135 bytes: over the bound, under the hard cap, no write pending.
+        for ms in 1..8 {
+            sink.offer(&msg(&t, ms));
+        }
+        assert_eq!(sink.state(), SinkState::Open);
+        assert_eq!(drain(&sink), (1..8).collect::<Vec<_>>());
+        // With a write blocked on the socket, falling past the bound cuts the consumer off.
+        sink.set_writing(true);
+        for ms in 8..20 {
+            sink.offer(&msg(&t, ms));
+        }
+        assert_eq!(sink.state(), SinkState::Overflowed);
+    }
+
+    #[test]
     fn overflow_marks_the_sink_and_frees_its_queue() {
         let t: Arc<str> = "t".into();
         let sink = Sink::new(1, 1000);
         sink.follow(&t, false);
+        // Past the hard cap even with no write pending.
         for ms in 1..100 {
             sink.offer(&msg(&t, ms));
         }

@@ -16,7 +16,9 @@
 // Each integration-test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod sse;
 pub mod valkey;
+pub mod ws;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -198,6 +200,11 @@ impl Server {
         // `Child::kill` sends SIGKILL on Unix.
         child.kill().expect("SIGKILL the relay");
         let _ = child.wait();
+    }
+
+    /// The relay's process id while it runs (to look at its open descriptors in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// A new connection to the server.
@@ -777,6 +784,12 @@ impl Conn {
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
     }
+
+    /// Takes the bytes read past what was consumed (e.g. the start of a streamed body after
+    /// [`Conn::read_head`]).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
 }
 
 /// Builds a request: request line, `Host`, the given headers, and — for a body — default
@@ -924,6 +937,15 @@ pub fn shard_of(topic: &str, shards: u64) -> u64 {
     xxhash_rust::xxh3::xxh3_64(topic.as_bytes()) % shards
 }
 
+/// The first name `<prefix>-<n>` (n = 0, 1, ...) that the documented routing assigns to
+/// `shard` of `shards`.
+pub fn topic_on_shard(prefix: &str, shard: u64, shards: u64) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|t| shard_of(t, shards) == shard)
+        .unwrap_or_else(|| panic!("no topic {prefix}-<n> routes to shard {shard} of {shards}"))
+}
+
 /// Asserts the topic set covers every one of `shards` shards under the documented routing.
 pub fn assert_spans_shards(topics: &[String], shards: u64) {
     for shard in 0..shards {
@@ -932,4 +954,61 @@ pub fn assert_spans_shards(topics: &[String], shards: u64) {
             "test precondition: no topic of {topics:?} routes to shard {shard}"
         );
     }
+}
+
+/// Publishes `n` messages (`{"bg": i}`) to one topic from a thread, one at a time on one
+/// connection, recording each acknowledged id in order: the "continuous publisher" of the
+/// resume tests, whose acked ids are exactly what a gap-free consumer must see.
+pub struct BackgroundPublisher {
+    /// Ids acknowledged so far, in publish (and so id) order.
+    acked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The publishing thread; `None` once joined.
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundPublisher {
+    pub fn start(addr: SocketAddr, topic: &str, n: usize) -> BackgroundPublisher {
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+        let sink = acked.clone();
+        let topic = topic.to_string();
+        let handle = std::thread::spawn(move || {
+            let mut conn = Conn::connect(addr);
+            for i in 0..n {
+                let ack = conn.publish(&topic, &format!(r#"{{"bg":{i}}}"#));
+                let id = ack["message_id"].as_str().expect("message_id").to_string();
+                sink.lock().expect("publisher lock").push(id);
+            }
+        });
+        BackgroundPublisher {
+            acked,
+            handle: Some(handle),
+        }
+    }
+
+    /// How many publishes were acknowledged so far.
+    pub fn count(&self) -> usize {
+        self.acked.lock().expect("publisher lock").len()
+    }
+
+    /// Whether the thread is done (all published, or it panicked: [`Self::join`] tells).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Waits for the thread (re-raising its panic) and returns every acked id, in order.
+    pub fn join(mut self) -> Vec<String> {
+        if let Some(handle) = self.handle.take() {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        std::mem::take(&mut *self.acked.lock().expect("publisher lock"))
+    }
+}
+
+/// The number of open file descriptors of process `pid` (Linux `/proc`).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
 }

@@ -1,0 +1,437 @@
+//! Black-box tests of long-poll delivery (`POST /messages/poll`, `GET /api/v1/poll`) against
+//! the real binary: immediate answers from the backlog, parking and wake-up, the timeout
+//! reply, the per-shard cap on parked requests and its release when a client disconnects, and
+//! the publish-between-read-and-park race.
+//!
+//! Owns: everything observable on the two poll endpoints. Does not own: WebSocket
+//! (`delivery_ws.rs`) or SSE (`delivery_sse.rs`) delivery.
+//!
+//! "Parked" is observed through `GET /messages/poll/stats` (`active_polls`), so no test sleeps
+//! to guess that a request is waiting.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_error_body, eventually, parse_id, topic_on_shard, Conn, Response, Server};
+use serde_json::{json, Value};
+
+const SHARDS: u64 = 2;
+
+fn topics_per_shard(prefix: &str) -> Vec<String> {
+    (0..SHARDS)
+        .map(|s| topic_on_shard(prefix, s, SHARDS))
+        .collect()
+}
+
+fn id_of(v: &Value) -> String {
+    v["message_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message_id in {v}"))
+        .to_string()
+}
+
+fn publish_n(conn: &mut Conn, topic: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
+        .collect()
+}
+
+/// `POST /messages/poll` on a fresh connection.
+fn poll(server: &Server, body: &Value) -> Response {
+    server.post_json("/messages/poll", &body.to_string())
+}
+
+/// A poll answer's message ids, in answer order.
+fn ids(resp: &Value) -> Vec<String> {
+    resp["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages array in {resp}"))
+        .iter()
+        .map(id_of)
+        .collect()
+}
+
+/// A poll answer's messages as `(topic, id)`, in answer order. Ids are per topic (two topics
+/// can hold the same id), so a message is named by both.
+fn pairs(resp: &Value) -> Vec<(String, String)> {
+    resp["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages array in {resp}"))
+        .iter()
+        .map(|m| (m["topic"].as_str().expect("topic").to_string(), id_of(m)))
+        .collect()
+}
+
+/// Asserts `got` is `want` (already oldest first) up to the order of equal ids of different
+/// topics, and is itself oldest first.
+fn assert_oldest_first(got: &[(String, String)], want: &[(String, String)], context: &Value) {
+    for w in got.windows(2) {
+        assert!(
+            parse_id(&w[0].1) <= parse_id(&w[1].1),
+            "not oldest first: {:?} before {:?} in {context}",
+            w[0],
+            w[1]
+        );
+    }
+    let mut g = got.to_vec();
+    let mut w = want.to_vec();
+    g.sort_by(|a, b| (parse_id(&a.1), &a.0).cmp(&(parse_id(&b.1), &b.0)));
+    w.sort_by(|a, b| (parse_id(&a.1), &a.0).cmp(&(parse_id(&b.1), &b.0)));
+    assert_eq!(g, w, "{context}");
+}
+
+/// `(topic, id)` for each id.
+fn named(topic: &str, ids: &[String]) -> Vec<(String, String)> {
+    ids.iter()
+        .map(|id| (topic.to_string(), id.clone()))
+        .collect()
+}
+
+/// Sorts `(topic, id)` pairs oldest first (ties by topic name).
+fn oldest_first(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort_by(|a, b| (parse_id(&a.1), &a.0).cmp(&(parse_id(&b.1), &b.0)));
+    v
+}
+
+/// Parked polls across shards, from the stats endpoint.
+fn parked(server: &Server) -> u64 {
+    let stats = server.get("/messages/poll/stats").json();
+    stats["active_polls"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no active_polls in {stats}"))
+}
+
+/// Sends a poll on its own connection from a thread; the handle yields the response and how
+/// long it took.
+fn poll_in_background(
+    server: &Server,
+    body: Value,
+) -> std::thread::JoinHandle<(Response, Duration)> {
+    let addr = server.addr;
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut conn = Conn::connect(addr);
+        let resp = conn.request("POST", "/messages/poll", Some(body.to_string().as_bytes()));
+        (resp, started.elapsed())
+    })
+}
+
+fn join<T>(handle: std::thread::JoinHandle<T>) -> T {
+    match handle.join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Asserts `resp` is a delivery (not a timeout) of exactly `want`, oldest first.
+fn assert_delivered(resp: &Response, want: &[String]) -> Value {
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let v = resp.json();
+    assert!(
+        v.get("timeout").is_none_or(|t| t == false),
+        "timed out instead of delivering: {v}"
+    );
+    assert_eq!(ids(&v), want, "{v}");
+    v
+}
+
+#[test]
+fn a_parked_poll_is_woken_by_a_publish() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-wake");
+    for topic in &topics {
+        // Backlog exists but a poll without `since` waits for new messages only.
+        server.publish(topic, r#"{"old":true}"#);
+        let waiting = poll_in_background(&server, json!({"topics": [topic], "timeout": 20}));
+        assert!(
+            eventually(Duration::from_secs(10), || parked(&server) == 1),
+            "the poll never parked"
+        );
+        let meta = json!({"k": "v"});
+        let body = json!({"topic": topic, "payload": {"new": true}, "metadata": meta});
+        let resp = server.post_json("/api/v1/messages", &body.to_string());
+        assert_eq!(resp.status, 201, "{resp:?}");
+        let ack = resp.json();
+        let (resp, took) = join(waiting);
+        let v = assert_delivered(&resp, &[id_of(&ack)]);
+        assert!(took < Duration::from_secs(15), "woken only after {took:?}");
+        let m = &v["messages"][0];
+        assert_eq!(m["topic"], topic.as_str(), "{m}");
+        assert_eq!(m["payload"], json!({"new": true}), "{m}");
+        assert_eq!(m["timestamp"], ack["timestamp"], "{m}");
+        assert_eq!(m["metadata"], meta, "{m}");
+        assert_eq!(v["has_more"], false, "{v}");
+        assert_eq!(v["next_offset"], json!({topic: id_of(&ack)}), "{v}");
+        assert!(
+            eventually(Duration::from_secs(5), || parked(&server) == 0),
+            "an answered poll still counts as parked"
+        );
+    }
+
+    // One poll over topics of both shards is woken by either.
+    let waiting = poll_in_background(&server, json!({"topics": topics, "timeout": 20}));
+    assert!(
+        eventually(Duration::from_secs(10), || parked(&server) == 1),
+        "the poll never parked"
+    );
+    let id = id_of(&server.publish(&topics[1], r#"{"second":true}"#));
+    let (resp, _) = join(waiting);
+    assert_delivered(&resp, &[id]);
+}
+
+#[test]
+fn backlog_is_returned_at_once_oldest_first() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-backlog");
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    // Interleaved, so "oldest first" across topics is a real merge.
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for _ in 0..3 {
+        a.extend(publish_n(&mut conn, t0, 2));
+        b.extend(publish_n(&mut conn, t1, 1));
+    }
+    let all = oldest_first([named(t0, &a), named(t1, &b)].concat());
+
+    // t0 after its 2nd message, t1 (listed without an id) from its oldest.
+    let started = Instant::now();
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": {t0: a[1]}, "timeout": 30}),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a backlog poll waited"
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let v = resp.json();
+    let want = oldest_first([named(t0, &a[2..]), named(t1, &b)].concat());
+    assert_oldest_first(&pairs(&v), &want, &v);
+    assert_eq!(v["has_more"], false, "{v}");
+    assert_eq!(v["next_offset"], json!({t0: a[5], t1: b[2]}), "{v}");
+    for m in v["messages"].as_array().expect("messages") {
+        assert!(
+            m.get("type").is_none(),
+            "a poll message has no type field: {m}"
+        );
+        for field in ["message_id", "topic", "payload", "timestamp", "metadata"] {
+            assert!(m.get(field).is_some(), "{field} missing: {m}");
+        }
+    }
+
+    // A limit cuts the oldest-first list and says there is more; following next_offset
+    // continues exactly where it stopped.
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": {}, "limit": 4, "timeout": 30}),
+    );
+    let first = resp.json();
+    let got_first = pairs(&first);
+    assert_eq!(got_first.len(), 4, "{first}");
+    assert_eq!(first["has_more"], true, "{first}");
+    // A topic the first page did not reach is absent from next_offset: read from its oldest.
+    let since = first["next_offset"].clone();
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": since, "limit": 100, "timeout": 30}),
+    );
+    let rest = resp.json();
+    assert_eq!(rest["has_more"], false, "{rest}");
+    let both: Vec<(String, String)> = [got_first, pairs(&rest)].concat();
+    assert_oldest_first(&both, &all, &json!([first, rest]));
+
+    // Caught up: nothing after the last ids, so the poll waits out its timeout.
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": {t0: a[5], t1: b[2]}, "timeout": 1}),
+    );
+    assert_eq!(resp.json()["timeout"], true, "{resp:?}");
+}
+
+#[test]
+fn get_poll_form_uses_one_since_for_every_topic() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-get");
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    let a = publish_n(&mut conn, t0, 3);
+    let b = publish_n(&mut conn, t1, 3);
+    let since = a[0].clone();
+    let want = oldest_first(
+        [named(t0, &a), named(t1, &b)]
+            .concat()
+            .into_iter()
+            .filter(|(_, id)| parse_id(id) > parse_id(&since))
+            .collect(),
+    );
+    let resp = server.get(&format!(
+        "/api/v1/poll?topics={t0},{t1}&since={since}&timeout=5&limit=100"
+    ));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let v = resp.json();
+    assert_oldest_first(&pairs(&v), &want, &v);
+    assert_eq!(v["has_more"], false, "{v}");
+
+    let resp = server.get(&format!(
+        "/api/v1/poll?topics={t0},{t1}&since={since}&limit=2"
+    ));
+    let v = resp.json();
+    assert_eq!(pairs(&v).len(), 2, "{v}");
+    assert_eq!(v["has_more"], true, "{v}");
+
+    // Without since: parks until something new arrives.
+    let addr = server.addr;
+    let path = format!("/api/v1/poll?topics={t0},{t1}&timeout=20");
+    let waiting = std::thread::spawn(move || Conn::connect(addr).request("GET", &path, None));
+    assert!(
+        eventually(Duration::from_secs(10), || parked(&server) == 1),
+        "the GET poll never parked"
+    );
+    let id = id_of(&conn.publish(t0, r#"{"new":true}"#));
+    assert_delivered(&join(waiting), &[id]);
+}
+
+#[test]
+fn a_poll_with_nothing_new_times_out() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topic = topic_on_shard("lp-timeout", 1, SHARDS);
+    server.publish(&topic, r#"{"old":true}"#);
+    let started = Instant::now();
+    let resp = poll(&server, &json!({"topics": [topic], "timeout": 1}));
+    let took = started.elapsed();
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        resp.json(),
+        json!({"messages": [], "has_more": false, "timeout": true})
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered the timeout after only {took:?}"
+    );
+    assert!(took < Duration::from_secs(6), "a 1 s poll took {took:?}");
+
+    let started = Instant::now();
+    let resp = server.get(&format!("/api/v1/poll?topics={topic}&timeout=1"));
+    assert_eq!(resp.json()["timeout"], true, "{resp:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn invalid_polls_are_rejected() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    for (body, code) in [
+        (json!({"topics": []}), "INVALID_REQUEST"),
+        (json!({"topics": ["a"], "timeout": 0}), "INVALID_REQUEST"),
+        (json!({"topics": ["a"], "timeout": 61}), "INVALID_REQUEST"),
+        (json!({"topics": ["a"], "limit": 0}), "INVALID_REQUEST"),
+        (json!({"topics": ["bad topic"]}), "INVALID_TOPIC"),
+        (
+            json!({"topics": ["a"], "since": {"a": "nope"}}),
+            "INVALID_CURSOR",
+        ),
+    ] {
+        let resp = poll(&server, &body);
+        assert_error_body(&resp, code);
+    }
+    assert_error_body(
+        &server.get("/api/v1/poll?topics=a&since=nope"),
+        "INVALID_CURSOR",
+    );
+    assert_error_body(&server.get("/api/v1/poll"), "INVALID_REQUEST");
+}
+
+#[test]
+fn the_parked_cap_is_enforced_and_a_disconnect_frees_its_slot() {
+    let server = Server::start_with_shards("longpoll:\n  max_parked_per_shard: 1\n", 1);
+    let topic = "lp-cap";
+    let body = json!({"topics": [topic], "timeout": 30}).to_string();
+
+    let mut first = Conn::connect(server.addr);
+    first.send(&common::build_request(
+        "POST",
+        "/messages/poll",
+        &[],
+        Some(body.as_bytes()),
+    ));
+    assert!(
+        eventually(Duration::from_secs(10), || parked(&server) == 1),
+        "the first poll never parked"
+    );
+
+    // The one slot is taken: a second poll is refused at once.
+    let started = Instant::now();
+    let resp = poll(&server, &json!({"topics": [topic], "timeout": 1}));
+    assert_error_body(&resp, "SERVICE_UNAVAILABLE");
+    assert!(
+        resp.header("retry-after").is_some(),
+        "503 without Retry-After: {resp:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "the refusal waited"
+    );
+
+    // The client goes away: its slot is released without waiting out its 30 s.
+    first.shutdown_write();
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(5), || parked(&server) == 0),
+        "the disconnected poll still counts as parked"
+    );
+    let waiting = poll_in_background(&server, json!({"topics": [topic], "timeout": 20}));
+    assert!(
+        eventually(Duration::from_secs(10), || parked(&server) == 1),
+        "a new poll does not park after the disconnect"
+    );
+    let id = id_of(&server.publish(topic, r#"{"after":"disconnect"}"#));
+    let (resp, _) = join(waiting);
+    assert_delivered(&resp, &[id]);
+}
+
+/// The race the Python relay lost: a message published between the poll's read and its
+/// parking. Each round polls from the last id and publishes at once; every poll must return
+/// that message, none may time out.
+#[test]
+fn a_publish_racing_a_poll_is_never_lost() {
+    const ROUNDS: usize = 200;
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-race");
+    let mut publisher = server.connect();
+    let mut last: Vec<String> = topics
+        .iter()
+        .map(|t| id_of(&publisher.publish(t, r#"{"seed":true}"#)))
+        .collect();
+    let mut failures = Vec::new();
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        let k = round % topics.len();
+        let topic = &topics[k];
+        let body = json!({"topics": [topic], "since": {topic: last[k]}, "timeout": 5}).to_string();
+        let mut poller = Conn::connect(server.addr);
+        poller.send(&common::build_request(
+            "POST",
+            "/messages/poll",
+            &[],
+            Some(body.as_bytes()),
+        ));
+        let id = id_of(&publisher.publish(topic, &format!(r#"{{"round":{round}}}"#)));
+        let resp = poller.read_response(false);
+        let v = resp.json();
+        if resp.status != 200 || ids(&v) != vec![id.clone()] {
+            failures.push(format!(
+                "round {round}: want [{id}], got {} {v}",
+                resp.status
+            ));
+        }
+        last[k] = id;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {ROUNDS} polls lost the racing publish (in {:?}):\n{}",
+        failures.len(),
+        started.elapsed(),
+        failures.join("\n")
+    );
+}
