@@ -1,9 +1,382 @@
 //! loadgen: Pulsar Relay's bundled load generator.
 //!
-//! A skeleton for now: the benchmark issue fills in the publish, bulk, e2e, fanout and
-//! connections scenarios. It builds so the workspace layout is fixed from the start.
+//! Scenarios (`loadgen <scenario> --help` for flags):
+//! - `publish`: single-message publishes over N keep-alive connections; closed loop (max
+//!   throughput) or open loop at `--rate` with latency from intended send times.
+//! - `bulk`: the same with bulk publishes of `--batch` messages.
+//! - `e2e`: publishers and subscribers (WebSocket, long-poll or SSE): delivery latency, and
+//!   with `--verify` a check that every acknowledged message reached every subscriber once,
+//!   in order.
+//! - `fanout`: one topic, many WebSocket subscribers: deliveries/s, delivery lag, misses.
+//! - `connections`: many idle WebSocket subscribers held open; relay memory per connection.
+//!
+//! This file turns the command line into a run and prints the report. Module map:
+//! `cli` flags; `run` shared state and progress; `schedule` send plans; `publish`
+//! publishers; `subscribe` subscribers; `delivery` e2e/fanout; `connections`; `verify`
+//! delivery accounting; `stats` histograms and counters; `payload` bodies and parsing;
+//! `http` connections; `target` the Python relay's differences; `report` output.
 
-fn main() {
-    eprintln!("loadgen: no scenarios yet (see the benchmark issue)");
-    std::process::exit(2);
+mod cli;
+mod connections;
+mod delivery;
+mod http;
+mod payload;
+mod publish;
+mod report;
+mod run;
+mod schedule;
+mod stats;
+mod subscribe;
+mod target;
+mod verify;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use cli::{Cli, Common, Scenario, Transport};
+use http::Endpoint;
+use publish::{publish, PublishResult, PublishSpec};
+use report::Report;
+use run::{Phase, RunCtx};
+use schedule::{Plan, Stop};
+use stats::LatencySummary;
+use target::Target;
+
+/// The measured phase when neither `--duration` nor `--messages` is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+/// A run that could not be set up (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Url(#[from] http::UrlError),
+    #[error(transparent)]
+    Target(#[from] target::TargetError),
+    #[error(transparent)]
+    NoSubscribers(#[from] delivery::NoSubscribers),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn invalid(message: impl Into<String>) -> SetupError {
+    SetupError::Invalid(message.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&SetupError::Runtime(e)),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok((report, json, failed_check)) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            if failed_check {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &SetupError) -> ExitCode {
+    eprintln!("loadgen: {e}");
+    ExitCode::from(2)
+}
+
+/// Checks the common flags and builds the run's shared state.
+fn setup(common: &Common, topics: usize) -> Result<Arc<RunCtx>, SetupError> {
+    if common.connections == 0 {
+        return Err(invalid("--connections must be at least 1"));
+    }
+    if topics == 0 {
+        return Err(invalid("--topics must be at least 1"));
+    }
+    if common.messages == Some(0) {
+        return Err(invalid("--messages must be at least 1"));
+    }
+    if common.duration.is_some_and(|d| d.is_zero()) {
+        return Err(invalid("--duration must be positive"));
+    }
+    if common.token.is_some() && common.target != cli::TargetKind::Python {
+        return Err(invalid("--token is for --target python"));
+    }
+    let endpoint = Endpoint::parse(&common.url)?;
+    let target = Target::new(common.target, common.token.as_deref())?;
+    let names = run::topic_names(common.topic_prefix.as_deref(), topics);
+    Ok(RunCtx::new(
+        endpoint,
+        target,
+        names,
+        common.payload_bytes,
+        common.timeout,
+    ))
+}
+
+fn check_rate(rate: f64) -> Result<f64, SetupError> {
+    if rate.is_finite() && rate > 0.0 {
+        Ok(rate)
+    } else {
+        Err(invalid(
+            "--rate must be a positive number of messages per second",
+        ))
+    }
+}
+
+/// The plan in requests: `--messages` and `--rate` count messages, a bulk request carries
+/// `per_request` of them (a message count is rounded up to whole requests).
+fn plan(common: &Common, rate: Option<f64>, per_request: usize) -> Plan {
+    let per = per_request.max(1) as u64;
+    Plan {
+        warmup: common.warmup,
+        stop: match common.messages {
+            Some(n) => Stop::Sends(n.div_ceil(per)),
+            None => Stop::After(common.duration.unwrap_or(DEFAULT_DURATION)),
+        },
+        rate: rate.map(|r| r / per as f64),
+    }
+}
+
+/// Sets the phase to measure when the warm-up ends.
+fn phase_timer(ctx: &Arc<RunCtx>, warmup: Duration) -> tokio::task::JoinHandle<()> {
+    ctx.set_phase(if warmup.is_zero() {
+        Phase::Measure
+    } else {
+        Phase::Warmup
+    });
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(warmup).await;
+        ctx.set_phase(Phase::Measure);
+    })
+}
+
+fn base_report(
+    scenario: &'static str,
+    common: &Common,
+    ctx: &RunCtx,
+    plan: &Plan,
+    batch: Option<usize>,
+    published: Option<&PublishResult>,
+) -> Report {
+    let c = &ctx.counters;
+    let measured = published.map_or(0.0, |p| p.measured.as_secs_f64());
+    let acknowledged = c.get(&c.acked);
+    Report {
+        scenario,
+        target: ctx.target.name(),
+        url: common.url.clone(),
+        mode: if plan.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
+        rate: plan.rate.map(|r| r * batch.unwrap_or(1) as f64),
+        connections: common.connections,
+        topics: ctx.topics.len(),
+        payload_bytes: common.payload_bytes,
+        batch,
+        warmup_s: plan.warmup.as_secs_f64(),
+        measured_s: measured,
+        sent: c.get(&c.sent),
+        acknowledged,
+        failed: c.get(&c.failed),
+        failures: c.failures(),
+        requests: c.get(&c.requests),
+        throughput_msg_s: if measured > 0.0 {
+            acknowledged as f64 / measured
+        } else {
+            0.0
+        },
+        behind_schedule: published.and_then(|p| p.behind_schedule),
+        latency: published.map_or_else(LatencySummary::empty, |p| p.latency.clone()),
+        service_time: published.and_then(|p| p.service_time.clone()),
+        delivery: None,
+        held: None,
+    }
+}
+
+/// Runs the scenario; returns the report, whether to print JSON, and whether a delivery
+/// check failed.
+async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
+    match cli.scenario {
+        Scenario::Publish { common, load } => {
+            let rate = load.rate.map(check_rate).transpose()?;
+            let ctx = setup(&common, common.topics)?;
+            let plan = plan(&common, rate, 1);
+            let report = publish_only("publish", &common, ctx, plan, None).await;
+            Ok((report, common.json, false))
+        }
+        Scenario::Bulk {
+            common,
+            load,
+            batch,
+        } => {
+            let rate = load.rate.map(check_rate).transpose()?;
+            let ctx = setup(&common, common.topics)?;
+            let max = ctx.target.max_bulk();
+            if batch == 0 || batch > max {
+                return Err(invalid(format!(
+                    "--batch must be 1 to {max} for the {} relay",
+                    ctx.target.name()
+                )));
+            }
+            let plan = plan(&common, rate, batch);
+            let report = publish_only("bulk", &common, ctx, plan, Some(batch)).await;
+            Ok((report, common.json, false))
+        }
+        Scenario::E2e {
+            common,
+            delivery,
+            transport,
+            subscribers,
+            verify,
+        } => {
+            let report = deliveries(
+                "e2e",
+                &common,
+                common.topics,
+                delivery.rate,
+                delivery.drain_timeout,
+                transport,
+                subscribers,
+            )
+            .await?;
+            let failed = verify
+                && report
+                    .delivery
+                    .as_ref()
+                    .is_some_and(|d| !d.check.clean() || !d.drained);
+            Ok((report, common.json, failed))
+        }
+        Scenario::Fanout {
+            common,
+            delivery,
+            subscribers,
+        } => {
+            let report = deliveries(
+                "fanout",
+                &common,
+                1,
+                delivery.rate,
+                delivery.drain_timeout,
+                Transport::Ws,
+                subscribers,
+            )
+            .await?;
+            Ok((report, common.json, false))
+        }
+        Scenario::Connections {
+            common,
+            subscribers,
+            hold,
+            relay_pid,
+        } => {
+            if subscribers == 0 {
+                return Err(invalid("--subscribers must be at least 1"));
+            }
+            let ctx = setup(&common, 1)?;
+            let progress = ctx.spawn_progress(common.quiet);
+            let held = connections::run(ctx.clone(), subscribers, hold, relay_pid).await;
+            if let Some(p) = progress {
+                p.abort();
+            }
+            let plan = Plan {
+                warmup: Duration::ZERO,
+                stop: Stop::After(hold),
+                rate: None,
+            };
+            let mut report = base_report("connections", &common, &ctx, &plan, None, None);
+            report.connections = subscribers;
+            report.measured_s = held.hold_s;
+            report.throughput_msg_s = 0.0;
+            report.held = Some(held);
+            Ok((report, common.json, false))
+        }
+    }
+}
+
+async fn publish_only(
+    scenario: &'static str,
+    common: &Common,
+    ctx: Arc<RunCtx>,
+    plan: Plan,
+    batch: Option<usize>,
+) -> Report {
+    let progress = ctx.spawn_progress(common.quiet);
+    let timer = phase_timer(&ctx, plan.warmup);
+    let spec = PublishSpec {
+        plan,
+        connections: common.connections,
+        batch,
+        ledger: false,
+    };
+    let start = ctx.elapsed();
+    let published = publish(ctx.clone(), spec, start).await;
+    timer.abort();
+    if let Some(p) = progress {
+        p.abort();
+    }
+    base_report(scenario, common, &ctx, &plan, batch, Some(&published))
+}
+
+async fn deliveries(
+    scenario: &'static str,
+    common: &Common,
+    topics: usize,
+    rate: f64,
+    drain_timeout: Duration,
+    transport: Transport,
+    subscribers: usize,
+) -> Result<Report, SetupError> {
+    let rate = check_rate(rate)?;
+    if subscribers == 0 {
+        return Err(invalid("--subscribers must be at least 1"));
+    }
+    let ctx = setup(common, topics)?;
+    if transport == Transport::Sse && !ctx.target.supports_sse() {
+        return Err(invalid(format!(
+            "the {} relay has no Server-Sent Events endpoint",
+            ctx.target.name()
+        )));
+    }
+    let plan = plan(common, Some(rate), 1);
+    let spec = PublishSpec {
+        plan,
+        connections: common.connections,
+        batch: None,
+        ledger: true,
+    };
+    let progress = ctx.spawn_progress(common.quiet);
+    let outcome = delivery::run(
+        ctx.clone(),
+        delivery::DeliverySpec {
+            transport,
+            subscribers,
+            drain_timeout,
+        },
+        spec,
+    )
+    .await;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let (published, delivered) = outcome?;
+    let mut report = base_report(scenario, common, &ctx, &plan, None, Some(&published));
+    report.delivery = Some(delivered);
+    Ok(report)
 }

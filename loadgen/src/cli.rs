@@ -1,0 +1,208 @@
+//! The command line: scenarios and their flags, parsed by clap.
+//!
+//! Owns names, defaults and help texts; `main` turns these into a run. Does not own
+//! validation that needs the target (bulk caps: `target`).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load generator for Pulsar Relay: publish throughput, end-to-end latency, fan-out, connection cost",
+    after_help = "Examples:\n  \
+        loadgen publish --url http://127.0.0.1:8080 --connections 64 --duration 10s\n  \
+        loadgen publish --rate 20000 --duration 30s          # open loop, latency from intended send times\n  \
+        loadgen bulk --batch 100 --connections 8\n  \
+        loadgen e2e --transport ws --subscribers 4 --rate 2000 --verify\n  \
+        loadgen fanout --subscribers 1000 --rate 1000 --duration 5s\n  \
+        loadgen connections --subscribers 5000 --hold 10s --relay-pid $(pgrep -n pulsar-relay)\n\n\
+        Progress goes to stderr once a second; the summary to stdout (--json: one JSON object).\n\
+        Exit status: 0 ok, 1 a delivery check failed (lost, duplicated or reordered messages),\n\
+        2 the run could not be set up."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Single-message publishes (POST /api/v1/messages) over keep-alive connections.
+    Publish {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Bulk publishes (POST /api/v1/messages/bulk); counts are in messages.
+    Bulk {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        load: Load,
+        /// Messages per bulk request.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+    /// Publishers and subscribers: end-to-end delivery latency, optionally exact delivery.
+    E2e {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        delivery: Delivery,
+        /// How subscribers receive.
+        #[arg(long, value_enum, default_value_t = Transport::Ws)]
+        transport: Transport,
+        /// Subscribers; each follows every topic.
+        #[arg(long, default_value_t = 4)]
+        subscribers: usize,
+        /// Check every acknowledged message reached every subscriber exactly once, in order
+        /// (exit status 1 if not).
+        #[arg(long)]
+        verify: bool,
+    },
+    /// One topic, many WebSocket subscribers: deliveries/s and delivery lag.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        delivery: Delivery,
+        /// WebSocket subscribers of the one topic.
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+    },
+    /// Open and hold idle WebSocket subscribers; with --relay-pid, the relay's memory per
+    /// connection.
+    Connections {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open (each subscribes to one topic).
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// How long to hold them open.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        hold: Duration,
+        /// The relay's process id: VmRSS is read from /proc/PID/status before and after.
+        #[arg(long)]
+        relay_pid: Option<u32>,
+    },
+}
+
+/// Flags every scenario takes.
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// The relay's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Length of the measured phase (after the warm-up).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "messages")]
+    pub duration: Option<Duration>,
+    /// Stop after this many measured messages instead of after a duration.
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Size of each message's payload in bytes (approximate; at least ~45).
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// Topics messages are spread over (round-robin).
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Not-measured time at the start: connections open, caches warm.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub warmup: Duration,
+    /// Print the final report as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// A request without an answer for this long fails as "timeout".
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Topic names are PREFIX-0, PREFIX-1, ...; default prefix: loadgen-RANDOM, fresh for every run.
+    #[arg(long)]
+    pub topic_prefix: Option<String>,
+    /// Which relay is driven.
+    #[arg(long, value_enum, default_value_t = TargetKind::Pulsar)]
+    pub target: TargetKind,
+    /// Bearer token (required with --target python).
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// Flags of the publish-only scenarios.
+#[derive(Debug, Args, Clone)]
+pub struct Load {
+    /// Open loop at this many messages per second in total (latency measured from each
+    /// request's intended send time). Default: closed loop, as fast as answers come.
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+/// Flags of the delivery scenarios.
+#[derive(Debug, Args, Clone)]
+pub struct Delivery {
+    /// Publish rate, messages per second in total (open loop).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// After publishing ends, wait at most this long for subscribers to receive everything.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Ws,
+    Longpoll,
+    Sse,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Longpoll => "longpoll",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetKind {
+    /// This repository's relay.
+    Pulsar,
+    /// The Python relay (pulsar-relay 0.2.1): bearer auth, 100-message bulk cap.
+    Python,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn duration_and_messages_exclude_each_other() {
+        let r = Cli::try_parse_from(["loadgen", "publish", "--duration", "1s", "--messages", "5"]);
+        assert!(r.is_err());
+        let ok = Cli::try_parse_from(["loadgen", "bulk", "--messages", "5", "--batch", "10"])
+            .expect("parses");
+        match ok.scenario {
+            Scenario::Bulk { common, batch, .. } => {
+                assert_eq!(common.messages, Some(5));
+                assert_eq!(batch, 10);
+                assert_eq!(common.warmup, Duration::from_secs(1));
+            }
+            other => panic!("wrong scenario {other:?}"),
+        }
+    }
+}

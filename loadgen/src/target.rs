@@ -1,0 +1,262 @@
+//! Which relay is driven, and everything that differs between them. The only module that
+//! knows about the Python relay (pulsar-relay 0.2.1 on PyPI), so its quirks stay here:
+//!
+//! - Authentication: every HTTP request carries `Authorization: Bearer <token>`; a WebSocket
+//!   offers the subprotocols `bearer` and `bearer.<token>` (browsers cannot set headers on a
+//!   WebSocket, so the token rides in the protocol list).
+//! - Bulk: at most 100 messages per request (this relay: 1000).
+//! - Long-poll (`POST /messages/poll`): `timeout` is whole seconds, there is no `limit` and
+//!   no `next_offset`; an empty `since` object is taken as "no since" (Python's falsy `{}`),
+//!   so the first poll waits for new messages only. The resume position is the last id seen
+//!   per topic, kept by the client.
+//! - WebSocket: no `offset` on subscribe, so a resumed subscription cannot ask for what it
+//!   missed; the loss shows in `verify`.
+//! - No Server-Sent Events endpoint.
+//!
+//! This relay takes `since: {}` as "every topic from its oldest message", which on the fresh
+//! topics of a run closes the race between a subscriber's first poll and the first publish.
+
+use std::fmt::Write as _;
+
+use hyper::header::HeaderValue;
+
+use crate::cli::TargetKind;
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// This repository's relay.
+    Pulsar,
+    /// The Python relay; `authorization` is the ready `Bearer <token>` header value.
+    Python {
+        token: String,
+        authorization: HeaderValue,
+    },
+}
+
+/// The relay's bulk cap (`api.max_bulk_messages` default).
+const PULSAR_MAX_BULK: usize = 1000;
+/// The Python relay's bulk cap.
+const PYTHON_MAX_BULK: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("--target python needs --token")]
+    MissingToken,
+    #[error(
+        "the token contains characters not allowed in an HTTP header or WebSocket subprotocol"
+    )]
+    BadToken,
+}
+
+impl Target {
+    pub fn new(kind: TargetKind, token: Option<&str>) -> Result<Target, TargetError> {
+        match kind {
+            TargetKind::Pulsar => Ok(Target::Pulsar),
+            TargetKind::Python => {
+                let token = token.ok_or(TargetError::MissingToken)?;
+                // A subprotocol is an RFC 7230 token: no spaces, commas or separators.
+                let token_chars = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+                if token.is_empty() || !token.chars().all(token_chars) {
+                    return Err(TargetError::BadToken);
+                }
+                let authorization = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| TargetError::BadToken)?;
+                Ok(Target::Python {
+                    token: token.to_owned(),
+                    authorization,
+                })
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Pulsar => "pulsar",
+            Target::Python { .. } => "python",
+        }
+    }
+
+    /// The `Authorization` header for every HTTP request, if any.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        match self {
+            Target::Pulsar => None,
+            Target::Python { authorization, .. } => Some(authorization),
+        }
+    }
+
+    /// The `Sec-WebSocket-Protocol` offer, if any.
+    pub fn ws_protocols(&self) -> Option<String> {
+        match self {
+            Target::Pulsar => None,
+            Target::Python { token, .. } => Some(format!("bearer, bearer.{token}")),
+        }
+    }
+
+    pub fn max_bulk(&self) -> usize {
+        match self {
+            Target::Pulsar => PULSAR_MAX_BULK,
+            Target::Python { .. } => PYTHON_MAX_BULK,
+        }
+    }
+
+    pub fn supports_sse(&self) -> bool {
+        matches!(self, Target::Pulsar)
+    }
+
+    /// A subscribe command. `resume[i]`: the last id seen on `topics[i]`, after a reconnect;
+    /// `None` for a first subscription.
+    pub fn ws_subscribe(&self, topics: &[String], resume: Option<&[Option<String>]>) -> String {
+        let mut out = String::from(r#"{"type":"subscribe","topics":"#);
+        push_str_array(&mut out, topics);
+        if let (Target::Pulsar, Some(resume)) = (self, resume) {
+            // Topics of a run are fresh, so "earliest" for a topic not yet seen replays
+            // exactly what was missed.
+            out.push_str(r#","offset":{"#);
+            for (i, (topic, last)) in topics.iter().zip(resume).enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(
+                    out,
+                    r#""{topic}":"{}""#,
+                    last.as_deref().unwrap_or("earliest")
+                );
+            }
+            out.push('}');
+        }
+        out.push('}');
+        out
+    }
+
+    /// A long-poll request body. `since[i]`: the last id seen on `topics[i]`.
+    pub fn poll_body(
+        &self,
+        topics: &[String],
+        since: &[Option<String>],
+        timeout_s: u64,
+        limit: usize,
+    ) -> Vec<u8> {
+        let mut out = String::from(r#"{"topics":"#);
+        push_str_array(&mut out, topics);
+        let any_known = since.iter().any(Option::is_some);
+        let with_since = matches!(self, Target::Pulsar) || any_known;
+        if with_since {
+            out.push_str(r#","since":{"#);
+            let mut first = true;
+            for (topic, last) in topics.iter().zip(since) {
+                if let Some(id) = last {
+                    if !first {
+                        out.push(',');
+                    }
+                    first = false;
+                    let _ = write!(out, r#""{topic}":"{id}""#);
+                }
+            }
+            out.push('}');
+        }
+        let _ = write!(out, r#","timeout":{timeout_s}"#);
+        if matches!(self, Target::Pulsar) {
+            let _ = write!(out, r#","limit":{limit}"#);
+        }
+        out.push('}');
+        out.into_bytes()
+    }
+}
+
+/// Topic names and ids are ours or the relay's (`[A-Za-z0-9._-]`): no escaping needed.
+fn push_str_array(out: &mut String, items: &[String]) {
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(item);
+        out.push('"');
+    }
+    out.push(']');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn python() -> Target {
+        Target::new(TargetKind::Python, Some("abc.DEF-1")).expect("valid token")
+    }
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).expect("valid JSON")
+    }
+
+    #[test]
+    fn python_needs_a_header_safe_token() {
+        assert!(matches!(
+            Target::new(TargetKind::Python, None),
+            Err(TargetError::MissingToken)
+        ));
+        assert!(matches!(
+            Target::new(TargetKind::Python, Some("a b")),
+            Err(TargetError::BadToken)
+        ));
+        let t = python();
+        assert_eq!(
+            t.authorization().map(|h| h.as_bytes()),
+            Some(&b"Bearer abc.DEF-1"[..])
+        );
+        assert_eq!(
+            t.ws_protocols().as_deref(),
+            Some("bearer, bearer.abc.DEF-1")
+        );
+        assert_eq!(t.max_bulk(), 100);
+        assert!(Target::Pulsar.authorization().is_none());
+        assert_eq!(Target::Pulsar.max_bulk(), 1000);
+    }
+
+    #[test]
+    fn poll_bodies_follow_each_relay() {
+        let topics = vec!["a".to_owned(), "b".to_owned()];
+        let none = vec![None, None];
+        let some = vec![Some("5-0".to_owned()), None];
+
+        let first = json(&Target::Pulsar.poll_body(&topics, &none, 5, 1000));
+        assert_eq!(
+            first["since"],
+            serde_json::json!({}),
+            "earliest for fresh topics"
+        );
+        assert_eq!(first["limit"], 1000);
+        let next = json(&Target::Pulsar.poll_body(&topics, &some, 5, 1000));
+        assert_eq!(next["since"], serde_json::json!({"a": "5-0"}));
+
+        let first = json(&python().poll_body(&topics, &none, 5, 1000));
+        assert!(
+            first.get("since").is_none(),
+            "{{}} would mean the same to Python"
+        );
+        assert!(first.get("limit").is_none());
+        assert_eq!(first["timeout"], 5);
+        let next = json(&python().poll_body(&topics, &some, 5, 1000));
+        assert_eq!(next["since"], serde_json::json!({"a": "5-0"}));
+    }
+
+    #[test]
+    fn subscribe_resumes_per_topic_on_this_relay_only() {
+        let topics = vec!["a".to_owned(), "b".to_owned()];
+        let fresh = json(Target::Pulsar.ws_subscribe(&topics, None).as_bytes());
+        assert!(fresh.get("offset").is_none());
+        let resume = vec![Some("9-1".to_owned()), None];
+        let again = json(
+            Target::Pulsar
+                .ws_subscribe(&topics, Some(&resume))
+                .as_bytes(),
+        );
+        assert_eq!(
+            again["offset"],
+            serde_json::json!({"a": "9-1", "b": "earliest"})
+        );
+        let py = json(python().ws_subscribe(&topics, Some(&resume)).as_bytes());
+        assert!(py.get("offset").is_none());
+        assert_eq!(py["topics"], serde_json::json!(["a", "b"]));
+    }
+}

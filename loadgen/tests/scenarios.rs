@@ -1,0 +1,340 @@
+//! Every loadgen scenario, ~2 s each, against a real relay: the accounting adds up
+//! (`sent = acknowledged + failed`, failures by kind sum to `failed`) and a healthy relay
+//! loses, duplicates and reorders nothing.
+//!
+//! The relay binary: `PULSAR_RELAY_BIN` if set; else `target/{debug,release}/pulsar-relay`
+//! (or under `CARGO_TARGET_DIR`) if newer than the relay's sources; else it is built with
+//! `cargo build --bin pulsar-relay` into `target/loadgen-relay` (a separate target directory,
+//! so this does not wait on the lock of the `cargo test` that runs us). If none of that
+//! works, or the relay cannot start here (no io_uring), the test says so loudly and passes.
+//!
+//! One test function runs the scenarios in sequence against one relay: run side by side on a
+//! small machine they would measure each other.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+fn skip(why: &str) {
+    eprintln!();
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!! SKIPPED loadgen scenario tests: {why}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!();
+}
+
+/// Newest modification time of the relay's sources.
+fn sources_mtime(root: &Path) -> Option<SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(m) = entry.metadata().and_then(|m| m.modified()) {
+                *newest = Some(newest.map_or(m, |n: SystemTime| n.max(m)));
+            }
+        }
+    }
+    let mut newest = None;
+    walk(&root.join("src"), &mut newest);
+    for file in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(m) = std::fs::metadata(root.join(file)).and_then(|m| m.modified()) {
+            newest = Some(newest.map_or(m, |n: SystemTime| n.max(m)));
+        }
+    }
+    newest
+}
+
+fn relay_binary() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("PULSAR_RELAY_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let root = workspace();
+    let mut targets = vec![root.join("target")];
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        targets.insert(0, PathBuf::from(dir));
+    }
+    let sources = sources_mtime(&root);
+    let fresh = targets
+        .iter()
+        .flat_map(|t| [t.join("debug"), t.join("release")])
+        .map(|d| d.join("pulsar-relay"))
+        .filter_map(|bin| {
+            let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok()?;
+            (sources.is_none_or(|s| built >= s)).then_some((built, bin))
+        })
+        .max();
+    if let Some((_, bin)) = fresh {
+        return Ok(bin);
+    }
+    let target_dir = root.join("target").join("loadgen-relay");
+    eprintln!(
+        "loadgen tests: building pulsar-relay into {}",
+        target_dir.display()
+    );
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--bin", "pulsar-relay"])
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "`cargo build --bin pulsar-relay` failed ({status})"
+        ));
+    }
+    Ok(target_dir.join("debug").join("pulsar-relay"))
+}
+
+/// The relay process, killed when dropped.
+struct Relay {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_relay(bin: &Path) -> Result<Relay, String> {
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("pulsar-relay ready: ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let mut relay = Relay {
+        child,
+        url: String::new(),
+    };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(url) => {
+            relay.url = url;
+            Ok(relay)
+        }
+        Err(_) => Err("the relay did not report ready within 30 s (io_uring unavailable?)".into()),
+    }
+}
+
+/// Runs loadgen with `--json --quiet`; returns its exit code and report.
+fn loadgen(url: &str, args: &[&str]) -> (i32, Value) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.args(args).args(["--url", url, "--json", "--quiet"]);
+    let out = cmd.output().expect("loadgen runs");
+    let code = out.status.code().unwrap_or(-1);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "loadgen {args:?}: no JSON report ({e}); exit {code}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, report)
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// The invariants every report must hold.
+fn assert_accounting(name: &str, r: &Value) {
+    let (sent, acked, failed) = (n(r, "sent"), n(r, "acknowledged"), n(r, "failed"));
+    assert_eq!(
+        sent,
+        acked + failed,
+        "{name}: sent = acknowledged + failed: {r}"
+    );
+    let by_kind: u64 = r["failures"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert_eq!(
+        by_kind, failed,
+        "{name}: failures by kind sum to failed: {r}"
+    );
+    assert!(sent > 0, "{name}: nothing sent: {r}");
+    assert_eq!(failed, 0, "{name}: a healthy relay fails nothing: {r}");
+}
+
+fn assert_clean_delivery(name: &str, r: &Value) {
+    let d = &r["delivery"];
+    let c = &d["check"];
+    assert_eq!(d["drained"], true, "{name}: drained: {d}");
+    assert_eq!(n(c, "lost"), 0, "{name}: lost: {d}");
+    assert_eq!(n(c, "duplicated"), 0, "{name}: duplicated: {d}");
+    assert_eq!(n(c, "reordered"), 0, "{name}: reordered: {d}");
+    assert_eq!(n(c, "foreign"), 0, "{name}: foreign: {d}");
+    assert_eq!(d["missed"], false, "{name}: {d}");
+    assert_eq!(
+        n(d, "subscribers_ready"),
+        n(d, "subscribers"),
+        "{name}: every subscriber subscribed: {d}"
+    );
+    // Everything acknowledged (warm-up included) times the subscribers was owed and came.
+    assert_eq!(n(c, "expected"), n(c, "delivered"), "{name}: {d}");
+    assert!(
+        n(d, "deliveries") >= n(r, "acknowledged") * n(d, "subscribers"),
+        "{name}: every measured message reached every subscriber: {r}"
+    );
+}
+
+#[test]
+fn every_scenario_accounts_exactly_against_a_healthy_relay() {
+    let bin = match relay_binary() {
+        Ok(bin) => bin,
+        Err(why) => return skip(&why),
+    };
+    let relay = match start_relay(&bin) {
+        Ok(relay) => relay,
+        Err(why) => return skip(&why),
+    };
+    let url = relay.url.as_str();
+    let short = ["--duration", "1500ms", "--warmup", "500ms"];
+
+    let (code, r) = loadgen(
+        url,
+        &[&["publish", "--connections", "8"][..], &short].concat(),
+    );
+    assert_eq!(code, 0);
+    assert_accounting("publish closed", &r);
+    assert_eq!(r["mode"], "closed");
+    assert_eq!(n(&r, "requests"), n(&r, "sent"));
+    assert!(n(&r["latency"], "count") == n(&r, "acknowledged"));
+
+    let (code, r) = loadgen(
+        url,
+        &[
+            &["publish", "--connections", "4", "--rate", "400"][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0);
+    assert_accounting("publish open", &r);
+    // 400/s for 1.5 s: exactly 600 tickets were measured, all sent (none behind).
+    assert_eq!(n(&r, "sent") + n(&r, "behind_schedule"), 600, "{r}");
+    assert!(r["service_time"].is_object());
+
+    let (code, r) = loadgen(
+        url,
+        &[
+            "publish",
+            "--connections",
+            "4",
+            "--messages",
+            "500",
+            "--warmup",
+            "0s",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_accounting("publish counted", &r);
+    assert_eq!(
+        n(&r, "sent"),
+        500,
+        "a counted run sends exactly that many: {r}"
+    );
+
+    let (code, r) = loadgen(
+        url,
+        &[&["bulk", "--connections", "2", "--batch", "20"][..], &short].concat(),
+    );
+    assert_eq!(code, 0);
+    assert_accounting("bulk", &r);
+    assert_eq!(n(&r, "sent"), n(&r, "requests") * 20, "{r}");
+
+    for transport in ["ws", "longpoll", "sse"] {
+        let (code, r) = loadgen(
+            url,
+            &[
+                &[
+                    "e2e",
+                    "--transport",
+                    transport,
+                    "--subscribers",
+                    "3",
+                    "--topics",
+                    "2",
+                    "--connections",
+                    "4",
+                    "--rate",
+                    "500",
+                    "--verify",
+                ][..],
+                &short,
+            ]
+            .concat(),
+        );
+        let name = format!("e2e {transport}");
+        assert_eq!(code, 0, "{name}: --verify passes: {r}");
+        assert_accounting(&name, &r);
+        assert_clean_delivery(&name, &r);
+    }
+
+    let (code, r) = loadgen(
+        url,
+        &[
+            &[
+                "fanout",
+                "--subscribers",
+                "50",
+                "--rate",
+                "200",
+                "--connections",
+                "4",
+            ][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0);
+    assert_accounting("fanout", &r);
+    assert_clean_delivery("fanout", &r);
+
+    let pid = relay.child.id().to_string();
+    let (code, r) = loadgen(
+        url,
+        &[
+            "connections",
+            "--subscribers",
+            "100",
+            "--hold",
+            "1s",
+            "--relay-pid",
+            &pid,
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_accounting("connections", &r);
+    let held = &r["held"];
+    assert_eq!(n(held, "established"), 100, "{r}");
+    assert_eq!(n(held, "dropped"), 0, "{r}");
+    assert!(held["rss_after_kib"].as_u64().is_some_and(|k| k > 0), "{r}");
+}
