@@ -76,11 +76,12 @@ impl Delivered {
     pub fn ws_frame(&self) -> &Bytes {
         self.ws_frame.get_or_init(|| {
             let json = self.json();
-            let mut text = Vec::with_capacity(json.len() + 20);
-            text.extend_from_slice(crate::ws::protocol::MESSAGE_PREFIX);
-            // The message object without its opening brace continues the frame's object.
-            text.extend_from_slice(&json[1..]);
-            crate::ws::codec::text_frame(&text)
+            // The message object without its opening brace continues the frame's object;
+            // the frame is assembled from both parts without an intermediate copy.
+            crate::ws::codec::text_frame_from_parts(&[
+                crate::ws::protocol::MESSAGE_PREFIX,
+                json.get(1..).unwrap_or_default(),
+            ])
         })
     }
 
