@@ -124,6 +124,10 @@ impl Target {
             }
             out.push('}');
         }
+        if matches!(self, Target::Python { .. }) {
+            // The Python relay (0.2.1) rejects a subscribe without a client id.
+            let _ = write!(out, r#","client_id":"loadgen-{:016x}""#, fastrand::u64(..));
+        }
         out.push('}');
         out
     }
