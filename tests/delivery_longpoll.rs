@@ -13,29 +13,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_error_body, eventually, parse_id, topic_on_shard, Conn, Response, Server};
+use common::{
+    assert_error_body, eventually, id_of, parse_id, publish_n, topic_on_shard, topics_per_shard,
+    Conn, Response, Server,
+};
 use serde_json::{json, Value};
 
 const SHARDS: u64 = 2;
-
-fn topics_per_shard(prefix: &str) -> Vec<String> {
-    (0..SHARDS)
-        .map(|s| topic_on_shard(prefix, s, SHARDS))
-        .collect()
-}
-
-fn id_of(v: &Value) -> String {
-    v["message_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no message_id in {v}"))
-        .to_string()
-}
-
-fn publish_n(conn: &mut Conn, topic: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
-        .collect()
-}
 
 /// `POST /messages/poll` on a fresh connection.
 fn poll(server: &Server, body: &Value) -> Response {
@@ -139,7 +123,7 @@ fn assert_delivered(resp: &Response, want: &[String]) -> Value {
 #[test]
 fn a_parked_poll_is_woken_by_a_publish() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("lp-wake");
+    let topics = topics_per_shard("lp-wake", SHARDS);
     for topic in &topics {
         // Backlog exists but a poll without `since` waits for new messages only.
         server.publish(topic, r#"{"old":true}"#);
@@ -183,7 +167,7 @@ fn a_parked_poll_is_woken_by_a_publish() {
 #[test]
 fn backlog_is_returned_at_once_oldest_first() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("lp-backlog");
+    let topics = topics_per_shard("lp-backlog", SHARDS);
     let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
     let mut conn = server.connect();
     // Interleaved, so "oldest first" across topics is a real merge.
@@ -253,7 +237,7 @@ fn backlog_is_returned_at_once_oldest_first() {
 #[test]
 fn get_poll_form_uses_one_since_for_every_topic() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("lp-get");
+    let topics = topics_per_shard("lp-get", SHARDS);
     let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
     let mut conn = server.connect();
     let a = publish_n(&mut conn, t0, 3);
@@ -397,7 +381,7 @@ fn the_parked_cap_is_enforced_and_a_disconnect_frees_its_slot() {
 fn a_publish_racing_a_poll_is_never_lost() {
     const ROUNDS: usize = 200;
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("lp-race");
+    let topics = topics_per_shard("lp-race", SHARDS);
     let mut publisher = server.connect();
     let mut last: Vec<String> = topics
         .iter()

@@ -17,30 +17,12 @@ use std::time::{Duration, Instant};
 
 use common::sse::{SseClient, SseItem, SseRead};
 use common::{
-    assert_error_body, eventually, parse_id, topic_on_shard, BackgroundPublisher, Conn, Server,
+    assert_error_body, eventually, id_of, parse_id, publish_n, topic_on_shard, topics_per_shard,
+    BackgroundPublisher, Server,
 };
 use serde_json::{json, Value};
 
 const SHARDS: u64 = 2;
-
-fn topics_per_shard(prefix: &str) -> Vec<String> {
-    (0..SHARDS)
-        .map(|s| topic_on_shard(prefix, s, SHARDS))
-        .collect()
-}
-
-fn id_of(v: &Value) -> String {
-    v["message_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no message_id in {v}"))
-        .to_string()
-}
-
-fn publish_n(conn: &mut Conn, topic: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
-        .collect()
-}
 
 /// Opens a stream and asserts it starts with `retry: 2000`.
 fn open(server: &Server, path: &str, headers: &[(&str, &str)]) -> SseClient {
@@ -69,7 +51,7 @@ fn join<T>(handle: std::thread::JoinHandle<T>) -> T {
 #[test]
 fn stream_framing_and_live_delivery() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("sse-live");
+    let topics = topics_per_shard("sse-live", SHARDS);
     let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
     let mut conn = server.connect();
 
@@ -146,7 +128,7 @@ fn stream_framing_and_live_delivery() {
 #[test]
 fn resume_with_last_event_id_is_gap_free_while_publishing() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    for (k, topic) in topics_per_shard("sse-resume").iter().enumerate() {
+    for (k, topic) in topics_per_shard("sse-resume", SHARDS).iter().enumerate() {
         let pre = publish_n(&mut server.connect(), topic, 40);
         let offset = pre[19].clone();
         let publisher = BackgroundPublisher::start(server.addr, topic, 300);
@@ -201,7 +183,7 @@ fn resume_with_last_event_id_is_gap_free_while_publishing() {
 fn gap_event_then_retained_messages_then_live() {
     let server =
         Server::start_with_shards("storage:\n  max_messages_per_topic: 5\n", SHARDS as usize);
-    for topic in topics_per_shard("sse-gap") {
+    for topic in topics_per_shard("sse-gap", SHARDS) {
         let ids = publish_n(&mut server.connect(), &topic, 20);
         let mut stream = open(
             &server,

@@ -19,34 +19,13 @@ use std::time::{Duration, Instant};
 
 use common::ws::{close_payload, RawEvent, RawWs, WsClient, WsEvent};
 use common::{
-    assert_rfc3339_utc, assert_strictly_increasing, eventually, open_fds, topic_on_shard,
-    BackgroundPublisher, Conn, Server,
+    assert_rfc3339_utc, assert_strictly_increasing, eventually, id_of, open_fds, publish_n,
+    topic_on_shard, topics_per_shard, BackgroundPublisher, Conn, Server,
 };
 use serde_json::{json, Value};
 use tungstenite::protocol::WebSocketConfig;
 
 const SHARDS: u64 = 2;
-
-/// One topic owned by each shard.
-fn topics_per_shard(prefix: &str) -> Vec<String> {
-    (0..SHARDS)
-        .map(|s| topic_on_shard(prefix, s, SHARDS))
-        .collect()
-}
-
-fn id_of(v: &Value) -> String {
-    v["message_id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no message_id in {v}"))
-        .to_string()
-}
-
-/// Publishes `n` messages `{"i": 0..n}` to `topic`; returns their acked ids.
-fn publish_n(conn: &mut Conn, topic: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
-        .collect()
-}
 
 /// Publishes with metadata; returns the ack.
 fn publish_with_metadata(conn: &mut Conn, topic: &str, payload: &Value, meta: &Value) -> Value {
@@ -75,7 +54,7 @@ fn assert_nothing_pending(client: &mut WsClient) {
 #[test]
 fn subscribe_then_publish_delivers_to_every_subscriber() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("ws-live");
+    let topics = topics_per_shard("ws-live", SHARDS);
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let mut clients: Vec<WsClient> = (0..4).map(|_| WsClient::connect(server.addr)).collect();
     let mut sessions = HashSet::new();
@@ -114,7 +93,7 @@ fn subscribe_then_publish_delivers_to_every_subscriber() {
 #[test]
 fn resume_from_an_offset_is_gap_free_while_publishing() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    for topic in topics_per_shard("ws-resume") {
+    for topic in topics_per_shard("ws-resume", SHARDS) {
         let pre = publish_n(&mut server.connect(), &topic, 40);
         let offset = pre[19].clone();
         let publisher = BackgroundPublisher::start(server.addr, &topic, 300);
@@ -159,7 +138,7 @@ fn resume_from_an_offset_is_gap_free_while_publishing() {
 #[test]
 fn offset_forms_earliest_last_and_per_topic() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("ws-offsets");
+    let topics = topics_per_shard("ws-offsets", SHARDS);
     let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
     let mut conn = server.connect();
     let pre0 = publish_n(&mut conn, t0, 3);
@@ -211,7 +190,7 @@ fn offset_forms_earliest_last_and_per_topic() {
 fn gap_signal_then_retained_messages_then_live() {
     let server =
         Server::start_with_shards("storage:\n  max_messages_per_topic: 5\n", SHARDS as usize);
-    for topic in topics_per_shard("ws-gap") {
+    for topic in topics_per_shard("ws-gap", SHARDS) {
         let ids = publish_n(&mut server.connect(), &topic, 20);
         let mut behind = WsClient::connect(server.addr);
         behind.subscribe(&[&topic], Some(json!(ids[0])));
@@ -393,7 +372,7 @@ fn read_until_close(mut client: WsClient, max: usize) -> (Vec<String>, Option<(u
 #[test]
 fn a_bulk_burst_does_not_cut_a_reading_subscriber() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    for topic in topics_per_shard("ws-burst") {
+    for topic in topics_per_shard("ws-burst", SHARDS) {
         let mut reader = WsClient::connect(server.addr);
         reader.subscribe(&[&topic], None);
         let reader = spawn_reader(reader, 1000, Duration::from_secs(60));
@@ -478,7 +457,7 @@ fn json_commands_ping_errors_and_recovery() {
 #[test]
 fn unsubscribe_stops_delivery() {
     let server = Server::start_with_shards("", SHARDS as usize);
-    let topics = topics_per_shard("ws-unsub");
+    let topics = topics_per_shard("ws-unsub", SHARDS);
     let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
     let mut c = WsClient::connect(server.addr);
     c.subscribe(&[t0, t1], None);

@@ -1012,3 +1012,25 @@ pub fn open_fds(pid: u32) -> usize {
         .map(|d| d.count())
         .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
 }
+
+/// One topic owned by each of `shards` shards, named after `prefix`.
+pub fn topics_per_shard(prefix: &str, shards: u64) -> Vec<String> {
+    (0..shards)
+        .map(|s| topic_on_shard(prefix, s, shards))
+        .collect()
+}
+
+/// The `message_id` of a publish acknowledgement or a delivered message.
+pub fn id_of(v: &Value) -> String {
+    v["message_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message_id in {v}"))
+        .to_string()
+}
+
+/// Publishes `n` messages `{"i": 0..n}` to `topic`; returns their acknowledged ids.
+pub fn publish_n(conn: &mut Conn, topic: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
+        .collect()
+}
