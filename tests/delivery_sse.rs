@@ -101,6 +101,19 @@ fn stream_framing_and_live_delivery() {
     let s0 = id_of(&conn.publish(t0, r#"{"seed":0}"#));
     let s1 = id_of(&conn.publish(t1, r#"{"seed":1}"#));
     let since = std::cmp::max_by_key(s0, s1, |id| parse_id(id));
+    // Ids are per topic: a message of the other topic in the same millisecond as `since` can
+    // get an id at or below it and is (correctly) not after it. Publish from the next
+    // millisecond on, so every message below is after `since` in both topics.
+    let since_ms = parse_id(&since).0;
+    assert!(
+        eventually(Duration::from_secs(1), || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+                > since_ms
+        }),
+        "the clock did not pass {since}"
+    );
     let mut multi = open(
         &server,
         &format!("/api/v1/events?topics={t0},{t1}&since={since}"),
