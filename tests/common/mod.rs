@@ -16,6 +16,7 @@
 // Each integration-test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod sse;
 pub mod valkey;
 pub mod ws;

@@ -12,6 +12,7 @@
 //! without a TLS crate is not an option; `valkey-cli --json` gives structured replies, and a
 //! spawned process per call (a few ms) is cheap at the scale of these tests.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -713,6 +714,74 @@ fn generate_server_tls(dir: &Path) -> TlsFiles {
         server_cert: dir.join("server.pem"),
         server_key: dir.join("server.key"),
     }
+}
+
+/// What a load's topics hold in Valkey beyond what was acknowledged, per topic.
+#[derive(Debug, Default)]
+pub struct StreamAudit {
+    pub topic: String,
+    /// Entries in the stream.
+    pub entries: usize,
+    /// Entries whose publish was not answered 201 (a 503 or a lost connection): applied
+    /// although the producer was told otherwise. A producer that retries duplicates them
+    /// (at-least-once); they are never missing acknowledged messages.
+    pub applied_unacked: usize,
+    /// Payloads stored more than once.
+    pub duplicates: usize,
+}
+
+/// Asserts every message a load worker saw acknowledged is in its topic's stream with the
+/// payload it published, and that no request hung or got an unexpected answer. Returns, per
+/// worker, what else the stream holds.
+pub fn assert_acked_in_valkey(
+    valkey: &ValkeyServer,
+    outcomes: &[WorkerOutcome],
+) -> Vec<StreamAudit> {
+    let mut audits = Vec::new();
+    for (w, out) in outcomes.iter().enumerate() {
+        assert!(
+            out.unexpected.is_empty(),
+            "{}: {:?}",
+            out.topic,
+            out.unexpected
+        );
+        assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+        let entries = valkey.xrange(&stream_key(&out.topic));
+        let stored: HashMap<String, Value> = entries
+            .iter()
+            .map(|e| {
+                let payload = serde_json::from_str(e.field("payload").unwrap_or("null"))
+                    .unwrap_or(Value::Null);
+                (e.id.clone(), payload)
+            })
+            .collect();
+        let missing: Vec<&(u64, String)> = out
+            .acked
+            .iter()
+            .filter(|(i, id)| stored.get(id) != Some(&serde_json::json!({"w": w, "i": i})))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{}: {} of {} acknowledged messages missing from Valkey (or with another payload), \
+             first: {:?}",
+            out.topic,
+            missing.len(),
+            out.acked.len(),
+            missing.first()
+        );
+        let acked_ids: HashSet<&str> = out.acked.iter().map(|(_, id)| id.as_str()).collect();
+        let distinct: HashSet<String> = stored.values().map(Value::to_string).collect();
+        audits.push(StreamAudit {
+            topic: out.topic.clone(),
+            entries: entries.len(),
+            applied_unacked: entries
+                .iter()
+                .filter(|e| !acked_ids.contains(e.id.as_str()))
+                .count(),
+            duplicates: entries.len() - distinct.len(),
+        });
+    }
+    audits
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,7 +56,18 @@ impl WsClient {
         protocols: &[&str],
         config: Option<WebSocketConfig>,
     ) -> WsClient {
-        let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT).expect("connect to /ws");
+        WsClient::try_connect_with(addr, protocols, config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`WsClient::connect_with`], reporting a refused connection or a failed handshake
+    /// instead of panicking: for consumers that reconnect to a relay that may be down.
+    pub fn try_connect_with(
+        addr: SocketAddr,
+        protocols: &[&str],
+        config: Option<WebSocketConfig>,
+    ) -> Result<WsClient, String> {
+        let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT)
+            .map_err(|e| format!("connect to {addr}/ws: {e}"))?;
         stream
             .set_read_timeout(Some(READ_TIMEOUT))
             .expect("set read timeout");
@@ -69,13 +80,14 @@ impl WsClient {
         for p in protocols {
             request = request.with_sub_protocol(*p);
         }
-        let (socket, response) = tungstenite::client::client_with_config(request, stream, config)
-            .unwrap_or_else(|e| panic!("WebSocket handshake with {addr} failed: {e}"));
+        let (socket, response) =
+            tungstenite::client::client_with_config(request, stream, config)
+                .map_err(|e| format!("WebSocket handshake with {addr} failed: {e}"))?;
         let protocol = response
             .headers()
             .get("sec-websocket-protocol")
             .map(|v| v.to_str().expect("protocol header is text").to_string());
-        WsClient { socket, protocol }
+        Ok(WsClient { socket, protocol })
     }
 
     /// Sends a text frame.
