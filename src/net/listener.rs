@@ -1,6 +1,18 @@
-//! The shard's accept loop and the per-shard connection cap.
+//! The shard's accept loop, the per-shard connection cap, and running out of descriptors.
+//!
+//! Out of descriptors (`EMFILE`/`ENFILE`), `accept` fails and the connection stays in the
+//! kernel's listen backlog, where its client would wait for as long as the shortage lasts. So
+//! each shard keeps one spare descriptor (`/dev/null`, opened at start): when accept fails for
+//! want of descriptors, the shard closes the spare and accepts the next connection with the
+//! freed descriptor; if the spare cannot be opened again right after (still short), that
+//! connection is answered 503 with `Retry-After` and closed, and the spare reopened. The
+//! client gets a clear answer at once; connections already open are untouched.
+//! (Shards are threads of one process sharing one descriptor table: another shard may take
+//! the freed descriptor first; then this shard backs off and tries again.)
 
+use std::fs::File;
 use std::rc::Rc;
+use std::time::Duration;
 
 use futures::future::{select, Either};
 use futures_lite::AsyncWriteExt;
@@ -10,8 +22,27 @@ use super::connection;
 use crate::http::response::write_json_error;
 use crate::shard::Shard;
 
+/// Linux `errno` values of `accept(2)` when the process (`EMFILE`) or the system (`ENFILE`)
+/// has no descriptor left.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
+/// Pause after an accept failure the spare descriptor cannot help with, so a persistent error
+/// does not spin the core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The spare descriptor's file: always there, costs nothing, never read.
+const SPARE_PATH: &str = "/dev/null";
+
 /// Accepts connections until the shard starts shutting down.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super::Surface) {
+    let mut spare = File::open(SPARE_PATH).ok();
+    // The spare was closed to accept a connection that is to be refused for want of
+    // descriptors.
+    let mut shedding = false;
+    // Accept failures since the last success: the first is logged as a warning, the rest (one
+    // every ACCEPT_BACKOFF while the shortage lasts) only at debug level.
+    let mut failures: u64 = 0;
     loop {
         let accepted = {
             let accept = Box::pin(listener.accept());
@@ -24,15 +55,53 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super
         let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
-                // EMFILE/ENFILE and friends: keep the listener and the existing connections;
-                // back off briefly so a descriptor shortage doesn't spin the core.
-                tracing::warn!(shard = shard.id, error = %e, "accept failed");
-                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                if failures == 0 {
+                    tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                } else {
+                    tracing::debug!(shard = shard.id, error = %e, failures, "accept failed again");
+                }
+                failures += 1;
+                let out_of_descriptors = matches!(e.raw_os_error(), Some(EMFILE | ENFILE));
+                if out_of_descriptors && spare.is_some() {
+                    // Free one descriptor for the waiting connection, refused below.
+                    spare = None;
+                    shedding = true;
+                } else {
+                    // No spare (another shard took the freed descriptor, or the shortage
+                    // began before start): try to get it back, and pause either way.
+                    spare = spare.or_else(|| File::open(SPARE_PATH).ok());
+                    shedding = false;
+                    glommio::timer::sleep(ACCEPT_BACKOFF).await;
+                }
                 continue;
             }
         };
+        if shedding {
+            shedding = false;
+            // `accept` fails for want of a descriptor before it looks for a connection, so
+            // this one may have come much later, when descriptors were free again: refuse it
+            // only if the spare cannot be had back now.
+            spare = File::open(SPARE_PATH).ok();
+            if spare.is_none() {
+                // Awaited here, not spawned: the spare can be reopened only once this
+                // connection's descriptor is closed. A ~200-byte write into a new socket's
+                // empty send buffer does not wait.
+                refuse(
+                    &shard,
+                    stream,
+                    "the relay is out of file descriptors; retry shortly",
+                )
+                .await;
+                spare = File::open(SPARE_PATH).ok();
+                continue;
+            }
+        }
+        if failures > 0 {
+            tracing::info!(shard = shard.id, failures, "accepting connections again");
+            failures = 0;
+        }
         if !shard.try_open_connection() {
-            glommio::spawn_local(refuse(shard.clone(), stream)).detach();
+            glommio::spawn_local(refuse_over_cap(shard.clone(), stream)).detach();
             continue;
         }
         let Ok(pass) = shard.gate.enter() else {
@@ -51,7 +120,17 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super
 
 /// Answers a connection over the shard's limit with 503 and closes it, so the client gets a
 /// clear error instead of a connection that hangs in the backlog.
-async fn refuse(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn refuse_over_cap(shard: Rc<Shard>, stream: TcpStream) {
+    refuse(
+        &shard,
+        stream,
+        "too many connections to this relay shard; retry shortly",
+    )
+    .await;
+}
+
+/// Writes a 503 `SERVICE_UNAVAILABLE` with `Retry-After` and closes the connection.
+async fn refuse(shard: &Shard, mut stream: TcpStream, message: &str) {
     let mut out = bytes::BytesMut::with_capacity(256);
     shard.with_date(|date| {
         write_json_error(
@@ -59,7 +138,7 @@ async fn refuse(shard: Rc<Shard>, mut stream: TcpStream) {
             date,
             503,
             "SERVICE_UNAVAILABLE",
-            "too many connections to this relay shard; retry shortly",
+            message,
             false,
             false,
             &[("Retry-After", "1")],
