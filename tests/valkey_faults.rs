@@ -737,3 +737,66 @@ fn relay_kill9_under_publish_and_subscribe_load_resumes_exactly_once() {
         );
     }
 }
+
+/// Regression: a WebSocket replay that failed (Valkey stalled) left the topic followed with
+/// its live messages held back forever, and the resubscribe the error frame asks for was a
+/// no-op (the topic was still followed): the consumer got nothing more for that topic.
+#[test]
+fn ws_resubscribe_after_replay_failed_replays_and_goes_live() {
+    let mut rig = Rig::start(ValkeyOpts::default());
+    let topic = "replay-fail";
+    let mut conn = rig.relay.connect();
+    let history: Vec<String> = (0..5)
+        .map(|i| common::id_of(&conn.publish(topic, &format!(r#"{{"i":{i}}}"#))))
+        .collect();
+    drop(conn);
+    // Restarted, the relay holds no history in memory: a replay must read Valkey.
+    rig.relay.restart();
+    await_ready(&rig.relay, PATIENCE);
+    assert!(eventually(PATIENCE, || rig.proxy.open_connections() == 2));
+
+    rig.proxy.set(Fault::Stall);
+    // History reads and long-polls that need Valkey fail within the command timeout.
+    for (method, path, body) in [
+        (
+            "GET",
+            format!("/api/v1/topics/{topic}/messages?order=asc"),
+            None,
+        ),
+        (
+            "POST",
+            "/messages/poll".to_string(),
+            Some(format!(
+                r#"{{"topics":["{topic}"],"since":{{"{topic}":"0-0"}},"timeout":1}}"#
+            )),
+        ),
+    ] {
+        let started = Instant::now();
+        let resp = rig
+            .relay
+            .connect()
+            .request(method, &path, body.as_deref().map(str::as_bytes));
+        common::valkey::assert_unavailable(&resp);
+        assert!(
+            started.elapsed() < MAX_FAULT_LATENCY,
+            "{path}: {:?}",
+            started.elapsed()
+        );
+    }
+    let mut ws = WsClient::connect(rig.relay.addr);
+    ws.subscribe(&[topic], Some(json!("earliest")));
+    let failed = ws
+        .try_recv(MAX_FAULT_LATENCY)
+        .expect("no answer to a replay during the stall");
+    assert_eq!(failed["type"], "error", "{failed}");
+    assert_eq!(failed["code"], "REPLAY_FAILED", "{failed}");
+
+    rig.proxy.set(Fault::Pass);
+    await_ready(&rig.relay, PATIENCE);
+    // As the error frame says: resubscribe (from the last id seen: none) to retry.
+    ws.subscribe(&[topic], Some(json!("earliest")));
+    let replayed: Vec<String> = ws.recv_messages(5).iter().map(common::id_of).collect();
+    assert_eq!(replayed, history);
+    let live = common::id_of(&rig.relay.publish(topic, r#"{"live":true}"#));
+    assert_eq!(common::id_of(&ws.recv_type("message")), live);
+}

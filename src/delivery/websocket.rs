@@ -294,9 +294,17 @@ async fn follow_job(shard: &Shard, sink: &Rc<Sink>, job: Job, max_queued_bytes: 
     .await
     {
         tracing::debug!(error = %e, "WebSocket replay failed");
+        // The topic is dropped from the session: its live messages would otherwise wait for a
+        // replay that will not finish, and the subscribe that retries it would be a no-op for
+        // a topic still followed.
+        unfollow(shard, sink, &job.topic);
         sink.push_control(error_frame(
             "REPLAY_FAILED",
-            &format!("could not replay `{}`; resubscribe to retry", job.topic),
+            &format!(
+                "could not replay `{}`; no longer subscribed to it: subscribe again from the \
+                 last id seen to retry",
+                job.topic
+            ),
         ));
     }
 }
