@@ -716,6 +716,18 @@ fn generate_server_tls(dir: &Path) -> TlsFiles {
     }
 }
 
+/// The payload of each entry (as JSON; `null` when missing or not JSON), by entry id.
+pub fn payloads_by_id(entries: &[StreamEntry]) -> HashMap<String, Value> {
+    entries
+        .iter()
+        .map(|e| {
+            let payload =
+                serde_json::from_str(e.field("payload").unwrap_or("null")).unwrap_or(Value::Null);
+            (e.id.clone(), payload)
+        })
+        .collect()
+}
+
 /// What a load's topics hold in Valkey beyond what was acknowledged, per topic.
 #[derive(Debug, Default)]
 pub struct StreamAudit {
@@ -747,14 +759,7 @@ pub fn assert_acked_in_valkey(
         );
         assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
         let entries = valkey.xrange(&stream_key(&out.topic));
-        let stored: HashMap<String, Value> = entries
-            .iter()
-            .map(|e| {
-                let payload = serde_json::from_str(e.field("payload").unwrap_or("null"))
-                    .unwrap_or(Value::Null);
-                (e.id.clone(), payload)
-            })
-            .collect();
+        let stored = payloads_by_id(&entries);
         let missing: Vec<&(u64, String)> = out
             .acked
             .iter()
