@@ -422,18 +422,7 @@ fn error_frame(code: &str, message: &str) -> Bytes {
 }
 
 fn gap_frame(gap: &Gap) -> Bytes {
-    let mut requested = Vec::with_capacity(24);
-    gap.requested.write_to(&mut requested);
-    let oldest = gap
-        .oldest_available
-        .map(|id| id.to_string())
-        .unwrap_or_default();
     let mut out = Vec::with_capacity(128);
-    protocol::write_gap(
-        &mut out,
-        &gap.topic,
-        &String::from_utf8_lossy(&requested),
-        &oldest,
-    );
+    gap.write_json(&mut out);
     codec::text_frame(&out)
 }
