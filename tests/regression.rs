@@ -54,3 +54,14 @@ fn never_reading_websocket_consumer_is_disconnected() {
     );
     drop(ws);
 }
+
+/// The text log used to carry ANSI colour codes whatever stderr was: log files and
+/// collectors got escape sequences, and an escape sequence in the log looked legitimate.
+#[test]
+fn text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let server = Server::start_opts(common::RelayOpts::new("").env("LOG_LEVEL", "info"));
+    server.health();
+    let log = server.stderr();
+    assert!(log.contains("relay ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in the log: {log:?}");
+}
