@@ -134,6 +134,10 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                     .await
                     .is_err()
                 {
+                    // Cut off while its write was blocked: a slow consumer too.
+                    if sink.state() == SinkState::Overflowed {
+                        shard.metrics.slow_consumer_disconnect();
+                    }
                     return;
                 }
                 out.clear();

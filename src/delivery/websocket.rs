@@ -230,6 +230,11 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
             }
             if !out.is_empty() {
                 if write_or_give_up(&mut writer, &out, &sink).await.is_err() {
+                    // Cut off while its write was blocked (no close frame can reach a client
+                    // that does not read): still a slow consumer.
+                    if sink.state() == SinkState::Overflowed {
+                        shard.metrics.slow_consumer_disconnect();
+                    }
                     close_with(None);
                     return;
                 }

@@ -16,6 +16,7 @@
 // Each integration-test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod sse;
 pub mod valkey;
 pub mod ws;
