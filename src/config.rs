@@ -527,7 +527,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// From a request's first byte to its complete head (slowloris defence).
     pub header_read_timeout: Duration,
-    /// Idle time allowed between requests on a keep-alive connection.
+    /// Idle time allowed between requests on a keep-alive connection; also how long a body
+    /// read or a response write may make no progress before the connection is dropped.
     pub keepalive_timeout: Duration,
     /// Accepted connections a shard holds at once; beyond it new ones are closed.
     pub max_connections_per_shard: usize,

@@ -32,9 +32,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &config::Config) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::new(config.log_level.as_filter_str());
+    // Colour codes only for a person at a terminal: in a log file or a collector they are
+    // noise, and they would make an escape sequence in the log look legitimate.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),

@@ -419,3 +419,46 @@ fn a_publish_racing_a_poll_is_never_lost() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn a_resume_point_older_than_retention_is_reported_as_a_gap() {
+    let server =
+        Server::start_with_shards("storage:\n  max_messages_per_topic: 5\n", SHARDS as usize);
+    for topic in topics_per_shard("lp-gap", SHARDS) {
+        let ids = publish_n(&mut server.connect(), &topic, 20);
+        let resp = poll(
+            &server,
+            &json!({"topics": [topic], "since": {&topic: ids[0]}, "timeout": 1}),
+        );
+        let body = assert_delivered(&resp, &ids[15..]);
+        assert_eq!(
+            body["gaps"],
+            json!([{"type": "gap", "topic": topic, "requested": ids[0],
+                    "oldest_available": ids[15]}]),
+            "{body}"
+        );
+
+        // From the oldest retained message nothing was lost: no `gaps` key at all.
+        let resp = poll(
+            &server,
+            &json!({"topics": [topic], "since": {&topic: ids[15]}, "timeout": 1}),
+        );
+        let body = assert_delivered(&resp, &ids[16..]);
+        assert!(body.get("gaps").is_none(), "{body}");
+
+        // Everything removed: the answer waits as usual, and its timeout still names the gap.
+        let resp = server.post_json(
+            &format!("/api/v1/topics/{topic}/trim"),
+            r#"{"keep_count":0}"#,
+        );
+        assert_eq!(resp.status, 200, "{resp:?}");
+        let resp = poll(
+            &server,
+            &json!({"topics": [topic], "since": {&topic: ids[16]}, "timeout": 1}),
+        );
+        let body = resp.json();
+        assert_eq!(body["timeout"], true, "{body}");
+        assert_eq!(body["gaps"][0]["oldest_available"], Value::Null, "{body}");
+        assert_eq!(body["gaps"][0]["requested"], ids[16].as_str(), "{body}");
+    }
+}

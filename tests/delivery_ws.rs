@@ -217,10 +217,12 @@ fn gap_signal_then_retained_messages_then_live() {
 /// Reads `n` message frames on a thread, as fast as frames come; returns their ids and, if
 /// the stream ended early, what ended it (rather than panicking, so the test can say which
 /// subscriber was cut and when).
+/// `received` counts them as they come, for a publisher that paces itself on the reader.
 fn spawn_reader(
     mut client: WsClient,
     n: usize,
     within: Duration,
+    received: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<(Vec<String>, Option<String>)> {
     std::thread::spawn(move || {
         let mut ids = Vec::with_capacity(n);
@@ -228,7 +230,10 @@ fn spawn_reader(
         while ids.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             match client.next_event(left) {
-                WsEvent::Json(v) if v["type"] == "message" => ids.push(id_of(&v)),
+                WsEvent::Json(v) if v["type"] == "message" => {
+                    ids.push(id_of(&v));
+                    received.store(ids.len(), Ordering::Release);
+                }
                 WsEvent::Ping => continue,
                 other => return (ids, Some(format!("{other:?}"))),
             }
@@ -253,15 +258,22 @@ fn slow_consumer_is_closed_with_4008_and_others_get_everything() {
     /// still willing to hand it the rest of a blocked write and the close frame.
     const RESUME_AT: usize = 2000;
     const FAST: usize = 2;
+    /// How far the publisher may run ahead of the slower fast reader: 8 × 4 KiB stays well
+    /// under the 64 KiB queue, so a fast reader is never cut however the scheduler treats its
+    /// thread on a loaded machine (it is "fast" by construction, not by timing).
+    const WINDOW: usize = 8;
     let server = Server::start_with_shards("ws:\n  max_queued_bytes: 64KiB\n", SHARDS as usize);
     let topic = topic_on_shard("ws-slow", 1, SHARDS);
     let mut slow = WsClient::connect(server.addr);
     slow.subscribe(&[&topic], None);
-    let fast_readers: Vec<_> = (0..FAST)
-        .map(|_| {
+    let fast_received: Vec<Arc<AtomicUsize>> =
+        (0..FAST).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let fast_readers: Vec<_> = fast_received
+        .iter()
+        .map(|received| {
             let mut fast = WsClient::connect(server.addr);
             fast.subscribe(&[&topic], None);
-            spawn_reader(fast, MESSAGES, Duration::from_secs(120))
+            spawn_reader(fast, MESSAGES, Duration::from_secs(120), received.clone())
         })
         .collect();
 
@@ -275,6 +287,14 @@ fn slow_consumer_is_closed_with_4008_and_others_get_everything() {
         let mut conn = Conn::connect(addr);
         (0..MESSAGES)
             .map(|i| {
+                let pace_deadline = Instant::now() + Duration::from_secs(30);
+                while fast_received
+                    .iter()
+                    .any(|r| r.load(Ordering::Acquire) + WINDOW < i)
+                    && Instant::now() < pace_deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let ack = conn.publish(&publish_topic, &format!(r#"{{"i":{i},"pad":"{pad}"}}"#));
                 progress.store(i + 1, Ordering::Relaxed);
                 id_of(&ack)
@@ -375,7 +395,7 @@ fn a_bulk_burst_does_not_cut_a_reading_subscriber() {
     for topic in topics_per_shard("ws-burst", SHARDS) {
         let mut reader = WsClient::connect(server.addr);
         reader.subscribe(&[&topic], None);
-        let reader = spawn_reader(reader, 1000, Duration::from_secs(60));
+        let reader = spawn_reader(reader, 1000, Duration::from_secs(60), Arc::default());
         let pad = "x".repeat(1000);
         let items: Vec<Value> = (0..1000)
             .map(|i| json!({"topic": topic, "payload": {"i": i, "pad": pad}}))

@@ -133,6 +133,11 @@ pub struct Common {
     /// Bearer token (required with --target python).
     #[arg(long)]
     pub token: Option<String>,
+    /// With --target nchan: which nginx locations to use, `/pub` + `/sub` (memory store) or
+    /// `/rpub` + `/rsub` (Redis store), each taking the channel as `?id=` (the layout
+    /// `scripts/bench-compare` configures).
+    #[arg(long, value_enum, default_value_t = NchanStore::Memory)]
+    pub nchan_store: NchanStore,
 }
 
 /// Flags of the publish-only scenarios.
@@ -178,6 +183,15 @@ pub enum TargetKind {
     Pulsar,
     /// The Python relay (pulsar-relay 0.2.1): bearer auth, 100-message bulk cap.
     Python,
+    /// nginx with the Nchan module: publish by POSTing the payload to a channel, WebSocket
+    /// subscribers get each payload as a frame. No bulk, long-poll or SSE scenarios.
+    Nchan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NchanStore {
+    Memory,
+    Redis,
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ fn setup(common: &Common, topics: usize) -> Result<Arc<RunCtx>, SetupError> {
         return Err(invalid("--token is for --target python"));
     }
     let endpoint = Endpoint::parse(&common.url)?;
-    let target = Target::new(common.target, common.token.as_deref())?;
+    let target = Target::new(common.target, common.token.as_deref(), common.nchan_store)?;
     let names = run::topic_names(common.topic_prefix.as_deref(), topics);
     Ok(RunCtx::new(
         endpoint,
@@ -229,6 +229,12 @@ async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
             let rate = load.rate.map(check_rate).transpose()?;
             let ctx = setup(&common, common.topics)?;
             let max = ctx.target.max_bulk();
+            if max == 0 {
+                return Err(invalid(format!(
+                    "the bulk scenario has no {} counterpart",
+                    ctx.target.name()
+                )));
+            }
             if batch == 0 || batch > max {
                 return Err(invalid(format!(
                     "--batch must be 1 to {max} for the {} relay",
@@ -348,11 +354,8 @@ async fn deliveries(
         return Err(invalid("--subscribers must be at least 1"));
     }
     let ctx = setup(common, topics)?;
-    if transport == Transport::Sse && !ctx.target.supports_sse() {
-        return Err(invalid(format!(
-            "the {} relay has no Server-Sent Events endpoint",
-            ctx.target.name()
-        )));
+    if let Some(why) = ctx.target.unsupported(transport, topics) {
+        return Err(invalid(why));
     }
     let plan = plan(common, Some(rate), 1);
     let spec = PublishSpec {

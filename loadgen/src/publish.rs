@@ -17,6 +17,7 @@
 //!
 //! Does not own subscribers or the report's layout.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +33,6 @@ use crate::schedule::{Pacer, PacerStep, Plan, Slot};
 use crate::stats::{LatencyHub, LatencySummary};
 use crate::verify::{Ledger, Outcome};
 
-const SINGLE_PATH: &str = "/api/v1/messages";
 const BULK_PATH: &str = "/api/v1/messages/bulk";
 /// How long after the end of the measured phase an open-loop sender still sends overdue
 /// tickets. Beyond it they are reported as behind schedule, which keeps a run against a
@@ -221,11 +221,6 @@ async fn sender(sh: Arc<Shared>, id: usize) -> LedgerEntries {
     let ctx = &sh.ctx;
     let counters = &ctx.counters;
     let per_request = sh.spec.batch.unwrap_or(1);
-    let path = if sh.spec.batch.is_some() {
-        BULK_PATH
-    } else {
-        SINGLE_PATH
-    };
     let mut ledger: LedgerEntries = Vec::new();
     let mut latency = sh.latency.recorder();
     let mut service = sh.service.recorder();
@@ -242,24 +237,29 @@ async fn sender(sh: Arc<Shared>, id: usize) -> LedgerEntries {
             numbered.push((topic, sh.seqs[topic].fetch_add(1, Ordering::Relaxed)));
         }
         let mut body = Vec::with_capacity(per_request * 200 + 16);
-        match sh.spec.batch {
+        let path = match sh.spec.batch {
             None => {
                 let (t, seq) = numbered[0];
-                ctx.body
-                    .write_message(&mut body, &ctx.topics[t], seq, sent_ns);
+                let topic = &ctx.topics[t];
+                ctx.target
+                    .write_publish_body(&ctx.body, &mut body, topic, seq, sent_ns);
+                ctx.target.publish_path(topic)
             }
-            Some(n) => write_bulk(&mut body, n, |out, i| {
-                let (t, seq) = numbered[i];
-                ctx.body.write_message(out, &ctx.topics[t], seq, sent_ns);
-            }),
-        }
+            Some(n) => {
+                write_bulk(&mut body, n, |out, i| {
+                    let (t, seq) = numbered[i];
+                    ctx.body.write_message(out, &ctx.topics[t], seq, sent_ns);
+                });
+                Cow::Borrowed(BULK_PATH)
+            }
+        };
         if send.measured {
             counters.add_sent(per_request as u64);
             counters.requests.fetch_add(1, Ordering::Relaxed);
             sh.measured_requests.fetch_add(1, Ordering::Relaxed);
         }
 
-        let (result, sent_at) = exchange(ctx, &mut conn, path, Bytes::from(body)).await;
+        let (result, sent_at) = exchange(ctx, &mut conn, &path, Bytes::from(body)).await;
         let answered = Instant::now();
         let (acked, failure) = match result {
             Ok((status, answer)) if (200..300).contains(&status) => match sh.spec.batch {

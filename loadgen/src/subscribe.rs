@@ -12,6 +12,7 @@
 //!
 //! Does not own publishing, draining or the verdict (`delivery`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +37,7 @@ use eventsource_stream::Eventsource;
 
 use crate::cli::Transport;
 use crate::http::{connect_tcp, HttpConn};
-use crate::payload::{Incoming, PollAnswer};
+use crate::payload::{Incoming, PollAnswer, Probe};
 use crate::run::RunCtx;
 use crate::stats::{LatencyHub, LatencyRecorder, Tally};
 use crate::verify::{Receipt, Receipts};
@@ -173,6 +174,25 @@ impl Subscriber {
         }
     }
 
+    /// Records a bare payload frame (Nchan: no id, no topic; a subscriber follows one topic).
+    fn deliver_bare(&mut self, payload: &[u8]) {
+        let now_ns = self.sh.ctx.now_ns();
+        // A cheap clone, so the topic name can be borrowed while `deliver` takes `self`.
+        let sh = self.sh.clone();
+        match serde_json::from_slice::<Probe>(payload) {
+            Ok(probe) => {
+                let m = Incoming {
+                    kind: None,
+                    message_id: None,
+                    topic: sh.ctx.topics.first().map(|t| Cow::Borrowed(t.as_str())),
+                    payload: Some(probe),
+                };
+                self.deliver(&m, now_ns);
+            }
+            Err(_) => self.sh.events.add("unparseable", 1),
+        }
+    }
+
     /// Parses one message object (a frame's text, an SSE `data:`) and records it.
     fn deliver_json(&mut self, json: &[u8]) {
         let now_ns = self.sh.ctx.now_ns();
@@ -237,17 +257,18 @@ pub async fn run(
 }
 
 /// Connects, upgrades, sends `subscribe`, and waits for `subscribed`. Messages that come
-/// before `subscribed` go to `on_message`. Returns the failure kind on error.
+/// before `subscribed` go to `on_message`. Returns the failure kind on error. Without a
+/// subscribe command (Nchan: the path subscribes), open once the upgrade is answered.
 pub async fn ws_open(
     ctx: &RunCtx,
-    subscribe: String,
+    subscribe: Option<String>,
     on_message: &mut (dyn FnMut(&[u8]) + Send),
 ) -> Result<WsStream, &'static str> {
     let setup = async {
         let tcp = connect_tcp(&ctx.endpoint).await.map_err(|_| "connect")?;
         let mut request = ctx
             .endpoint
-            .ws_url("/ws")
+            .ws_url(&ctx.target.ws_path(&ctx.topics))
             .into_client_request()
             .map_err(|_| "ws_request")?;
         if let Some(protocols) = ctx.target.ws_protocols() {
@@ -260,6 +281,9 @@ pub async fn ws_open(
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
             .await
             .map_err(|_| "ws_handshake")?;
+        let Some(subscribe) = subscribe else {
+            return Ok(ws);
+        };
         ws.send(Message::text(subscribe))
             .await
             .map_err(|_| "ws_disconnect")?;
@@ -318,6 +342,7 @@ fn frame_type(text: &[u8]) -> FrameType {
 async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) -> bool {
     let sh = sub.sh.clone();
     let ctx = &sh.ctx;
+    let bare = ctx.target.bare_frames();
     let mut was_ready = false;
     loop {
         let subscribe = ctx
@@ -358,6 +383,7 @@ async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) ->
                 }
             };
             match frame {
+                Some(Ok(Message::Text(text))) if bare => sub.deliver_bare(text.as_bytes()),
                 Some(Ok(Message::Text(text))) => match frame_type(text.as_bytes()) {
                     FrameType::Message => sub.deliver_json(text.as_bytes()),
                     FrameType::Error => sub.event("ws_error_frame"),

@@ -15,12 +15,21 @@
 //!
 //! This relay takes `since: {}` as "every topic from its oldest message", which on the fresh
 //! topics of a run closes the race between a subscriber's first poll and the first publish.
+//!
+//! Nchan (nginx's pub/sub module) is driven the same way, so a latency comparison is one
+//! tool's measurement of both: a topic is a channel, published by POSTing the payload itself
+//! to `<pub>?id=<topic>` (201 or 202 = accepted), and a WebSocket subscriber opens
+//! `<sub>?id=<topic>`, sends nothing, and receives each payload as one text frame, without id
+//! or topic (so one topic per subscriber, and no resume position).
+
+use std::borrow::Cow;
 
 use std::fmt::Write as _;
 
 use hyper::header::HeaderValue;
 
-use crate::cli::TargetKind;
+use crate::cli::{NchanStore, TargetKind, Transport};
+use crate::payload::BodyBuilder;
 
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -30,6 +39,11 @@ pub enum Target {
     Python {
         token: String,
         authorization: HeaderValue,
+    },
+    /// nginx + Nchan; the locations of the chosen store.
+    Nchan {
+        publish: &'static str,
+        subscribe: &'static str,
     },
 }
 
@@ -48,10 +62,27 @@ pub enum TargetError {
     BadToken,
 }
 
+/// This relay's and the Python relay's single-publish path.
+const SINGLE_PATH: &str = "/api/v1/messages";
+
 impl Target {
-    pub fn new(kind: TargetKind, token: Option<&str>) -> Result<Target, TargetError> {
+    pub fn new(
+        kind: TargetKind,
+        token: Option<&str>,
+        nchan_store: NchanStore,
+    ) -> Result<Target, TargetError> {
         match kind {
             TargetKind::Pulsar => Ok(Target::Pulsar),
+            TargetKind::Nchan => Ok(match nchan_store {
+                NchanStore::Memory => Target::Nchan {
+                    publish: "/pub",
+                    subscribe: "/sub",
+                },
+                NchanStore::Redis => Target::Nchan {
+                    publish: "/rpub",
+                    subscribe: "/rsub",
+                },
+            }),
             TargetKind::Python => {
                 let token = token.ok_or(TargetError::MissingToken)?;
                 // A subprotocol is an RFC 7230 token: no spaces, commas or separators.
@@ -73,13 +104,71 @@ impl Target {
         match self {
             Target::Pulsar => "pulsar",
             Target::Python { .. } => "python",
+            Target::Nchan { .. } => "nchan",
+        }
+    }
+
+    /// Where one message to `topic` is POSTed.
+    pub fn publish_path(&self, topic: &str) -> Cow<'static, str> {
+        match self {
+            Target::Nchan { publish, .. } => Cow::Owned(format!("{publish}?id={topic}")),
+            _ => Cow::Borrowed(SINGLE_PATH),
+        }
+    }
+
+    /// Appends the body of a single publish: the relays take `{"topic":..,"payload":..}`,
+    /// Nchan the payload itself (the topic is in the path).
+    pub fn write_publish_body(
+        &self,
+        body: &BodyBuilder,
+        out: &mut Vec<u8>,
+        topic: &str,
+        seq: u64,
+        sent_ns: u64,
+    ) {
+        match self {
+            Target::Nchan { .. } => body.write_payload(out, seq, sent_ns),
+            _ => body.write_message(out, topic, seq, sent_ns),
+        }
+    }
+
+    /// The WebSocket path for a subscriber of `topics`.
+    pub fn ws_path(&self, topics: &[String]) -> Cow<'static, str> {
+        match (self, topics) {
+            (Target::Nchan { subscribe, .. }, [topic]) => {
+                Cow::Owned(format!("{subscribe}?id={topic}"))
+            }
+            _ => Cow::Borrowed("/ws"),
+        }
+    }
+
+    /// Whether WebSocket frames are bare payloads (Nchan) rather than message objects.
+    pub fn bare_frames(&self) -> bool {
+        matches!(self, Target::Nchan { .. })
+    }
+
+    /// Why a scenario part cannot run against this target, if it cannot.
+    pub fn unsupported(&self, transport: Transport, topics: usize) -> Option<String> {
+        match (self, transport) {
+            (Target::Pulsar, _) => None,
+            (Target::Python { .. }, Transport::Sse) => {
+                Some("the python relay has no Server-Sent Events endpoint".to_owned())
+            }
+            (Target::Python { .. }, _) => None,
+            (Target::Nchan { .. }, Transport::Ws) if topics == 1 => None,
+            (Target::Nchan { .. }, Transport::Ws) => Some(
+                "with --target nchan a subscriber follows one channel: use --topics 1".to_owned(),
+            ),
+            (Target::Nchan { .. }, _) => {
+                Some("--target nchan is measured over WebSocket only".to_owned())
+            }
         }
     }
 
     /// The `Authorization` header for every HTTP request, if any.
     pub fn authorization(&self) -> Option<&HeaderValue> {
         match self {
-            Target::Pulsar => None,
+            Target::Pulsar | Target::Nchan { .. } => None,
             Target::Python { authorization, .. } => Some(authorization),
         }
     }
@@ -87,7 +176,7 @@ impl Target {
     /// The `Sec-WebSocket-Protocol` offer, if any.
     pub fn ws_protocols(&self) -> Option<String> {
         match self {
-            Target::Pulsar => None,
+            Target::Pulsar | Target::Nchan { .. } => None,
             Target::Python { token, .. } => Some(format!("bearer, bearer.{token}")),
         }
     }
@@ -96,16 +185,21 @@ impl Target {
         match self {
             Target::Pulsar => PULSAR_MAX_BULK,
             Target::Python { .. } => PYTHON_MAX_BULK,
+            Target::Nchan { .. } => 0,
         }
     }
 
-    pub fn supports_sse(&self) -> bool {
-        matches!(self, Target::Pulsar)
-    }
-
-    /// A subscribe command. `resume[i]`: the last id seen on `topics[i]`, after a reconnect;
-    /// `None` for a first subscription.
-    pub fn ws_subscribe(&self, topics: &[String], resume: Option<&[Option<String>]>) -> String {
+    /// A subscribe command, sent once the WebSocket is open; `None`: the target subscribes by
+    /// the path alone (Nchan). `resume[i]`: the last id seen on `topics[i]`, after a
+    /// reconnect; `None` for a first subscription.
+    pub fn ws_subscribe(
+        &self,
+        topics: &[String],
+        resume: Option<&[Option<String>]>,
+    ) -> Option<String> {
+        if let Target::Nchan { .. } = self {
+            return None;
+        }
         let mut out = String::from(r#"{"type":"subscribe","topics":"#);
         push_str_array(&mut out, topics);
         if let (Target::Pulsar, Some(resume)) = (self, resume) {
@@ -129,7 +223,7 @@ impl Target {
             let _ = write!(out, r#","client_id":"loadgen-{:016x}""#, fastrand::u64(..));
         }
         out.push('}');
-        out
+        Some(out)
     }
 
     /// A long-poll request body. `since[i]`: the last id seen on `topics[i]`.
@@ -184,23 +278,70 @@ fn push_str_array(out: &mut String, items: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn python() -> Target {
-        Target::new(TargetKind::Python, Some("abc.DEF-1")).expect("valid token")
+        Target::new(TargetKind::Python, Some("abc.DEF-1"), NchanStore::Memory).expect("valid token")
     }
 
     fn json(bytes: &[u8]) -> serde_json::Value {
         serde_json::from_slice(bytes).expect("valid JSON")
     }
 
+    fn subscribe(target: &Target, topics: &[String], resume: Option<&[Option<String>]>) -> Value {
+        json(
+            target
+                .ws_subscribe(topics, resume)
+                .expect("the relays take a subscribe command")
+                .as_bytes(),
+        )
+    }
+
+    fn nchan(store: NchanStore) -> Target {
+        Target::new(TargetKind::Nchan, None, store).expect("nchan needs nothing")
+    }
+
+    #[test]
+    fn nchan_channels_are_topics_in_the_path_and_bodies_are_bare_payloads() {
+        let t = nchan(NchanStore::Memory);
+        assert_eq!(t.publish_path("orders"), "/pub?id=orders");
+        assert_eq!(t.ws_path(&["orders".to_owned()]), "/sub?id=orders");
+        assert_eq!(nchan(NchanStore::Redis).publish_path("a"), "/rpub?id=a");
+        assert_eq!(
+            nchan(NchanStore::Redis).ws_path(&["a".to_owned()]),
+            "/rsub?id=a"
+        );
+        assert!(t.ws_subscribe(&["a".to_owned()], None).is_none());
+        assert!(t.bare_frames() && !Target::Pulsar.bare_frames());
+
+        let builder = BodyBuilder::new(100);
+        let mut bare = Vec::new();
+        t.write_publish_body(&builder, &mut bare, "orders", 7, 9);
+        let bare = json(&bare);
+        assert_eq!(
+            (bare["seq"].as_u64(), bare["sent_ns"].as_u64()),
+            (Some(7), Some(9))
+        );
+        let mut wrapped = Vec::new();
+        Target::Pulsar.write_publish_body(&builder, &mut wrapped, "orders", 7, 9);
+        assert_eq!(json(&wrapped)["payload"], bare);
+        assert_eq!(Target::Pulsar.publish_path("orders"), "/api/v1/messages");
+
+        assert!(t.unsupported(Transport::Ws, 1).is_none());
+        assert!(t.unsupported(Transport::Ws, 2).is_some());
+        assert!(t.unsupported(Transport::Longpoll, 1).is_some());
+        assert!(python().unsupported(Transport::Sse, 1).is_some());
+        assert!(Target::Pulsar.unsupported(Transport::Sse, 3).is_none());
+    }
+
     #[test]
     fn python_needs_a_header_safe_token() {
         assert!(matches!(
-            Target::new(TargetKind::Python, None),
+            Target::new(TargetKind::Python, None, NchanStore::Memory),
             Err(TargetError::MissingToken)
         ));
         assert!(matches!(
-            Target::new(TargetKind::Python, Some("a b")),
+            Target::new(TargetKind::Python, Some("a b"), NchanStore::Memory),
             Err(TargetError::BadToken)
         ));
         let t = python();
@@ -247,19 +388,15 @@ mod tests {
     #[test]
     fn subscribe_resumes_per_topic_on_this_relay_only() {
         let topics = vec!["a".to_owned(), "b".to_owned()];
-        let fresh = json(Target::Pulsar.ws_subscribe(&topics, None).as_bytes());
+        let fresh = subscribe(&Target::Pulsar, &topics, None);
         assert!(fresh.get("offset").is_none());
         let resume = vec![Some("9-1".to_owned()), None];
-        let again = json(
-            Target::Pulsar
-                .ws_subscribe(&topics, Some(&resume))
-                .as_bytes(),
-        );
+        let again = subscribe(&Target::Pulsar, &topics, Some(&resume));
         assert_eq!(
             again["offset"],
             serde_json::json!({"a": "9-1", "b": "earliest"})
         );
-        let py = json(python().ws_subscribe(&topics, Some(&resume)).as_bytes());
+        let py = subscribe(&python(), &topics, Some(&resume));
         assert!(py.get("offset").is_none());
         assert_eq!(py["topics"], serde_json::json!(["a", "b"]));
     }

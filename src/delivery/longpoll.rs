@@ -18,7 +18,7 @@ use futures::future::{select, Either};
 use serde::Deserialize;
 
 use super::sink::{Delivered, Sink};
-use super::{unfollow_all, StartAt};
+use super::{unfollow_all, Gap, StartAt};
 use crate::config::LongPollConfig;
 use crate::http::error::ApiError;
 use crate::http::handlers::Reply;
@@ -183,6 +183,7 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         counted: false,
     };
     let mut found: Vec<Rc<Delivered>> = Vec::new();
+    let mut gaps: Vec<Gap> = Vec::new();
     let mut has_more = false;
     for (topic, start) in &request.topics {
         let name: Arc<str> = Arc::from(topic.as_str());
@@ -198,7 +199,18 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
                 (Some(*id), request.limit)
             }
         };
-        let page = shard.subscribe_read(topic, after, limit, false).await?;
+        // A resume point older than what is retained is reported (`gaps`), as WebSocket and
+        // SSE consumers are told; the answer still carries what is there.
+        let page = shard
+            .subscribe_read(topic, after, limit, after.is_some())
+            .await?;
+        if let (Some(oldest_available), Some(requested)) = (page.gap, after) {
+            gaps.push(Gap {
+                topic: name.clone(),
+                requested,
+                oldest_available,
+            });
+        }
         has_more |= page.more;
         for message in page.messages {
             sink.seen_up_to(topic, message.id);
@@ -222,10 +234,7 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         // (elsewhere) from the same position, so nothing is lost.
         let stop = Box::pin(shard.shutdown.wait());
         if let Either::Right(_) = select(ready, select(timer, stop)).await {
-            return Ok(Reply::json(
-                200,
-                br#"{"messages":[],"has_more":false,"timeout":true}"#.to_vec(),
-            ));
+            return Ok(Reply::json(200, render_timeout(&gaps)));
         }
     }
     // Whatever arrived live meanwhile (newer than anything read above) goes after it.
@@ -238,10 +247,33 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
     }
     drop(guard);
     super::record_delivered(shard, crate::metrics::Egress::LongPoll, &found);
-    Ok(Reply::json(200, render(&found, has_more)))
+    Ok(Reply::json(200, render(&found, has_more, &gaps)))
 }
 
-fn render(messages: &[Rc<Delivered>], has_more: bool) -> Vec<u8> {
+/// `"gaps":[…]` before the closing brace of an answer; nothing when there is no gap, so the
+/// common answer keeps the Python relay's shape exactly.
+fn write_gaps(body: &mut Vec<u8>, gaps: &[Gap]) {
+    if gaps.is_empty() {
+        return;
+    }
+    body.extend_from_slice(b",\"gaps\":[");
+    for (i, gap) in gaps.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        gap.write_json(body);
+    }
+    body.push(b']');
+}
+
+fn render_timeout(gaps: &[Gap]) -> Vec<u8> {
+    let mut body = br#"{"messages":[],"has_more":false,"timeout":true"#.to_vec();
+    write_gaps(&mut body, gaps);
+    body.push(b'}');
+    body
+}
+
+fn render(messages: &[Rc<Delivered>], has_more: bool, gaps: &[Gap]) -> Vec<u8> {
     let mut body =
         Vec::with_capacity(64 + messages.iter().map(|d| d.json().len() + 1).sum::<usize>());
     body.extend_from_slice(b"{\"messages\":[");
@@ -268,6 +300,8 @@ fn render(messages: &[Rc<Delivered>], has_more: bool) -> Vec<u8> {
         id.write_to(&mut body);
         body.push(b'"');
     }
-    body.extend_from_slice(b"}}");
+    body.push(b'}');
+    write_gaps(&mut body, gaps);
+    body.push(b'}');
     body
 }

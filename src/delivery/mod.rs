@@ -54,6 +54,29 @@ pub struct Gap {
     pub oldest_available: Option<MessageId>,
 }
 
+impl Gap {
+    /// `{"type":"gap","topic":"..","requested":"..","oldest_available":".."|null}`: the one
+    /// form every transport sends (a WebSocket frame, an SSE `gap` event, a long-poll
+    /// answer's `gaps` entry). `null` = nothing is retained after `requested` any more.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Topic names are `[A-Za-z0-9._-]` (crate::topic), so they need no escaping.
+        out.extend_from_slice(b"{\"type\":\"gap\",\"topic\":\"");
+        out.extend_from_slice(self.topic.as_bytes());
+        out.extend_from_slice(b"\",\"requested\":\"");
+        self.requested.write_to(out);
+        out.extend_from_slice(b"\",\"oldest_available\":");
+        match self.oldest_available {
+            Some(id) => {
+                out.push(b'"');
+                id.write_to(out);
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+}
+
 /// Makes `sink` a consumer of `topic` from `start`: [`register`], then [`catch_up`].
 pub async fn follow(
     shard: &Shard,
@@ -203,4 +226,32 @@ pub fn unfollow_all(shard: &Shard, sink: &Sink) {
         unfollow(shard, sink, &topic);
     }
     sink.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap_json(oldest_available: Option<MessageId>) -> String {
+        let gap = Gap {
+            topic: Arc::from("orders"),
+            requested: MessageId::new(1, 0),
+            oldest_available,
+        };
+        let mut out = Vec::new();
+        gap.write_json(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_gap_names_the_oldest_retained_message_or_null() {
+        assert_eq!(
+            gap_json(Some(MessageId::new(5, 2))),
+            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":"5-2"}"#
+        );
+        assert_eq!(
+            gap_json(None),
+            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":null}"#
+        );
+    }
 }

@@ -143,6 +143,9 @@ struct Inner {
     /// Transport-level frames/events (acknowledgements, gap signals, pongs) that go out
     /// before any message queued after them.
     control: VecDeque<Bytes>,
+    /// Bytes in `control`. They count against the bound like queued messages: a client that
+    /// sends commands (pings) and never reads the replies must not grow them without end.
+    control_bytes: usize,
     queue: VecDeque<Rc<Delivered>>,
     /// Bytes in `queue` and every cursor's `pending`.
     queued_bytes: usize,
@@ -167,6 +170,7 @@ impl Sink {
             max_bytes,
             inner: RefCell::new(Inner {
                 control: VecDeque::new(),
+                control_bytes: 0,
                 queue: VecDeque::new(),
                 queued_bytes: 0,
                 state: SinkState::Open,
@@ -290,15 +294,22 @@ impl Sink {
     }
 
     /// Queues a control frame/event; it is written before messages queued after it.
+    /// Dropped once the sink stopped: nobody will write it.
     pub fn push_control(&self, frame: Bytes) {
         let mut inner = self.inner.borrow_mut();
+        if inner.state != SinkState::Open {
+            return;
+        }
+        inner.control_bytes += frame.len();
         inner.control.push_back(frame);
+        Self::check_bound(&mut inner, self.max_bytes);
         Self::wake(&mut inner);
     }
 
     /// Appends every queued control frame to `out`.
     pub fn take_control(&self, out: &mut bytes::BytesMut) {
         let mut inner = self.inner.borrow_mut();
+        inner.control_bytes = 0;
         for frame in inner.control.drain(..) {
             out.extend_from_slice(&frame);
         }
@@ -376,13 +387,16 @@ impl Sink {
     }
 
     fn check_bound(inner: &mut Inner, max_bytes: usize) {
-        let over = inner.queued_bytes > max_bytes;
-        let hard = inner.queued_bytes > max_bytes.saturating_mul(HARD_CAP_FACTOR);
+        let queued = inner.queued_bytes + inner.control_bytes;
+        let over = queued > max_bytes;
+        let hard = queued > max_bytes.saturating_mul(HARD_CAP_FACTOR);
         if (over && inner.writing) || hard {
             inner.state = SinkState::Overflowed;
             inner.queue.clear();
             inner.cursors.values_mut().for_each(|c| c.pending.clear());
             inner.queued_bytes = 0;
+            inner.control.clear();
+            inner.control_bytes = 0;
         }
     }
 
@@ -482,6 +496,35 @@ mod tests {
         assert_eq!(sink.state(), SinkState::Overflowed);
         assert_eq!(drain(&sink), Vec::<u64>::new());
         assert_eq!(sink.queued_bytes(), 0);
+    }
+
+    /// Replies to a client's commands (pongs, errors) used to queue without bound: a client
+    /// that sent pings and never read could grow its session's memory forever.
+    #[test]
+    fn control_frames_count_against_the_bound() {
+        let sink = Sink::new(1, 1000);
+        let pong = Bytes::from_static(&[b'p'; 100]);
+        // Under the bound, or over it with no write pending (a burst): kept.
+        for _ in 0..9 {
+            sink.push_control(pong.clone());
+        }
+        assert_eq!(sink.state(), SinkState::Open);
+        let mut out = bytes::BytesMut::new();
+        sink.take_control(&mut out);
+        assert_eq!(out.len(), 900);
+        // A blocked write and more replies than the bound: cut off, replies freed.
+        sink.set_writing(true);
+        for _ in 0..11 {
+            sink.push_control(pong.clone());
+        }
+        assert_eq!(sink.state(), SinkState::Overflowed);
+        out.clear();
+        sink.take_control(&mut out);
+        assert!(out.is_empty());
+        // And nothing is queued after that.
+        sink.push_control(pong);
+        sink.take_control(&mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

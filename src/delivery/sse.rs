@@ -134,6 +134,10 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                     .await
                     .is_err()
                 {
+                    // Cut off while its write was blocked: a slow consumer too.
+                    if sink.state() == SinkState::Overflowed {
+                        shard.metrics.slow_consumer_disconnect();
+                    }
                     return;
                 }
                 out.clear();
@@ -167,20 +171,7 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
 
 fn write_gap(out: &mut BytesMut, gap: &Gap) {
     let mut data = Vec::with_capacity(96);
-    data.extend_from_slice(b"{\"type\":\"gap\",\"topic\":\"");
-    data.extend_from_slice(gap.topic.as_bytes());
-    data.extend_from_slice(b"\",\"requested\":\"");
-    gap.requested.write_to(&mut data);
-    data.extend_from_slice(b"\",\"oldest_available\":");
-    match gap.oldest_available {
-        Some(id) => {
-            data.push(b'"');
-            id.write_to(&mut data);
-            data.push(b'"');
-        }
-        None => data.extend_from_slice(b"null"),
-    }
-    data.push(b'}');
+    gap.write_json(&mut data);
     out.extend_from_slice(b"event: gap\ndata: ");
     out.extend_from_slice(&data);
     out.extend_from_slice(b"\n\n");

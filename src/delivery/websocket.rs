@@ -230,6 +230,11 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
             }
             if !out.is_empty() {
                 if write_or_give_up(&mut writer, &out, &sink).await.is_err() {
+                    // Cut off while its write was blocked (no close frame can reach a client
+                    // that does not read): still a slow consumer.
+                    if sink.state() == SinkState::Overflowed {
+                        shard.metrics.slow_consumer_disconnect();
+                    }
                     close_with(None);
                     return;
                 }
@@ -430,18 +435,7 @@ fn error_frame(code: &str, message: &str) -> Bytes {
 }
 
 fn gap_frame(gap: &Gap) -> Bytes {
-    let mut requested = Vec::with_capacity(24);
-    gap.requested.write_to(&mut requested);
-    let oldest = gap
-        .oldest_available
-        .map(|id| id.to_string())
-        .unwrap_or_default();
     let mut out = Vec::with_capacity(128);
-    protocol::write_gap(
-        &mut out,
-        &gap.topic,
-        &String::from_utf8_lossy(&requested),
-        &oldest,
-    );
+    gap.write_json(&mut out);
     codec::text_frame(&out)
 }

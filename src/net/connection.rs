@@ -9,7 +9,13 @@
 //! - between requests, `http.keepalive_timeout` of silence closes the connection quietly;
 //! - once a request's first byte has arrived, its head must be complete within
 //!   `http.header_read_timeout` (slowloris), else 408 and close;
-//! - while a body arrives, each read must make progress within `http.keepalive_timeout`.
+//! - while a body arrives, each read must make progress within `http.keepalive_timeout`;
+//! - while a response is written, each write must make progress within
+//!   `http.keepalive_timeout`, else the connection is dropped (a client that never reads).
+//!
+//! Memory per connection is bounded too: once [`OUTPUT_HIGH_WATER`] bytes of responses are
+//! waiting, no further pipelined request is handled until they are written, so a client that
+//! pipelines requests for large responses and reads slowly holds at most one batch.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,12 @@ const READ_CHUNK: usize = 16 << 10;
 /// keep-alive connections must not each pin a burst-sized buffer.
 const IDLE_BUFFER_CAP: usize = 4 << 10;
 
+/// Responses batched before they are written. Past it the connection writes before handling
+/// the next pipelined request: without it, one 16 KiB read of pipelined history reads (each
+/// up to `max_page_limit` messages) could make the relay build gigabytes of responses for a
+/// client that never reads them.
+const OUTPUT_HIGH_WATER: usize = 256 << 10;
+
 enum ReadOutcome {
     Data(usize),
     Closed,
@@ -50,11 +62,14 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
     let mut output = BytesMut::new();
     // When the request now being received sent its first byte (for the header timeout).
     let mut request_started: Option<Instant> = None;
+    // How long a response write may make no progress: a client that stopped reading is
+    // as gone as one that stopped sending.
+    let stall = http.keepalive_timeout;
 
     loop {
         // Handle every complete request already buffered.
         let mut keep_open = true;
-        while keep_open {
+        while keep_open && output.len() < OUTPUT_HIGH_WATER {
             match decoder.decode(&mut input) {
                 Ok(Some(Event::Request(request))) => {
                     request_started = None;
@@ -81,7 +96,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                         }
                         Outcome::EventStream(sse) => {
                             if !output.is_empty()
-                                && write_out(&mut stream, &mut output).await.is_err()
+                                && write_out(&mut stream, &mut output, stall).await.is_err()
                             {
                                 return;
                             }
@@ -89,7 +104,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             return;
                         }
                         Outcome::WebSocket(upgrade) => {
-                            if write_out(&mut stream, &mut output).await.is_err() {
+                            if write_out(&mut stream, &mut output, stall).await.is_err() {
                                 return;
                             }
                             crate::delivery::websocket::run(shard, stream, input, upgrade).await;
@@ -100,7 +115,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                 Ok(Some(Event::ContinueExpected)) => {
                     // The client waits for this before sending the body: write it now.
                     write_continue(&mut output);
-                    if write_out(&mut stream, &mut output).await.is_err() {
+                    if write_out(&mut stream, &mut output, stall).await.is_err() {
                         return;
                     }
                 }
@@ -111,12 +126,17 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                 }
             }
         }
-        if !output.is_empty() && write_out(&mut stream, &mut output).await.is_err() {
+        // Handling stopped at the high-water mark: more complete requests may be buffered.
+        let backed_up = output.len() >= OUTPUT_HIGH_WATER;
+        if !output.is_empty() && write_out(&mut stream, &mut output, stall).await.is_err() {
             return;
         }
         if !keep_open || (shard.is_shutting_down() && decoder.is_idle(&input)) {
             let _ = stream.close().await;
             return;
+        }
+        if backed_up {
+            continue;
         }
 
         // Choose how long the next read may take.
@@ -165,7 +185,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             &[],
                         )
                     });
-                    let _ = write_out(&mut stream, &mut output).await;
+                    let _ = write_out(&mut stream, &mut output, stall).await;
                 }
                 let _ = stream.close().await;
                 return;
@@ -246,8 +266,27 @@ async fn handle_watching_peer(
     }
 }
 
-async fn write_out(stream: &mut TcpStream, output: &mut BytesMut) -> std::io::Result<()> {
-    let result = stream.write_all(output).await;
+/// Writes all of `output` (and clears it), failing with `TimedOut` if the peer accepts no
+/// byte for `stall`: the caller then drops the connection.
+async fn write_out(
+    stream: &mut TcpStream,
+    output: &mut BytesMut,
+    stall: Duration,
+) -> std::io::Result<()> {
+    let mut written = 0;
+    let result = loop {
+        if written == output.len() {
+            break Ok(());
+        }
+        let write = Box::pin(stream.write(&output[written..]));
+        let timer = Box::pin(glommio::timer::sleep(stall));
+        match select(write, timer).await {
+            Either::Left((Ok(0), _)) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Either::Left((Ok(n), _)) => written += n,
+            Either::Left((Err(e), _)) => break Err(e),
+            Either::Right(_) => break Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    };
     output.clear();
     result
 }

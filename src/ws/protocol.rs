@@ -339,18 +339,6 @@ pub fn write_error(out: &mut Vec<u8>, code: &str, message: &str) {
     out.push(b'}');
 }
 
-/// `{"type":"gap","topic":"..","requested":"..","oldest_available":".."}`: the requested
-/// start is no longer retained, delivery resumes from the oldest message still held.
-pub fn write_gap(out: &mut Vec<u8>, topic: &str, requested: &str, oldest_available: &str) {
-    out.extend_from_slice(b"{\"type\":\"gap\",\"topic\":");
-    write_str(out, topic);
-    out.extend_from_slice(b",\"requested\":");
-    write_str(out, requested);
-    out.extend_from_slice(b",\"oldest_available\":");
-    write_str(out, oldest_available);
-    out.push(b'}');
-}
-
 fn write_str_array(out: &mut Vec<u8>, items: &[&str]) {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
@@ -610,10 +598,6 @@ mod tests {
         assert_eq!(
             written(|o| write_error(o, "UNKNOWN_TYPE", "no")),
             r#"{"type":"error","code":"UNKNOWN_TYPE","message":"no"}"#
-        );
-        assert_eq!(
-            written(|o| write_gap(o, "t", "1-0", "5-0")),
-            r#"{"type":"gap","topic":"t","requested":"1-0","oldest_available":"5-0"}"#
         );
     }
 

@@ -17,6 +17,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod hostile;
 pub mod sse;
 pub mod valkey;
 pub mod ws;

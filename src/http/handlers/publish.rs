@@ -26,6 +26,12 @@ use crate::topic;
 /// 1000 must stay far from u64 overflow.
 const MAX_TTL_SECONDS: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
 
+/// The deepest nesting of arrays and objects a payload may have: serde_json's own limit for
+/// every other body the relay parses. A payload is kept as raw text (`RawValue` skips that
+/// limit), so without this check a topic could carry a message nested 100,000 deep that its
+/// consumers' JSON parsers refuse or overflow their stacks on.
+pub const MAX_PAYLOAD_DEPTH: usize = 128;
+
 #[derive(Deserialize)]
 struct PublishBody<'a> {
     #[serde(borrow)]
@@ -95,6 +101,34 @@ fn topic_of(raw: &RawValue) -> Option<String> {
         .map(Cow::into_owned)
 }
 
+/// The deepest nesting of `[`/`{` in `json`, which is valid JSON (strings, and escaped quotes
+/// inside them, are skipped). One pass, no allocation.
+fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiError> {
     let topic = body
         .topic
@@ -109,6 +143,11 @@ fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiErr
             "payload is {} bytes; the limit is {}",
             payload.len(),
             limits.max_payload_bytes
+        )));
+    }
+    if nesting_depth(payload) > MAX_PAYLOAD_DEPTH {
+        return Err(ApiError::invalid_request(format!(
+            "payload nests arrays and objects more than {MAX_PAYLOAD_DEPTH} levels deep"
         )));
     }
     let ttl_ms = match body.ttl {
@@ -357,6 +396,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A payload nested 100,000 deep used to be accepted and stored (raw payloads skip
+    /// serde_json's recursion limit), poisoning the topic for its consumers.
+    #[test]
+    fn payload_nesting_is_bounded() {
+        let l = limits();
+        let nested = |depth: usize| {
+            let payload = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            format!(r#"{{"topic":"t","payload":{payload}}}"#)
+        };
+        assert!(parse_publish(nested(MAX_PAYLOAD_DEPTH).as_bytes(), &l).is_ok());
+        for depth in [MAX_PAYLOAD_DEPTH + 1, 100_000] {
+            assert_eq!(
+                parse_publish(nested(depth).as_bytes(), &l)
+                    .err()
+                    .map(|e| e.code),
+                Some("INVALID_REQUEST"),
+                "depth {depth}"
+            );
+        }
+        // Brackets and escaped quotes inside strings do not count.
+        let in_strings = format!(r#"{{"a":"{}\"[[[","b":[1]}}"#, "[".repeat(500));
+        assert_eq!(nesting_depth(in_strings.as_bytes()), 2);
     }
 
     #[test]
