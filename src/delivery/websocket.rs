@@ -73,10 +73,10 @@ pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>),
     }
 }
 
-/// Bytes asked of each read of client frames.
-const READ_CHUNK: usize = 4 << 10;
 /// Messages written per batch.
 const WRITE_BATCH: usize = 256;
+/// The most output buffer a session keeps while it waits for something to send.
+const IDLE_OUT_CAP: usize = 4 << 10;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -154,15 +154,17 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
             if closing.borrow().is_some() {
                 return;
             }
-            let start = buf.len();
-            buf.resize(start + READ_CHUNK, 0);
-            match reader.read(&mut buf[start..]).await {
+            if buf.is_empty() {
+                // Idle sessions are the common case (10,000s of subscribers that only
+                // receive): keep no input allocation while waiting for a client frame.
+                buf = BytesMut::new();
+            }
+            match crate::net::read::read_into(&mut reader, &mut buf).await {
                 Ok(0) | Err(_) => {
-                    buf.truncate(start);
                     close_with(None);
                     return;
                 }
-                Ok(n) => buf.truncate(start + n),
+                Ok(_) => {}
             }
         }
     };
@@ -198,8 +200,10 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
     };
 
     let writer_loop = async {
-        let mut out = BytesMut::with_capacity(4096);
-        let mut batch: Vec<Rc<Delivered>> = Vec::with_capacity(WRITE_BATCH);
+        // Both start empty and grow with the first delivery: most sessions are idle most
+        // of the time, and 10,000 idle sessions must not each pin a write batch's worth.
+        let mut out = BytesMut::new();
+        let mut batch: Vec<Rc<Delivered>> = Vec::new();
         let mut next_ping = Instant::now() + config.ping_interval;
         loop {
             sink.take_control(&mut out);
@@ -250,6 +254,10 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
                 codec::encode_ping(&mut out, b"");
                 next_ping = now + config.ping_interval;
                 continue;
+            }
+            if out.capacity() > IDLE_OUT_CAP {
+                // A burst grew the buffer; do not keep that much while waiting.
+                out = BytesMut::new();
             }
             let wake_at =
                 next_ping.min(last_heard.get() + config.idle_timeout + Duration::from_millis(1));

@@ -21,17 +21,13 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::future::{select, Either};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use crate::http::codec::{Event, Limits, RequestDecoder};
 use crate::http::handlers::{self, Outcome};
 use crate::http::response::{write_continue, write_http_error, write_json_error};
 use crate::shard::Shard;
-
-/// Bytes asked of each `read`. 16 KiB holds a typical pipelined burst of small publishes in
-/// one syscall; larger reads cost more zeroing per call than they save on a 2-core box.
-const READ_CHUNK: usize = 16 << 10;
 
 /// A connection that has been idle keeps no buffer larger than this; 10,000 idle WebSocket or
 /// keep-alive connections must not each pin a burst-sized buffer.
@@ -44,7 +40,7 @@ const IDLE_BUFFER_CAP: usize = 4 << 10;
 const OUTPUT_HIGH_WATER: usize = 256 << 10;
 
 enum ReadOutcome {
-    Data(usize),
+    Data,
     Closed,
     TimedOut,
     Failed,
@@ -58,7 +54,9 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
         max_headers: http.max_headers,
         max_body_bytes: http.max_body_bytes,
     });
-    let mut input = BytesMut::with_capacity(IDLE_BUFFER_CAP);
+    // Reads land in the shard's scratch buffer (`net::read`); this only ever holds bytes
+    // received and not yet handled, so it starts empty.
+    let mut input = BytesMut::new();
     let mut output = BytesMut::new();
     // When the request now being received sent its first byte (for the header timeout).
     let mut request_started: Option<Instant> = None;
@@ -157,7 +155,9 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
         // keep-alive timeout.
         let read = read_some(&mut stream, &mut input, wait);
         let outcome = if idle {
-            match select(Box::pin(read), Box::pin(shard.shutdown.wait())).await {
+            // Pinned on the stack, not boxed: this runs for every request.
+            let shutdown = shard.shutdown.wait();
+            match select(std::pin::pin!(read), std::pin::pin!(shutdown)).await {
                 Either::Left((outcome, _)) => outcome,
                 Either::Right(_) => ReadOutcome::Closed,
             }
@@ -165,7 +165,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
             read.await
         };
         match outcome {
-            ReadOutcome::Data(_) => {
+            ReadOutcome::Data => {
                 if request_started.is_none() && !decoder.in_body() {
                     request_started = Some(Instant::now());
                 }
@@ -196,28 +196,18 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
 
 /// Reads at least one byte into `input`, or reports why not within `wait`.
 ///
-/// Cancel-safe: the bytes are read into a tail split off `input` and joined back only once
-/// the read completed, so dropping this future (a parked poll answered first, shutdown) leaves
-/// `input` exactly as it was.
+/// Cancel-safe (see [`super::read::read_into`]): dropping this future (a parked poll answered
+/// first, shutdown) leaves `input` exactly as it was.
 async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration) -> ReadOutcome {
-    input.reserve(READ_CHUNK);
-    let mut tail = input.split_off(input.len());
-    tail.resize(READ_CHUNK, 0);
-    let outcome = {
-        let read = Box::pin(stream.read(&mut tail[..]));
-        let timer = Box::pin(glommio::timer::sleep(wait));
-        match select(read, timer).await {
-            Either::Left((Ok(0), _)) => ReadOutcome::Closed,
-            Either::Left((Ok(n), _)) => ReadOutcome::Data(n),
-            Either::Left((Err(_), _)) => ReadOutcome::Failed,
-            Either::Right(_) => ReadOutcome::TimedOut,
-        }
-    };
-    if let ReadOutcome::Data(n) = outcome {
-        tail.truncate(n);
-        input.unsplit(tail);
+    // Pinned on the stack, not boxed: two allocations per request saved.
+    let read = std::pin::pin!(super::read::read_into(stream, input));
+    let timer = std::pin::pin!(glommio::timer::sleep(wait));
+    match select(read, timer).await {
+        Either::Left((Ok(0), _)) => ReadOutcome::Closed,
+        Either::Left((Ok(_), _)) => ReadOutcome::Data,
+        Either::Left((Err(_), _)) => ReadOutcome::Failed,
+        Either::Right(_) => ReadOutcome::TimedOut,
     }
-    outcome
 }
 
 /// Requests that may wait a long time for their answer (long-polls): while they wait, the
@@ -253,7 +243,7 @@ async fn handle_watching_peer(
             Either::Right((read_outcome, _)) => read_outcome,
         };
         match read_outcome {
-            ReadOutcome::Data(_) => {
+            ReadOutcome::Data => {
                 // Cap what a client may pipeline behind a parked poll.
                 let cap = shard.config.http.max_body_bytes + shard.config.http.max_header_bytes;
                 if input.len() > cap {

@@ -6,9 +6,11 @@
 //!
 //! - [`listener`]: accepts on the shard's `SO_REUSEPORT` socket, enforces the connection cap.
 //! - [`connection`]: read → decode → handle → write, keep-alive and timeouts.
+//! - [`read`]: socket reads through one per-shard scratch buffer (no per-connection read room).
 
 pub mod connection;
 pub mod listener;
+pub mod read;
 
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
