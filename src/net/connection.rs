@@ -13,7 +13,7 @@
 //! - while a response is written, each write must make progress within
 //!   `http.keepalive_timeout`, else the connection is dropped (a client that never reads).
 //!
-//! Memory per connection is bounded too: once [`OUTPUT_HIGH_WATER`] bytes of responses are
+//! Memory per connection is bounded too: once `OUTPUT_HIGH_WATER` (256 KiB) of responses are
 //! waiting, no further pipelined request is handled until they are written, so a client that
 //! pipelines requests for large responses and reads slowly holds at most one batch.
 
