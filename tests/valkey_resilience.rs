@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::valkey::{
-    assert_unavailable, await_ready, stream_key, PublishLoad, ValkeyOpts, ValkeyServer,
-    WorkerOutcome,
+    assert_acked_in_valkey, assert_unavailable, await_ready, stream_key, PublishLoad, ValkeyOpts,
+    ValkeyServer,
 };
 use common::{assert_spans_shards, eventually, parse_id, topics, Server};
 use serde_json::Value;
@@ -56,43 +56,6 @@ fn read_all(relay: &Server, topic: &str, limit: usize) -> Vec<(String, Value)> {
         }
     }
     panic!("pagination of {topic} did not end");
-}
-
-/// Asserts every message a load worker saw acknowledged is in its topic's stream with the
-/// payload it published, and that no request hung or got an unexpected answer.
-fn assert_acked_in_valkey(valkey: &ValkeyServer, outcomes: &[WorkerOutcome]) {
-    for (w, out) in outcomes.iter().enumerate() {
-        assert!(
-            out.unexpected.is_empty(),
-            "{}: {:?}",
-            out.topic,
-            out.unexpected
-        );
-        assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
-        let stored: HashMap<String, Value> = valkey
-            .xrange(&stream_key(&out.topic))
-            .into_iter()
-            .map(|e| {
-                let payload = serde_json::from_str(e.field("payload").unwrap_or("null"))
-                    .unwrap_or(Value::Null);
-                (e.id, payload)
-            })
-            .collect();
-        let missing: Vec<&(u64, String)> = out
-            .acked
-            .iter()
-            .filter(|(i, id)| stored.get(id) != Some(&serde_json::json!({"w": w, "i": i})))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "{}: {} of {} acknowledged messages missing from Valkey (or with another payload), \
-             first: {:?}",
-            out.topic,
-            missing.len(),
-            out.acked.len(),
-            missing.first()
-        );
-    }
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! without a TLS crate is not an option; `valkey-cli --json` gives structured replies, and a
 //! spawned process per call (a few ms) is cheap at the scale of these tests.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -717,6 +718,43 @@ fn generate_server_tls(dir: &Path) -> TlsFiles {
 
 // ---------------------------------------------------------------------------------------------
 // Publish load
+
+/// Asserts every message a load worker saw acknowledged is in its topic's stream with the
+/// payload it published, and that no request hung or got an unexpected answer.
+pub fn assert_acked_in_valkey(valkey: &ValkeyServer, outcomes: &[WorkerOutcome]) {
+    for (w, out) in outcomes.iter().enumerate() {
+        assert!(
+            out.unexpected.is_empty(),
+            "{}: {:?}",
+            out.topic,
+            out.unexpected
+        );
+        assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+        let stored: HashMap<String, Value> = valkey
+            .xrange(&stream_key(&out.topic))
+            .into_iter()
+            .map(|e| {
+                let payload = serde_json::from_str(e.field("payload").unwrap_or("null"))
+                    .unwrap_or(Value::Null);
+                (e.id, payload)
+            })
+            .collect();
+        let missing: Vec<&(u64, String)> = out
+            .acked
+            .iter()
+            .filter(|(i, id)| stored.get(id) != Some(&serde_json::json!({"w": w, "i": i})))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{}: {} of {} acknowledged messages missing from Valkey (or with another payload), \
+             first: {:?}",
+            out.topic,
+            missing.len(),
+            out.acked.len(),
+            missing.first()
+        );
+    }
+}
 
 /// What one load worker saw.
 #[derive(Debug, Default)]
