@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::valkey::{
-    assert_acked_in_valkey, PublishLoad, ValkeyOpts, ValkeyServer, WorkerOutcome,
+    assert_acked_in_valkey, assert_answered, PublishLoad, ValkeyOpts, ValkeyServer, WorkerOutcome,
 };
 use common::{assert_spans_shards, eventually, rss_kib, topics, Server};
 
@@ -73,13 +73,7 @@ fn with_slow_valkey<T>(
 /// connection failed; returns the 503 count.
 fn assert_well_formed(outcomes: &[WorkerOutcome]) -> u64 {
     for out in outcomes {
-        assert!(
-            out.unexpected.is_empty(),
-            "{}: unexpected answers: {:?}",
-            out.topic,
-            out.unexpected
-        );
-        assert_eq!(out.hung, 0, "{}: requests hung", out.topic);
+        assert_answered(out);
         assert_eq!(out.conn_errors, 0, "{}: connection errors", out.topic);
     }
     outcomes.iter().map(|o| o.unavailable).sum()

@@ -719,17 +719,22 @@ fn generate_server_tls(dir: &Path) -> TlsFiles {
 // ---------------------------------------------------------------------------------------------
 // Publish load
 
+/// Asserts a load worker got only 201s and well-formed 503s, and no request hung.
+pub fn assert_answered(out: &WorkerOutcome) {
+    assert!(
+        out.unexpected.is_empty(),
+        "{}: {:?}",
+        out.topic,
+        out.unexpected
+    );
+    assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+}
+
 /// Asserts every message a load worker saw acknowledged is in its topic's stream with the
 /// payload it published, and that no request hung or got an unexpected answer.
 pub fn assert_acked_in_valkey(valkey: &ValkeyServer, outcomes: &[WorkerOutcome]) {
     for (w, out) in outcomes.iter().enumerate() {
-        assert!(
-            out.unexpected.is_empty(),
-            "{}: {:?}",
-            out.topic,
-            out.unexpected
-        );
-        assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+        assert_answered(out);
         let stored: HashMap<String, Value> = valkey
             .xrange(&stream_key(&out.topic))
             .into_iter()
