@@ -82,11 +82,25 @@ pub struct SubShared {
     /// Bounds concurrent connection set-ups: a thousand simultaneous handshakes would
     /// overflow the relay's accept backlog and show up as connect failures, not as load.
     pub setup_gate: Semaphore,
+    /// Drop the connection after about this long (jittered ±50%) and resume from the last
+    /// ids seen, as a flaky client would (the soak). `None`: stay connected.
+    pub reconnect_every: Option<Duration>,
 }
 
 impl SubShared {
     pub fn new(ctx: Arc<RunCtx>, transport: Transport, latency: Arc<LatencyHub>) -> Arc<Self> {
+        Self::reconnecting(ctx, transport, latency, None)
+    }
+
+    /// Subscribers that drop their connection every `reconnect_every` (jittered) and resume.
+    pub fn reconnecting(
+        ctx: Arc<RunCtx>,
+        transport: Transport,
+        latency: Arc<LatencyHub>,
+        reconnect_every: Option<Duration>,
+    ) -> Arc<Self> {
         Arc::new(SubShared {
+            reconnect_every,
             topic_index: ctx
                 .topics
                 .iter()
@@ -217,6 +231,22 @@ impl Subscriber {
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     // A dropped sender also means the run is over.
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// When this connection should be dropped on purpose, if the subscribers reconnect.
+fn voluntary_deadline(sh: &SubShared) -> Option<tokio::time::Instant> {
+    sh.reconnect_every.map(|every| {
+        let jitter = 0.5 + fastrand::f64();
+        tokio::time::Instant::now() + every.mul_f64(jitter)
+    })
+}
+
+/// Resolves at `deadline`; never without one.
+async fn reached(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps, or returns `true` early if the run stops meanwhile.
@@ -373,6 +403,7 @@ async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) ->
             was_ready = true;
             sub.signal_ready(true);
         }
+        let drop_at = voluntary_deadline(&sh);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -380,6 +411,12 @@ async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) ->
                 _ = stopped(&mut stop) => {
                     let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
                     return true;
+                }
+                // Frames after our close are not read: the resume asks for them again.
+                _ = reached(drop_at) => {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
+                    sub.event("voluntary_disconnect");
+                    break;
                 }
             };
             match frame {
@@ -416,6 +453,7 @@ async fn longpoll_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<boo
     sub.signal_ready(true);
     let mut conn: Option<HttpConn> = None;
     let wait = Duration::from_secs(POLL_WAIT_S) + ctx.timeout;
+    let mut drop_at = voluntary_deadline(&sh);
     loop {
         if *stop.borrow() {
             return true;
@@ -453,8 +491,18 @@ async fn longpoll_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<boo
         );
         let answer = tokio::select! {
             biased;
-            r = tokio::time::timeout(wait, poll) => r,
+            r = tokio::time::timeout(wait, poll) => Some(r),
             _ = stopped(&mut stop) => return true,
+            _ = reached(drop_at) => None,
+        };
+        let Some(answer) = answer else {
+            // Walked away from a parked poll: the relay must forget it, and the next poll
+            // (on a new connection) asks again for whatever this one would have returned.
+            sub.event("voluntary_disconnect");
+            sh.reconnects.fetch_add(1, Ordering::Relaxed);
+            conn = None;
+            drop_at = voluntary_deadline(&sh);
+            continue;
         };
         match answer {
             Ok(Ok((200, body))) => match serde_json::from_slice::<PollAnswer>(&body) {
@@ -571,11 +619,26 @@ async fn sse_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) -
         }
     }
     sub.signal_ready(true);
+    let mut drop_at = voluntary_deadline(&sh);
     loop {
         let item = tokio::select! {
             biased;
-            item = streams.next() => item,
+            item = streams.next() => Some(item),
             _ = stopped(&mut stop) => return true,
+            _ = reached(drop_at) => None,
+        };
+        let Some(item) = item else {
+            // Drops every stream and resumes each from its topic's last id.
+            sub.event("voluntary_disconnect");
+            streams.clear();
+            conns.iter_mut().for_each(|c| *c = None);
+            for topic in 0..ctx.topics.len() {
+                if sse_reopen(sub, &mut stop, topic, &mut streams, &mut conns).await {
+                    return true;
+                }
+            }
+            drop_at = voluntary_deadline(&sh);
+            continue;
         };
         match item {
             Some((_, SseItem::Event(event))) => match event.event.as_str() {
@@ -587,27 +650,43 @@ async fn sse_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) -
             Some((topic, SseItem::End)) => {
                 sub.event("sse_end");
                 conns[topic] = None;
-                loop {
-                    if pause_or_stop(&mut stop, RECONNECT_PAUSE).await {
-                        return true;
-                    }
-                    let since = sub.last_ids[topic]
-                        .clone()
-                        .unwrap_or_else(|| SSE_FROM_START.to_owned());
-                    match sse_open(ctx, &ctx.topics[topic], &since).await {
-                        Ok((conn, body)) => {
-                            conns[topic] = Some(conn);
-                            streams.push(tag(topic, body));
-                            sh.reconnects.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(kind) => sub.event(kind),
-                    }
+                if sse_reopen(sub, &mut stop, topic, &mut streams, &mut conns).await {
+                    return true;
                 }
             }
             // Every stream ends with `End`, which reopens it; an empty set cannot happen
             // while topics exist.
             None => return true,
+        }
+    }
+}
+
+/// Reopens one topic's stream from the last id seen on it, retrying until it opens; returns
+/// `true` if the run stopped first.
+async fn sse_reopen(
+    sub: &mut Subscriber,
+    stop: &mut watch::Receiver<bool>,
+    topic: usize,
+    streams: &mut SelectAll<Tagged>,
+    conns: &mut [Option<HttpConn>],
+) -> bool {
+    let sh = sub.sh.clone();
+    let ctx = &sh.ctx;
+    loop {
+        if pause_or_stop(stop, RECONNECT_PAUSE).await {
+            return true;
+        }
+        let since = sub.last_ids[topic]
+            .clone()
+            .unwrap_or_else(|| SSE_FROM_START.to_owned());
+        match sse_open(ctx, &ctx.topics[topic], &since).await {
+            Ok((conn, body)) => {
+                conns[topic] = Some(conn);
+                streams.push(tag(topic, body));
+                sh.reconnects.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Err(kind) => sub.event(kind),
         }
     }
 }
