@@ -12,22 +12,21 @@
 //! Does not own the transports (`subscribe`), publishing (`publish`) or the verdict (`verify`).
 
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::cli::Transport;
+use crate::delivery::drain;
 use crate::publish::{publish, PublishResult, PublishSpec};
 use crate::run::{read_rss_kib, Phase, RunCtx};
 use crate::stats::LatencyHub;
-use crate::subscribe::{self, SubShared};
+use crate::subscribe::{self, Progress, SubShared};
 use crate::verify::{verify, Ledger, Receipts, Verdict};
 
-/// How often the drain re-checks the subscribers' counts.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Latency stripes per transport: soak subscribers are few.
 const STRIPES: usize = 2;
 
@@ -99,15 +98,15 @@ pub struct SubscribersNotReady(usize, String);
 struct Group {
     transport: Transport,
     sh: Arc<SubShared>,
-    distinct: Vec<Arc<AtomicU64>>,
+    progress: Vec<Arc<Progress>>,
     tasks: Vec<tokio::task::JoinHandle<Option<Receipts>>>,
 }
 
 impl Group {
     fn delivered(&self) -> u64 {
-        self.distinct
+        self.progress
             .iter()
-            .map(|d| d.load(Ordering::Relaxed))
+            .map(|p| p.distinct.load(Ordering::Relaxed))
             .sum()
     }
 }
@@ -134,12 +133,12 @@ pub async fn run(
         let mut group = Group {
             transport,
             sh: sh.clone(),
-            distinct: Vec::new(),
+            progress: Vec::new(),
             tasks: Vec::new(),
         };
         for _ in 0..count {
-            let counter = Arc::new(AtomicU64::new(0));
-            group.distinct.push(counter.clone());
+            let counter = Progress::new(ctx.topics.len());
+            group.progress.push(counter.clone());
             let (one_tx, mut one_rx) = mpsc::channel::<bool>(1);
             let ready_tx = ready_tx.clone();
             tokio::spawn(async move {
@@ -193,20 +192,24 @@ pub async fn run(
     ctx.set_phase(Phase::Drain);
 
     let ledger = published.ledger.take().unwrap_or_else(|| Ledger::new(0));
+    let everyone: Vec<&Progress> = groups
+        .iter()
+        .flat_map(|g| g.progress.iter().map(|p| &**p))
+        .collect();
+    drain(&ledger, &everyone, spec.drain_timeout).await;
+    // Per transport, before the subscribers stop (and hand their receipts over).
     let owed = ledger.acked();
-    let deadline = Instant::now() + spec.drain_timeout;
-    let caught_up = |g: &Group| g.distinct.iter().all(|d| d.load(Ordering::Relaxed) >= owed);
-    while !groups.iter().all(caught_up) && Instant::now() < deadline {
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
+    let drained: Vec<bool> = groups
+        .iter()
+        .map(|g| g.progress.iter().all(|p| p.has_all(&ledger, owed)))
+        .collect();
     reporter.stop().await;
     let _ = stop_tx.send(true);
     let Ok(groups) = Arc::try_unwrap(groups) else {
         unreachable!("the reporter, the only other holder, has ended")
     };
     let mut transports = Vec::new();
-    for g in groups {
-        let drained = caught_up(&g);
+    for (g, drained) in groups.into_iter().zip(drained) {
         let count = g.tasks.len();
         let mut receipts = Vec::with_capacity(count);
         for t in g.tasks {

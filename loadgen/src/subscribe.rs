@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use crate::http::{connect_tcp, HttpConn};
 use crate::payload::{Incoming, PollAnswer, Probe};
 use crate::run::RunCtx;
 use crate::stats::{LatencyHub, LatencyRecorder, Tally};
-use crate::verify::{Receipt, Receipts};
+use crate::verify::{Ledger, Receipt, Receipts};
 
 /// How long a long poll may wait on the relay: short enough that a stopped run is not held
 /// up, long enough that an idle subscriber costs one request per 5 s.
@@ -119,12 +119,38 @@ impl SubShared {
     }
 }
 
+/// What a running subscriber shares with the drain: a cheap count of distinct messages, and
+/// its receipts for the exact check (locked per delivery, uncontended but for the drain).
+pub struct Progress {
+    /// Distinct messages received, acknowledged or not.
+    pub distinct: AtomicU64,
+    receipts: Mutex<Receipts>,
+}
+
+impl Progress {
+    pub fn new(topics: usize) -> Arc<Progress> {
+        Arc::new(Progress {
+            distinct: AtomicU64::new(0),
+            receipts: Mutex::new(Receipts::new(topics)),
+        })
+    }
+
+    fn receipts(&self) -> std::sync::MutexGuard<'_, Receipts> {
+        self.receipts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether every message `ledger` has as acknowledged (`owed` of them) was received.
+    /// The count alone cannot say: a publish that failed (a timeout) but was stored also
+    /// arrives, and would stand in for an acknowledged one still on its way.
+    pub fn has_all(&self, ledger: &Ledger, owed: u64) -> bool {
+        self.distinct.load(Ordering::Relaxed) >= owed && self.receipts().missing(ledger) == 0
+    }
+}
+
 /// One subscriber's state.
 struct Subscriber {
     sh: Arc<SubShared>,
-    receipts: Receipts,
-    /// Distinct messages received, read by the drain check while the run goes on.
-    distinct: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     latency: LatencyRecorder,
     /// Per topic, the last id received: the resume point.
     last_ids: Vec<Option<String>>,
@@ -150,9 +176,10 @@ impl Subscriber {
             return;
         };
         let id = m.message_id.as_deref().and_then(|s| s.parse().ok());
-        match self.receipts.record(topic, probe.seq, id) {
+        let receipt = self.progress.receipts().record(topic, probe.seq, id);
+        match receipt {
             Receipt::First => {
-                self.distinct.fetch_add(1, Ordering::Relaxed);
+                self.progress.distinct.fetch_add(1, Ordering::Relaxed);
                 if let Some(mid) = m.message_id.as_deref() {
                     let slot = self.last_ids[topic].get_or_insert_with(String::new);
                     slot.clear();
@@ -257,20 +284,20 @@ async fn pause_or_stop(stop: &mut watch::Receiver<bool>, pause: Duration) -> boo
     }
 }
 
-/// Runs one subscriber until `stop`. Returns its receipts, or `None` if it never became
-/// ready. `ready` gets `true` once it is subscribed (or `false` if it gave up).
+/// Runs one subscriber until `stop`, recording into `progress`. Returns its receipts, or
+/// `None` if it never became ready. `ready` gets `true` once it is subscribed (or `false` if
+/// it gave up).
 pub async fn run(
     sh: Arc<SubShared>,
     ready: mpsc::Sender<bool>,
-    distinct: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Option<Receipts> {
     let topics = sh.ctx.topics.len();
     let mut sub = Subscriber {
         latency: sh.latency.recorder(),
         sh: sh.clone(),
-        receipts: Receipts::new(topics),
-        distinct,
+        progress,
         last_ids: vec![None; topics],
         ready: Some(ready),
         unflushed: 0,
@@ -283,7 +310,8 @@ pub async fn run(
     };
     sub.signal_ready(false);
     sub.flush_counts();
-    became_ready.then_some(sub.receipts)
+    let receipts = std::mem::replace(&mut *sub.progress.receipts(), Receipts::new(0));
+    became_ready.then_some(receipts)
 }
 
 /// Connects, upgrades, sends `subscribe`, and waits for `subscribed`. Messages that come
