@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
+    raise_open_files_limit();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %config.listen, shards = config.shards, "starting");
     match pulsar_relay::shard::runtime::run(config) {
         Ok(()) => {
@@ -43,5 +44,15 @@ fn init_logging(config: &config::Config) {
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: every client connection is a descriptor,
+/// and the usual soft default (1024) would refuse connections long before memory or CPU run
+/// out. Logged either way, so an operator sees the ceiling the relay runs under.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
 }

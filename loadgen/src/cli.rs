@@ -18,7 +18,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         loadgen bulk --batch 100 --connections 8\n  \
         loadgen e2e --transport ws --subscribers 4 --rate 2000 --verify\n  \
         loadgen fanout --subscribers 1000 --rate 1000 --duration 5s\n  \
-        loadgen connections --subscribers 5000 --hold 10s --relay-pid $(pgrep -n pulsar-relay)\n\n\
+        loadgen connections --subscribers 5000 --hold 10s --relay-pid $(pgrep -n pulsar-relay)\n  \
+        loadgen churn --concurrent 10000 --topics 16 --duration 30s --relay-pid $(pgrep -n pulsar-relay)\n  \
+        loadgen soak --duration 30m --topics 4 --rate 200 --relay-pid $(pgrep -n pulsar-relay)\n\n\
         Progress goes to stderr once a second; the summary to stdout (--json: one JSON object).\n\
         Exit status: 0 ok, 1 a delivery check failed (lost, duplicated or reordered messages),\n\
         2 the run could not be set up."
@@ -88,6 +90,68 @@ pub enum Scenario {
         /// The relay's process id: VmRSS is read from /proc/PID/status before and after.
         #[arg(long)]
         relay_pid: Option<u32>,
+    },
+    /// Up to --concurrent WebSocket connections, each living a short random life (connect,
+    /// subscribe to one of --topics, receive, disconnect) and replaced at once, while a
+    /// publisher runs; then a check that the relay's connection and subscriber counts return
+    /// to the baseline (and, with --relay-pid, its memory before and after).
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Connections held at once.
+        #[arg(long, default_value_t = 10_000)]
+        concurrent: usize,
+        /// Publish rate, messages per second in total (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Shortest life of a connection after it subscribed.
+        /// (Connections held at once ≈ connects/s × mean life: with 10,000 connections
+        /// and ~1,000 connects/s, lives must average ~10 s.)
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        life_min: Duration,
+        /// Longest life of a connection after it subscribed.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+        life_max: Duration,
+        /// The relay's process id: VmRSS before, during (peak) and after.
+        #[arg(long)]
+        relay_pid: Option<u32>,
+        /// After closing everything, wait at most this long for the relay's counts to return
+        /// to the baseline.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        settle_timeout: Duration,
+    },
+    /// Long-running mixed load: publishers at a fixed rate; WebSocket, long-poll and SSE
+    /// subscribers that keep dropping their connections and resuming; a status line with the
+    /// relay's RSS every --report-every; exact delivery accounting at the end (exit status 1
+    /// on any loss, duplicate or reorder).
+    Soak {
+        #[command(flatten)]
+        common: Common,
+        /// Publish rate, messages per second in total (open loop).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// WebSocket subscribers (each follows every topic).
+        #[arg(long, default_value_t = 4)]
+        ws: usize,
+        /// Long-poll subscribers.
+        #[arg(long, default_value_t = 2)]
+        longpoll: usize,
+        /// SSE subscribers (one stream per topic each).
+        #[arg(long, default_value_t = 2)]
+        sse: usize,
+        /// Each subscriber drops its connection after about this long (jittered) and resumes
+        /// from the last ids it saw.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        reconnect_every: Duration,
+        /// How often to print a status line (with the relay's RSS).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        report_every: Duration,
+        /// The relay's process id: its VmRSS is sampled with every status line.
+        #[arg(long)]
+        relay_pid: Option<u32>,
+        /// After publishing ends, wait at most this long for subscribers to catch up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        drain_timeout: Duration,
     },
 }
 

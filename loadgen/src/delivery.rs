@@ -9,7 +9,7 @@
 //!
 //! Does not own the transports (`subscribe`) or publishing (`publish`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,11 +20,27 @@ use crate::publish::{publish, PublishResult, PublishSpec};
 use crate::report::DeliveryReport;
 use crate::run::{Phase, RunCtx};
 use crate::stats::LatencyHub;
-use crate::subscribe::{self, SubShared};
+use crate::subscribe::{self, Progress, SubShared};
 use crate::verify::{verify, Ledger};
 
 /// How often the drain looks at the subscribers' progress.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until every subscriber of `progress` has received every acknowledged message of
+/// `ledger`, or `timeout` passes; returns whether they all had.
+pub async fn drain(ledger: &Ledger, progress: &[&Progress], timeout: Duration) -> bool {
+    let owed = ledger.acked();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if progress.iter().all(|p| p.has_all(ledger, owed)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
 /// Stripes of the delivery latency hub: subscribers flush far more often than publishers.
 const DELIVERY_STRIPES: usize = 16;
 
@@ -48,11 +64,11 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<(usize, bool)>(spec.subscribers.max(1));
 
-    let mut distinct = Vec::with_capacity(spec.subscribers);
+    let mut progress = Vec::with_capacity(spec.subscribers);
     let mut tasks = Vec::with_capacity(spec.subscribers);
     for i in 0..spec.subscribers {
-        let counter = Arc::new(AtomicU64::new(0));
-        distinct.push(counter.clone());
+        let counter = Progress::new(ctx.topics.len());
+        progress.push(counter.clone());
         let (one_tx, mut one_rx) = mpsc::channel::<bool>(1);
         let ready_tx = ready_tx.clone();
         // Tags the subscriber's readiness with its index.
@@ -102,22 +118,13 @@ pub async fn run(
     ctx.set_phase(Phase::Drain);
 
     let ledger = published.ledger.take().unwrap_or_else(|| Ledger::new(0));
-    let owed = ledger.acked();
-    let drain_deadline = Instant::now() + spec.drain_timeout;
-    let drained = loop {
-        let all_there = distinct
-            .iter()
-            .zip(&ready)
-            .filter(|(_, r)| **r)
-            .all(|(d, _)| d.load(Ordering::Relaxed) >= owed);
-        if all_there {
-            break true;
-        }
-        if Instant::now() >= drain_deadline {
-            break false;
-        }
-        tokio::time::sleep(DRAIN_POLL).await;
-    };
+    let ready_progress: Vec<&Progress> = progress
+        .iter()
+        .zip(&ready)
+        .filter(|(_, r)| **r)
+        .map(|(p, _)| &**p)
+        .collect();
+    let drained = drain(&ledger, &ready_progress, spec.drain_timeout).await;
     let _ = stop_tx.send(true);
     let mut receipts = Vec::with_capacity(ready_count);
     for t in tasks {

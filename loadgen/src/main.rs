@@ -9,13 +9,18 @@
 //!   in order.
 //! - `fanout`: one topic, many WebSocket subscribers: deliveries/s, delivery lag, misses.
 //! - `connections`: many idle WebSocket subscribers held open; relay memory per connection.
+//! - `churn`: up to 10,000 WebSocket connections coming and going while publishing; the
+//!   relay's connection and subscriber counts and memory must return to the baseline.
+//! - `soak`: hours of publishing with reconnecting WebSocket, long-poll and SSE subscribers;
+//!   the relay's RSS over time and exact delivery accounting.
 //!
 //! This file turns the command line into a run and prints the report. Module map:
 //! `cli` flags; `run` shared state and progress; `schedule` send plans; `publish`
 //! publishers; `subscribe` subscribers; `delivery` e2e/fanout; `connections`; `verify`
 //! delivery accounting; `stats` histograms and counters; `payload` bodies and parsing;
-//! `http` connections; `target` the Python relay's differences; `report` output.
+//! `http` connections; `target` the Python relay's differences; `report` output; `churn`; `soak`.
 
+mod churn;
 mod cli;
 mod connections;
 mod delivery;
@@ -25,6 +30,7 @@ mod publish;
 mod report;
 mod run;
 mod schedule;
+mod soak;
 mod stats;
 mod subscribe;
 mod target;
@@ -57,6 +63,8 @@ enum SetupError {
     Target(#[from] target::TargetError),
     #[error(transparent)]
     NoSubscribers(#[from] delivery::NoSubscribers),
+    #[error(transparent)]
+    SoakSubscribers(#[from] soak::SubscribersNotReady),
     #[error("{0}")]
     Invalid(String),
     #[error("cannot start the runtime: {0}")]
@@ -69,6 +77,11 @@ fn invalid(message: impl Into<String>) -> SetupError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every connection is a descriptor; the usual soft limit (1024) would cap the churn and
+    // connections scenarios far below what the relay can hold.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("loadgen: cannot raise the open files limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -151,6 +164,19 @@ fn plan(common: &Common, rate: Option<f64>, per_request: usize) -> Plan {
     }
 }
 
+/// Single publishes at `rate` for the whole run, no warm-up: the background load of the
+/// churn and soak scenarios.
+fn steady_publishing(common: &Common, rate: f64, ledger: bool) -> PublishSpec {
+    let mut plan = plan(common, Some(rate), 1);
+    plan.warmup = Duration::ZERO;
+    PublishSpec {
+        plan,
+        connections: common.connections,
+        batch: None,
+        ledger,
+    }
+}
+
 /// Sets the phase to measure when the warm-up ends.
 fn phase_timer(ctx: &Arc<RunCtx>, warmup: Duration) -> tokio::task::JoinHandle<()> {
     ctx.set_phase(if warmup.is_zero() {
@@ -207,6 +233,8 @@ fn base_report(
         service_time: published.and_then(|p| p.service_time.clone()),
         delivery: None,
         held: None,
+        churn: None,
+        soak: None,
     }
 }
 
@@ -312,6 +340,91 @@ async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
             report.throughput_msg_s = 0.0;
             report.held = Some(held);
             Ok((report, common.json, false))
+        }
+        Scenario::Churn {
+            common,
+            concurrent,
+            rate,
+            life_min,
+            life_max,
+            relay_pid,
+            settle_timeout,
+        } => {
+            let rate = check_rate(rate)?;
+            if concurrent == 0 {
+                return Err(invalid("--concurrent must be at least 1"));
+            }
+            if life_max < life_min {
+                return Err(invalid("--life-max must be at least --life-min"));
+            }
+            let ctx = setup(&common, common.topics)?;
+            if ctx.target.name() != "pulsar" {
+                return Err(invalid(
+                    "churn drives this relay only (it reads /api/v1/stats)",
+                ));
+            }
+            let publish_spec = steady_publishing(&common, rate, false);
+            let plan = publish_spec.plan;
+            let spec = churn::ChurnSpec {
+                concurrent,
+                life_min,
+                life_max,
+                relay_pid,
+                settle_timeout,
+            };
+            let (published, churned) = churn::run(ctx.clone(), spec, publish_spec).await;
+            let mut report = base_report("churn", &common, &ctx, &plan, None, Some(&published));
+            let failed = !churned.settled;
+            report.churn = Some(churned);
+            Ok((report, common.json, failed))
+        }
+        Scenario::Soak {
+            common,
+            rate,
+            ws,
+            longpoll,
+            sse,
+            reconnect_every,
+            report_every,
+            relay_pid,
+            drain_timeout,
+        } => {
+            let rate = check_rate(rate)?;
+            if ws + longpoll + sse == 0 {
+                return Err(invalid("a soak needs at least one subscriber"));
+            }
+            if reconnect_every.is_zero() || report_every.is_zero() {
+                return Err(invalid(
+                    "--reconnect-every and --report-every must be positive",
+                ));
+            }
+            let ctx = setup(&common, common.topics)?;
+            let subscribers = vec![
+                (Transport::Ws, ws),
+                (Transport::Longpoll, longpoll),
+                (Transport::Sse, sse),
+            ];
+            for &(transport, count) in &subscribers {
+                if let Some(why) = ctx.target.unsupported(transport, common.topics) {
+                    if count > 0 {
+                        return Err(invalid(why));
+                    }
+                }
+            }
+            let publish_spec = steady_publishing(&common, rate, true);
+            let plan = publish_spec.plan;
+            let spec = soak::SoakSpec {
+                subscribers,
+                reconnect_every,
+                report_every,
+                relay_pid,
+                drain_timeout,
+            };
+            let (published, soaked) = soak::run(ctx.clone(), spec, publish_spec).await?;
+            let mut report = base_report("soak", &common, &ctx, &plan, None, Some(&published));
+            let failed = !soaked.clean();
+            report.soak = Some(soaked);
+            Ok((report, common.json, failed))
         }
     }
 }

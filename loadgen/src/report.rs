@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::churn::ChurnReport;
+use crate::soak::SoakReport;
 use crate::stats::LatencySummary;
 use crate::verify::Verdict;
 
@@ -48,6 +50,8 @@ pub struct Report {
     pub service_time: Option<LatencySummary>,
     pub delivery: Option<DeliveryReport>,
     pub held: Option<ConnectionsReport>,
+    pub churn: Option<ChurnReport>,
+    pub soak: Option<SoakReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -251,6 +255,99 @@ impl Report {
                     format!("{} reconnect(s){}", d.reconnects, paren(&d.events)),
                 );
             }
+        }
+        if let Some(c) = &self.churn {
+            row(
+                "connections",
+                format!(
+                    "{} at once (peak {}), lives {:.1}-{:.1} s",
+                    c.concurrent, c.peak_open, c.life_min_s, c.life_max_s
+                ),
+            );
+            row(
+                "connects",
+                format!(
+                    "{} ({}/s over {:.1} s)",
+                    c.connects,
+                    fmt_rate(c.connects_per_s),
+                    c.churn_s
+                ),
+            );
+            row(
+                "disconnects",
+                format!("{} by us, {} by the relay", c.disconnects, c.dropped),
+            );
+            row(
+                "errors",
+                format!("{}{}", c.errors.values().sum::<u64>(), paren(&c.errors)),
+            );
+            row("messages received", c.messages_received.to_string());
+            let holds = |h: &Option<crate::churn::RelayHolds>| match h {
+                Some(h) => format!(
+                    "{} connections, {} websocket sessions, {} subscribers",
+                    h.connections, h.websocket_sessions, h.subscribers
+                ),
+                None => "- (no /api/v1/stats)".to_owned(),
+            };
+            row("relay before", holds(&c.baseline));
+            row("relay after", holds(&c.after));
+            row(
+                "settled",
+                if c.settled {
+                    format!("yes, {:.2} s after the last close", c.settle_s)
+                } else {
+                    format!("NO, still off after {:.1} s", c.settle_s)
+                },
+            );
+            let kib = |k: Option<u64>| k.map_or("-".to_owned(), |k| format!("{k} KiB"));
+            row(
+                "relay RSS",
+                format!(
+                    "{} before, {} peak, {} after",
+                    kib(c.rss_before_kib),
+                    kib(c.rss_peak_kib),
+                    kib(c.rss_after_kib)
+                ),
+            );
+        }
+        if let Some(s) = &self.soak {
+            for t in &s.transports {
+                let c = &t.check;
+                row(
+                    &format!("{} subscribers", t.transport),
+                    format!(
+                        "{} ({} ready), {} reconnect(s), drained: {}",
+                        t.subscribers,
+                        t.subscribers_ready,
+                        t.reconnects,
+                        if t.drained { "yes" } else { "NO" }
+                    ),
+                );
+                row(
+                    &format!("{} delivery", t.transport),
+                    format!(
+                        "lost {} / duplicated {} / reordered {} of {} owed",
+                        c.lost, c.duplicated, c.reordered, c.expected
+                    ),
+                );
+                if !t.events.is_empty() {
+                    row(&format!("{} events", t.transport), fmt_kinds(&t.events));
+                }
+            }
+            let r = &s.relay_rss;
+            let mib =
+                |k: Option<u64>| k.map_or("-".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
+            row(
+                "relay RSS MiB",
+                format!(
+                    "first {} min {} max {} last {} ({} samples)",
+                    mib(r.first_kib),
+                    mib(r.min_kib),
+                    mib(r.max_kib),
+                    mib(r.last_kib),
+                    r.samples
+                ),
+            );
         }
         head + &out
     }

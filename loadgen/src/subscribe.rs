@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use crate::http::{connect_tcp, HttpConn};
 use crate::payload::{Incoming, PollAnswer, Probe};
 use crate::run::RunCtx;
 use crate::stats::{LatencyHub, LatencyRecorder, Tally};
-use crate::verify::{Receipt, Receipts};
+use crate::verify::{Ledger, Receipt, Receipts};
 
 /// How long a long poll may wait on the relay: short enough that a stopped run is not held
 /// up, long enough that an idle subscriber costs one request per 5 s.
@@ -82,11 +82,25 @@ pub struct SubShared {
     /// Bounds concurrent connection set-ups: a thousand simultaneous handshakes would
     /// overflow the relay's accept backlog and show up as connect failures, not as load.
     pub setup_gate: Semaphore,
+    /// Drop the connection after about this long (jittered ±50%) and resume from the last
+    /// ids seen, as a flaky client would (the soak). `None`: stay connected.
+    pub reconnect_every: Option<Duration>,
 }
 
 impl SubShared {
     pub fn new(ctx: Arc<RunCtx>, transport: Transport, latency: Arc<LatencyHub>) -> Arc<Self> {
+        Self::reconnecting(ctx, transport, latency, None)
+    }
+
+    /// Subscribers that drop their connection every `reconnect_every` (jittered) and resume.
+    pub fn reconnecting(
+        ctx: Arc<RunCtx>,
+        transport: Transport,
+        latency: Arc<LatencyHub>,
+        reconnect_every: Option<Duration>,
+    ) -> Arc<Self> {
         Arc::new(SubShared {
+            reconnect_every,
             topic_index: ctx
                 .topics
                 .iter()
@@ -105,12 +119,38 @@ impl SubShared {
     }
 }
 
+/// What a running subscriber shares with the drain: a cheap count of distinct messages, and
+/// its receipts for the exact check (locked per delivery, uncontended but for the drain).
+pub struct Progress {
+    /// Distinct messages received, acknowledged or not.
+    pub distinct: AtomicU64,
+    receipts: Mutex<Receipts>,
+}
+
+impl Progress {
+    pub fn new(topics: usize) -> Arc<Progress> {
+        Arc::new(Progress {
+            distinct: AtomicU64::new(0),
+            receipts: Mutex::new(Receipts::new(topics)),
+        })
+    }
+
+    fn receipts(&self) -> std::sync::MutexGuard<'_, Receipts> {
+        self.receipts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether every message `ledger` has as acknowledged (`owed` of them) was received.
+    /// The count alone cannot say: a publish that failed (a timeout) but was stored also
+    /// arrives, and would stand in for an acknowledged one still on its way.
+    pub fn has_all(&self, ledger: &Ledger, owed: u64) -> bool {
+        self.distinct.load(Ordering::Relaxed) >= owed && self.receipts().missing(ledger) == 0
+    }
+}
+
 /// One subscriber's state.
 struct Subscriber {
     sh: Arc<SubShared>,
-    receipts: Receipts,
-    /// Distinct messages received, read by the drain check while the run goes on.
-    distinct: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     latency: LatencyRecorder,
     /// Per topic, the last id received: the resume point.
     last_ids: Vec<Option<String>>,
@@ -136,9 +176,10 @@ impl Subscriber {
             return;
         };
         let id = m.message_id.as_deref().and_then(|s| s.parse().ok());
-        match self.receipts.record(topic, probe.seq, id) {
+        let receipt = self.progress.receipts().record(topic, probe.seq, id);
+        match receipt {
             Receipt::First => {
-                self.distinct.fetch_add(1, Ordering::Relaxed);
+                self.progress.distinct.fetch_add(1, Ordering::Relaxed);
                 if let Some(mid) = m.message_id.as_deref() {
                     let slot = self.last_ids[topic].get_or_insert_with(String::new);
                     slot.clear();
@@ -219,6 +260,22 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// When this connection should be dropped on purpose, if the subscribers reconnect.
+fn voluntary_deadline(sh: &SubShared) -> Option<tokio::time::Instant> {
+    sh.reconnect_every.map(|every| {
+        let jitter = 0.5 + fastrand::f64();
+        tokio::time::Instant::now() + every.mul_f64(jitter)
+    })
+}
+
+/// Resolves at `deadline`; never without one.
+async fn reached(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sleeps, or returns `true` early if the run stops meanwhile.
 async fn pause_or_stop(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
     tokio::select! {
@@ -227,20 +284,20 @@ async fn pause_or_stop(stop: &mut watch::Receiver<bool>, pause: Duration) -> boo
     }
 }
 
-/// Runs one subscriber until `stop`. Returns its receipts, or `None` if it never became
-/// ready. `ready` gets `true` once it is subscribed (or `false` if it gave up).
+/// Runs one subscriber until `stop`, recording into `progress`. Returns its receipts, or
+/// `None` if it never became ready. `ready` gets `true` once it is subscribed (or `false` if
+/// it gave up).
 pub async fn run(
     sh: Arc<SubShared>,
     ready: mpsc::Sender<bool>,
-    distinct: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Option<Receipts> {
     let topics = sh.ctx.topics.len();
     let mut sub = Subscriber {
         latency: sh.latency.recorder(),
         sh: sh.clone(),
-        receipts: Receipts::new(topics),
-        distinct,
+        progress,
         last_ids: vec![None; topics],
         ready: Some(ready),
         unflushed: 0,
@@ -253,7 +310,8 @@ pub async fn run(
     };
     sub.signal_ready(false);
     sub.flush_counts();
-    became_ready.then_some(sub.receipts)
+    let receipts = std::mem::replace(&mut *sub.progress.receipts(), Receipts::new(0));
+    became_ready.then_some(receipts)
 }
 
 /// Connects, upgrades, sends `subscribe`, and waits for `subscribed`. Messages that come
@@ -373,6 +431,7 @@ async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) ->
             was_ready = true;
             sub.signal_ready(true);
         }
+        let drop_at = voluntary_deadline(&sh);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -380,6 +439,12 @@ async fn ws_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) ->
                 _ = stopped(&mut stop) => {
                     let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
                     return true;
+                }
+                // Frames after our close are not read: the resume asks for them again.
+                _ = reached(drop_at) => {
+                    let _ = tokio::time::timeout(CLOSE_GRACE, ws.close(None)).await;
+                    sub.event("voluntary_disconnect");
+                    break;
                 }
             };
             match frame {
@@ -416,6 +481,7 @@ async fn longpoll_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<boo
     sub.signal_ready(true);
     let mut conn: Option<HttpConn> = None;
     let wait = Duration::from_secs(POLL_WAIT_S) + ctx.timeout;
+    let mut drop_at = voluntary_deadline(&sh);
     loop {
         if *stop.borrow() {
             return true;
@@ -453,8 +519,18 @@ async fn longpoll_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<boo
         );
         let answer = tokio::select! {
             biased;
-            r = tokio::time::timeout(wait, poll) => r,
+            r = tokio::time::timeout(wait, poll) => Some(r),
             _ = stopped(&mut stop) => return true,
+            _ = reached(drop_at) => None,
+        };
+        let Some(answer) = answer else {
+            // Walked away from a parked poll: the relay must forget it, and the next poll
+            // (on a new connection) asks again for whatever this one would have returned.
+            sub.event("voluntary_disconnect");
+            sh.reconnects.fetch_add(1, Ordering::Relaxed);
+            conn = None;
+            drop_at = voluntary_deadline(&sh);
+            continue;
         };
         match answer {
             Ok(Ok((200, body))) => match serde_json::from_slice::<PollAnswer>(&body) {
@@ -571,11 +647,26 @@ async fn sse_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) -
         }
     }
     sub.signal_ready(true);
+    let mut drop_at = voluntary_deadline(&sh);
     loop {
         let item = tokio::select! {
             biased;
-            item = streams.next() => item,
+            item = streams.next() => Some(item),
             _ = stopped(&mut stop) => return true,
+            _ = reached(drop_at) => None,
+        };
+        let Some(item) = item else {
+            // Drops every stream and resumes each from its topic's last id.
+            sub.event("voluntary_disconnect");
+            streams.clear();
+            conns.iter_mut().for_each(|c| *c = None);
+            for topic in 0..ctx.topics.len() {
+                if sse_reopen(sub, &mut stop, topic, &mut streams, &mut conns).await {
+                    return true;
+                }
+            }
+            drop_at = voluntary_deadline(&sh);
+            continue;
         };
         match item {
             Some((_, SseItem::Event(event))) => match event.event.as_str() {
@@ -587,27 +678,43 @@ async fn sse_subscriber(sub: &mut Subscriber, mut stop: watch::Receiver<bool>) -
             Some((topic, SseItem::End)) => {
                 sub.event("sse_end");
                 conns[topic] = None;
-                loop {
-                    if pause_or_stop(&mut stop, RECONNECT_PAUSE).await {
-                        return true;
-                    }
-                    let since = sub.last_ids[topic]
-                        .clone()
-                        .unwrap_or_else(|| SSE_FROM_START.to_owned());
-                    match sse_open(ctx, &ctx.topics[topic], &since).await {
-                        Ok((conn, body)) => {
-                            conns[topic] = Some(conn);
-                            streams.push(tag(topic, body));
-                            sh.reconnects.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(kind) => sub.event(kind),
-                    }
+                if sse_reopen(sub, &mut stop, topic, &mut streams, &mut conns).await {
+                    return true;
                 }
             }
             // Every stream ends with `End`, which reopens it; an empty set cannot happen
             // while topics exist.
             None => return true,
+        }
+    }
+}
+
+/// Reopens one topic's stream from the last id seen on it, retrying until it opens; returns
+/// `true` if the run stopped first.
+async fn sse_reopen(
+    sub: &mut Subscriber,
+    stop: &mut watch::Receiver<bool>,
+    topic: usize,
+    streams: &mut SelectAll<Tagged>,
+    conns: &mut [Option<HttpConn>],
+) -> bool {
+    let sh = sub.sh.clone();
+    let ctx = &sh.ctx;
+    loop {
+        if pause_or_stop(stop, RECONNECT_PAUSE).await {
+            return true;
+        }
+        let since = sub.last_ids[topic]
+            .clone()
+            .unwrap_or_else(|| SSE_FROM_START.to_owned());
+        match sse_open(ctx, &ctx.topics[topic], &since).await {
+            Ok((conn, body)) => {
+                conns[topic] = Some(conn);
+                streams.push(tag(topic, body));
+                sh.reconnects.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Err(kind) => sub.event(kind),
         }
     }
 }

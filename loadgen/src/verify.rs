@@ -162,6 +162,19 @@ impl Receipts {
             .sum()
     }
 
+    /// Acknowledged messages of `ledger` not received (yet): what the drain waits for.
+    pub fn missing(&self, ledger: &Ledger) -> u64 {
+        let mut missing = 0;
+        for (topic, outcomes) in ledger.topics.iter().enumerate() {
+            for (seq, outcome) in outcomes.iter().enumerate() {
+                if *outcome == Some(Outcome::Acked) && !self.has(topic, seq as u64) {
+                    missing += 1;
+                }
+            }
+        }
+        missing
+    }
+
     fn has(&self, topic: usize, seq: u64) -> bool {
         self.topics.get(topic).is_some_and(|t| {
             t.seen
@@ -398,6 +411,20 @@ mod tests {
         assert_eq!(l.acked(), 3);
         assert_eq!(v.lost, 1, "topic 1 seq 0");
         assert_eq!(v.reordered, 0);
+    }
+
+    #[test]
+    fn missing_counts_acknowledged_messages_not_yet_received() {
+        // seq 1 failed but arrived (the relay stored it): it must not stand in for seq 2.
+        let l = ledger(&[0, 2, 3], &[1]);
+        let mut r = Receipts::new(1);
+        r.record(0, 0, id(1, 0));
+        r.record(0, 1, id(1, 1));
+        r.record(0, 3, id(1, 3));
+        assert_eq!(r.distinct(), 3, "as many as were acknowledged...");
+        assert_eq!(r.missing(&l), 1, "...yet seq 2 is still owed");
+        r.record(0, 2, id(1, 2));
+        assert_eq!(r.missing(&l), 0);
     }
 
     #[test]

@@ -257,17 +257,29 @@ impl Storage {
             Ok(ids) => ids,
             Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
-        for (item, id) in items.iter().zip(&ids) {
-            self.cache(
-                &item.topic,
-                Message {
+        let messages: Vec<(String, Message)> = items
+            .iter()
+            .zip(&ids)
+            .map(|(item, id)| {
+                let message = Message {
                     id: *id,
                     timestamp_ms: now_ms,
                     expires_at_ms: item.ttl_ms.map(|t| now_ms.saturating_add(t)),
                     payload: item.payload.clone(),
                     metadata: item.metadata.clone(),
-                },
-            );
+                };
+                (item.topic.clone(), message)
+            })
+            .collect();
+        // Queued before anything is acknowledged: with the client's queue full (Valkey slower
+        // than the producers) every item gets 503 and nothing enters the hot tier, instead of
+        // a 201 for a message the write-behind would then drop.
+        let persisted = match tier.persist_behind(items, &ids, now_ms) {
+            Ok(persisted) => persisted,
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (topic, message) in messages {
+            self.cache(&topic, message);
         }
         let acks = ids
             .iter()
@@ -278,7 +290,7 @@ impl Storage {
                 })
             })
             .collect();
-        glommio::spawn_local(tier.persist_behind(items, ids, now_ms)).detach();
+        glommio::spawn_local(persisted).detach();
         acks
     }
 

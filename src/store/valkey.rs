@@ -251,8 +251,18 @@ impl ValkeyTier {
         if commands.len() > items.len() {
             self.count("hsetnx", commands.len() - items.len());
         }
-        // Reserve each item's place in its topic's queue in the same synchronous section that
-        // queues the commands on the client, so queue order = wire order.
+        // Queue the commands first: a refused batch (queue full) is answered at once and
+        // never enters the per-topic queues, so what they hold stays bounded by
+        // `valkey.max_pending` however fast refused publishes arrive. Then reserve each
+        // item's place in its topic's queue in the same synchronous section (no await
+        // between), so queue order = wire order.
+        let call = match self.client.try_submit(&commands) {
+            Ok(call) => call,
+            Err(e) => {
+                let error = store_error(e);
+                return items.iter().map(|_| Err(error.clone())).collect();
+            }
+        };
         let slots: Vec<Rc<RefCell<Slot>>> = {
             let mut in_flight = self.in_flight.borrow_mut();
             items
@@ -271,7 +281,7 @@ impl ValkeyTier {
                 })
                 .collect()
         };
-        let replies = self.client.call_many(&commands).await;
+        let replies = call.await;
         let mut results = Vec::with_capacity(items.len());
         for ((item, slot), reply) in items.into_iter().zip(&slots).zip(replies) {
             let outcome = match reply {
@@ -373,21 +383,24 @@ impl ValkeyTier {
             .collect())
     }
 
-    /// Queues the XADDs of already-acknowledged messages. Returns the future that completes
-    /// when Valkey answered; a failure is logged (the producer was already answered: this is
-    /// the documented cost of `ack = buffered`).
+    /// Queues the XADDs of messages about to be acknowledged, or refuses them all at once if
+    /// the client's queue is full (the producer then gets 503, not an acknowledgement that
+    /// would be dropped). The returned future completes when Valkey answered; a failure then
+    /// is logged (the producer was already answered: the documented cost of
+    /// `ack = buffered`).
     pub fn persist_behind(
         self: &Rc<Self>,
         items: Vec<PublishItem>,
-        ids: Vec<MessageId>,
+        ids: &[MessageId],
         now_ms: u64,
-    ) -> impl std::future::Future<Output = ()> + 'static {
+    ) -> Result<impl std::future::Future<Output = ()> + 'static, StoreError> {
         let mut commands: Vec<Command> = items
             .iter()
-            .zip(&ids)
+            .zip(ids)
             .map(|(item, id)| self.encode_xadd(item, Some(*id), now_ms))
             .collect();
         self.push_meta_for_new_topics(&items, now_ms, &mut commands);
+        let call = self.client.try_submit(&commands).map_err(store_error)?;
         for item in &items {
             self.note_written(&item.topic);
         }
@@ -395,8 +408,7 @@ impl ValkeyTier {
         if commands.len() > items.len() {
             self.count("hsetnx", commands.len() - items.len());
         }
-        let call = self.client.submit(&commands);
-        async move {
+        Ok(async move {
             for (item, reply) in items.iter().zip(call.await) {
                 let failure = match reply {
                     Ok(Reply::Bulk(_)) => continue,
@@ -405,7 +417,7 @@ impl ValkeyTier {
                 };
                 tracing::error!(topic = %item.topic, error = %failure, "buffered message was not persisted");
             }
-        }
+        })
     }
 
     /// A page from Valkey: XRANGE/XREVRANGE with an exclusive cursor, skipping expired

@@ -22,7 +22,10 @@
 //!   connection is dropped (its replies would be out of step) and reconnected.
 //! - Queued for longer than `command_timeout` (no connection, or all busy): `Timeout`. So a
 //!   command's total wait is bounded by about 2 x `command_timeout` (queue + round trip).
-//! - Queue holding `max_pending` commands: `Backpressure` at once, nothing queued.
+//! - Queue holding `max_pending` commands: `Backpressure` at once, nothing queued. An empty
+//!   queue takes one group whatever its size (a bulk publish larger than `max_pending` is not
+//!   refused forever), except with `max_pending == 0` while no connection is up ("never wait
+//!   for a connection").
 //! - After `shutdown`: `Unavailable` at once.
 //!
 //! A command whose `call` future is dropped is still sent if it was queued: the queue holds
@@ -69,7 +72,8 @@ pub struct ClientConfig {
     /// while another is in flight; one keeps all commands in order.
     pub connections: usize,
     /// Commands allowed to wait in the queue (not counting those in flight) before `call`
-    /// fails with `Backpressure`. Bounds memory while Valkey is down.
+    /// fails with `Backpressure`. Bounds memory while Valkey is down or slow. An empty queue
+    /// admits one group of any size; with 0, only while a connection is up.
     pub max_pending: usize,
     /// Most commands in one pipeline. A single `call_many` larger than this still goes out as
     /// one batch.
@@ -271,9 +275,9 @@ impl Client {
     /// expiry task on the current glommio executor (panics outside one). Drivers connect in
     /// the background and reconnect until `shutdown`; commands queue meanwhile.
     pub fn start(config: ClientConfig) -> Result<Rc<Client>, ValkeyError> {
-        if config.connections == 0 || config.max_batch_commands == 0 || config.max_pending == 0 {
+        if config.connections == 0 || config.max_batch_commands == 0 {
             return Err(ValkeyError::Config(
-                "connections, max_batch_commands and max_pending must be at least 1".to_owned(),
+                "connections and max_batch_commands must be at least 1".to_owned(),
             ));
         }
         if config.backoff_min.is_zero() || config.backoff_max < config.backoff_min {
@@ -337,31 +341,49 @@ impl Client {
         commands: &[Command],
     ) -> impl std::future::Future<Output = Vec<Result<Reply, ValkeyError>>> + 'static {
         let n = commands.len();
-        let queued = if n == 0 {
-            Ok(None)
-        } else {
-            let (tx, rx) = oneshot::channel();
-            self.shared
-                .enqueue(
-                    n,
-                    |arena| {
-                        for command in commands {
-                            arena.extend_from_slice(command.as_bytes());
-                        }
-                    },
-                    Completion::Many(tx),
-                )
-                .map(|()| Some(rx))
-        };
+        let queued = self.try_submit(commands);
         async move {
             match queued {
-                Ok(None) => Vec::new(),
-                Ok(Some(rx)) => rx
-                    .await
-                    .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
+                Ok(replies) => replies.await,
                 Err(error) => vec![Err(error); n],
             }
         }
+    }
+
+    /// Like [`Client::submit`], but a refusal (queue full, shut down) comes back at once,
+    /// before anything was queued: the caller learns synchronously whether the commands hold
+    /// a place in the pipeline, and need not track ones that never will.
+    pub fn try_submit(
+        &self,
+        commands: &[Command],
+    ) -> Result<
+        impl std::future::Future<Output = Vec<Result<Reply, ValkeyError>>> + 'static,
+        ValkeyError,
+    > {
+        let n = commands.len();
+        let queued = if n == 0 {
+            None
+        } else {
+            let (tx, rx) = oneshot::channel();
+            self.shared.enqueue(
+                n,
+                |arena| {
+                    for command in commands {
+                        arena.extend_from_slice(command.as_bytes());
+                    }
+                },
+                Completion::Many(tx),
+            )?;
+            Some(rx)
+        };
+        Ok(async move {
+            match queued {
+                None => Vec::new(),
+                Some(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
+            }
+        })
     }
 
     /// A copy of the batch-size distribution (commands per batch) since start, for metrics.
@@ -457,7 +479,10 @@ impl Shared {
             state.stats.rejected_shut_down += commands as u64;
             return Err(ValkeyError::Unavailable("client is shut down"));
         }
-        if state.queued_commands + commands > self.config.max_pending {
+        let limit = self.config.max_pending;
+        let fits = state.queued_commands + commands <= limit
+            || (state.queue.is_empty() && (limit > 0 || state.connected > 0));
+        if !fits {
             state.stats.rejected_backpressure += commands as u64;
             return Err(ValkeyError::Backpressure {
                 limit: self.config.max_pending,
@@ -1078,6 +1103,62 @@ mod tests {
                 client.call(&[b"PING"]).await,
                 Err(ValkeyError::Unavailable("client is shut down"))
             );
+        });
+    }
+
+    /// Regression: a group larger than `max_pending` (an XADD plus the topic's HSETNX with
+    /// `max_pending: 1`, a bulk publish) was refused even by an empty queue, forever.
+    #[test]
+    fn an_empty_queue_takes_a_group_larger_than_max_pending() {
+        let server = ValkeyServer::start(&[]);
+        let config = ClientConfig {
+            max_pending: 1,
+            ..config_for(server.config())
+        };
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            let replies = client
+                .call_many(&vec![Command::new(&[b"PING"]).expect("cmd"); 3])
+                .await;
+            assert!(
+                replies
+                    .iter()
+                    .all(|r| r.as_ref().ok().and_then(Reply::as_str) == Some("PONG")),
+                "{replies:?}"
+            );
+            client.shutdown().await;
+        });
+    }
+
+    /// `max_pending: 0`: publish while connected, refuse at once (no wait for a connection)
+    /// while Valkey is unreachable.
+    #[test]
+    fn max_pending_zero_refuses_only_while_disconnected() {
+        let server = ValkeyServer::start(&[]);
+        let up = ClientConfig {
+            max_pending: 0,
+            ..config_for(server.config())
+        };
+        let down = ClientConfig {
+            max_pending: 0,
+            ..unreachable_config(Duration::from_secs(5))
+        };
+        run_local(move || async move {
+            let client = Client::start(up).expect("start");
+            assert!(client.wait_connected(Duration::from_secs(5)).await);
+            let pong = client.call(&[b"PING"]).await.expect("PING");
+            assert_eq!(pong.as_str(), Some("PONG"));
+            client.shutdown().await;
+
+            let client = Client::start(down).expect("start");
+            let began = Instant::now();
+            assert_eq!(
+                client.call(&[b"PING"]).await,
+                Err(ValkeyError::Backpressure { limit: 0 })
+            );
+            assert!(began.elapsed() < Duration::from_secs(1), "refused at once");
+            client.shutdown().await;
         });
     }
 

@@ -108,9 +108,8 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
             client_name: format!("pulsar-relay-shard{shard}"),
         },
         connections: valkey.connections_per_shard,
-        // `valkey.max_pending` may be 0 ("never queue while disconnected"); the client
-        // needs room for at least the batch being formed.
-        max_pending: valkey.max_pending.max(1),
+        // 0 means "never wait for a connection": refused at once while Valkey is down.
+        max_pending: valkey.max_pending,
         ..ClientConfig::default()
     }
 }

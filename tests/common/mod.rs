@@ -1015,6 +1015,21 @@ pub fn open_fds(pid: u32) -> usize {
         .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
 }
 
+/// A process's resident memory now and its peak so far, KiB (`VmRSS`, `VmHWM` of Linux
+/// `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// One topic owned by each of `shards` shards, named after `prefix`.
 pub fn topics_per_shard(prefix: &str, shards: u64) -> Vec<String> {
     (0..shards)

@@ -751,13 +751,7 @@ pub fn assert_acked_in_valkey(
 ) -> Vec<StreamAudit> {
     let mut audits = Vec::new();
     for (w, out) in outcomes.iter().enumerate() {
-        assert!(
-            out.unexpected.is_empty(),
-            "{}: {:?}",
-            out.topic,
-            out.unexpected
-        );
-        assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+        assert_answered(out);
         let entries = valkey.xrange(&stream_key(&out.topic));
         let stored = payloads_by_id(&entries);
         let missing: Vec<&(u64, String)> = out
@@ -791,6 +785,17 @@ pub fn assert_acked_in_valkey(
 
 // ---------------------------------------------------------------------------------------------
 // Publish load
+
+/// Asserts a load worker got only 201s and well-formed 503s, and no request hung.
+pub fn assert_answered(out: &WorkerOutcome) {
+    assert!(
+        out.unexpected.is_empty(),
+        "{}: {:?}",
+        out.topic,
+        out.unexpected
+    );
+    assert_eq!(out.hung, 0, "{}: requests hung: {out:?}", out.topic);
+}
 
 /// What one load worker saw.
 #[derive(Debug, Default)]
