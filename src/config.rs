@@ -972,8 +972,9 @@ fn load_with(
     load_from_parts(cli, env, yaml, machine)
 }
 
-/// Everything after file I/O; tests enter here with in-memory YAML and a fixed machine.
-fn load_from_parts(
+/// Everything after file I/O; tests and the `config` fuzz target enter here with in-memory
+/// YAML and a fixed machine. `cli.config` is not read: `yaml` is the file's path and text.
+pub fn load_from_parts(
     cli: &Cli,
     env: &dyn Fn(&str) -> Option<String>,
     yaml: Option<(&Path, &str)>,
@@ -2168,17 +2169,18 @@ impl RawFile {
 // Machine probes (the only I/O besides reading the config file).
 // ---------------------------------------------------------------------------------------------
 
-/// Facts about the host that size two defaults.
+/// Facts about the host that size two defaults. Public so [`load_from_parts`] can be called
+/// with a fixed machine (tests, fuzzing).
 #[derive(Clone, Copy, Debug)]
-struct Machine {
+pub struct Machine {
     /// CPUs this process may run on (affinity and cgroup CPU quota included).
-    cpus: usize,
+    pub cpus: usize,
     /// `min(MemTotal, cgroup v2 memory.max)`, or `None` when neither could be read.
-    memory_bytes: Option<u64>,
+    pub memory_bytes: Option<u64>,
 }
 
 impl Machine {
-    fn detect() -> Self {
+    pub fn detect() -> Self {
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             memory_bytes: detect_memory_bytes(),
