@@ -15,7 +15,6 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::config::{self, Cli, Config};
 use pulsar_relay::delivery::{longpoll, sse, websocket};
 use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
 use pulsar_relay::http::error::ApiError;
@@ -23,7 +22,7 @@ use pulsar_relay::http::handlers::topics::parse_history_query;
 use pulsar_relay::http::response::{write_http_error, write_json_error, DateCache};
 use pulsar_relay::http::router::{self, Route};
 use pulsar_relay::ws::handshake;
-use pulsar_relay_fuzz::SplitInput;
+use pulsar_relay_fuzz::{relay_config, SplitInput};
 
 /// The defaults, tiny limits (every limit reachable by short inputs), more header slots than
 /// the stack array (the heap path), and zero-byte bodies.
@@ -109,11 +108,6 @@ fn decode_all<'a>(limits: Limits, pieces: impl Iterator<Item = &'a [u8]>) -> Out
 fn date() -> &'static DateCache {
     static DATE: OnceLock<DateCache> = OnceLock::new();
     DATE.get_or_init(|| DateCache::new(UNIX_EPOCH + Duration::from_secs(1_700_000_000)))
-}
-
-fn relay_config() -> &'static Config {
-    static CONFIG: OnceLock<Config> = OnceLock::new();
-    CONFIG.get_or_init(|| config::load(&Cli::default(), &|_| None).expect("built-in defaults"))
 }
 
 /// The error response must be a well-formed head plus a JSON body.

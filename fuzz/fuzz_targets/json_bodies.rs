@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::config::{self, ApiConfig, Cli, Config, LongPollConfig};
+use pulsar_relay::config::{ApiConfig, LongPollConfig};
 use pulsar_relay::delivery::longpoll::{parse_poll_body, parse_poll_query, PollRequest};
 use pulsar_relay::http::error::ApiError;
 use pulsar_relay::http::handlers::publish::{parse_bulk, parse_publish};
@@ -20,11 +20,7 @@ use pulsar_relay::http::handlers::topics::parse_history_query;
 use pulsar_relay::store::message::MessageId;
 use pulsar_relay::store::PublishItem;
 use pulsar_relay::ws::protocol::{self, ClientMessage};
-
-fn relay_config() -> &'static Config {
-    static CONFIG: OnceLock<Config> = OnceLock::new();
-    CONFIG.get_or_init(|| config::load(&Cli::default(), &|_| None).expect("built-in defaults"))
-}
+use pulsar_relay_fuzz::relay_config;
 
 /// Limits small enough for short inputs to cross each of them.
 fn tiny_limits() -> &'static (ApiConfig, LongPollConfig) {

@@ -10,18 +10,15 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::config::{self, Cli, Config};
 use pulsar_relay::delivery::websocket::start_for;
 use pulsar_relay::ws::codec::{
     encode_close, encode_close_echo, encode_pong, text_frame, CloseReason, CodecLimits, Decoder,
     Incoming,
 };
 use pulsar_relay::ws::protocol::{self, ClientMessage};
-use pulsar_relay_fuzz::SplitInput;
+use pulsar_relay_fuzz::{relay_config, SplitInput};
 
 /// The defaults, tiny limits, control-frame-sized frames, and a message limit below the
 /// frame limit.
@@ -84,11 +81,6 @@ fn check_size(incoming: &Incoming, limits: CodecLimits) {
         Incoming::Close(Some((_, reason))) => assert!(reason.len() <= MAX_CONTROL_PAYLOAD - 2),
         Incoming::Close(None) => {}
     }
-}
-
-fn relay_config() -> &'static Config {
-    static CONFIG: OnceLock<Config> = OnceLock::new();
-    CONFIG.get_or_init(|| config::load(&Cli::default(), &|_| None).expect("built-in defaults"))
 }
 
 /// A JSON text the session would frame and send.

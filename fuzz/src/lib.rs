@@ -1,9 +1,20 @@
-//! Shared input layout of the fuzz targets that feed a byte stream to an incremental decoder.
+//! What the fuzz targets share: the relay's default configuration, and the input layout of
+//! the targets that feed a byte stream to an incremental decoder.
 //!
 //! An input is `[knob, n, len_1 .. len_n, stream...]`: `knob` picks the target's limits, and the
 //! stream is handed to the decoder in pieces of `len_1 + 1`, `len_2 + 1`, ... bytes, cycling,
 //! so one corpus entry exercises both one whole read and arbitrary read boundaries (a head or a
 //! frame header cut anywhere). `n` is taken modulo [`MAX_SPLITS`] + 1; `n = 0` means one read.
+
+use std::sync::OnceLock;
+
+use pulsar_relay::config::{self, Cli, Config};
+
+/// The built-in defaults, loaded once per process: the limits the server runs with.
+pub fn relay_config() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| config::load(&Cli::default(), &|_| None).expect("built-in defaults"))
+}
 
 /// Most chunk lengths an input may give.
 pub const MAX_SPLITS: usize = 8;
