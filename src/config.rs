@@ -837,6 +837,81 @@ impl KeyTemplate {
     }
 }
 
+/// One step of a key template seen as a pattern over bytes (see [`KeyTemplate::may_share_key`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyToken {
+    /// A byte of the fixed prefix or suffix.
+    Byte(u8),
+    /// The topic's first byte.
+    TopicByte,
+    /// The rest of the topic: zero or more topic bytes.
+    TopicRest,
+}
+
+impl KeyTemplate {
+    /// Whether a key rendered from `self` for some valid topic can equal a key rendered from
+    /// `other` for some (possibly different) valid topic. `s:{topic}` and `s:{topic}.m` can
+    /// (`s:a.m` is topic `a.m` under the first and topic `a` under the second), while
+    /// `topic:{topic}:stream` and `topic:{topic}:meta` cannot, as `:` is not a topic byte.
+    /// Topic length limits are ignored, which errs only towards reporting a clash.
+    ///
+    /// Decided by walking both templates in step over one candidate key (the product of two
+    /// small automata): a state is a position in each template, and the key can end where both
+    /// templates end. Linear in the templates' lengths: only a literal byte, or any topic byte
+    /// when both sides are inside their topics, can extend the key.
+    pub fn may_share_key(&self, other: &KeyTemplate) -> bool {
+        let a = self.tokens();
+        let b = other.tokens();
+        // Positions reachable without consuming a byte: `TopicRest` may match nothing.
+        let closure = |tokens: &[KeyToken], i: usize| -> [Option<usize>; 2] {
+            match tokens.get(i) {
+                Some(KeyToken::TopicRest) => [Some(i), Some(i + 1)],
+                _ => [Some(i), None],
+            }
+        };
+        let step = |tokens: &[KeyToken], i: usize, byte: u8| -> Option<usize> {
+            match tokens.get(i)? {
+                KeyToken::Byte(x) => (*x == byte).then_some(i + 1),
+                KeyToken::TopicByte => crate::topic::is_name_byte(byte).then_some(i + 1),
+                KeyToken::TopicRest => crate::topic::is_name_byte(byte).then_some(i),
+            }
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = Vec::new();
+        let mut visit = |i: usize, j: usize, todo: &mut Vec<(usize, usize)>| {
+            for i in closure(&a, i).into_iter().flatten() {
+                for j in closure(&b, j).into_iter().flatten() {
+                    if seen.insert((i, j)) {
+                        todo.push((i, j));
+                    }
+                }
+            }
+        };
+        visit(0, 0, &mut todo);
+        while let Some((i, j)) = todo.pop() {
+            if i == a.len() && j == b.len() {
+                return true;
+            }
+            // Every topic byte moves both sides alike unless one side needs a literal.
+            let byte = match (a.get(i), b.get(j)) {
+                (Some(KeyToken::Byte(x)), _) | (_, Some(KeyToken::Byte(x))) => *x,
+                _ => b'a',
+            };
+            if let (Some(i), Some(j)) = (step(&a, i, byte), step(&b, j, byte)) {
+                visit(i, j, &mut todo);
+            }
+        }
+        false
+    }
+
+    fn tokens(&self) -> Vec<KeyToken> {
+        let mut tokens: Vec<KeyToken> = self.prefix.bytes().map(KeyToken::Byte).collect();
+        tokens.extend([KeyToken::TopicByte, KeyToken::TopicRest]);
+        tokens.extend(self.suffix.bytes().map(KeyToken::Byte));
+        tokens
+    }
+}
+
 impl fmt::Display for KeyTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{TOPIC_PLACEHOLDER}{}", self.prefix, self.suffix)
@@ -973,8 +1048,9 @@ fn load_with(
     load_from_parts(cli, env, yaml, machine)
 }
 
-/// Everything after file I/O; tests enter here with in-memory YAML and a fixed machine.
-fn load_from_parts(
+/// Everything after file I/O; tests and the `config` fuzz target enter here with in-memory
+/// YAML and a fixed machine. `cli.config` is not read: `yaml` is the file's path and text.
+pub fn load_from_parts(
     cli: &Cli,
     env: &dyn Fn(&str) -> Option<String>,
     yaml: Option<(&Path, &str)>,
@@ -1497,15 +1573,18 @@ impl Layers {
 
         let stream_key = self.template(key::VALKEY_STREAM_KEY, defaults::VALKEY_STREAM_KEY)?;
         let meta_key = self.template(key::VALKEY_META_KEY, defaults::VALKEY_META_KEY)?;
-        if stream_key.value == meta_key.value {
-            // Same key for a stream and a hash: every publish would fail with WRONGTYPE.
+        if stream_key.value.may_share_key(&meta_key.value) {
+            // A key that is one topic's stream and another's (or the same topic's) hash: its
+            // publishes or metadata writes would fail with WRONGTYPE.
             let blamed = if meta_key.origin.rank() >= stream_key.origin.rank() {
                 &meta_key
             } else {
                 &stream_key
             };
             return Err(blamed.invalid(format!(
-                "`{}` and `{}` to differ (a stream and a hash cannot share a key)",
+                "`{}` and `{}` to differ so that no topic's stream key is any topic's meta \
+                 key (a stream and a hash cannot share a key; e.g. `s:{{topic}}` and \
+                 `s:{{topic}}.m` clash on `s:a.m`)",
                 key::VALKEY_STREAM_KEY,
                 key::VALKEY_META_KEY
             )));
@@ -2169,17 +2248,18 @@ impl RawFile {
 // Machine probes (the only I/O besides reading the config file).
 // ---------------------------------------------------------------------------------------------
 
-/// Facts about the host that size two defaults.
+/// Facts about the host that size two defaults. Public so [`load_from_parts`] can be called
+/// with a fixed machine (tests, fuzzing).
 #[derive(Clone, Copy, Debug)]
-struct Machine {
+pub struct Machine {
     /// CPUs this process may run on (affinity and cgroup CPU quota included).
-    cpus: usize,
+    pub cpus: usize,
     /// `min(MemTotal, cgroup v2 memory.max)`, or `None` when neither could be read.
-    memory_bytes: Option<u64>,
+    pub memory_bytes: Option<u64>,
 }
 
 impl Machine {
-    fn detect() -> Self {
+    pub fn detect() -> Self {
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             memory_bytes: detect_memory_bytes(),
@@ -3084,6 +3164,27 @@ metrics:
         // The position in the file is the value's.
         let message = error_text(from_yaml("\nhttp:\n  max_headers: 4\n"));
         assert_mentions(&message, &["(from test.yaml:3:16)"]);
+    }
+
+    /// Bug (found by the `config` fuzz target): only equal stream and meta templates were
+    /// refused, so `s:{topic}` / `s:{topic}.m` loaded, and topic `a.m`'s stream shared the key
+    /// `s:a.m` with topic `a`'s metadata hash (WRONGTYPE on one of them).
+    #[test]
+    fn overlapping_key_templates_are_refused() {
+        let clash = |stream: &str, meta: &str| template(stream).may_share_key(&template(meta));
+        assert!(clash("s:{topic}", "s:{topic}.m"));
+        assert!(clash("s:{topic}.m", "s:{topic}"));
+        assert!(clash("{topic}", "x{topic}"));
+        assert!(clash("a-{topic}", "{topic}-b"));
+        assert!(clash("k:{topic}", "k:{topic}"));
+        assert!(!clash("topic:{topic}:stream", "topic:{topic}:meta"));
+        assert!(!clash("s:{topic}", "m:{topic}"));
+        assert!(!clash("{topic}:s", "{topic}:m"));
+        assert!(!clash("k:{topic}", "k:{topic}:m"));
+        let message = error_text(from_yaml(
+            "valkey:\n  stream_key: 's:{topic}'\n  meta_key: 's:{topic}.m'\n",
+        ));
+        assert_mentions(&message, &["`valkey.meta_key`", "to differ", "s:a.m"]);
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub enum InvalidTopic {
     BadCharacter,
 }
 
+/// A byte a topic name may contain: `[A-Za-z0-9._-]`.
+pub fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
 pub fn validate(name: &str, max_len: usize) -> Result<(), InvalidTopic> {
     if name.is_empty() {
         return Err(InvalidTopic::Empty);
@@ -22,10 +27,7 @@ pub fn validate(name: &str, max_len: usize) -> Result<(), InvalidTopic> {
     if name.len() > max_len {
         return Err(InvalidTopic::TooLong(max_len));
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
+    if !name.bytes().all(is_name_byte) {
         return Err(InvalidTopic::BadCharacter);
     }
     Ok(())

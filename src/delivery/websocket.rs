@@ -49,16 +49,7 @@ pub struct WsUpgrade {
 
 /// Validates an upgrade request; returns the session parameters and the 101 response.
 pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>), ApiError> {
-    let upgrade = UpgradeRequest {
-        method_get: request.method() == crate::http::codec::Method::Get,
-        version_minor: request.version_minor(),
-        connection: request.header("connection"),
-        upgrade: request.header("upgrade"),
-        sec_websocket_key: request.header("sec-websocket-key"),
-        sec_websocket_version: request.header("sec-websocket-version"),
-        sec_websocket_protocol: request.header("sec-websocket-protocol"),
-    };
-    match handshake::accept(&upgrade) {
+    match handshake::accept(&upgrade_request(request)) {
         Ok(accepted) => Ok((
             WsUpgrade {
                 protocol: accepted.protocol,
@@ -70,6 +61,20 @@ pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>),
             error.headers = e.response_headers();
             Err(error)
         }
+    }
+}
+
+/// The headers of `request` the opening handshake looks at. Public so the fuzz targets check
+/// the handshake on the requests the HTTP decoder produces, as [`accept`] does.
+pub fn upgrade_request(request: &Request) -> UpgradeRequest<'_> {
+    UpgradeRequest {
+        method_get: request.method() == crate::http::codec::Method::Get,
+        version_minor: request.version_minor(),
+        connection: request.header("connection"),
+        upgrade: request.header("upgrade"),
+        sec_websocket_key: request.header("sec-websocket-key"),
+        sec_websocket_version: request.header("sec-websocket-version"),
+        sec_websocket_protocol: request.header("sec-websocket-protocol"),
     }
 }
 
@@ -414,25 +419,20 @@ async fn handle_text(
     }
 }
 
-fn start_for(offset: &Offset, topic: &str) -> Result<StartAt, String> {
-    let parse = |id: &str| {
-        id.parse::<MessageId>().map(StartAt::After).map_err(|_| {
+/// Where one topic of a `subscribe` starts, with the offset's id parsed; the error is the
+/// `INVALID_OFFSET` message. Resolved by [`Offset::for_topic`], so a per-topic object naming a
+/// topic twice means what the protocol documents (the last entry wins). Public for the fuzz
+/// targets: it is the sans-IO part of acting on a `subscribe`.
+pub fn start_for(offset: &Offset, topic: &str) -> Result<StartAt, String> {
+    match offset.for_topic(topic) {
+        protocol::StartAt::Last => Ok(StartAt::Last),
+        protocol::StartAt::Earliest => Ok(StartAt::Earliest),
+        protocol::StartAt::After(id) => id.parse::<MessageId>().map(StartAt::After).map_err(|_| {
             format!(
                 "offset `{}` is not a message id such as 1700000000000-0",
                 id.escape_debug()
             )
-        })
-    };
-    match offset {
-        Offset::Last => Ok(StartAt::Last),
-        Offset::Earliest => Ok(StartAt::Earliest),
-        Offset::After(id) => parse(id),
-        Offset::PerTopic(map) => match map.iter().find(|(t, _)| t == topic) {
-            None => Ok(StartAt::Last),
-            Some((_, id)) if id == "earliest" => Ok(StartAt::Earliest),
-            Some((_, id)) if id == "last" => Ok(StartAt::Last),
-            Some((_, id)) => parse(id),
-        },
+        }),
     }
 }
 
@@ -446,4 +446,32 @@ fn gap_frame(gap: &Gap) -> Bytes {
     let mut out = Vec::with_capacity(128);
     gap.write_json(&mut out);
     codec::text_frame(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bug: the session resolved a per-topic offset naming a topic twice with the FIRST entry,
+    /// while the protocol (and `Offset::for_topic`) says the last entry wins, as with most JSON
+    /// object readers; a client re-sending a topic with a newer id replayed from the old one.
+    #[test]
+    fn duplicate_offset_keys_last_entry_wins() {
+        let text = r#"{"type":"subscribe","topics":["a"],"offset":{"a":"1-0","a":"2-0"}}"#;
+        let Ok(ClientMessage::Subscribe { offset, .. }) = protocol::parse_client_message(text, 10)
+        else {
+            panic!("a valid subscribe");
+        };
+        assert_eq!(
+            start_for(&offset, "a"),
+            Ok(StartAt::After(MessageId::new(2, 0)))
+        );
+        let text = r#"{"type":"subscribe","topics":["a"],"offset":{"a":"bad","a":"earliest"}}"#;
+        let Ok(ClientMessage::Subscribe { offset, .. }) = protocol::parse_client_message(text, 10)
+        else {
+            panic!("a valid subscribe");
+        };
+        assert_eq!(start_for(&offset, "a"), Ok(StartAt::Earliest));
+        assert_eq!(start_for(&offset, "unlisted"), Ok(StartAt::Last));
+    }
 }
