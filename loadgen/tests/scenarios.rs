@@ -6,7 +6,7 @@
 //! (or under `CARGO_TARGET_DIR`) if newer than the relay's sources; else it is built with
 //! `cargo build --bin pulsar-relay` into `target/loadgen-relay` (a separate target directory,
 //! so this does not wait on the lock of the `cargo test` that runs us). If none of that
-//! works, or the relay cannot start here (no io_uring), the test says so loudly and passes.
+//! works, or the relay cannot start here (no io_uring), the test fails and says why.
 //!
 //! One test function runs the scenarios in sequence against one relay: run side by side on a
 //! small machine they would measure each other.
@@ -24,14 +24,6 @@ fn workspace() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(".."))
-}
-
-fn skip(why: &str) {
-    eprintln!();
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!! SKIPPED loadgen scenario tests: {why}");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!();
 }
 
 /// Newest modification time of the relay's sources.
@@ -206,16 +198,16 @@ fn assert_clean_delivery(name: &str, r: &Value) {
 }
 
 /// A fresh relay, or `None` (said loudly) if there is no binary or it cannot start here.
-fn relay_or_skip() -> Option<Relay> {
-    let started = relay_binary().and_then(|bin| start_relay(&bin));
-    started.map_err(|why| skip(&why)).ok()
+fn test_relay() -> Relay {
+    match relay_binary().and_then(|bin| start_relay(&bin)) {
+        Ok(relay) => relay,
+        Err(why) => panic!("loadgen scenario tests need a running relay: {why}"),
+    }
 }
 
 #[test]
 fn every_scenario_accounts_exactly_against_a_healthy_relay() {
-    let Some(relay) = relay_or_skip() else {
-        return;
-    };
+    let relay = test_relay();
     let url = relay.url.as_str();
     let short = ["--duration", "1500ms", "--warmup", "500ms"];
 
@@ -390,9 +382,7 @@ fn hard_open_files_limit() -> Option<u64> {
 /// allocator keeping freed pages does not).
 #[test]
 fn churn_returns_the_relay_to_its_baseline() {
-    let Some(relay) = relay_or_skip() else {
-        return;
-    };
+    let relay = test_relay();
     let pid = relay.child.id().to_string();
     // Each side holds one descriptor per connection (both raise their soft limit to the
     // hard one): stay below the hard limit with room for everything else.
