@@ -65,6 +65,11 @@ pub enum Scenario {
         /// (exit status 1 if not).
         #[arg(long)]
         verify: bool,
+        /// Publish at full speed: closed loop, each of --connections sending its next message
+        /// when the previous one is answered, instead of an open loop at --rate. Delivery
+        /// latency is then measured from each actual send.
+        #[arg(long, conflicts_with = "rate")]
+        closed_loop: bool,
     },
     /// One topic, many WebSocket subscribers: deliveries/s and delivery lag.
     Fanout {

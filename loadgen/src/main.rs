@@ -279,12 +279,13 @@ async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
             transport,
             subscribers,
             verify,
+            closed_loop,
         } => {
             let report = deliveries(
                 "e2e",
                 &common,
                 common.topics,
-                delivery.rate,
+                (!closed_loop).then_some(delivery.rate),
                 delivery.drain_timeout,
                 transport,
                 subscribers,
@@ -306,7 +307,7 @@ async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
                 "fanout",
                 &common,
                 1,
-                delivery.rate,
+                Some(delivery.rate),
                 delivery.drain_timeout,
                 Transport::Ws,
                 subscribers,
@@ -457,12 +458,12 @@ async fn deliveries(
     scenario: &'static str,
     common: &Common,
     topics: usize,
-    rate: f64,
+    rate: Option<f64>,
     drain_timeout: Duration,
     transport: Transport,
     subscribers: usize,
 ) -> Result<Report, SetupError> {
-    let rate = check_rate(rate)?;
+    let rate = rate.map(check_rate).transpose()?;
     if subscribers == 0 {
         return Err(invalid("--subscribers must be at least 1"));
     }
@@ -470,7 +471,7 @@ async fn deliveries(
     if let Some(why) = ctx.target.unsupported(transport, topics) {
         return Err(invalid(why));
     }
-    let plan = plan(common, Some(rate), 1);
+    let plan = plan(common, rate, 1);
     let spec = PublishSpec {
         plan,
         connections: common.connections,

@@ -291,6 +291,28 @@ fn every_scenario_accounts_exactly_against_a_healthy_relay() {
         assert_clean_delivery(&name, &r);
     }
 
+    // Full speed: closed-loop publishers, one WebSocket subscriber, every message verified.
+    let (code, r) = loadgen(
+        url,
+        &[
+            &[
+                "e2e",
+                "--subscribers",
+                "1",
+                "--connections",
+                "8",
+                "--closed-loop",
+                "--verify",
+            ][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "e2e closed loop: --verify passes: {r}");
+    assert_eq!(r["mode"], "closed");
+    assert_accounting("e2e closed loop", &r);
+    assert_clean_delivery("e2e closed loop", &r);
+
     let (code, r) = loadgen(
         url,
         &[
