@@ -16,12 +16,14 @@ use std::time::Duration;
 
 use futures::future::{select, Either};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::sink::{Delivered, Sink};
 use super::{unfollow_all, Gap, StartAt};
 use crate::config::LongPollConfig;
 use crate::http::error::ApiError;
 use crate::http::handlers::Reply;
+use crate::http::json::{array_up_to, object_up_to, Bounded};
 use crate::shard::Shard;
 use crate::store::message::MessageId;
 
@@ -34,10 +36,14 @@ pub struct PollRequest {
     pub limit: usize,
 }
 
+/// `topics` and `since` stay raw until counted ([`crate::http::json`]): a 16 MiB body of
+/// empty topic names would otherwise be millions of `String`s before the length check.
 #[derive(Deserialize)]
-struct PollBody {
-    topics: Option<Vec<String>>,
-    since: Option<BTreeMap<String, String>>,
+struct PollBody<'a> {
+    #[serde(borrow)]
+    topics: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
     timeout: Option<f64>,
     limit: Option<u64>,
 }
@@ -52,8 +58,33 @@ pub fn parse_poll_body(
     max_topic_len: usize,
 ) -> Result<PollRequest, ApiError> {
     let body: PollBody = serde_json::from_slice(body).map_err(crate::http::handlers::bad_json)?;
-    let topics = body.topics.unwrap_or_default();
-    let since = body.since;
+    let max = limits.max_topics;
+    let topics: Vec<String> = match body.topics.map(|raw| array_up_to(raw, max)) {
+        None => Vec::new(),
+        Some(Ok(topics)) => topics,
+        Some(Err(Bounded::TooMany)) => return Err(topic_count_error(max)),
+        Some(Err(Bounded::Invalid)) => {
+            return Err(ApiError::invalid_request(
+                "`topics` must be an array of topic names",
+            ))
+        }
+    };
+    // Later entries win, as with any JSON object reader.
+    let since: Option<BTreeMap<String, String>> = match body.since.map(|raw| object_up_to(raw, max))
+    {
+        None => None,
+        Some(Ok(entries)) => Some(entries.into_iter().collect()),
+        Some(Err(Bounded::TooMany)) => {
+            return Err(ApiError::invalid_request(format!(
+                "`since` must name at most {max} topics"
+            )))
+        }
+        Some(Err(Bounded::Invalid)) => {
+            return Err(ApiError::invalid_request(
+                "`since` must be an object of topic name to message id",
+            ))
+        }
+    };
     let mut starts = Vec::with_capacity(topics.len());
     for topic in topics {
         let start = match &since {
@@ -107,6 +138,10 @@ fn parse_id(id: &str) -> Result<MessageId, ApiError> {
     })
 }
 
+fn topic_count_error(max: usize) -> ApiError {
+    ApiError::invalid_request(format!("`topics` must list 1 to {max} topics"))
+}
+
 fn finish(
     topics: Vec<(String, StartAt)>,
     timeout: Option<f64>,
@@ -115,10 +150,7 @@ fn finish(
     max_topic_len: usize,
 ) -> Result<PollRequest, ApiError> {
     if topics.is_empty() || topics.len() > limits.max_topics {
-        return Err(ApiError::invalid_request(format!(
-            "`topics` must list 1 to {} topics",
-            limits.max_topics
-        )));
+        return Err(topic_count_error(limits.max_topics));
     }
     for (topic, _) in &topics {
         crate::topic::validate(topic, max_topic_len)?;
@@ -304,4 +336,61 @@ fn render(messages: &[Rc<Delivered>], has_more: bool, gaps: &[Gap]) -> Vec<u8> {
     write_gaps(&mut body, gaps);
     body.push(b'}');
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LongPollConfig {
+        crate::config::load(&crate::config::Cli::default(), &|_| None)
+            .expect("built-in defaults are valid")
+            .longpoll
+    }
+
+    /// A 16 MiB poll body of empty topic names used to become ~5.6 million `String`s (a
+    /// relay high-water mark of ~400 MiB for one request) before the count was checked.
+    #[test]
+    fn poll_topics_and_since_are_counted_while_read() {
+        let l = limits();
+        let names = |n: usize| (0..n).map(|i| format!("\"t{i}\"")).collect::<Vec<_>>();
+        let body = format!(r#"{{"topics":[{}]}}"#, names(l.max_topics).join(","));
+        let at_limit = parse_poll_body(body.as_bytes(), &l, 255).expect("at the limit");
+        assert_eq!(at_limit.topics.len(), l.max_topics);
+
+        let over = format!(r#"{{"topics":[{}]}}"#, names(l.max_topics + 1).join(","));
+        let e = parse_poll_body(over.as_bytes(), &l, 255).expect_err("over");
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("must list 1 to"), "{}", e.message);
+
+        let since: Vec<String> = (0..=l.max_topics)
+            .map(|i| format!("\"t{i}\":\"1-0\""))
+            .collect();
+        let over = format!(r#"{{"topics":["t0"],"since":{{{}}}}}"#, since.join(","));
+        let e = parse_poll_body(over.as_bytes(), &l, 255).expect_err("since over");
+        assert!(
+            e.message.contains("`since` must name at most"),
+            "{}",
+            e.message
+        );
+
+        // A topic named twice in `since`: the later id wins.
+        let body = r#"{"topics":["a"],"since":{"a":"1-0","a":"2-0"}}"#;
+        let poll = parse_poll_body(body.as_bytes(), &l, 255).expect("valid");
+        assert_eq!(
+            poll.topics,
+            vec![("a".to_owned(), StartAt::After(MessageId::new(2, 0)))]
+        );
+
+        for (bad, why) in [
+            (r#"{"topics":"a"}"#, "must be an array"),
+            (r#"{"topics":[1]}"#, "must be an array"),
+            (r#"{"topics":["a"],"since":["1-0"]}"#, "must be an object"),
+            (r#"{"topics":["a"],"since":{"a":1}}"#, "must be an object"),
+        ] {
+            let e = parse_poll_body(bad.as_bytes(), &l, 255).expect_err(bad);
+            assert_eq!(e.status, 400, "{bad}");
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+        }
+    }
 }

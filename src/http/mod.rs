@@ -9,10 +9,12 @@
 //! - [`response`]: status line, headers, `Date` cache, JSON error bodies.
 //! - [`router`]: method + path → [`router::Route`], 404/405, query strings.
 //! - [`error`]: [`error::ApiError`], the one type every client-visible error becomes.
+//! - [`json`]: arrays and objects in request bodies, refused at the first entry past a limit.
 //! - [`handlers`]: the API endpoints.
 
 pub mod codec;
 pub mod error;
 pub mod handlers;
+pub mod json;
 pub mod response;
 pub mod router;
