@@ -8,9 +8,14 @@
 //! connection is answered 503 with `Retry-After` and closed, and the spare reopened. The
 //! client gets a clear answer at once; connections already open are untouched.
 //! (Shards are threads of one process sharing one descriptor table: another shard may take
-//! the freed descriptor first; then this shard backs off and tries again.)
+//! the freed descriptor first.) A shard left with neither a spare nor a descriptor closes its
+//! listener: the connections in its backlog are reset (a clear failure their clients can
+//! retry, not a wait of unknown length) and new ones go to the other shards' listeners
+//! (`SO_REUSEPORT`), or are refused if every shard is in that state. It binds again as soon
+//! as a descriptor is free.
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -35,7 +40,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const SPARE_PATH: &str = "/dev/null";
 
 /// Accepts connections until the shard starts shutting down.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super::Surface) {
+pub async fn accept_loop(shard: Rc<Shard>, mut listener: TcpListener, surface: super::Surface) {
+    // Where to listen again after closing the listener for want of descriptors.
+    let addr = listener.local_addr().ok();
     let mut spare = File::open(SPARE_PATH).ok();
     // The spare was closed to accept a connection that is to be refused for want of
     // descriptors.
@@ -68,9 +75,19 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super
                     shedding = true;
                 } else {
                     // No spare (another shard took the freed descriptor, or the shortage
-                    // began before start): try to get it back, and pause either way.
+                    // began before start): try to get it back.
                     spare = spare.or_else(|| File::open(SPARE_PATH).ok());
                     shedding = false;
+                    if out_of_descriptors && spare.is_none() {
+                        if let Some(addr) = addr {
+                            match listen_again(&shard, listener, addr).await {
+                                Some(bound) => listener = bound,
+                                None => return,
+                            }
+                            spare = File::open(SPARE_PATH).ok();
+                            continue;
+                        }
+                    }
                     glommio::timer::sleep(ACCEPT_BACKOFF).await;
                 }
                 continue;
@@ -115,6 +132,32 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, surface: super
             drop(pass);
         })
         .detach();
+    }
+}
+
+/// Closes `listener` (resetting the connections in its backlog, which this shard cannot
+/// accept) and binds `addr` again once a descriptor is free. `None` if the shard began
+/// shutting down meanwhile.
+async fn listen_again(
+    shard: &Shard,
+    listener: TcpListener,
+    addr: SocketAddr,
+) -> Option<TcpListener> {
+    drop(listener);
+    tracing::warn!(
+        shard = shard.id,
+        "out of file descriptors with no spare: listener closed until one is free"
+    );
+    loop {
+        let pause = Box::pin(glommio::timer::sleep(ACCEPT_BACKOFF));
+        let stop = Box::pin(shard.shutdown.wait());
+        if let Either::Right(_) = select(pause, stop).await {
+            return None;
+        }
+        if let Ok(bound) = TcpListener::bind(addr) {
+            tracing::info!(shard = shard.id, "listening again");
+            return Some(bound);
+        }
     }
 }
 
