@@ -1018,6 +1018,13 @@ pub fn load(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
     load_with(cli, env, None, &Machine::detect())
 }
 
+/// Every default, nothing from a file, the environment or flags: for unit tests elsewhere in
+/// the crate that parse against the built-in limits.
+#[cfg(test)]
+pub(crate) fn built_in() -> Config {
+    load(&Cli::default(), &|_| None).expect("built-in defaults are valid")
+}
+
 /// [`load`] with the process environment and, when no `--config` is given, `./config.yaml`
 /// if it exists. Non-UTF-8 environment values are converted lossily (and then usually fail
 /// validation by name) rather than silently ignored.

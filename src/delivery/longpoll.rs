@@ -343,9 +343,7 @@ mod tests {
     use super::*;
 
     fn limits() -> LongPollConfig {
-        crate::config::load(&crate::config::Cli::default(), &|_| None)
-            .expect("built-in defaults are valid")
-            .longpoll
+        crate::config::built_in().longpoll
     }
 
     /// A 16 MiB poll body of empty topic names used to become ~5.6 million `String`s (a

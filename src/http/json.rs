@@ -59,6 +59,21 @@ fn outcome<T>(parsed: Result<T, serde_json::Error>, overflowed: &Cell<bool>) -> 
     parsed.map_err(|_| Bounded::Invalid)
 }
 
+/// Appends `item`, or marks the collection as over `max` and stops the deserializer.
+fn push_up_to<T, E: de::Error>(
+    items: &mut Vec<T>,
+    item: T,
+    max: usize,
+    overflowed: &Cell<bool>,
+) -> Result<(), E> {
+    if items.len() == max {
+        overflowed.set(true);
+        return Err(E::custom("more entries than allowed"));
+    }
+    items.push(item);
+    Ok(())
+}
+
 struct ArrayUpTo<'f, T> {
     max: usize,
     overflowed: &'f Cell<bool>,
@@ -75,11 +90,7 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ArrayUpTo<'_, T> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut elements = Vec::new();
         while let Some(element) = seq.next_element()? {
-            if elements.len() == self.max {
-                self.overflowed.set(true);
-                return Err(de::Error::custom("too many elements"));
-            }
-            elements.push(element);
+            push_up_to(&mut elements, element, self.max, self.overflowed)?;
         }
         Ok(elements)
     }
@@ -101,11 +112,7 @@ impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Visitor<'de> for ObjectUpTo<
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut entries = Vec::new();
         while let Some(entry) = map.next_entry()? {
-            if entries.len() == self.max {
-                self.overflowed.set(true);
-                return Err(de::Error::custom("too many entries"));
-            }
-            entries.push(entry);
+            push_up_to(&mut entries, entry, self.max, self.overflowed)?;
         }
         Ok(entries)
     }

@@ -228,9 +228,7 @@ pub fn require_json(request: &Request) -> Result<(), ApiError> {
 /// The built-in API limits, for unit tests of body and query parsing.
 #[cfg(test)]
 pub(crate) fn default_api_limits() -> crate::config::ApiConfig {
-    crate::config::load(&crate::config::Cli::default(), &|_| None)
-        .expect("built-in defaults are valid")
-        .api
+    crate::config::built_in().api
 }
 
 /// `serde_json`'s message for a body that does not match the expected shape, made into a 400.
