@@ -268,8 +268,9 @@ async fn write_out(
         if written == output.len() {
             break Ok(());
         }
-        let write = Box::pin(stream.write(&output[written..]));
-        let timer = Box::pin(glommio::timer::sleep(stall));
+        // Pinned on the stack, not boxed: this runs for every response.
+        let write = std::pin::pin!(stream.write(&output[written..]));
+        let timer = std::pin::pin!(glommio::timer::sleep(stall));
         match select(write, timer).await {
             Either::Left((Ok(0), _)) => break Err(std::io::ErrorKind::WriteZero.into()),
             Either::Left((Ok(n), _)) => written += n,
