@@ -96,11 +96,7 @@ fn full_topic() -> (HotTier, MessageId) {
 
 fn bench_read(bencher: Bencher, order: Order) {
     let (tier, middle) = full_topic();
-    let query = PageQuery {
-        after: Some(middle),
-        order,
-        limit: PAGE,
-    };
+    let query = PageQuery::new(Some(middle), order, PAGE);
     let page = tier
         .read("orders.eu-west", &query, NOW_MS)
         .expect("the topic exists");

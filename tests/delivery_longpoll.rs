@@ -434,7 +434,7 @@ fn a_resume_point_older_than_retention_is_reported_as_a_gap() {
         assert_eq!(
             body["gaps"],
             json!([{"type": "gap", "topic": topic, "requested": ids[0],
-                    "oldest_available": ids[15]}]),
+                    "oldest_available": ids[15], "reason": "trimmed"}]),
             "{body}"
         );
 

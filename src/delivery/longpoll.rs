@@ -236,11 +236,12 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         let page = shard
             .subscribe_read(topic, after, limit, after.is_some())
             .await?;
-        if let (Some(oldest_available), Some(requested)) = (page.gap, after) {
+        if let (Some(gap), Some(requested)) = (page.gap, after) {
             gaps.push(Gap {
                 topic: name.clone(),
                 requested,
-                oldest_available,
+                oldest_available: gap.oldest_available,
+                reason: gap.reason,
             });
         }
         has_more |= page.more;

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use crate::shard::{Shard, ShardError};
 use crate::store::message::MessageId;
+use crate::store::GapReason;
 use sink::{Delivered, Sink, SinkState};
 
 /// Messages per replay round trip: large enough that catching up on a long backlog is few
@@ -45,19 +46,21 @@ pub enum StartAt {
     After(MessageId),
 }
 
-/// A gap: messages after `requested` were removed before the consumer could read them;
-/// delivery continues from `oldest_available`.
+/// A gap: messages after `requested` and before `oldest_available` were removed before the
+/// consumer could read them (for `reason`); delivery continues from `oldest_available`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     pub topic: Arc<str>,
     pub requested: MessageId,
     pub oldest_available: Option<MessageId>,
+    pub reason: GapReason,
 }
 
 impl Gap {
-    /// `{"type":"gap","topic":"..","requested":"..","oldest_available":".."|null}`: the one
-    /// form every transport sends (a WebSocket frame, an SSE `gap` event, a long-poll
-    /// answer's `gaps` entry). `null` = nothing is retained after `requested` any more.
+    /// `{"type":"gap","topic":"..","requested":"..","oldest_available":".."|null,"reason":".."}`:
+    /// the one form every transport sends (a WebSocket frame, an SSE `gap` event, a long-poll
+    /// answer's `gaps` entry). Missing: every message after `requested` and before
+    /// `oldest_available`; `null` = nothing is retained after `requested` any more.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         // Topic names are `[A-Za-z0-9._-]` (crate::topic), so they need no escaping.
         out.extend_from_slice(b"{\"type\":\"gap\",\"topic\":\"");
@@ -73,7 +76,9 @@ impl Gap {
             }
             None => out.extend_from_slice(b"null"),
         }
-        out.push(b'}');
+        out.extend_from_slice(b",\"reason\":\"");
+        out.extend_from_slice(self.reason.as_str().as_bytes());
+        out.extend_from_slice(b"\"}");
     }
 }
 
@@ -129,11 +134,12 @@ pub async fn catch_up(
             .subscribe_read(&topic, after, REPLAY_PAGE, first && after.is_some())
             .await?;
         if first {
-            if let (Some(oldest), Some(requested)) = (page.gap, after) {
+            if let (Some(gap), Some(requested)) = (page.gap, after) {
                 on_gap(Gap {
                     topic: topic.clone(),
                     requested,
-                    oldest_available: oldest,
+                    oldest_available: gap.oldest_available,
+                    reason: gap.reason,
                 });
             }
             first = false;
@@ -237,6 +243,7 @@ mod tests {
             topic: Arc::from("orders"),
             requested: MessageId::new(1, 0),
             oldest_available,
+            reason: GapReason::Trimmed,
         };
         let mut out = Vec::new();
         gap.write_json(&mut out);
@@ -247,11 +254,11 @@ mod tests {
     fn a_gap_names_the_oldest_retained_message_or_null() {
         assert_eq!(
             gap_json(Some(MessageId::new(5, 2))),
-            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":"5-2"}"#
+            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":"5-2","reason":"trimmed"}"#
         );
         assert_eq!(
             gap_json(None),
-            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":null}"#
+            r#"{"type":"gap","topic":"orders","requested":"1-0","oldest_available":null,"reason":"trimmed"}"#
         );
     }
 }

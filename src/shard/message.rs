@@ -81,6 +81,6 @@ pub struct ReplayPage {
     pub messages: Vec<Message>,
     /// More messages follow the page.
     pub more: bool,
-    /// `Some(oldest available)` when messages after the requested id were already removed.
-    pub gap: Option<Option<MessageId>>,
+    /// Set when messages after the requested id were already removed.
+    pub gap: Option<crate::store::GapInfo>,
 }

@@ -446,11 +446,7 @@ async fn replay_page(
             gap,
         });
     }
-    let query = PageQuery {
-        after,
-        order: Order::Asc,
-        limit,
-    };
+    let query = PageQuery::new(after, Order::Asc, limit);
     let page = shard.storage.read(topic, &query, now_ms()).await?;
     Ok(match page {
         Some(page) => ReplayPage {

@@ -72,6 +72,22 @@ pub struct PageQuery {
     /// At most this many messages. 0 yields an empty page with `next_cursor: None`;
     /// callers clamp client limits to at least 1.
     pub limit: usize,
+    /// The page stops once its messages' payload and metadata bytes reach this (a single
+    /// message larger than it is still returned, alone), so memory per read is bounded by
+    /// bytes whatever the message sizes. `usize::MAX`: count only.
+    pub max_bytes: usize,
+}
+
+impl PageQuery {
+    /// Up to `limit` messages in `order` after `after`, bounded by count only.
+    pub fn new(after: Option<MessageId>, order: Order, limit: usize) -> PageQuery {
+        PageQuery {
+            after,
+            order,
+            limit,
+            max_bytes: usize::MAX,
+        }
+    }
 }
 
 /// One page of a topic's history.
@@ -290,7 +306,7 @@ impl HotTier {
                     .after
                     .map_or(0, |after| log.partition_point(|m| m.id <= after));
                 let mut rest = log.range(start..).filter(readable);
-                messages.extend(rest.by_ref().take(query.limit).cloned());
+                take_bounded(&mut messages, &mut rest, query);
                 rest.next().is_some()
             }
             Order::Desc => {
@@ -298,7 +314,7 @@ impl HotTier {
                     .after
                     .map_or(log.len(), |after| log.partition_point(|m| m.id < after));
                 let mut rest = log.range(..end).rev().filter(readable);
-                messages.extend(rest.by_ref().take(query.limit).cloned());
+                take_bounded(&mut messages, &mut rest, query);
                 rest.next().is_some()
             }
         };
@@ -641,6 +657,21 @@ impl HotTier {
 /// The slot a ref points into if its message is still retained. Topics only lose their
 /// oldest messages, so a message of a live incarnation is retained iff its id is not older
 /// than the topic's first.
+/// Moves messages from `rest` into `out` until the query's count or byte bound is reached;
+/// what is left in `rest` is what the page did not take.
+fn take_bounded<'a>(
+    out: &mut Vec<Message>,
+    rest: &mut impl Iterator<Item = &'a Message>,
+    query: &PageQuery,
+) {
+    let mut bytes = 0usize;
+    while out.len() < query.limit && bytes < query.max_bytes {
+        let Some(message) = rest.next() else { break };
+        bytes = bytes.saturating_add(message.footprint());
+        out.push(message.clone());
+    }
+}
+
 fn live_slot(slots: &[Slot], handle: &MessageRef) -> Option<usize> {
     let slot = slots.get(handle.slot)?;
     if slot.generation != handle.generation {
@@ -689,11 +720,7 @@ mod tests {
     }
 
     fn query(after: Option<MessageId>, order: Order, limit: usize) -> PageQuery {
-        PageQuery {
-            after,
-            order,
-            limit,
-        }
+        PageQuery::new(after, order, limit)
     }
 
     fn ids(page: &Page) -> Vec<MessageId> {
@@ -732,6 +759,45 @@ mod tests {
             tier.append("t", payload("1"), None, None, now);
         }
         tier
+    }
+
+    /// Pages bounded by bytes: every message reached once, each page at most one message
+    /// past the budget, and a message larger than the budget still comes, alone.
+    #[test]
+    fn byte_bounded_pages_reach_every_message_once() {
+        let mut tier = HotTier::new(NO_LIMITS);
+        let sizes = [10usize, 5000, 10, 10, 20_000, 10, 3000, 3000, 10];
+        for (i, size) in sizes.iter().enumerate() {
+            tier.append(
+                "t",
+                Bytes::from(vec![b'1'; *size]),
+                None,
+                None,
+                10 + i as u64,
+            );
+        }
+        for budget in [1usize, 100, 4096, 6000, 1 << 20] {
+            for order in [Order::Asc, Order::Desc] {
+                let mut seen = Vec::new();
+                let mut after = None;
+                loop {
+                    let mut q = query(after, order, 1000);
+                    q.max_bytes = budget;
+                    let page = read(&tier, "t", q, 100);
+                    let bytes: usize = page.messages.iter().map(|m| m.footprint()).sum();
+                    let last = page.messages.last().map_or(0, |m| m.footprint());
+                    assert!(!page.messages.is_empty());
+                    assert!(bytes - last < budget, "budget {budget}: {bytes}");
+                    seen.extend(ids(&page));
+                    match page.next_cursor {
+                        Some(c) => after = Some(c),
+                        None => break,
+                    }
+                }
+                let mut all = walk(&tier, "t", order, 1000, 100);
+                assert_eq!(seen, std::mem::take(&mut all), "budget {budget} {order:?}");
+            }
+        }
     }
 
     #[test]
@@ -1381,15 +1447,7 @@ mod tests {
         let now = 5_000; // the ttl'd four have expired, nothing swept yet
         assert_eq!(tier.trim("t", 3, now), Some(5));
         let page = tier
-            .read(
-                "t",
-                &PageQuery {
-                    after: None,
-                    order: Order::Asc,
-                    limit: 100,
-                },
-                now,
-            )
+            .read("t", &PageQuery::new(None, Order::Asc, 100), now)
             .expect("topic");
         let payloads: Vec<&[u8]> = page.messages.iter().map(|m| &m.payload[..]).collect();
         assert_eq!(payloads, vec![&b"5"[..], b"6", b"7"]);

@@ -63,6 +63,43 @@ pub enum StoreError {
     Rejected(String),
 }
 
+/// Why messages a consumer asked for are no longer there: the `reason` of a gap signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// Removed by count retention (`MAXLEN`/`max_messages_per_topic`) or the trim endpoint.
+    Trimmed,
+    /// Removed because a message's `ttl` or the topic's age retention ran out.
+    Expired,
+    /// Evicted from memory by the byte budget (memory backend).
+    Evicted,
+    /// The topic (stream) was deleted, or recreated or emptied since.
+    Deleted,
+    /// Removed, but storage cannot tell how (e.g. another client's `XDEL`).
+    Unknown,
+}
+
+impl GapReason {
+    /// The wire name: the `reason` field of every gap frame, event and entry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Trimmed => "trimmed",
+            GapReason::Expired => "expired",
+            GapReason::Evicted => "evicted",
+            GapReason::Deleted => "deleted",
+            GapReason::Unknown => "unknown",
+        }
+    }
+}
+
+/// What storage knows of a gap after a consumer's position: messages after it are gone;
+/// `oldest_available` is the oldest message still there (`None`: nothing after the position
+/// is retained any more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GapInfo {
+    pub oldest_available: Option<MessageId>,
+    pub reason: GapReason,
+}
+
 /// The backend behind the hot tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -419,27 +456,32 @@ impl Storage {
     }
 
     /// Whether a consumer resuming after `after` has missed messages that are gone (removed
-    /// by retention, eviction or trim). `Some(oldest)` names the oldest message still
-    /// available (if any); `None` means nothing after `after` was lost.
+    /// by retention, eviction, trim or delete): `Some` names the oldest message still
+    /// available (if any) and why the others left; `None` means nothing after `after` was
+    /// lost.
     pub async fn gap_after(
         &self,
         topic: &str,
         after: MessageId,
-    ) -> Result<Option<Option<MessageId>>, StoreError> {
+    ) -> Result<Option<GapInfo>, StoreError> {
         match &self.backend {
             Backend::Memory => {
                 let hot = self.hot.borrow();
                 Ok(match hot.max_removed(topic) {
-                    Some(removed) if removed > after => {
-                        Some(hot.stats(topic).and_then(|s| s.first_id))
-                    }
+                    Some(removed) if removed > after => Some(GapInfo {
+                        oldest_available: hot.stats(topic).and_then(|s| s.first_id),
+                        reason: GapReason::Unknown,
+                    }),
                     _ => None,
                 })
             }
             Backend::Valkey(tier) => {
                 let (first, max_deleted) = tier.gap_info(topic).await?;
                 Ok(match max_deleted {
-                    Some(deleted) if deleted > after => Some(first),
+                    Some(deleted) if deleted > after => Some(GapInfo {
+                        oldest_available: first,
+                        reason: GapReason::Unknown,
+                    }),
                     _ => None,
                 })
             }

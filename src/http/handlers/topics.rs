@@ -72,14 +72,7 @@ pub async fn history(shard: &Shard, topic: String, query: Option<&str>) -> Resul
     checked_topic(&topic, &shard.config.api)?;
     let q = parse_history_query(query, &shard.config.api)?;
     let page = shard
-        .read(
-            topic.clone(),
-            PageQuery {
-                after: q.cursor,
-                order: q.order,
-                limit: q.limit,
-            },
-        )
+        .read(topic.clone(), PageQuery::new(q.cursor, q.order, q.limit))
         .await?;
     let (messages, total, next_cursor) = match page {
         Some(p) => (p.messages, p.total, p.next_cursor),
