@@ -24,7 +24,7 @@ use crate::config::LongPollConfig;
 use crate::http::error::ApiError;
 use crate::http::handlers::Reply;
 use crate::http::json::{array_up_to, object_up_to, Bounded};
-use crate::shard::Shard;
+use crate::shard::{ReplayQuery, Shard};
 use crate::store::message::MessageId;
 
 /// A validated poll.
@@ -207,6 +207,10 @@ impl Drop for Parked<'_> {
 /// needs to hold one burst.
 const POLL_QUEUE_BYTES: usize = 8 << 20;
 
+/// Bytes one history read of a poll asks for: an answer's memory is bounded by bytes, not by
+/// `limit` times the largest payload (a single larger message still comes, alone).
+const POLL_PAGE_BYTES: usize = 4 << 20;
+
 pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError> {
     let sink = shard.delivery.new_sink(POLL_QUEUE_BYTES);
     let mut guard = Parked {
@@ -219,37 +223,60 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
     let mut has_more = false;
     for (topic, start) in &request.topics {
         let name: Arc<str> = Arc::from(topic.as_str());
-        // Registered before the read below; live messages are held back until the read is
-        // done, then only those newer than what it returned are kept.
-        sink.follow(&name, *start != StartAt::Last);
+        // Registered before the reads below; live messages are held back until the reads
+        // reach the end, then only those newer than what they returned are kept.
+        let generation = sink.follow(&name, *start != StartAt::Last);
         shard.delivery.attach(&name, &sink);
-        let (after, limit) = match start {
-            StartAt::Last => (None, 0),
-            StartAt::Earliest => (None, request.limit),
+        let mut after = match start {
+            StartAt::Last => {
+                shard
+                    .subscribe_read(topic, ReplayQuery::register_only())
+                    .await?;
+                continue;
+            }
+            StartAt::Earliest => None,
             StartAt::After(id) => {
                 sink.seen_up_to(topic, *id);
-                (Some(*id), request.limit)
+                Some(*id)
             }
         };
-        // A resume point older than what is retained is reported (`gaps`), as WebSocket and
-        // SSE consumers are told; the answer still carries what is there.
-        let page = shard
-            .subscribe_read(topic, after, limit, after.is_some())
-            .await?;
-        if let (Some(gap), Some(requested)) = (page.gap, after) {
-            gaps.push(Gap {
-                topic: name.clone(),
-                requested,
-                oldest_available: gap.oldest_available,
-                reason: gap.reason,
-            });
+        loop {
+            // A resume point older than what is retained is reported (`gaps`), as WebSocket
+            // and SSE consumers are told; the answer still carries what is there.
+            let page = shard
+                .subscribe_read(
+                    topic,
+                    ReplayQuery {
+                        after,
+                        limit: request.limit,
+                        max_bytes: POLL_PAGE_BYTES,
+                        check_gap: after.is_some(),
+                    },
+                )
+                .await?;
+            if let (Some(gap), Some(requested)) = (page.gap, after) {
+                gaps.push(Gap {
+                    topic: name.clone(),
+                    requested,
+                    oldest_available: gap.oldest_available,
+                    reason: gap.reason,
+                });
+            }
+            for message in page.messages {
+                sink.seen_up_to(topic, message.id);
+                after = Some(message.id);
+                found.push(Rc::new(Delivered::new(name.clone(), message)));
+            }
+            if found.len() >= request.limit {
+                // A full answer: the rest of this topic (and what arrived live) is for the
+                // next poll, from the position this answer reports.
+                has_more |= page.more || found.len() > request.limit;
+                break;
+            }
+            if !page.more && sink.finish_replay(topic, generation) {
+                break;
+            }
         }
-        has_more |= page.more;
-        for message in page.messages {
-            sink.seen_up_to(topic, message.id);
-            found.push(Rc::new(Delivered::new(name.clone(), message)));
-        }
-        sink.finish_replay(topic);
     }
     if found.is_empty() {
         if !shard

@@ -26,10 +26,10 @@ pub mod websocket;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::shard::{Shard, ShardError};
+use crate::shard::{ReplayQuery, Shard, ShardError};
 use crate::store::message::MessageId;
 use crate::store::GapReason;
-use sink::{Delivered, Sink, SinkState};
+use sink::{Delivered, Sink};
 
 /// Messages per replay round trip: large enough that catching up on a long backlog is few
 /// round trips, small enough that one page never dominates a consumer's queue bound.
@@ -88,39 +88,48 @@ pub async fn follow(
     sink: &Rc<Sink>,
     topic: Arc<str>,
     start: StartAt,
-    max_queued_bytes: usize,
     on_gap: &mut dyn FnMut(Gap),
 ) -> Result<(), ShardError> {
-    register(shard, sink, &topic, start).await?;
-    catch_up(shard, sink, topic, start, max_queued_bytes, on_gap).await
+    let generation = register(shard, sink, &topic, start).await?;
+    catch_up(shard, sink, topic, start, generation, on_gap).await
 }
 
 /// Attaches `sink` to `topic` and registers with the owner; from its return on, every
 /// message appended to the topic reaches the sink (held back while a replay is pending).
+/// Returns the follow's generation, for [`catch_up`].
 pub async fn register(
     shard: &Shard,
     sink: &Rc<Sink>,
     topic: &Arc<str>,
     start: StartAt,
-) -> Result<(), ShardError> {
-    sink.follow(topic, start != StartAt::Last);
+) -> Result<u64, ShardError> {
+    let generation = sink.follow(topic, start != StartAt::Last);
     if let StartAt::After(id) = start {
         sink.seen_up_to(topic, id);
     }
     shard.delivery.attach(topic, sink);
-    shard.subscribe_read(topic, None, 0, false).await?;
-    Ok(())
+    shard
+        .subscribe_read(topic, ReplayQuery::register_only())
+        .await?;
+    Ok(generation)
 }
 
-/// After [`register`]: replays history after the start (flow-controlled by the sink's
-/// queue), then releases held-back live messages newer than the last replayed one. Reports a
-/// gap through `on_gap` before any replayed message is queued.
+/// After [`register`]: replays history after the start, then hands over to live delivery
+/// with no gap and no repeat (live messages that arrived meanwhile are released after the
+/// last replayed one).
+///
+/// Pull, not push: each page is read only when the sink has room, and asks for no more bytes
+/// than that room, so the consumer's one bound holds whatever the message sizes. It stops
+/// (without error) as soon as the follow `generation` is no longer current: an unsubscribe,
+/// a newer subscribe of the topic, a disconnect or an overflow. A gap found before any page
+/// (messages after the start were removed) or between pages (removed while the consumer was
+/// catching up) is reported through `on_gap` before the messages after it are queued.
 pub async fn catch_up(
     shard: &Shard,
     sink: &Rc<Sink>,
     topic: Arc<str>,
     start: StartAt,
-    max_queued_bytes: usize,
+    generation: u64,
     on_gap: &mut dyn FnMut(Gap),
 ) -> Result<(), ShardError> {
     let mut after = match start {
@@ -128,38 +137,42 @@ pub async fn catch_up(
         StartAt::Earliest => None,
         StartAt::After(id) => Some(id),
     };
-    let mut first = true;
     loop {
+        let Some(room) = sink.wait_room(&topic, generation).await else {
+            return Ok(());
+        };
         let page = shard
-            .subscribe_read(&topic, after, REPLAY_PAGE, first && after.is_some())
+            .subscribe_read(
+                &topic,
+                ReplayQuery {
+                    after,
+                    limit: REPLAY_PAGE,
+                    max_bytes: room,
+                    check_gap: after.is_some(),
+                },
+            )
             .await?;
-        if first {
-            if let (Some(gap), Some(requested)) = (page.gap, after) {
-                on_gap(Gap {
-                    topic: topic.clone(),
-                    requested,
-                    oldest_available: gap.oldest_available,
-                    reason: gap.reason,
-                });
-            }
-            first = false;
+        if !sink.is_current(&topic, generation) {
+            return Ok(());
         }
-        let fetched = page.messages.len();
+        if let (Some(gap), Some(requested)) = (page.gap, after) {
+            on_gap(Gap {
+                topic: topic.clone(),
+                requested,
+                oldest_available: gap.oldest_available,
+                reason: gap.reason,
+            });
+        }
         for message in page.messages {
             after = Some(message.id);
-            sink.push_replayed(Rc::new(Delivered::new(topic.clone(), message)));
+            if !sink.push_replayed(generation, Rc::new(Delivered::new(topic.clone(), message))) {
+                return Ok(());
+            }
         }
-        if !page.more || fetched == 0 {
-            break;
-        }
-        // Let the consumer drain before fetching more: a backlog never sits in memory whole.
-        sink.drained_below(max_queued_bytes / 2).await;
-        if sink.state() != SinkState::Open {
-            break;
+        if !page.more && sink.finish_replay(&topic, generation) {
+            return Ok(());
         }
     }
-    sink.finish_replay(&topic);
-    Ok(())
 }
 
 /// Counts deliveries about to be written and, for live ones, their lag since the owner

@@ -100,16 +100,7 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                 write_gap(&mut event, &gap);
                 sink.push_control(event.freeze());
             };
-            if let Err(e) = follow(
-                shard,
-                &sink,
-                name,
-                request.start,
-                config.max_queued_bytes,
-                &mut on_gap,
-            )
-            .await
-            {
+            if let Err(e) = follow(shard, &sink, name, request.start, &mut on_gap).await {
                 tracing::debug!(error = %e, "event stream could not follow its topics");
                 sink.close();
                 return;

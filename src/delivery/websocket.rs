@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::channel::mpsc;
-use futures::future::{select, Either};
+use futures::future::{abortable, select, AbortHandle, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use std::collections::HashMap;
 
 use super::sink::{Delivered, Sink, SinkState};
 use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
@@ -86,10 +87,18 @@ const IDLE_OUT_CAP: usize = 4 << 10;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// A subscription's catch-up job for the followers.
+#[derive(Clone)]
 struct Job {
     topic: Arc<str>,
     start: StartAt,
+    /// The follow it catches up (see [`Sink::follow`]).
+    generation: u64,
 }
+
+/// The session's running catch-ups, by topic: at most one per topic; unsubscribing (or
+/// subscribing the topic anew) aborts the running one at once, so a subscribe/unsubscribe
+/// loop cannot pile up history reads.
+type CatchUps = RefCell<HashMap<Arc<str>, (u64, AbortHandle)>>;
 
 /// Drives one session until it closes. `input` holds bytes the client sent after the upgrade
 /// request (its first frames, possibly).
@@ -105,6 +114,7 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
     let closing: RefCell<Option<Option<CloseReason>>> = RefCell::new(None);
     let acks = Cell::new(0u64);
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded::<Vec<Job>>();
+    let catch_ups: CatchUps = RefCell::new(HashMap::new());
 
     let close_with = |reason: Option<CloseReason>| {
         let mut c = closing.borrow_mut();
@@ -128,7 +138,16 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
                         last_heard.set(Instant::now());
                         match frame {
                             Incoming::Text(text) => {
-                                handle_text(shard, &sink, &text, &session_id, &jobs_tx, &acks).await
+                                handle_text(
+                                    shard,
+                                    &sink,
+                                    &text,
+                                    &session_id,
+                                    &jobs_tx,
+                                    &catch_ups,
+                                    &acks,
+                                )
+                                .await
                             }
                             Incoming::Binary(_) => sink.push_control(error_frame(
                                 "UNSUPPORTED_FRAME",
@@ -176,25 +195,29 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
 
     let followers = async {
         let mut running = FuturesUnordered::new();
+        let start = |running: &mut FuturesUnordered<_>, jobs: Vec<Job>| {
+            for job in jobs {
+                let (task, handle) = abortable(follow_job(shard, &sink, &catch_ups, job.clone()));
+                if let Some((_, old)) = catch_ups
+                    .borrow_mut()
+                    .insert(job.topic.clone(), (job.generation, handle))
+                {
+                    old.abort();
+                }
+                running.push(task);
+            }
+        };
         loop {
             let next_job = jobs_rx.next();
             if running.is_empty() {
                 match next_job.await {
-                    Some(jobs) => {
-                        for job in jobs {
-                            running.push(follow_job(shard, &sink, job, config.max_queued_bytes));
-                        }
-                    }
+                    Some(jobs) => start(&mut running, jobs),
                     None => return,
                 }
                 continue;
             }
             match select(next_job, running.next()).await {
-                Either::Left((Some(jobs), _)) => {
-                    for job in jobs {
-                        running.push(follow_job(shard, &sink, job, config.max_queued_bytes));
-                    }
-                }
+                Either::Left((Some(jobs), _)) => start(&mut running, jobs),
                 Either::Left((None, _)) => {
                     while running.next().await.is_some() {}
                     return;
@@ -299,18 +322,31 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
     let _ = writer.close().await;
 }
 
-async fn follow_job(shard: &Shard, sink: &Rc<Sink>, job: Job, max_queued_bytes: usize) {
+async fn follow_job(shard: &Shard, sink: &Rc<Sink>, catch_ups: &CatchUps, job: Job) {
     let mut on_gap = |gap: Gap| sink.push_control(gap_frame(&gap));
-    if let Err(e) = catch_up(
+    let result = catch_up(
         shard,
         sink,
         job.topic.clone(),
         job.start,
-        max_queued_bytes,
+        job.generation,
         &mut on_gap,
     )
-    .await
+    .await;
     {
+        let mut running = catch_ups.borrow_mut();
+        if running
+            .get(&job.topic)
+            .is_some_and(|(generation, _)| *generation == job.generation)
+        {
+            running.remove(&job.topic);
+        }
+    }
+    if let Err(e) = result {
+        if !sink.is_current(&job.topic, job.generation) {
+            // Unsubscribed (or subscribed anew) meanwhile: not this catch-up's topic any more.
+            return;
+        }
         tracing::debug!(error = %e, "WebSocket replay failed");
         // The topic is dropped from the session: its live messages would otherwise wait for a
         // replay that will not finish, and the subscribe that retries it would be a no-op for
@@ -334,6 +370,7 @@ async fn handle_text(
     text: &str,
     session_id: &str,
     jobs: &mpsc::UnboundedSender<Vec<Job>>,
+    catch_ups: &CatchUps,
     acks: &Cell<u64>,
 ) {
     let config = &shard.config;
@@ -350,6 +387,9 @@ async fn handle_text(
         Ok(ClientMessage::Unsubscribe { topics }) => {
             for topic in &topics {
                 unfollow(shard, sink, topic);
+                if let Some((_, running)) = catch_ups.borrow_mut().remove(topic.as_str()) {
+                    running.abort();
+                }
             }
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
             let mut out = Vec::with_capacity(64);
@@ -388,17 +428,21 @@ async fn handle_text(
                 return;
             }
             // Register everything first, so `subscribed` means nothing from now on is missed.
+            let mut generations = Vec::with_capacity(plan.len());
             for (topic, start) in &plan {
-                if let Err(e) = register(shard, sink, topic, *start).await {
-                    tracing::debug!(error = %e, "WebSocket subscribe failed");
-                    for (t, _) in &plan {
-                        unfollow(shard, sink, t);
+                match register(shard, sink, topic, *start).await {
+                    Ok(generation) => generations.push(generation),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "WebSocket subscribe failed");
+                        for (t, _) in &plan {
+                            unfollow(shard, sink, t);
+                        }
+                        sink.push_control(error_frame(
+                            "SERVICE_UNAVAILABLE",
+                            "could not subscribe now; retry shortly",
+                        ));
+                        return;
                     }
-                    sink.push_control(error_frame(
-                        "SERVICE_UNAVAILABLE",
-                        "could not subscribe now; retry shortly",
-                    ));
-                    return;
                 }
             }
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -409,8 +453,13 @@ async fn handle_text(
             sink.push_control(codec::text_frame(&out));
             let replays: Vec<Job> = plan
                 .into_iter()
-                .filter(|(_, start)| *start != StartAt::Last)
-                .map(|(topic, start)| Job { topic, start })
+                .zip(generations)
+                .filter(|((_, start), _)| *start != StartAt::Last)
+                .map(|((topic, start), generation)| Job {
+                    topic,
+                    start,
+                    generation,
+                })
                 .collect();
             if !replays.is_empty() {
                 let _ = jobs.unbounded_send(replays);

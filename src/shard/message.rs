@@ -45,15 +45,11 @@ pub enum ShardRequest {
         reply: Reply<Result<bool, StoreError>>,
     },
     /// Registers shard `shard`'s interest in `topic` (its consumers get this owner's new
-    /// messages from now on), THEN reads up to `limit` messages after `after` (ascending;
-    /// `None` = from the oldest). `limit` 0 only registers. With `check_gap`, also reports
-    /// whether messages after `after` were already removed.
+    /// messages from now on), THEN reads the page `query` names.
     SubscribeRead {
         topic: String,
         shard: usize,
-        after: Option<MessageId>,
-        limit: usize,
-        check_gap: bool,
+        query: ReplayQuery,
         reply: Reply<Result<ReplayPage, StoreError>>,
     },
     /// Shard `shard` has no consumer of `topic` left (fire and forget).
@@ -73,6 +69,31 @@ pub enum ShardRequest {
     Summary { reply: Reply<StorageSummary> },
     /// Stop accepting, finish in-flight work, exit. Sent by the signal thread.
     Shutdown,
+}
+
+/// A consumer's catch-up read (see [`ShardRequest::SubscribeRead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayQuery {
+    /// Ascending after this id; `None` = from the oldest.
+    pub after: Option<MessageId>,
+    /// At most this many messages; 0 only registers.
+    pub limit: usize,
+    /// At most about this many bytes (a single larger message still comes, alone).
+    pub max_bytes: usize,
+    /// Also report whether messages after `after` were already removed.
+    pub check_gap: bool,
+}
+
+impl ReplayQuery {
+    /// Registers interest, reads nothing.
+    pub fn register_only() -> ReplayQuery {
+        ReplayQuery {
+            after: None,
+            limit: 0,
+            max_bytes: 0,
+            check_gap: false,
+        }
+    }
 }
 
 /// One page of history for a consumer catching up.

@@ -34,9 +34,8 @@ use crate::config::Config;
 use crate::delivery::registry::Registry;
 use crate::http::response::DateCache;
 use crate::store::hot_tier::{Order, Page, PageQuery, TopicStats};
-use crate::store::message::MessageId;
 use crate::store::{PublishAck, PublishItem, Storage, StorageSummary, StoreError};
-pub use message::{ReplayPage, ShardRequest};
+pub use message::{ReplayPage, ReplayQuery, ShardRequest};
 
 /// The sending side of a shard's inbox. Unbounded because the number of requests in flight is
 /// already bounded by its producers: each connection has at most one request being handled
@@ -280,26 +279,21 @@ impl Shard {
     }
 
     /// For a consumer on this shard: registers this shard's interest in `topic` with its
-    /// owner, then reads up to `limit` messages after `after` (see
-    /// [`ShardRequest::SubscribeRead`]).
+    /// owner, then reads the page `query` names (see [`ShardRequest::SubscribeRead`]).
     pub async fn subscribe_read(
         &self,
         topic: &str,
-        after: Option<MessageId>,
-        limit: usize,
-        check_gap: bool,
+        query: ReplayQuery,
     ) -> Result<ReplayPage, ShardError> {
         let owner = self.owner_of(topic);
         if owner == self.id {
-            return Ok(replay_page(self, topic, after, limit, check_gap).await?);
+            return Ok(replay_page(self, topic, query).await?);
         }
         Ok(self
             .ask(owner, |reply| ShardRequest::SubscribeRead {
                 topic: topic.to_owned(),
                 shard: self.id,
-                after,
-                limit,
-                check_gap,
+                query,
                 reply,
             })
             .await??)
@@ -427,27 +421,26 @@ pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     .detach();
 }
 
-/// Reads a page of history after `after` for a consumer catching up (owner side).
+/// Reads a page of history for a consumer catching up (owner side).
 async fn replay_page(
     shard: &Shard,
     topic: &str,
-    after: Option<MessageId>,
-    limit: usize,
-    check_gap: bool,
+    query: ReplayQuery,
 ) -> Result<ReplayPage, StoreError> {
-    let gap = match (check_gap, after) {
+    let gap = match (query.check_gap, query.after) {
         (true, Some(after)) => shard.storage.gap_after(topic, after).await?,
         _ => None,
     };
-    if limit == 0 {
+    if query.limit == 0 {
         return Ok(ReplayPage {
             messages: Vec::new(),
             more: false,
             gap,
         });
     }
-    let query = PageQuery::new(after, Order::Asc, limit);
-    let page = shard.storage.read(topic, &query, now_ms()).await?;
+    let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
+    page_query.max_bytes = query.max_bytes;
+    let page = shard.storage.read(topic, &page_query, now_ms()).await?;
     Ok(match page {
         Some(page) => ReplayPage {
             more: page.next_cursor.is_some(),
@@ -475,15 +468,13 @@ async fn handle_request(shard: &Shard, request: ShardRequest) {
         ShardRequest::SubscribeRead {
             topic,
             shard: from,
-            after,
-            limit,
-            check_gap,
+            query,
             reply,
         } => {
             // Interest first, read second: a message appended in between is both forwarded
             // and (maybe) in the page, and the consumer drops the duplicate; none is missed.
             shard.delivery.set_interest(&topic, from, true);
-            let _ = reply.send(replay_page(shard, &topic, after, limit, check_gap).await);
+            let _ = reply.send(replay_page(shard, &topic, query).await);
         }
         ShardRequest::Withdraw { topic, shard: from } => {
             shard.delivery.set_interest(&topic, from, false);

@@ -362,7 +362,11 @@ impl Storage {
                 if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
                     return Ok(Some(page));
                 }
-                tier.read(topic, query, now_ms).await
+                let mut page = tier.read(topic, query, now_ms).await?;
+                if let Some(page) = &mut page {
+                    page.truncate_to_bytes(query.max_bytes);
+                }
+                Ok(page)
             }
         }
     }
