@@ -203,47 +203,33 @@ impl Shard {
         items: Vec<PublishItem>,
     ) -> Result<Vec<Result<PublishAck, StoreError>>, ShardError> {
         if owner == self.id {
-            let results = self.storage.publish(items, now_ms()).await;
-            self.fan_out();
-            return Ok(results);
+            return Ok(self.storage.publish(items, now_ms()).await);
         }
         self.ask(owner, |reply| ShardRequest::Publish { items, reply })
             .await
     }
 
-    /// Hands what the store appended since the last call to the consumers: this shard's own,
-    /// and one copy per other shard that registered interest in the topic. Runs on the
-    /// owning shard right after each publish, so delivery order is append (id) order.
-    pub fn fan_out(&self) {
-        let appended = self.storage.take_appended();
-        if appended.is_empty() {
-            return;
-        }
-        // Group consecutive messages of one topic: a bulk publish becomes one delivery per
-        // topic and interested shard, not one per message.
-        let mut batch: Vec<crate::store::message::Message> = Vec::new();
-        let mut current: Option<String> = None;
-        for (topic, message) in appended {
-            if current.as_deref() != Some(topic.as_str()) {
-                if let Some(done) = current.take() {
-                    self.deliver_batch(done, std::mem::take(&mut batch));
+    /// Makes this shard's delivery the listener of its storage's append feed: every message
+    /// the store acknowledges goes to this shard's consumers and one copy to every other
+    /// shard that registered interest in its topic, in append (id) order.
+    pub fn wire_delivery(self: &Rc<Self>) {
+        let shard = Rc::downgrade(self);
+        self.storage
+            .feed()
+            .subscribe(Box::new(move |topic, messages| {
+                if let Some(shard) = shard.upgrade() {
+                    shard.deliver_batch(topic, messages);
                 }
-                current = Some(topic);
-            }
-            batch.push(message);
-        }
-        if let Some(done) = current {
-            self.deliver_batch(done, batch);
-        }
+            }));
     }
 
-    fn deliver_batch(&self, topic: String, messages: Vec<crate::store::message::Message>) {
+    fn deliver_batch(&self, topic: &str, messages: Vec<crate::store::message::Message>) {
         let acked_at = std::time::Instant::now();
-        self.delivery.deliver_local(&topic, &messages, acked_at);
-        for shard in self.delivery.interested_shards(&topic) {
+        self.delivery.deliver_local(topic, &messages, acked_at);
+        for shard in self.delivery.interested_shards(topic) {
             if let Some(peer) = self.peers.get(shard) {
                 let _ = peer.unbounded_send(ShardRequest::Deliver {
-                    topic: topic.clone(),
+                    topic: topic.to_owned(),
                     messages: messages.clone(),
                     acked_at,
                 });
@@ -461,9 +447,7 @@ async fn handle_request(shard: &Shard, request: ShardRequest) {
     let store = &shard.storage;
     match request {
         ShardRequest::Publish { items, reply } => {
-            let results = store.publish(items, now_ms()).await;
-            shard.fan_out();
-            let _ = reply.send(results);
+            let _ = reply.send(store.publish(items, now_ms()).await);
         }
         ShardRequest::SubscribeRead {
             topic,

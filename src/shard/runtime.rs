@@ -202,6 +202,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         storage,
         peers,
     ));
+    shard.wire_delivery();
 
     // The first timer of an executor can take 30-80 ms to arm (glommio 0.9, fixed only on
     // master); pay that now rather than on the first slow-client timeout.

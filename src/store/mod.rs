@@ -12,9 +12,11 @@
 //!
 //! - [`message`]: [`message::MessageId`] (`<ms>-<seq>`, Valkey's stream-id format) and
 //!   [`message::Message`], and the JSON form every delivery path shares.
+//! - [`feed`]: the append feed, storage's one report of what it appended, for delivery.
 //! - [`hot_tier`]: per-topic ordered logs with count, age and byte-budget retention.
 //! - [`valkey`]: the Valkey Streams tier: commands, reply parsing, discovery, retention sweep.
 
+pub mod feed;
 pub mod hot_tier;
 pub mod message;
 pub mod valkey;
@@ -158,10 +160,8 @@ pub struct Storage {
     /// Borrowed only inside synchronous sections, never across an `.await`, so concurrent
     /// tasks on the shard cannot observe a half-applied operation or panic on re-borrow.
     hot: RefCell<HotTier>,
-    /// Messages appended to the hot tier since the shard last took them, in id order per
-    /// topic: what real-time delivery fans out. Filled by whichever task completed the append
-    /// (with Valkey, one task's reply may complete another's messages), drained right after.
-    appended: RefCell<Vec<(String, Message)>>,
+    /// Every acknowledged message, in id order per topic, for real-time delivery.
+    feed: feed::AppendFeed,
 }
 
 impl Storage {
@@ -175,7 +175,7 @@ impl Storage {
         match config.storage.backend {
             StorageBackend::Memory => Ok(Storage {
                 backend: Backend::Memory,
-                appended: RefCell::new(Vec::new()),
+                feed: feed::AppendFeed::new(),
                 hot: RefCell::new(HotTier::new(HotTierLimits {
                     max_messages_per_topic: config.storage.max_messages_per_topic,
                     retention_ms: duration_ms(config.storage.persistent_tier_retention),
@@ -198,7 +198,7 @@ impl Storage {
                 );
                 Ok(Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
-                    appended: RefCell::new(Vec::new()),
+                    feed: feed::AppendFeed::new(),
                     hot: RefCell::new(HotTier::new(HotTierLimits {
                         max_messages_per_topic: config
                             .hot_tier
@@ -232,9 +232,25 @@ impl Storage {
         }
     }
 
+    /// The append feed delivery subscribes to.
+    pub fn feed(&self) -> &feed::AppendFeed {
+        &self.feed
+    }
+
     /// Appends messages; one result per item, in item order. With Valkey and
-    /// `ack = persisted` a result is `Ok` only once Valkey has stored the message.
+    /// `ack = persisted` a result is `Ok` only once Valkey has stored the message. What was
+    /// appended reaches the [`feed`](Storage::feed) before this returns.
     pub async fn publish(
+        &self,
+        items: Vec<PublishItem>,
+        now_ms: u64,
+    ) -> Vec<Result<PublishAck, StoreError>> {
+        let results = self.append(items, now_ms).await;
+        self.feed.flush();
+        results
+    }
+
+    async fn append(
         &self,
         items: Vec<PublishItem>,
         now_ms: u64,
@@ -242,7 +258,6 @@ impl Storage {
         match &self.backend {
             Backend::Memory => {
                 let mut hot = self.hot.borrow_mut();
-                let mut appended = self.appended.borrow_mut();
                 items
                     .into_iter()
                     .map(|item| {
@@ -257,7 +272,7 @@ impl Storage {
                             id: msg.id,
                             timestamp_ms: msg.timestamp_ms,
                         };
-                        appended.push((item.topic, msg));
+                        self.feed.append(&item.topic, msg);
                         Ok(ack)
                     })
                     .collect()
@@ -335,9 +350,7 @@ impl Storage {
     /// order (possible only with several connections per shard racing) evicts the topic from
     /// memory instead, so its reads go to Valkey rather than miss a message.
     fn cache(&self, topic: &str, message: Message) {
-        self.appended
-            .borrow_mut()
-            .push((topic.to_owned(), message.clone()));
+        self.feed.append(topic, message.clone());
         let mut hot = self.hot.borrow_mut();
         if hot.insert(topic, message).is_err() {
             tracing::warn!(
@@ -452,11 +465,6 @@ impl Storage {
                 Ok(existed || cached)
             }
         }
-    }
-
-    /// Takes the messages appended since the last call (for fan-out), in append order.
-    pub fn take_appended(&self) -> Vec<(String, Message)> {
-        std::mem::take(&mut *self.appended.borrow_mut())
     }
 
     /// Whether a consumer resuming after `after` has missed messages that are gone (removed
