@@ -87,7 +87,8 @@ mod tests {
     #[test]
     fn a_flush_hands_over_runs_of_one_topic_in_append_order() {
         let feed = AppendFeed::new();
-        let seen: Rc<RefCell<Vec<(String, Vec<u64>)>>> = Rc::default();
+        type Runs = Vec<(String, Vec<u64>)>;
+        let seen: Rc<RefCell<Runs>> = Rc::default();
         let sink = seen.clone();
         feed.subscribe(Box::new(move |topic, messages| {
             let ids = messages.iter().map(|m| m.id.ms).collect();
