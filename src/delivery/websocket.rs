@@ -29,9 +29,10 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::collections::HashMap;
 
-use super::sink::{Delivered, Sink, SinkState};
+use super::sink::{Delivered, Sink};
+use super::writer::{self, Ending, Framing, Idle};
+use super::OnDrop;
 use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
-use super::{record_delivered, write_or_give_up, OnDrop};
 use crate::clock::now_ms;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -79,12 +80,57 @@ pub fn upgrade_request(request: &Request) -> UpgradeRequest<'_> {
     }
 }
 
-/// Messages written per batch.
-const WRITE_BATCH: usize = 256;
-/// The most output buffer a session keeps while it waits for something to send.
-const IDLE_OUT_CAP: usize = 4 << 10;
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A session's wire form for the shared writer loop: message frames, protocol pings, the
+/// idle timeout, and the close frame.
+struct WsFraming<'a> {
+    /// Set by the reader when the session is ending: the close frame to send, if any.
+    closing: &'a RefCell<Option<Option<CloseReason>>>,
+    /// When the client last sent a frame (protocol pongs count).
+    last_heard: &'a Cell<Instant>,
+    next_ping: Instant,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+}
+
+impl Framing for WsFraming<'_> {
+    const EGRESS: Egress = Egress::WebSocket;
+
+    fn message(&mut self, delivered: &Delivered, out: &mut BytesMut) {
+        out.extend_from_slice(delivered.ws_frame());
+    }
+
+    fn idle(&mut self, now: Instant, out: &mut BytesMut) -> Idle {
+        let last_heard = self.last_heard.get();
+        if now.duration_since(last_heard) > self.idle_timeout {
+            self.closing
+                .borrow_mut()
+                .get_or_insert(Some(CloseReason::Policy(1001, "idle timeout")));
+            return Idle::End;
+        }
+        if now >= self.next_ping {
+            codec::encode_ping(out, b"");
+            self.next_ping = now + self.ping_interval;
+        }
+        Idle::Until(
+            self.next_ping
+                .min(last_heard + self.idle_timeout + Duration::from_millis(1)),
+        )
+    }
+
+    fn end(&mut self, why: Ending, out: &mut BytesMut) {
+        let reason = match (*self.closing.borrow(), why) {
+            (Some(reason), _) => reason,
+            (None, Ending::SlowConsumer) => Some(CloseReason::SlowConsumer),
+            (None, _) => Some(CloseReason::GoingAway),
+        };
+        if let Some(reason) = reason {
+            codec::encode_close(out, &reason);
+        }
+    }
+}
 
 /// A subscription's catch-up job for the followers.
 #[derive(Clone)]
@@ -228,76 +274,14 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
     };
 
     let writer_loop = async {
-        // Both start empty and grow with the first delivery: most sessions are idle most
-        // of the time, and 10,000 idle sessions must not each pin a write batch's worth.
-        let mut out = BytesMut::new();
-        let mut batch: Vec<Rc<Delivered>> = Vec::new();
-        let mut next_ping = Instant::now() + config.ping_interval;
-        loop {
-            sink.take_control(&mut out);
-            batch.clear();
-            sink.take(&mut batch, WRITE_BATCH);
-            if !batch.is_empty() {
-                record_delivered(shard, Egress::WebSocket, &batch);
-            }
-            for d in &batch {
-                out.extend_from_slice(d.ws_frame());
-            }
-            let ending = closing.borrow().is_some() || sink.state() != SinkState::Open;
-            if ending {
-                let reason = match (*closing.borrow(), sink.state()) {
-                    (Some(reason), _) => reason,
-                    (None, SinkState::Overflowed) => Some(CloseReason::SlowConsumer),
-                    (None, _) => Some(CloseReason::GoingAway),
-                };
-                if let Some(reason) = reason {
-                    if reason == CloseReason::SlowConsumer {
-                        shard.metrics.slow_consumer_disconnect();
-                        tracing::debug!(shard = shard.id, "closing a slow WebSocket consumer");
-                    }
-                    codec::encode_close(&mut out, &reason);
-                }
-                let _ = write_or_give_up(&mut writer, &out, &sink).await;
-                return;
-            }
-            if !out.is_empty() {
-                if write_or_give_up(&mut writer, &out, &sink).await.is_err() {
-                    // Cut off while its write was blocked (no close frame can reach a client
-                    // that does not read): still a slow consumer.
-                    if sink.state() == SinkState::Overflowed {
-                        shard.metrics.slow_consumer_disconnect();
-                    }
-                    close_with(None);
-                    return;
-                }
-                out.clear();
-                continue;
-            }
-            let now = Instant::now();
-            if now.duration_since(last_heard.get()) > config.idle_timeout {
-                close_with(Some(CloseReason::Policy(1001, "idle timeout")));
-                continue;
-            }
-            if now >= next_ping {
-                codec::encode_ping(&mut out, b"");
-                next_ping = now + config.ping_interval;
-                continue;
-            }
-            if out.capacity() > IDLE_OUT_CAP {
-                // A burst grew the buffer; do not keep that much while waiting.
-                out = BytesMut::new();
-            }
-            let wake_at =
-                next_ping.min(last_heard.get() + config.idle_timeout + Duration::from_millis(1));
-            let ready = Box::pin(sink.ready());
-            let timer = Box::pin(glommio::timer::sleep(
-                wake_at.saturating_duration_since(now),
-            ));
-            match select(select(ready, timer), Box::pin(shard.shutdown.wait())).await {
-                Either::Left(_) => {}
-                Either::Right(_) => close_with(Some(CloseReason::GoingAway)),
-            }
-        }
+        let mut framing = WsFraming {
+            closing: &closing,
+            last_heard: &last_heard,
+            next_ping: Instant::now() + config.ping_interval,
+            ping_interval: config.ping_interval,
+            idle_timeout: config.idle_timeout,
+        };
+        writer::run(shard, &sink, &mut writer, &mut framing).await;
     };
 
     // The writer decides when the session ends; the reader then gets a short grace period to
