@@ -15,7 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::delivery::{longpoll, sse, websocket};
+use pulsar_relay::delivery::{longpoll, sse};
+use pulsar_relay::http::handlers::websocket;
 use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
 use pulsar_relay::http::error::ApiError;
 use pulsar_relay::http::handlers::topics::parse_history_query;

@@ -2,7 +2,7 @@
 //! and go through `ws::codec::Decoder` (masking, fragmentation, interleaved control frames,
 //! UTF-8, size limits); each text message goes through `ws::protocol::parse_client_message`
 //! and, for a subscribe, the per-topic checks the session makes (topic rule, offset
-//! resolution via `delivery::websocket::start_for`); the replies the session would send
+//! resolution via `net::websocket::start_for`); the replies the session would send
 //! (error, unsubscribed, pong, close echo) are encoded and their JSON checked.
 //!
 //! Input: see `pulsar_relay_fuzz` (`knob % 4` picks a row of `LIMITS`). The stream is decoded
@@ -12,7 +12,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::delivery::websocket::start_for;
+use pulsar_relay::net::websocket::start_for;
 use pulsar_relay::ws::codec::{
     encode_close, encode_close_echo, encode_pong, text_frame, CloseReason, CodecLimits, Decoder,
     Incoming,

@@ -15,14 +15,12 @@
 //! - [`registry`]: consumers per topic, interest of other shards, parked long-poll count.
 //! - [`longpoll`]: `POST /messages/poll`, `GET /api/v1/poll`.
 //! - [`sse`]: `GET /api/v1/topics/{topic}/events`, `GET /api/v1/events`.
-//! - [`websocket`]: `GET /ws` sessions.
 //! - [`writer`]: the one writer loop of the streaming transports (WebSocket, SSE).
 
 pub mod longpoll;
 pub mod registry;
 pub mod sink;
 pub mod sse;
-pub mod websocket;
 pub mod writer;
 
 use std::rc::Rc;

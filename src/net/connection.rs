@@ -105,7 +105,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             if write_out(&mut stream, &mut output, stall).await.is_err() {
                                 return;
                             }
-                            crate::delivery::websocket::run(shard, stream, input, upgrade).await;
+                            super::websocket::run(shard, stream, input, upgrade).await;
                             return;
                         }
                     }

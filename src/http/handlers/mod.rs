@@ -4,16 +4,18 @@
 //! [`ApiError`]. Endpoints are grouped by resource:
 //! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
 //! - [`topics`]: history pages, topic stats and listing, trim, delete;
-//! - [`health`]: `/health` and `/ready`.
+//! - [`health`]: `/health` and `/ready`;
+//! - [`websocket`]: the `GET /ws` upgrade (the session runs in [`crate::net::websocket`]).
 
 pub mod health;
 pub mod publish;
 pub mod topics;
+pub mod websocket;
 
 use bytes::BytesMut;
 
 use crate::delivery::sse::SseRequest;
-use crate::delivery::websocket::WsUpgrade;
+use websocket::WsUpgrade;
 
 use super::codec::{Method, Request};
 use super::error::ApiError;
@@ -84,7 +86,7 @@ pub async fn handle(
                 Err(e) => Err(e),
             }
         }
-        Ok(Route::WebSocket) => match crate::delivery::websocket::accept(shard, &request) {
+        Ok(Route::WebSocket) => match websocket::accept(shard, &request) {
             Ok((upgrade, response)) => {
                 shard.metrics.http_request(label, 101);
                 out.extend_from_slice(&response);

@@ -1,14 +1,14 @@
-//! WebSocket sessions at `GET /ws`.
+//! WebSocket sessions at `GET /ws`: the socket side of the transport.
 //!
-//! The HTTP layer hands over the upgrade request; [`accept`] validates it and produces the
-//! 101 response (choosing the `bearer` subprotocol when offered, as the Python relay's clients
-//! expect). [`run`] then drives the session over the raw connection:
+//! The HTTP layer validates the upgrade (`crate::http::handlers::websocket`) and writes the
+//! 101 response; [`run`] then drives the session over the raw connection:
 //! - a reader decodes client frames (sans-IO codec in `crate::ws`) and acts on the JSON
 //!   commands: subscribe (with an offset), unsubscribe, ack, ping;
-//! - a writer sends, in one write per batch, the session's control frames (acknowledgements,
-//!   errors, gap signals, pongs, protocol pings) and then its queued messages, each one the
-//!   frame encoded once per shard and shared by every socket;
-//! - followers catch subscriptions up (history replay) concurrently with both.
+//! - the shared writer loop ([`crate::delivery::writer`]) sends, in one write per batch, the
+//!   session's control frames (acknowledgements, errors, gap signals, pongs, protocol pings)
+//!   and then its queued messages, each one the frame encoded once per shard and shared by
+//!   every socket;
+//! - followers catch subscriptions up (`crate::delivery::catch_up`) concurrently with both.
 //!
 //! Subscribing registers every topic with its owner first, then answers `subscribed`, then
 //! replays: so `subscribed` means "from here on nothing is missed", and replayed messages
@@ -29,56 +29,17 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::collections::HashMap;
 
-use super::sink::{Delivered, Sink};
-use super::writer::{self, Ending, Framing, Idle};
-use super::OnDrop;
-use super::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
 use crate::clock::now_ms;
-use crate::http::codec::Request;
-use crate::http::error::ApiError;
+use crate::delivery::sink::{Delivered, Sink};
+use crate::delivery::writer::{self, Ending, Framing, Idle};
+use crate::delivery::OnDrop;
+use crate::delivery::{catch_up, register, unfollow, unfollow_all, Gap, StartAt};
+use crate::http::handlers::websocket::WsUpgrade;
 use crate::metrics::Egress;
 use crate::shard::Shard;
 use crate::store::message::{write_rfc3339_millis, MessageId};
 use crate::ws::codec::{self, CloseReason, CodecLimits, Decoder, Incoming};
-use crate::ws::handshake::{self, UpgradeRequest};
 use crate::ws::protocol::{self, ClientMessage, Offset};
-
-/// What the session needs from the upgrade.
-#[derive(Debug, Clone)]
-pub struct WsUpgrade {
-    pub protocol: Option<&'static str>,
-}
-
-/// Validates an upgrade request; returns the session parameters and the 101 response.
-pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>), ApiError> {
-    match handshake::accept(&upgrade_request(request)) {
-        Ok(accepted) => Ok((
-            WsUpgrade {
-                protocol: accepted.protocol,
-            },
-            accepted.response,
-        )),
-        Err(e) => {
-            let mut error = ApiError::new(e.status(), e.code(), e.message());
-            error.headers = e.response_headers();
-            Err(error)
-        }
-    }
-}
-
-/// The headers of `request` the opening handshake looks at. Public so the fuzz targets check
-/// the handshake on the requests the HTTP decoder produces, as [`accept`] does.
-pub fn upgrade_request(request: &Request) -> UpgradeRequest<'_> {
-    UpgradeRequest {
-        method_get: request.method() == crate::http::codec::Method::Get,
-        version_minor: request.version_minor(),
-        connection: request.header("connection"),
-        upgrade: request.header("upgrade"),
-        sec_websocket_key: request.header("sec-websocket-key"),
-        sec_websocket_version: request.header("sec-websocket-version"),
-        sec_websocket_protocol: request.header("sec-websocket-protocol"),
-    }
-}
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
