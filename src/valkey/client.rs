@@ -270,6 +270,19 @@ struct Lane {
     idle_driver: Option<Waker>,
 }
 
+/// The replies of one `call_many` will come from one group (one lane) or several.
+enum Queued {
+    One(oneshot::Receiver<Vec<Result<Reply, ValkeyError>>>),
+    /// Per lane: the positions of its commands in the call, and its receiver.
+    #[allow(clippy::type_complexity)]
+    Split(
+        Vec<(
+            Vec<usize>,
+            oneshot::Receiver<Vec<Result<Reply, ValkeyError>>>,
+        )>,
+    ),
+}
+
 /// Everything the callers and the tasks share. Only ever borrowed between awaits.
 struct State {
     /// One per connection, indexed like the drivers.
@@ -460,23 +473,19 @@ impl Client {
     > {
         let n = commands.len();
         let queued = if n == 0 {
-            Vec::new()
+            Queued::Split(Vec::new())
         } else {
             self.shared.enqueue_many(commands)?
         };
         Ok(async move {
-            match queued.as_slice() {
-                [] => Vec::new(),
+            match queued {
                 // One lane (the usual case): the replies are already in command order.
-                [_] => match queued.into_iter().next() {
-                    Some((_, rx)) => rx
-                        .await
-                        .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
-                    None => Vec::new(),
-                },
-                _ => {
+                Queued::One(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
+                Queued::Split(groups) => {
                     let mut out: Vec<Option<Result<Reply, ValkeyError>>> = vec![None; n];
-                    for (positions, rx) in queued {
+                    for (positions, rx) in groups {
                         let replies = rx
                             .await
                             .unwrap_or_else(|_| vec![Err(stopped_in_flight()); positions.len()]);
@@ -659,37 +668,44 @@ impl Shared {
     }
 
     /// Queues `commands` (at least one) as one group per lane they route to, all or none.
-    /// Returns, per group, the positions of its commands in `commands` and its receiver.
-    #[allow(clippy::type_complexity)]
-    fn enqueue_many(
-        &self,
-        commands: &[Command],
-    ) -> Result<
-        Vec<(
-            Vec<usize>,
-            oneshot::Receiver<Vec<Result<Reply, ValkeyError>>>,
-        )>,
-        ValkeyError,
-    > {
+    /// Allocates nothing beyond the group's receiver when they all take one lane (every
+    /// single-topic publish).
+    fn enqueue_many(&self, commands: &[Command]) -> Result<Queued, ValkeyError> {
         let mut state = self.state.borrow_mut();
         // Unrouted commands ride with the routed command before them (the first routed one
         // if none is before), so they keep their place relative to it.
-        let first_routed = commands.iter().find_map(|c| c.route);
-        let mut current = first_routed.map(|route| state.lane_of(route));
-        let fallback = match current {
-            Some(lane) => lane,
+        let first_lane = match commands.iter().find_map(|c| c.route) {
+            Some(route) => state.lane_of(route),
             None => state.least_busy_lane(),
         };
-        let lane_per_command: Vec<usize> = commands
-            .iter()
-            .map(|command| {
+        let lane_count = state.lanes.len() as u64;
+        let lanes_of = || {
+            let mut current = first_lane;
+            commands.iter().map(move |command| {
                 if let Some(route) = command.route {
-                    current = Some(state.lane_of(route));
+                    current = (route % lane_count) as usize;
                 }
-                current.unwrap_or(fallback)
+                current
             })
-            .collect();
-        let mut lanes: Vec<usize> = Vec::with_capacity(1);
+        };
+        if lanes_of().all(|lane| lane == first_lane) {
+            self.admit(&mut state, commands.len(), &[first_lane])?;
+            let (tx, rx) = oneshot::channel();
+            Self::push_group(
+                &mut state,
+                first_lane,
+                commands.len(),
+                |arena| {
+                    for command in commands {
+                        arena.extend_from_slice(command.as_bytes());
+                    }
+                },
+                Completion::Many(tx),
+            );
+            return Ok(Queued::One(rx));
+        }
+        let lane_per_command: Vec<usize> = lanes_of().collect();
+        let mut lanes: Vec<usize> = Vec::new();
         for &lane in &lane_per_command {
             if !lanes.contains(&lane) {
                 lanes.push(lane);
@@ -715,7 +731,7 @@ impl Shared {
             );
             groups.push((positions, rx));
         }
-        Ok(groups)
+        Ok(Queued::Split(groups))
     }
 
     /// Resolves once `condition` holds; re-checked whenever watchers are woken.
