@@ -477,16 +477,7 @@ impl Storage {
         after: MessageId,
     ) -> Result<Option<GapInfo>, StoreError> {
         match &self.backend {
-            Backend::Memory => {
-                let hot = self.hot.borrow();
-                Ok(match hot.max_removed(topic) {
-                    Some(removed) if removed > after => Some(GapInfo {
-                        oldest_available: hot.stats(topic).and_then(|s| s.first_id),
-                        reason: GapReason::Unknown,
-                    }),
-                    _ => None,
-                })
-            }
+            Backend::Memory => Ok(self.hot.borrow().gap_after(topic, after)),
             Backend::Valkey(tier) => {
                 let (first, max_deleted) = tier.gap_info(topic).await?;
                 Ok(match max_deleted {

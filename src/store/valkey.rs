@@ -9,8 +9,10 @@
 //! the shard's tasks queue into one pipeline: the group commit) nor the hot tier (owned by
 //! [`super::Storage`], which decides when a read can be served from memory).
 //!
-//! Ordering: XADDs of one topic are queued in submission order on the shard's client and
-//! Valkey assigns ids in arrival order, so a topic's replies come back in id order. The
+//! Ordering: every command touching a topic's keys is [routed](crate::valkey::Command::routed)
+//! by the topic, so all of them travel over one connection of the shard's client (however
+//! many it has) in submission order, and Valkey assigns ids in arrival order: a topic's
+//! replies come back in id order, and explicit ids (`ack: buffered`) arrive increasing. The
 //! per-topic reorder queue here makes the hot tier see them in that order even though the
 //! publishing tasks resume in whatever order the executor picks.
 
@@ -193,7 +195,7 @@ impl ValkeyTier {
             args[len + 1] = ttl.as_bytes();
             len += 2;
         }
-        command(&args[..len])
+        command(&args[..len]).routed(item.topic.as_bytes())
     }
 
     /// Topic metadata (`created`) for topics this process has not written before, queued in
@@ -216,7 +218,10 @@ impl ValkeyTier {
             let mut created = Vec::with_capacity(24);
             write_rfc3339_millis(&mut created, now_ms);
             let key = self.meta_key.render(topic);
-            commands.push(command(&[b"HSETNX", key.as_bytes(), b"created", &created]));
+            commands.push(
+                command(&[b"HSETNX", key.as_bytes(), b"created", &created])
+                    .routed(topic.as_bytes()),
+            );
         }
     }
 
@@ -359,7 +364,10 @@ impl ValkeyTier {
             self.count("xrevrange", 1);
             let reply = self
                 .client
-                .call(&[b"XREVRANGE", key.as_bytes(), b"+", b"-", b"COUNT", b"1"])
+                .call_routed(
+                    item.topic.as_bytes(),
+                    &[b"XREVRANGE", key.as_bytes(), b"+", b"-", b"COUNT", b"1"],
+                )
                 .await
                 .map_err(store_error)?;
             let last = parse_entries(&reply)
@@ -448,8 +456,9 @@ impl ValkeyTier {
                 end.as_bytes(),
                 b"COUNT",
                 count.as_bytes(),
-            ]);
-            let xlen = command(&[b"XLEN", key.as_bytes()]);
+            ])
+            .routed(topic.as_bytes());
+            let xlen = command(&[b"XLEN", key.as_bytes()]).routed(topic.as_bytes());
             self.count(
                 if query.order == Order::Asc {
                     "xrange"
@@ -522,7 +531,7 @@ impl ValkeyTier {
         self.count("xinfo", 1);
         match self
             .client
-            .call(&[b"XINFO", b"STREAM", key.as_bytes()])
+            .call_routed(topic.as_bytes(), &[b"XINFO", b"STREAM", key.as_bytes()])
             .await
         {
             Ok(reply) => Ok(self.parse_xinfo(topic, &reply)),
@@ -542,7 +551,7 @@ impl ValkeyTier {
         self.count("xinfo", 1);
         let reply = match self
             .client
-            .call(&[b"XINFO", b"STREAM", key.as_bytes()])
+            .call_routed(topic.as_bytes(), &[b"XINFO", b"STREAM", key.as_bytes()])
             .await
         {
             Ok(reply) => reply,
@@ -626,6 +635,7 @@ impl ValkeyTier {
                     b"STREAM",
                     self.stream_key.render(topic).as_bytes(),
                 ])
+                .routed(topic.as_bytes())
             })
             .collect();
         self.count("xinfo", commands.len());
@@ -652,8 +662,9 @@ impl ValkeyTier {
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
         let key = self.stream_key.render(topic);
         let keep = keep_count.to_string();
-        let exists = command(&[b"EXISTS", key.as_bytes()]);
-        let trim = command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()]);
+        let exists = command(&[b"EXISTS", key.as_bytes()]).routed(topic.as_bytes());
+        let trim = command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()])
+            .routed(topic.as_bytes());
         self.count("exists", 1);
         self.count("xtrim", 1);
         let mut replies = self.client.call_many(&[exists, trim]).await;
@@ -682,7 +693,10 @@ impl ValkeyTier {
         self.count("del", 1);
         let reply = self
             .client
-            .call(&[b"DEL", stream.as_bytes(), meta.as_bytes()])
+            .call_routed(
+                topic.as_bytes(),
+                &[b"DEL", stream.as_bytes(), meta.as_bytes()],
+            )
             .await
             .map_err(store_error)?;
         self.known.borrow_mut().remove(topic);
@@ -755,7 +769,8 @@ impl ValkeyTier {
         let mut commands = Vec::with_capacity(names.len() * 2);
         for topic in &names {
             let key = self.stream_key.render(topic);
-            let trim = command(&[b"XTRIM", key.as_bytes(), b"MINID", b"~", min_id.as_bytes()]);
+            let trim = command(&[b"XTRIM", key.as_bytes(), b"MINID", b"~", min_id.as_bytes()])
+                .routed(topic.as_bytes());
             commands.push(trim);
             let head = command(&[
                 b"XRANGE",
@@ -764,7 +779,8 @@ impl ValkeyTier {
                 b"+",
                 b"COUNT",
                 probe.as_bytes(),
-            ]);
+            ])
+            .routed(topic.as_bytes());
             commands.push(head);
         }
         self.count("xtrim", names.len());
@@ -787,7 +803,7 @@ impl ValkeyTier {
                     let ids: Vec<String> = expired.iter().map(|id| id.to_string()).collect();
                     let mut args: Vec<&[u8]> = vec![b"XDEL", key.as_bytes()];
                     args.extend(ids.iter().map(|s| s.as_bytes()));
-                    deletions.push(command(&args));
+                    deletions.push(command(&args).routed(topic.as_bytes()));
                 }
             }
         }

@@ -10,14 +10,23 @@
 //! `max_batch_commands`) as one batch, writes it with one write, reads the replies, and
 //! completes the callers in order. While that batch is in flight, new commands accumulate
 //! and form the next batch. There is no timer: a command arriving at an idle driver goes out
-//! at once, and a burst becomes one pipeline. With `connections > 1`, whichever driver is idle
-//! takes the next batch.
+//! at once, and a burst becomes one pipeline.
+//!
+//! Lanes: each connection has its own queue (a *lane*). A command [routed](Command::routed)
+//! by a key (the relay routes by topic) always takes the lane chosen by a stable hash of that
+//! key, so every command touching one topic travels over one connection and Valkey, which
+//! executes one connection's commands in the order they arrive, applies them in submission
+//! order. That is what makes a topic's `XADD *` ids follow submission order, and explicit ids
+//! (`ack: buffered`) arrive in increasing order, with any number of connections. Commands
+//! without a route go to the least busy connected lane.
 //!
 //! Failure semantics (one outcome per command, nothing waits forever):
 //! - Error reply (`-ERR ...`) to a command: `Err(ValkeyError::Server)` for that command only.
 //! - Connection lost while a batch is in flight: the commands whose replies had not arrived
 //!   fail with `ConnectionLost` (they may have been applied); those with replies get them.
-//!   Commands still queued are sent on the next connection.
+//!   Commands still queued in that lane stay there, in order, and go out on the lane's next
+//!   connection (or expire): never on another lane, where they could overtake or be
+//!   overtaken by commands of the same key.
 //! - No reply within `command_timeout`: the rest of the batch fails with `Timeout` and the
 //!   connection is dropped (its replies would be out of step) and reconnected.
 //! - Queued for longer than `command_timeout` (no connection, or all busy): `Timeout`. So a
@@ -31,9 +40,11 @@
 //! A command whose `call` future is dropped is still sent if it was queued: the queue holds
 //! encoded bytes back to back, and withdrawing one from the middle is not worth a copy.
 //!
-//! Ordering: one connection executes batches in order, so with `connections == 1` commands run
-//! in queue order. With more connections, only the commands of one `call_many` (always in one
-//! batch) and commands awaited one after the other are ordered.
+//! Ordering: one connection executes batches in order, so commands of one lane run in queue
+//! order: with `connections == 1` all commands, with more, all commands routed by one key.
+//! A `call_many` whose commands span lanes is split into one group per lane (each keeping its
+//! commands' relative order) and its replies are reassembled in command order; an unrouted
+//! command in such a call rides with the routed command before it (or, first, after it).
 //!
 //! Commands must produce exactly one reply each: SUBSCRIBE, MONITOR, CLIENT REPLY and HELLO
 //! would put replies out of step. Blocking commands (BLPOP, XREAD BLOCK) hold up the whole
@@ -68,8 +79,9 @@ const ARENA_CAPACITY: usize = 64 << 10;
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub connect: ConnectConfig,
-    /// Connections (and driver tasks) per shard, at least 1. More than one lets a batch go out
-    /// while another is in flight; one keeps all commands in order.
+    /// Connections (and driver tasks, and lanes) per shard, at least 1. More than one lets
+    /// batches of different keys go out while another is in flight; commands of one key keep
+    /// their order whatever the number.
     pub connections: usize,
     /// Commands allowed to wait in the queue (not counting those in flight) before `call`
     /// fails with `Backpressure`. Bounds memory while Valkey is down or slow. An empty queue
@@ -98,9 +110,23 @@ impl Default for ClientConfig {
 }
 
 /// One encoded command, checked to be exactly one non-empty RESP array of bulk strings (so it
-/// gets exactly one reply and cannot put the pipeline out of step).
+/// gets exactly one reply and cannot put the pipeline out of step), and optionally the hash
+/// of the key that chooses its connection (see the module doc's "Lanes").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command(Bytes);
+pub struct Command {
+    bytes: Bytes,
+    route: Option<u64>,
+}
+
+/// Seed of the lane hash. Not the shard router's (unseeded XXH3): with the same hash, a
+/// shard's topics (all ≡ shard mod shards) would use only some lanes whenever the shard and
+/// connection counts share a factor.
+const LANE_SEED: u64 = 0x6c61_6e65_7365_6564;
+
+/// The route of `key`: stable across processes, like the shard router.
+fn route_of(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, LANE_SEED)
+}
 
 impl Command {
     /// Encodes `args` (command name first).
@@ -110,17 +136,30 @@ impl Command {
         }
         let mut out = BytesMut::new();
         encode_command(&mut out, args);
-        Ok(Command(out.freeze()))
+        Ok(Command {
+            bytes: out.freeze(),
+            route: None,
+        })
     }
 
     /// Accepts bytes encoded elsewhere (e.g. with [`encode_command`]) after checking them.
     pub fn from_encoded(encoded: Bytes) -> Result<Command, ProtocolError> {
         validate_command(&encoded)?;
-        Ok(Command(encoded))
+        Ok(Command {
+            bytes: encoded,
+            route: None,
+        })
+    }
+
+    /// This command must go over the connection of `key` (the relay passes the topic): all
+    /// commands routed by one key run in the order they were queued.
+    pub fn routed(mut self, key: &[u8]) -> Command {
+        self.route = Some(route_of(key));
+        self
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
@@ -217,8 +256,8 @@ impl QueuedGroup {
     }
 }
 
-/// Everything the callers and the tasks share. Only ever borrowed between awaits.
-struct State {
+/// One connection's queue: what its driver sends, in order.
+struct Lane {
     /// Encoded commands of every queued group, back to back in queue order. A batch is split
     /// off the front without copying; the arena reuses its allocation once the batch that
     /// shares it is written and dropped.
@@ -226,12 +265,34 @@ struct State {
     queue: VecDeque<QueuedGroup>,
     queued_commands: usize,
     in_flight_commands: usize,
+    connected: bool,
+    /// The lane's driver, when it waits for work.
+    idle_driver: Option<Waker>,
+}
+
+/// The replies of one `call_many` will come from one group (one lane) or several.
+enum Queued {
+    One(oneshot::Receiver<Vec<Result<Reply, ValkeyError>>>),
+    /// Per lane: the positions of its commands in the call, and its receiver.
+    #[allow(clippy::type_complexity)]
+    Split(
+        Vec<(
+            Vec<usize>,
+            oneshot::Receiver<Vec<Result<Reply, ValkeyError>>>,
+        )>,
+    ),
+}
+
+/// Everything the callers and the tasks share. Only ever borrowed between awaits.
+struct State {
+    /// One per connection, indexed like the drivers.
+    lanes: Vec<Lane>,
+    /// Sums over the lanes.
+    queued_commands: usize,
+    in_flight_commands: usize,
     connected: usize,
     /// `shutdown` began: refuse new commands.
     closing: bool,
-    /// Drivers waiting for work; all are woken by the next enqueue (a handful at most, and a
-    /// woken driver that finds the queue empty just waits again).
-    idle_drivers: Vec<Waker>,
     /// The expiry task, when it waits for the queue to become non-empty.
     janitor: Option<Waker>,
     /// `shutdown` and `wait_connected`, woken on any change of queue, flight or connections.
@@ -246,6 +307,29 @@ impl State {
         for waker in self.watchers.drain(..) {
             waker.wake();
         }
+    }
+
+    /// The lane of a routed command.
+    fn lane_of(&self, route: u64) -> usize {
+        (route % self.lanes.len() as u64) as usize
+    }
+
+    /// The lane for unrouted work: connected lanes first, then the fewest commands queued
+    /// and in flight, then the lowest index.
+    fn least_busy_lane(&self) -> usize {
+        (0..self.lanes.len())
+            .min_by_key(|&i| {
+                let lane = &self.lanes[i];
+                (
+                    !lane.connected,
+                    lane.queued_commands + lane.in_flight_commands,
+                )
+            })
+            .unwrap_or(0)
+    }
+
+    fn queues_empty(&self) -> bool {
+        self.lanes.iter().all(|lane| lane.queue.is_empty())
     }
 }
 
@@ -291,13 +375,20 @@ impl Client {
         let shared = Rc::new(Shared {
             connector,
             state: RefCell::new(State {
-                arena: BytesMut::with_capacity(ARENA_CAPACITY),
-                queue: VecDeque::new(),
+                lanes: (0..config.connections)
+                    .map(|_| Lane {
+                        arena: BytesMut::with_capacity(ARENA_CAPACITY),
+                        queue: VecDeque::new(),
+                        queued_commands: 0,
+                        in_flight_commands: 0,
+                        connected: false,
+                        idle_driver: None,
+                    })
+                    .collect(),
                 queued_commands: 0,
                 in_flight_commands: 0,
                 connected: 0,
                 closing: false,
-                idle_drivers: Vec::new(),
                 janitor: None,
                 watchers: Vec::new(),
                 stats: ClientStats::default(),
@@ -322,8 +413,28 @@ impl Client {
             return Err(ProtocolError::EmptyCommand.into());
         }
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .enqueue(1, |arena| encode_command(arena, args), Completion::One(tx))?;
+        self.shared.enqueue(
+            None,
+            1,
+            |arena| encode_command(arena, args),
+            Completion::One(tx),
+        )?;
+        rx.await.unwrap_or_else(|_| Err(stopped_in_flight()))
+    }
+
+    /// Like [`Client::call`], routed by `key` (see [`Command::routed`]): ordered with every
+    /// other command routed by the same key.
+    pub async fn call_routed(&self, key: &[u8], args: &[&[u8]]) -> Result<Reply, ValkeyError> {
+        if args.is_empty() {
+            return Err(ProtocolError::EmptyCommand.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared.enqueue(
+            Some(route_of(key)),
+            1,
+            |arena| encode_command(arena, args),
+            Completion::One(tx),
+        )?;
         rx.await.unwrap_or_else(|_| Err(stopped_in_flight()))
     }
 
@@ -362,26 +473,30 @@ impl Client {
     > {
         let n = commands.len();
         let queued = if n == 0 {
-            None
+            Queued::Split(Vec::new())
         } else {
-            let (tx, rx) = oneshot::channel();
-            self.shared.enqueue(
-                n,
-                |arena| {
-                    for command in commands {
-                        arena.extend_from_slice(command.as_bytes());
-                    }
-                },
-                Completion::Many(tx),
-            )?;
-            Some(rx)
+            self.shared.enqueue_many(commands)?
         };
         Ok(async move {
             match queued {
-                None => Vec::new(),
-                Some(rx) => rx
+                // One lane (the usual case): the replies are already in command order.
+                Queued::One(rx) => rx
                     .await
                     .unwrap_or_else(|_| vec![Err(stopped_in_flight()); n]),
+                Queued::Split(groups) => {
+                    let mut out: Vec<Option<Result<Reply, ValkeyError>>> = vec![None; n];
+                    for (positions, rx) in groups {
+                        let replies = rx
+                            .await
+                            .unwrap_or_else(|_| vec![Err(stopped_in_flight()); positions.len()]);
+                        for (position, reply) in positions.into_iter().zip(replies) {
+                            out[position] = Some(reply);
+                        }
+                    }
+                    out.into_iter()
+                        .map(|reply| reply.unwrap_or_else(|| Err(stopped_in_flight())))
+                        .collect()
+                }
             }
         })
     }
@@ -433,7 +548,7 @@ impl Client {
         self.shared.state.borrow_mut().closing = true;
         let drained = self
             .shared
-            .until(|state| state.queue.is_empty() && state.in_flight_commands == 0);
+            .until(|state| state.queues_empty() && state.in_flight_commands == 0);
         let limit = self.shared.config.connect.command_timeout;
         let _ = with_timeout(limit, "", async {
             drained.await;
@@ -442,9 +557,14 @@ impl Client {
         .await;
         let leftovers: Vec<QueuedGroup> = {
             let mut state = self.shared.state.borrow_mut();
-            state.arena.clear();
             state.queued_commands = 0;
-            state.queue.drain(..).collect()
+            let mut leftovers = Vec::new();
+            for lane in &mut state.lanes {
+                lane.arena.clear();
+                lane.queued_commands = 0;
+                leftovers.extend(lane.queue.drain(..));
+            }
+            leftovers
         };
         let error = ValkeyError::Unavailable("client shut down before the command was sent");
         for group in leftovers {
@@ -456,7 +576,12 @@ impl Client {
         }
         // A driver cancelled mid-batch never finished its accounting; its callers got
         // `ConnectionLost` through their dropped senders.
-        self.shared.state.borrow_mut().in_flight_commands = 0;
+        let mut state = self.shared.state.borrow_mut();
+        state.in_flight_commands = 0;
+        for lane in &mut state.lanes {
+            lane.in_flight_commands = 0;
+        }
+        drop(state);
         tracing::info!(client = %self.shared.config.connect.client_name, "Valkey client stopped");
     }
 }
@@ -467,44 +592,146 @@ fn stopped_in_flight() -> ValkeyError {
 }
 
 impl Shared {
-    /// Admission control and appending to the queue, in one borrow.
-    fn enqueue(
+    /// Admission control for `commands` more commands going to `lanes`: refused when
+    /// shutting down, or when the queues hold `max_pending` already and one of the target
+    /// lanes is not empty (an empty lane admits one group of any size; with
+    /// `max_pending == 0`, only while that lane is connected).
+    fn admit(
         &self,
+        state: &mut State,
         commands: usize,
-        write: impl FnOnce(&mut BytesMut),
-        completion: Completion,
+        lanes: &[usize],
     ) -> Result<(), ValkeyError> {
-        let mut state = self.state.borrow_mut();
         if state.closing {
             state.stats.rejected_shut_down += commands as u64;
             return Err(ValkeyError::Unavailable("client is shut down"));
         }
         let limit = self.config.max_pending;
         let fits = state.queued_commands + commands <= limit
-            || (state.queue.is_empty() && (limit > 0 || state.connected > 0));
+            || lanes.iter().all(|&i| {
+                let lane = &state.lanes[i];
+                lane.queue.is_empty() && (limit > 0 || lane.connected)
+            });
         if !fits {
             state.stats.rejected_backpressure += commands as u64;
             return Err(ValkeyError::Backpressure {
                 limit: self.config.max_pending,
             });
         }
-        let before = state.arena.len();
-        write(&mut state.arena);
-        let bytes = state.arena.len() - before;
-        state.queue.push_back(QueuedGroup {
+        Ok(())
+    }
+
+    /// Appends one admitted group to lane `index` and wakes its driver and the janitor.
+    fn push_group(
+        state: &mut State,
+        index: usize,
+        commands: usize,
+        write: impl FnOnce(&mut BytesMut),
+        completion: Completion,
+    ) {
+        let lane = &mut state.lanes[index];
+        let before = lane.arena.len();
+        write(&mut lane.arena);
+        let bytes = lane.arena.len() - before;
+        lane.queue.push_back(QueuedGroup {
             bytes,
             commands,
             completion,
             enqueued_at: Instant::now(),
         });
-        state.queued_commands += commands;
-        for waker in state.idle_drivers.drain(..) {
+        lane.queued_commands += commands;
+        if let Some(waker) = lane.idle_driver.take() {
             waker.wake();
         }
+        state.queued_commands += commands;
         if let Some(waker) = state.janitor.take() {
             waker.wake();
         }
+    }
+
+    /// Admission control and appending one group to its lane, in one borrow.
+    fn enqueue(
+        &self,
+        route: Option<u64>,
+        commands: usize,
+        write: impl FnOnce(&mut BytesMut),
+        completion: Completion,
+    ) -> Result<(), ValkeyError> {
+        let mut state = self.state.borrow_mut();
+        let index = match route {
+            Some(route) => state.lane_of(route),
+            None => state.least_busy_lane(),
+        };
+        self.admit(&mut state, commands, &[index])?;
+        Self::push_group(&mut state, index, commands, write, completion);
         Ok(())
+    }
+
+    /// Queues `commands` (at least one) as one group per lane they route to, all or none.
+    /// Allocates nothing beyond the group's receiver when they all take one lane (every
+    /// single-topic publish).
+    fn enqueue_many(&self, commands: &[Command]) -> Result<Queued, ValkeyError> {
+        let mut state = self.state.borrow_mut();
+        // Unrouted commands ride with the routed command before them (the first routed one
+        // if none is before), so they keep their place relative to it.
+        let first_lane = match commands.iter().find_map(|c| c.route) {
+            Some(route) => state.lane_of(route),
+            None => state.least_busy_lane(),
+        };
+        let lane_count = state.lanes.len() as u64;
+        let lanes_of = || {
+            let mut current = first_lane;
+            commands.iter().map(move |command| {
+                if let Some(route) = command.route {
+                    current = (route % lane_count) as usize;
+                }
+                current
+            })
+        };
+        if lanes_of().all(|lane| lane == first_lane) {
+            self.admit(&mut state, commands.len(), &[first_lane])?;
+            let (tx, rx) = oneshot::channel();
+            Self::push_group(
+                &mut state,
+                first_lane,
+                commands.len(),
+                |arena| {
+                    for command in commands {
+                        arena.extend_from_slice(command.as_bytes());
+                    }
+                },
+                Completion::Many(tx),
+            );
+            return Ok(Queued::One(rx));
+        }
+        let lane_per_command: Vec<usize> = lanes_of().collect();
+        let mut lanes: Vec<usize> = Vec::new();
+        for &lane in &lane_per_command {
+            if !lanes.contains(&lane) {
+                lanes.push(lane);
+            }
+        }
+        self.admit(&mut state, commands.len(), &lanes)?;
+        let mut groups = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            let positions: Vec<usize> = (0..commands.len())
+                .filter(|&i| lane_per_command[i] == lane)
+                .collect();
+            let (tx, rx) = oneshot::channel();
+            Self::push_group(
+                &mut state,
+                lane,
+                positions.len(),
+                |arena| {
+                    for &i in &positions {
+                        arena.extend_from_slice(commands[i].as_bytes());
+                    }
+                },
+                Completion::Many(tx),
+            );
+            groups.push((positions, rx));
+        }
+        Ok(Queued::Split(groups))
     }
 
     /// Resolves once `condition` holds; re-checked whenever watchers are woken.
@@ -523,12 +750,13 @@ impl Shared {
         })
     }
 
-    /// Resolves when something is queued.
-    fn work_available(&self) -> impl Future<Output = ()> + '_ {
+    /// Resolves when something is queued in lane `index`.
+    fn work_available(&self, index: usize) -> impl Future<Output = ()> + '_ {
         poll_fn(move |cx| {
             let mut state = self.state.borrow_mut();
-            if state.queue.is_empty() {
-                register(&mut state.idle_drivers, cx);
+            let lane = &mut state.lanes[index];
+            if lane.queue.is_empty() {
+                lane.idle_driver = Some(cx.waker().clone());
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -536,24 +764,27 @@ impl Shared {
         })
     }
 
-    /// Moves the front groups (up to `max_batch_commands`, whole groups only, at least one)
-    /// into `groups` and splits their bytes off the arena.
-    fn take_batch(&self, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize) {
+    /// Moves lane `index`'s front groups (up to `max_batch_commands`, whole groups only, at
+    /// least one) into `groups` and splits their bytes off its arena.
+    fn take_batch(&self, index: usize, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize) {
         let mut state = self.state.borrow_mut();
         let limit = self.config.max_batch_commands;
         let (mut commands, mut bytes) = (0, 0);
-        while let Some(front) = state.queue.front() {
+        let lane = &mut state.lanes[index];
+        while let Some(front) = lane.queue.front() {
             if commands > 0 && commands + front.commands > limit {
                 break;
             }
-            let Some(group) = state.queue.pop_front() else {
+            let Some(group) = lane.queue.pop_front() else {
                 break;
             };
             commands += group.commands;
             bytes += group.bytes;
             groups.push(group);
         }
-        let batch = state.arena.split_to(bytes);
+        let batch = lane.arena.split_to(bytes);
+        lane.queued_commands -= commands;
+        lane.in_flight_commands += commands;
         state.queued_commands -= commands;
         state.in_flight_commands += commands;
         let stats = &mut state.stats;
@@ -568,9 +799,11 @@ impl Shared {
         (batch, commands)
     }
 
-    /// Completes the callers of a finished batch: replies in order, `failure` for the rest.
+    /// Completes the callers of a finished batch of lane `index`: replies in order,
+    /// `failure` for the rest.
     fn finish_batch(
         &self,
+        index: usize,
         groups: &mut Vec<QueuedGroup>,
         replies: &mut Vec<Reply>,
         commands: usize,
@@ -579,6 +812,7 @@ impl Shared {
         {
             let mut state = self.state.borrow_mut();
             state.in_flight_commands -= commands;
+            state.lanes[index].in_flight_commands -= commands;
             let error_replies = replies.iter().filter(|r| r.is_error()).count() as u64;
             let unanswered = commands.saturating_sub(replies.len()) as u64;
             let stats = &mut state.stats;
@@ -609,6 +843,7 @@ impl Shared {
     fn on_connected(&self, index: usize, connection: &Connection, reconnect: bool) {
         let mut state = self.state.borrow_mut();
         state.connected += 1;
+        state.lanes[index].connected = true;
         state.stats.connects += 1;
         if reconnect {
             state.stats.reconnects += 1;
@@ -649,35 +884,51 @@ impl Shared {
         tracing::warn!(client = %name, connection = index, %error, "lost connection to Valkey; reconnecting");
     }
 
-    /// Pops every group queued at or before `cutoff` into `expired`; they are at the front
-    /// because all groups share one timeout and the queue is in arrival order.
+    /// Pops every group queued at or before `cutoff` into `expired`; in each lane they are
+    /// at the front because all groups share one timeout and a lane is in arrival order.
     fn expire_queued(&self, cutoff: Instant, expired: &mut Vec<QueuedGroup>) {
         let mut state = self.state.borrow_mut();
-        while state
-            .queue
-            .front()
-            .is_some_and(|front| front.enqueued_at <= cutoff)
-        {
-            let Some(group) = state.queue.pop_front() else {
-                break;
-            };
-            let _ = state.arena.split_to(group.bytes);
-            state.queued_commands -= group.commands;
-            state.stats.failed_timeout_queued += group.commands as u64;
-            expired.push(group);
+        let mut removed = 0;
+        for lane in &mut state.lanes {
+            while lane
+                .queue
+                .front()
+                .is_some_and(|front| front.enqueued_at <= cutoff)
+            {
+                let Some(group) = lane.queue.pop_front() else {
+                    break;
+                };
+                let _ = lane.arena.split_to(group.bytes);
+                lane.queued_commands -= group.commands;
+                removed += group.commands;
+                expired.push(group);
+            }
         }
+        state.queued_commands -= removed;
+        state.stats.failed_timeout_queued += removed as u64;
         state.wake_watchers();
+    }
+
+    /// When the oldest queued group (over all lanes) was queued.
+    fn oldest_queued(&self) -> Option<Instant> {
+        let state = self.state.borrow();
+        state
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.queue.front().map(|g| g.enqueued_at))
+            .min()
     }
 }
 
-/// Counts a connection as up for as long as the driver holds it, including when the driver
-/// task is cancelled mid-batch by `shutdown`.
-struct ConnectedGuard<'a>(&'a Shared);
+/// Counts a connection (of the lane it names) as up for as long as the driver holds it,
+/// including when the driver task is cancelled mid-batch by `shutdown`.
+struct ConnectedGuard<'a>(&'a Shared, usize);
 
 impl Drop for ConnectedGuard<'_> {
     fn drop(&mut self) {
         let mut state = self.0.state.borrow_mut();
         state.connected -= 1;
+        state.lanes[self.1].connected = false;
         state.wake_watchers();
     }
 }
@@ -710,8 +961,8 @@ async fn run_driver(shared: Rc<Shared>, index: usize) {
         shared.on_connected(index, &connection, ever_connected);
         ever_connected = true;
         let connected_at = Instant::now();
-        let guard = ConnectedGuard(&shared);
-        let error = serve(&shared, &mut connection, &mut groups, &mut replies).await;
+        let guard = ConnectedGuard(&shared, index);
+        let error = serve(&shared, index, &mut connection, &mut groups, &mut replies).await;
         drop(guard);
         drop(connection);
         shared.on_lost(index, &error);
@@ -723,9 +974,10 @@ async fn run_driver(shared: Rc<Shared>, index: usize) {
     }
 }
 
-/// Sends batches over `connection` until it fails; returns why.
+/// Sends lane `index`'s batches over `connection` until it fails; returns why.
 async fn serve(
     shared: &Shared,
+    index: usize,
     connection: &mut Connection,
     groups: &mut Vec<QueuedGroup>,
     replies: &mut Vec<Reply>,
@@ -736,7 +988,7 @@ async fn serve(
         // `or` polls the queue first: under load the read is never even started.
         let died = futures_lite::future::or(
             async {
-                shared.work_available().await;
+                shared.work_available(index).await;
                 None
             },
             async { Some(connection.closed().await) },
@@ -745,11 +997,11 @@ async fn serve(
         if let Some(error) = died {
             return error;
         }
-        let (batch, commands) = shared.take_batch(groups);
+        let (batch, commands) = shared.take_batch(index, groups);
         replies.clear();
         let result = connection.round_trip(&batch, commands, replies).await;
         drop(batch);
-        shared.finish_batch(groups, replies, commands, result.as_ref().err());
+        shared.finish_batch(index, groups, replies, commands, result.as_ref().err());
         if let Err(error) = result {
             return error;
         }
@@ -763,14 +1015,11 @@ async fn run_janitor(shared: Rc<Shared>) {
     let error = ValkeyError::Timeout("waiting in the queue for a connection");
     let mut expired = Vec::new();
     loop {
-        let oldest = poll_fn(|cx| {
-            let mut state = shared.state.borrow_mut();
-            match state.queue.front() {
-                Some(front) => Poll::Ready(front.enqueued_at),
-                None => {
-                    state.janitor = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+        let oldest = poll_fn(|cx| match shared.oldest_queued() {
+            Some(oldest) => Poll::Ready(oldest),
+            None => {
+                shared.state.borrow_mut().janitor = Some(cx.waker().clone());
+                Poll::Pending
             }
         })
         .await;
@@ -1030,6 +1279,186 @@ mod tests {
             }
             assert!(client.call_many(&[]).await.is_empty());
             assert!(eventually(Duration::from_secs(5), || client.stats().connected == 3).await);
+            client.shutdown().await;
+        });
+    }
+
+    /// Publishes `rounds` bursts of XADDs from concurrent tasks to `topics` streams and
+    /// returns, per topic, the ids Valkey assigned in the order the XADDs were submitted.
+    async fn xadd_bursts(client: &Rc<Client>, topics: usize, rounds: usize) -> Vec<Vec<String>> {
+        let order: Rc<RefCell<Vec<Vec<usize>>>> = Rc::new(RefCell::new(vec![Vec::new(); topics]));
+        let mut tasks = Vec::new();
+        let mut ticket = 0usize;
+        let payload = vec![b'p'; 4096];
+        for round in 0..rounds {
+            for task in 0..16 {
+                let topic = (round * 16 + task) % topics;
+                let key = format!("seq:{topic}");
+                // Batches of tens of KB: Valkey reads a connection's pipeline in chunks and
+                // interleaves connections between chunks, which is where order was lost.
+                let command = Command::new(&[b"XADD", key.as_bytes(), b"*", b"d", &payload])
+                    .expect("command")
+                    .routed(format!("{topic}").as_bytes());
+                // Submission order is the order `submit` queues in, recorded right here.
+                order.borrow_mut()[topic].push(ticket);
+                let reply = client.submit(&[command]);
+                tasks.push((topic, ticket, glommio::spawn_local(reply)));
+                ticket += 1;
+            }
+            // Let the drivers take what is queued so the bursts spread over connections.
+            glommio::yield_if_needed().await;
+            glommio::timer::sleep(Duration::from_micros(50)).await;
+        }
+        let mut ids: Vec<Vec<(usize, String)>> = vec![Vec::new(); topics];
+        for (topic, ticket, task) in tasks {
+            let reply = task.await.pop().expect("one reply").expect("XADD");
+            ids[topic].push((ticket, reply.as_str().expect("id").to_owned()));
+        }
+        ids.into_iter()
+            .map(|mut per_topic| {
+                per_topic.sort_by_key(|(ticket, _)| *ticket);
+                per_topic.into_iter().map(|(_, id)| id).collect()
+            })
+            .collect()
+    }
+
+    fn parse_id(id: &str) -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').expect("stream id");
+        (ms.parse().expect("ms"), seq.parse().expect("seq"))
+    }
+
+    /// Regression (issue 11 item 5): with several connections per shard, two XADDs of one
+    /// topic submitted one after the other went out on different connections and Valkey
+    /// could assign the later one the smaller id; sinks then dropped a message.
+    #[test]
+    fn one_topic_stays_in_order_over_four_connections() {
+        let server = ValkeyServer::start(&[]);
+        for connections in [1, 2, 4] {
+            let config = ClientConfig {
+                connections,
+                ..config_for(server.config())
+            };
+            run_local(move || async move {
+                let client = Client::start(config).expect("start");
+                assert!(
+                    eventually(Duration::from_secs(5), || client.stats().connected
+                        == connections)
+                    .await
+                );
+                let per_topic = xadd_bursts(&client, 3, 400).await;
+                for (topic, ids) in per_topic.iter().enumerate() {
+                    let parsed: Vec<(u64, u64)> = ids.iter().map(|id| parse_id(id)).collect();
+                    let out_of_order = parsed.windows(2).filter(|w| w[0] >= w[1]).count();
+                    assert_eq!(
+                        out_of_order, 0,
+                        "{connections} connections: topic {topic} got ids out of submission order"
+                    );
+                }
+                client.shutdown().await;
+            });
+        }
+    }
+
+    /// Regression (issue 11 item 5, `ack: buffered`): explicit increasing ids of one topic
+    /// were rejected ("equal or smaller than the target stream top item") when a later XADD
+    /// overtook an earlier one on another connection. Bulk calls here span topics (so lanes):
+    /// each is split per lane and its replies must come back in item order.
+    #[test]
+    fn explicit_ids_of_one_topic_are_never_rejected_over_four_connections() {
+        let server = ValkeyServer::start(&[]);
+        for connections in [1, 2, 4] {
+            let config = ClientConfig {
+                connections,
+                ..config_for(server.config())
+            };
+            run_local(move || async move {
+                let client = Client::start(config).expect("start");
+                assert!(
+                    eventually(Duration::from_secs(5), || client.stats().connected
+                        == connections)
+                    .await
+                );
+                let payload = vec![b'p'; 4096];
+                let mut next_seq = [0u64; 5];
+                let mut tasks = Vec::new();
+                for round in 0..300usize {
+                    // 1 to 4 items over several topics, ids chosen at submission.
+                    let items: Vec<(usize, String)> = (0..1 + round % 4)
+                        .map(|i| {
+                            let topic = (round + i * 2) % next_seq.len();
+                            next_seq[topic] += 1;
+                            (topic, format!("1-{}", next_seq[topic]))
+                        })
+                        .collect();
+                    let commands: Vec<Command> = items
+                        .iter()
+                        .map(|(topic, id)| {
+                            let key = format!("explicit:{connections}:{topic}");
+                            Command::new(&[b"XADD", key.as_bytes(), id.as_bytes(), b"d", &payload])
+                                .expect("command")
+                                .routed(topic.to_string().as_bytes())
+                        })
+                        .collect();
+                    let reply = client.submit(&commands);
+                    tasks.push((items, glommio::spawn_local(reply)));
+                    if round % 8 == 0 {
+                        glommio::timer::sleep(Duration::from_micros(50)).await;
+                    }
+                }
+                for (items, task) in tasks {
+                    let replies = task.await;
+                    assert_eq!(replies.len(), items.len());
+                    for ((_, id), reply) in items.iter().zip(replies) {
+                        let reply = reply.unwrap_or_else(|e| {
+                            panic!("{connections} connections: XADD {id} failed: {e}")
+                        });
+                        assert_eq!(reply.as_str(), Some(id.as_str()), "replies in item order");
+                    }
+                }
+                client.shutdown().await;
+            });
+        }
+    }
+
+    /// A lane whose connection dies keeps its queued commands, in order, for its next
+    /// connection: they are not moved to another lane (where they could be overtaken).
+    #[test]
+    fn a_lane_keeps_its_queue_in_order_across_a_reconnect() {
+        let mut server = ValkeyServer::start(&[]);
+        let config = ClientConfig {
+            connections: 4,
+            ..config_for(ConnectConfig {
+                command_timeout: Duration::from_secs(10),
+                ..server.config()
+            })
+        };
+        run_local(move || async move {
+            let client = Client::start(config).expect("start");
+            assert!(eventually(Duration::from_secs(5), || client.stats().connected == 4).await);
+            // Hold the lane of "k" with a BLPOP, then queue INCRs behind it.
+            let blocker = {
+                let client = client.clone();
+                glommio::spawn_local(async move {
+                    client.call_routed(b"k", &[b"BLPOP", b"empty", b"30"]).await
+                })
+            };
+            assert!(eventually(Duration::from_secs(5), || client.stats().in_flight == 1).await);
+            let queued: Vec<_> = (0..5)
+                .map(|_| {
+                    let client = client.clone();
+                    glommio::spawn_local(
+                        async move { client.call_routed(b"k", &[b"INCR", b"n"]).await },
+                    )
+                })
+                .collect();
+            assert!(eventually(Duration::from_secs(5), || client.stats().queued == 5).await);
+            server.restart();
+            assert!(matches!(blocker.await, Err(ValkeyError::ConnectionLost(_))));
+            let mut values = Vec::new();
+            for task in queued {
+                values.push(task.await.expect("INCR after reconnect").as_int());
+            }
+            assert_eq!(values, [1, 2, 3, 4, 5].map(Some), "sent in queue order");
             client.shutdown().await;
         });
     }

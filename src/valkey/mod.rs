@@ -5,8 +5,10 @@
 //! - [`codec`]: sans-IO encoding of commands and decoding of replies (`redis-protocol`).
 //! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done, which sends a
 //!   pre-encoded batch with one write and reads exactly that many replies.
-//! - [`client`]: the shard-local client the relay uses: a queue of commands, driver tasks that
-//!   send everything queued as one pipeline per round trip, reconnection with backoff.
+//! - [`client`]: the shard-local client the relay uses: one queue (lane) per connection,
+//!   driver tasks that send everything queued as one pipeline per round trip, reconnection
+//!   with backoff. Commands routed by a key (a topic) always take that key's lane, so they
+//!   run in submission order however many connections there are.
 //!
 //! Not owned here: which commands the relay sends (stream keys, XADD/XRANGE shapes) and how
 //! errors map to HTTP statuses; that is the storage layer's business.
