@@ -192,7 +192,9 @@ struct PollReply<'a> {
     next_offset: Option<HashMap<String, String>>,
 }
 
-type SseStream = std::pin::Pin<Box<dyn Stream<Item = Option<eventsource_stream::Event>> + Send>>;
+/// Events, a failure (its text), or `None` at the end of the body.
+type SseStream =
+    std::pin::Pin<Box<dyn Stream<Item = Option<Result<eventsource_stream::Event, String>>> + Send>>;
 
 /// An open connection.
 enum Conn {
@@ -225,7 +227,8 @@ pub struct Consumer {
     pub topics: Vec<u16>,
     pub sh: Arc<Shared>,
     endpoint: Endpoint,
-    /// The current multi-topic SSE stream's start id, until an event gives a newer one.
+    /// Where the current SSE stream would resume: its last event's id, or until it has
+    /// one, the id it was opened with.
     sse_start: Option<String>,
 }
 
@@ -349,10 +352,10 @@ impl Consumer {
                         Pos::After(id) => Wire::After(*id),
                     })
                     .collect::<Vec<_>>();
+                // The current session's last event id, else the id it started from: the
+                // pair that matches `oracle` (its last deliveries, else its start).
                 let sse_id = if self.multi_sse() {
-                    let raw = lock(&self.sh.raw_ids);
-                    let in_session = raw.last().map(|(r, _)| r.clone());
-                    in_session.or_else(|| self.sse_start.clone())
+                    self.sse_start.clone()
                 } else {
                     None
                 };
@@ -547,7 +550,11 @@ impl Consumer {
         });
         let events = data
             .eventsource()
-            .map(|r| r.ok())
+            .map(|r| match r {
+                Ok(ev) => Ok(ev),
+                Err(e) => Err(e.to_string()),
+            })
+            .map(Some)
             .chain(futures_util::stream::once(std::future::ready(None)));
         Ok(Conn::Sse(conn, Box::pin(events)))
     }
@@ -568,7 +575,7 @@ impl Consumer {
                 None => Read::Closed("ws ended".into()),
             },
             Conn::Sse(_, events) => match events.next().await {
-                Some(Some(ev)) => {
+                Some(Some(Ok(ev))) => {
                     match ev.event.as_str() {
                         "gap" => self.sh.gap(ev.data.as_bytes()),
                         "message" | "" => {
@@ -581,6 +588,7 @@ impl Consumer {
                                 Err(_) => self.sh.deliver(None, None, None),
                             }
                             if !ev.id.is_empty() {
+                                self.sse_start = Some(ev.id.clone());
                                 self.remember_raw(ev.id);
                             }
                         }
@@ -588,8 +596,8 @@ impl Consumer {
                     }
                     Read::More
                 }
-                Some(None) => Read::Closed("sse stream error".into()),
-                None => Read::Closed("sse stream ended".into()),
+                Some(Some(Err(e))) => Read::Closed(format!("sse stream error: {e}")),
+                Some(None) | None => Read::Closed("sse stream ended".into()),
             },
             Conn::Poll { http, since } => self.poll(http, since).await,
         }

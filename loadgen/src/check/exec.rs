@@ -118,6 +118,7 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
         outcome.violations.push(Violation {
             kind: oracle::Kind::Relay,
             consumer: 0,
+            transport: "-",
             topic: 0,
             session: 0,
             detail: format!(
@@ -227,7 +228,7 @@ impl Exec {
                     return;
                 }
                 let sh = Arc::new(Shared {
-                    log: Mutex::default(),
+                    log: Mutex::new(oracle::ConsumerLog::new(transport.name())),
                     raw_ids: Mutex::default(),
                     ledger: self.ledger.clone(),
                     epoch: self.epoch,

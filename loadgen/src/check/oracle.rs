@@ -117,7 +117,7 @@ pub struct Session {
 }
 
 /// One consumer's whole log.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConsumerLog {
     pub sessions: Vec<Session>,
     /// Deliveries received, all sessions.
@@ -126,9 +126,21 @@ pub struct ConsumerLog {
     pub last_progress: Duration,
     /// Deliveries that fit no session: unreadable, or of a topic not subscribed.
     pub strays: Vec<String>,
+    /// `ws`, `sse` or `longpoll`, for reports.
+    pub transport: &'static str,
 }
 
 impl ConsumerLog {
+    pub fn new(transport: &'static str) -> ConsumerLog {
+        ConsumerLog {
+            sessions: Vec::new(),
+            received: 0,
+            last_progress: Duration::ZERO,
+            strays: Vec::new(),
+            transport,
+        }
+    }
+
     /// The current session's log of `topic`, if subscribed.
     pub fn current(&mut self, topic: u16) -> Option<&mut TopicLog> {
         self.sessions
@@ -264,6 +276,7 @@ impl fmt::Display for Kind {
 pub struct Violation {
     pub kind: Kind,
     pub consumer: u8,
+    pub transport: &'static str,
     pub topic: u16,
     pub session: usize,
     pub detail: String,
@@ -273,8 +286,8 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "{}: consumer c{} topic t{} session {}: {}",
-            self.kind, self.consumer, self.topic, self.session, self.detail
+            "{}: consumer c{} ({}) topic t{} session {}: {}",
+            self.kind, self.consumer, self.transport, self.topic, self.session, self.detail
         )
     }
 }
@@ -306,6 +319,7 @@ pub fn judge(
             j.violations.push(Violation {
                 kind: Kind::Foreign,
                 consumer: *c,
+                transport: log.transport,
                 topic: 0,
                 session: log.sessions.len().saturating_sub(1),
                 detail: stray.clone(),
@@ -315,7 +329,17 @@ pub fn judge(
         for (si, session) in log.sessions.iter().enumerate() {
             let open = si == last && !session.closed;
             for t in &session.topics {
-                judge_topic(ledger, retention, *c, si, session, t, open, now, &mut j);
+                judge_topic(
+                    ledger,
+                    retention,
+                    (*c, log.transport),
+                    si,
+                    session,
+                    t,
+                    open,
+                    now,
+                    &mut j,
+                );
             }
         }
     }
@@ -326,7 +350,7 @@ pub fn judge(
 fn judge_topic(
     ledger: &Ledger,
     retention: Retention,
-    consumer: u8,
+    (consumer, transport): (u8, &'static str),
     si: usize,
     session: &Session,
     t: &TopicLog,
@@ -337,6 +361,7 @@ fn judge_topic(
     let violation = |kind, detail: String| Violation {
         kind,
         consumer,
+        transport,
         topic: t.topic,
         session: si,
         detail,
@@ -537,12 +562,14 @@ pub fn stalls(
                 received: 0,
                 last_progress: log.last_progress,
                 strays: Vec::new(),
+                transport: log.transport,
             };
             let j = judge(ledger, retention, &[(*c, &one)], now);
             if j.owed > 0 {
                 out.push(Violation {
                     kind: Kind::Stall,
                     consumer: *c,
+                    transport: log.transport,
                     topic: t.topic,
                     session: si,
                     detail: format!(
@@ -612,6 +639,7 @@ mod tests {
             received: got.len() as u64,
             last_progress: secs(1),
             strays: Vec::new(),
+            transport: "ws",
         }
     }
 
