@@ -504,6 +504,14 @@ const CHECK_SET: &[(u64, &[&str])] = &[
     ),
     (
         14,
+        &["--backend", "memory", "--shards", "1", "--transport", "sse"],
+    ),
+    (
+        15,
+        &["--backend", "memory", "--shards", "2", "--transport", "ws"],
+    ),
+    (
+        16,
         &[
             "--backend",
             "valkey",
@@ -518,7 +526,7 @@ const CHECK_SET: &[(u64, &[&str])] = &[
         ],
     ),
     (
-        15,
+        17,
         &[
             "--backend",
             "valkey",
@@ -533,7 +541,7 @@ const CHECK_SET: &[(u64, &[&str])] = &[
         ],
     ),
     (
-        16,
+        18,
         &[
             "--backend",
             "valkey",
@@ -548,7 +556,7 @@ const CHECK_SET: &[(u64, &[&str])] = &[
         ],
     ),
     (
-        17,
+        19,
         &[
             "--backend",
             "valkey",
@@ -562,8 +570,53 @@ const CHECK_SET: &[(u64, &[&str])] = &[
             "ws",
         ],
     ),
-    (18, &["--backend", "memory"]),
-    (19, &["--backend", "valkey"]),
+    (
+        20,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "1",
+            "--valkey-connections",
+            "1",
+            "--ack",
+            "persisted",
+            "--transport",
+            "longpoll",
+        ],
+    ),
+    (
+        21,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "1",
+            "--ack",
+            "buffered",
+            "--transport",
+            "sse",
+        ],
+    ),
+    (
+        22,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "4",
+            "--ack",
+            "persisted",
+            "--transport",
+            "ws",
+        ],
+    ),
+    (23, &["--backend", "memory"]),
+    (24, &["--backend", "valkey"]),
 ];
 
 #[test]

@@ -331,8 +331,10 @@ impl Exec {
             if multi_sse {
                 let raw = lock(&c.sh.raw_ids);
                 let (id, positions) = match from {
-                    From::Earliest => (Some("0-0".to_owned()), None),
-                    From::Live => (None, None),
+                    // "Live" is "everything" here: the checker cannot write a multi-topic id,
+                    // and a stream without `Last-Event-ID` has no "subscribed" moment (the
+                    // relay writes the response head before it registers the stream).
+                    From::Earliest | From::Live => (Some("0-0".to_owned()), None),
                     From::LastSeen => match raw.last() {
                         Some((r, p)) => (Some(r.clone()), Some(p.clone())),
                         None => (Some("0-0".to_owned()), None),
@@ -344,11 +346,7 @@ impl Exec {
                 };
                 sse_id = id.clone();
                 for (i, &t) in c.topics.iter().enumerate() {
-                    let p = match (&id, &positions) {
-                        (_, Some(ps)) => ps[i],
-                        (None, None) => ledger.newest_acked(t).map_or(Pos::Earliest, Pos::After),
-                        (Some(_), None) => Pos::Earliest,
-                    };
+                    let p = positions.as_ref().map_or(Pos::Earliest, |ps| ps[i]);
                     oracle_pos.push(p);
                     wire.push(Wire::Earliest);
                 }
@@ -358,9 +356,10 @@ impl Exec {
                         From::Earliest => (Pos::Earliest, Wire::Earliest),
                         From::Live => {
                             let p = ledger.newest_acked(t).map_or(Pos::Earliest, Pos::After);
+                            // Only WebSocket has a confirmed "live" start (`subscribed`);
+                            // the others start after the newest acknowledged id.
                             match (c.transport, p) {
                                 (Transport::Ws, _) => (p, Wire::Live),
-                                (Transport::Sse, _) => (p, Wire::Live),
                                 (_, Pos::After(id)) => (p, Wire::After(id)),
                                 (_, Pos::Earliest) => (p, Wire::Earliest),
                             }

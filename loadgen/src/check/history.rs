@@ -49,8 +49,9 @@ pub struct Setup {
 pub enum From {
     /// Everything retained.
     Earliest,
-    /// Only what is published from now on (WebSocket `"last"`; the other transports: the
-    /// newest acknowledged id).
+    /// Only what is published from now on (WebSocket `"last"`; long-poll and single-topic
+    /// SSE: after the newest acknowledged id; multi-topic SSE: everything, as the checker
+    /// cannot write a multi-topic id).
     Live,
     /// From the last message seen (a resume); nothing seen yet: where the previous session
     /// started.
