@@ -344,8 +344,8 @@ impl Exec {
                         None => (Some("0-0".to_owned()), None),
                     },
                 };
-                sse_id = id.clone();
-                for (i, &t) in c.topics.iter().enumerate() {
+                sse_id = id;
+                for i in 0..c.topics.len() {
                     let p = positions.as_ref().map_or(Pos::Earliest, |ps| ps[i]);
                     oracle_pos.push(p);
                     wire.push(Wire::Earliest);
