@@ -34,8 +34,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
     /// Randomized model checker: per history, starts a relay (and a Valkey) of a random
-    /// set-up, drives seeded random publishes, trims, deletes, outages and WebSocket/SSE/
-    /// long-poll consumers that disconnect, read slowly and resume, and checks every
+    /// set-up, drives seeded random publishes, trims, deletes, outages and WebSocket, SSE
+    /// and long-poll consumers that disconnect, read slowly and resume, and checks every
     /// consumer against an oracle: each acknowledged message delivered once, in id order,
     /// or inside a gap it was told about; nothing unacknowledged (503s aside); no stalls.
     /// A failure prints the history and the shortest failing variant found.
