@@ -284,17 +284,24 @@ impl Exec {
                 let Some(v) = valkey else { return };
                 let down = Duration::from_millis(u64::from(*down_ms));
                 self.restarts += 1;
+                // Publishes while Valkey is away: answered 503 (ambiguous: maybe stored) or
+                // delayed; either way the oracle must hold across the outage.
+                let during = async |exec: &mut Exec| {
+                    let began = Instant::now();
+                    exec.publish(0, 4, 200, None, false, 2).await;
+                    tokio::time::sleep(down.saturating_sub(began.elapsed())).await;
+                };
                 match outage {
                     Outage::Kill => {
                         v.kill();
-                        tokio::time::sleep(down).await;
+                        during(self).await;
                         if let Err(e) = tokio::task::block_in_place(|| v.restart()) {
                             self.event(format!("valkey restart: {e}"));
                         }
                     }
                     Outage::Freeze => {
                         v.freeze(true);
-                        tokio::time::sleep(down).await;
+                        during(self).await;
                         v.freeze(false);
                     }
                 }
