@@ -13,13 +13,16 @@
 //!   relay's connection and subscriber counts and memory must return to the baseline.
 //! - `soak`: hours of publishing with reconnecting WebSocket, long-poll and SSE subscribers;
 //!   the relay's RSS over time and exact delivery accounting.
+//! - `check`: the randomized delivery model checker; starts its own relays (see `check`).
 //!
 //! This file turns the command line into a run and prints the report. Module map:
 //! `cli` flags; `run` shared state and progress; `schedule` send plans; `publish`
 //! publishers; `subscribe` subscribers; `delivery` e2e/fanout; `connections`; `verify`
 //! delivery accounting; `stats` histograms and counters; `payload` bodies and parsing;
-//! `http` connections; `target` the Python relay's differences; `report` output; `churn`; `soak`.
+//! `http` connections; `target` the Python relay's differences; `report` output; `churn`; `soak`;
+//! `check` the model checker.
 
+mod check;
 mod churn;
 mod cli;
 mod connections;
@@ -89,6 +92,29 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&SetupError::Runtime(e)),
     };
+    if let Scenario::Check(args) = cli.scenario {
+        return match check_spec(args) {
+            Ok((spec, json)) => {
+                let summary = runtime.block_on(check::run(&spec));
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&summary).unwrap_or_else(|e| e.to_string())
+                    );
+                } else {
+                    print!("{}", summary.to_text());
+                }
+                if summary.histories == 0 {
+                    ExitCode::from(2)
+                } else if summary.failures.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => fail(&e),
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok((report, json, failed_check)) => {
             if json {
@@ -109,6 +135,69 @@ fn main() -> ExitCode {
 fn fail(e: &SetupError) -> ExitCode {
     eprintln!("loadgen: {e}");
     ExitCode::from(2)
+}
+
+/// The model checker's run from its flags: binaries found, pins checked.
+fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError> {
+    use check::history::{Ack, Backend};
+    let relay = a
+        .relay_bin
+        .or_else(|| std::env::var_os("PULSAR_RELAY_BIN").map(Into::into))
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            let sibling = exe.parent()?.join("pulsar-relay");
+            sibling.is_file().then_some(sibling)
+        })
+        .or_else(|| check::procs::on_path("pulsar-relay"))
+        .ok_or_else(|| invalid("no pulsar-relay binary: give --relay-bin"))?;
+    let valkey = a
+        .valkey_bin
+        .or_else(|| check::procs::on_path("valkey-server"));
+    if a.shards.is_some_and(|s| !(1..=2).contains(&s)) {
+        return Err(invalid("--shards must be 1 or 2"));
+    }
+    if a.valkey_connections.is_some_and(|c| !(1..=4).contains(&c)) {
+        return Err(invalid("--valkey-connections must be 1 to 4"));
+    }
+    if a.steps == 0 {
+        return Err(invalid("--steps must be at least 1"));
+    }
+    let mut backend = a.backend.map(|b| match b {
+        cli::CheckBackend::Memory => Backend::Memory,
+        cli::CheckBackend::Valkey => Backend::Valkey,
+    });
+    if valkey.is_none() {
+        if backend == Some(Backend::Valkey) {
+            return Err(invalid(
+                "--backend valkey needs valkey-server (--valkey-bin)",
+            ));
+        }
+        eprintln!("loadgen check: no valkey-server found: memory backend only");
+        backend = Some(Backend::Memory);
+    }
+    let spec = check::CheckSpec {
+        seed: a.seed,
+        histories: a.histories,
+        duration: a.duration,
+        steps: a.steps,
+        shrink: check::shrink::Budget {
+            runs: a.shrink_runs,
+            time: a.shrink_time,
+        },
+        bins: check::exec::Bins { relay, valkey },
+        pins: check::history::Pins {
+            backend,
+            shards: a.shards,
+            connections: a.valkey_connections,
+            ack: a.ack.map(|k| match k {
+                cli::CheckAck::Persisted => Ack::Persisted,
+                cli::CheckAck::Buffered => Ack::Buffered,
+            }),
+            transport: a.transport,
+        },
+        quiet: a.quiet,
+    };
+    Ok((spec, a.json))
 }
 
 /// Checks the common flags and builds the run's shared state.
@@ -242,6 +331,8 @@ fn base_report(
 /// check failed.
 async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
     match cli.scenario {
+        // Handled in `main`: it starts its own relays and has its own report.
+        Scenario::Check(_) => Err(invalid("check is not a load scenario")),
         Scenario::Publish { common, load } => {
             let rate = load.rate.map(check_rate).transpose()?;
             let ctx = setup(&common, common.topics)?;

@@ -476,3 +476,196 @@ fn churn_returns_the_relay_to_its_baseline() {
         "relay memory after churn: {before} -> {after_first} KiB"
     );
 }
+
+/// The model checker's fixed CI set: one history per entry, together covering both backends,
+/// 1 and 2 shards, 1 and 4 Valkey connections per shard, both ack modes and all three
+/// transports. Each entry is `loadgen check` with pins; a failure names the seed and the
+/// flags that replay it (`loadgen check --seed S --histories 1 <pins>`), with the
+/// violations. Shrinking is off here (it re-runs histories); run the printed command to shrink.
+const CHECK_SET: &[(u64, &[&str])] = &[
+    (
+        11,
+        &["--backend", "memory", "--shards", "1", "--transport", "ws"],
+    ),
+    (
+        12,
+        &["--backend", "memory", "--shards", "2", "--transport", "sse"],
+    ),
+    (
+        13,
+        &[
+            "--backend",
+            "memory",
+            "--shards",
+            "2",
+            "--transport",
+            "longpoll",
+        ],
+    ),
+    (
+        14,
+        &["--backend", "memory", "--shards", "1", "--transport", "sse"],
+    ),
+    (
+        15,
+        &["--backend", "memory", "--shards", "2", "--transport", "ws"],
+    ),
+    (
+        16,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "1",
+            "--valkey-connections",
+            "1",
+            "--ack",
+            "persisted",
+            "--transport",
+            "ws",
+        ],
+    ),
+    (
+        17,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "4",
+            "--ack",
+            "persisted",
+            "--transport",
+            "sse",
+        ],
+    ),
+    (
+        18,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "4",
+            "--ack",
+            "buffered",
+            "--transport",
+            "longpoll",
+        ],
+    ),
+    (
+        19,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "1",
+            "--valkey-connections",
+            "4",
+            "--ack",
+            "buffered",
+            "--transport",
+            "ws",
+        ],
+    ),
+    (
+        20,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "1",
+            "--valkey-connections",
+            "1",
+            "--ack",
+            "persisted",
+            "--transport",
+            "longpoll",
+        ],
+    ),
+    (
+        21,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "1",
+            "--ack",
+            "buffered",
+            "--transport",
+            "sse",
+        ],
+    ),
+    (
+        22,
+        &[
+            "--backend",
+            "valkey",
+            "--shards",
+            "2",
+            "--valkey-connections",
+            "4",
+            "--ack",
+            "persisted",
+            "--transport",
+            "ws",
+        ],
+    ),
+    (23, &["--backend", "memory"]),
+    (24, &["--backend", "valkey"]),
+];
+
+#[test]
+fn model_checker_fixed_seeds_find_no_violation() {
+    let bin =
+        relay_binary().unwrap_or_else(|why| panic!("the model checker needs the relay: {why}"));
+    let mut failures = Vec::new();
+    for (seed, pins) in CHECK_SET {
+        let seed = seed.to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+        cmd.args([
+            "check",
+            "--seed",
+            &seed,
+            "--histories",
+            "1",
+            "--steps",
+            "30",
+        ])
+        .args(["--shrink-runs", "0", "--quiet", "--json"])
+        .arg("--relay-bin")
+        .arg(&bin)
+        .args(*pins);
+        let out = cmd.output().expect("loadgen runs");
+        let code = out.status.code().unwrap_or(-1);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check --seed {seed}: no JSON summary ({e}); exit {code}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(
+            n(&report, "histories"),
+            1,
+            "seed {seed} {pins:?} did not run: {report}"
+        );
+        if code != 0 {
+            failures.push(format!(
+                "seed {seed} {}: {}",
+                pins.join(" "),
+                report["failures"][0]["violations"]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixed histories failed:\n{}",
+        failures.len(),
+        CHECK_SET.len(),
+        failures.join("\n")
+    );
+}
