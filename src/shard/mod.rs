@@ -447,7 +447,7 @@ async fn replay_page(
         });
     }
     let query = PageQuery::new(after, Order::Asc, limit);
-    let page = shard.storage.read(topic, &query, now_ms()).await?;
+    let page = shard.storage.read_nonempty(topic, &query, now_ms()).await?;
     Ok(match page {
         Some(page) => ReplayPage {
             more: page.next_cursor.is_some(),

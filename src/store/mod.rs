@@ -362,7 +362,35 @@ impl Storage {
                 if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
                     return Ok(Some(page));
                 }
-                tier.read(topic, query, now_ms).await
+                // The sizes of the topic's recent messages size Valkey's first range read.
+                let size_hint = self
+                    .hot
+                    .borrow()
+                    .stats(topic)
+                    .filter(|s| s.length > 0)
+                    .map(|s| s.bytes / s.length);
+                tier.read(topic, query, now_ms, size_hint).await
+            }
+        }
+    }
+
+    /// Like [`Storage::read`], but steps over pages that held only expired entries (a
+    /// Valkey read ends after a bounded scan with a cursor and possibly no messages): the
+    /// page returned has messages, or `next_cursor: None` (the end of the topic). For
+    /// consumers catching up, whose loop ends at the first empty page.
+    pub async fn read_nonempty(
+        &self,
+        topic: &str,
+        query: &PageQuery,
+        now_ms: u64,
+    ) -> Result<Option<Page>, StoreError> {
+        let mut query = query.clone();
+        loop {
+            match self.read(topic, &query, now_ms).await? {
+                Some(page) if page.messages.is_empty() && page.next_cursor.is_some() => {
+                    query.after = page.next_cursor;
+                }
+                other => return Ok(other),
             }
         }
     }

@@ -28,12 +28,24 @@ use crate::config::{AckMode, KeyTemplate};
 use crate::valkey::{Client, Command, Reply, ValkeyError};
 
 /// How many entries one range read asks for beyond the page, to skip expired entries without a
-/// second round trip in the common case.
+/// second round trip in the common case (and to learn whether more follow the page).
 const READ_SLACK: usize = 8;
 
 /// A page read from Valkey gives up after this many round trips spent skipping expired
-/// entries; it then returns what it has with a cursor, so a client can continue.
+/// entries; it then returns what it has with a cursor past what it scanned, so a client can
+/// continue.
 const MAX_READ_ROUNDS: usize = 8;
+
+/// About how many reply bytes one XRANGE of a page read may bring back: the COUNT asked for is
+/// this divided by the entry size seen so far. Bounds the memory of one read and how long it
+/// holds the shard's shared pipeline, whatever the payload sizes.
+const ROUND_BYTES: usize = 1 << 20;
+
+/// The COUNT of a page read's first XRANGE when nothing is known of the entry sizes.
+const FIRST_ROUND_ENTRIES: usize = 16;
+
+/// The most entries one XRANGE of a page read asks for.
+const MAX_ROUND_ENTRIES: usize = 1024;
 
 /// What the sweeper asks per topic when looking for expired-ttl entries at the front.
 const TTL_PROBE: usize = 16;
@@ -422,20 +434,42 @@ impl ValkeyTier {
 
     /// A page from Valkey: XRANGE/XREVRANGE with an exclusive cursor, skipping expired
     /// entries, plus XLEN for `total`. `None` when the stream does not exist.
+    ///
+    /// Bounded three ways, so one request costs about its byte budget and never ends a topic
+    /// early:
+    /// - each round trip asks for as many entries as fit [`ROUND_BYTES`] at the sizes seen so
+    ///   far (`size_hint`, else a small first probe), never `limit × max payload`;
+    /// - the page stops at `query.limit` messages or `query.max_bytes` bytes (a single larger
+    ///   message is still returned, alone);
+    /// - after [`MAX_READ_ROUNDS`] round trips (a long run of expired entries) the page ends
+    ///   with what it has and a `next_cursor` past the last entry scanned, even with no
+    ///   messages: `next_cursor: None` means the end of the stream was reached.
     pub async fn read(
         &self,
         topic: &str,
         query: &PageQuery,
         now_ms: u64,
+        size_hint: Option<usize>,
     ) -> Result<Option<Page>, StoreError> {
         let key = self.stream_key.render(topic);
-        let mut messages = Vec::with_capacity(query.limit.min(1000));
+        let mut messages = Vec::new();
+        let mut bytes = 0usize;
         let mut cursor = query.after;
+        // The last entry looked at (returned or skipped as expired): where a next page starts.
+        let mut scanned_to: Option<MessageId> = None;
         let mut more_remain = false;
         let mut total = None;
-        for _round in 0..MAX_READ_ROUNDS {
-            let want = query.limit - messages.len();
-            let count = (want + 1 + READ_SLACK).to_string();
+        let mut entry_size = size_hint.map(|s| s.max(1));
+        for round in 0..MAX_READ_ROUNDS {
+            let full = messages.len() >= query.limit || bytes >= query.max_bytes;
+            if full && round > 0 {
+                // Filled exactly by the previous round without seeing what follows.
+                more_remain = true;
+                break;
+            }
+            let want = query.limit.saturating_sub(messages.len());
+            let count = round_count(want, query.max_bytes.saturating_sub(bytes), entry_size);
+            let count_text = count.to_string();
             let bound = cursor.map(|c| format!("({c}"));
             let (cmd, start, end): (&[u8], &str, &str) = match query.order {
                 Order::Asc => (b"XRANGE", bound.as_deref().unwrap_or("-"), "+"),
@@ -447,9 +481,8 @@ impl ValkeyTier {
                 start.as_bytes(),
                 end.as_bytes(),
                 b"COUNT",
-                count.as_bytes(),
+                count_text.as_bytes(),
             ]);
-            let xlen = command(&[b"XLEN", key.as_bytes()]);
             self.count(
                 if query.order == Order::Asc {
                     "xrange"
@@ -458,52 +491,66 @@ impl ValkeyTier {
                 },
                 1,
             );
-            self.count("xlen", 1);
-            let mut replies = self.client.call_many(&[range, xlen]).await;
-            let len_reply = replies.pop().unwrap_or_else(missing_reply);
-            let range_reply = replies.pop().unwrap_or_else(missing_reply);
-            let len = match len_reply.map_err(store_error)? {
-                Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
-                _ => 0,
+            let range_reply = if total.is_none() {
+                self.count("xlen", 1);
+                let xlen = command(&[b"XLEN", key.as_bytes()]);
+                let mut replies = self.client.call_many(&[range, xlen]).await;
+                let len_reply = replies.pop().unwrap_or_else(missing_reply);
+                let range_reply = replies.pop().unwrap_or_else(missing_reply);
+                total = Some(match len_reply.map_err(store_error)? {
+                    Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
+                    _ => 0,
+                });
+                range_reply
+            } else {
+                self.client
+                    .call_many(&[range])
+                    .await
+                    .pop()
+                    .unwrap_or_else(missing_reply)
             };
-            total.get_or_insert(len);
+            // Parsed entries share the reply's payload buffers; the reply's frames go now.
             let entries = parse_entries(&range_reply.map_err(store_error)?);
             let fetched = entries.len();
-            let mut last_seen = None;
+            let mut fetched_bytes = 0usize;
             for (id, message) in entries {
-                last_seen = Some(id);
-                if messages.len() == query.limit {
+                if messages.len() >= query.limit || bytes >= query.max_bytes {
+                    // An entry beyond a full page: more remain.
                     more_remain = true;
                     break;
                 }
+                scanned_to = Some(id);
+                fetched_bytes = fetched_bytes.saturating_add(message.footprint());
                 if !is_due(&message, now_ms, self.retention_ms) {
+                    bytes = bytes.saturating_add(message.footprint());
                     messages.push(message);
                 }
             }
-            if more_remain || fetched < want + 1 + READ_SLACK {
+            if more_remain || fetched < count {
+                // A page boundary inside this reply, or the end of the stream.
                 break;
             }
-            // Everything fetched was consumed (expired entries skipped): go on from there.
-            cursor = last_seen;
-            if messages.len() == query.limit {
+            if let Some(size) = fetched_bytes.checked_div(fetched) {
+                entry_size = Some(size.max(1));
+            }
+            cursor = scanned_to;
+            if round + 1 == MAX_READ_ROUNDS {
+                // Scan budget spent (a long run of expired entries): let the client go on.
                 more_remain = true;
-                break;
             }
         }
         let total = total.unwrap_or(0);
-        if total == 0
-            && messages.is_empty()
-            && query.after.is_none()
-            && !self.known.borrow().contains(topic)
-        {
-            return Ok(None);
-        }
-        self.lengths.borrow_mut().insert(topic.to_owned(), total);
-        let next_cursor = if more_remain {
-            messages.last().map(|m| m.id)
+        let known = self.known.borrow().contains(topic);
+        if total == 0 && messages.is_empty() && !known {
+            if query.after.is_none() {
+                return Ok(None);
+            }
         } else {
-            None
-        };
+            // Only streams that exist get a cached length: a client-chosen name read with a
+            // cursor must not grow this map.
+            self.lengths.borrow_mut().insert(topic.to_owned(), total);
+        }
+        let next_cursor = if more_remain { scanned_to } else { None };
         Ok(Some(Page {
             messages,
             total,
@@ -907,6 +954,19 @@ fn is_due(message: &Message, now_ms: u64, retention_ms: u64) -> bool {
     message.is_expired(now_ms) || now_ms.saturating_sub(message.id.ms) > retention_ms
 }
 
+/// The COUNT of one page-read XRANGE: what the page still wants (plus one to see whether more
+/// follow, plus slack for expired entries), within [`ROUND_BYTES`] (and the page's remaining
+/// bytes) at `entry_size` bytes per entry, at least 1.
+fn round_count(want: usize, byte_room: usize, entry_size: Option<usize>) -> usize {
+    let by_bytes = match entry_size {
+        Some(size) => ROUND_BYTES.min(byte_room) / size.max(1) + 1,
+        None => FIRST_ROUND_ENTRIES,
+    };
+    want.saturating_add(1 + READ_SLACK)
+        .min(by_bytes)
+        .clamp(1, MAX_ROUND_ENTRIES)
+}
+
 /// Entries of an XRANGE/XREVRANGE reply, skipping any that do not parse.
 pub fn parse_entries(reply: &Reply) -> Vec<(MessageId, Message)> {
     match reply {
@@ -938,12 +998,14 @@ pub fn parse_entry(entry: &Reply) -> Option<(MessageId, Message)> {
             continue;
         };
         match name {
-            b"payload" => payload = Some(Bytes::copy_from_slice(value)),
+            // The reply's own buffer (the codec copied it out of the read buffer already):
+            // no second copy of every payload.
+            b"payload" => payload = Some(field_bytes(&pair[1], value)),
             b"timestamp" => {
                 timestamp_ms = std::str::from_utf8(value).ok().and_then(parse_timestamp_ms)
             }
             b"metadata" => {
-                metadata = Some(Bytes::copy_from_slice(value)).filter(|m| m.as_ref() != b"null")
+                metadata = Some(field_bytes(&pair[1], value)).filter(|m| m.as_ref() != b"null")
             }
             b"ttl" => {
                 ttl_ms = std::str::from_utf8(value)
@@ -966,6 +1028,14 @@ pub fn parse_entry(entry: &Reply) -> Option<(MessageId, Message)> {
             metadata,
         },
     ))
+}
+
+/// A field value as `Bytes`, sharing the reply's buffer when it is a bulk string.
+fn field_bytes(reply: &Reply, value: &[u8]) -> Bytes {
+    match reply {
+        Reply::Bulk(b) => b.clone(),
+        _ => Bytes::copy_from_slice(value),
+    }
 }
 
 /// RFC 3339 with or without a zone (the Python relay wrote naive UTC times).

@@ -1,0 +1,124 @@
+//! The delivery contract on the Valkey backend, observed through the API: a read never ends
+//! a topic early (however many expired entries lie ahead), a consumer resuming from a
+//! position whose successors left the stream is told of the gap and why (count trim, the trim
+//! endpoint, ttl and age retention, topic delete, a foreign `XDEL`), and an `ack: buffered`
+//! message survives write-behind failures while the relay lives.
+//!
+//! Owns: what the Valkey tier promises a resuming consumer. Does not own: the relay <-> Valkey
+//! data layout (`valkey_api.rs`), what retention leaves in the stream (`valkey_retention.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::valkey::{stream_key, ValkeyOpts, ValkeyServer};
+use common::{eventually, Server};
+use serde_json::{json, Value};
+
+/// Publishes `n` messages `{"i": start + k}` to `topic` in bulks of at most 1,000, with an
+/// optional ttl (seconds); returns their ids in order.
+fn publish_bulk(
+    relay: &Server,
+    topic: &str,
+    start: usize,
+    n: usize,
+    ttl: Option<u64>,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut next = start;
+    while next < start + n {
+        let end = (next + 1000).min(start + n);
+        let items: Vec<Value> = (next..end)
+            .map(|i| match ttl {
+                Some(ttl) => json!({"topic": topic, "payload": {"i": i}, "ttl": ttl}),
+                None => json!({"topic": topic, "payload": {"i": i}}),
+            })
+            .collect();
+        let resp = relay.post_json(
+            "/api/v1/messages/bulk",
+            &json!({ "messages": items }).to_string(),
+        );
+        assert!(resp.status == 201 || resp.status == 207, "{resp:?}");
+        let v = resp.json();
+        for result in v["results"].as_array().expect("results") {
+            ids.push(
+                result["message_id"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("not accepted: {result}"))
+                    .to_string(),
+            );
+        }
+        next = end;
+    }
+    ids
+}
+
+fn ids_of(page: &Value) -> Vec<String> {
+    page["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {page}"))
+        .iter()
+        .map(|m| m["message_id"].as_str().expect("message_id").to_string())
+        .collect()
+}
+
+/// Every message of an ascending history walk from the start, following `next_cursor`
+/// (at most `max_pages` pages).
+fn walk_asc(relay: &Server, topic: &str, max_pages: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..max_pages {
+        let query = match &cursor {
+            Some(c) => format!("order=asc&limit=100&cursor={c}"),
+            None => "order=asc&limit=100".to_string(),
+        };
+        let page = relay.read_topic(topic, &query);
+        got.extend(ids_of(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return got,
+        }
+    }
+    panic!("{topic}: history walk did not end within {max_pages} pages; got {got:?}");
+}
+
+fn poll(relay: &Server, body: &Value) -> Value {
+    let resp = relay.post_json("/messages/poll", &body.to_string());
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.json()
+}
+
+#[test]
+fn a_long_expired_run_at_the_head_does_not_end_reads_early() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    // Retention 1 h: the sweeper passes once a minute, so the expired entries stay in the
+    // stream for the whole test and every read must step over them.
+    let relay = valkey.start_relay("storage:\n  persistent_tier_retention: 1h\n", &[]);
+    let topic = "ttl-head";
+    publish_bulk(&relay, topic, 0, 3000, Some(1));
+    let survivors = publish_bulk(&relay, topic, 3000, 3, None);
+    assert_eq!(valkey.xlen(&stream_key(topic)), 3003);
+    let mut last = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            last = relay.read_topic(topic, "order=desc&limit=4");
+            ids_of(&last).len() == 3
+        }),
+        "ttl messages did not expire: {last}"
+    );
+    assert_eq!(walk_asc(&relay, topic, 200), survivors, "asc history walk");
+    // A long-poll from the oldest message (listed topic without an id in `since`) answers
+    // with the survivors at once instead of waiting out its timeout.
+    let body = poll(
+        &relay,
+        &json!({"topics": [topic], "since": {}, "limit": 100, "timeout": 5}),
+    );
+    assert!(body.get("timeout").is_none_or(|t| t == false), "{body}");
+    assert_eq!(ids_of(&body), survivors, "{body}");
+    // A resume from before the expired run gets the survivors too.
+    let body = poll(
+        &relay,
+        &json!({"topics": [topic], "since": {topic: "1-0"}, "limit": 100, "timeout": 5}),
+    );
+    assert_eq!(ids_of(&body), survivors, "{body}");
+}
