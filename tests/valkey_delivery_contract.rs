@@ -122,3 +122,204 @@ fn a_long_expired_run_at_the_head_does_not_end_reads_early() {
     );
     assert_eq!(ids_of(&body), survivors, "{body}");
 }
+
+/// The `gaps` of a long-poll resuming `topic` after `since` (empty when none).
+fn gaps_after(relay: &Server, topic: &str, since: &str) -> Vec<Value> {
+    let body = poll(
+        relay,
+        &json!({"topics": [topic], "since": {topic: since}, "limit": 1, "timeout": 1}),
+    );
+    body.get("gaps")
+        .map(|g| g.as_array().expect("gaps array").clone())
+        .unwrap_or_default()
+}
+
+/// Asserts exactly one gap for `topic` naming `requested`, `oldest_available` and `reason`.
+fn assert_gap(gaps: &[Value], topic: &str, requested: &str, oldest: Option<&str>, reason: &str) {
+    assert_eq!(
+        gaps,
+        &[
+            json!({"type": "gap", "topic": topic, "requested": requested,
+                 "oldest_available": oldest, "reason": reason})
+        ],
+        "resume of {topic} after {requested}"
+    );
+}
+
+fn first_id_in_valkey(valkey: &ValkeyServer, topic: &str) -> String {
+    valkey.xrange(&stream_key(topic))[0].id.clone()
+}
+
+#[test]
+fn a_resume_from_a_count_trimmed_id_reports_a_trimmed_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("storage:\n  max_messages_per_topic: 100\n", &[]);
+    let topic = "count-trimmed";
+    let ids = publish_bulk(&relay, topic, 0, 1000, None);
+    let first = first_id_in_valkey(&valkey, topic);
+    assert_ne!(first, ids[0], "MAXLEN did not trim");
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        Some(&first),
+        "trimmed",
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, "1-0"),
+        topic,
+        "1-0",
+        Some(&first),
+        "trimmed",
+    );
+    // From a retained message nothing was lost.
+    let at = ids
+        .iter()
+        .position(|id| *id == first)
+        .expect("first retained");
+    for since in [&ids[at], &ids[at + 1], &ids[998], &ids[999]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_the_trim_endpoint_reports_a_trimmed_gap_and_only_then() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "endpoint-trimmed";
+    let ids = publish_bulk(&relay, topic, 0, 250, None);
+    let resp = relay.post_json(
+        &format!("/api/v1/topics/{topic}/trim"),
+        r#"{"keep_count":10}"#,
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        Some(&ids[240]),
+        "trimmed",
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[238]),
+        topic,
+        &ids[238],
+        Some(&ids[240]),
+        "trimmed",
+    );
+    // The last removed message was seen: nothing after it is missing (exact, not
+    // conservative).
+    for since in [&ids[239], &ids[240], &ids[249]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_swept_ttl_entries_reports_an_expired_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    // Retention 8 s: the sweeper passes every 2 s; only the ttl runs out during the test.
+    let relay = valkey.start_relay("storage:\n  persistent_tier_retention: 8s\n", &[]);
+    let topic = "ttl-swept";
+    let expiring = publish_bulk(&relay, topic, 0, 5, Some(1));
+    let kept = publish_bulk(&relay, topic, 5, 2, None);
+    let key = stream_key(topic);
+    assert!(
+        eventually(Duration::from_secs(20), || valkey.xlen(&key) == 2),
+        "expired entries not swept: {:?}",
+        valkey.xrange(&key)
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &expiring[0]),
+        topic,
+        &expiring[0],
+        Some(&kept[0]),
+        "expired",
+    );
+    for since in [&expiring[4], &kept[0]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_age_retention_reports_an_expired_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(
+        "storage:\n  persistent_tier_retention: 2s\nhot_tier:\n  retention: 1s\n",
+        &[],
+    );
+    let topic = "age-swept";
+    let ids = publish_bulk(&relay, topic, 0, 5, None);
+    let key = stream_key(topic);
+    assert!(
+        eventually(Duration::from_secs(20), || valkey.xlen(&key) == 0),
+        "aged entries not swept: {:?}",
+        valkey.xrange(&key)
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        None,
+        "expired",
+    );
+    assert_eq!(gaps_after(&relay, topic, &ids[4]), Vec::<Value>::new());
+}
+
+#[test]
+fn a_resume_across_a_topic_delete_reports_a_deleted_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "deleted";
+    let old = publish_bulk(&relay, topic, 0, 5, None);
+    let resp = relay.delete(&format!("/api/v1/topics/{topic}"));
+    assert!(resp.status == 200 || resp.status == 204, "{resp:?}");
+    // Deleted and not recreated yet: nothing is available.
+    assert_gap(
+        &gaps_after(&relay, topic, &old[2]),
+        topic,
+        &old[2],
+        None,
+        "deleted",
+    );
+    let new = publish_bulk(&relay, topic, 5, 2, None);
+    assert_gap(
+        &gaps_after(&relay, topic, &old[2]),
+        topic,
+        &old[2],
+        Some(&new[0]),
+        "deleted",
+    );
+    // The last message of the old stream was seen: nothing is missing.
+    for since in [&old[4], &new[0]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_a_foreign_xdel_reports_an_unknown_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "foreign-xdel";
+    let ids = publish_bulk(&relay, topic, 0, 5, None);
+    valkey.cli(&["XDEL", &stream_key(topic), &ids[3]]);
+    let gaps = gaps_after(&relay, topic, &ids[1]);
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["reason"], "unknown", "{gaps:?}");
+    assert_eq!(gaps_after(&relay, topic, &ids[3]), Vec::<Value>::new());
+}

@@ -503,16 +503,7 @@ impl Storage {
                     _ => None,
                 })
             }
-            Backend::Valkey(tier) => {
-                let (first, max_deleted) = tier.gap_info(topic).await?;
-                Ok(match max_deleted {
-                    Some(deleted) if deleted > after => Some(GapInfo {
-                        oldest_available: first,
-                        reason: GapReason::Unknown,
-                    }),
-                    _ => None,
-                })
-            }
+            Backend::Valkey(tier) => tier.gap_after(topic, after).await,
         }
     }
 

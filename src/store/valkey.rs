@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use super::hot_tier::{Order, Page, PageQuery, TopicStats};
 use super::message::{write_rfc3339_millis, Message, MessageId};
-use super::{PublishItem, StoreError};
+use super::{GapInfo, GapReason, PublishItem, StoreError};
 use crate::config::{AckMode, KeyTemplate};
 use crate::valkey::{Client, Command, Reply, ValkeyError};
 
@@ -47,9 +47,6 @@ const FIRST_ROUND_ENTRIES: usize = 16;
 /// The most entries one XRANGE of a page read asks for.
 const MAX_ROUND_ENTRIES: usize = 1024;
 
-/// What the sweeper asks per topic when looking for expired-ttl entries at the front.
-const TTL_PROBE: usize = 16;
-
 /// The Valkey side of one shard's storage.
 pub struct ValkeyTier {
     pub client: Rc<Client>,
@@ -57,6 +54,7 @@ pub struct ValkeyTier {
     meta_key: KeyTemplate,
     /// `MAXLEN ~` bound on every XADD (`storage.max_messages_per_topic`).
     max_len: String,
+    max_len_n: u64,
     retention_ms: u64,
     pub ack: AckMode,
     shard: usize,
@@ -109,6 +107,7 @@ impl ValkeyTier {
             stream_key,
             meta_key,
             max_len: max_len.to_string(),
+            max_len_n: u64::try_from(max_len).unwrap_or(u64::MAX),
             retention_ms,
             ack,
             shard,
@@ -229,6 +228,9 @@ impl ValkeyTier {
             write_rfc3339_millis(&mut created, now_ms);
             let key = self.meta_key.render(topic);
             commands.push(command(&[b"HSETNX", key.as_bytes(), b"created", &created]));
+            // A deleted topic's meta is a tombstone that expires (see `delete`); written
+            // again, the topic keeps it (its `deleted_to` still names what the delete took).
+            commands.push(command(&[b"PERSIST", key.as_bytes()]));
         }
     }
 
@@ -261,7 +263,8 @@ impl ValkeyTier {
         self.push_meta_for_new_topics(&items, now_ms, &mut commands);
         self.count("xadd", items.len());
         if commands.len() > items.len() {
-            self.count("hsetnx", commands.len() - items.len());
+            self.count("hsetnx", (commands.len() - items.len()) / 2);
+            self.count("persist", (commands.len() - items.len()) / 2);
         }
         // Queue the commands first: a refused batch (queue full) is answered at once and
         // never enters the per-topic queues, so what they hold stays bounded by
@@ -418,7 +421,8 @@ impl ValkeyTier {
         }
         self.count("xadd", items.len());
         if commands.len() > items.len() {
-            self.count("hsetnx", commands.len() - items.len());
+            self.count("hsetnx", (commands.len() - items.len()) / 2);
+            self.count("persist", (commands.len() - items.len()) / 2);
         }
         Ok(async move {
             for (item, reply) in items.iter().zip(call.await) {
@@ -578,43 +582,34 @@ impl ValkeyTier {
         }
     }
 
-    /// The stream's first entry id and the newest id ever deleted from it (`XINFO STREAM`'s
-    /// `max-deleted-entry-id`, Valkey 7+), for gap detection; `(None, None)` when the stream
-    /// does not exist.
-    pub async fn gap_info(
+    /// Whether a consumer resuming after `after` missed entries that left the stream, and
+    /// why: `Some` iff some entry with an id above `after` was removed (see "Gap detection"
+    /// in the module doc for where this is exact and where it is conservative).
+    pub async fn gap_after(
         &self,
         topic: &str,
-    ) -> Result<(Option<MessageId>, Option<MessageId>), StoreError> {
+        after: MessageId,
+    ) -> Result<Option<GapInfo>, StoreError> {
         let key = self.stream_key.render(topic);
+        let meta_key = self.meta_key.render(topic);
         self.count("xinfo", 1);
-        let reply = match self
+        self.count("hgetall", 1);
+        let mut replies = self
             .client
-            .call(&[b"XINFO", b"STREAM", key.as_bytes()])
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) if is_no_such_key(&e) => return Ok((None, None)),
+            .call_many(&[
+                command(&[b"XINFO", b"STREAM", key.as_bytes()]),
+                command(&[b"HGETALL", meta_key.as_bytes()]),
+            ])
+            .await;
+        let meta_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info_reply = replies.pop().unwrap_or_else(missing_reply);
+        let meta = RemovalRecord::parse(&meta_reply.map_err(store_error)?);
+        let stream = match info_reply {
+            Ok(reply) => Some(StreamInfo::parse(&reply)),
+            Err(e) if is_no_such_key(&e) => None,
             Err(e) => return Err(store_error(e)),
         };
-        let Reply::Array(fields) = reply else {
-            return Ok((None, None));
-        };
-        let mut first = None;
-        let mut max_deleted = None;
-        for pair in fields.chunks(2) {
-            let [name, value] = pair else { continue };
-            match name.as_bytes() {
-                Some(b"first-entry") => first = parse_entry(value).map(|(id, _)| id),
-                Some(b"max-deleted-entry-id") => {
-                    max_deleted = value
-                        .as_str()
-                        .and_then(|s| s.parse::<MessageId>().ok())
-                        .filter(|id| *id != MessageId::MIN)
-                }
-                _ => {}
-            }
-        }
-        Ok((first, max_deleted))
+        Ok(gap_verdict(stream.as_ref(), &meta, after, self.max_len_n))
     }
 
     fn parse_xinfo(&self, topic: &str, reply: &Reply) -> Option<TopicStats> {
@@ -695,47 +690,249 @@ impl ValkeyTier {
         Ok(topics)
     }
 
-    /// Exact trim to the newest `keep_count`; `None` when the stream does not exist.
+    /// Exact trim to the newest `keep_count`; `None` when the stream does not exist. Removes
+    /// the head in bounded rounds (probe, then an exact cut recorded as `trimmed_to`), so a
+    /// consumer resuming from the last removed message is told of no gap; a trim too large
+    /// for [`TRIM_ROUNDS`] finishes with one unrecorded `XTRIM MAXLEN`, whose gaps are then
+    /// reported conservatively.
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
         let key = self.stream_key.render(topic);
-        let keep = keep_count.to_string();
-        let exists = command(&[b"EXISTS", key.as_bytes()]);
-        let trim = command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()]);
+        self.count("xlen", 1);
         self.count("exists", 1);
-        self.count("xtrim", 1);
-        let mut replies = self.client.call_many(&[exists, trim]).await;
-        let trimmed = replies.pop().unwrap_or_else(missing_reply);
+        let mut replies = self
+            .client
+            .call_many(&[
+                command(&[b"EXISTS", key.as_bytes()]),
+                command(&[b"XLEN", key.as_bytes()]),
+            ])
+            .await;
+        let len = replies.pop().unwrap_or_else(missing_reply);
         let existed = replies.pop().unwrap_or_else(missing_reply);
         if !matches!(existed.map_err(store_error)?, Reply::Integer(n) if n > 0) {
             return Ok(None);
         }
-        match trimmed.map_err(store_error)? {
-            Reply::Integer(n) => {
-                if let Some(len) = self.lengths.borrow_mut().get_mut(topic) {
-                    *len = (*len).min(keep_count);
-                }
-                Ok(Some(usize::try_from(n).unwrap_or(0)))
+        let len = match len.map_err(store_error)? {
+            Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "unexpected XLEN reply: {other:?}"
+                )))
             }
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected XTRIM reply: {other:?}"
-            ))),
+        };
+        let mut to_remove = len.saturating_sub(keep_count);
+        let mut removed = 0usize;
+        let mut entry_size = None;
+        for _ in 0..TRIM_ROUNDS {
+            if to_remove == 0 {
+                break;
+            }
+            let count = round_count(
+                to_remove.saturating_sub(1 + READ_SLACK),
+                usize::MAX,
+                entry_size,
+            )
+            .min(to_remove);
+            let probe = self.probe_heads(&[key.as_str()], count).await?;
+            let Some(entries) = probe.into_iter().next() else {
+                break;
+            };
+            let Some(last) = entries.last().map(|(id, _)| *id) else {
+                break;
+            };
+            entry_size = average_footprint(&entries);
+            let n = self
+                .cut_heads(&[Cut {
+                    topic,
+                    last,
+                    count: entries.len(),
+                    field: FIELD_TRIMMED_TO,
+                }])
+                .await?;
+            removed += n;
+            to_remove = to_remove.saturating_sub(entries.len());
         }
+        if to_remove > 0 {
+            // Too large for exact rounds: one bulk trim, flagged so gaps it causes are
+            // reported (conservatively) as `trimmed`.
+            let keep = keep_count.to_string();
+            let meta = self.meta_key.render(topic);
+            self.count("xtrim", 1);
+            let mut replies = self
+                .client
+                .call_many(&[
+                    command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()]),
+                    command(&[
+                        b"HSET",
+                        meta.as_bytes(),
+                        FIELD_TRIMMED_BULK.as_bytes(),
+                        b"1",
+                    ]),
+                ])
+                .await;
+            let _ = replies.pop();
+            if let Some(Ok(Reply::Integer(n))) = replies.pop() {
+                removed += usize::try_from(n).unwrap_or(0);
+            }
+        }
+        if let Some(len) = self.lengths.borrow_mut().get_mut(topic) {
+            *len = (*len).min(keep_count);
+        }
+        Ok(Some(removed))
     }
 
-    /// Deletes the topic's stream and metadata; `false` when the stream did not exist.
+    /// The first `count` entries of each stream (one pipeline).
+    async fn probe_heads(
+        &self,
+        keys: &[&str],
+        count: usize,
+    ) -> Result<Vec<Vec<(MessageId, Message)>>, StoreError> {
+        let count = count.max(1).to_string();
+        let commands: Vec<Command> = keys
+            .iter()
+            .map(|key| {
+                command(&[
+                    b"XRANGE",
+                    key.as_bytes(),
+                    b"-",
+                    b"+",
+                    b"COUNT",
+                    count.as_bytes(),
+                ])
+            })
+            .collect();
+        self.count("xrange", commands.len());
+        self.client
+            .call_many(&commands)
+            .await
+            .into_iter()
+            .map(|reply| reply.map(|r| parse_entries(&r)).map_err(store_error))
+            .collect()
+    }
+
+    /// Removes each stream's head up to and including `last` (an id the caller just saw at
+    /// the head, with `count` entries up to it) and records it in the topic's meta hash in
+    /// the same transaction: `removed += count`, `<field> = last`. Exact: `XTRIM MINID` with
+    /// the id just after `last` removes precisely those entries (ids only grow), and the
+    /// record is what makes a later gap verdict exact. Returns how many entries went.
+    async fn cut_heads(&self, cuts: &[Cut<'_>]) -> Result<usize, StoreError> {
+        if cuts.is_empty() {
+            return Ok(0);
+        }
+        let mut commands = Vec::with_capacity(cuts.len() * 5);
+        for cut in cuts {
+            let key = self.stream_key.render(cut.topic);
+            let meta = self.meta_key.render(cut.topic);
+            let min_id = id_after(cut.last).to_string();
+            let last = cut.last.to_string();
+            let count = cut.count.to_string();
+            commands.push(command(&[b"MULTI"]));
+            commands.push(command(&[
+                b"XTRIM",
+                key.as_bytes(),
+                b"MINID",
+                min_id.as_bytes(),
+            ]));
+            commands.push(command(&[
+                b"HINCRBY",
+                meta.as_bytes(),
+                FIELD_REMOVED.as_bytes(),
+                count.as_bytes(),
+            ]));
+            commands.push(command(&[
+                b"HSET",
+                meta.as_bytes(),
+                cut.field.as_bytes(),
+                last.as_bytes(),
+            ]));
+            commands.push(command(&[b"EXEC"]));
+        }
+        self.count("xtrim", cuts.len());
+        let replies = self.client.call_many(&commands).await;
+        let mut removed = 0usize;
+        for chunk in replies.chunks(5) {
+            match chunk.last() {
+                Some(Ok(Reply::Array(results))) => {
+                    if let Some(Reply::Integer(n)) = results.first() {
+                        removed += usize::try_from(*n).unwrap_or(0);
+                    }
+                }
+                Some(Err(e)) => return Err(store_error(e.clone())),
+                _ => {}
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the topic's stream; `false` when the stream did not exist. The topic's meta
+    /// hash stays behind as a tombstone naming the last id the stream held (`deleted_to`),
+    /// so a consumer resuming from before it learns of the delete (reason `deleted`), also
+    /// after the topic is written again. The tombstone expires after the retention (by then
+    /// whatever it covered would have expired anyway) unless the topic is written again.
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
         let stream = self.stream_key.render(topic);
         let meta = self.meta_key.render(topic);
+        self.count("xinfo", 1);
+        self.count("hgetall", 1);
+        let mut replies = self
+            .client
+            .call_many(&[
+                command(&[b"XINFO", b"STREAM", stream.as_bytes()]),
+                command(&[b"HGETALL", meta.as_bytes()]),
+            ])
+            .await;
+        let meta_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info = match info_reply {
+            Ok(reply) => StreamInfo::parse(&reply),
+            Err(e) if is_no_such_key(&e) => {
+                self.forget(topic);
+                return Ok(false);
+            }
+            Err(e) => return Err(store_error(e)),
+        };
+        let record = RemovalRecord::parse(&meta_reply.map_err(store_error)?);
+        let deleted_to = info.last_generated.max(record.deleted_to).to_string();
+        let ttl_s = (self.retention_ms / 1000).max(1).to_string();
+        let commands = [
+            command(&[b"MULTI"]),
+            command(&[b"DEL", stream.as_bytes()]),
+            command(&[
+                b"HDEL",
+                meta.as_bytes(),
+                b"created",
+                FIELD_REMOVED.as_bytes(),
+                FIELD_EXPIRED_TO.as_bytes(),
+                FIELD_TRIMMED_TO.as_bytes(),
+                FIELD_AGED_BELOW.as_bytes(),
+                FIELD_TRIMMED_BULK.as_bytes(),
+            ]),
+            command(&[
+                b"HSET",
+                meta.as_bytes(),
+                FIELD_DELETED_TO.as_bytes(),
+                deleted_to.as_bytes(),
+            ]),
+            command(&[b"EXPIRE", meta.as_bytes(), ttl_s.as_bytes()]),
+            command(&[b"EXEC"]),
+        ];
         self.count("del", 1);
         let reply = self
             .client
-            .call(&[b"DEL", stream.as_bytes(), meta.as_bytes()])
+            .call_many(&commands)
             .await
+            .pop()
+            .unwrap_or_else(missing_reply)
             .map_err(store_error)?;
+        self.forget(topic);
+        let existed = matches!(&reply, Reply::Array(r) if matches!(r.first(), Some(Reply::Integer(n)) if *n > 0));
+        Ok(existed)
+    }
+
+    /// Drops what this tier caches about a topic that no longer exists.
+    fn forget(&self, topic: &str) {
         self.known.borrow_mut().remove(topic);
         self.lengths.borrow_mut().remove(topic);
         self.buffered_last.borrow_mut().remove(topic);
-        Ok(matches!(reply, Reply::Integer(n) if n > 0))
     }
 
     /// Finds the streams of this shard's topics with `SCAN` (never `KEYS`, which blocks Valkey
@@ -790,59 +987,93 @@ impl ValkeyTier {
         }
     }
 
-    /// Age retention (`XTRIM MINID ~`) on every known topic, and removal of expired-ttl entries
-    /// at the front of each stream. Returns how many entries were removed.
+    /// Removes what age retention and message ttls have made due from the head of every
+    /// known topic's stream; returns how many entries were removed. Topics are swept in
+    /// batches of [`SWEEP_BATCH_TOPICS`] (one pipeline each, never one batch for every topic
+    /// ever seen). Per topic the due prefix is found by probing the head (reply sizes bounded
+    /// like page reads) and cut exactly and recorded as `expired_to` (see [`Self::cut_heads`]),
+    /// for up to [`SWEEP_ROUNDS`] rounds; a backlog beyond that is cut by age in bulk
+    /// (`XTRIM MINID <now - retention>`, recorded as `aged_below`: gaps it causes are reported
+    /// conservatively) and the rest waits for the next sweep. An expired-ttl entry behind a
+    /// live one stays (hidden from reads) until the head reaches it.
     pub async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
         let names: Vec<String> = self.known.borrow().iter().cloned().collect();
-        if names.is_empty() {
-            return Ok(0);
+        let mut removed = 0;
+        for batch in names.chunks(SWEEP_BATCH_TOPICS) {
+            removed += self.sweep_batch(batch, now_ms).await?;
         }
-        let min_id = format!("{}-0", now_ms.saturating_sub(self.retention_ms));
-        let probe = TTL_PROBE.to_string();
-        let mut commands = Vec::with_capacity(names.len() * 2);
-        for topic in &names {
-            let key = self.stream_key.render(topic);
-            let trim = command(&[b"XTRIM", key.as_bytes(), b"MINID", b"~", min_id.as_bytes()]);
-            commands.push(trim);
-            let head = command(&[
-                b"XRANGE",
-                key.as_bytes(),
-                b"-",
-                b"+",
-                b"COUNT",
-                probe.as_bytes(),
-            ]);
-            commands.push(head);
-        }
-        self.count("xtrim", names.len());
-        self.count("xrange", names.len());
-        let replies = self.client.call_many(&commands).await;
+        Ok(removed)
+    }
+
+    async fn sweep_batch(&self, topics: &[String], now_ms: u64) -> Result<usize, StoreError> {
         let mut removed = 0usize;
-        let mut deletions = Vec::new();
-        for (topic, pair) in names.iter().zip(replies.chunks(2)) {
-            if let Some(Ok(Reply::Integer(n))) = pair.first() {
-                removed += usize::try_from(*n).unwrap_or(0);
+        // (topic, entry size seen so far) of the topics whose whole last probe was due.
+        let mut active: Vec<(&str, Option<usize>)> =
+            topics.iter().map(|t| (t.as_str(), None)).collect();
+        for _round in 0..SWEEP_ROUNDS {
+            if active.is_empty() {
+                return Ok(removed);
             }
-            if let Some(Ok(head)) = pair.get(1) {
-                let expired: Vec<MessageId> = parse_entries(head)
-                    .into_iter()
+            // One COUNT for the batch: the smallest any topic's sizes allow.
+            let count = active
+                .iter()
+                .map(|(_, size)| round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size))
+                .min()
+                .unwrap_or(FIRST_ROUND_ENTRIES);
+            let keys: Vec<String> = active
+                .iter()
+                .map(|(t, _)| self.stream_key.render(t))
+                .collect();
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let heads = self.probe_heads(&key_refs, count).await?;
+            let mut cuts = Vec::new();
+            let mut next = Vec::new();
+            for ((topic, _), entries) in active.iter().zip(&heads) {
+                let due = entries
+                    .iter()
                     .take_while(|(_, m)| is_due(m, now_ms, self.retention_ms))
-                    .map(|(id, _)| id)
-                    .collect();
-                if !expired.is_empty() {
-                    let key = self.stream_key.render(topic);
-                    let ids: Vec<String> = expired.iter().map(|id| id.to_string()).collect();
-                    let mut args: Vec<&[u8]> = vec![b"XDEL", key.as_bytes()];
-                    args.extend(ids.iter().map(|s| s.as_bytes()));
-                    deletions.push(command(&args));
+                    .count();
+                if due == 0 {
+                    continue;
+                }
+                cuts.push(Cut {
+                    topic,
+                    last: entries[due - 1].0,
+                    count: due,
+                    field: FIELD_EXPIRED_TO,
+                });
+                if due == entries.len() && entries.len() == count {
+                    next.push((*topic, average_footprint(entries)));
                 }
             }
+            drop(heads);
+            removed += self.cut_heads(&cuts).await?;
+            active = next;
         }
-        if !deletions.is_empty() {
-            self.count("xdel", deletions.len());
-            for reply in self.client.call_many(&deletions).await {
-                if let Ok(Reply::Integer(n)) = reply {
-                    removed += usize::try_from(n).unwrap_or(0);
+        if !active.is_empty() && self.retention_ms > 0 {
+            // A backlog larger than the exact rounds: bulk age trim, recorded.
+            let min_id = MessageId::new(now_ms.saturating_sub(self.retention_ms), 0).to_string();
+            let mut commands = Vec::with_capacity(active.len() * 2);
+            for (topic, _) in &active {
+                let key = self.stream_key.render(topic);
+                let meta = self.meta_key.render(topic);
+                commands.push(command(&[
+                    b"XTRIM",
+                    key.as_bytes(),
+                    b"MINID",
+                    min_id.as_bytes(),
+                ]));
+                commands.push(command(&[
+                    b"HSET",
+                    meta.as_bytes(),
+                    FIELD_AGED_BELOW.as_bytes(),
+                    min_id.as_bytes(),
+                ]));
+            }
+            self.count("xtrim", active.len());
+            for pair in self.client.call_many(&commands).await.chunks(2) {
+                if let Some(Ok(Reply::Integer(n))) = pair.first() {
+                    removed += usize::try_from(*n).unwrap_or(0);
                 }
             }
         }
@@ -911,6 +1142,217 @@ impl ServerInfo {
         }
         risks
     }
+}
+
+/// Topics per sweep pipeline.
+const SWEEP_BATCH_TOPICS: usize = 128;
+
+/// Exact probe-and-cut rounds per topic per sweep.
+const SWEEP_ROUNDS: usize = 8;
+
+/// Exact probe-and-cut rounds of one trim-endpoint call.
+const TRIM_ROUNDS: usize = 64;
+
+/// Meta-hash fields the relay keeps per topic to know what left the stream and why (besides
+/// `created`). Valkey's own `XINFO STREAM` fields do not: `max-deleted-entry-id` moves only on
+/// `XDEL`, not on trims.
+/// Entries the relay removed with exact knowledge (the cuts below), this incarnation.
+const FIELD_REMOVED: &str = "removed";
+/// The newest id removed because its ttl or the age retention ran out (exact).
+const FIELD_EXPIRED_TO: &str = "expired_to";
+/// The newest id removed by the trim endpoint (exact).
+const FIELD_TRIMMED_TO: &str = "trimmed_to";
+/// The last bulk age trim's threshold: every id below it is gone (not recorded per entry).
+const FIELD_AGED_BELOW: &str = "aged_below";
+/// Set once a trim endpoint call fell back to a bulk `XTRIM MAXLEN`.
+const FIELD_TRIMMED_BULK: &str = "trimmed_bulk";
+/// The last id of the stream the relay deleted (a tombstone; survives re-creation).
+const FIELD_DELETED_TO: &str = "deleted_to";
+
+/// One exact head cut (see [`ValkeyTier::cut_heads`]).
+struct Cut<'a> {
+    topic: &'a str,
+    last: MessageId,
+    count: usize,
+    field: &'static str,
+}
+
+/// The id just after `id` in stream order.
+fn id_after(id: MessageId) -> MessageId {
+    match id.seq.checked_add(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None => MessageId::new(id.ms.saturating_add(1), 0),
+    }
+}
+
+/// Mean footprint of `entries` (`None` if empty).
+fn average_footprint(entries: &[(MessageId, Message)]) -> Option<usize> {
+    let total: usize = entries.iter().map(|(_, m)| m.footprint()).sum();
+    total.checked_div(entries.len()).map(|s| s.max(1))
+}
+
+/// The `XINFO STREAM` fields gap detection needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamInfo {
+    length: u64,
+    entries_added: u64,
+    first: Option<MessageId>,
+    last_generated: MessageId,
+    max_deleted: MessageId,
+}
+
+impl StreamInfo {
+    fn parse(reply: &Reply) -> StreamInfo {
+        let mut info = StreamInfo {
+            length: 0,
+            entries_added: 0,
+            first: None,
+            last_generated: MessageId::MIN,
+            max_deleted: MessageId::MIN,
+        };
+        let Reply::Array(fields) = reply else {
+            return info;
+        };
+        let id = |value: &Reply| {
+            value
+                .as_str()
+                .and_then(|s| s.parse::<MessageId>().ok())
+                .unwrap_or(MessageId::MIN)
+        };
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { continue };
+            match name.as_bytes() {
+                Some(b"length") => info.length = value.as_int().map_or(0, |n| n.max(0) as u64),
+                Some(b"entries-added") => {
+                    info.entries_added = value.as_int().map_or(0, |n| n.max(0) as u64)
+                }
+                Some(b"first-entry") => info.first = parse_entry(value).map(|(id, _)| id),
+                Some(b"last-generated-id") => info.last_generated = id(value),
+                Some(b"max-deleted-entry-id") => info.max_deleted = id(value),
+                _ => {}
+            }
+        }
+        info
+    }
+}
+
+/// What the relay recorded in a topic's meta hash about removals (fields `FIELD_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RemovalRecord {
+    created: bool,
+    removed: u64,
+    expired_to: MessageId,
+    trimmed_to: MessageId,
+    aged_below: MessageId,
+    trimmed_bulk: bool,
+    deleted_to: MessageId,
+}
+
+impl RemovalRecord {
+    const NONE: RemovalRecord = RemovalRecord {
+        created: false,
+        removed: 0,
+        expired_to: MessageId::MIN,
+        trimmed_to: MessageId::MIN,
+        aged_below: MessageId::MIN,
+        trimmed_bulk: false,
+        deleted_to: MessageId::MIN,
+    };
+
+    fn parse(reply: &Reply) -> RemovalRecord {
+        let mut record = RemovalRecord::NONE;
+        let Reply::Array(fields) = reply else {
+            return record;
+        };
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { continue };
+            let (Some(name), Some(value)) = (name.as_str(), value.as_str()) else {
+                continue;
+            };
+            let id = || value.parse::<MessageId>().unwrap_or(MessageId::MIN);
+            match name {
+                "created" => record.created = true,
+                FIELD_REMOVED => record.removed = value.parse().unwrap_or(0),
+                FIELD_EXPIRED_TO => record.expired_to = id(),
+                FIELD_TRIMMED_TO => record.trimmed_to = id(),
+                FIELD_AGED_BELOW => record.aged_below = id(),
+                FIELD_TRIMMED_BULK => record.trimmed_bulk = true,
+                FIELD_DELETED_TO => record.deleted_to = id(),
+                _ => {}
+            }
+        }
+        record
+    }
+}
+
+/// The gap verdict for a consumer resuming after `after`, from the stream's state (`None`:
+/// the stream does not exist) and the relay's removal record. `max_len` is the count
+/// retention (`MAXLEN ~` on every XADD).
+///
+/// A gap is reported iff some removed entry has an id above `after`:
+/// - exact for what the relay removed itself and recorded: ttl/age cuts (`expired_to`),
+///   trim-endpoint cuts (`trimmed_to`), a topic delete (`deleted_to`), and for any `XDEL`
+///   (Valkey's `max-deleted-entry-id`, reason `unknown`: the relay never uses XDEL);
+/// - conservative for removals nobody recorded, detected because
+///   `entries-added - length - removed` is not 0: Valkey's own `MAXLEN ~` trims on XADD, a
+///   bulk age or trim fallback, another client's XTRIM, or a stream deleted and recreated
+///   behind the relay's back. They remove the stream's head, so every such id is below the
+///   first entry, but which ids is unknown: a resume from below the first entry is reported
+///   as a gap, also from the very last removed id (where nothing is missing after all).
+fn gap_verdict(
+    stream: Option<&StreamInfo>,
+    record: &RemovalRecord,
+    after: MessageId,
+    max_len: u64,
+) -> Option<GapInfo> {
+    let Some(stream) = stream else {
+        // No stream: deleted by the relay (the tombstone says up to where), or behind its
+        // back (the meta hash of a topic it wrote is still there: cannot tell what is gone,
+        // so report it), or never written (nothing to miss).
+        if record.deleted_to > after || (record.created && record.deleted_to == MessageId::MIN) {
+            return Some(GapInfo {
+                oldest_available: None,
+                reason: GapReason::Deleted,
+            });
+        }
+        return None;
+    };
+    // (newest removed id, or a bound on it; reason) of every removal reaching past `after`.
+    let mut found: Option<(MessageId, GapReason)> = None;
+    let mut consider = |bound: MessageId, reason: GapReason| {
+        if bound > after && found.is_none_or(|(b, _)| bound > b) {
+            found = Some((bound, reason));
+        }
+    };
+    consider(record.deleted_to, GapReason::Deleted);
+    consider(record.expired_to, GapReason::Expired);
+    consider(record.trimmed_to, GapReason::Trimmed);
+    consider(stream.max_deleted, GapReason::Unknown);
+    let explained = stream.length.saturating_add(record.removed);
+    if stream.entries_added != explained {
+        // Unrecorded head removals: every removed id is below the first entry, or, emptied,
+        // at most the last id (which was removed).
+        let head = stream.first.unwrap_or(stream.last_generated);
+        if after < head && stream.entries_added > 0 {
+            let reason = if record.aged_below > after {
+                GapReason::Expired
+            } else if stream.entries_added < explained {
+                // More removed than ever added in this incarnation: recreated behind the
+                // relay's back.
+                GapReason::Deleted
+            } else if record.trimmed_bulk || stream.entries_added > max_len {
+                GapReason::Trimmed
+            } else {
+                GapReason::Unknown
+            };
+            // Weighs as the newest removal: nothing recorded is newer than the head.
+            consider(MessageId::MAX, reason);
+        }
+    }
+    found.map(|(_, reason)| GapInfo {
+        oldest_available: stream.first,
+        reason,
+    })
 }
 
 fn store_error(e: ValkeyError) -> StoreError {
@@ -1129,6 +1571,95 @@ mod tests {
         };
         assert!(!is_due(&m, 1_800_000_001_000, 86_400_000));
         assert!(is_due(&m, 1_800_000_000_000 + 86_400_001, 86_400_000));
+    }
+
+    fn stream(length: u64, added: u64, first: Option<u64>, last: u64) -> StreamInfo {
+        StreamInfo {
+            length,
+            entries_added: added,
+            first: first.map(|ms| MessageId::new(ms, 0)),
+            last_generated: MessageId::new(last, 0),
+            max_deleted: MessageId::MIN,
+        }
+    }
+
+    fn id(ms: u64) -> MessageId {
+        MessageId::new(ms, 0)
+    }
+
+    #[test]
+    fn gap_verdicts_are_exact_for_recorded_removals() {
+        // Ids 1..=10 added; the relay cut 1..=4 (ttl) and recorded it.
+        let s = stream(6, 10, Some(5), 10);
+        let record = RemovalRecord {
+            removed: 4,
+            expired_to: id(4),
+            ..RemovalRecord::NONE
+        };
+        let gap = gap_verdict(Some(&s), &record, id(2), 1000).expect("gap");
+        assert_eq!(gap.reason, GapReason::Expired);
+        assert_eq!(gap.oldest_available, Some(id(5)));
+        // Resuming from the last removed id (or later) misses nothing.
+        for after in [4, 5, 9, 10] {
+            assert_eq!(
+                gap_verdict(Some(&s), &record, id(after), 1000),
+                None,
+                "{after}"
+            );
+        }
+    }
+
+    #[test]
+    fn unrecorded_head_trims_are_reported_conservatively() {
+        // Ids 1..=10 added, MAXLEN ~ 5 took 1..=3 (nothing recorded).
+        let s = stream(7, 10, Some(4), 10);
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 5).expect("gap");
+        assert_eq!(gap.reason, GapReason::Trimmed);
+        // Conservative: from the last trimmed id a gap is reported although none is missing.
+        assert!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(3), 5).is_some());
+        assert_eq!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(4), 5), None);
+        // Below the count cap an unrecorded removal has no known cause.
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 100).expect("gap");
+        assert_eq!(gap.reason, GapReason::Unknown);
+        // Emptied: everything up to the last id is gone.
+        let empty = stream(0, 10, None, 10);
+        assert!(gap_verdict(Some(&empty), &RemovalRecord::NONE, id(9), 5).is_some());
+        assert_eq!(
+            gap_verdict(Some(&empty), &RemovalRecord::NONE, id(10), 5),
+            None
+        );
+    }
+
+    #[test]
+    fn deleted_streams_are_reported_from_the_tombstone() {
+        let tomb = RemovalRecord {
+            deleted_to: id(10),
+            ..RemovalRecord::NONE
+        };
+        assert_eq!(
+            gap_verdict(None, &tomb, id(3), 5).map(|g| g.reason),
+            Some(GapReason::Deleted)
+        );
+        assert_eq!(gap_verdict(None, &tomb, id(10), 5), None);
+        // Never written: nothing to miss.
+        assert_eq!(gap_verdict(None, &RemovalRecord::NONE, id(3), 5), None);
+        // Recreated since: the old stream's messages after the resume point are gone.
+        let again = stream(2, 2, Some(20), 21);
+        let gap = gap_verdict(Some(&again), &tomb, id(3), 5).expect("gap");
+        assert_eq!(gap.reason, GapReason::Deleted);
+        assert_eq!(gap.oldest_available, Some(id(20)));
+        assert_eq!(gap_verdict(Some(&again), &tomb, id(10), 5), None);
+    }
+
+    #[test]
+    fn round_counts_stay_within_the_byte_budget() {
+        assert_eq!(round_count(100, usize::MAX, None), FIRST_ROUND_ENTRIES);
+        assert_eq!(round_count(100, usize::MAX, Some(100)), 109);
+        assert_eq!(round_count(5000, usize::MAX, Some(10)), MAX_ROUND_ENTRIES);
+        // 1 MiB entries: one at a time.
+        assert_eq!(round_count(1000, usize::MAX, Some(1 << 20)), 2);
+        assert_eq!(round_count(1000, 1000, Some(100)), 11);
+        assert_eq!(round_count(0, usize::MAX, Some(1)), 9);
     }
 
     #[test]
