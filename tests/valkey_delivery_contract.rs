@@ -323,3 +323,119 @@ fn a_resume_across_a_foreign_xdel_reports_an_unknown_gap() {
     assert_eq!(gaps[0]["reason"], "unknown", "{gaps:?}");
     assert_eq!(gaps_after(&relay, topic, &ids[3]), Vec::<Value>::new());
 }
+
+/// Publishes `n` buffered messages `{"i": k}` one by one; returns the ids acknowledged (201)
+/// in order. 503s (backlog full) are allowed: those were never acknowledged.
+fn publish_counting_acks(relay: &Server, topic: &str, n: usize, payload_pad: usize) -> Vec<String> {
+    let pad = "x".repeat(payload_pad);
+    let mut conn = relay.connect();
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let body = common::publish_body(topic, &format!(r#"{{"i":{i},"pad":"{pad}"}}"#));
+        let resp = conn.request("POST", "/api/v1/messages", Some(body.as_bytes()));
+        match resp.status {
+            201 => acked.push(
+                resp.json()["message_id"]
+                    .as_str()
+                    .expect("message_id")
+                    .to_string(),
+            ),
+            503 => {}
+            other => panic!("publish answered {other}: {resp:?}"),
+        }
+    }
+    acked
+}
+
+/// The value of the `relay_valkey_errors_total` series of `kind` (0 when absent).
+fn valkey_errors(relay: &Server, kind: &str) -> u64 {
+    let text = relay.get("/metrics").text();
+    let series = format!("relay_valkey_errors_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series.as_str()))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Asserts every acknowledged id ends up in the stream, in order (others may be there too:
+/// none here, as every publish was either acknowledged or refused before queueing).
+fn assert_all_stored(valkey: &ValkeyServer, topic: &str, acked: &[String], within: Duration) {
+    let key = stream_key(topic);
+    let mut stored: Vec<String> = Vec::new();
+    let ok = eventually(within, || {
+        stored = match valkey.try_cli(&["XLEN", &key]) {
+            Ok(_) => valkey.xrange(&key).into_iter().map(|e| e.id).collect(),
+            Err(_) => return false,
+        };
+        stored == acked
+    });
+    let missing: Vec<&String> = acked.iter().filter(|id| !stored.contains(id)).collect();
+    assert!(
+        ok,
+        "{} acknowledged messages not stored (of {}), e.g. {:?}; stored {}",
+        missing.len(),
+        acked.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        stored.len()
+    );
+}
+
+#[test]
+fn buffered_acks_published_while_valkey_is_down_are_stored_after_it_returns() {
+    let mut valkey = ValkeyServer::start(ValkeyOpts {
+        fsync_always: true,
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nvalkey:\n  command_timeout: 300ms\n",
+        &[],
+    );
+    let topic = "buffered-outage";
+    let mut acked = publish_counting_acks(&relay, topic, 10, 0);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(10));
+    valkey.stop();
+    acked.extend(publish_counting_acks(&relay, topic, 40, 0));
+    assert!(acked.len() > 10, "nothing acknowledged during the outage");
+    // The write-behind has failed at least once (queued commands timed out).
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(&relay, "timeout")
+            > 0
+            || valkey_errors(&relay, "connection_lost") > 0),
+        "no write-behind failure observed"
+    );
+    valkey.restart();
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+    // Ids go on increasing after the outage.
+    let later = publish_counting_acks(&relay, topic, 5, 0);
+    acked.extend(later);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(10));
+}
+
+#[test]
+fn buffered_acks_refused_with_oom_are_stored_once_memory_frees() {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay("durability:\n  ack: buffered\n", &[]);
+    let topic = "buffered-oom";
+    // ~12 MB of payloads against a 4 MB limit: Valkey answers -OOM to many XADDs.
+    let acked = publish_counting_acks(&relay, topic, 200, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            &relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert!(valkey_errors(&relay, "buffered_retry") > 0);
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+}

@@ -195,6 +195,7 @@ impl Storage {
                     config.durability.ack,
                     shard,
                     shards,
+                    config.valkey.max_pending,
                 );
                 Ok(Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
@@ -282,8 +283,9 @@ impl Storage {
     }
 
     /// `ack = buffered`: ids are chosen here, the messages enter the hot tier and the
-    /// producer is answered; Valkey is written behind. Trade-off (documented): a message
-    /// acknowledged this way is lost if the relay dies before Valkey stored it.
+    /// producer is answered; Valkey is written behind, retried until stored. Trade-off
+    /// (documented): a message acknowledged this way is lost if the relay dies before Valkey
+    /// stored it.
     async fn publish_buffered(
         &self,
         tier: &Rc<ValkeyTier>,
@@ -308,13 +310,12 @@ impl Storage {
                 (item.topic.clone(), message)
             })
             .collect();
-        // Queued before anything is acknowledged: with the client's queue full (Valkey slower
-        // than the producers) every item gets 503 and nothing enters the hot tier, instead of
-        // a 201 for a message the write-behind would then drop.
-        let persisted = match tier.persist_behind(items, &ids, now_ms) {
-            Ok(persisted) => persisted,
-            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
-        };
+        // Queued before anything is acknowledged: with the write-behind backlog full (Valkey
+        // down or slower than the producers) every item gets 503 and nothing enters the hot
+        // tier, instead of a 201 for a message the write-behind could not keep.
+        if let Err(e) = tier.enqueue_behind(items, &ids, now_ms) {
+            return messages.iter().map(|_| Err(e.clone())).collect();
+        }
         for (topic, message) in messages {
             self.cache(&topic, message);
         }
@@ -327,7 +328,6 @@ impl Storage {
                 })
             })
             .collect();
-        glommio::spawn_local(persisted).detach();
         acks
     }
 
