@@ -1937,6 +1937,136 @@ mod tests {
         assert_eq!(round_count(0, usize::MAX, Some(1)), 9);
     }
 
+    /// A single-shard tier on a fresh Valkey (run inside `run_local`).
+    fn tier_on(server: &crate::valkey::testing::ValkeyServer) -> crate::valkey::ClientConfig {
+        crate::valkey::ClientConfig {
+            connect: server.config(),
+            ..crate::valkey::ClientConfig::default()
+        }
+    }
+
+    fn new_tier(config: crate::valkey::ClientConfig, retention_ms: u64) -> Rc<ValkeyTier> {
+        let client = Client::start(config).expect("client");
+        Rc::new(ValkeyTier::new(
+            client,
+            KeyTemplate::parse("s:{topic}").expect("template"),
+            KeyTemplate::parse("m:{topic}").expect("template"),
+            1_000_000,
+            retention_ms,
+            AckMode::Persisted,
+            0,
+            1,
+            1000,
+        ))
+    }
+
+    fn item(topic: &str, payload_len: usize, ttl_ms: Option<u64>) -> PublishItem {
+        PublishItem {
+            topic: topic.to_owned(),
+            payload: Bytes::from(format!("\"{}\"", "x".repeat(payload_len))),
+            metadata: None,
+            ttl_ms,
+        }
+    }
+
+    #[test]
+    fn valkey_pages_stop_at_their_byte_budget_and_a_larger_message_comes_alone() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            let items: Vec<PublishItem> = (0..20).map(|_| item("big", 100_000, None)).collect();
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            let ids: Vec<MessageId> = stored
+                .iter()
+                .map(|r| r.as_ref().expect("stored").id)
+                .collect();
+            let mut query = PageQuery::new(None, Order::Asc, 1000);
+            query.max_bytes = 350_000;
+            let mut got = Vec::new();
+            let mut pages = 0;
+            loop {
+                let page = tier
+                    .read("big", &query, now, None)
+                    .await
+                    .expect("read")
+                    .expect("page");
+                pages += 1;
+                // 100 KB messages under a 350 KB budget: the page stops once it holds 350 KB
+                // (the message that crosses it included), like the hot tier's pages.
+                assert!(page.messages.len() <= 4, "{} messages", page.messages.len());
+                got.extend(page.messages.iter().map(|m| m.id));
+                match page.next_cursor {
+                    Some(c) => query.after = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(got, ids);
+            assert_eq!(pages, 5);
+            // A budget below one message: one message per page, never none.
+            query.after = None;
+            query.max_bytes = 10;
+            let page = tier
+                .read("big", &query, now, None)
+                .await
+                .expect("read")
+                .expect("page");
+            assert_eq!(page.messages.len(), 1);
+            assert_eq!(page.next_cursor, Some(ids[0]));
+        });
+    }
+
+    #[test]
+    fn a_cursor_read_of_a_nonexistent_topic_caches_nothing() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            for i in 0..100 {
+                let topic = format!("nobody-{i}");
+                let query = PageQuery::new(Some(MessageId::new(1, 0)), Order::Asc, 10);
+                let page = tier.read(&topic, &query, now, None).await.expect("read");
+                assert!(page.is_none_or(|p| p.messages.is_empty()));
+            }
+            assert!(tier.lengths.borrow().is_empty());
+            assert!(tier.known.borrow().is_empty());
+        });
+    }
+
+    #[test]
+    fn a_sweep_over_more_topics_than_one_batch_removes_every_expired_head() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            let topics = SWEEP_BATCH_TOPICS * 2 + 3;
+            // Per topic: a run of expired entries longer than one probe, then one live one.
+            let mut items = Vec::new();
+            for t in 0..topics {
+                for _ in 0..(FIRST_ROUND_ENTRIES + 5) {
+                    items.push(item(&format!("t{t}"), 10, Some(1)));
+                }
+                items.push(item(&format!("t{t}"), 10, None));
+            }
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            assert!(stored.iter().all(Result::is_ok));
+            let removed = tier.sweep(now + 10).await.expect("sweep");
+            assert_eq!(removed, topics * (FIRST_ROUND_ENTRIES + 5));
+            for t in [0, SWEEP_BATCH_TOPICS, topics - 1] {
+                let key = format!("s:t{t}");
+                let len = tier
+                    .client
+                    .call(&[b"XLEN", key.as_bytes()])
+                    .await
+                    .expect("XLEN");
+                assert_eq!(len.as_int(), Some(1), "{key}");
+            }
+        });
+    }
+
     #[test]
     fn ttl_text_round_trips() {
         assert_eq!(format_ttl_seconds(3_600_000), "3600");
