@@ -13,6 +13,16 @@
 //! Valkey assigns ids in arrival order, so a topic's replies come back in id order. The
 //! per-topic reorder queue here makes the hot tier see them in that order even though the
 //! publishing tasks resume in whatever order the executor picks.
+//!
+//! Gap detection: Valkey's `max-deleted-entry-id` moves only on `XDEL`, so the relay records
+//! what it removes itself in the topic's meta hash (`removed`, `expired_to`, `trimmed_to`,
+//! `deleted_to`) and removes heads by exact cuts; [`ValkeyTier::gap_after`] compares that
+//! record with `XINFO STREAM`. Exact for everything the relay removes by a cut or delete and
+//! for `XDEL`; conservative (a gap from below the first entry) for removals nobody recorded,
+//! such as Valkey's own `MAXLEN ~` trims on XADD (see `gap_verdict`).
+//!
+//! `ack = buffered`: acknowledged messages wait in a bounded write-behind backlog that one
+//! writer task per shard sends oldest first, retrying failed batches with the same ids.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -91,7 +101,7 @@ struct Behind {
     queue: VecDeque<BehindItem>,
     /// Payload and metadata bytes in `queue`.
     bytes: usize,
-    /// At most this many messages (`valkey.max_pending`) or [`BEHIND_MAX_BYTES`] wait; a
+    /// At most this many messages (`valkey.max_pending`) or `BEHIND_MAX_BYTES` wait; a
     /// publish that would exceed it is refused (503) before it is acknowledged.
     max_items: usize,
     /// Wakes the writer task; `None` until the first buffered publish starts it.
@@ -675,11 +685,11 @@ impl ValkeyTier {
     ///
     /// Bounded three ways, so one request costs about its byte budget and never ends a topic
     /// early:
-    /// - each round trip asks for as many entries as fit [`ROUND_BYTES`] at the sizes seen so
+    /// - each round trip asks for as many entries as fit `ROUND_BYTES` at the sizes seen so
     ///   far (`size_hint`, else a small first probe), never `limit × max payload`;
     /// - the page stops at `query.limit` messages or `query.max_bytes` bytes (a single larger
     ///   message is still returned, alone);
-    /// - after [`MAX_READ_ROUNDS`] round trips (a long run of expired entries) the page ends
+    /// - after `MAX_READ_ROUNDS` round trips (a long run of expired entries) the page ends
     ///   with what it has and a `next_cursor` past the last entry scanned, even with no
     ///   messages: `next_cursor: None` means the end of the stream was reached.
     pub async fn read(
@@ -817,8 +827,8 @@ impl ValkeyTier {
     }
 
     /// Whether a consumer resuming after `after` missed entries that left the stream, and
-    /// why: `Some` iff some entry with an id above `after` was removed (see "Gap detection"
-    /// in the module doc for where this is exact and where it is conservative).
+    /// why: `Some` iff some entry with an id above `after` was removed (see the module doc
+    /// for where this is exact and where it is conservative).
     pub async fn gap_after(
         &self,
         topic: &str,
@@ -915,10 +925,9 @@ impl ValkeyTier {
             };
             match stats {
                 Some(stats) => topics.push(stats),
-                // Gone from Valkey (deleted or trimmed away by another tool).
-                None => {
-                    self.known.borrow_mut().remove(&name);
-                }
+                // Gone from Valkey (deleted by another tool): forget it everywhere, so
+                // the per-topic maps hold only topics that exist.
+                None => self.forget(&name),
             }
         }
         Ok(topics)
@@ -927,7 +936,7 @@ impl ValkeyTier {
     /// Exact trim to the newest `keep_count`; `None` when the stream does not exist. Removes
     /// the head in bounded rounds (probe, then an exact cut recorded as `trimmed_to`), so a
     /// consumer resuming from the last removed message is told of no gap; a trim too large
-    /// for [`TRIM_ROUNDS`] finishes with one unrecorded `XTRIM MAXLEN`, whose gaps are then
+    /// for `TRIM_ROUNDS` finishes with one unrecorded `XTRIM MAXLEN`, whose gaps are then
     /// reported conservatively.
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
         let key = self.stream_key.render(topic);
@@ -1223,10 +1232,10 @@ impl ValkeyTier {
 
     /// Removes what age retention and message ttls have made due from the head of every
     /// known topic's stream; returns how many entries were removed. Topics are swept in
-    /// batches of [`SWEEP_BATCH_TOPICS`] (one pipeline each, never one batch for every topic
+    /// batches of `SWEEP_BATCH_TOPICS` (one pipeline each, never one batch for every topic
     /// ever seen). Per topic the due prefix is found by probing the head (reply sizes bounded
-    /// like page reads) and cut exactly and recorded as `expired_to` (see [`Self::cut_heads`]),
-    /// for up to [`SWEEP_ROUNDS`] rounds; a backlog beyond that is cut by age in bulk
+    /// like page reads) and cut exactly and recorded as `expired_to` (see `cut_heads`),
+    /// for up to `SWEEP_ROUNDS` rounds; a backlog beyond that is cut by age in bulk
     /// (`XTRIM MINID <now - retention>`, recorded as `aged_below`: gaps it causes are reported
     /// conservatively) and the rest waits for the next sweep. An expired-ttl entry behind a
     /// live one stays (hidden from reads) until the head reaches it.
@@ -1672,7 +1681,7 @@ fn is_due(message: &Message, now_ms: u64, retention_ms: u64) -> bool {
 }
 
 /// The COUNT of one page-read XRANGE: what the page still wants (plus one to see whether more
-/// follow, plus slack for expired entries), within [`ROUND_BYTES`] (and the page's remaining
+/// follow, plus slack for expired entries), within `ROUND_BYTES` (and the page's remaining
 /// bytes) at `entry_size` bytes per entry, at least 1.
 fn round_count(want: usize, byte_room: usize, entry_size: Option<usize>) -> usize {
     let by_bytes = match entry_size {
