@@ -41,7 +41,7 @@ use crate::valkey::{Client, Command, Reply, ValkeyError};
 /// second round trip in the common case (and to learn whether more follow the page).
 const READ_SLACK: usize = 8;
 
-/// A page read from Valkey gives up after this many round trips spent skipping expired
+/// A page read from Valkey gives up after this many round trips that found only expired
 /// entries; it then returns what it has with a cursor past what it scanned, so a client can
 /// continue.
 const MAX_READ_ROUNDS: usize = 8;
@@ -52,7 +52,7 @@ const MAX_READ_ROUNDS: usize = 8;
 const ROUND_BYTES: usize = 1 << 20;
 
 /// The COUNT of a page read's first XRANGE when nothing is known of the entry sizes.
-const FIRST_ROUND_ENTRIES: usize = 16;
+const FIRST_ROUND_ENTRIES: usize = 8;
 
 /// The most entries one XRANGE of a page read asks for.
 const MAX_ROUND_ENTRIES: usize = 1024;
@@ -689,7 +689,7 @@ impl ValkeyTier {
     ///   far (`size_hint`, else a small first probe), never `limit × max payload`;
     /// - the page stops at `query.limit` messages or `query.max_bytes` bytes (a single larger
     ///   message is still returned, alone);
-    /// - after `MAX_READ_ROUNDS` round trips (a long run of expired entries) the page ends
+    /// - after `MAX_READ_ROUNDS` round trips of only expired entries the page ends
     ///   with what it has and a `next_cursor` past the last entry scanned, even with no
     ///   messages: `next_cursor: None` means the end of the stream was reached.
     pub async fn read(
@@ -708,7 +708,11 @@ impl ValkeyTier {
         let mut more_remain = false;
         let mut total = None;
         let mut entry_size = size_hint.map(|s| s.max(1));
-        for round in 0..MAX_READ_ROUNDS {
+        // Round trips that found only expired entries: the scan budget. Rounds that return
+        // messages do not count (with large entries a page takes several), so a page ends
+        // early only over a long expired run.
+        let mut idle_rounds = 0;
+        for round in 0.. {
             let full = messages.len() >= query.limit || bytes >= query.max_bytes;
             if full && round > 0 {
                 // Filled exactly by the previous round without seeing what follows.
@@ -761,6 +765,7 @@ impl ValkeyTier {
             let entries = parse_entries(&range_reply.map_err(store_error)?);
             let fetched = entries.len();
             let mut fetched_bytes = 0usize;
+            let had = messages.len();
             for (id, message) in entries {
                 if messages.len() >= query.limit || bytes >= query.max_bytes {
                     // An entry beyond a full page: more remain.
@@ -782,9 +787,13 @@ impl ValkeyTier {
                 entry_size = Some(size.max(1));
             }
             cursor = scanned_to;
-            if round + 1 == MAX_READ_ROUNDS {
-                // Scan budget spent (a long run of expired entries): let the client go on.
-                more_remain = true;
+            if messages.len() == had {
+                idle_rounds += 1;
+                if idle_rounds == MAX_READ_ROUNDS {
+                    // Scan budget spent (a long run of expired entries): let the client go on.
+                    more_remain = true;
+                    break;
+                }
             }
         }
         let total = total.unwrap_or(0);
@@ -2023,6 +2032,28 @@ mod tests {
                 .expect("page");
             assert_eq!(page.messages.len(), 1);
             assert_eq!(page.next_cursor, Some(ids[0]));
+        });
+    }
+
+    #[test]
+    fn a_page_of_megabyte_messages_is_not_cut_short_by_the_scan_budget() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            // More messages than `MAX_READ_ROUNDS` rounds of 1 MiB replies can carry.
+            let n = FIRST_ROUND_ENTRIES + 2 * MAX_READ_ROUNDS + 5;
+            let items: Vec<PublishItem> = (0..n).map(|_| item("huge", 1 << 20, None)).collect();
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            assert!(stored.iter().all(Result::is_ok));
+            let query = PageQuery::new(None, Order::Asc, n);
+            let page = tier
+                .read("huge", &query, now, None)
+                .await
+                .expect("read")
+                .expect("page");
+            assert_eq!(page.messages.len(), n);
         });
     }
 
