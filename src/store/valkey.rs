@@ -984,7 +984,7 @@ impl ValkeyTier {
                 entry_size,
             )
             .min(to_remove);
-            let probe = self.probe_heads(&[key.as_str()], count).await?;
+            let probe = self.probe_heads(&[(key.as_str(), count)]).await?;
             let Some(entries) = probe.into_iter().next() else {
                 break;
             };
@@ -1032,16 +1032,15 @@ impl ValkeyTier {
         Ok(Some(removed))
     }
 
-    /// The first `count` entries of each stream (one pipeline).
+    /// The first `count` entries of each `(stream, count)` (one pipeline).
     async fn probe_heads(
         &self,
-        keys: &[&str],
-        count: usize,
+        keys: &[(&str, usize)],
     ) -> Result<Vec<Vec<(MessageId, Message)>>, StoreError> {
-        let count = count.max(1).to_string();
         let commands: Vec<Command> = keys
             .iter()
-            .map(|key| {
+            .map(|(key, count)| {
+                let count = (*count).max(1).to_string();
                 command(&[
                     b"XRANGE",
                     key.as_bytes(),
@@ -1266,21 +1265,20 @@ impl ValkeyTier {
             if active.is_empty() {
                 return Ok(removed);
             }
-            // One COUNT for the batch: the smallest any topic's sizes allow.
-            let count = active
+            // Each topic's COUNT from its own entry sizes: one topic of large messages does
+            // not slow the others' probes.
+            let keys: Vec<(String, usize)> = active
                 .iter()
-                .map(|(_, size)| round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size))
-                .min()
-                .unwrap_or(FIRST_ROUND_ENTRIES);
-            let keys: Vec<String> = active
-                .iter()
-                .map(|(t, _)| self.stream_key.render(t))
+                .map(|(t, size)| {
+                    let count = round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size);
+                    (self.stream_key.render(t), count)
+                })
                 .collect();
-            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let heads = self.probe_heads(&key_refs, count).await?;
+            let key_refs: Vec<(&str, usize)> = keys.iter().map(|(k, c)| (k.as_str(), *c)).collect();
+            let heads = self.probe_heads(&key_refs).await?;
             let mut cuts = Vec::new();
             let mut next = Vec::new();
-            for ((topic, _), entries) in active.iter().zip(&heads) {
+            for (((topic, _), (_, count)), entries) in active.iter().zip(&key_refs).zip(&heads) {
                 let due = entries
                     .iter()
                     .take_while(|(_, m)| is_due(m, now_ms, self.retention_ms))
@@ -1294,7 +1292,7 @@ impl ValkeyTier {
                     count: due,
                     field: FIELD_EXPIRED_TO,
                 });
-                if due == entries.len() && entries.len() == count {
+                if due == entries.len() && entries.len() == *count {
                     next.push((*topic, average_footprint(entries)));
                 }
             }
