@@ -439,3 +439,58 @@ fn buffered_acks_refused_with_oom_are_stored_once_memory_frees() {
     assert!(valkey_errors(&relay, "buffered_retry") > 0);
     assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
 }
+
+#[test]
+fn buffered_acks_survive_stalled_and_cut_connections() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let upstream: std::net::SocketAddr = format!("{}:{}", valkey.host(), valkey.port)
+        .parse()
+        .expect("valkey address");
+    let proxy = FaultProxy::start(upstream);
+    let port = proxy.port().to_string();
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nvalkey:\n  command_timeout: 300ms\n",
+        &[("VALKEY_PORT", port.as_str())],
+    );
+    let topic = "buffered-cuts";
+    let addr = relay.addr;
+    let publisher = std::thread::spawn(move || {
+        let relay_addr = addr;
+        let mut conn = common::Conn::connect(relay_addr);
+        let mut acked = Vec::new();
+        for i in 0..600 {
+            let body = common::publish_body(topic, &format!(r#"{{"i":{i}}}"#));
+            let resp = conn.request("POST", "/api/v1/messages", Some(body.as_bytes()));
+            match resp.status {
+                201 => acked.push(resp.json()["message_id"].as_str().expect("id").to_string()),
+                503 => {}
+                other => panic!("publish answered {other}: {resp:?}"),
+            }
+        }
+        acked
+    });
+    // A few times while it publishes: requests stop reaching Valkey until the write-behind
+    // has timed out, then the connections are cut and traffic flows again.
+    for round in 0..3 {
+        let timeouts = valkey_errors(&relay, "timeout");
+        proxy.set(Fault::Stall);
+        assert!(
+            eventually(Duration::from_secs(10), || valkey_errors(&relay, "timeout")
+                > timeouts
+                || publisher.is_finished()),
+            "no write-behind timeout in stall {round}"
+        );
+        proxy.cut();
+        proxy.set(Fault::Pass);
+        let accepted = proxy.accepted();
+        assert!(
+            eventually(Duration::from_secs(10), || proxy.accepted() > accepted),
+            "the relay did not reconnect after stall {round}"
+        );
+    }
+    let acked = publisher.join().expect("publisher");
+    assert!(!acked.is_empty());
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+}
