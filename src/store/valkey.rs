@@ -1270,7 +1270,9 @@ impl ValkeyTier {
             let keys: Vec<(String, usize)> = active
                 .iter()
                 .map(|(t, size)| {
-                    let count = round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size);
+                    // First one entry: most heads are not due, and that is all it costs.
+                    let count =
+                        size.map_or(1, |_| round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size));
                     (self.stream_key.render(t), count)
                 })
                 .collect();
