@@ -426,7 +426,10 @@ async fn replay_page(
     }
     let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
     page_query.max_bytes = query.max_bytes;
-    let page = shard.storage.read(topic, &page_query, now_ms()).await?;
+    let page = shard
+        .storage
+        .read_nonempty(topic, &page_query, now_ms())
+        .await?;
     Ok(match page {
         Some(page) => ReplayPage {
             more: page.next_cursor.is_some(),

@@ -253,6 +253,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     // client any more: flush what is still queued (write-behind of `ack = buffered`, the
     // sweeper's last commands) before the shard goes.
     if let Some(tier) = shard.storage.valkey() {
+        tier.flush_behind(shutdown_timeout).await;
         tier.client.shutdown().await;
     }
     tracing::debug!(shard = id, "shard stopped");

@@ -195,6 +195,7 @@ impl Storage {
                     config.durability.ack,
                     shard,
                     shards,
+                    config.valkey.max_pending,
                 );
                 Ok(Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
@@ -297,8 +298,9 @@ impl Storage {
     }
 
     /// `ack = buffered`: ids are chosen here, the messages enter the hot tier and the
-    /// producer is answered; Valkey is written behind. Trade-off (documented): a message
-    /// acknowledged this way is lost if the relay dies before Valkey stored it.
+    /// producer is answered; Valkey is written behind, retried until stored. Trade-off
+    /// (documented): a message acknowledged this way is lost if the relay dies before Valkey
+    /// stored it.
     async fn publish_buffered(
         &self,
         tier: &Rc<ValkeyTier>,
@@ -323,13 +325,12 @@ impl Storage {
                 (item.topic.clone(), message)
             })
             .collect();
-        // Queued before anything is acknowledged: with the client's queue full (Valkey slower
-        // than the producers) every item gets 503 and nothing enters the hot tier, instead of
-        // a 201 for a message the write-behind would then drop.
-        let persisted = match tier.persist_behind(items, &ids, now_ms) {
-            Ok(persisted) => persisted,
-            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
-        };
+        // Queued before anything is acknowledged: with the write-behind backlog full (Valkey
+        // down or slower than the producers) every item gets 503 and nothing enters the hot
+        // tier, instead of a 201 for a message the write-behind could not keep.
+        if let Err(e) = tier.enqueue_behind(items, &ids, now_ms) {
+            return messages.iter().map(|_| Err(e.clone())).collect();
+        }
         for (topic, message) in messages {
             self.cache(&topic, message);
         }
@@ -342,7 +343,6 @@ impl Storage {
                 })
             })
             .collect();
-        glommio::spawn_local(persisted).detach();
         acks
     }
 
@@ -375,11 +375,35 @@ impl Storage {
                 if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
                     return Ok(Some(page));
                 }
-                let mut page = tier.read(topic, query, now_ms).await?;
-                if let Some(page) = &mut page {
-                    page.truncate_to_bytes(query.max_bytes);
+                // The sizes of the topic's recent messages size Valkey's first range read.
+                let size_hint = self
+                    .hot
+                    .borrow()
+                    .stats(topic)
+                    .filter(|s| s.length > 0)
+                    .map(|s| s.bytes / s.length);
+                tier.read(topic, query, now_ms, size_hint).await
+            }
+        }
+    }
+
+    /// Like [`Storage::read`], but steps over pages that held only expired entries (a
+    /// Valkey read ends after a bounded scan with a cursor and possibly no messages): the
+    /// page returned has messages, or `next_cursor: None` (the end of the topic). For
+    /// consumers catching up, whose loop ends at the first empty page.
+    pub async fn read_nonempty(
+        &self,
+        topic: &str,
+        query: &PageQuery,
+        now_ms: u64,
+    ) -> Result<Option<Page>, StoreError> {
+        let mut query = query.clone();
+        loop {
+            match self.read(topic, &query, now_ms).await? {
+                Some(page) if page.messages.is_empty() && page.next_cursor.is_some() => {
+                    query.after = page.next_cursor;
                 }
-                Ok(page)
+                other => return Ok(other),
             }
         }
     }
@@ -478,16 +502,7 @@ impl Storage {
     ) -> Result<Option<GapInfo>, StoreError> {
         match &self.backend {
             Backend::Memory => Ok(self.hot.borrow().gap_after(topic, after)),
-            Backend::Valkey(tier) => {
-                let (first, max_deleted) = tier.gap_info(topic).await?;
-                Ok(match max_deleted {
-                    Some(deleted) if deleted > after => Some(GapInfo {
-                        oldest_available: first,
-                        reason: GapReason::Unknown,
-                    }),
-                    _ => None,
-                })
-            }
+            Backend::Valkey(tier) => tier.gap_after(topic, after).await,
         }
     }
 

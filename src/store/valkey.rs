@@ -14,7 +14,18 @@
 //! many it has) in submission order, and Valkey assigns ids in arrival order: a topic's
 //! replies come back in id order, and explicit ids (`ack: buffered`) arrive increasing. The
 //! per-topic reorder queue here makes the hot tier see them in that order even though the
-//! publishing tasks resume in whatever order the executor picks.
+//! publishing tasks resume in whatever order the executor picks. A `MULTI`/`EXEC` block is
+//! routed by its topic as a whole, so it never straddles connections.
+//!
+//! Gap detection: Valkey's `max-deleted-entry-id` moves only on `XDEL`, so the relay records
+//! what it removes itself in the topic's meta hash (`removed`, `expired_to`, `trimmed_to`,
+//! `deleted_to`) and removes heads by exact cuts; [`ValkeyTier::gap_after`] compares that
+//! record with `XINFO STREAM`. Exact for everything the relay removes by a cut or delete and
+//! for `XDEL`; conservative (a gap from below the first entry) for removals nobody recorded,
+//! such as Valkey's own `MAXLEN ~` trims on XADD (see `gap_verdict`).
+//!
+//! `ack = buffered`: acknowledged messages wait in a bounded write-behind backlog that one
+//! writer task per shard sends oldest first, retrying failed batches with the same ids.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -25,20 +36,29 @@ use bytes::Bytes;
 
 use super::hot_tier::{Order, Page, PageQuery, TopicStats};
 use super::message::{write_rfc3339_millis, Message, MessageId};
-use super::{PublishItem, StoreError};
+use super::{GapInfo, GapReason, PublishItem, StoreError};
 use crate::config::{AckMode, KeyTemplate};
 use crate::valkey::{Client, Command, Reply, ValkeyError};
 
 /// How many entries one range read asks for beyond the page, to skip expired entries without a
-/// second round trip in the common case.
+/// second round trip in the common case (and to learn whether more follow the page).
 const READ_SLACK: usize = 8;
 
-/// A page read from Valkey gives up after this many round trips spent skipping expired
-/// entries; it then returns what it has with a cursor, so a client can continue.
+/// A page read from Valkey gives up after this many round trips that found only expired
+/// entries; it then returns what it has with a cursor past what it scanned, so a client can
+/// continue.
 const MAX_READ_ROUNDS: usize = 8;
 
-/// What the sweeper asks per topic when looking for expired-ttl entries at the front.
-const TTL_PROBE: usize = 16;
+/// About how many reply bytes one XRANGE of a page read may bring back: the COUNT asked for is
+/// this divided by the entry size seen so far. Bounds the memory of one read and how long it
+/// holds the shard's shared pipeline, whatever the payload sizes.
+const ROUND_BYTES: usize = 1 << 20;
+
+/// The COUNT of a page read's first XRANGE when nothing is known of the entry sizes.
+const FIRST_ROUND_ENTRIES: usize = 8;
+
+/// The most entries one XRANGE of a page read asks for.
+const MAX_ROUND_ENTRIES: usize = 1024;
 
 /// The Valkey side of one shard's storage.
 pub struct ValkeyTier {
@@ -47,6 +67,7 @@ pub struct ValkeyTier {
     meta_key: KeyTemplate,
     /// `MAXLEN ~` bound on every XADD (`storage.max_messages_per_topic`).
     max_len: String,
+    max_len_n: u64,
     retention_ms: u64,
     pub ack: AckMode,
     shard: usize,
@@ -65,8 +86,56 @@ pub struct ValkeyTier {
     /// Commands issued, by name (the `relay_valkey_operations_total` metric).
     ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
     /// Buffered mode only: the last id handed out per topic (ids are chosen here so the
-    /// producer can be answered before Valkey replies).
-    buffered_last: RefCell<HashMap<String, MessageId>>,
+    /// producer can be answered before Valkey replies), and whether it has been checked
+    /// against the stream's last id since the last write-behind failure (`false`: read the
+    /// stream's last id again before the next id; see [`ValkeyTier::assign_buffered_ids`]).
+    buffered_last: RefCell<HashMap<String, (MessageId, bool)>>,
+    /// Buffered mode only: acknowledged messages not yet stored, oldest first (see
+    /// [`ValkeyTier::enqueue_behind`]).
+    behind: RefCell<Behind>,
+}
+
+/// The write-behind backlog of `ack = buffered`: every acknowledged message stays here until
+/// Valkey stored it (or refused it for good), and one writer task sends it, one batch at a
+/// time, oldest first, retrying a failed batch with the same explicit ids. One batch at a
+/// time keeps each topic's XADDs in id order on the wire even across reconnects: a later id
+/// stored before an earlier retried one would make Valkey refuse the earlier one.
+struct Behind {
+    queue: VecDeque<BehindItem>,
+    /// Payload and metadata bytes in `queue`.
+    bytes: usize,
+    /// At most this many messages (`valkey.max_pending`) or `BEHIND_MAX_BYTES` wait; a
+    /// publish that would exceed it is refused (503) before it is acknowledged.
+    max_items: usize,
+    /// Wakes the writer task; `None` until the first buffered publish starts it.
+    doorbell: Option<futures::channel::mpsc::Sender<()>>,
+    /// Whether the writer is sending a batch (for `flush_behind`).
+    busy: bool,
+    /// Failed batches sent again.
+    retries: u64,
+    /// Acknowledged messages Valkey refused for good (not retryable): lost.
+    lost: u64,
+}
+
+/// One acknowledged, not yet stored message.
+struct BehindItem {
+    item: PublishItem,
+    id: MessageId,
+    timestamp_ms: u64,
+    /// The topic was new to this tier when published: send its meta commands too.
+    new_topic: bool,
+}
+
+/// How one write-behind XADD ended.
+enum BehindOutcome {
+    Stored,
+    /// Worth sending again (connection lost, timeout, queue full, `-OOM`).
+    Retry,
+    /// Refused because the stream already holds an id at least as high: stored already (a
+    /// reply lost with its connection) or lost; the stream is asked.
+    Check,
+    /// Refused for good.
+    Lost(String),
 }
 
 /// One in-flight XADD's outcome, filled when its reply arrives.
@@ -93,12 +162,14 @@ impl ValkeyTier {
         ack: AckMode,
         shard: usize,
         shards: usize,
+        max_behind: usize,
     ) -> ValkeyTier {
         ValkeyTier {
             client,
             stream_key,
             meta_key,
             max_len: max_len.to_string(),
+            max_len_n: u64::try_from(max_len).unwrap_or(u64::MAX),
             retention_ms,
             ack,
             shard,
@@ -108,6 +179,15 @@ impl ValkeyTier {
             lengths: RefCell::new(HashMap::new()),
             in_flight: RefCell::new(HashMap::new()),
             buffered_last: RefCell::new(HashMap::new()),
+            behind: RefCell::new(Behind {
+                queue: VecDeque::new(),
+                bytes: 0,
+                max_items: max_behind.max(BEHIND_BATCH),
+                doorbell: None,
+                busy: false,
+                retries: 0,
+                lost: 0,
+            }),
             ops: RefCell::new(std::collections::BTreeMap::new()),
         }
     }
@@ -132,6 +212,8 @@ impl ValkeyTier {
             ("connect", stats.connect_failures),
             ("auth", stats.auth_failures),
             ("tls", stats.tls_failures),
+            ("buffered_retry", self.behind.borrow().retries),
+            ("buffered_lost", self.behind.borrow().lost),
         ] {
             errors.insert(kind.to_owned(), n);
         }
@@ -218,10 +300,13 @@ impl ValkeyTier {
             let mut created = Vec::with_capacity(24);
             write_rfc3339_millis(&mut created, now_ms);
             let key = self.meta_key.render(topic);
-            commands.push(
-                command(&[b"HSETNX", key.as_bytes(), b"created", &created])
-                    .routed(topic.as_bytes()),
-            );
+            commands.push(on(
+                topic,
+                &[b"HSETNX", key.as_bytes(), b"created", &created],
+            ));
+            // A deleted topic's meta is a tombstone that expires (see `delete`); written
+            // again, the topic keeps it (its `deleted_to` still names what the delete took).
+            commands.push(on(topic, &[b"PERSIST", key.as_bytes()]));
         }
     }
 
@@ -254,7 +339,8 @@ impl ValkeyTier {
         self.push_meta_for_new_topics(&items, now_ms, &mut commands);
         self.count("xadd", items.len());
         if commands.len() > items.len() {
-            self.count("hsetnx", commands.len() - items.len());
+            self.count("hsetnx", (commands.len() - items.len()) / 2);
+            self.count("persist", (commands.len() - items.len()) / 2);
         }
         // Queue the commands first: a refused batch (queue full) is answered at once and
         // never enters the per-topic queues, so what they hold stays bounded by
@@ -349,15 +435,20 @@ impl ValkeyTier {
     }
 
     /// Buffered mode: chooses ids now so the producer is answered at once; the XADDs (with
-    /// those explicit ids) are queued and persisted behind. The first publish to a topic since
-    /// start learns the stream's last id so new ids stay above it.
+    /// those explicit ids) are written behind. A topic's first publish since start, and its
+    /// first after a write-behind failure (Valkey restarted, another writer may have
+    /// appended), reads the stream's last id so new ids stay above it; ids never go back
+    /// below ones already handed out.
     pub async fn assign_buffered_ids(
         &self,
         items: &[PublishItem],
         now_ms: u64,
     ) -> Result<Vec<MessageId>, StoreError> {
         for item in items {
-            if self.buffered_last.borrow().contains_key(&item.topic) {
+            if matches!(
+                self.buffered_last.borrow().get(&item.topic),
+                Some((_, true))
+            ) {
                 continue;
             }
             let key = self.stream_key.render(&item.topic);
@@ -374,91 +465,294 @@ impl ValkeyTier {
                 .first()
                 .map(|(id, _)| *id)
                 .unwrap_or(MessageId::MIN);
-            self.buffered_last
-                .borrow_mut()
-                .entry(item.topic.clone())
-                .or_insert(last);
+            let mut cached = self.buffered_last.borrow_mut();
+            match cached.get_mut(&item.topic) {
+                Some(entry) => *entry = (entry.0.max(last), true),
+                None => {
+                    cached.insert(item.topic.clone(), (last, true));
+                }
+            }
         }
         let mut last_ids = self.buffered_last.borrow_mut();
         Ok(items
             .iter()
             .map(|item| {
-                let last = last_ids.get(&item.topic).copied();
+                let last = last_ids.get(&item.topic).map(|(id, _)| *id);
                 let id = MessageId::next_after(last, now_ms);
-                last_ids.insert(item.topic.clone(), id);
+                last_ids.insert(item.topic.clone(), (id, true));
                 id
             })
             .collect())
     }
 
-    /// Queues the XADDs of messages about to be acknowledged, or refuses them all at once if
-    /// the client's queue is full (the producer then gets 503, not an acknowledgement that
-    /// would be dropped). The returned future completes when Valkey answered; a failure then
-    /// is logged (the producer was already answered: the documented cost of
-    /// `ack = buffered`).
-    pub fn persist_behind(
+    /// Queues messages about to be acknowledged for the write-behind, or refuses them all at
+    /// once if the backlog is full (the producer then gets 503, never an acknowledgement that
+    /// would be dropped). Once queued, a message is retried with its id until Valkey stores
+    /// it; only a refusal that no retry can change (say `-WRONGTYPE`) loses it, logged as an
+    /// error and counted (`relay_valkey_errors_total{kind="buffered_lost"}`).
+    pub fn enqueue_behind(
         self: &Rc<Self>,
         items: Vec<PublishItem>,
         ids: &[MessageId],
         now_ms: u64,
-    ) -> Result<impl std::future::Future<Output = ()> + 'static, StoreError> {
-        let mut commands: Vec<Command> = items
+    ) -> Result<(), StoreError> {
+        let bytes: usize = items.iter().map(item_bytes).sum();
+        let mut behind = self.behind.borrow_mut();
+        if behind.queue.len() + items.len() > behind.max_items
+            || behind.bytes.saturating_add(bytes) > BEHIND_MAX_BYTES
+        {
+            return Err(StoreError::Unavailable(format!(
+                "write-behind backlog full ({} messages, {} bytes not yet in Valkey)",
+                behind.queue.len(),
+                behind.bytes
+            )));
+        }
+        behind.bytes += bytes;
+        let mut new_topics: Vec<&str> = Vec::new();
+        let known = self.known.borrow();
+        let fresh: Vec<bool> = items
             .iter()
-            .zip(ids)
-            .map(|(item, id)| self.encode_xadd(item, Some(*id), now_ms))
+            .map(|item| {
+                let new =
+                    !known.contains(&item.topic) && !new_topics.contains(&item.topic.as_str());
+                if new {
+                    new_topics.push(&item.topic);
+                }
+                new
+            })
             .collect();
-        self.push_meta_for_new_topics(&items, now_ms, &mut commands);
-        let call = self.client.try_submit(&commands).map_err(store_error)?;
+        drop(known);
         for item in &items {
             self.note_written(&item.topic);
         }
-        self.count("xadd", items.len());
-        if commands.len() > items.len() {
-            self.count("hsetnx", commands.len() - items.len());
+        for ((item, id), new_topic) in items.into_iter().zip(ids).zip(fresh) {
+            behind.queue.push_back(BehindItem {
+                item,
+                id: *id,
+                timestamp_ms: now_ms,
+                new_topic,
+            });
         }
-        Ok(async move {
-            for (item, reply) in items.iter().zip(call.await) {
-                let failure = match reply {
-                    Ok(Reply::Bulk(_)) => continue,
-                    Ok(other) => format!("{other:?}"),
-                    Err(e) => e.to_string(),
-                };
-                tracing::error!(topic = %item.topic, error = %failure, "buffered message was not persisted");
+        let start = behind.doorbell.is_none();
+        if start {
+            let (tx, rx) = futures::channel::mpsc::channel(1);
+            behind.doorbell = Some(tx);
+            drop(behind);
+            glommio::spawn_local(write_behind(Rc::downgrade(self), rx)).detach();
+            return Ok(());
+        }
+        // Rung outside the borrow: the executor may run the writer at once. Full means a
+        // wake-up is already pending: enough.
+        let mut doorbell = behind.doorbell.clone();
+        drop(behind);
+        if let Some(doorbell) = doorbell.as_mut() {
+            let _ = doorbell.try_send(());
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `within`) until the write-behind backlog is empty: at shutdown, before
+    /// the client stops taking commands.
+    pub async fn flush_behind(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            {
+                let behind = self.behind.borrow();
+                if behind.queue.is_empty() && !behind.busy {
+                    return;
+                }
             }
-        })
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        let left = self.behind.borrow().queue.len();
+        if left > 0 {
+            tracing::error!(
+                messages = left,
+                "shutdown: acknowledged buffered messages not stored in Valkey"
+            );
+        }
+    }
+
+    /// Sends the oldest part of the backlog once; returns whether something must be retried.
+    async fn send_behind_batch(&self) -> bool {
+        let batch: Vec<(PublishItem, MessageId, u64, bool)> = {
+            let mut behind = self.behind.borrow_mut();
+            behind.busy = true;
+            behind
+                .queue
+                .iter()
+                .take(BEHIND_BATCH)
+                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic))
+                .collect()
+        };
+        let mut commands: Vec<Command> = batch
+            .iter()
+            .map(|(item, id, ts, _)| self.encode_xadd(item, Some(*id), *ts))
+            .collect();
+        for (item, _, ts, new_topic) in &batch {
+            if *new_topic {
+                let mut created = Vec::with_capacity(24);
+                write_rfc3339_millis(&mut created, *ts);
+                let key = self.meta_key.render(&item.topic);
+                commands.push(on(
+                    &item.topic,
+                    &[b"HSETNX", key.as_bytes(), b"created", &created],
+                ));
+                commands.push(on(&item.topic, &[b"PERSIST", key.as_bytes()]));
+            }
+        }
+        self.count("xadd", batch.len());
+        let replies = self.client.call_many(&commands).await;
+        let mut outcomes: Vec<BehindOutcome> = replies
+            .into_iter()
+            .take(batch.len())
+            .map(|reply| match reply {
+                Ok(Reply::Bulk(_)) => BehindOutcome::Stored,
+                Ok(other) => BehindOutcome::Lost(format!("unexpected XADD reply: {other:?}")),
+                Err(ValkeyError::Server(message)) if message.starts_with("OOM") => {
+                    BehindOutcome::Retry
+                }
+                Err(ValkeyError::Server(message)) if message.contains("equal or smaller") => {
+                    BehindOutcome::Check
+                }
+                Err(ValkeyError::Server(message)) => BehindOutcome::Lost(message),
+                Err(_) => BehindOutcome::Retry,
+            })
+            .collect();
+        outcomes.resize_with(batch.len(), || BehindOutcome::Retry);
+        // Refused as not above the stream's last id: stored already, or lost. Ask.
+        let checks: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, BehindOutcome::Check))
+            .map(|(i, _)| i)
+            .collect();
+        if !checks.is_empty() {
+            let commands: Vec<Command> = checks
+                .iter()
+                .map(|&i| {
+                    let key = self.stream_key.render(&batch[i].0.topic);
+                    let id = batch[i].1.to_string();
+                    on(
+                        &batch[i].0.topic,
+                        &[b"XRANGE", key.as_bytes(), id.as_bytes(), id.as_bytes()],
+                    )
+                })
+                .collect();
+            self.count("xrange", commands.len());
+            for (&i, reply) in checks.iter().zip(self.client.call_many(&commands).await) {
+                outcomes[i] = match reply {
+                    Ok(r) if !parse_entries(&r).is_empty() => BehindOutcome::Stored,
+                    Ok(_) => BehindOutcome::Lost(
+                        "the stream already holds a higher id (written by someone else?)".into(),
+                    ),
+                    Err(_) => BehindOutcome::Retry,
+                };
+            }
+        }
+        let mut retry = false;
+        let mut behind = self.behind.borrow_mut();
+        let mut kept = VecDeque::new();
+        for outcome in &outcomes {
+            let Some(done) = behind.queue.pop_front() else {
+                break;
+            };
+            match outcome {
+                BehindOutcome::Stored => {}
+                BehindOutcome::Retry | BehindOutcome::Check => {
+                    retry = true;
+                    kept.push_back(done);
+                    continue;
+                }
+                BehindOutcome::Lost(why) => {
+                    behind.lost += 1;
+                    tracing::error!(
+                        topic = %done.item.topic,
+                        id = %done.id,
+                        error = %why,
+                        "acknowledged buffered message refused by Valkey: LOST"
+                    );
+                }
+            }
+            behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
+        }
+        // What is to be retried goes first again, in its order.
+        while let Some(item) = kept.pop_back() {
+            behind.queue.push_front(item);
+        }
+        if retry {
+            behind.retries += 1;
+        }
+        behind.busy = false;
+        drop(behind);
+        if retry {
+            // Valkey may have restarted (lost a tail) or someone else may have written:
+            // the next ids are checked against each stream again.
+            for entry in self.buffered_last.borrow_mut().values_mut() {
+                entry.1 = false;
+            }
+        }
+        retry
     }
 
     /// A page from Valkey: XRANGE/XREVRANGE with an exclusive cursor, skipping expired
     /// entries, plus XLEN for `total`. `None` when the stream does not exist.
+    ///
+    /// Bounded three ways, so one request costs about its byte budget and never ends a topic
+    /// early:
+    /// - each round trip asks for as many entries as fit `ROUND_BYTES` at the sizes seen so
+    ///   far (`size_hint`, else a small first probe), never `limit × max payload`;
+    /// - the page stops at `query.limit` messages or `query.max_bytes` bytes (a single larger
+    ///   message is still returned, alone);
+    /// - after `MAX_READ_ROUNDS` round trips of only expired entries the page ends
+    ///   with what it has and a `next_cursor` past the last entry scanned, even with no
+    ///   messages: `next_cursor: None` means the end of the stream was reached.
     pub async fn read(
         &self,
         topic: &str,
         query: &PageQuery,
         now_ms: u64,
+        size_hint: Option<usize>,
     ) -> Result<Option<Page>, StoreError> {
         let key = self.stream_key.render(topic);
-        let mut messages = Vec::with_capacity(query.limit.min(1000));
+        let mut messages = Vec::new();
+        let mut bytes = 0usize;
         let mut cursor = query.after;
+        // The last entry looked at (returned or skipped as expired): where a next page starts.
+        let mut scanned_to: Option<MessageId> = None;
         let mut more_remain = false;
         let mut total = None;
-        for _round in 0..MAX_READ_ROUNDS {
-            let want = query.limit - messages.len();
-            let count = (want + 1 + READ_SLACK).to_string();
+        let mut entry_size = size_hint.map(|s| s.max(1));
+        // Round trips that found only expired entries: the scan budget. Rounds that return
+        // messages do not count (with large entries a page takes several), so a page ends
+        // early only over a long expired run.
+        let mut idle_rounds = 0;
+        for round in 0.. {
+            let full = messages.len() >= query.limit || bytes >= query.max_bytes;
+            if full && round > 0 {
+                // Filled exactly by the previous round without seeing what follows.
+                more_remain = true;
+                break;
+            }
+            let want = query.limit.saturating_sub(messages.len());
+            let count = round_count(want, query.max_bytes.saturating_sub(bytes), entry_size);
+            let count_text = count.to_string();
             let bound = cursor.map(|c| format!("({c}"));
             let (cmd, start, end): (&[u8], &str, &str) = match query.order {
                 Order::Asc => (b"XRANGE", bound.as_deref().unwrap_or("-"), "+"),
                 Order::Desc => (b"XREVRANGE", bound.as_deref().unwrap_or("+"), "-"),
             };
-            let range = command(&[
-                cmd,
-                key.as_bytes(),
-                start.as_bytes(),
-                end.as_bytes(),
-                b"COUNT",
-                count.as_bytes(),
-            ])
-            .routed(topic.as_bytes());
-            let xlen = command(&[b"XLEN", key.as_bytes()]).routed(topic.as_bytes());
+            let range = on(
+                topic,
+                &[
+                    cmd,
+                    key.as_bytes(),
+                    start.as_bytes(),
+                    end.as_bytes(),
+                    b"COUNT",
+                    count_text.as_bytes(),
+                ],
+            );
             self.count(
                 if query.order == Order::Asc {
                     "xrange"
@@ -467,52 +761,71 @@ impl ValkeyTier {
                 },
                 1,
             );
-            self.count("xlen", 1);
-            let mut replies = self.client.call_many(&[range, xlen]).await;
-            let len_reply = replies.pop().unwrap_or_else(missing_reply);
-            let range_reply = replies.pop().unwrap_or_else(missing_reply);
-            let len = match len_reply.map_err(store_error)? {
-                Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
-                _ => 0,
+            let range_reply = if total.is_none() {
+                self.count("xlen", 1);
+                let xlen = on(topic, &[b"XLEN", key.as_bytes()]);
+                let mut replies = self.client.call_many(&[range, xlen]).await;
+                let len_reply = replies.pop().unwrap_or_else(missing_reply);
+                let range_reply = replies.pop().unwrap_or_else(missing_reply);
+                total = Some(match len_reply.map_err(store_error)? {
+                    Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
+                    _ => 0,
+                });
+                range_reply
+            } else {
+                self.client
+                    .call_many(&[range])
+                    .await
+                    .pop()
+                    .unwrap_or_else(missing_reply)
             };
-            total.get_or_insert(len);
+            // Parsed entries share the reply's payload buffers; the reply's frames go now.
             let entries = parse_entries(&range_reply.map_err(store_error)?);
             let fetched = entries.len();
-            let mut last_seen = None;
+            let mut fetched_bytes = 0usize;
+            let had = messages.len();
             for (id, message) in entries {
-                last_seen = Some(id);
-                if messages.len() == query.limit {
+                if messages.len() >= query.limit || bytes >= query.max_bytes {
+                    // An entry beyond a full page: more remain.
                     more_remain = true;
                     break;
                 }
+                scanned_to = Some(id);
+                fetched_bytes = fetched_bytes.saturating_add(message.footprint());
                 if !is_due(&message, now_ms, self.retention_ms) {
+                    bytes = bytes.saturating_add(message.footprint());
                     messages.push(message);
                 }
             }
-            if more_remain || fetched < want + 1 + READ_SLACK {
+            if more_remain || fetched < count {
+                // A page boundary inside this reply, or the end of the stream.
                 break;
             }
-            // Everything fetched was consumed (expired entries skipped): go on from there.
-            cursor = last_seen;
-            if messages.len() == query.limit {
-                more_remain = true;
-                break;
+            if let Some(size) = fetched_bytes.checked_div(fetched) {
+                entry_size = Some(size.max(1));
+            }
+            cursor = scanned_to;
+            if messages.len() == had {
+                idle_rounds += 1;
+                if idle_rounds == MAX_READ_ROUNDS {
+                    // Scan budget spent (a long run of expired entries): let the client go on.
+                    more_remain = true;
+                    break;
+                }
             }
         }
         let total = total.unwrap_or(0);
-        if total == 0
-            && messages.is_empty()
-            && query.after.is_none()
-            && !self.known.borrow().contains(topic)
-        {
-            return Ok(None);
-        }
-        self.lengths.borrow_mut().insert(topic.to_owned(), total);
-        let next_cursor = if more_remain {
-            messages.last().map(|m| m.id)
+        let known = self.known.borrow().contains(topic);
+        if total == 0 && messages.is_empty() && !known {
+            if query.after.is_none() {
+                return Ok(None);
+            }
         } else {
-            None
-        };
+            // Only streams that exist get a cached length: a client-chosen name read with a
+            // cursor must not grow this map.
+            self.lengths.borrow_mut().insert(topic.to_owned(), total);
+        }
+        let next_cursor = if more_remain { scanned_to } else { None };
         Ok(Some(Page {
             messages,
             total,
@@ -540,43 +853,34 @@ impl ValkeyTier {
         }
     }
 
-    /// The stream's first entry id and the newest id ever deleted from it (`XINFO STREAM`'s
-    /// `max-deleted-entry-id`, Valkey 7+), for gap detection; `(None, None)` when the stream
-    /// does not exist.
-    pub async fn gap_info(
+    /// Whether a consumer resuming after `after` missed entries that left the stream, and
+    /// why: `Some` iff some entry with an id above `after` was removed (see the module doc
+    /// for where this is exact and where it is conservative).
+    pub async fn gap_after(
         &self,
         topic: &str,
-    ) -> Result<(Option<MessageId>, Option<MessageId>), StoreError> {
+        after: MessageId,
+    ) -> Result<Option<GapInfo>, StoreError> {
         let key = self.stream_key.render(topic);
+        let meta_key = self.meta_key.render(topic);
         self.count("xinfo", 1);
-        let reply = match self
+        self.count("hgetall", 1);
+        let mut replies = self
             .client
-            .call_routed(topic.as_bytes(), &[b"XINFO", b"STREAM", key.as_bytes()])
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) if is_no_such_key(&e) => return Ok((None, None)),
+            .call_many(&[
+                on(topic, &[b"XINFO", b"STREAM", key.as_bytes()]),
+                on(topic, &[b"HGETALL", meta_key.as_bytes()]),
+            ])
+            .await;
+        let meta_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info_reply = replies.pop().unwrap_or_else(missing_reply);
+        let meta = RemovalRecord::parse(&meta_reply.map_err(store_error)?);
+        let stream = match info_reply {
+            Ok(reply) => Some(StreamInfo::parse(&reply)),
+            Err(e) if is_no_such_key(&e) => None,
             Err(e) => return Err(store_error(e)),
         };
-        let Reply::Array(fields) = reply else {
-            return Ok((None, None));
-        };
-        let mut first = None;
-        let mut max_deleted = None;
-        for pair in fields.chunks(2) {
-            let [name, value] = pair else { continue };
-            match name.as_bytes() {
-                Some(b"first-entry") => first = parse_entry(value).map(|(id, _)| id),
-                Some(b"max-deleted-entry-id") => {
-                    max_deleted = value
-                        .as_str()
-                        .and_then(|s| s.parse::<MessageId>().ok())
-                        .filter(|id| *id != MessageId::MIN)
-                }
-                _ => {}
-            }
-        }
-        Ok((first, max_deleted))
+        Ok(gap_verdict(stream.as_ref(), &meta, after, self.max_len_n))
     }
 
     fn parse_xinfo(&self, topic: &str, reply: &Reply) -> Option<TopicStats> {
@@ -630,12 +934,14 @@ impl ValkeyTier {
         let commands: Vec<Command> = names
             .iter()
             .map(|topic| {
-                command(&[
-                    b"XINFO",
-                    b"STREAM",
-                    self.stream_key.render(topic).as_bytes(),
-                ])
-                .routed(topic.as_bytes())
+                on(
+                    topic,
+                    &[
+                        b"XINFO",
+                        b"STREAM",
+                        self.stream_key.render(topic).as_bytes(),
+                    ],
+                )
             })
             .collect();
         self.count("xinfo", commands.len());
@@ -649,60 +955,276 @@ impl ValkeyTier {
             };
             match stats {
                 Some(stats) => topics.push(stats),
-                // Gone from Valkey (deleted or trimmed away by another tool).
-                None => {
-                    self.known.borrow_mut().remove(&name);
-                }
+                // Gone from Valkey (deleted by another tool): forget it everywhere, so
+                // the per-topic maps hold only topics that exist.
+                None => self.forget(&name),
             }
         }
         Ok(topics)
     }
 
-    /// Exact trim to the newest `keep_count`; `None` when the stream does not exist.
+    /// Exact trim to the newest `keep_count`; `None` when the stream does not exist. Removes
+    /// the head in bounded rounds (probe, then an exact cut recorded as `trimmed_to`), so a
+    /// consumer resuming from the last removed message is told of no gap; a trim too large
+    /// for `TRIM_ROUNDS` finishes with one unrecorded `XTRIM MAXLEN`, whose gaps are then
+    /// reported conservatively.
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
         let key = self.stream_key.render(topic);
-        let keep = keep_count.to_string();
-        let exists = command(&[b"EXISTS", key.as_bytes()]).routed(topic.as_bytes());
-        let trim = command(&[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()])
-            .routed(topic.as_bytes());
+        self.count("xlen", 1);
         self.count("exists", 1);
-        self.count("xtrim", 1);
-        let mut replies = self.client.call_many(&[exists, trim]).await;
-        let trimmed = replies.pop().unwrap_or_else(missing_reply);
+        let mut replies = self
+            .client
+            .call_many(&[
+                on(topic, &[b"EXISTS", key.as_bytes()]),
+                on(topic, &[b"XLEN", key.as_bytes()]),
+            ])
+            .await;
+        let len = replies.pop().unwrap_or_else(missing_reply);
         let existed = replies.pop().unwrap_or_else(missing_reply);
         if !matches!(existed.map_err(store_error)?, Reply::Integer(n) if n > 0) {
             return Ok(None);
         }
-        match trimmed.map_err(store_error)? {
-            Reply::Integer(n) => {
-                if let Some(len) = self.lengths.borrow_mut().get_mut(topic) {
-                    *len = (*len).min(keep_count);
-                }
-                Ok(Some(usize::try_from(n).unwrap_or(0)))
+        let len = match len.map_err(store_error)? {
+            Reply::Integer(n) => usize::try_from(n).unwrap_or(0),
+            other => {
+                return Err(StoreError::Unavailable(format!(
+                    "unexpected XLEN reply: {other:?}"
+                )))
             }
-            other => Err(StoreError::Unavailable(format!(
-                "unexpected XTRIM reply: {other:?}"
-            ))),
+        };
+        let mut to_remove = len.saturating_sub(keep_count);
+        let mut removed = 0usize;
+        let mut entry_size = None;
+        for _ in 0..TRIM_ROUNDS {
+            if to_remove == 0 {
+                break;
+            }
+            let count = round_count(
+                to_remove.saturating_sub(1 + READ_SLACK),
+                usize::MAX,
+                entry_size,
+            )
+            .min(to_remove);
+            let probe = self.probe_heads(&[(topic, count)]).await?;
+            let Some(entries) = probe.into_iter().next() else {
+                break;
+            };
+            let Some(last) = entries.last().map(|(id, _)| *id) else {
+                break;
+            };
+            entry_size = average_footprint(&entries);
+            let n = self
+                .cut_heads(&[Cut {
+                    topic,
+                    last,
+                    count: entries.len(),
+                    field: FIELD_TRIMMED_TO,
+                }])
+                .await?;
+            removed += n;
+            to_remove = to_remove.saturating_sub(entries.len());
         }
+        if to_remove > 0 {
+            // Too large for exact rounds: one bulk trim, flagged so gaps it causes are
+            // reported (conservatively) as `trimmed`.
+            let keep = keep_count.to_string();
+            let meta = self.meta_key.render(topic);
+            self.count("xtrim", 1);
+            let mut replies = self
+                .client
+                .call_many(&[
+                    on(
+                        topic,
+                        &[b"XTRIM", key.as_bytes(), b"MAXLEN", keep.as_bytes()],
+                    ),
+                    on(
+                        topic,
+                        &[
+                            b"HSET",
+                            meta.as_bytes(),
+                            FIELD_TRIMMED_BULK.as_bytes(),
+                            b"1",
+                        ],
+                    ),
+                ])
+                .await;
+            let _ = replies.pop();
+            if let Some(Ok(Reply::Integer(n))) = replies.pop() {
+                removed += usize::try_from(n).unwrap_or(0);
+            }
+        }
+        if let Some(len) = self.lengths.borrow_mut().get_mut(topic) {
+            *len = (*len).min(keep_count);
+        }
+        Ok(Some(removed))
     }
 
-    /// Deletes the topic's stream and metadata; `false` when the stream did not exist.
+    /// The first `count` entries of each `(stream, count)` (one pipeline).
+    async fn probe_heads(
+        &self,
+        topics: &[(&str, usize)],
+    ) -> Result<Vec<Vec<(MessageId, Message)>>, StoreError> {
+        let commands: Vec<Command> = topics
+            .iter()
+            .map(|(topic, count)| {
+                let count = (*count).max(1).to_string();
+                let key = self.stream_key.render(topic);
+                on(
+                    topic,
+                    &[
+                        b"XRANGE",
+                        key.as_bytes(),
+                        b"-",
+                        b"+",
+                        b"COUNT",
+                        count.as_bytes(),
+                    ],
+                )
+            })
+            .collect();
+        self.count("xrange", commands.len());
+        self.client
+            .call_many(&commands)
+            .await
+            .into_iter()
+            .map(|reply| reply.map(|r| parse_entries(&r)).map_err(store_error))
+            .collect()
+    }
+
+    /// Removes each stream's head up to and including `last` (an id the caller just saw at
+    /// the head, with `count` entries up to it) and records it in the topic's meta hash in
+    /// the same transaction: `removed += count`, `<field> = last`. Exact: `XTRIM MINID` with
+    /// the id just after `last` removes precisely those entries (ids only grow), and the
+    /// record is what makes a later gap verdict exact. Returns how many entries went.
+    async fn cut_heads(&self, cuts: &[Cut<'_>]) -> Result<usize, StoreError> {
+        if cuts.is_empty() {
+            return Ok(0);
+        }
+        let mut commands = Vec::with_capacity(cuts.len() * 5);
+        for cut in cuts {
+            let key = self.stream_key.render(cut.topic);
+            let meta = self.meta_key.render(cut.topic);
+            let min_id = id_after(cut.last).to_string();
+            let last = cut.last.to_string();
+            let count = cut.count.to_string();
+            commands.push(on(cut.topic, &[b"MULTI"]));
+            commands.push(on(
+                cut.topic,
+                &[b"XTRIM", key.as_bytes(), b"MINID", min_id.as_bytes()],
+            ));
+            commands.push(on(
+                cut.topic,
+                &[
+                    b"HINCRBY",
+                    meta.as_bytes(),
+                    FIELD_REMOVED.as_bytes(),
+                    count.as_bytes(),
+                ],
+            ));
+            commands.push(on(
+                cut.topic,
+                &[
+                    b"HSET",
+                    meta.as_bytes(),
+                    cut.field.as_bytes(),
+                    last.as_bytes(),
+                ],
+            ));
+            commands.push(on(cut.topic, &[b"EXEC"]));
+        }
+        self.count("xtrim", cuts.len());
+        let replies = self.client.call_many(&commands).await;
+        let mut removed = 0usize;
+        for chunk in replies.chunks(5) {
+            match chunk.last() {
+                Some(Ok(Reply::Array(results))) => {
+                    if let Some(Reply::Integer(n)) = results.first() {
+                        removed += usize::try_from(*n).unwrap_or(0);
+                    }
+                }
+                Some(Err(e)) => return Err(store_error(e.clone())),
+                _ => {}
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the topic's stream; `false` when the stream did not exist. The topic's meta
+    /// hash stays behind as a tombstone naming the last id the stream held (`deleted_to`),
+    /// so a consumer resuming from before it learns of the delete (reason `deleted`), also
+    /// after the topic is written again. The tombstone expires after the retention (by then
+    /// whatever it covered would have expired anyway) unless the topic is written again.
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
         let stream = self.stream_key.render(topic);
         let meta = self.meta_key.render(topic);
+        self.count("xinfo", 1);
+        self.count("hgetall", 1);
+        let mut replies = self
+            .client
+            .call_many(&[
+                on(topic, &[b"XINFO", b"STREAM", stream.as_bytes()]),
+                on(topic, &[b"HGETALL", meta.as_bytes()]),
+            ])
+            .await;
+        let meta_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info_reply = replies.pop().unwrap_or_else(missing_reply);
+        let info = match info_reply {
+            Ok(reply) => StreamInfo::parse(&reply),
+            Err(e) if is_no_such_key(&e) => {
+                self.forget(topic);
+                return Ok(false);
+            }
+            Err(e) => return Err(store_error(e)),
+        };
+        let record = RemovalRecord::parse(&meta_reply.map_err(store_error)?);
+        let deleted_to = info.last_generated.max(record.deleted_to).to_string();
+        let ttl_s = (self.retention_ms / 1000).max(1).to_string();
+        let commands = [
+            on(topic, &[b"MULTI"]),
+            on(topic, &[b"DEL", stream.as_bytes()]),
+            on(
+                topic,
+                &[
+                    b"HDEL",
+                    meta.as_bytes(),
+                    b"created",
+                    FIELD_REMOVED.as_bytes(),
+                    FIELD_EXPIRED_TO.as_bytes(),
+                    FIELD_TRIMMED_TO.as_bytes(),
+                    FIELD_AGED_BELOW.as_bytes(),
+                    FIELD_TRIMMED_BULK.as_bytes(),
+                ],
+            ),
+            on(
+                topic,
+                &[
+                    b"HSET",
+                    meta.as_bytes(),
+                    FIELD_DELETED_TO.as_bytes(),
+                    deleted_to.as_bytes(),
+                ],
+            ),
+            on(topic, &[b"EXPIRE", meta.as_bytes(), ttl_s.as_bytes()]),
+            on(topic, &[b"EXEC"]),
+        ];
         self.count("del", 1);
         let reply = self
             .client
-            .call_routed(
-                topic.as_bytes(),
-                &[b"DEL", stream.as_bytes(), meta.as_bytes()],
-            )
+            .call_many(&commands)
             .await
+            .pop()
+            .unwrap_or_else(missing_reply)
             .map_err(store_error)?;
+        self.forget(topic);
+        let existed = matches!(&reply, Reply::Array(r) if matches!(r.first(), Some(Reply::Integer(n)) if *n > 0));
+        Ok(existed)
+    }
+
+    /// Drops what this tier caches about a topic that no longer exists.
+    fn forget(&self, topic: &str) {
         self.known.borrow_mut().remove(topic);
         self.lengths.borrow_mut().remove(topic);
         self.buffered_last.borrow_mut().remove(topic);
-        Ok(matches!(reply, Reply::Integer(n) if n > 0))
     }
 
     /// Finds the streams of this shard's topics with `SCAN` (never `KEYS`, which blocks Valkey
@@ -757,61 +1279,94 @@ impl ValkeyTier {
         }
     }
 
-    /// Age retention (`XTRIM MINID ~`) on every known topic, and removal of expired-ttl entries
-    /// at the front of each stream. Returns how many entries were removed.
+    /// Removes what age retention and message ttls have made due from the head of every
+    /// known topic's stream; returns how many entries were removed. Topics are swept in
+    /// batches of `SWEEP_BATCH_TOPICS` (one pipeline each, never one batch for every topic
+    /// ever seen). Per topic the due prefix is found by probing the head (reply sizes bounded
+    /// like page reads) and cut exactly and recorded as `expired_to` (see `cut_heads`),
+    /// for up to `SWEEP_ROUNDS` rounds; a backlog beyond that is cut by age in bulk
+    /// (`XTRIM MINID <now - retention>`, recorded as `aged_below`: gaps it causes are reported
+    /// conservatively) and the rest waits for the next sweep. An expired-ttl entry behind a
+    /// live one stays (hidden from reads) until the head reaches it.
     pub async fn sweep(&self, now_ms: u64) -> Result<usize, StoreError> {
         let names: Vec<String> = self.known.borrow().iter().cloned().collect();
-        if names.is_empty() {
-            return Ok(0);
+        let mut removed = 0;
+        for batch in names.chunks(SWEEP_BATCH_TOPICS) {
+            removed += self.sweep_batch(batch, now_ms).await?;
         }
-        let min_id = format!("{}-0", now_ms.saturating_sub(self.retention_ms));
-        let probe = TTL_PROBE.to_string();
-        let mut commands = Vec::with_capacity(names.len() * 2);
-        for topic in &names {
-            let key = self.stream_key.render(topic);
-            let trim = command(&[b"XTRIM", key.as_bytes(), b"MINID", b"~", min_id.as_bytes()])
-                .routed(topic.as_bytes());
-            commands.push(trim);
-            let head = command(&[
-                b"XRANGE",
-                key.as_bytes(),
-                b"-",
-                b"+",
-                b"COUNT",
-                probe.as_bytes(),
-            ])
-            .routed(topic.as_bytes());
-            commands.push(head);
-        }
-        self.count("xtrim", names.len());
-        self.count("xrange", names.len());
-        let replies = self.client.call_many(&commands).await;
+        Ok(removed)
+    }
+
+    async fn sweep_batch(&self, topics: &[String], now_ms: u64) -> Result<usize, StoreError> {
         let mut removed = 0usize;
-        let mut deletions = Vec::new();
-        for (topic, pair) in names.iter().zip(replies.chunks(2)) {
-            if let Some(Ok(Reply::Integer(n))) = pair.first() {
-                removed += usize::try_from(*n).unwrap_or(0);
+        // (topic, entry size seen so far) of the topics whose whole last probe was due.
+        let mut active: Vec<(&str, Option<usize>)> =
+            topics.iter().map(|t| (t.as_str(), None)).collect();
+        for _round in 0..SWEEP_ROUNDS {
+            if active.is_empty() {
+                return Ok(removed);
             }
-            if let Some(Ok(head)) = pair.get(1) {
-                let expired: Vec<MessageId> = parse_entries(head)
-                    .into_iter()
+            // Each topic's COUNT from its own entry sizes: one topic of large messages does
+            // not slow the others' probes.
+            let key_refs: Vec<(&str, usize)> = active
+                .iter()
+                .map(|(t, size)| {
+                    // First one entry: most heads are not due, and that is all it costs.
+                    let count =
+                        size.map_or(1, |_| round_count(MAX_ROUND_ENTRIES, ROUND_BYTES, *size));
+                    (*t, count)
+                })
+                .collect();
+            let heads = self.probe_heads(&key_refs).await?;
+            let mut cuts = Vec::new();
+            let mut next = Vec::new();
+            for (((topic, _), (_, count)), entries) in active.iter().zip(&key_refs).zip(&heads) {
+                let due = entries
+                    .iter()
                     .take_while(|(_, m)| is_due(m, now_ms, self.retention_ms))
-                    .map(|(id, _)| id)
-                    .collect();
-                if !expired.is_empty() {
-                    let key = self.stream_key.render(topic);
-                    let ids: Vec<String> = expired.iter().map(|id| id.to_string()).collect();
-                    let mut args: Vec<&[u8]> = vec![b"XDEL", key.as_bytes()];
-                    args.extend(ids.iter().map(|s| s.as_bytes()));
-                    deletions.push(command(&args).routed(topic.as_bytes()));
+                    .count();
+                if due == 0 {
+                    continue;
+                }
+                cuts.push(Cut {
+                    topic,
+                    last: entries[due - 1].0,
+                    count: due,
+                    field: FIELD_EXPIRED_TO,
+                });
+                if due == entries.len() && entries.len() == *count {
+                    next.push((*topic, average_footprint(entries)));
                 }
             }
+            drop(heads);
+            removed += self.cut_heads(&cuts).await?;
+            active = next;
         }
-        if !deletions.is_empty() {
-            self.count("xdel", deletions.len());
-            for reply in self.client.call_many(&deletions).await {
-                if let Ok(Reply::Integer(n)) = reply {
-                    removed += usize::try_from(n).unwrap_or(0);
+        if !active.is_empty() && self.retention_ms > 0 {
+            // A backlog larger than the exact rounds: bulk age trim, recorded.
+            let min_id = MessageId::new(now_ms.saturating_sub(self.retention_ms), 0).to_string();
+            let mut commands = Vec::with_capacity(active.len() * 2);
+            for (topic, _) in &active {
+                let key = self.stream_key.render(topic);
+                let meta = self.meta_key.render(topic);
+                commands.push(on(
+                    topic,
+                    &[b"XTRIM", key.as_bytes(), b"MINID", min_id.as_bytes()],
+                ));
+                commands.push(on(
+                    topic,
+                    &[
+                        b"HSET",
+                        meta.as_bytes(),
+                        FIELD_AGED_BELOW.as_bytes(),
+                        min_id.as_bytes(),
+                    ],
+                ));
+            }
+            self.count("xtrim", active.len());
+            for pair in self.client.call_many(&commands).await.chunks(2) {
+                if let Some(Ok(Reply::Integer(n))) = pair.first() {
+                    removed += usize::try_from(*n).unwrap_or(0);
                 }
             }
         }
@@ -882,6 +1437,258 @@ impl ServerInfo {
     }
 }
 
+/// The most acknowledged-but-unstored bytes (payload and metadata) the write-behind holds;
+/// past it (or `valkey.max_pending` messages) buffered publishes get 503.
+const BEHIND_MAX_BYTES: usize = 256 << 20;
+
+/// Messages per write-behind batch.
+const BEHIND_BATCH: usize = 1024;
+
+/// First and longest pause between write-behind retries.
+const BEHIND_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+
+fn item_bytes(item: &PublishItem) -> usize {
+    item.payload.len() + item.metadata.as_ref().map_or(0, Bytes::len)
+}
+
+/// The write-behind task of `ack = buffered`: sends the backlog, one batch at a time, while
+/// the tier lives; after a failure, backs off and sends the same messages again.
+async fn write_behind(
+    tier: std::rc::Weak<ValkeyTier>,
+    mut doorbell: futures::channel::mpsc::Receiver<()>,
+) {
+    use futures::StreamExt;
+    let mut backoff = BEHIND_BACKOFF.0;
+    loop {
+        let Some(strong) = tier.upgrade() else { return };
+        if strong.behind.borrow().queue.is_empty() {
+            drop(strong);
+            if doorbell.next().await.is_none() {
+                return;
+            }
+            continue;
+        }
+        if strong.send_behind_batch().await {
+            drop(strong);
+            glommio::timer::sleep(backoff).await;
+            backoff = (backoff * 2).min(BEHIND_BACKOFF.1);
+        } else {
+            backoff = BEHIND_BACKOFF.0;
+        }
+    }
+}
+
+/// Topics per sweep pipeline.
+const SWEEP_BATCH_TOPICS: usize = 128;
+
+/// Exact probe-and-cut rounds per topic per sweep.
+const SWEEP_ROUNDS: usize = 8;
+
+/// Exact probe-and-cut rounds of one trim-endpoint call.
+const TRIM_ROUNDS: usize = 64;
+
+/// Meta-hash fields the relay keeps per topic to know what left the stream and why (besides
+/// `created`). Valkey's own `XINFO STREAM` fields do not: `max-deleted-entry-id` moves only on
+/// `XDEL`, not on trims.
+/// Entries the relay removed with exact knowledge (the cuts below), this incarnation.
+const FIELD_REMOVED: &str = "removed";
+/// The newest id removed because its ttl or the age retention ran out (exact).
+const FIELD_EXPIRED_TO: &str = "expired_to";
+/// The newest id removed by the trim endpoint (exact).
+const FIELD_TRIMMED_TO: &str = "trimmed_to";
+/// The last bulk age trim's threshold: every id below it is gone (not recorded per entry).
+const FIELD_AGED_BELOW: &str = "aged_below";
+/// Set once a trim endpoint call fell back to a bulk `XTRIM MAXLEN`.
+const FIELD_TRIMMED_BULK: &str = "trimmed_bulk";
+/// The last id of the stream the relay deleted (a tombstone; survives re-creation).
+const FIELD_DELETED_TO: &str = "deleted_to";
+
+/// One exact head cut (see [`ValkeyTier::cut_heads`]).
+struct Cut<'a> {
+    topic: &'a str,
+    last: MessageId,
+    count: usize,
+    field: &'static str,
+}
+
+/// The id just after `id` in stream order.
+fn id_after(id: MessageId) -> MessageId {
+    match id.seq.checked_add(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None => MessageId::new(id.ms.saturating_add(1), 0),
+    }
+}
+
+/// Mean footprint of `entries` (`None` if empty).
+fn average_footprint(entries: &[(MessageId, Message)]) -> Option<usize> {
+    let total: usize = entries.iter().map(|(_, m)| m.footprint()).sum();
+    total.checked_div(entries.len()).map(|s| s.max(1))
+}
+
+/// The `XINFO STREAM` fields gap detection needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamInfo {
+    length: u64,
+    entries_added: u64,
+    first: Option<MessageId>,
+    last_generated: MessageId,
+    max_deleted: MessageId,
+}
+
+impl StreamInfo {
+    fn parse(reply: &Reply) -> StreamInfo {
+        let mut info = StreamInfo {
+            length: 0,
+            entries_added: 0,
+            first: None,
+            last_generated: MessageId::MIN,
+            max_deleted: MessageId::MIN,
+        };
+        let Reply::Array(fields) = reply else {
+            return info;
+        };
+        let id = |value: &Reply| {
+            value
+                .as_str()
+                .and_then(|s| s.parse::<MessageId>().ok())
+                .unwrap_or(MessageId::MIN)
+        };
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { continue };
+            match name.as_bytes() {
+                Some(b"length") => info.length = value.as_int().map_or(0, |n| n.max(0) as u64),
+                Some(b"entries-added") => {
+                    info.entries_added = value.as_int().map_or(0, |n| n.max(0) as u64)
+                }
+                Some(b"first-entry") => info.first = parse_entry(value).map(|(id, _)| id),
+                Some(b"last-generated-id") => info.last_generated = id(value),
+                Some(b"max-deleted-entry-id") => info.max_deleted = id(value),
+                _ => {}
+            }
+        }
+        info
+    }
+}
+
+/// What the relay recorded in a topic's meta hash about removals (fields `FIELD_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RemovalRecord {
+    created: bool,
+    removed: u64,
+    expired_to: MessageId,
+    trimmed_to: MessageId,
+    aged_below: MessageId,
+    trimmed_bulk: bool,
+    deleted_to: MessageId,
+}
+
+impl RemovalRecord {
+    const NONE: RemovalRecord = RemovalRecord {
+        created: false,
+        removed: 0,
+        expired_to: MessageId::MIN,
+        trimmed_to: MessageId::MIN,
+        aged_below: MessageId::MIN,
+        trimmed_bulk: false,
+        deleted_to: MessageId::MIN,
+    };
+
+    fn parse(reply: &Reply) -> RemovalRecord {
+        let mut record = RemovalRecord::NONE;
+        let Reply::Array(fields) = reply else {
+            return record;
+        };
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { continue };
+            let (Some(name), Some(value)) = (name.as_str(), value.as_str()) else {
+                continue;
+            };
+            let id = || value.parse::<MessageId>().unwrap_or(MessageId::MIN);
+            match name {
+                "created" => record.created = true,
+                FIELD_REMOVED => record.removed = value.parse().unwrap_or(0),
+                FIELD_EXPIRED_TO => record.expired_to = id(),
+                FIELD_TRIMMED_TO => record.trimmed_to = id(),
+                FIELD_AGED_BELOW => record.aged_below = id(),
+                FIELD_TRIMMED_BULK => record.trimmed_bulk = true,
+                FIELD_DELETED_TO => record.deleted_to = id(),
+                _ => {}
+            }
+        }
+        record
+    }
+}
+
+/// The gap verdict for a consumer resuming after `after`, from the stream's state (`None`:
+/// the stream does not exist) and the relay's removal record. `max_len` is the count
+/// retention (`MAXLEN ~` on every XADD).
+///
+/// A gap is reported iff some removed entry has an id above `after`:
+/// - exact for what the relay removed itself and recorded: ttl/age cuts (`expired_to`),
+///   trim-endpoint cuts (`trimmed_to`), a topic delete (`deleted_to`), and for any `XDEL`
+///   (Valkey's `max-deleted-entry-id`, reason `unknown`: the relay never uses XDEL);
+/// - conservative for removals nobody recorded, detected because
+///   `entries-added - length - removed` is not 0: Valkey's own `MAXLEN ~` trims on XADD, a
+///   bulk age or trim fallback, another client's XTRIM, or a stream deleted and recreated
+///   behind the relay's back. They remove the stream's head, so every such id is below the
+///   first entry, but which ids is unknown: a resume from below the first entry is reported
+///   as a gap, also from the very last removed id (where nothing is missing after all).
+fn gap_verdict(
+    stream: Option<&StreamInfo>,
+    record: &RemovalRecord,
+    after: MessageId,
+    max_len: u64,
+) -> Option<GapInfo> {
+    let Some(stream) = stream else {
+        // No stream: deleted by the relay (the tombstone says up to where), or behind its
+        // back (the meta hash of a topic it wrote is still there: cannot tell what is gone,
+        // so report it), or never written (nothing to miss).
+        if record.deleted_to > after || (record.created && record.deleted_to == MessageId::MIN) {
+            return Some(GapInfo {
+                oldest_available: None,
+                reason: GapReason::Deleted,
+            });
+        }
+        return None;
+    };
+    // (newest removed id, or a bound on it; reason) of every removal reaching past `after`.
+    let mut found: Option<(MessageId, GapReason)> = None;
+    let mut consider = |bound: MessageId, reason: GapReason| {
+        if bound > after && found.is_none_or(|(b, _)| bound > b) {
+            found = Some((bound, reason));
+        }
+    };
+    consider(record.deleted_to, GapReason::Deleted);
+    consider(record.expired_to, GapReason::Expired);
+    consider(record.trimmed_to, GapReason::Trimmed);
+    consider(stream.max_deleted, GapReason::Unknown);
+    let explained = stream.length.saturating_add(record.removed);
+    if stream.entries_added != explained {
+        // Unrecorded head removals: every removed id is below the first entry, or, emptied,
+        // at most the last id (which was removed).
+        let head = stream.first.unwrap_or(stream.last_generated);
+        if after < head && stream.entries_added > 0 {
+            let reason = if record.aged_below > after {
+                GapReason::Expired
+            } else if stream.entries_added < explained {
+                // More removed than ever added in this incarnation: recreated behind the
+                // relay's back.
+                GapReason::Deleted
+            } else if record.trimmed_bulk || stream.entries_added > max_len {
+                GapReason::Trimmed
+            } else {
+                GapReason::Unknown
+            };
+            // Weighs as the newest removal: nothing recorded is newer than the head.
+            consider(MessageId::MAX, reason);
+        }
+    }
+    found.map(|(_, reason)| GapInfo {
+        oldest_available: stream.first,
+        reason,
+    })
+}
+
 fn store_error(e: ValkeyError) -> StoreError {
     match e {
         ValkeyError::Server(message) => StoreError::Rejected(message),
@@ -903,6 +1710,11 @@ fn is_no_such_key(e: &ValkeyError) -> bool {
 
 /// Encodes one command. Every call site passes a literal, non-empty argument list, the only
 /// thing `Command::new` refuses.
+/// A command on `topic`'s keys, routed by the topic (see the module doc: ordering).
+fn on(topic: &str, args: &[&[u8]]) -> Command {
+    command(args).routed(topic.as_bytes())
+}
+
 fn command(args: &[&[u8]]) -> Command {
     Command::new(args).expect("commands built here are never empty")
 }
@@ -921,6 +1733,19 @@ fn format_ttl_seconds(ttl_ms: u64) -> String {
 /// timestamps, and must not be hidden (or swept) for that.
 fn is_due(message: &Message, now_ms: u64, retention_ms: u64) -> bool {
     message.is_expired(now_ms) || now_ms.saturating_sub(message.id.ms) > retention_ms
+}
+
+/// The COUNT of one page-read XRANGE: what the page still wants (plus one to see whether more
+/// follow, plus slack for expired entries), within `ROUND_BYTES` (and the page's remaining
+/// bytes) at `entry_size` bytes per entry, at least 1.
+fn round_count(want: usize, byte_room: usize, entry_size: Option<usize>) -> usize {
+    let by_bytes = match entry_size {
+        Some(size) => ROUND_BYTES.min(byte_room) / size.max(1) + 1,
+        None => FIRST_ROUND_ENTRIES,
+    };
+    want.saturating_add(1 + READ_SLACK)
+        .min(by_bytes)
+        .clamp(1, MAX_ROUND_ENTRIES)
 }
 
 /// Entries of an XRANGE/XREVRANGE reply, skipping any that do not parse.
@@ -954,12 +1779,14 @@ pub fn parse_entry(entry: &Reply) -> Option<(MessageId, Message)> {
             continue;
         };
         match name {
-            b"payload" => payload = Some(Bytes::copy_from_slice(value)),
+            // The reply's own buffer (the codec copied it out of the read buffer already):
+            // no second copy of every payload.
+            b"payload" => payload = Some(field_bytes(&pair[1], value)),
             b"timestamp" => {
                 timestamp_ms = std::str::from_utf8(value).ok().and_then(parse_timestamp_ms)
             }
             b"metadata" => {
-                metadata = Some(Bytes::copy_from_slice(value)).filter(|m| m.as_ref() != b"null")
+                metadata = Some(field_bytes(&pair[1], value)).filter(|m| m.as_ref() != b"null")
             }
             b"ttl" => {
                 ttl_ms = std::str::from_utf8(value)
@@ -982,6 +1809,14 @@ pub fn parse_entry(entry: &Reply) -> Option<(MessageId, Message)> {
             metadata,
         },
     ))
+}
+
+/// A field value as `Bytes`, sharing the reply's buffer when it is a bulk string.
+fn field_bytes(reply: &Reply, value: &[u8]) -> Bytes {
+    match reply {
+        Reply::Bulk(b) => b.clone(),
+        _ => Bytes::copy_from_slice(value),
+    }
 }
 
 /// RFC 3339 with or without a zone (the Python relay wrote naive UTC times).
@@ -1075,6 +1910,247 @@ mod tests {
         };
         assert!(!is_due(&m, 1_800_000_001_000, 86_400_000));
         assert!(is_due(&m, 1_800_000_000_000 + 86_400_001, 86_400_000));
+    }
+
+    fn stream(length: u64, added: u64, first: Option<u64>, last: u64) -> StreamInfo {
+        StreamInfo {
+            length,
+            entries_added: added,
+            first: first.map(|ms| MessageId::new(ms, 0)),
+            last_generated: MessageId::new(last, 0),
+            max_deleted: MessageId::MIN,
+        }
+    }
+
+    fn id(ms: u64) -> MessageId {
+        MessageId::new(ms, 0)
+    }
+
+    #[test]
+    fn gap_verdicts_are_exact_for_recorded_removals() {
+        // Ids 1..=10 added; the relay cut 1..=4 (ttl) and recorded it.
+        let s = stream(6, 10, Some(5), 10);
+        let record = RemovalRecord {
+            removed: 4,
+            expired_to: id(4),
+            ..RemovalRecord::NONE
+        };
+        let gap = gap_verdict(Some(&s), &record, id(2), 1000).expect("gap");
+        assert_eq!(gap.reason, GapReason::Expired);
+        assert_eq!(gap.oldest_available, Some(id(5)));
+        // Resuming from the last removed id (or later) misses nothing.
+        for after in [4, 5, 9, 10] {
+            assert_eq!(
+                gap_verdict(Some(&s), &record, id(after), 1000),
+                None,
+                "{after}"
+            );
+        }
+    }
+
+    #[test]
+    fn unrecorded_head_trims_are_reported_conservatively() {
+        // Ids 1..=10 added, MAXLEN ~ 5 took 1..=3 (nothing recorded).
+        let s = stream(7, 10, Some(4), 10);
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 5).expect("gap");
+        assert_eq!(gap.reason, GapReason::Trimmed);
+        // Conservative: from the last trimmed id a gap is reported although none is missing.
+        assert!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(3), 5).is_some());
+        assert_eq!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(4), 5), None);
+        // Below the count cap an unrecorded removal has no known cause.
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 100).expect("gap");
+        assert_eq!(gap.reason, GapReason::Unknown);
+        // Emptied: everything up to the last id is gone.
+        let empty = stream(0, 10, None, 10);
+        assert!(gap_verdict(Some(&empty), &RemovalRecord::NONE, id(9), 5).is_some());
+        assert_eq!(
+            gap_verdict(Some(&empty), &RemovalRecord::NONE, id(10), 5),
+            None
+        );
+    }
+
+    #[test]
+    fn deleted_streams_are_reported_from_the_tombstone() {
+        let tomb = RemovalRecord {
+            deleted_to: id(10),
+            ..RemovalRecord::NONE
+        };
+        assert_eq!(
+            gap_verdict(None, &tomb, id(3), 5).map(|g| g.reason),
+            Some(GapReason::Deleted)
+        );
+        assert_eq!(gap_verdict(None, &tomb, id(10), 5), None);
+        // Never written: nothing to miss.
+        assert_eq!(gap_verdict(None, &RemovalRecord::NONE, id(3), 5), None);
+        // Recreated since: the old stream's messages after the resume point are gone.
+        let again = stream(2, 2, Some(20), 21);
+        let gap = gap_verdict(Some(&again), &tomb, id(3), 5).expect("gap");
+        assert_eq!(gap.reason, GapReason::Deleted);
+        assert_eq!(gap.oldest_available, Some(id(20)));
+        assert_eq!(gap_verdict(Some(&again), &tomb, id(10), 5), None);
+    }
+
+    #[test]
+    fn round_counts_stay_within_the_byte_budget() {
+        assert_eq!(round_count(100, usize::MAX, None), FIRST_ROUND_ENTRIES);
+        assert_eq!(round_count(100, usize::MAX, Some(100)), 109);
+        assert_eq!(round_count(5000, usize::MAX, Some(10)), MAX_ROUND_ENTRIES);
+        // 1 MiB entries: one at a time.
+        assert_eq!(round_count(1000, usize::MAX, Some(1 << 20)), 2);
+        assert_eq!(round_count(1000, 1000, Some(100)), 11);
+        assert_eq!(round_count(0, usize::MAX, Some(1)), 9);
+    }
+
+    /// A single-shard tier on a fresh Valkey (run inside `run_local`).
+    fn tier_on(server: &crate::valkey::testing::ValkeyServer) -> crate::valkey::ClientConfig {
+        crate::valkey::ClientConfig {
+            connect: server.config(),
+            ..crate::valkey::ClientConfig::default()
+        }
+    }
+
+    fn new_tier(config: crate::valkey::ClientConfig, retention_ms: u64) -> Rc<ValkeyTier> {
+        let client = Client::start(config).expect("client");
+        Rc::new(ValkeyTier::new(
+            client,
+            KeyTemplate::parse("s:{topic}").expect("template"),
+            KeyTemplate::parse("m:{topic}").expect("template"),
+            1_000_000,
+            retention_ms,
+            AckMode::Persisted,
+            0,
+            1,
+            1000,
+        ))
+    }
+
+    fn item(topic: &str, payload_len: usize, ttl_ms: Option<u64>) -> PublishItem {
+        PublishItem {
+            topic: topic.to_owned(),
+            payload: Bytes::from(format!("\"{}\"", "x".repeat(payload_len))),
+            metadata: None,
+            ttl_ms,
+        }
+    }
+
+    #[test]
+    fn valkey_pages_stop_at_their_byte_budget_and_a_larger_message_comes_alone() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            let items: Vec<PublishItem> = (0..20).map(|_| item("big", 100_000, None)).collect();
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            let ids: Vec<MessageId> = stored
+                .iter()
+                .map(|r| r.as_ref().expect("stored").id)
+                .collect();
+            let mut query = PageQuery::new(None, Order::Asc, 1000);
+            query.max_bytes = 350_000;
+            let mut got = Vec::new();
+            let mut pages = 0;
+            loop {
+                let page = tier
+                    .read("big", &query, now, None)
+                    .await
+                    .expect("read")
+                    .expect("page");
+                pages += 1;
+                // 100 KB messages under a 350 KB budget: the page stops once it holds 350 KB
+                // (the message that crosses it included), like the hot tier's pages.
+                assert!(page.messages.len() <= 4, "{} messages", page.messages.len());
+                got.extend(page.messages.iter().map(|m| m.id));
+                match page.next_cursor {
+                    Some(c) => query.after = Some(c),
+                    None => break,
+                }
+            }
+            assert_eq!(got, ids);
+            assert_eq!(pages, 5);
+            // A budget below one message: one message per page, never none.
+            query.after = None;
+            query.max_bytes = 10;
+            let page = tier
+                .read("big", &query, now, None)
+                .await
+                .expect("read")
+                .expect("page");
+            assert_eq!(page.messages.len(), 1);
+            assert_eq!(page.next_cursor, Some(ids[0]));
+        });
+    }
+
+    #[test]
+    fn a_page_of_megabyte_messages_is_not_cut_short_by_the_scan_budget() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            // More messages than `MAX_READ_ROUNDS` rounds of 1 MiB replies can carry.
+            let n = FIRST_ROUND_ENTRIES + 2 * MAX_READ_ROUNDS + 5;
+            let items: Vec<PublishItem> = (0..n).map(|_| item("huge", 1 << 20, None)).collect();
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            assert!(stored.iter().all(Result::is_ok));
+            let query = PageQuery::new(None, Order::Asc, n);
+            let page = tier
+                .read("huge", &query, now, None)
+                .await
+                .expect("read")
+                .expect("page");
+            assert_eq!(page.messages.len(), n);
+        });
+    }
+
+    #[test]
+    fn a_cursor_read_of_a_nonexistent_topic_caches_nothing() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            for i in 0..100 {
+                let topic = format!("nobody-{i}");
+                let query = PageQuery::new(Some(MessageId::new(1, 0)), Order::Asc, 10);
+                let page = tier.read(&topic, &query, now, None).await.expect("read");
+                assert!(page.is_none_or(|p| p.messages.is_empty()));
+            }
+            assert!(tier.lengths.borrow().is_empty());
+            assert!(tier.known.borrow().is_empty());
+        });
+    }
+
+    #[test]
+    fn a_sweep_over_more_topics_than_one_batch_removes_every_expired_head() {
+        let server = crate::valkey::testing::ValkeyServer::start(&[]);
+        let config = tier_on(&server);
+        crate::valkey::testing::run_local(move || async move {
+            let tier = new_tier(config, 3_600_000);
+            let now = crate::clock::now_ms();
+            let topics = SWEEP_BATCH_TOPICS * 2 + 3;
+            // Per topic: a run of expired entries longer than one probe, then one live one.
+            let mut items = Vec::new();
+            for t in 0..topics {
+                for _ in 0..(FIRST_ROUND_ENTRIES + 5) {
+                    items.push(item(&format!("t{t}"), 10, Some(1)));
+                }
+                items.push(item(&format!("t{t}"), 10, None));
+            }
+            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            assert!(stored.iter().all(Result::is_ok));
+            let removed = tier.sweep(now + 10).await.expect("sweep");
+            assert_eq!(removed, topics * (FIRST_ROUND_ENTRIES + 5));
+            for t in [0, SWEEP_BATCH_TOPICS, topics - 1] {
+                let key = format!("s:t{t}");
+                let len = tier
+                    .client
+                    .call(&[b"XLEN", key.as_bytes()])
+                    .await
+                    .expect("XLEN");
+                assert_eq!(len.as_int(), Some(1), "{key}");
+            }
+        });
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! The delivery contract on the Valkey backend, observed through the API: a read never ends
+//! a topic early (however many expired entries lie ahead), a consumer resuming from a
+//! position whose successors left the stream is told of the gap and why (count trim, the trim
+//! endpoint, ttl and age retention, topic delete, a foreign `XDEL`), and an `ack: buffered`
+//! message survives write-behind failures while the relay lives.
+//!
+//! Owns: what the Valkey tier promises a resuming consumer. Does not own: the relay <-> Valkey
+//! data layout (`valkey_api.rs`), what retention leaves in the stream (`valkey_retention.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::valkey::{stream_key, ValkeyOpts, ValkeyServer};
+use common::{eventually, Server};
+use serde_json::{json, Value};
+
+/// Publishes `n` messages `{"i": start + k}` to `topic` in bulks of at most 1,000, with an
+/// optional ttl (seconds); returns their ids in order.
+fn publish_bulk(
+    relay: &Server,
+    topic: &str,
+    start: usize,
+    n: usize,
+    ttl: Option<u64>,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut next = start;
+    while next < start + n {
+        let end = (next + 1000).min(start + n);
+        let items: Vec<Value> = (next..end)
+            .map(|i| match ttl {
+                Some(ttl) => json!({"topic": topic, "payload": {"i": i}, "ttl": ttl}),
+                None => json!({"topic": topic, "payload": {"i": i}}),
+            })
+            .collect();
+        let resp = relay.post_json(
+            "/api/v1/messages/bulk",
+            &json!({ "messages": items }).to_string(),
+        );
+        assert!(resp.status == 201 || resp.status == 207, "{resp:?}");
+        let v = resp.json();
+        for result in v["results"].as_array().expect("results") {
+            ids.push(
+                result["message_id"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("not accepted: {result}"))
+                    .to_string(),
+            );
+        }
+        next = end;
+    }
+    ids
+}
+
+fn ids_of(page: &Value) -> Vec<String> {
+    page["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {page}"))
+        .iter()
+        .map(|m| m["message_id"].as_str().expect("message_id").to_string())
+        .collect()
+}
+
+/// Every message of an ascending history walk from the start, following `next_cursor`
+/// (at most `max_pages` pages).
+fn walk_asc(relay: &Server, topic: &str, max_pages: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..max_pages {
+        let query = match &cursor {
+            Some(c) => format!("order=asc&limit=100&cursor={c}"),
+            None => "order=asc&limit=100".to_string(),
+        };
+        let page = relay.read_topic(topic, &query);
+        got.extend(ids_of(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return got,
+        }
+    }
+    panic!("{topic}: history walk did not end within {max_pages} pages; got {got:?}");
+}
+
+fn poll(relay: &Server, body: &Value) -> Value {
+    let resp = relay.post_json("/messages/poll", &body.to_string());
+    assert_eq!(resp.status, 200, "{resp:?}");
+    resp.json()
+}
+
+#[test]
+fn a_long_expired_run_at_the_head_does_not_end_reads_early() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    // Retention 1 h: the sweeper passes once a minute, so the expired entries stay in the
+    // stream for the whole test and every read must step over them.
+    let relay = valkey.start_relay("storage:\n  persistent_tier_retention: 1h\n", &[]);
+    let topic = "ttl-head";
+    publish_bulk(&relay, topic, 0, 3000, Some(1));
+    let survivors = publish_bulk(&relay, topic, 3000, 3, None);
+    assert_eq!(valkey.xlen(&stream_key(topic)), 3003);
+    let mut last = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            last = relay.read_topic(topic, "order=desc&limit=4");
+            ids_of(&last).len() == 3
+        }),
+        "ttl messages did not expire: {last}"
+    );
+    assert_eq!(walk_asc(&relay, topic, 200), survivors, "asc history walk");
+    // A long-poll from the oldest message (listed topic without an id in `since`) answers
+    // with the survivors at once instead of waiting out its timeout.
+    let body = poll(
+        &relay,
+        &json!({"topics": [topic], "since": {}, "limit": 100, "timeout": 5}),
+    );
+    assert!(body.get("timeout").is_none_or(|t| t == false), "{body}");
+    assert_eq!(ids_of(&body), survivors, "{body}");
+    // A resume from before the expired run gets the survivors too.
+    let body = poll(
+        &relay,
+        &json!({"topics": [topic], "since": {topic: "1-0"}, "limit": 100, "timeout": 5}),
+    );
+    assert_eq!(ids_of(&body), survivors, "{body}");
+}
+
+/// The `gaps` of a long-poll resuming `topic` after `since` (empty when none).
+fn gaps_after(relay: &Server, topic: &str, since: &str) -> Vec<Value> {
+    let body = poll(
+        relay,
+        &json!({"topics": [topic], "since": {topic: since}, "limit": 1, "timeout": 1}),
+    );
+    body.get("gaps")
+        .map(|g| g.as_array().expect("gaps array").clone())
+        .unwrap_or_default()
+}
+
+/// Asserts exactly one gap for `topic` naming `requested`, `oldest_available` and `reason`.
+fn assert_gap(gaps: &[Value], topic: &str, requested: &str, oldest: Option<&str>, reason: &str) {
+    assert_eq!(
+        gaps,
+        &[
+            json!({"type": "gap", "topic": topic, "requested": requested,
+                 "oldest_available": oldest, "reason": reason})
+        ],
+        "resume of {topic} after {requested}"
+    );
+}
+
+fn first_id_in_valkey(valkey: &ValkeyServer, topic: &str) -> String {
+    valkey.xrange(&stream_key(topic))[0].id.clone()
+}
+
+#[test]
+fn a_resume_from_a_count_trimmed_id_reports_a_trimmed_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("storage:\n  max_messages_per_topic: 100\n", &[]);
+    let topic = "count-trimmed";
+    let ids = publish_bulk(&relay, topic, 0, 1000, None);
+    let first = first_id_in_valkey(&valkey, topic);
+    assert_ne!(first, ids[0], "MAXLEN did not trim");
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        Some(&first),
+        "trimmed",
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, "1-0"),
+        topic,
+        "1-0",
+        Some(&first),
+        "trimmed",
+    );
+    // From a retained message nothing was lost.
+    let at = ids
+        .iter()
+        .position(|id| *id == first)
+        .expect("first retained");
+    for since in [&ids[at], &ids[at + 1], &ids[998], &ids[999]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_the_trim_endpoint_reports_a_trimmed_gap_and_only_then() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "endpoint-trimmed";
+    let ids = publish_bulk(&relay, topic, 0, 250, None);
+    let resp = relay.post_json(
+        &format!("/api/v1/topics/{topic}/trim"),
+        r#"{"keep_count":10}"#,
+    );
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        Some(&ids[240]),
+        "trimmed",
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[238]),
+        topic,
+        &ids[238],
+        Some(&ids[240]),
+        "trimmed",
+    );
+    // The last removed message was seen: nothing after it is missing (exact, not
+    // conservative).
+    for since in [&ids[239], &ids[240], &ids[249]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_swept_ttl_entries_reports_an_expired_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    // Retention 8 s: the sweeper passes every 2 s; only the ttl runs out during the test.
+    let relay = valkey.start_relay("storage:\n  persistent_tier_retention: 8s\n", &[]);
+    let topic = "ttl-swept";
+    let expiring = publish_bulk(&relay, topic, 0, 5, Some(1));
+    let kept = publish_bulk(&relay, topic, 5, 2, None);
+    let key = stream_key(topic);
+    assert!(
+        eventually(Duration::from_secs(20), || valkey.xlen(&key) == 2),
+        "expired entries not swept: {:?}",
+        valkey.xrange(&key)
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &expiring[0]),
+        topic,
+        &expiring[0],
+        Some(&kept[0]),
+        "expired",
+    );
+    for since in [&expiring[4], &kept[0]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_age_retention_reports_an_expired_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(
+        "storage:\n  persistent_tier_retention: 2s\nhot_tier:\n  retention: 1s\n",
+        &[],
+    );
+    let topic = "age-swept";
+    let ids = publish_bulk(&relay, topic, 0, 5, None);
+    let key = stream_key(topic);
+    assert!(
+        eventually(Duration::from_secs(20), || valkey.xlen(&key) == 0),
+        "aged entries not swept: {:?}",
+        valkey.xrange(&key)
+    );
+    assert_gap(
+        &gaps_after(&relay, topic, &ids[0]),
+        topic,
+        &ids[0],
+        None,
+        "expired",
+    );
+    assert_eq!(gaps_after(&relay, topic, &ids[4]), Vec::<Value>::new());
+}
+
+#[test]
+fn a_resume_across_a_topic_delete_reports_a_deleted_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "deleted";
+    let old = publish_bulk(&relay, topic, 0, 5, None);
+    let resp = relay.delete(&format!("/api/v1/topics/{topic}"));
+    assert!(resp.status == 200 || resp.status == 204, "{resp:?}");
+    // Deleted and not recreated yet: nothing is available.
+    assert_gap(
+        &gaps_after(&relay, topic, &old[2]),
+        topic,
+        &old[2],
+        None,
+        "deleted",
+    );
+    let new = publish_bulk(&relay, topic, 5, 2, None);
+    assert_gap(
+        &gaps_after(&relay, topic, &old[2]),
+        topic,
+        &old[2],
+        Some(&new[0]),
+        "deleted",
+    );
+    // The last message of the old stream was seen: nothing is missing.
+    for since in [&old[4], &new[0]] {
+        assert_eq!(
+            gaps_after(&relay, topic, since),
+            Vec::<Value>::new(),
+            "{since}"
+        );
+    }
+}
+
+#[test]
+fn a_resume_across_a_foreign_xdel_reports_an_unknown_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let topic = "foreign-xdel";
+    let ids = publish_bulk(&relay, topic, 0, 5, None);
+    valkey.cli(&["XDEL", &stream_key(topic), &ids[3]]);
+    let gaps = gaps_after(&relay, topic, &ids[1]);
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["reason"], "unknown", "{gaps:?}");
+    assert_eq!(gaps_after(&relay, topic, &ids[3]), Vec::<Value>::new());
+}
+
+/// Publishes `n` buffered messages `{"i": k}` one by one; returns the ids acknowledged (201)
+/// in order. 503s (backlog full) are allowed: those were never acknowledged.
+fn publish_counting_acks(relay: &Server, topic: &str, n: usize, payload_pad: usize) -> Vec<String> {
+    let pad = "x".repeat(payload_pad);
+    let mut conn = relay.connect();
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let body = common::publish_body(topic, &format!(r#"{{"i":{i},"pad":"{pad}"}}"#));
+        let resp = conn.request("POST", "/api/v1/messages", Some(body.as_bytes()));
+        match resp.status {
+            201 => acked.push(
+                resp.json()["message_id"]
+                    .as_str()
+                    .expect("message_id")
+                    .to_string(),
+            ),
+            503 => {}
+            other => panic!("publish answered {other}: {resp:?}"),
+        }
+    }
+    acked
+}
+
+/// The value of the `relay_valkey_errors_total` series of `kind` (0 when absent).
+fn valkey_errors(relay: &Server, kind: &str) -> u64 {
+    let text = relay.get("/metrics").text();
+    let series = format!("relay_valkey_errors_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series.as_str()))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Asserts every acknowledged id ends up in the stream, in order (others may be there too:
+/// none here, as every publish was either acknowledged or refused before queueing).
+fn assert_all_stored(valkey: &ValkeyServer, topic: &str, acked: &[String], within: Duration) {
+    let key = stream_key(topic);
+    let mut stored: Vec<String> = Vec::new();
+    let ok = eventually(within, || {
+        stored = match valkey.try_cli(&["XLEN", &key]) {
+            Ok(_) => valkey.xrange(&key).into_iter().map(|e| e.id).collect(),
+            Err(_) => return false,
+        };
+        stored == acked
+    });
+    let missing: Vec<&String> = acked.iter().filter(|id| !stored.contains(id)).collect();
+    assert!(
+        ok,
+        "{} acknowledged messages not stored (of {}), e.g. {:?}; stored {}",
+        missing.len(),
+        acked.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        stored.len()
+    );
+}
+
+#[test]
+fn buffered_acks_published_while_valkey_is_down_are_stored_after_it_returns() {
+    let mut valkey = ValkeyServer::start(ValkeyOpts {
+        fsync_always: true,
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nvalkey:\n  command_timeout: 300ms\n",
+        &[],
+    );
+    let topic = "buffered-outage";
+    let mut acked = publish_counting_acks(&relay, topic, 10, 0);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(10));
+    valkey.stop();
+    acked.extend(publish_counting_acks(&relay, topic, 40, 0));
+    assert!(acked.len() > 10, "nothing acknowledged during the outage");
+    // The write-behind has failed at least once (queued commands timed out).
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(&relay, "timeout")
+            > 0
+            || valkey_errors(&relay, "connection_lost") > 0),
+        "no write-behind failure observed"
+    );
+    valkey.restart();
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+    // Ids go on increasing after the outage.
+    let later = publish_counting_acks(&relay, topic, 5, 0);
+    acked.extend(later);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(10));
+}
+
+#[test]
+fn buffered_acks_refused_with_oom_are_stored_once_memory_frees() {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay("durability:\n  ack: buffered\n", &[]);
+    let topic = "buffered-oom";
+    // ~12 MB of payloads against a 4 MB limit: Valkey answers -OOM to many XADDs.
+    let acked = publish_counting_acks(&relay, topic, 200, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            &relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert!(valkey_errors(&relay, "buffered_retry") > 0);
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+}
+
+#[test]
+fn buffered_acks_survive_stalled_and_cut_connections() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let upstream: std::net::SocketAddr = format!("{}:{}", valkey.host(), valkey.port)
+        .parse()
+        .expect("valkey address");
+    let proxy = FaultProxy::start(upstream);
+    let port = proxy.port().to_string();
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nvalkey:\n  command_timeout: 300ms\n",
+        &[("VALKEY_PORT", port.as_str())],
+    );
+    let topic = "buffered-cuts";
+    let addr = relay.addr;
+    let publisher = std::thread::spawn(move || {
+        let relay_addr = addr;
+        let mut conn = common::Conn::connect(relay_addr);
+        let mut acked = Vec::new();
+        for i in 0..600 {
+            let body = common::publish_body(topic, &format!(r#"{{"i":{i}}}"#));
+            let resp = conn.request("POST", "/api/v1/messages", Some(body.as_bytes()));
+            match resp.status {
+                201 => acked.push(resp.json()["message_id"].as_str().expect("id").to_string()),
+                503 => {}
+                other => panic!("publish answered {other}: {resp:?}"),
+            }
+        }
+        acked
+    });
+    // A few times while it publishes: requests stop reaching Valkey until the write-behind
+    // has timed out, then the connections are cut and traffic flows again.
+    for round in 0..3 {
+        let timeouts = valkey_errors(&relay, "timeout");
+        proxy.set(Fault::Stall);
+        assert!(
+            eventually(Duration::from_secs(10), || valkey_errors(&relay, "timeout")
+                > timeouts
+                || publisher.is_finished()),
+            "no write-behind timeout in stall {round}"
+        );
+        proxy.cut();
+        proxy.set(Fault::Pass);
+        let accepted = proxy.accepted();
+        assert!(
+            eventually(Duration::from_secs(10), || proxy.accepted() > accepted),
+            "the relay did not reconnect after stall {round}"
+        );
+    }
+    let acked = publisher.join().expect("publisher");
+    assert!(!acked.is_empty());
+    assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
+    assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
+}
