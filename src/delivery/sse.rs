@@ -1,14 +1,26 @@
 //! Server-Sent Events: `GET /api/v1/topics/{topic}/events` and `GET /api/v1/events?topics=a,b`.
 //!
-//! A `text/event-stream` response that stays open: each message is an event whose `id:` is
-//! the message id and whose `data:` is the message JSON, so a browser's `EventSource` resumes
-//! by itself (it sends the last `id:` back as `Last-Event-ID` when it reconnects). `?since=`
-//! does the same for clients that choose their own start. A comment line every
-//! `sse.heartbeat_interval` keeps proxies from timing the stream out and finds dead clients
-//! (the write fails). A consumer that falls `sse.max_queued_bytes` behind is disconnected and
-//! resumes from its last id. The response is close-delimited (no Content-Length, no chunked
-//! framing): the stream ends when the connection does.
+//! A `text/event-stream` response that stays open: each message is an event whose `data:` is
+//! the message JSON and whose `id:` is where the stream stands after it, so a browser's
+//! `EventSource` resumes by itself (it sends the last `id:` back as `Last-Event-ID` when it
+//! reconnects). On one topic the id is the message id. On several it names every topic's
+//! position, `id: a=1700000000000-0,b=1700000000001-3` ([`Position`]): topics on different
+//! shards arrive interleaved in no fixed id order, so no single id says what was seen. A
+//! topic with no position yet (nothing delivered, and it had no message when the stream
+//! followed it) is left out, and a resume reads it from its oldest retained message. A topic
+//! followed from "now" gets its position (its last id then) when it is followed, so a resume
+//! misses nothing published to it meanwhile. `Last-Event-ID` and `?since=` take either form;
+//! a plain id on several topics resumes every topic after it (the old meaning).
+//!
+//! Only the `id:` line is per stream: the `event:`/`data:` lines are encoded once per shard
+//! and shared, as for every transport. A comment line every `sse.heartbeat_interval` keeps
+//! proxies from timing the stream out and finds dead clients (the write fails). A consumer
+//! that falls `sse.max_queued_bytes` behind is disconnected and resumes from its last id. The
+//! response is close-delimited (no Content-Length, no chunked framing): the stream ends when
+//! the connection does.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -22,18 +34,125 @@ use super::{follow, record_delivered, unfollow_all, Gap, OnDrop, StartAt};
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
 use crate::metrics::Egress;
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardError};
+use crate::store::hot_tier::{Order, PageQuery};
 use crate::store::message::MessageId;
+use crate::store::BackendKind;
 
 /// A validated event-stream request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseRequest {
-    pub topics: Vec<String>,
-    pub start: StartAt,
+    /// Each topic (named once, in request order) with where the stream starts it.
+    pub topics: Vec<(String, StartAt)>,
+}
+
+impl SseRequest {
+    /// Several topics: event ids carry every topic's position.
+    pub fn per_topic_ids(&self) -> bool {
+        self.topics.len() > 1
+    }
+}
+
+/// Where a consumer of one or more topics stands, as it sends it back to resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// `1700000000000-0`: after this id on every topic (a single-topic stream's event id, and
+    /// the only form before per-topic ids).
+    All(MessageId),
+    /// `a=1700000000000-0,b=1700000000001-3`: after each named topic's id; a topic not named
+    /// had no position and is read from its oldest retained message.
+    PerTopic(Vec<(String, MessageId)>),
+}
+
+impl Position {
+    /// Parses either form. Topic names are `[A-Za-z0-9._-]`, so `=` and `,` cannot occur in
+    /// them. A topic named twice: the later entry wins.
+    pub fn parse(text: &str, max_topic_len: usize) -> Result<Position, ApiError> {
+        let text = text.trim();
+        if !text.contains('=') {
+            return text
+                .parse()
+                .map(Position::All)
+                .map_err(|_| invalid_position());
+        }
+        let mut entries: Vec<(String, MessageId)> = Vec::new();
+        for item in text.split(',') {
+            let (topic, id) = item.trim().split_once('=').ok_or_else(invalid_position)?;
+            crate::topic::validate(topic, max_topic_len).map_err(|_| invalid_position())?;
+            let id: MessageId = id.parse().map_err(|_| invalid_position())?;
+            entries.retain(|(t, _)| t != topic);
+            entries.push((topic.to_owned(), id));
+        }
+        Ok(Position::PerTopic(entries))
+    }
+
+    /// Where `topic` starts when resuming from this position.
+    pub fn start_for(&self, topic: &str) -> StartAt {
+        match self {
+            Position::All(id) => StartAt::After(*id),
+            Position::PerTopic(entries) => entries
+                .iter()
+                .find(|(t, _)| t == topic)
+                .map_or(StartAt::Earliest, |(_, id)| StartAt::After(*id)),
+        }
+    }
+}
+
+fn invalid_position() -> ApiError {
+    ApiError::invalid_cursor(
+        "`since` / Last-Event-ID must be a message id such as 1700000000000-0, or one per \
+         topic such as a=1700000000000-0,b=1700000000001-3",
+    )
+}
+
+/// Writes `topic=id` for every topic with a position, comma-separated (the per-topic form of
+/// [`Position`]).
+pub fn write_positions<'a>(
+    out: &mut Vec<u8>,
+    positions: impl IntoIterator<Item = (&'a str, Option<MessageId>)>,
+) {
+    let mut first = true;
+    for (topic, id) in positions {
+        let Some(id) = id else { continue };
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(topic.as_bytes());
+        out.push(b'=');
+        id.write_to(out);
+    }
+}
+
+/// The position of `topic` "now", for a consumer that registered its interest just before:
+/// every message after the returned id reaches it live. The owner's memory answers in the
+/// registering step; a Valkey topic it does not know (not written since start) is asked of
+/// Valkey (its newest retained entry). The consumer must then ignore live messages at or
+/// before the answer ([`Sink::seen_up_to`](super::sink::Sink::seen_up_to)): those count as
+/// published before it came. `None`: the topic holds nothing.
+pub async fn position_now(shard: &Shard, topic: &str) -> Result<Option<MessageId>, ShardError> {
+    let page = shard.subscribe_read(topic, None, 0, false).await?;
+    position_from(shard, topic, page.last_id).await
+}
+
+/// [`position_now`] given the owner's answer to a registration (`ReplayPage::last_id`).
+pub async fn position_from(
+    shard: &Shard,
+    topic: &str,
+    owner_knows: Option<MessageId>,
+) -> Result<Option<MessageId>, ShardError> {
+    if owner_knows.is_some() || shard.storage.backend() == BackendKind::Memory {
+        return Ok(owner_knows);
+    }
+    let newest = shard
+        .read(topic.to_owned(), PageQuery::new(None, Order::Desc, 1))
+        .await?;
+    Ok(newest.and_then(|page| page.messages.first().map(|m| m.id)))
 }
 
 /// Builds the stream request from the path's topic (if any), `?topics=`, and the resume point:
-/// the `Last-Event-ID` header (what `EventSource` sends on reconnect) or `?since=`.
+/// the `Last-Event-ID` header (what `EventSource` sends on reconnect) or `?since=`, in either
+/// [`Position`] form. A topic named twice is followed once.
 pub fn parse(
     request: &Request,
     path_topic: Option<String>,
@@ -50,13 +169,13 @@ pub fn parse(
         }
     }
     if let Some(header) = request.header("last-event-id") {
-        let header = std::str::from_utf8(header)
-            .map_err(|_| ApiError::invalid_cursor("Last-Event-ID must be a message id"))?;
+        let header = std::str::from_utf8(header).map_err(|_| invalid_position())?;
         if !header.trim().is_empty() {
             since = Some(header.trim().to_owned());
         }
     }
-    topics.dedup();
+    let mut seen = std::collections::HashSet::new();
+    topics.retain(|t| seen.insert(t.clone()));
     if topics.is_empty() || topics.len() > max_topics {
         return Err(ApiError::invalid_request(format!(
             "name 1 to {max_topics} topics"
@@ -65,15 +184,76 @@ pub fn parse(
     for topic in &topics {
         crate::topic::validate(topic, max_topic_len)?;
     }
-    let start = match since {
-        None => StartAt::Last,
-        Some(id) => StartAt::After(id.parse::<MessageId>().map_err(|_| {
-            ApiError::invalid_cursor(
-                "`since` / Last-Event-ID must be a message id such as 1700000000000-0",
-            )
-        })?),
-    };
-    Ok(SseRequest { topics, start })
+    let position = since
+        .map(|text| Position::parse(&text, max_topic_len))
+        .transpose()?;
+    let topics = topics
+        .into_iter()
+        .map(|topic| {
+            let start = position
+                .as_ref()
+                .map_or(StartAt::Last, |p| p.start_for(&topic));
+            (topic, start)
+        })
+        .collect();
+    Ok(SseRequest { topics })
+}
+
+/// A multi-topic stream's positions, in request order (what its event ids say).
+struct Positions {
+    topics: Vec<(Arc<str>, Option<MessageId>)>,
+    index: HashMap<Arc<str>, usize>,
+    /// The id line's text, reused from event to event.
+    scratch: Vec<u8>,
+}
+
+impl Positions {
+    fn new(request: &SseRequest) -> Positions {
+        let topics: Vec<(Arc<str>, Option<MessageId>)> = request
+            .topics
+            .iter()
+            .map(|(topic, start)| {
+                let at = match start {
+                    StartAt::After(id) => Some(*id),
+                    StartAt::Earliest | StartAt::Last => None,
+                };
+                (Arc::from(topic.as_str()), at)
+            })
+            .collect();
+        let index = topics
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _))| (t.clone(), i))
+            .collect();
+        Positions {
+            topics,
+            index,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// `topic` has been delivered up to `id` (positions only move forward).
+    fn advance(&mut self, topic: &str, id: MessageId) {
+        if let Some(&i) = self.index.get(topic) {
+            if let Some((_, at)) = self.topics.get_mut(i) {
+                if at.is_none_or(|at| at < id) {
+                    *at = Some(id);
+                }
+            }
+        }
+    }
+
+    /// `id: a=..,b=..\n`, or nothing while no topic has a position.
+    fn write_id_line(&mut self, out: &mut BytesMut) {
+        let ids = &mut self.scratch;
+        ids.clear();
+        write_positions(ids, self.topics.iter().map(|(t, at)| (&**t, *at)));
+        if !ids.is_empty() {
+            out.extend_from_slice(b"id: ");
+            out.extend_from_slice(ids);
+            out.extend_from_slice(b"\n");
+        }
+    }
 }
 
 /// Messages written per batch: bounds one write's size while a backlog drains.
@@ -92,19 +272,29 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
     shard.metrics.event_stream_opened(1);
     let _open = OnDrop(|| shard.metrics.event_stream_opened(-1));
     let sink = shard.delivery.new_sink(config.max_queued_bytes);
+    // Shared by the followers (a gap event names the stream's position) and the writer
+    // (which moves it as it writes); `None` on a single-topic stream, whose ids are plain.
+    let positions = request
+        .per_topic_ids()
+        .then(|| RefCell::new(Positions::new(&request)));
     let followers = async {
-        for topic in &request.topics {
+        for (topic, start) in &request.topics {
             let name: Arc<str> = Arc::from(topic.as_str());
             let mut on_gap = |gap: Gap| {
                 let mut event = BytesMut::new();
+                if let Some(positions) = &positions {
+                    // Gap events are the only control events of a stream, written before
+                    // anything queued after them: the position now is the one they follow.
+                    positions.borrow_mut().write_id_line(&mut event);
+                }
                 write_gap(&mut event, &gap);
                 sink.push_control(event.freeze());
             };
             if let Err(e) = follow(
                 shard,
                 &sink,
-                name,
-                request.start,
+                name.clone(),
+                *start,
                 config.max_queued_bytes,
                 &mut on_gap,
             )
@@ -113,6 +303,22 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                 tracing::debug!(error = %e, "event stream could not follow its topics");
                 sink.close();
                 return;
+            }
+            if let (Some(positions), StartAt::Last) = (&positions, start) {
+                // A topic followed from now gets a position at once: a resume must not read
+                // it from its oldest message, nor miss what is published to it meanwhile.
+                match position_now(shard, topic).await {
+                    Ok(Some(now)) => {
+                        sink.seen_up_to(topic, now);
+                        positions.borrow_mut().advance(topic, now);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "event stream could not place a topic");
+                        sink.close();
+                        return;
+                    }
+                }
             }
         }
     };
@@ -126,8 +332,20 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
             if !batch.is_empty() {
                 record_delivered(shard, Egress::Sse, &batch);
             }
-            for d in &batch {
-                out.extend_from_slice(d.sse_event());
+            match &positions {
+                None => {
+                    for d in &batch {
+                        out.extend_from_slice(d.sse_event());
+                    }
+                }
+                Some(positions) => {
+                    let mut positions = positions.borrow_mut();
+                    for d in &batch {
+                        positions.advance(&d.topic, d.id());
+                        positions.write_id_line(&mut out);
+                        out.extend_from_slice(without_id_line(d.sse_event()));
+                    }
+                }
             }
             if !out.is_empty() {
                 if super::write_or_give_up(&mut stream, &out, &sink)
@@ -167,6 +385,15 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
     .await;
     unfollow_all(shard, &sink);
     let _ = stream.close().await;
+}
+
+/// The shared event without its first line (`id: <message id>`), for a stream that writes
+/// its own id line.
+fn without_id_line(event: &[u8]) -> &[u8] {
+    match event.iter().position(|&b| b == b'\n') {
+        Some(end) if event.starts_with(b"id: ") => event.get(end + 1..).unwrap_or_default(),
+        _ => event,
+    }
 }
 
 fn write_gap(out: &mut BytesMut, gap: &Gap) {

@@ -435,6 +435,9 @@ async fn replay_page(
     limit: usize,
     check_gap: bool,
 ) -> Result<ReplayPage, StoreError> {
+    // Before the first await: the caller registered the interest just now, so everything
+    // appended after this id is forwarded to the consumer.
+    let last_id = shard.storage.last_id(topic);
     let gap = match (check_gap, after) {
         (true, Some(after)) => shard.storage.gap_after(topic, after).await?,
         _ => None,
@@ -444,6 +447,7 @@ async fn replay_page(
             messages: Vec::new(),
             more: false,
             gap,
+            last_id,
         });
     }
     let query = PageQuery::new(after, Order::Asc, limit);
@@ -453,11 +457,13 @@ async fn replay_page(
             more: page.next_cursor.is_some(),
             messages: page.messages,
             gap,
+            last_id,
         },
         None => ReplayPage {
             messages: Vec::new(),
             more: false,
             gap,
+            last_id,
         },
     })
 }
