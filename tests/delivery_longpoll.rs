@@ -705,3 +705,31 @@ fn random_polls_from_next_offset_deliver_each_message_once() {
     }
     assert_eq!(delivered, published, "seed {seed}");
 }
+
+/// Valkey backend, a relay that has not written the topic since it started (its memory knows
+/// no last id): a poll from "now" still names the topic's newest id, read from Valkey, not
+/// `0-0` (which would replay the whole stream on the next poll).
+#[test]
+fn a_poll_from_now_on_a_restarted_valkey_relay_names_the_newest_id() {
+    let valkey = common::valkey::ValkeyServer::start(common::valkey::ValkeyOpts::default());
+    let mut server = valkey.start_relay("", &[]);
+    let topics = common::topics("lp-cold", 4);
+    let mut conn = server.connect();
+    let last: Vec<String> = topics
+        .iter()
+        .map(|t| publish_n(&mut conn, t, 2).pop().expect("two ids"))
+        .collect();
+    drop(conn);
+    server.restart();
+    let v = poll(&server, &json!({"topics": topics, "timeout": 1})).json();
+    assert_eq!(v["timeout"], true, "{v}");
+    for (topic, id) in topics.iter().zip(&last) {
+        assert_eq!(v["next_offset"][topic], id.as_str(), "{topic}: {v}");
+    }
+    let fresh = id_of(&server.publish(&topics[0], r#"{"fresh":true}"#));
+    let again = poll(
+        &server,
+        &json!({"topics": topics, "since": v["next_offset"], "timeout": 5}),
+    );
+    assert_delivered(&again, &[fresh]);
+}

@@ -222,8 +222,10 @@ impl Drop for Parked<'_> {
 const POLL_QUEUE_BYTES: usize = 8 << 20;
 
 /// Answers a poll: what is retained after each topic's start, else the first live message, else
-/// (after the timeout) nothing. Either way `next_offset` names every requested topic (see
-/// [`Standing`]), so polling again with `since = next_offset` neither repeats nor skips.
+/// (after the timeout) nothing. Either way `next_offset` names every requested topic: its last
+/// delivered id; else its `since`; else its last id when the poll started (read from "now",
+/// or found empty); else `0-0`. So polling again with `since = next_offset` neither repeats
+/// nor skips.
 pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError> {
     let sink = shard.delivery.new_sink(POLL_QUEUE_BYTES);
     let mut guard = Parked {
@@ -451,6 +453,89 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(ms: u64, seq: u64) -> MessageId {
+        MessageId::new(ms, seq)
+    }
+
+    #[test]
+    fn just_before_is_the_greatest_smaller_id() {
+        assert_eq!(just_before(id(5, 3)), id(5, 2));
+        assert_eq!(just_before(id(5, 0)), id(4, u64::MAX));
+        assert_eq!(just_before(MessageId::MIN), MessageId::MIN);
+        assert_eq!(just_before(id(0, 1)), MessageId::MIN);
+    }
+
+    #[test]
+    fn next_offset_never_passes_an_undelivered_message() {
+        let standing = |resumed, otherwise| Standing {
+            topic: Arc::from("t"),
+            resumed,
+            otherwise,
+        };
+        // Delivered wins.
+        assert_eq!(
+            standing(true, Some(id(1, 0))).next_offset(Some(id(9, 0)), Some(id(10, 0))),
+            id(9, 0)
+        );
+        // Resumed: its `since`, even with messages left out by the limit.
+        assert_eq!(
+            standing(true, Some(id(1, 0))).next_offset(None, Some(id(10, 0))),
+            id(1, 0)
+        );
+        // Read from the oldest (or now), messages left out: just before the first of them.
+        assert_eq!(
+            standing(false, Some(id(20, 0))).next_offset(None, Some(id(10, 0))),
+            id(9, u64::MAX)
+        );
+        assert_eq!(
+            standing(false, None).next_offset(None, Some(id(10, 4))),
+            id(10, 3)
+        );
+        // From now, a live message left out after its position: the position.
+        assert_eq!(
+            standing(false, Some(id(7, 0))).next_offset(None, Some(id(10, 0))),
+            id(7, 0)
+        );
+        // Nothing of it at all.
+        assert_eq!(
+            standing(false, Some(id(7, 0))).next_offset(None, None),
+            id(7, 0)
+        );
+        assert_eq!(
+            standing(false, None).next_offset(None, None),
+            MessageId::MIN
+        );
+    }
+
+    #[test]
+    fn get_poll_since_takes_one_id_or_one_per_topic_and_topics_once() {
+        let l = limits();
+        let poll =
+            parse_poll_query(Some("topics=a,b,a&since=a%3D5-0,b=6-1"), &l, 255).expect("valid");
+        assert_eq!(
+            poll.topics,
+            vec![
+                ("a".to_owned(), StartAt::After(id(5, 0))),
+                ("b".to_owned(), StartAt::After(id(6, 1)))
+            ]
+        );
+        let poll = parse_poll_query(Some("topics=a,b&since=b=6-1"), &l, 255).expect("valid");
+        assert_eq!(poll.topics[0], ("a".to_owned(), StartAt::Earliest));
+        let poll = parse_poll_query(Some("topics=a,b&since=6-1"), &l, 255).expect("valid");
+        assert!(poll
+            .topics
+            .iter()
+            .all(|(_, s)| *s == StartAt::After(id(6, 1))));
+        let poll = parse_poll_query(Some("topics=a,b"), &l, 255).expect("valid");
+        assert!(poll.topics.iter().all(|(_, s)| *s == StartAt::Last));
+        let e = parse_poll_query(Some("topics=a&since=a=x"), &l, 255).expect_err("bad");
+        assert_eq!(e.status, 400);
+        // Named more often than the limit allows, but few distinct topics: counted once each.
+        let many = vec!["a"; l.max_topics + 5].join(",");
+        let poll = parse_poll_query(Some(&format!("topics={many}")), &l, 255).expect("valid");
+        assert_eq!(poll.topics.len(), 1);
+    }
 
     fn limits() -> LongPollConfig {
         crate::config::built_in().longpoll

@@ -403,3 +403,96 @@ fn write_gap(out: &mut BytesMut, gap: &Gap) {
     out.extend_from_slice(&data);
     out.extend_from_slice(b"\n\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ms: u64, seq: u64) -> MessageId {
+        MessageId::new(ms, seq)
+    }
+
+    #[test]
+    fn positions_parse_in_both_forms() {
+        assert_eq!(Position::parse("5-1", 255), Ok(Position::All(id(5, 1))));
+        let p = Position::parse(" a=5-1,b.c_d-e=7-0 ", 255).expect("per topic");
+        assert_eq!(p.start_for("a"), StartAt::After(id(5, 1)));
+        assert_eq!(p.start_for("b.c_d-e"), StartAt::After(id(7, 0)));
+        assert_eq!(p.start_for("other"), StartAt::Earliest);
+        assert_eq!(
+            Position::All(id(3, 0)).start_for("x"),
+            StartAt::After(id(3, 0))
+        );
+        // The later entry of a topic named twice wins.
+        let p = Position::parse("a=1-0,a=2-0", 255).expect("per topic");
+        assert_eq!(p, Position::PerTopic(vec![("a".into(), id(2, 0))]));
+        for bad in [
+            "",
+            "x",
+            "a=",
+            "=1-0",
+            "a=1-0,",
+            "a=1-0,,b=2-0",
+            "a b=1-0",
+            "a=1-0=2",
+            "a=1-0;b=2-0",
+            "a=-1",
+            "ab=1-0",
+        ] {
+            let limit = if bad == "ab=1-0" { 1 } else { 255 };
+            let e = Position::parse(bad, limit).expect_err(bad);
+            assert_eq!(e.status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn positions_print_as_they_parse() {
+        let mut out = Vec::new();
+        write_positions(
+            &mut out,
+            [("a", Some(id(5, 1))), ("b", None), ("c", Some(id(7, 0)))],
+        );
+        assert_eq!(out, b"a=5-1,c=7-0");
+        let p = Position::parse(std::str::from_utf8(&out).unwrap_or_default(), 255);
+        assert_eq!(
+            p,
+            Ok(Position::PerTopic(vec![
+                ("a".into(), id(5, 1)),
+                ("c".into(), id(7, 0))
+            ]))
+        );
+        out.clear();
+        write_positions(&mut out, [("a", None)]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_multi_topic_stream_writes_its_own_id_line_and_shares_the_rest() {
+        let request = SseRequest {
+            topics: vec![
+                ("a".into(), StartAt::After(id(1, 0))),
+                ("b".into(), StartAt::Last),
+            ],
+        };
+        let mut positions = Positions::new(&request);
+        let mut out = BytesMut::new();
+        positions.write_id_line(&mut out);
+        assert_eq!(&out[..], b"id: a=1-0\n");
+        positions.advance("b", id(4, 2));
+        positions.advance("a", id(3, 0));
+        positions.advance("a", id(2, 0)); // never backwards
+        positions.advance("unknown", id(9, 9));
+        out.clear();
+        positions.write_id_line(&mut out);
+        assert_eq!(&out[..], b"id: a=3-0,b=4-2\n");
+        let shared = b"id: 4-2\nevent: message\ndata: {}\n\n";
+        assert_eq!(without_id_line(shared), b"event: message\ndata: {}\n\n");
+        assert_eq!(without_id_line(b"event: x\n\n"), b"event: x\n\n");
+        let none = SseRequest {
+            topics: vec![("a".into(), StartAt::Earliest)],
+        };
+        out.clear();
+        Positions::new(&none).write_id_line(&mut out);
+        assert!(out.is_empty());
+    }
+}
