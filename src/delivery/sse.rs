@@ -199,12 +199,14 @@ pub fn parse(
     Ok(SseRequest { topics })
 }
 
-/// A multi-topic stream's positions, in request order (what its event ids say).
+/// A multi-topic stream's positions, in request order (what its event ids say). Each topic's
+/// `topic=id` text is kept rendered and redone only when that topic moves: an event's id line
+/// is then one copy per topic, not one id formatting per topic.
 struct Positions {
     topics: Vec<(Arc<str>, Option<MessageId>)>,
+    /// `topic=id` per topic (empty while it has no position), same order as `topics`.
+    rendered: Vec<Vec<u8>>,
     index: HashMap<Arc<str>, usize>,
-    /// The id line's text, reused from event to event.
-    scratch: Vec<u8>,
 }
 
 impl Positions {
@@ -220,6 +222,14 @@ impl Positions {
                 (Arc::from(topic.as_str()), at)
             })
             .collect();
+        let rendered = topics
+            .iter()
+            .map(|(topic, at)| {
+                let mut text = Vec::new();
+                write_positions(&mut text, [(&**topic, *at)]);
+                text
+            })
+            .collect();
         let index = topics
             .iter()
             .enumerate()
@@ -227,30 +237,36 @@ impl Positions {
             .collect();
         Positions {
             topics,
+            rendered,
             index,
-            scratch: Vec::new(),
         }
     }
 
     /// `topic` has been delivered up to `id` (positions only move forward).
     fn advance(&mut self, topic: &str, id: MessageId) {
-        if let Some(&i) = self.index.get(topic) {
-            if let Some((_, at)) = self.topics.get_mut(i) {
-                if at.is_none_or(|at| at < id) {
-                    *at = Some(id);
-                }
-            }
+        let Some(&i) = self.index.get(topic) else {
+            return;
+        };
+        let (Some((name, at)), Some(text)) = (self.topics.get_mut(i), self.rendered.get_mut(i))
+        else {
+            return;
+        };
+        if at.is_none_or(|at| at < id) {
+            *at = Some(id);
+            text.clear();
+            write_positions(text, [(&**name, Some(id))]);
         }
     }
 
     /// `id: a=..,b=..\n`, or nothing while no topic has a position.
-    fn write_id_line(&mut self, out: &mut BytesMut) {
-        let ids = &mut self.scratch;
-        ids.clear();
-        write_positions(ids, self.topics.iter().map(|(t, at)| (&**t, *at)));
-        if !ids.is_empty() {
-            out.extend_from_slice(b"id: ");
-            out.extend_from_slice(ids);
+    fn write_id_line(&self, out: &mut BytesMut) {
+        let mut first = true;
+        for text in self.rendered.iter().filter(|t| !t.is_empty()) {
+            out.extend_from_slice(if first { b"id: " } else { b"," });
+            out.extend_from_slice(text);
+            first = false;
+        }
+        if !first {
             out.extend_from_slice(b"\n");
         }
     }
@@ -285,7 +301,7 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
                 if let Some(positions) = &positions {
                     // Gap events are the only control events of a stream, written before
                     // anything queued after them: the position now is the one they follow.
-                    positions.borrow_mut().write_id_line(&mut event);
+                    positions.borrow().write_id_line(&mut event);
                 }
                 write_gap(&mut event, &gap);
                 sink.push_control(event.freeze());
