@@ -68,7 +68,8 @@ impl Position {
     /// Parses either form. Topic names are `[A-Za-z0-9._-]`, so `=` and `,` cannot occur in
     /// them. A topic named twice: the later entry wins.
     pub fn parse(text: &str, max_topic_len: usize) -> Result<Position, ApiError> {
-        let text = text.trim();
+        // Strict, like every id the relay reads: no whitespace (a header's surrounding
+        // whitespace is not part of its value and is gone before this).
         if !text.contains('=') {
             return text
                 .parse()
@@ -77,7 +78,7 @@ impl Position {
         }
         let mut entries: Vec<(String, MessageId)> = Vec::new();
         for item in text.split(',') {
-            let (topic, id) = item.trim().split_once('=').ok_or_else(invalid_position)?;
+            let (topic, id) = item.split_once('=').ok_or_else(invalid_position)?;
             crate::topic::validate(topic, max_topic_len).map_err(|_| invalid_position())?;
             let id: MessageId = id.parse().map_err(|_| invalid_position())?;
             entries.retain(|(t, _)| t != topic);
@@ -431,7 +432,7 @@ mod tests {
     #[test]
     fn positions_parse_in_both_forms() {
         assert_eq!(Position::parse("5-1", 255), Ok(Position::All(id(5, 1))));
-        let p = Position::parse(" a=5-1,b.c_d-e=7-0 ", 255).expect("per topic");
+        let p = Position::parse("a=5-1,b.c_d-e=7-0", 255).expect("per topic");
         assert_eq!(p.start_for("a"), StartAt::After(id(5, 1)));
         assert_eq!(p.start_for("b.c_d-e"), StartAt::After(id(7, 0)));
         assert_eq!(p.start_for("other"), StartAt::Earliest);
@@ -454,6 +455,11 @@ mod tests {
             "a=1-0;b=2-0",
             "a=-1",
             "ab=1-0",
+            " 5-1",
+            "5-1 ",
+            "a=5-1, b=6-0",
+            "a =5-1",
+            "a=5-1\r\n",
         ] {
             let limit = if bad == "ab=1-0" { 1 } else { 255 };
             let e = Position::parse(bad, limit).expect_err(bad);
