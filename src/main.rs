@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let config = match config::load_from_process(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("pulsar-relay: configuration error: {e}");
+            report(format_args!("pulsar-relay: configuration error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -26,10 +26,17 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // Printed rather than logged: it must reach the operator whatever LOG_LEVEL says.
-            eprintln!("pulsar-relay: {e:#}");
+            report(format_args!("pulsar-relay: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a fatal error on stderr. Unlike `eprintln!`, a stderr that cannot be written (a
+/// closed pipe) does not panic: the exit status still says what happened.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 fn init_logging(config: &config::Config) {
@@ -40,7 +47,12 @@ fn init_logging(config: &config::Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a pipe whose reader left) is dropped.
+        // With internal-error logging on, tracing-subscriber reports the failed write with
+        // `eprintln!` to the same closed stderr, which panics, killing whichever thread
+        // logged: the signal thread, then SIGTERM and SIGINT were ignored for good.
+        .log_internal_errors(false);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

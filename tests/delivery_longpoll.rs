@@ -286,9 +286,10 @@ fn a_poll_with_nothing_new_times_out() {
     let resp = poll(&server, &json!({"topics": [topic], "timeout": 1}));
     let took = started.elapsed();
     assert_eq!(resp.status, 200, "{resp:?}");
+    let last = server.read_topic(&topic, "")["messages"][0]["message_id"].clone();
     assert_eq!(
         resp.json(),
-        json!({"messages": [], "has_more": false, "timeout": true})
+        json!({"messages": [], "has_more": false, "timeout": true, "next_offset": {&topic: last}})
     );
     assert!(
         took >= Duration::from_millis(900),
@@ -461,4 +462,274 @@ fn a_resume_point_older_than_retention_is_reported_as_a_gap() {
         assert_eq!(body["gaps"][0]["oldest_available"], Value::Null, "{body}");
         assert_eq!(body["gaps"][0]["requested"], ids[16].as_str(), "{body}");
     }
+}
+
+/// `since` for a GET poll from a `next_offset` object: `a=<id>,b=<id>`.
+fn since_query(next_offset: &Value) -> String {
+    next_offset
+        .as_object()
+        .unwrap_or_else(|| panic!("next_offset is not an object: {next_offset}"))
+        .iter()
+        .map(|(t, id)| format!("{t}={}", id.as_str().expect("id string")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Bug: `next_offset` named only the topics the answer delivered, so the README's "poll again
+/// with since = next_offset" read every other topic from its oldest message again.
+#[test]
+fn polling_again_with_next_offset_never_rewinds_a_quiet_topic() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-quiet", SHARDS);
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    let a = publish_n(&mut conn, t0, 3);
+    let b = publish_n(&mut conn, t1, 3);
+    let fresh = id_of(&conn.publish(t0, r#"{"new":true}"#));
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": {t0: a[2], t1: b[2]}, "timeout": 5}),
+    );
+    let v = assert_delivered(&resp, std::slice::from_ref(&fresh));
+    assert_eq!(v["next_offset"], json!({t0: fresh, t1: b[2]}), "{v}");
+    // Again from there: nothing new anywhere, and the timeout names both positions too.
+    let resp = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": v["next_offset"], "timeout": 1}),
+    );
+    let again = resp.json();
+    assert_eq!(again["timeout"], true, "{again}");
+    assert_eq!(again["next_offset"], v["next_offset"], "{again}");
+}
+
+/// A poll from "now" that times out says where each topic stood when it started, so the next
+/// poll from there gets exactly what was published in between: a topic with history from
+/// its last id, a topic that never held a message from `0-0`.
+#[test]
+fn next_offset_names_every_topic_on_timeout_and_from_now() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-now", SHARDS);
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    let old = publish_n(&mut conn, t0, 2);
+    for path_form in [false, true] {
+        let resp = if path_form {
+            server.get(&format!("/api/v1/poll?topics={t0},{t1}&timeout=1"))
+        } else {
+            poll(&server, &json!({"topics": [t0, t1], "timeout": 1}))
+        };
+        let v = resp.json();
+        assert_eq!(v["timeout"], true, "{v}");
+        assert_eq!(v["next_offset"], json!({t0: old[1], t1: "0-0"}), "{v}");
+    }
+    let x = id_of(&conn.publish(t0, r#"{"x":1}"#));
+    let y = id_of(&conn.publish(t1, r#"{"y":1}"#));
+    let since = json!({t0: old[1], t1: "0-0"});
+    let v = poll(
+        &server,
+        &json!({"topics": [t0, t1], "since": since, "timeout": 5}),
+    )
+    .json();
+    assert_oldest_first(
+        &pairs(&v),
+        &oldest_first(
+            [
+                named(t0, std::slice::from_ref(&x)),
+                named(t1, std::slice::from_ref(&y)),
+            ]
+            .concat(),
+        ),
+        &v,
+    );
+    assert_eq!(v["next_offset"], json!({t0: x, t1: y}), "{v}");
+    let v = server
+        .get(&format!(
+            "/api/v1/poll?topics={t0},{t1}&since={}&timeout=5",
+            since_query(&since)
+        ))
+        .json();
+    assert_eq!(pairs(&v).len(), 2, "{v}");
+}
+
+/// Bug: the GET form resumed every topic from one id, so which messages of the other topics
+/// were skipped or repeated depended on how their ids interleaved. `since=a=<id>,b=<id>`
+/// places each topic on its own.
+#[test]
+fn get_poll_resumes_each_topic_from_its_own_position() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-vector", SHARDS);
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    let a = publish_n(&mut conn, t0, 3);
+    let b = publish_n(&mut conn, t1, 3);
+    let resp = server.get(&format!(
+        "/api/v1/poll?topics={t0},{t1}&since={t0}={},{t1}={}&timeout=5&limit=100",
+        a[0], b[1]
+    ));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let v = resp.json();
+    let want = oldest_first([named(t0, &a[1..]), named(t1, &b[2..])].concat());
+    assert_oldest_first(&pairs(&v), &want, &v);
+    assert_eq!(v["next_offset"], json!({t0: a[2], t1: b[2]}), "{v}");
+    // A topic the position leaves out is read from its oldest message.
+    let v = server
+        .get(&format!(
+            "/api/v1/poll?topics={t0},{t1}&since={t1}={}&timeout=5&limit=100",
+            b[2]
+        ))
+        .json();
+    assert_oldest_first(&pairs(&v), &named(t0, &a), &v);
+    for bad in ["a=nope", "a=1-0,", "=1-0", "bad%20topic=1-0", "a=1-0;b=2-0"] {
+        assert_error_body(
+            &server.get(&format!("/api/v1/poll?topics={t0}&since={bad}")),
+            "INVALID_CURSOR",
+        );
+    }
+}
+
+/// `?topics=a,b,a` (and the same in a POST body) polls `a` once: each message once.
+#[test]
+fn duplicate_topics_are_polled_once() {
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let topics = topics_per_shard("lp-dup", SHARDS);
+    let (t0, t1) = (topics[0].as_str(), topics[1].as_str());
+    let mut conn = server.connect();
+    let a = publish_n(&mut conn, t0, 2);
+    let b = publish_n(&mut conn, t1, 1);
+    let want = oldest_first([named(t0, &a), named(t1, &b)].concat());
+    let v = server
+        .get(&format!(
+            "/api/v1/poll?topics={t0},{t1},{t0}&since=0-0&timeout=5"
+        ))
+        .json();
+    assert_oldest_first(&pairs(&v), &want, &v);
+    let v = poll(
+        &server,
+        &json!({"topics": [t0, t1, t0], "since": {}, "timeout": 5}),
+    )
+    .json();
+    assert_oldest_first(&pairs(&v), &want, &v);
+}
+
+/// Seeded random publishes and polls with random limits (crossing the number of pending
+/// messages on both sides), each poll from the previous `next_offset`, in either form: every
+/// message is delivered exactly once, in per-topic order. Set `SEED` to reproduce a run.
+#[test]
+fn random_polls_from_next_offset_deliver_each_message_once() {
+    let seed = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let server = Server::start_with_shards("", SHARDS as usize);
+    let mut names = topics_per_shard("lp-rand", SHARDS);
+    names.push(topic_on_shard("lp-rand-x", 0, SHARDS));
+    let mut conn = server.connect();
+    let mut published: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let mut delivered: Vec<Vec<String>> = vec![Vec::new(); names.len()];
+    let mut next_offset: Option<Value> = None;
+    for round in 0..40 {
+        for _ in 0..rng.usize(0..5) {
+            let i = rng.usize(0..names.len());
+            published[i].push(id_of(&conn.publish(&names[i], r#"{"r":1}"#)));
+        }
+        let pending: usize = published.iter().map(Vec::len).sum::<usize>()
+            - delivered.iter().map(Vec::len).sum::<usize>();
+        if pending == 0 && next_offset.is_some() {
+            continue;
+        }
+        let limit = rng.usize(1..=pending.max(1) + 1);
+        let list = names.join(",");
+        let resp = match (&next_offset, rng.bool()) {
+            (None, _) => poll(
+                &server,
+                &json!({"topics": names, "since": {}, "limit": limit, "timeout": 1}),
+            ),
+            (Some(since), true) => poll(
+                &server,
+                &json!({"topics": names, "since": since, "limit": limit, "timeout": 1}),
+            ),
+            (Some(since), false) => server.get(&format!(
+                "/api/v1/poll?topics={list}&since={}&limit={limit}&timeout=1",
+                since_query(since)
+            )),
+        };
+        assert_eq!(resp.status, 200, "seed {seed} round {round}: {resp:?}");
+        let v = resp.json();
+        for (topic, id) in pairs(&v) {
+            let i = names
+                .iter()
+                .position(|n| *n == topic)
+                .expect("a polled topic");
+            delivered[i].push(id);
+        }
+        let offsets = v["next_offset"].clone();
+        for name in &names {
+            assert!(
+                offsets[name].is_string(),
+                "seed {seed} round {round}: next_offset lacks {name}: {v}"
+            );
+        }
+        next_offset = Some(offsets);
+        for (i, name) in names.iter().enumerate() {
+            assert!(
+                published[i].starts_with(&delivered[i]),
+                "seed {seed} round {round} {name}: delivered {:?}, published {:?}",
+                delivered[i],
+                published[i]
+            );
+        }
+    }
+    // Drain what is left.
+    while published.iter().map(Vec::len).sum::<usize>()
+        > delivered.iter().map(Vec::len).sum::<usize>()
+    {
+        let since = next_offset.clone().expect("polled at least once");
+        let v = poll(
+            &server,
+            &json!({"topics": names, "since": since, "limit": 3, "timeout": 1}),
+        )
+        .json();
+        assert_ne!(
+            v["timeout"], true,
+            "seed {seed}: messages left but none delivered"
+        );
+        for (topic, id) in pairs(&v) {
+            let i = names
+                .iter()
+                .position(|n| *n == topic)
+                .expect("a polled topic");
+            delivered[i].push(id);
+        }
+        next_offset = Some(v["next_offset"].clone());
+    }
+    assert_eq!(delivered, published, "seed {seed}");
+}
+
+/// Valkey backend, a relay that has not written the topic since it started (its memory knows
+/// no last id): a poll from "now" still names the topic's newest id, read from Valkey, not
+/// `0-0` (which would replay the whole stream on the next poll).
+#[test]
+fn a_poll_from_now_on_a_restarted_valkey_relay_names_the_newest_id() {
+    let valkey = common::valkey::ValkeyServer::start(common::valkey::ValkeyOpts::default());
+    let mut server = valkey.start_relay("", &[]);
+    let topics = common::topics("lp-cold", 4);
+    let mut conn = server.connect();
+    let last: Vec<String> = topics
+        .iter()
+        .map(|t| publish_n(&mut conn, t, 2).pop().expect("two ids"))
+        .collect();
+    drop(conn);
+    server.restart();
+    let v = poll(&server, &json!({"topics": topics, "timeout": 1})).json();
+    assert_eq!(v["timeout"], true, "{v}");
+    for (topic, id) in topics.iter().zip(&last) {
+        assert_eq!(v["next_offset"][topic], id.as_str(), "{topic}: {v}");
+    }
+    let fresh = id_of(&server.publish(&topics[0], r#"{"fresh":true}"#));
+    let again = poll(
+        &server,
+        &json!({"topics": topics, "since": v["next_offset"], "timeout": 5}),
+    );
+    assert_delivered(&again, &[fresh]);
 }

@@ -343,6 +343,59 @@ fn content_length_with_transfer_encoding_is_rejected() {
     assert_eq!(server.read_topic("smuggle", "")["total"], 0);
 }
 
+/// Bug: `Transfer-Encoding: chunked, identity` was answered 501 (an unknown coding) although
+/// RFC 9112 §6.3 says a request whose final coding is not chunked has no determinable body
+/// length: 400, then close. Each case sends a valid chunked body after the head, so a server
+/// that framed it anyway would publish it.
+#[test]
+fn chunked_not_final_is_400_and_closes() {
+    let server = Server::start("");
+    let body = publish_body("te-not-final", "1");
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    for te in [
+        "chunked, identity",
+        "chunked, gzip",
+        "identity",
+        "gzip",
+        "xchunked",
+        "chunked\r\nTransfer-Encoding: identity",
+    ] {
+        let raw = format!(
+            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
+        );
+        let mut conn = server.connect();
+        conn.send(raw.as_bytes());
+        let resp = conn.read_response(false);
+        assert_eq!(resp.status, 400, "Transfer-Encoding: {te}: {resp:?}");
+        assert_error_body(&resp, "INVALID_REQUEST");
+        assert!(
+            conn.closed_within(Duration::from_secs(5)),
+            "Transfer-Encoding: {te}: connection not closed after the 400"
+        );
+    }
+    // Chunked is final but another coding we do not implement comes first: 501, and the
+    // connection still closes (the body cannot be decoded).
+    for te in ["gzip, chunked", "identity, chunked"] {
+        let raw = format!(
+            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
+        );
+        let mut conn = server.connect();
+        conn.send(raw.as_bytes());
+        let resp = conn.read_response(false);
+        assert_eq!(resp.status, 501, "Transfer-Encoding: {te}: {resp:?}");
+        assert_eq!(resp.json()["error"], "NOT_IMPLEMENTED", "{resp:?}");
+        assert!(conn.closed_within(Duration::from_secs(5)), "{te}");
+    }
+    // Plain chunked still works.
+    let raw = format!(
+        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
+    );
+    let mut conn = server.connect();
+    conn.send(raw.as_bytes());
+    assert_eq!(conn.read_response(false).status, 201);
+    assert_eq!(server.read_topic("te-not-final", "")["total"], 1);
+}
+
 #[test]
 fn duplicate_content_length_is_rejected() {
     let server = Server::start("");

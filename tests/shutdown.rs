@@ -118,3 +118,123 @@ fn sigterm_closes_websockets_with_1001_and_answers_parked_polls() {
     };
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
 }
+
+/// Starts the relay with stdout and stderr piped and LOG_LEVEL=info (so the signal thread has
+/// a line to log); returns it once it printed its ready line, with its stderr pipe's read end.
+fn spawn_with_stderr_pipe() -> (std::process::Child, std::process::ChildStderr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .env("LOG_LEVEL", "info")
+        .env_remove("STORAGE_BACKEND")
+        .env_remove("LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pulsar-relay");
+    let stderr = child.stderr.take().expect("stderr was piped");
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("pulsar-relay ready:") => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the relay did not become ready");
+            }
+        }
+    }
+    (child, stderr)
+}
+
+/// SIGTERM, then waits (with a deadline) for the process to exit; SIGKILLs it and fails if it
+/// does not.
+fn sigterm_and_await_exit(child: &mut std::process::Child, within: Duration) {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid} failed");
+    let exited = eventually(within, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        exited,
+        "the relay ignored SIGTERM for {within:?} with its stderr pipe closed"
+    );
+}
+
+/// Bug: with its stderr pipe closed (`pulsar-relay 2>&1 >/dev/null | head -3`), the first
+/// log line written on SIGTERM failed; tracing-subscriber then reported that failure with
+/// `eprintln!`, which panicked on the same closed pipe and killed the signal thread, so the
+/// relay ignored SIGTERM and SIGINT for good.
+#[test]
+fn sigterm_with_stderr_pipe_closed_still_exits() {
+    let (mut child, stderr) = spawn_with_stderr_pipe();
+    // The reader goes away after startup, as `head -3` does.
+    drop(stderr);
+    sigterm_and_await_exit(&mut child, Duration::from_secs(15));
+}
+
+/// The other side of the boundary: stderr closed before the relay wrote anything still lets
+/// it start, serve and stop.
+#[test]
+fn stderr_closed_from_the_start_still_serves_and_exits() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .env("LOG_LEVEL", "info")
+        .env_remove("STORAGE_BACKEND")
+        .env_remove("LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pulsar-relay");
+    drop(child.stderr.take());
+    let stdout = child.stdout.take().expect("stdout was piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    if !ready.starts_with("pulsar-relay ready:") {
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("no ready line with stderr closed (got {ready:?}, exit {status:?})");
+    }
+    let addr: std::net::SocketAddr = ready
+        .trim_start_matches("pulsar-relay ready: http://")
+        .trim()
+        .trim_end_matches('/')
+        .parse()
+        .expect("the ready line names an address");
+    let mut conn = common::Conn::connect(addr);
+    // It serves with nowhere to log.
+    assert_eq!(conn.request("GET", "/health", None).status, 200);
+    let published = conn.request(
+        "POST",
+        "/api/v1/messages",
+        Some(br#"{"topic":"closed-stderr","payload":{"n":1}}"#),
+    );
+    assert_eq!(published.status, 201, "{}", published.text());
+    sigterm_and_await_exit(&mut child, Duration::from_secs(15));
+}

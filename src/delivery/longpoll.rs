@@ -9,7 +9,7 @@
 //! A parked request whose client disconnects is dropped by the connection loop, which
 //! detaches it (its `Parked` guard) at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::sink::{Delivered, Sink};
+use super::sse::Position;
 use super::{unfollow_all, Gap, StartAt};
 use crate::config::LongPollConfig;
 use crate::http::error::ApiError;
@@ -99,7 +100,9 @@ pub fn parse_poll_body(
     finish(starts, body.timeout, body.limit, limits, max_topic_len)
 }
 
-/// `GET /api/v1/poll?topics=a,b&since=<id>&timeout=&limit=`: one `since` for every topic.
+/// `GET /api/v1/poll?topics=a,b&since=<position>&timeout=&limit=`. `since` is a
+/// [`Position`]: one id for every topic, or one per topic (`a=<id>,b=<id>`, a topic left out
+/// read from its oldest message), as `next_offset` gives them.
 pub fn parse_poll_query(
     query: Option<&str>,
     limits: &LongPollConfig,
@@ -112,7 +115,14 @@ pub fn parse_poll_query(
     for (key, value) in crate::http::router::query_pairs(query) {
         match &*key {
             "topics" | "topic" => crate::http::router::split_topics(&value, &mut topics),
-            "since" | "cursor" if !value.is_empty() => since = Some(parse_id(&value)?),
+            "since" | "cursor" if !value.is_empty() => {
+                since = Some(Position::parse(&value, max_topic_len).map_err(|_| {
+                    ApiError::invalid_cursor(
+                        "`since` must be a message id such as 1700000000000-0, or one per \
+                         topic such as a=1700000000000-0,b=1700000000001-3",
+                    )
+                })?)
+            }
             "timeout" => {
                 timeout = Some(value.parse::<f64>().map_err(|_| {
                     ApiError::invalid_request("`timeout` must be a number of seconds")
@@ -127,8 +137,13 @@ pub fn parse_poll_query(
             _ => {}
         }
     }
-    let start = since.map_or(StartAt::Last, StartAt::After);
-    let starts = topics.into_iter().map(|t| (t, start)).collect();
+    let starts = topics
+        .into_iter()
+        .map(|t| {
+            let start = since.as_ref().map_or(StartAt::Last, |p| p.start_for(&t));
+            (t, start)
+        })
+        .collect();
     finish(starts, timeout, limit, limits, max_topic_len)
 }
 
@@ -143,12 +158,16 @@ fn topic_count_error(max: usize) -> ApiError {
 }
 
 fn finish(
-    topics: Vec<(String, StartAt)>,
+    mut topics: Vec<(String, StartAt)>,
     timeout: Option<f64>,
     limit: Option<u64>,
     limits: &LongPollConfig,
     max_topic_len: usize,
 ) -> Result<PollRequest, ApiError> {
+    // A topic named twice is polled once (the first mention's start: starts come from
+    // `since`, which is per topic, so both mentions have the same one).
+    let mut seen = std::collections::HashSet::new();
+    topics.retain(|(t, _)| seen.insert(t.clone()));
     if topics.is_empty() || topics.len() > limits.max_topics {
         return Err(topic_count_error(limits.max_topics));
     }
@@ -175,11 +194,6 @@ fn finish(
             )))
         }
     };
-    let mut seen = std::collections::HashSet::new();
-    let topics = topics
-        .into_iter()
-        .filter(|(t, _)| seen.insert(t.clone()))
-        .collect();
     Ok(PollRequest {
         topics,
         timeout,
@@ -211,6 +225,11 @@ const POLL_QUEUE_BYTES: usize = 8 << 20;
 /// `limit` times the largest payload (a single larger message still comes, alone).
 const POLL_PAGE_BYTES: usize = 4 << 20;
 
+/// Answers a poll: what is retained after each topic's start, else the first live message, else
+/// (after the timeout) nothing. Either way `next_offset` names every requested topic: its last
+/// delivered id; else its `since`; else its last id when the poll started (read from "now",
+/// or found empty); else `0-0`. So polling again with `since = next_offset` neither repeats
+/// nor skips.
 pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError> {
     let sink = shard.delivery.new_sink(POLL_QUEUE_BYTES);
     let mut guard = Parked {
@@ -221,25 +240,29 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
     let mut found: Vec<Rc<Delivered>> = Vec::new();
     let mut gaps: Vec<Gap> = Vec::new();
     let mut has_more = false;
+    let mut standing: Vec<Standing> = Vec::with_capacity(request.topics.len());
     for (topic, start) in &request.topics {
         let name: Arc<str> = Arc::from(topic.as_str());
-        // Registered before the reads below; live messages are held back until the reads
-        // reach the end, then only those newer than what they returned are kept.
-        let generation = sink.follow(&name, *start != StartAt::Last);
+        // Registered before the reads below; live messages are held back until the topic
+        // is placed (read to its end, or its position "now" known), then only newer ones
+        // are kept.
+        let generation = sink.follow(&name, true);
         shard.delivery.attach(&name, &sink);
         let mut after = match start {
-            StartAt::Last => {
-                shard
-                    .subscribe_read(topic, ReplayQuery::register_only())
-                    .await?;
-                continue;
-            }
-            StartAt::Earliest => None,
             StartAt::After(id) => {
                 sink.seen_up_to(topic, *id);
                 Some(*id)
             }
+            StartAt::Earliest | StartAt::Last => None,
         };
+        // A topic read from "now" is only registered (and its last id learnt).
+        let limit = if *start == StartAt::Last {
+            0
+        } else {
+            request.limit
+        };
+        let mut registered_last = None;
+        let mut first = true;
         loop {
             // A resume point older than what is retained is reported (`gaps`), as WebSocket
             // and SSE consumers are told; the answer still carries what is there.
@@ -248,12 +271,16 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
                     topic,
                     ReplayQuery {
                         after,
-                        limit: request.limit,
+                        limit,
                         max_bytes: POLL_PAGE_BYTES,
                         check_gap: after.is_some(),
                     },
                 )
                 .await?;
+            if first {
+                registered_last = page.last_id;
+                first = false;
+            }
             if let (Some(gap), Some(requested)) = (page.gap, after) {
                 gaps.push(Gap {
                     topic: name.clone(),
@@ -267,6 +294,9 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
                 after = Some(message.id);
                 found.push(Rc::new(Delivered::new(name.clone(), message)));
             }
+            if limit == 0 {
+                break;
+            }
             if found.len() >= request.limit {
                 // A full answer: the rest of this topic (and what arrived live) is for the
                 // next poll, from the position this answer reports.
@@ -277,6 +307,26 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
                 break;
             }
         }
+        let otherwise = match start {
+            StartAt::After(id) => Some(*id),
+            // Nothing retained when read: everything after the last id it had is new.
+            StartAt::Earliest => registered_last,
+            StartAt::Last => {
+                let now = super::sse::position_from(shard, topic, registered_last).await?;
+                if let Some(now) = now {
+                    // Live messages at or before it count as published before this poll.
+                    sink.seen_up_to(topic, now);
+                }
+                // Only registered: nothing to read, the hand-over cannot be refused.
+                sink.finish_replay(topic, generation);
+                now
+            }
+        };
+        standing.push(Standing {
+            topic: name,
+            resumed: matches!(start, StartAt::After(_)),
+            otherwise,
+        });
     }
     if found.is_empty() {
         if !shard
@@ -294,20 +344,65 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<Reply, ApiError
         // (elsewhere) from the same position, so nothing is lost.
         let stop = Box::pin(shard.shutdown.wait());
         if let Either::Right(_) = select(ready, select(timer, stop)).await {
-            return Ok(Reply::json(200, render_timeout(&gaps)));
+            return Ok(Reply::json(200, render_timeout(&standing, &gaps)));
         }
     }
     // Whatever arrived live meanwhile (newer than anything read above) goes after it.
     sink.take(&mut found, usize::MAX);
     // Oldest first across topics; per topic the order is already by id.
     found.sort_by_key(|d| d.id());
+    let mut left_out: Vec<Rc<Delivered>> = Vec::new();
     if found.len() > request.limit {
-        found.truncate(request.limit);
+        left_out = found.split_off(request.limit);
         has_more = true;
     }
     drop(guard);
     super::record_delivered(shard, crate::metrics::Egress::LongPoll, &found);
-    Ok(Reply::json(200, render(&found, has_more, &gaps)))
+    Ok(Reply::json(
+        200,
+        render(&found, &left_out, has_more, &standing, &gaps),
+    ))
+}
+
+/// Where a poll leaves one topic when the answer delivers nothing of it: `next_offset` must
+/// still name it, at a point from which polling again misses and repeats nothing.
+struct Standing {
+    topic: Arc<str>,
+    /// The poll gave an id for it (`since`).
+    resumed: bool,
+    /// Its `since`; else its last id when the poll registered (a topic read from "now", or
+    /// read from its oldest message and found empty); `None`: it had never held a message.
+    otherwise: Option<MessageId>,
+}
+
+impl Standing {
+    /// The topic's `next_offset`: its last delivered id; else, when messages of it were found
+    /// but left out by `limit`, the id just before the first of them (unless the poll gave an
+    /// id, which is no later); else [`Standing::otherwise`]; else `0-0` (before every id).
+    fn next_offset(
+        &self,
+        delivered: Option<MessageId>,
+        first_left_out: Option<MessageId>,
+    ) -> MessageId {
+        if let Some(id) = delivered {
+            return id;
+        }
+        match (first_left_out, self.otherwise) {
+            (Some(first), otherwise) if !self.resumed => {
+                let before = just_before(first);
+                otherwise.map_or(before, |o| o.min(before))
+            }
+            (_, otherwise) => otherwise.unwrap_or(MessageId::MIN),
+        }
+    }
+}
+
+/// The greatest id below `id` (resuming after it starts exactly at `id`).
+fn just_before(id: MessageId) -> MessageId {
+    match (id.ms, id.seq) {
+        (ms, 0) if ms > 0 => MessageId::new(ms - 1, u64::MAX),
+        (ms, seq) => MessageId::new(ms, seq.saturating_sub(1)),
+    }
 }
 
 /// `"gaps":[…]` before the closing brace of an answer; nothing when there is no gap, so the
@@ -326,41 +421,69 @@ fn write_gaps(body: &mut Vec<u8>, gaps: &[Gap]) {
     body.push(b']');
 }
 
-fn render_timeout(gaps: &[Gap]) -> Vec<u8> {
+/// `"next_offset":{"topic":"id",…}` for every requested topic, in request order.
+fn write_next_offset(
+    body: &mut Vec<u8>,
+    standing: &[Standing],
+    delivered: &HashMap<&str, MessageId>,
+    first_left_out: &HashMap<&str, MessageId>,
+) {
+    body.extend_from_slice(b",\"next_offset\":{");
+    for (i, topic) in standing.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let name: &str = &topic.topic;
+        let id = topic.next_offset(
+            delivered.get(name).copied(),
+            first_left_out.get(name).copied(),
+        );
+        body.push(b'"');
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(b"\":\"");
+        id.write_to(body);
+        body.push(b'"');
+    }
+    body.push(b'}');
+}
+
+fn render_timeout(standing: &[Standing], gaps: &[Gap]) -> Vec<u8> {
     let mut body = br#"{"messages":[],"has_more":false,"timeout":true"#.to_vec();
+    write_next_offset(&mut body, standing, &HashMap::new(), &HashMap::new());
     write_gaps(&mut body, gaps);
     body.push(b'}');
     body
 }
 
-fn render(messages: &[Rc<Delivered>], has_more: bool, gaps: &[Gap]) -> Vec<u8> {
+fn render(
+    messages: &[Rc<Delivered>],
+    left_out: &[Rc<Delivered>],
+    has_more: bool,
+    standing: &[Standing],
+    gaps: &[Gap],
+) -> Vec<u8> {
     let mut body =
         Vec::with_capacity(64 + messages.iter().map(|d| d.json().len() + 1).sum::<usize>());
     body.extend_from_slice(b"{\"messages\":[");
-    let mut last: BTreeMap<&str, MessageId> = BTreeMap::new();
+    let mut delivered: HashMap<&str, MessageId> = HashMap::new();
     for (i, d) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
         body.extend_from_slice(d.json());
-        last.insert(&d.topic, d.id());
+        // Oldest first: the last one seen per topic is its newest.
+        delivered.insert(&d.topic, d.id());
+    }
+    let mut first_left_out: HashMap<&str, MessageId> = HashMap::new();
+    for d in left_out {
+        first_left_out.entry(&d.topic).or_insert(d.id());
     }
     body.extend_from_slice(if has_more {
-        b"],\"has_more\":true,\"next_offset\":{"
+        b"],\"has_more\":true"
     } else {
-        b"],\"has_more\":false,\"next_offset\":{"
+        b"],\"has_more\":false"
     });
-    for (i, (topic, id)) in last.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.push(b'"');
-        body.extend_from_slice(topic.as_bytes());
-        body.extend_from_slice(b"\":\"");
-        id.write_to(&mut body);
-        body.push(b'"');
-    }
-    body.push(b'}');
+    write_next_offset(&mut body, standing, &delivered, &first_left_out);
     write_gaps(&mut body, gaps);
     body.push(b'}');
     body
@@ -369,6 +492,89 @@ fn render(messages: &[Rc<Delivered>], has_more: bool, gaps: &[Gap]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(ms: u64, seq: u64) -> MessageId {
+        MessageId::new(ms, seq)
+    }
+
+    #[test]
+    fn just_before_is_the_greatest_smaller_id() {
+        assert_eq!(just_before(id(5, 3)), id(5, 2));
+        assert_eq!(just_before(id(5, 0)), id(4, u64::MAX));
+        assert_eq!(just_before(MessageId::MIN), MessageId::MIN);
+        assert_eq!(just_before(id(0, 1)), MessageId::MIN);
+    }
+
+    #[test]
+    fn next_offset_never_passes_an_undelivered_message() {
+        let standing = |resumed, otherwise| Standing {
+            topic: Arc::from("t"),
+            resumed,
+            otherwise,
+        };
+        // Delivered wins.
+        assert_eq!(
+            standing(true, Some(id(1, 0))).next_offset(Some(id(9, 0)), Some(id(10, 0))),
+            id(9, 0)
+        );
+        // Resumed: its `since`, even with messages left out by the limit.
+        assert_eq!(
+            standing(true, Some(id(1, 0))).next_offset(None, Some(id(10, 0))),
+            id(1, 0)
+        );
+        // Read from the oldest (or now), messages left out: just before the first of them.
+        assert_eq!(
+            standing(false, Some(id(20, 0))).next_offset(None, Some(id(10, 0))),
+            id(9, u64::MAX)
+        );
+        assert_eq!(
+            standing(false, None).next_offset(None, Some(id(10, 4))),
+            id(10, 3)
+        );
+        // From now, a live message left out after its position: the position.
+        assert_eq!(
+            standing(false, Some(id(7, 0))).next_offset(None, Some(id(10, 0))),
+            id(7, 0)
+        );
+        // Nothing of it at all.
+        assert_eq!(
+            standing(false, Some(id(7, 0))).next_offset(None, None),
+            id(7, 0)
+        );
+        assert_eq!(
+            standing(false, None).next_offset(None, None),
+            MessageId::MIN
+        );
+    }
+
+    #[test]
+    fn get_poll_since_takes_one_id_or_one_per_topic_and_topics_once() {
+        let l = limits();
+        let poll =
+            parse_poll_query(Some("topics=a,b,a&since=a%3D5-0,b=6-1"), &l, 255).expect("valid");
+        assert_eq!(
+            poll.topics,
+            vec![
+                ("a".to_owned(), StartAt::After(id(5, 0))),
+                ("b".to_owned(), StartAt::After(id(6, 1)))
+            ]
+        );
+        let poll = parse_poll_query(Some("topics=a,b&since=b=6-1"), &l, 255).expect("valid");
+        assert_eq!(poll.topics[0], ("a".to_owned(), StartAt::Earliest));
+        let poll = parse_poll_query(Some("topics=a,b&since=6-1"), &l, 255).expect("valid");
+        assert!(poll
+            .topics
+            .iter()
+            .all(|(_, s)| *s == StartAt::After(id(6, 1))));
+        let poll = parse_poll_query(Some("topics=a,b"), &l, 255).expect("valid");
+        assert!(poll.topics.iter().all(|(_, s)| *s == StartAt::Last));
+        let e = parse_poll_query(Some("topics=a&since=a=x"), &l, 255).expect_err("bad");
+        assert_eq!(e.status, 400);
+        // Named more often than the limit allows, but few distinct topics: counted once each.
+        let many = vec!["a"; l.max_topics + 5].join(",");
+        let poll = parse_poll_query(Some(&format!("topics={many}")), &l, 255).expect("valid");
+        assert_eq!(poll.topics.len(), 1);
+    }
 
     fn limits() -> LongPollConfig {
         crate::config::built_in().longpoll

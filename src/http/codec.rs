@@ -643,11 +643,14 @@ fn parse_head<'b>(
         if content_length.is_some() {
             return Err(HttpError::ContentLengthWithTransferEncoding);
         }
-        if te.unsupported {
-            return Err(HttpError::UnsupportedTransferCoding);
-        }
+        // RFC 9112 §6.3: with chunked anywhere but last (or absent) the body's length cannot
+        // be determined, so that is a 400 and a close whatever else is listed; only a list
+        // that does end in chunked can be refused as merely not implemented (501, §6.1).
         if te.chunked_count != 1 || !te.chunked_last {
             return Err(HttpError::InvalidTransferEncoding);
+        }
+        if te.unsupported {
+            return Err(HttpError::UnsupportedTransferCoding);
         }
         HeadFraming::Chunked
     } else if let Some(len) = content_length {
@@ -703,10 +706,12 @@ fn parse_content_length(value: &[u8]) -> Result<u64, HttpError> {
 #[derive(Default)]
 struct TransferCodings {
     present: bool,
+    /// Codings named `chunked` (with or without parameters).
     chunked_count: u32,
-    /// The last non-empty coding seen so far is `chunked`.
+    /// The last non-empty coding seen so far is named `chunked`.
     chunked_last: bool,
-    /// A coding other than `chunked` was listed (we decode no content codings -> 501).
+    /// A coding other than a bare `chunked` was listed (we decode no other coding, and
+    /// chunked takes no parameters -> 501).
     unsupported: bool,
 }
 
@@ -714,9 +719,11 @@ impl TransferCodings {
     fn add(&mut self, value: &[u8]) {
         self.present = true;
         for coding in list_items(value) {
-            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            // `transfer-coding = token *( OWS ";" OWS transfer-parameter )`
+            let name = coding.split(|&b| b == b';').next().map_or(coding, trim_ows);
+            let chunked = name.eq_ignore_ascii_case(b"chunked");
             self.chunked_count += u32::from(chunked);
-            self.unsupported |= !chunked;
+            self.unsupported |= !coding.eq_ignore_ascii_case(b"chunked");
             self.chunked_last = chunked;
         }
     }
@@ -1447,18 +1454,39 @@ mod tests {
         assert_eq!(e, HttpError::TransferEncodingOnHttp10);
     }
 
+    /// A list that ends in chunked but also names a coding we do not decode (or gives chunked
+    /// a parameter, which it has none of) is not implemented.
     #[test]
-    fn unsupported_codings_are_501() {
+    fn unsupported_codings_before_chunked_are_501() {
         for te in [
-            "gzip",
             "gzip, chunked",
-            "chunked, gzip",
-            "identity",
+            "identity, chunked",
             "chunked;q=1",
+            "gzip\r\nTransfer-Encoding: chunked",
         ] {
             let e = error(&post_with(&format!("Transfer-Encoding: {te}\r\n"), ""));
             assert_eq!(e, HttpError::UnsupportedTransferCoding, "{te}");
             assert_eq!((e.status(), e.code()), (501, "NOT_IMPLEMENTED"));
+        }
+    }
+
+    /// Bug: `chunked, identity` was 501 (an unknown coding); RFC 9112 §6.3 makes a request
+    /// whose final coding is not chunked a 400 (its length cannot be determined), whatever
+    /// the other codings are.
+    #[test]
+    fn chunked_not_final_is_400_not_501() {
+        for te in [
+            "chunked, identity",
+            "chunked, gzip",
+            "chunked;q=1, gzip",
+            "identity",
+            "gzip",
+            "xchunked",
+            "chunked\r\nTransfer-Encoding: identity",
+        ] {
+            let e = error(&post_with(&format!("Transfer-Encoding: {te}\r\n"), ""));
+            assert_eq!(e, HttpError::InvalidTransferEncoding, "{te}");
+            assert_eq!((e.status(), e.code()), (400, "INVALID_REQUEST"));
         }
     }
 

@@ -104,4 +104,9 @@ pub struct ReplayPage {
     pub more: bool,
     /// Set when messages after the requested id were already removed.
     pub gap: Option<crate::store::GapInfo>,
+    /// The topic's last id as the owner knew it when the interest was registered (read in the
+    /// same step, before any await): every message after it reaches the consumer live. `None`
+    /// when the owner's memory does not know the topic (never written, deleted, or a Valkey
+    /// topic not written since start).
+    pub last_id: Option<MessageId>,
 }

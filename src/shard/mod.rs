@@ -413,6 +413,9 @@ async fn replay_page(
     topic: &str,
     query: ReplayQuery,
 ) -> Result<ReplayPage, StoreError> {
+    // Before the first await: the caller registered the interest just now, so everything
+    // appended after this id is forwarded to the consumer.
+    let last_id = shard.storage.last_id(topic);
     let gap = match (query.check_gap, query.after) {
         (true, Some(after)) => shard.storage.gap_after(topic, after).await?,
         _ => None,
@@ -422,6 +425,7 @@ async fn replay_page(
             messages: Vec::new(),
             more: false,
             gap,
+            last_id,
         });
     }
     let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
@@ -435,11 +439,13 @@ async fn replay_page(
             more: page.next_cursor.is_some(),
             messages: page.messages,
             gap,
+            last_id,
         },
         None => ReplayPage {
             messages: Vec::new(),
             more: false,
             gap,
+            last_id,
         },
     })
 }

@@ -327,19 +327,27 @@ fn spawn_signal_thread(runtime: Arc<RuntimeState>, shards: Vec<ShardSender>) -> 
             let mut seen = 0;
             for signal in signals.forever() {
                 seen += 1;
+                // Act first, log second, and never let logging end this thread: it is the
+                // only one that hears SIGTERM/SIGINT (a panic here, say from a write to a
+                // closed stderr, would make the relay ignore every later signal).
                 if seen > 1 {
-                    tracing::warn!(signal, "second signal: exiting now");
+                    log_quietly(|| tracing::warn!(signal, "second signal: exiting now"));
                     std::process::exit(130);
                 }
-                tracing::info!(signal, "shutting down: draining connections");
                 runtime.begin_draining();
                 for tx in &shards {
                     let _ = tx.unbounded_send(ShardRequest::Shutdown);
                 }
+                log_quietly(|| tracing::info!(signal, "shutting down: draining connections"));
             }
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// Runs a logging statement; a panic inside it (a writer that fails loudly) is swallowed.
+fn log_quietly(log: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(log));
 }
 
 /// The CPUs this process may run on, from `Cpus_allowed_list` in /proc/self/status (it honours

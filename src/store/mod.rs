@@ -536,7 +536,9 @@ impl Storage {
         }
     }
 
-    /// The last id this store handed out for `topic` (memory backend), for tests.
+    /// The last id this shard's memory knows for `topic` (issued, or cached from Valkey), even
+    /// if that message is gone; no round trip. With Valkey, `None` for a topic not written
+    /// through this shard since start.
     pub fn last_id(&self, topic: &str) -> Option<MessageId> {
         self.hot.borrow().last_id(topic)
     }

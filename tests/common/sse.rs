@@ -160,14 +160,29 @@ impl SseClient {
             .unwrap_or_else(|| panic!("no event within {READ_TIMEOUT:?}"))
     }
 
-    /// The next event, asserting it is a `message` event whose `id:` is its message id;
-    /// returns the message JSON.
+    /// The next event, asserting it is a `message` event whose `id:` is its message id (one
+    /// topic) or a per-topic position naming it for its topic (several); returns the message
+    /// JSON.
     pub fn next_message(&mut self) -> Value {
+        self.next_message_with_id().1
+    }
+
+    /// [`SseClient::next_message`], with the event's `id:`.
+    pub fn next_message_with_id(&mut self) -> (String, Value) {
         let (id, event, data) = self.next_event();
         assert_eq!(event, "message", "expected a message event: {data}");
         let id = id.unwrap_or_else(|| panic!("message event without id: {data}"));
-        assert_eq!(data["message_id"], id.as_str(), "event id vs data: {data}");
-        data
+        let topic = data["topic"].as_str().unwrap_or_default();
+        let at = match per_topic_position(&id) {
+            Some(positions) => positions.get(topic).cloned().unwrap_or_default(),
+            None => id.clone(),
+        };
+        assert_eq!(
+            data["message_id"],
+            at.as_str(),
+            "event id {id} vs data: {data}"
+        );
+        (id, data)
     }
 
     /// Writes bytes to the stream's connection (nothing should ever be needed; for tests of
@@ -175,6 +190,23 @@ impl SseClient {
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("write");
     }
+}
+
+/// A multi-topic stream's event id, `a=<id>,b=<id>`, as topic -> id; `None` for a plain id.
+pub fn per_topic_position(id: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    if !id.contains('=') {
+        return None;
+    }
+    Some(
+        id.split(',')
+            .map(|item| {
+                let (topic, at) = item
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad per-topic id {id:?}"));
+                (topic.to_string(), at.to_string())
+            })
+            .collect(),
+    )
 }
 
 /// Parses one block (without its terminating blank line).
