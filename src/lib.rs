@@ -51,6 +51,7 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod shard;
+pub mod sse;
 pub mod store;
 pub mod topic;
 pub mod valkey;

@@ -15,11 +15,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::delivery::{longpoll, sse};
-use pulsar_relay::http::handlers::websocket;
 use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
 use pulsar_relay::http::error::ApiError;
+use pulsar_relay::http::handlers::events as sse;
+use pulsar_relay::http::handlers::poll as longpoll;
 use pulsar_relay::http::handlers::topics::parse_history_query;
+use pulsar_relay::http::handlers::websocket;
 use pulsar_relay::http::response::{write_http_error, write_json_error, DateCache};
 use pulsar_relay::http::router::{self, Route};
 use pulsar_relay::ws::handshake;

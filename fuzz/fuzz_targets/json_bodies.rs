@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use pulsar_relay::config::{ApiConfig, LongPollConfig};
-use pulsar_relay::delivery::longpoll::{parse_poll_body, parse_poll_query, PollRequest};
+use pulsar_relay::delivery::longpoll::PollRequest;
 use pulsar_relay::http::error::ApiError;
+use pulsar_relay::http::handlers::poll::{parse_poll_body, parse_poll_query};
 use pulsar_relay::http::handlers::publish::{parse_bulk, parse_publish};
 use pulsar_relay::http::handlers::topics::parse_history_query;
 use pulsar_relay::store::message::MessageId;

@@ -13,21 +13,21 @@
 //!
 //! - [`sink`]: a consumer's bounded queue, per-topic cursors, shared encodings.
 //! - [`registry`]: consumers per topic, interest of other shards, parked long-poll count.
-//! - [`longpoll`]: `POST /messages/poll`, `GET /api/v1/poll`.
-//! - [`sse`]: `GET /api/v1/topics/{topic}/events`, `GET /api/v1/events`.
+//! - [`longpoll`]: what one poll request gets (parked until a message or its timeout).
 //! - [`writer`]: the one writer loop of the streaming transports (WebSocket, SSE).
 
 pub mod longpoll;
 pub mod registry;
 pub mod sink;
-pub mod sse;
 pub mod writer;
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::shard::{ReplayQuery, Shard, ShardError};
+use crate::store::hot_tier::{Order, PageQuery};
 use crate::store::message::MessageId;
+use crate::store::BackendKind;
 use crate::store::GapReason;
 use sink::{Delivered, Sink};
 
@@ -173,6 +173,34 @@ pub async fn catch_up(
             return Ok(());
         }
     }
+}
+
+/// The position of `topic` "now", for a consumer that registered its interest just before:
+/// every message after the returned id reaches it live. The owner's memory answers in the
+/// registering step; a Valkey topic it does not know (not written since start) is asked of
+/// Valkey (its newest retained entry). The consumer must then ignore live messages at or
+/// before the answer ([`Sink::seen_up_to`](sink::Sink::seen_up_to)): those count as
+/// published before it came. `None`: the topic holds nothing.
+pub async fn position_now(shard: &Shard, topic: &str) -> Result<Option<MessageId>, ShardError> {
+    let page = shard
+        .subscribe_read(topic, crate::shard::ReplayQuery::register_only())
+        .await?;
+    position_from(shard, topic, page.last_id).await
+}
+
+/// [`position_now`] given the owner's answer to a registration (`ReplayPage::last_id`).
+pub async fn position_from(
+    shard: &Shard,
+    topic: &str,
+    owner_knows: Option<MessageId>,
+) -> Result<Option<MessageId>, ShardError> {
+    if owner_knows.is_some() || shard.storage.backend() == BackendKind::Memory {
+        return Ok(owner_knows);
+    }
+    let newest = shard
+        .read(topic.to_owned(), PageQuery::new(None, Order::Desc, 1))
+        .await?;
+    Ok(newest.and_then(|page| page.messages.first().map(|m| m.id)))
 }
 
 /// Counts deliveries about to be written and, for live ones, their lag since the owner

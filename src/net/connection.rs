@@ -98,7 +98,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             {
                                 return;
                             }
-                            crate::delivery::sse::run(shard, stream, sse).await;
+                            super::sse::run(shard, stream, sse).await;
                             return;
                         }
                         Outcome::WebSocket(upgrade) => {

@@ -5,16 +5,20 @@
 //! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
 //! - [`topics`]: history pages, topic stats and listing, trim, delete;
 //! - [`health`]: `/health` and `/ready`;
+//! - [`poll`]: the long-poll endpoints (parsing, the JSON answer);
+//! - [`events`]: the event-stream request (the stream runs in [`crate::net::sse`]);
 //! - [`websocket`]: the `GET /ws` upgrade (the session runs in [`crate::net::websocket`]).
 
+pub mod events;
 pub mod health;
+pub mod poll;
 pub mod publish;
 pub mod topics;
 pub mod websocket;
 
 use bytes::BytesMut;
 
-use crate::delivery::sse::SseRequest;
+use crate::sse::SseRequest;
 use websocket::WsUpgrade;
 
 use super::codec::{Method, Request};
@@ -73,7 +77,7 @@ pub async fn handle(
     let label = route.as_ref().map_or("unknown", Route::label);
     let result = match route {
         Ok(Route::Events(topic)) => {
-            match crate::delivery::sse::parse(
+            match events::parse(
                 &request,
                 topic,
                 shard.config.longpoll.max_topics,
@@ -176,20 +180,20 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
         Route::Ready => Ok(health::ready(shard).await),
         Route::Poll => {
             require_json(request)?;
-            let poll = crate::delivery::longpoll::parse_poll_body(
+            let poll = poll::parse_poll_body(
                 request.body(),
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            crate::delivery::longpoll::poll(shard, poll).await
+            poll::poll(shard, poll).await
         }
         Route::PollGet => {
-            let poll = crate::delivery::longpoll::parse_poll_query(
+            let poll = poll::parse_poll_query(
                 request.query(),
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            crate::delivery::longpoll::poll(shard, poll).await
+            poll::poll(shard, poll).await
         }
         Route::Metrics => {
             let snapshots = shard.gather_snapshots().await;
