@@ -23,22 +23,29 @@
 //! which sends everything queued meanwhile as one pipeline, and waits for the reply) or reads
 //! → the handler encodes JSON with [`http::response`] into
 //! the connection's output buffer, which is written once per batch of pipelined requests.
+//! Every message storage acknowledges goes out on its append feed ([`store::feed`]), which the
+//! shard's [`delivery`] fans out to its consumers and to the other shards that have some; a
+//! consumer that resumes catches up by pulling pages of history into the room its queue has
+//! ([`delivery::catch_up`]), and one writer loop ([`delivery::writer`]) drains it onto the
+//! socket.
 //!
 //! # Module map
 //!
 //! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`].
 //! - [`shard`]: per-core state, cross-shard messages, topic→shard routing, executor start-up
 //!   and the shutdown gate.
-//! - [`net`]: the per-shard listener and the connection loop (timeouts, batching); the only
-//!   code that touches client sockets.
+//! - [`net`]: the per-shard listener, the HTTP connection loop (timeouts, batching),
+//!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
 //!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
-//! - [`delivery`]: real-time consumers (WebSocket sessions, long-polls, SSE streams): their
-//!   bounded queues, the per-shard subscriber registry, cross-shard fan-out, gap-free resume.
+//! - [`delivery`]: what every real-time transport shares: bounded queues (sinks), the
+//!   per-shard subscriber registry, cross-shard fan-out fed by storage's append feed,
+//!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer.
 //! - [`metrics`]: per-shard counters and histograms, summed and rendered at scrape.
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
+//! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
 //! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
 //!   the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
