@@ -494,3 +494,52 @@ fn buffered_acks_survive_stalled_and_cut_connections() {
     assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
     assert_eq!(valkey_errors(&relay, "buffered_lost"), 0);
 }
+
+/// Bug (model checker, CI seed 18): with `ack: buffered`, a resume read from Valkey ended at
+/// the stream's last written entry, so acknowledged messages still in the write-behind backlog
+/// were skipped by a long-poll or WebSocket resume from the start. Valkey refuses the writes
+/// here (-OOM under `noeviction`) while reads still work: every acknowledged message must be
+/// read, in order, before any of them is written.
+#[test]
+fn buffered_acks_not_yet_in_valkey_are_read_by_a_resume() {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay("durability:\n  ack: buffered\n", &[]);
+    let topic = "buffered-unwritten";
+    let acked = publish_counting_acks(&relay, topic, 120, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            &relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    let stored = valkey.xlen(&stream_key(topic)) as usize;
+    assert!(stored < acked.len(), "everything was written: {stored}");
+    let mut ws = common::ws::WsClient::connect(relay.addr);
+    ws.subscribe(&[topic], Some(json!("earliest")));
+    let got: Vec<String> = ws
+        .recv_messages(acked.len())
+        .iter()
+        .map(common::id_of)
+        .collect();
+    assert_eq!(got, acked, "{stored} of {} were in Valkey", acked.len());
+    let body = json!({"topics": [topic], "since": {topic: "0-0"}, "limit": 1000, "timeout": 1})
+        .to_string();
+    let answer = relay.post_json("/messages/poll", &body).json();
+    let polled: Vec<String> = answer["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(common::id_of)
+        .collect();
+    assert_eq!(polled, acked, "long-poll from the start");
+    valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+}

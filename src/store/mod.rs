@@ -382,9 +382,39 @@ impl Storage {
                     .stats(topic)
                     .filter(|s| s.length > 0)
                     .map(|s| s.bytes / s.length);
-                tier.read(topic, query, now_ms, size_hint).await
+                let mut page = tier.read(topic, query, now_ms, size_hint).await?;
+                if tier.ack == AckMode::Buffered && query.order == Order::Asc {
+                    match &mut page {
+                        Some(page) => self.append_unwritten_tail(topic, query, page, now_ms),
+                        // Not in Valkey yet at all: its messages are all in the backlog.
+                        None => page = self.hot.borrow().read(topic, query, now_ms),
+                    }
+                }
+                Ok(page)
             }
         }
+    }
+
+    /// `ack = buffered`: an ascending page that reached the end of the Valkey stream goes on
+    /// with what the hot tier holds after it: acknowledged messages still waiting in the
+    /// write-behind backlog are not in Valkey yet, and a reader must not skip them (they are
+    /// the topic's newest, and the hot tier has held every publish since it cached the topic).
+    fn append_unwritten_tail(&self, topic: &str, query: &PageQuery, page: &mut Page, now_ms: u64) {
+        if page.next_cursor.is_some() || page.messages.len() >= query.limit {
+            return;
+        }
+        let bytes: usize = page.messages.iter().map(Message::footprint).sum();
+        if bytes >= query.max_bytes {
+            return;
+        }
+        let after = page.messages.last().map(|m| m.id).or(query.after);
+        let mut tail_query = PageQuery::new(after, Order::Asc, query.limit - page.messages.len());
+        tail_query.max_bytes = query.max_bytes - bytes;
+        let Some(tail) = self.hot.borrow().read(topic, &tail_query, now_ms) else {
+            return;
+        };
+        page.messages.extend(tail.messages);
+        page.next_cursor = tail.next_cursor;
     }
 
     /// Like [`Storage::read`], but steps over pages that held only expired entries (a
