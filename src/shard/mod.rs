@@ -34,7 +34,9 @@ use crate::config::Config;
 use crate::delivery::registry::Registry;
 use crate::http::response::DateCache;
 use crate::store::hot_tier::{Order, Page, PageQuery, TopicStats};
-use crate::store::{PublishAck, PublishItem, Storage, StorageSummary, StoreError};
+use crate::store::{
+    GapInfo, GapReason, PublishAck, PublishItem, Storage, StorageSummary, StoreError,
+};
 pub use message::{ReplayPage, ReplayQuery, ShardRequest};
 
 /// The sending side of a shard's inbox. Unbounded because the number of requests in flight is
@@ -430,10 +432,27 @@ async fn replay_page(
     }
     let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
     page_query.max_bytes = query.max_bytes;
+    page_query.stop_at_expired = true;
     let page = shard
         .storage
         .read_nonempty(topic, &page_query, now_ms())
         .await?;
+    let mut gap = gap;
+    if let (Some(page), true) = (&page, query.check_gap && query.after.is_some()) {
+        if page.expired_before && gap.is_none() {
+            // Expired messages after the position were skipped, not yet swept: a gap all the
+            // same (reads never return an expired message).
+            gap = Some(GapInfo {
+                oldest_available: None,
+                reason: GapReason::Expired,
+            });
+        }
+        if let Some(gap) = &mut gap {
+            // What the consumer gets next is the page's first message: entries before it
+            // that storage still holds are expired.
+            gap.oldest_available = page.messages.first().map(|m| m.id);
+        }
+    }
     Ok(match page {
         Some(page) => ReplayPage {
             more: page.next_cursor.is_some(),

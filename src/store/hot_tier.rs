@@ -94,6 +94,11 @@ pub struct PageQuery {
     /// message larger than it is still returned, alone), so memory per read is bounded by
     /// bytes whatever the message sizes. `usize::MAX`: count only.
     pub max_bytes: usize,
+    /// End the page before an expired message that follows one it returns, so every skipped
+    /// run of expired messages is at the start of some page ([`Page::expired_before`]): what
+    /// a catch-up needs to tell its consumer of them. Off for history pages, which skip
+    /// expired messages anywhere and stay full.
+    pub stop_at_expired: bool,
 }
 
 impl PageQuery {
@@ -104,6 +109,7 @@ impl PageQuery {
             order,
             limit,
             max_bytes: usize::MAX,
+            stop_at_expired: false,
         }
     }
 }
@@ -120,6 +126,11 @@ pub struct Page {
     /// query's direction; pass it as the next query's `after`. `None` when this page ends
     /// the topic (in that direction).
     pub next_cursor: Option<MessageId>,
+    /// Expired (ttl or age) messages after the cursor were skipped before the page's first
+    /// message. With [`PageQuery::stop_at_expired`] these are all it skipped, so a consumer
+    /// reading on learns of every skipped run at the start of some page (the gap signal a
+    /// catch-up owes its consumer).
+    pub expired_before: bool,
 }
 
 impl Page {
@@ -369,25 +380,21 @@ impl HotTier {
     pub fn read(&self, topic: &str, query: &PageQuery, now_ms: u64) -> Option<Page> {
         let topic = self.topic_named(topic)?;
         let log = &topic.log;
-        let readable = |m: &&Message| !is_due(m, now_ms, self.limits.retention_ms);
+        let readable = |m: &Message| !is_due(m, now_ms, self.limits.retention_ms);
         // Never trust `limit` for capacity: it comes from a client.
         let mut messages = Vec::with_capacity(query.limit.min(log.len()));
-        let more_remain = match query.order {
+        let (more_remain, expired_before) = match query.order {
             Order::Asc => {
                 let start = query
                     .after
                     .map_or(0, |after| log.partition_point(|m| m.id <= after));
-                let mut rest = log.range(start..).filter(readable);
-                take_bounded(&mut messages, &mut rest, query);
-                rest.next().is_some()
+                take_bounded(&mut messages, log.range(start..), query, readable)
             }
             Order::Desc => {
                 let end = query
                     .after
                     .map_or(log.len(), |after| log.partition_point(|m| m.id < after));
-                let mut rest = log.range(..end).rev().filter(readable);
-                take_bounded(&mut messages, &mut rest, query);
-                rest.next().is_some()
+                take_bounded(&mut messages, log.range(..end).rev(), query, readable)
             }
         };
         let next_cursor = if more_remain {
@@ -399,6 +406,7 @@ impl HotTier {
             messages,
             total: log.len(),
             next_cursor,
+            expired_before,
         })
     }
 
@@ -827,19 +835,37 @@ impl HotTier {
 /// The slot a ref points into if its message is still retained. Topics only lose their
 /// oldest messages, so a message of a live incarnation is retained iff its id is not older
 /// than the topic's first.
-/// Moves messages from `rest` into `out` until the query's count or byte bound is reached;
-/// what is left in `rest` is what the page did not take.
+/// Moves readable messages from `rest` into `out` until the query's count or byte bound is
+/// reached, or an unreadable (expired) message follows one taken. Returns whether readable
+/// messages remain after the page, and whether unreadable ones were skipped before its first
+/// (see [`Page::expired_before`]).
 fn take_bounded<'a>(
     out: &mut Vec<Message>,
-    rest: &mut impl Iterator<Item = &'a Message>,
+    rest: impl Iterator<Item = &'a Message>,
     query: &PageQuery,
-) {
+    readable: impl Fn(&Message) -> bool,
+) -> (bool, bool) {
     let mut bytes = 0usize;
-    while out.len() < query.limit && bytes < query.max_bytes {
-        let Some(message) = rest.next() else { break };
+    let mut expired_before = false;
+    let mut rest = rest.peekable();
+    while let Some(message) = rest.peek() {
+        if !readable(message) {
+            if !out.is_empty() && query.stop_at_expired {
+                // The next page starts with this run, and reports it.
+                return (true, expired_before);
+            }
+            expired_before |= out.is_empty();
+            rest.next();
+            continue;
+        }
+        if out.len() >= query.limit || bytes >= query.max_bytes {
+            return (true, expired_before);
+        }
         bytes = bytes.saturating_add(message.footprint());
-        out.push(message.clone());
+        out.push((*message).clone());
+        rest.next();
     }
+    (false, expired_before)
 }
 
 fn live_slot(slots: &[Slot], handle: &MessageRef) -> Option<usize> {

@@ -415,6 +415,7 @@ impl Storage {
         };
         page.messages.extend(tail.messages);
         page.next_cursor = tail.next_cursor;
+        page.expired_before |= tail.expired_before;
     }
 
     /// Like [`Storage::read`], but steps over pages that held only expired entries (a
@@ -428,12 +429,18 @@ impl Storage {
         now_ms: u64,
     ) -> Result<Option<Page>, StoreError> {
         let mut query = query.clone();
+        let mut expired_before = false;
         loop {
             match self.read(topic, &query, now_ms).await? {
                 Some(page) if page.messages.is_empty() && page.next_cursor.is_some() => {
+                    expired_before |= page.expired_before;
                     query.after = page.next_cursor;
                 }
-                other => return Ok(other),
+                Some(mut page) => {
+                    page.expired_before |= expired_before;
+                    return Ok(Some(page));
+                }
+                None => return Ok(None),
             }
         }
     }

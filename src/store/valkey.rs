@@ -721,6 +721,7 @@ impl ValkeyTier {
         // The last entry looked at (returned or skipped as expired): where a next page starts.
         let mut scanned_to: Option<MessageId> = None;
         let mut more_remain = false;
+        let mut expired_before = false;
         let mut total = None;
         let mut entry_size = size_hint.map(|s| s.max(1));
         // Round trips that found only expired entries: the scan budget. Rounds that return
@@ -790,9 +791,18 @@ impl ValkeyTier {
                     more_remain = true;
                     break;
                 }
+                let due = is_due(&message, now_ms, self.retention_ms);
+                if due && !messages.is_empty() && query.stop_at_expired {
+                    // A page ends before an expired entry that follows a message it returns:
+                    // the next page starts with that run and reports it (Page::expired_before).
+                    more_remain = true;
+                    break;
+                }
                 scanned_to = Some(id);
                 fetched_bytes = fetched_bytes.saturating_add(message.footprint());
-                if !is_due(&message, now_ms, self.retention_ms) {
+                if due {
+                    expired_before |= messages.is_empty();
+                } else {
                     bytes = bytes.saturating_add(message.footprint());
                     messages.push(message);
                 }
@@ -830,6 +840,7 @@ impl ValkeyTier {
             messages,
             total,
             next_cursor,
+            expired_before,
         }))
     }
 
