@@ -543,3 +543,66 @@ fn buffered_acks_not_yet_in_valkey_are_read_by_a_resume() {
     assert_eq!(polled, acked, "long-poll from the start");
     valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
 }
+
+/// Bug (model checker seed 5044: buffered, count retention): acknowledged messages that
+/// were neither written to Valkey yet nor held in memory any more (the hot tier keeps only
+/// the newest) were skipped by a resume with no gap. Valkey refuses the writes (-OOM) while
+/// the hot tier holds 20 messages: a resume from a written id gets what Valkey has, then a
+/// gap, then the newest 20, in order.
+#[test]
+fn buffered_acks_lost_from_memory_before_valkey_got_them_are_a_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nhot_tier:\n  max_messages: 20\n",
+        &[],
+    );
+    let topic = "buffered-hole";
+    let acked = publish_counting_acks(&relay, topic, 150, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            &relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    let stored = valkey.xlen(&stream_key(topic)) as usize;
+    assert!(
+        stored + 20 < acked.len(),
+        "no hole to test: {stored} stored of {}",
+        acked.len()
+    );
+    let mut ws = common::ws::WsClient::connect(relay.addr);
+    ws.subscribe(&[topic], Some(json!(acked[0])));
+    let mut got = Vec::new();
+    let mut gap = None;
+    while got.last() != acked.last() {
+        let v = ws.recv();
+        match v["type"].as_str() {
+            Some("message") => got.push(common::id_of(&v)),
+            Some("gap") if gap.is_none() => gap = Some((got.len(), v)),
+            _ => panic!("unexpected {v} after {} messages", got.len()),
+        }
+    }
+    let (at, gap) = gap.expect("a gap before the newest messages");
+    let (before, after) = got.split_at(at);
+    assert_eq!(
+        before,
+        &acked[1..=before.len()],
+        "what Valkey had, in order"
+    );
+    assert_eq!(
+        after,
+        &acked[acked.len() - after.len()..],
+        "then the newest"
+    );
+    assert_eq!(gap["oldest_available"], after[0].as_str(), "{gap}");
+    valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+}

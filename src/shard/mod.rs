@@ -439,6 +439,12 @@ async fn replay_page(
         .await?;
     let mut gap = gap;
     if let (Some(page), true) = (&page, query.check_gap && query.after.is_some()) {
+        if let Some(reason) = page.removed_before.filter(|_| gap.is_none()) {
+            gap = Some(GapInfo {
+                oldest_available: None,
+                reason,
+            });
+        }
         if page.expired_before && gap.is_none() {
             // Expired messages after the position were skipped, not yet swept: a gap all the
             // same (reads never return an expired message).

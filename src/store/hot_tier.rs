@@ -131,6 +131,10 @@ pub struct Page {
     /// reading on learns of every skipped run at the start of some page (the gap signal a
     /// catch-up owes its consumer).
     pub expired_before: bool,
+    /// Messages after the cursor that this store can no longer serve were passed over before
+    /// the page's first message, and why (`ack: buffered`: acknowledged messages neither
+    /// written to Valkey yet nor held in memory any more; see `Storage::read`).
+    pub removed_before: Option<crate::store::GapReason>,
 }
 
 impl Page {
@@ -407,6 +411,7 @@ impl HotTier {
             total: log.len(),
             next_cursor,
             expired_before,
+            removed_before: None,
         })
     }
 

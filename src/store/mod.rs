@@ -408,11 +408,29 @@ impl Storage {
             return;
         }
         let after = page.messages.last().map(|m| m.id).or(query.after);
+        // Memory lost some of them (count or byte limits) before Valkey got them: the tail
+        // starts past a hole, which must come at the start of a page, where a catch-up
+        // reports it.
+        let hole = after.and_then(|after| self.hot.borrow().gap_after(topic, after));
+        if hole.is_some() && !page.messages.is_empty() {
+            page.next_cursor = after;
+            return;
+        }
         let mut tail_query = PageQuery::new(after, Order::Asc, query.limit - page.messages.len());
         tail_query.max_bytes = query.max_bytes - bytes;
+        tail_query.stop_at_expired = query.stop_at_expired;
         let Some(tail) = self.hot.borrow().read(topic, &tail_query, now_ms) else {
             return;
         };
+        if let (Some(hole), Some(first)) = (hole, tail.messages.first()) {
+            // Only a hole before what the tail returns: the rest is still to be written.
+            if hole
+                .oldest_available
+                .is_none_or(|oldest| oldest <= first.id)
+            {
+                page.removed_before = Some(hole.reason);
+            }
+        }
         page.messages.extend(tail.messages);
         page.next_cursor = tail.next_cursor;
         page.expired_before |= tail.expired_before;
@@ -430,14 +448,17 @@ impl Storage {
     ) -> Result<Option<Page>, StoreError> {
         let mut query = query.clone();
         let mut expired_before = false;
+        let mut removed_before = None;
         loop {
             match self.read(topic, &query, now_ms).await? {
                 Some(page) if page.messages.is_empty() && page.next_cursor.is_some() => {
                     expired_before |= page.expired_before;
+                    removed_before = removed_before.or(page.removed_before);
                     query.after = page.next_cursor;
                 }
                 Some(mut page) => {
                     page.expired_before |= expired_before;
+                    page.removed_before = page.removed_before.or(removed_before);
                     return Ok(Some(page));
                 }
                 None => return Ok(None),

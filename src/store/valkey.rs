@@ -841,6 +841,7 @@ impl ValkeyTier {
             total,
             next_cursor,
             expired_before,
+            removed_before: None,
         }))
     }
 
