@@ -68,12 +68,17 @@ pub fn parse_history_query(
     Ok(parsed)
 }
 
+/// The most payload bytes one history page carries: a page of `limit` 1 MiB messages would
+/// otherwise hold ~1 GiB per request. A page cut by it has fewer than `limit` messages and a
+/// `next_cursor` (a single larger message still comes, alone).
+const HISTORY_PAGE_BYTES: usize = 8 << 20;
+
 pub async fn history(shard: &Shard, topic: String, query: Option<&str>) -> Result<Reply, ApiError> {
     checked_topic(&topic, &shard.config.api)?;
     let q = parse_history_query(query, &shard.config.api)?;
-    let page = shard
-        .read(topic.clone(), PageQuery::new(q.cursor, q.order, q.limit))
-        .await?;
+    let mut page_query = PageQuery::new(q.cursor, q.order, q.limit);
+    page_query.max_bytes = HISTORY_PAGE_BYTES;
+    let page = shard.read(topic.clone(), page_query).await?;
     let (messages, total, next_cursor) = match page {
         Some(p) => (p.messages, p.total, p.next_cursor),
         None => (Vec::new(), 0, None),
