@@ -606,3 +606,57 @@ fn buffered_acks_lost_from_memory_before_valkey_got_them_are_a_gap() {
     assert_eq!(gap["oldest_available"], after[0].as_str(), "{gap}");
     valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
 }
+
+/// Bug (model checker seed 7004: buffered, age retention): when memory no longer held any of
+/// the unwritten acknowledged messages (all aged out of the hot tier), a resume read what
+/// Valkey had and then nothing, with no gap. Valkey refuses the writes (-OOM) and the hot tier
+/// keeps messages for 1 s.
+#[test]
+fn buffered_acks_aged_out_of_memory_before_valkey_got_them_are_a_gap() {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nhot_tier:\n  retention: 1s\n",
+        &[],
+    );
+    let topic = "buffered-aged";
+    let acked = publish_counting_acks(&relay, topic, 150, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            &relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    let stored = valkey.xlen(&stream_key(topic)) as usize;
+    assert!(stored < acked.len(), "no hole to test: all {stored} stored");
+    // Await the hot tier's age-out as a reader sees it: a resume from the last stored id
+    // finds nothing in memory any more.
+    let last_stored = acked[stored - 1].clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let page = relay.read_topic(topic, &format!("order=asc&limit=10&cursor={last_stored}"));
+            page["messages"].as_array().is_some_and(Vec::is_empty)
+        }),
+        "the unwritten messages never aged out of memory"
+    );
+    let mut ws = common::ws::WsClient::connect(relay.addr);
+    ws.subscribe(&[topic], Some(json!(acked[0])));
+    let got: Vec<String> = ws
+        .recv_messages(stored - 1)
+        .iter()
+        .map(common::id_of)
+        .collect();
+    assert_eq!(got, &acked[1..stored], "what Valkey had, in order");
+    let gap = ws.recv();
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["requested"], last_stored.as_str(), "{gap}");
+    valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+}

@@ -419,18 +419,19 @@ impl Storage {
         let mut tail_query = PageQuery::new(after, Order::Asc, query.limit - page.messages.len());
         tail_query.max_bytes = query.max_bytes - bytes;
         tail_query.stop_at_expired = query.stop_at_expired;
-        let Some(tail) = self.hot.borrow().read(topic, &tail_query, now_ms) else {
-            return;
-        };
-        if let (Some(hole), Some(first)) = (hole, tail.messages.first()) {
-            // Only a hole before what the tail returns: the rest is still to be written.
-            if hole
-                .oldest_available
-                .is_none_or(|oldest| oldest <= first.id)
-            {
+        let tail = self.hot.borrow().read(topic, &tail_query, now_ms);
+        if let Some(hole) = hole {
+            // A hole before what the tail returns (or before nothing: memory has nothing
+            // after it any more, e.g. all aged out); past the tail the rest is still to be
+            // written.
+            let first = tail.as_ref().and_then(|t| t.messages.first()).map(|m| m.id);
+            if first.is_none_or(|first| hole.oldest_available.is_none_or(|o| o <= first)) {
                 page.removed_before = Some(hole.reason);
             }
         }
+        let Some(tail) = tail else {
+            return;
+        };
         page.messages.extend(tail.messages);
         page.next_cursor = tail.next_cursor;
         page.expired_before |= tail.expired_before;
