@@ -35,9 +35,10 @@ impl AppendFeed {
         *self.listener.borrow_mut() = Some(listener);
     }
 
-    /// Records one appended message (in id order for its topic).
-    pub fn append(&self, topic: &str, message: Message) {
-        self.pending.borrow_mut().push((topic.to_owned(), message));
+    /// Records one appended message (in id order for its topic). Takes the topic owned: the
+    /// memory backend's publish hands over the request's own `String`, no copy per message.
+    pub fn append(&self, topic: String, message: Message) {
+        self.pending.borrow_mut().push((topic, message));
     }
 
     /// Hands everything appended since the last flush to the listener, grouping consecutive
@@ -95,7 +96,7 @@ mod tests {
             sink.borrow_mut().push((topic.to_owned(), ids));
         }));
         for (topic, ms) in [("a", 1), ("a", 2), ("b", 3), ("a", 4)] {
-            feed.append(topic, message(ms));
+            feed.append(topic.to_owned(), message(ms));
         }
         assert!(seen.borrow().is_empty(), "nothing before the flush");
         feed.flush();

@@ -273,7 +273,7 @@ impl Storage {
                             id: msg.id,
                             timestamp_ms: msg.timestamp_ms,
                         };
-                        self.feed.append(&item.topic, msg);
+                        self.feed.append(item.topic, msg);
                         Ok(ack)
                     })
                     .collect()
@@ -350,7 +350,7 @@ impl Storage {
     /// order (possible only with several connections per shard racing) evicts the topic from
     /// memory instead, so its reads go to Valkey rather than miss a message.
     fn cache(&self, topic: &str, message: Message) {
-        self.feed.append(topic, message.clone());
+        self.feed.append(topic.to_owned(), message.clone());
         let mut hot = self.hot.borrow_mut();
         if hot.insert(topic, message).is_err() {
             tracing::warn!(
