@@ -347,6 +347,36 @@ fn publish_counting_acks(relay: &Server, topic: &str, n: usize, payload_pad: usi
     acked
 }
 
+/// A Valkey that refuses writes with `-OOM` (4 MB `maxmemory`, `noeviction`) while reads still
+/// work, and a relay on it configured by `config_yaml` (which sets `ack: buffered`).
+fn oom_valkey_and_buffered_relay(config_yaml: &str) -> (ValkeyServer, Server) {
+    let valkey = ValkeyServer::start(ValkeyOpts {
+        extra_args: vec![
+            "--maxmemory".into(),
+            "4mb".into(),
+            "--maxmemory-policy".into(),
+            "noeviction".into(),
+        ],
+        ..ValkeyOpts::default()
+    });
+    let relay = valkey.start_relay(config_yaml, &[]);
+    (valkey, relay)
+}
+
+/// Publishes `n` messages of ~60 KB (acknowledged into the write-behind backlog) and awaits
+/// Valkey's first `-OOM` refusal; returns the acknowledged ids.
+fn publish_until_oom(relay: &Server, topic: &str, n: usize) -> Vec<String> {
+    let acked = publish_counting_acks(relay, topic, n, 60_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey_errors(
+            relay,
+            "error_reply"
+        ) > 0),
+        "Valkey never refused a write: the test did not reach -OOM"
+    );
+    acked
+}
+
 /// The value of the `relay_valkey_errors_total` series of `kind` (0 when absent).
 fn valkey_errors(relay: &Server, kind: &str) -> u64 {
     let text = relay.get("/metrics").text();
@@ -414,26 +444,9 @@ fn buffered_acks_published_while_valkey_is_down_are_stored_after_it_returns() {
 
 #[test]
 fn buffered_acks_refused_with_oom_are_stored_once_memory_frees() {
-    let valkey = ValkeyServer::start(ValkeyOpts {
-        extra_args: vec![
-            "--maxmemory".into(),
-            "4mb".into(),
-            "--maxmemory-policy".into(),
-            "noeviction".into(),
-        ],
-        ..ValkeyOpts::default()
-    });
-    let relay = valkey.start_relay("durability:\n  ack: buffered\n", &[]);
+    let (valkey, relay) = oom_valkey_and_buffered_relay("durability:\n  ack: buffered\n");
     let topic = "buffered-oom";
-    // ~12 MB of payloads against a 4 MB limit: Valkey answers -OOM to many XADDs.
-    let acked = publish_counting_acks(&relay, topic, 200, 60_000);
-    assert!(
-        eventually(Duration::from_secs(10), || valkey_errors(
-            &relay,
-            "error_reply"
-        ) > 0),
-        "Valkey never refused a write: the test did not reach -OOM"
-    );
+    let acked = publish_until_oom(&relay, topic, 200);
     valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
     assert_all_stored(&valkey, topic, &acked, Duration::from_secs(20));
     assert!(valkey_errors(&relay, "buffered_retry") > 0);
@@ -502,25 +515,9 @@ fn buffered_acks_survive_stalled_and_cut_connections() {
 /// read, in order, before any of them is written.
 #[test]
 fn buffered_acks_not_yet_in_valkey_are_read_by_a_resume() {
-    let valkey = ValkeyServer::start(ValkeyOpts {
-        extra_args: vec![
-            "--maxmemory".into(),
-            "4mb".into(),
-            "--maxmemory-policy".into(),
-            "noeviction".into(),
-        ],
-        ..ValkeyOpts::default()
-    });
-    let relay = valkey.start_relay("durability:\n  ack: buffered\n", &[]);
+    let (valkey, relay) = oom_valkey_and_buffered_relay("durability:\n  ack: buffered\n");
     let topic = "buffered-unwritten";
-    let acked = publish_counting_acks(&relay, topic, 120, 60_000);
-    assert!(
-        eventually(Duration::from_secs(10), || valkey_errors(
-            &relay,
-            "error_reply"
-        ) > 0),
-        "Valkey never refused a write: the test did not reach -OOM"
-    );
+    let acked = publish_until_oom(&relay, topic, 120);
     let stored = valkey.xlen(&stream_key(topic)) as usize;
     assert!(stored < acked.len(), "everything was written: {stored}");
     let mut ws = common::ws::WsClient::connect(relay.addr);
@@ -551,28 +548,11 @@ fn buffered_acks_not_yet_in_valkey_are_read_by_a_resume() {
 /// gap, then the newest 20, in order.
 #[test]
 fn buffered_acks_lost_from_memory_before_valkey_got_them_are_a_gap() {
-    let valkey = ValkeyServer::start(ValkeyOpts {
-        extra_args: vec![
-            "--maxmemory".into(),
-            "4mb".into(),
-            "--maxmemory-policy".into(),
-            "noeviction".into(),
-        ],
-        ..ValkeyOpts::default()
-    });
-    let relay = valkey.start_relay(
+    let (valkey, relay) = oom_valkey_and_buffered_relay(
         "durability:\n  ack: buffered\nhot_tier:\n  max_messages: 20\n",
-        &[],
     );
     let topic = "buffered-hole";
-    let acked = publish_counting_acks(&relay, topic, 150, 60_000);
-    assert!(
-        eventually(Duration::from_secs(10), || valkey_errors(
-            &relay,
-            "error_reply"
-        ) > 0),
-        "Valkey never refused a write: the test did not reach -OOM"
-    );
+    let acked = publish_until_oom(&relay, topic, 150);
     let stored = valkey.xlen(&stream_key(topic)) as usize;
     assert!(
         stored + 20 < acked.len(),
@@ -613,28 +593,10 @@ fn buffered_acks_lost_from_memory_before_valkey_got_them_are_a_gap() {
 /// keeps messages for 1 s.
 #[test]
 fn buffered_acks_aged_out_of_memory_before_valkey_got_them_are_a_gap() {
-    let valkey = ValkeyServer::start(ValkeyOpts {
-        extra_args: vec![
-            "--maxmemory".into(),
-            "4mb".into(),
-            "--maxmemory-policy".into(),
-            "noeviction".into(),
-        ],
-        ..ValkeyOpts::default()
-    });
-    let relay = valkey.start_relay(
-        "durability:\n  ack: buffered\nhot_tier:\n  retention: 1s\n",
-        &[],
-    );
+    let (valkey, relay) =
+        oom_valkey_and_buffered_relay("durability:\n  ack: buffered\nhot_tier:\n  retention: 1s\n");
     let topic = "buffered-aged";
-    let acked = publish_counting_acks(&relay, topic, 150, 60_000);
-    assert!(
-        eventually(Duration::from_secs(10), || valkey_errors(
-            &relay,
-            "error_reply"
-        ) > 0),
-        "Valkey never refused a write: the test did not reach -OOM"
-    );
+    let acked = publish_until_oom(&relay, topic, 150);
     let stored = valkey.xlen(&stream_key(topic)) as usize;
     assert!(stored < acked.len(), "no hole to test: all {stored} stored");
     // Await the hot tier's age-out as a reader sees it: a resume from the last stored id
