@@ -567,17 +567,9 @@ impl Future for Ready<'_> {
 mod tests {
     use super::*;
 
+    /// A message of `topic` with id `ms`-0 and a 7-byte payload.
     fn msg(topic: &Arc<str>, ms: u64) -> Rc<Delivered> {
-        Rc::new(Delivered::new(
-            topic.clone(),
-            Message {
-                id: MessageId::new(ms, 0),
-                timestamp_ms: ms,
-                expires_at_ms: None,
-                payload: Bytes::from_static(b"{\"a\":1}"),
-                metadata: None,
-            },
-        ))
+        sized(topic, ms, 7)
     }
 
     fn drain(sink: &Sink) -> Vec<u64> {

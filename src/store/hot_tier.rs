@@ -137,28 +137,6 @@ pub struct Page {
     pub removed_before: Option<crate::store::GapReason>,
 }
 
-impl Page {
-    /// Drops the messages past `max_bytes` (keeping at least one), pointing `next_cursor` at
-    /// the last one kept: a page from a backend that read more than a query's byte bound.
-    pub fn truncate_to_bytes(&mut self, max_bytes: usize) {
-        let mut bytes = 0usize;
-        let keep = self
-            .messages
-            .iter()
-            .position(|m| {
-                let over = bytes >= max_bytes;
-                bytes = bytes.saturating_add(m.footprint());
-                over
-            })
-            .unwrap_or(self.messages.len())
-            .max(1);
-        if keep < self.messages.len() {
-            self.messages.truncate(keep);
-            self.next_cursor = self.messages.last().map(|m| m.id);
-        }
-    }
-}
-
 /// A topic's summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicStats {

@@ -1322,6 +1322,20 @@ mod tests {
             .collect()
     }
 
+    /// Starts a client and waits until every one of its connections is up (lanes would
+    /// otherwise fall back to the connected ones and hide what a test checks).
+    async fn start_all_connected(config: ClientConfig) -> Rc<Client> {
+        let connections = config.connections;
+        let client = Client::start(config).expect("start");
+        assert!(
+            eventually(Duration::from_secs(5), || client.stats().connected
+                == connections)
+            .await,
+            "not all {connections} connections came up"
+        );
+        client
+    }
+
     fn parse_id(id: &str) -> (u64, u64) {
         let (ms, seq) = id.split_once('-').expect("stream id");
         (ms.parse().expect("ms"), seq.parse().expect("seq"))
@@ -1339,12 +1353,7 @@ mod tests {
                 ..config_for(server.config())
             };
             run_local(move || async move {
-                let client = Client::start(config).expect("start");
-                assert!(
-                    eventually(Duration::from_secs(5), || client.stats().connected
-                        == connections)
-                    .await
-                );
+                let client = start_all_connected(config).await;
                 let per_topic = xadd_bursts(&client, 3, 400).await;
                 for (topic, ids) in per_topic.iter().enumerate() {
                     let parsed: Vec<(u64, u64)> = ids.iter().map(|id| parse_id(id)).collect();
@@ -1372,12 +1381,7 @@ mod tests {
                 ..config_for(server.config())
             };
             run_local(move || async move {
-                let client = Client::start(config).expect("start");
-                assert!(
-                    eventually(Duration::from_secs(5), || client.stats().connected
-                        == connections)
-                    .await
-                );
+                let client = start_all_connected(config).await;
                 let payload = vec![b'p'; 4096];
                 let mut next_seq = [0u64; 5];
                 let mut tasks = Vec::new();
