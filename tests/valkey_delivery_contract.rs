@@ -622,3 +622,55 @@ fn buffered_acks_aged_out_of_memory_before_valkey_got_them_are_a_gap() {
     assert_eq!(gap["requested"], last_stored.as_str(), "{gap}");
     valkey.cli(&["CONFIG", "SET", "maxmemory", "0"]);
 }
+
+/// Bug (model checker seeds 7006, 7015: buffered, count retention): a resume checked for a
+/// gap before it read; a `MAXLEN` trim landing between the two removed the messages right
+/// after the resume point, and the read skipped them with no gap (44 in seed 7006). Here the
+/// relay reaches Valkey through a proxy that delays every chunk by 400 ms: the resume's first
+/// request is on its way when a bulk of 300 is acknowledged, whose write-behind (the stream
+/// keeps 50) trims past the resume point before the resume's next request runs.
+#[test]
+fn a_trim_between_a_resume_s_requests_is_reported_as_a_gap() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let upstream: std::net::SocketAddr = format!("{}:{}", valkey.host(), valkey.port)
+        .parse()
+        .expect("valkey address");
+    let proxy = FaultProxy::start(upstream);
+    let port = proxy.port().to_string();
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nstorage:\n  max_messages_per_topic: 50\n\
+         hot_tier:\n  max_messages: 20\nvalkey:\n  command_timeout: 5s\n",
+        &[("VALKEY_PORT", port.as_str())],
+    );
+    let topic = "trim-race";
+    let first = publish_bulk(&relay, topic, 0, 40, None);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey.xlen(&stream_key(topic))
+            == 40),
+        "the first 40 were not written"
+    );
+    proxy.set(Fault::Delay(Duration::from_millis(400)));
+    let sent = proxy.bytes_to_upstream();
+    let (addr, since) = (relay.addr, first[5].clone());
+    // Memory holds only the newest 20: the resume from the 6th reads Valkey.
+    let resume = std::thread::spawn(move || {
+        let mut conn = common::Conn::connect(addr);
+        let body = json!({"topics": [topic], "since": {topic: since}, "limit": 5, "timeout": 5});
+        let resp = conn.request("POST", "/messages/poll", Some(body.to_string().as_bytes()));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        resp.json()
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.bytes_to_upstream() > sent),
+        "the resume sent nothing to Valkey"
+    );
+    publish_bulk(&relay, topic, 40, 300, None);
+    let body = resume.join().expect("resume");
+    let got = ids_of(&body);
+    if got.first() != Some(&first[6]) {
+        let gaps = body["gaps"].as_array().map_or(0, Vec::len);
+        assert_eq!(gaps, 1, "skipped {} without a gap: {body}", first[6]);
+    }
+    proxy.set(Fault::Pass);
+}

@@ -418,26 +418,25 @@ async fn replay_page(
     // Before the first await: the caller registered the interest just now, so everything
     // appended after this id is forwarded to the consumer.
     let last_id = shard.storage.last_id(topic);
-    let gap = match (query.check_gap, query.after) {
+    let page = if query.limit == 0 {
+        None
+    } else {
+        let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
+        page_query.max_bytes = query.max_bytes;
+        page_query.stop_at_expired = true;
+        shard
+            .storage
+            .read_nonempty(topic, &page_query, now_ms())
+            .await?
+    };
+    // Asked after the read, never before: a removal that lands between the two (another
+    // publish's `MAXLEN` trim, the write-behind catching up, a sweep) may have taken messages
+    // after `after` that the read then skipped, and only a check that comes later sees it.
+    // (Removals after the read make the verdict conservative: a gap where none was missed.)
+    let mut gap = match (query.check_gap, query.after) {
         (true, Some(after)) => shard.storage.gap_after(topic, after).await?,
         _ => None,
     };
-    if query.limit == 0 {
-        return Ok(ReplayPage {
-            messages: Vec::new(),
-            more: false,
-            gap,
-            last_id,
-        });
-    }
-    let mut page_query = PageQuery::new(query.after, Order::Asc, query.limit);
-    page_query.max_bytes = query.max_bytes;
-    page_query.stop_at_expired = true;
-    let page = shard
-        .storage
-        .read_nonempty(topic, &page_query, now_ms())
-        .await?;
-    let mut gap = gap;
     if let (Some(page), true) = (&page, query.check_gap && query.after.is_some()) {
         if let Some(reason) = page.removed_before.filter(|_| gap.is_none()) {
             gap = Some(GapInfo {

@@ -96,6 +96,36 @@ pub struct Delivery {
     pub at: Duration,
 }
 
+/// Where a session's losses sit: each missing message's send time and ttl, and the
+/// deliveries just around the first one (ids and arrival times), to tell a race from a hole.
+fn loss_context(ledger: &Ledger, t: &TopicLog, missing: &[MessageId]) -> String {
+    let list = ledger.acked(t.topic);
+    let mut out = String::from("; missing:");
+    for id in missing.iter().take(8) {
+        if let Some(&(_, seq)) = list.iter().find(|(i, _)| i == id) {
+            let m = &ledger.messages[seq as usize];
+            out += &format!(
+                " {} (seq {seq}, sent {} ms, ttl {:?})",
+                id_str(Some(*id)),
+                m.sent.as_millis(),
+                m.ttl
+            );
+        }
+    }
+    if let Some(first) = missing.first() {
+        let at = t
+            .deliveries
+            .iter()
+            .position(|d| d.id.is_some_and(|d| d > *first))
+            .unwrap_or(t.deliveries.len());
+        out += "; delivered around it:";
+        for d in &t.deliveries[at.saturating_sub(3)..(at + 3).min(t.deliveries.len())] {
+            out += &format!(" {} at {} ms,", id_str(d.id), d.at.as_millis());
+        }
+    }
+    out
+}
+
 /// One topic within a session.
 #[derive(Debug, Clone)]
 pub struct TopicLog {
@@ -493,7 +523,7 @@ fn judge_topic(
                 t.start,
                 t.deliveries.len(),
                 t.gaps.iter().map(gap_str).collect::<Vec<_>>()
-            ),
+            ) + &loss_context(ledger, t, &missing),
         ));
     } else if !missing.is_empty() {
         // Open sessions: only holes before something delivered are certain losses now;
