@@ -674,3 +674,103 @@ fn a_trim_between_a_resume_s_requests_is_reported_as_a_gap() {
     }
     proxy.set(Fault::Pass);
 }
+
+/// Publishes `n` messages `{"i": start + k, "pad": "x" × pad}` to `topic` in one bulk request;
+/// returns their ids in order.
+fn publish_padded(relay: &Server, topic: &str, start: usize, n: usize, pad: usize) -> Vec<String> {
+    let filler = "x".repeat(pad);
+    let items: Vec<Value> = (start..start + n)
+        .map(|i| json!({"topic": topic, "payload": {"i": i, "pad": filler}}))
+        .collect();
+    let resp = relay.post_json(
+        "/api/v1/messages/bulk",
+        &json!({ "messages": items }).to_string(),
+    );
+    let body = resp.json();
+    let refused: Vec<&Value> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter(|r| r["status"] != "accepted")
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["message_id"].as_str().expect("message_id").to_string())
+        .collect()
+}
+
+/// Bug (model checker seed 7061: buffered, count retention, large messages): one page read
+/// from Valkey in several round trips; a `MAXLEN` trim landing between two of them removed
+/// entries after the first round's last, and the page went on after the hole with no gap
+/// (37 to 76 messages). Entries of 100 KB make a page take several rounds; the proxy delays
+/// every chunk by 400 ms, and a bulk acknowledged during the first round trims the stream
+/// (it keeps 50) before the second. Every message of the answer follows the one before it,
+/// or a gap that names it.
+#[test]
+fn a_trim_between_the_round_trips_of_one_page_is_reported_as_a_gap() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let upstream: std::net::SocketAddr = format!("{}:{}", valkey.host(), valkey.port)
+        .parse()
+        .expect("valkey address");
+    let proxy = FaultProxy::start(upstream);
+    let port = proxy.port().to_string();
+    let relay = valkey.start_relay(
+        "durability:\n  ack: buffered\nstorage:\n  max_messages_per_topic: 50\n\
+         hot_tier:\n  max_messages: 5\nhttp:\n  max_body_bytes: 16MiB\n\
+         valkey:\n  command_timeout: 5s\n",
+        &[("VALKEY_PORT", port.as_str())],
+    );
+    let topic = "round-trim-race";
+    let mut acked = publish_padded(&relay, topic, 0, 40, 100_000);
+    assert!(
+        eventually(Duration::from_secs(10), || valkey.xlen(&stream_key(topic))
+            == 40),
+        "the first 40 were not written"
+    );
+    proxy.set(Fault::Delay(Duration::from_millis(400)));
+    let sent = proxy.bytes_to_upstream();
+    let (addr, since) = (relay.addr, acked[0].clone());
+    // Memory holds only the newest 5: the resume reads Valkey, about 10 entries a round.
+    let resume = std::thread::spawn(move || {
+        let mut conn = common::Conn::connect(addr);
+        let body = json!({"topics": [topic], "since": {topic: since}, "limit": 30, "timeout": 5});
+        let resp = conn.request("POST", "/messages/poll", Some(body.to_string().as_bytes()));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        resp.json()
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.bytes_to_upstream() > sent),
+        "the resume sent nothing to Valkey"
+    );
+    acked.extend(publish_padded(&relay, topic, 40, 40, 100_000));
+    let body = resume.join().expect("resume");
+    proxy.set(Fault::Pass);
+    let got = ids_of(&body);
+    assert!(!got.is_empty(), "{body}");
+    let gaps: Vec<&str> = body["gaps"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|g| g["requested"].as_str()).collect())
+        .unwrap_or_default();
+    let mut previous = acked[0].as_str();
+    for id in &got {
+        let at = acked
+            .iter()
+            .position(|a| a == id)
+            .expect("an acknowledged id");
+        let follows = acked[at - 1] == previous;
+        assert!(
+            follows || gaps.contains(&previous),
+            "{id} came after {previous} with no gap naming it; gaps after {gaps:?}"
+        );
+        previous = id.as_str();
+    }
+}

@@ -458,6 +458,15 @@ async fn replay_page(
             gap.oldest_available = page.messages.first().map(|m| m.id);
         }
     }
+    tracing::debug!(
+        topic,
+        after = ?query.after,
+        first = ?page.as_ref().and_then(|p| p.messages.first()).map(|m| m.id),
+        last = ?page.as_ref().and_then(|p| p.messages.last()).map(|m| m.id),
+        more = page.as_ref().is_some_and(|p| p.next_cursor.is_some()),
+        gap = ?gap,
+        "replay page"
+    );
     Ok(match page {
         Some(page) => ReplayPage {
             more: page.next_cursor.is_some(),

@@ -36,6 +36,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // For post-mortems: the relay's log and Valkey's files stay where they were.
+        if std::env::var_os("LOADGEN_CHECK_KEEP").is_some() {
+            eprintln!("check: kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -186,8 +191,10 @@ impl Drop for Relay {
 /// The YAML configuration of `setup` (Valkey on `valkey_port` when the backend is Valkey).
 pub fn config_yaml(setup: &Setup, valkey_port: Option<u16>) -> String {
     let mut y = String::new();
+    // `LOADGEN_CHECK_RELAY_LOG=debug` (with `LOADGEN_CHECK_KEEP`) for post-mortems.
+    let log_level = std::env::var("LOADGEN_CHECK_RELAY_LOG").unwrap_or_else(|_| "warn".into());
     y.push_str(&format!(
-        "listen: \"127.0.0.1:0\"\nshards: {}\nlog_level: warn\n",
+        "listen: \"127.0.0.1:0\"\nshards: {}\nlog_level: {log_level}\n",
         setup.shards
     ));
     // Bulk bodies up to the checker's own cap, with room to spare.
