@@ -38,7 +38,9 @@
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
-//!   behind which backends live, and the Valkey Streams tier (commands, replies, retention).
+//!   behind which backends live, and the Valkey Streams tier ([`store::valkey`], one file a
+//!   concern: the entry format, persisted publishes, the buffered write-behind, page reads,
+//!   removals and gap verdicts, retention, topic discovery, server checks).
 //! - [`delivery`]: what every real-time transport shares: bounded queues (sinks), the
 //!   per-shard subscriber registry, cross-shard fan-out fed by storage's append feed,
 //!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer.

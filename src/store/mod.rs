@@ -14,7 +14,9 @@
 //!   [`message::Message`], and the JSON form every delivery path shares.
 //! - [`feed`]: the append feed, storage's one report of what it appended, for delivery.
 //! - [`hot_tier`]: per-topic ordered logs with count, age and byte-budget retention.
-//! - [`valkey`]: the Valkey Streams tier: commands, reply parsing, discovery, retention sweep.
+//! - [`valkey`]: the Valkey Streams tier, split by concern: the entry format, persisted
+//!   publishes and their reorder queue, the buffered write-behind, page reads, removals and
+//!   gap verdicts, retention (trim, sweep), topic discovery, server checks.
 
 pub mod feed;
 pub mod hot_tier;

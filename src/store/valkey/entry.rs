@@ -1,0 +1,208 @@
+//! The stream entry format: how a message is written as an XADD (`payload`, `timestamp`,
+//! optionally `metadata` and `ttl` in seconds; the entry id is the message id) and how an
+//! entry is read back as a message, including the entries the Python relay wrote.
+//!
+//! Does not decide when a message is written (`publish.rs`, `behind.rs`) nor whether an entry
+//! read back is still live (`retention.rs`).
+
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+
+use super::{command, ValkeyTier};
+use crate::store::message::{write_rfc3339_millis, Message, MessageId};
+use crate::store::PublishItem;
+use crate::valkey::{Command, Reply};
+
+impl ValkeyTier {
+    /// `XADD <key> MAXLEN ~ <n> <id|*> payload <json> timestamp <rfc3339> [metadata <json>] [ttl <s>]`
+    pub(super) fn encode_xadd(
+        &self,
+        item: &PublishItem,
+        id: Option<MessageId>,
+        timestamp_ms: u64,
+    ) -> Command {
+        let key = self.stream_key.render(&item.topic);
+        // The timestamp and the id text share one small buffer and the argument list lives
+        // on the stack: this runs once per persisted message, and each allocation saved
+        // here is a malloc/free pair on the publish path.
+        let mut text = Vec::with_capacity(48);
+        write_rfc3339_millis(&mut text, timestamp_ms);
+        let ts_end = text.len();
+        match id {
+            Some(id) => id.write_to(&mut text),
+            None => text.push(b'*'),
+        }
+        let (ts, id_text) = text.split_at(ts_end);
+        let ttl_text = item.ttl_ms.map(format_ttl_seconds);
+        let mut args: [&[u8]; 14] = [
+            b"XADD",
+            key.as_bytes(),
+            b"MAXLEN",
+            b"~",
+            self.max_len.as_bytes(),
+            id_text,
+            b"payload",
+            &item.payload,
+            b"timestamp",
+            ts,
+            b"",
+            b"",
+            b"",
+            b"",
+        ];
+        let mut len = 10;
+        if let Some(metadata) = &item.metadata {
+            args[len] = b"metadata";
+            args[len + 1] = metadata;
+            len += 2;
+        }
+        if let Some(ttl) = &ttl_text {
+            args[len] = b"ttl";
+            args[len + 1] = ttl.as_bytes();
+            len += 2;
+        }
+        command(&args[..len]).routed(item.topic.as_bytes())
+    }
+}
+
+/// `ttl` field text: seconds, with millisecond precision only when needed.
+fn format_ttl_seconds(ttl_ms: u64) -> String {
+    if ttl_ms.is_multiple_of(1000) {
+        (ttl_ms / 1000).to_string()
+    } else {
+        format!("{}.{:03}", ttl_ms / 1000, ttl_ms % 1000)
+    }
+}
+
+/// Entries of an XRANGE/XREVRANGE reply, skipping any that do not parse.
+pub fn parse_entries(reply: &Reply) -> Vec<(MessageId, Message)> {
+    match reply {
+        Reply::Array(entries) => entries.iter().filter_map(parse_entry).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// One stream entry `[id, [field, value, ...]]` as a message. Entries written by the Python
+/// relay (fields `message_id`, `payload`, `timestamp` without a zone, `metadata`) parse too.
+pub fn parse_entry(entry: &Reply) -> Option<(MessageId, Message)> {
+    let Reply::Array(parts) = entry else {
+        return None;
+    };
+    let [id, fields] = parts.as_slice() else {
+        return None;
+    };
+    let id: MessageId = id.as_str()?.parse().ok()?;
+    let Reply::Array(fields) = fields else {
+        return None;
+    };
+    let mut payload = None;
+    let mut timestamp_ms = None;
+    let mut metadata = None;
+    let mut ttl_ms = None;
+    for pair in fields.chunks(2) {
+        let [name, value] = pair else { continue };
+        let (Some(name), Some(value)) = (name.as_bytes(), value.as_bytes()) else {
+            continue;
+        };
+        match name {
+            // The reply's own buffer (the codec copied it out of the read buffer already):
+            // no second copy of every payload.
+            b"payload" => payload = Some(field_bytes(&pair[1], value)),
+            b"timestamp" => {
+                timestamp_ms = std::str::from_utf8(value).ok().and_then(parse_timestamp_ms)
+            }
+            b"metadata" => {
+                metadata = Some(field_bytes(&pair[1], value)).filter(|m| m.as_ref() != b"null")
+            }
+            b"ttl" => {
+                ttl_ms = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(|s| (s * 1000.0).ceil() as u64)
+            }
+            _ => {}
+        }
+    }
+    let timestamp_ms = timestamp_ms.unwrap_or(id.ms);
+    Some((
+        id,
+        Message {
+            id,
+            timestamp_ms,
+            expires_at_ms: ttl_ms.map(|t| timestamp_ms.saturating_add(t)),
+            payload: payload?,
+            metadata,
+        },
+    ))
+}
+
+/// A field value as `Bytes`, sharing the reply's buffer when it is a bulk string.
+fn field_bytes(reply: &Reply, value: &[u8]) -> Bytes {
+    match reply {
+        Reply::Bulk(b) => b.clone(),
+        _ => Bytes::copy_from_slice(value),
+    }
+}
+
+/// RFC 3339 with or without a zone (the Python relay wrote naive UTC times).
+fn parse_timestamp_ms(text: &str) -> Option<u64> {
+    let parsed = humantime::parse_rfc3339(text)
+        .or_else(|_| humantime::parse_rfc3339_weak(text))
+        .or_else(|_| humantime::parse_rfc3339_weak(&format!("{text}Z")))
+        .ok()?;
+    let ms = parsed.duration_since(UNIX_EPOCH).ok()?.as_millis();
+    u64::try_from(ms).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Reply {
+        Reply::Bulk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn parses_entries_of_both_relays() {
+        let ours = Reply::Array(vec![
+            bulk("1700000000000-1"),
+            Reply::Array(vec![
+                bulk("payload"),
+                bulk("{\"a\":1}"),
+                bulk("timestamp"),
+                bulk("2023-11-14T22:13:20.000Z"),
+                bulk("ttl"),
+                bulk("1.5"),
+            ]),
+        ]);
+        let (id, m) = parse_entry(&ours).expect("entry");
+        assert_eq!(id, MessageId::new(1_700_000_000_000, 1));
+        assert_eq!(&m.payload[..], b"{\"a\":1}");
+        assert_eq!(m.timestamp_ms, 1_700_000_000_000);
+        assert_eq!(m.expires_at_ms, Some(1_700_000_001_500));
+        let python = Reply::Array(vec![
+            bulk("1700000000000-0"),
+            Reply::Array(vec![
+                bulk("message_id"),
+                bulk("msg_abc"),
+                bulk("payload"),
+                bulk("{\"k\":\"v\"}"),
+                bulk("timestamp"),
+                bulk("2023-11-14T22:13:20"),
+                bulk("metadata"),
+                bulk("{\"source\":\"api\"}"),
+            ]),
+        ]);
+        let (_, m) = parse_entry(&python).expect("python entry");
+        assert_eq!(m.timestamp_ms, 1_700_000_000_000);
+        assert_eq!(m.metadata.as_deref(), Some(&b"{\"source\":\"api\"}"[..]));
+    }
+
+    #[test]
+    fn ttl_text_round_trips() {
+        assert_eq!(format_ttl_seconds(3_600_000), "3600");
+        assert_eq!(format_ttl_seconds(1_500), "1.500");
+    }
+}

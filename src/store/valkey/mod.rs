@@ -1,0 +1,281 @@
+//! The Valkey Streams persistent tier: what the hot tier sits in front of with
+//! `STORAGE_BACKEND=valkey`.
+//!
+//! Owns the mapping between the relay's model and Valkey's: one stream per topic (key from
+//! `valkey.stream_key`), one entry per message with the fields `payload`, `timestamp`, and
+//! optionally `metadata` and `ttl` (seconds); the entry id is the message id. It builds the
+//! commands, parses the replies, discovers topics with `SCAN`, and runs the retention sweep.
+//! It does not own the connection (that is [`crate::valkey::Client`], which batches whatever
+//! the shard's tasks queue into one pipeline: the group commit) nor the hot tier (owned by
+//! [`super::Storage`], which decides when a read can be served from memory).
+//!
+//! This file holds [`ValkeyTier`] itself: its state (what it caches about each topic: known
+//! topics, lengths, in-flight publishes, the buffered backlog), its metrics snapshot, and the
+//! command helpers every part shares. The operations live beside it, one concern a file:
+//! - `entry.rs`: the stream entry format: a message as XADD fields, and entries parsed back
+//!   (also those the Python relay wrote).
+//! - `publish.rs`: `ack: persisted` publishes and the per-topic reorder queue.
+//! - `behind.rs`: `ack: buffered`: ids chosen here, the write-behind backlog and its writer.
+//! - `read.rs`: page reads (range reads with an adaptive COUNT, skipping expired entries).
+//! - `removal.rs`: exact head cuts and topic deletes, the removal record they leave in the
+//!   topic's meta hash, and the gap verdict read from it.
+//! - `retention.rs`: count, age and ttl retention: the trim endpoint and the sweep.
+//! - `discovery.rs`: which of this shard's topics exist (`SCAN`) and their stats (`XINFO`).
+//! - `server.rs`: `INFO`, and the server settings that could lose acknowledged messages.
+//!
+//! Ordering: every command touching a topic's keys is [routed](crate::valkey::Command::routed)
+//! by the topic, so all of them travel over one connection of the shard's client (however
+//! many it has) in submission order, and Valkey assigns ids in arrival order: a topic's
+//! replies come back in id order, and explicit ids (`ack: buffered`) arrive increasing. The
+//! per-topic reorder queue (`publish.rs`) makes the hot tier see them in that order even
+//! though the publishing tasks resume in whatever order the executor picks. A `MULTI`/`EXEC`
+//! block is routed by its topic as a whole, so it never straddles connections.
+//!
+//! Gap detection: Valkey's `max-deleted-entry-id` moves only on `XDEL`, so the relay records
+//! what it removes itself in the topic's meta hash and removes heads by exact cuts;
+//! [`ValkeyTier::gap_after`] compares that record with `XINFO STREAM` (`removal.rs` says
+//! where that is exact and where conservative).
+//!
+//! `ack = buffered`: acknowledged messages wait in a bounded write-behind backlog that one
+//! writer task per shard sends oldest first, retrying failed batches with the same ids.
+
+mod behind;
+mod discovery;
+mod entry;
+mod publish;
+mod read;
+mod removal;
+mod retention;
+mod server;
+
+pub use entry::{parse_entries, parse_entry};
+pub use read::ReadSource;
+pub use retention::sweep_period;
+pub use server::ServerInfo;
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::SystemTime;
+
+use super::message::MessageId;
+use super::StoreError;
+use crate::config::{AckMode, KeyTemplate};
+use crate::valkey::{Client, Command, Reply, ValkeyError};
+use behind::Behind;
+use publish::Slot;
+
+/// The Valkey side of one shard's storage.
+pub struct ValkeyTier {
+    pub client: Rc<Client>,
+    stream_key: KeyTemplate,
+    meta_key: KeyTemplate,
+    /// `MAXLEN ~` bound on every XADD (`storage.max_messages_per_topic`).
+    max_len: String,
+    max_len_n: u64,
+    retention_ms: u64,
+    pub ack: AckMode,
+    shard: usize,
+    shards: usize,
+    /// Topics this shard owns that exist in Valkey: found by SCAN or written since start.
+    /// Sorted, so listing needs no extra sort.
+    known: RefCell<BTreeSet<String>>,
+    /// Whether one full SCAN has completed since start: listing topics waits for it, so a
+    /// relay restarted over existing streams lists them at once.
+    discovered: std::cell::Cell<bool>,
+    /// Stream lengths as last seen (XLEN/XINFO) plus appends since: the `total` of history
+    /// pages served from memory, which must not cost a round trip.
+    lengths: RefCell<HashMap<String, usize>>,
+    /// Per topic, publishes whose XADD is in flight, in submission order (see `publish.rs`).
+    in_flight: RefCell<HashMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
+    /// Commands issued, by name (the `relay_valkey_operations_total` metric).
+    ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
+    /// Buffered mode only: the last id handed out per topic (ids are chosen here so the
+    /// producer can be answered before Valkey replies), and whether it has been checked
+    /// against the stream's last id since the last write-behind failure (`false`: read the
+    /// stream's last id again before the next id; see [`ValkeyTier::assign_buffered_ids`]).
+    buffered_last: RefCell<HashMap<String, (MessageId, bool)>>,
+    /// Buffered mode only: acknowledged messages not yet stored, oldest first (see
+    /// [`ValkeyTier::enqueue_behind`]).
+    behind: RefCell<Behind>,
+}
+
+impl ValkeyTier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Rc<Client>,
+        stream_key: KeyTemplate,
+        meta_key: KeyTemplate,
+        max_len: usize,
+        retention_ms: u64,
+        ack: AckMode,
+        shard: usize,
+        shards: usize,
+        max_behind: usize,
+    ) -> ValkeyTier {
+        ValkeyTier {
+            client,
+            stream_key,
+            meta_key,
+            max_len: max_len.to_string(),
+            max_len_n: u64::try_from(max_len).unwrap_or(u64::MAX),
+            retention_ms,
+            ack,
+            shard,
+            shards,
+            known: RefCell::new(BTreeSet::new()),
+            discovered: std::cell::Cell::new(false),
+            lengths: RefCell::new(HashMap::new()),
+            in_flight: RefCell::new(HashMap::new()),
+            buffered_last: RefCell::new(HashMap::new()),
+            behind: RefCell::new(Behind::new(max_behind)),
+            ops: RefCell::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    fn count(&self, op: &'static str, n: usize) {
+        *self.ops.borrow_mut().entry(op).or_insert(0) += n as u64;
+    }
+
+    /// Operation counts, failures by kind and pipeline batch sizes, for `/metrics`.
+    pub fn snapshot(&self) -> crate::metrics::ValkeySnapshot {
+        let stats = self.client.stats();
+        let mut errors = std::collections::BTreeMap::new();
+        for (kind, n) in [
+            ("connection_lost", stats.failed_connection_lost),
+            (
+                "timeout",
+                stats.failed_timeout_in_flight + stats.failed_timeout_queued,
+            ),
+            ("protocol", stats.failed_protocol),
+            ("backpressure", stats.rejected_backpressure),
+            ("error_reply", stats.error_replies),
+            ("connect", stats.connect_failures),
+            ("auth", stats.auth_failures),
+            ("tls", stats.tls_failures),
+            ("buffered_retry", self.behind.borrow().retries),
+            ("buffered_lost", self.behind.borrow().lost),
+        ] {
+            errors.insert(kind.to_owned(), n);
+        }
+        crate::metrics::ValkeySnapshot {
+            operations: self
+                .ops
+                .borrow()
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            errors,
+            batch_sizes: self.client.batch_histogram(),
+            pending: self.client.pending(),
+            connected: self.client.is_connected(),
+        }
+    }
+
+    fn note_written(&self, topic: &str) {
+        if !self.known.borrow().contains(topic) {
+            self.known.borrow_mut().insert(topic.to_owned());
+        }
+        // Look up before `entry`: an owned key (an allocation) only for a new topic.
+        let mut lengths = self.lengths.borrow_mut();
+        match lengths.get_mut(topic) {
+            Some(n) => *n += 1,
+            None => {
+                lengths.insert(topic.to_owned(), 1);
+            }
+        }
+    }
+
+    /// The stream length last seen plus appends since (no round trip).
+    pub fn cached_length(&self, topic: &str) -> Option<usize> {
+        self.lengths.borrow().get(topic).copied()
+    }
+
+    /// Drops what this tier caches about a topic that no longer exists.
+    fn forget(&self, topic: &str) {
+        self.known.borrow_mut().remove(topic);
+        self.lengths.borrow_mut().remove(topic);
+        self.buffered_last.borrow_mut().remove(topic);
+    }
+}
+
+fn store_error(e: ValkeyError) -> StoreError {
+    match e {
+        ValkeyError::Server(message) => StoreError::Rejected(message),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// A pipeline answered fewer replies than commands (cannot happen with a healthy client).
+fn missing_reply() -> Result<Reply, ValkeyError> {
+    Err(ValkeyError::Protocol(
+        crate::valkey::ProtocolError::Malformed("missing reply".into()),
+    ))
+}
+
+/// Valkey's answer to XINFO on a missing key.
+fn is_no_such_key(e: &ValkeyError) -> bool {
+    matches!(e, ValkeyError::Server(m) if m.contains("no such key"))
+}
+
+/// Encodes one command. Every call site passes a literal, non-empty argument list, the only
+/// thing `Command::new` refuses.
+/// A command on `topic`'s keys, routed by the topic (see the module doc: ordering).
+fn on(topic: &str, args: &[&[u8]]) -> Command {
+    command(args).routed(topic.as_bytes())
+}
+
+fn command(args: &[&[u8]]) -> Command {
+    Command::new(args).expect("commands built here are never empty")
+}
+
+#[allow(dead_code)]
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+/// What the tests of the parts that talk to a real Valkey share.
+#[cfg(test)]
+mod test_support {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::store::PublishItem;
+
+    /// A single-shard tier on a fresh Valkey (run inside `run_local`).
+    pub(super) fn tier_on(
+        server: &crate::valkey::testing::ValkeyServer,
+    ) -> crate::valkey::ClientConfig {
+        crate::valkey::ClientConfig {
+            connect: server.config(),
+            ..crate::valkey::ClientConfig::default()
+        }
+    }
+
+    pub(super) fn new_tier(
+        config: crate::valkey::ClientConfig,
+        retention_ms: u64,
+    ) -> Rc<ValkeyTier> {
+        let client = Client::start(config).expect("client");
+        Rc::new(ValkeyTier::new(
+            client,
+            KeyTemplate::parse("s:{topic}").expect("template"),
+            KeyTemplate::parse("m:{topic}").expect("template"),
+            1_000_000,
+            retention_ms,
+            AckMode::Persisted,
+            0,
+            1,
+            1000,
+        ))
+    }
+
+    pub(super) fn item(topic: &str, payload_len: usize, ttl_ms: Option<u64>) -> PublishItem {
+        PublishItem {
+            topic: topic.to_owned(),
+            payload: Bytes::from(format!("\"{}\"", "x".repeat(payload_len))),
+            metadata: None,
+            ttl_ms,
+        }
+    }
+}
