@@ -84,8 +84,21 @@ impl ValkeyTier {
             }
             let want = query.limit.saturating_sub(messages.len());
             let count = round_count(want, query.max_bytes.saturating_sub(bytes), entry_size);
-            let count_text = count.to_string();
-            let bound = cursor.map(|c| format!("({c}"));
+            // Rounds after the first start AT the last entry scanned, not after it: a trim
+            // between two rounds (a `MAXLEN` of another publish, the write-behind, a sweep)
+            // would otherwise leave a hole inside the page that no gap check sees. Removals
+            // other than foreign `XDEL`s take a stream's head, so while that entry is still
+            // there nothing after it has gone; once it is gone the page ends at it, and the
+            // next page's read (then its gap check) starts from there.
+            let overlap = usize::from(round > 0 && cursor.is_some());
+            let count_text = (count + overlap).to_string();
+            let bound = cursor.map(|c| {
+                if overlap == 1 {
+                    c.to_string()
+                } else {
+                    format!("({c}")
+                }
+            });
             let (cmd, start, end): (&[u8], &str, &str) = match query.order {
                 Order::Asc => (b"XRANGE", bound.as_deref().unwrap_or("-"), "+"),
                 Order::Desc => (b"XREVRANGE", bound.as_deref().unwrap_or("+"), "-"),
@@ -128,7 +141,15 @@ impl ValkeyTier {
                     .unwrap_or_else(missing_reply)
             };
             // Parsed entries share the reply's payload buffers; the reply's frames go now.
-            let entries = parse_entries(&range_reply.map_err(store_error)?);
+            let mut entries = parse_entries(&range_reply.map_err(store_error)?);
+            if overlap == 1 {
+                if entries.first().map(|(id, _)| *id) != cursor {
+                    // The boundary left the stream between the rounds.
+                    more_remain = true;
+                    break;
+                }
+                entries.remove(0);
+            }
             let fetched = entries.len();
             let mut fetched_bytes = 0usize;
             let had = messages.len();
