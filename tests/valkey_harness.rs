@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::valkey::{rfc3339_from_ms, ValkeyOpts, ValkeyServer};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use common::valkey::{free_port, rfc3339_from_ms, ValkeyOpts, ValkeyServer};
 use serde_json::json;
 
 #[test]
@@ -74,5 +77,41 @@ fn rfc3339_formatting_matches_known_instants() {
     assert_eq!(
         rfc3339_from_ms(4_107_542_399_999),
         "2100-02-28T23:59:59.999Z"
+    );
+}
+
+/// The port handed to the first start attempt of the test below (0 once used).
+static TAKEN_PORT: AtomicU16 = AtomicU16::new(0);
+
+#[test]
+fn a_start_that_finds_its_port_taken_retries_on_another() {
+    // Another process's socket on the port picked first; it accepts and closes at once, so
+    // the harness's PING against it fails fast instead of waiting for a reply.
+    let squatter = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr").port();
+    TAKEN_PORT.store(taken, Ordering::SeqCst);
+    std::thread::spawn(move || {
+        for conn in squatter.incoming() {
+            drop(conn);
+        }
+    });
+    fn pick() -> u16 {
+        match TAKEN_PORT.swap(0, Ordering::SeqCst) {
+            0 => free_port(),
+            port => port,
+        }
+    }
+    let valkey = ValkeyServer::start_on_port_from(ValkeyOpts::default(), pick);
+    assert_ne!(valkey.port, taken);
+    assert_eq!(
+        TAKEN_PORT.load(Ordering::SeqCst),
+        0,
+        "the taken port was tried"
+    );
+    assert_eq!(valkey.cli(&["PING"]).trim(), "PONG");
+    assert!(
+        valkey.log().contains("Address already in use"),
+        "{}",
+        valkey.log()
     );
 }

@@ -8,7 +8,8 @@
 //! number of (pipelined) responses — or report a dead connection instead of panicking. Does
 //! not own: any knowledge of the server's internals — everything here goes through the
 //! documented CLI, config file, environment and wire protocol. Valkey for the tests of the
-//! Valkey backend is in [`valkey`].
+//! Valkey backend is in [`valkey`]; a Valkey Cluster in [`cluster`], a Sentinel-watched master
+//! and replica in [`sentinel`], several relays on one Valkey in [`fleet`].
 //!
 //! Every socket read has a timeout, so a hung server fails the test with a message instead of
 //! hanging the suite.
@@ -16,8 +17,11 @@
 // Each integration-test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod fault_proxy;
+pub mod fleet;
 pub mod hostile;
+pub mod sentinel;
 pub mod sse;
 pub mod valkey;
 pub mod ws;

@@ -28,6 +28,11 @@ use super::{Conn, RelayOpts, Response, Server};
 /// Valkey starts in milliseconds; reloading a small AOF too. 10 s absorbs a loaded CI machine.
 const VALKEY_READY_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How often a start that lost its port to another process (bound between our check that it
+/// was free and Valkey's bind) is retried on a new port. Each test binary runs beside others
+/// that bind ports too, and a cluster takes two ports per node.
+const PORT_ATTEMPTS: usize = 5;
+
 /// No single `valkey-cli` call of these tests takes more than milliseconds; one stuck past this
 /// (say, against a stopped server) is killed and reported instead of hanging the suite.
 const CLI_DEADLINE: Duration = Duration::from_secs(10);
@@ -50,6 +55,10 @@ pub struct ValkeyOpts {
     pub tls: bool,
     /// Passed after everything else.
     pub extra_args: Vec<String>,
+    /// Run as a Sentinel (`valkey-server <conf> --sentinel`) with this configuration, written
+    /// to `sentinel.conf` in the server's directory on the first start. Sentinel rewrites that
+    /// file as it learns the topology, so a restart resumes from what it knew.
+    pub sentinel_conf: Option<String>,
 }
 
 impl Default for ValkeyOpts {
@@ -61,6 +70,7 @@ impl Default for ValkeyOpts {
             requirepass: None,
             tls: false,
             extra_args: Vec::new(),
+            sentinel_conf: None,
         }
     }
 }
@@ -86,7 +96,8 @@ pub struct ValkeyServer {
     child: Option<Child>,
     /// The (TLS or plain) port; kept across restarts so the relay finds it again.
     pub port: u16,
-    /// Temp dir: `data/` (the `--dir`, AOF included), `tls/`, `valkey.log`. Removed on drop.
+    /// Temp dir: `data/` (the `--dir`, AOF and a cluster node's `nodes.conf` included), `tls/`,
+    /// `sentinel.conf`, `valkey.log`. Removed on drop.
     dir: PathBuf,
     opts: ValkeyOpts,
     /// `valkey-server`, or `redis-server` when only that is installed.
@@ -99,21 +110,42 @@ pub struct ValkeyServer {
 impl ValkeyServer {
     /// Starts Valkey on a free port and waits until it answers PING.
     pub fn start(opts: ValkeyOpts) -> ValkeyServer {
+        ValkeyServer::start_on_port_from(opts, free_port)
+    }
+
+    /// Starts Valkey on a port `pick_port` chooses (e.g. one whose cluster bus port, +10000, is
+    /// free too) and waits until it answers PING. A start that fails because another process
+    /// took the port first is retried on a new port.
+    pub fn start_on_port_from(opts: ValkeyOpts, pick_port: fn() -> u16) -> ValkeyServer {
         let (server_bin, cli_bin) = find_binaries();
         let dir = unique_temp_dir("pulsar-valkey-test");
         std::fs::create_dir_all(dir.join("data")).expect("create valkey data dir");
-        let tls = opts.tls.then(|| generate_server_tls(&dir.join("tls")));
+        // From here on the directory belongs to `server`: a panic drops it and removes it.
         let mut server = ValkeyServer {
             child: None,
-            port: free_port(),
+            port: 0,
             dir,
             opts,
             server_bin,
             cli_bin,
-            tls,
+            tls: None,
         };
-        server.spawn();
-        server
+        server.tls = server
+            .opts
+            .tls
+            .then(|| generate_server_tls(&server.dir.join("tls")));
+        if let Some(conf) = &server.opts.sentinel_conf {
+            std::fs::write(server.sentinel_conf_path(), conf).expect("write sentinel.conf");
+        }
+        for attempt in 1..=PORT_ATTEMPTS {
+            server.port = pick_port();
+            match server.try_spawn() {
+                Ok(()) => return server,
+                Err(StartFailure::PortTaken) if attempt < PORT_ATTEMPTS => continue,
+                Err(failure) => panic!("{}", failure.describe(&server)),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     pub fn host(&self) -> &'static str {
@@ -165,12 +197,32 @@ impl ValkeyServer {
         Server::start_opts(opts)
     }
 
+    /// `sentinel.conf` in the server's directory (only used in Sentinel mode).
+    fn sentinel_conf_path(&self) -> PathBuf {
+        self.dir.join("sentinel.conf")
+    }
+
+    /// Spawns the server on `self.port` and waits for PONG; panics when it does not come.
     fn spawn(&mut self) {
+        if let Err(failure) = self.try_spawn() {
+            panic!("{}", failure.describe(self));
+        }
+    }
+
+    /// Spawns the server on `self.port` and waits for PONG; a server that exits at start-up
+    /// is reported (and reaped), one that never answers panics.
+    fn try_spawn(&mut self) -> Result<(), StartFailure> {
         assert!(self.child.is_none(), "test bug: valkey is already running");
         let data = self.dir.join("data");
         let log = self.dir.join("valkey.log");
+        // The log is appended to across starts; only this start's part explains its failure.
+        let log_start = self.log().len();
         let port = self.port.to_string();
         let mut cmd = Command::new(&self.server_bin);
+        if self.opts.sentinel_conf.is_some() {
+            // The config file must be the first argument.
+            cmd.arg(self.sentinel_conf_path()).arg("--sentinel");
+        }
         match &self.tls {
             Some(tls) => {
                 cmd.args(["--port", "0", "--tls-port", &port])
@@ -215,24 +267,35 @@ impl ValkeyServer {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.server_bin.display()));
         self.child = Some(child);
-        self.await_pong();
+        self.await_pong(log_start)
     }
 
-    /// Waits until PING answers PONG (not LOADING, not refused).
-    fn await_pong(&mut self) {
+    /// Waits until PING answers PONG (not LOADING, not refused). `log_start`: where this
+    /// start's lines begin in the log.
+    fn await_pong(&mut self, log_start: usize) -> Result<(), StartFailure> {
         let deadline = Instant::now() + VALKEY_READY_DEADLINE;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    panic!(
-                        "valkey-server exited at start-up with {status}\nlog:\n{}",
-                        self.log()
-                    );
+                    let log = self.log();
+                    // Valkey logs this for the client port and the cluster bus port alike.
+                    if log
+                        .get(log_start..)
+                        .is_some_and(|l| l.contains("Address already in use"))
+                    {
+                        return Err(StartFailure::PortTaken);
+                    }
+                    return Err(StartFailure::Exited(status.to_string()));
                 }
             }
             let last = match self.try_cli(&["PING"]) {
-                Ok(out) if out.trim() == "PONG" => return,
+                // Another process's server on a port we lost answers PONG too, until our
+                // child notices the port is taken and exits: only our own PID counts.
+                Ok(out) if out.trim() == "PONG" => match self.answering_pid() {
+                    Some(pid) if Some(pid) == self.pid() => return Ok(()),
+                    other => format!("PONG from process {other:?}, not ours"),
+                },
                 Ok(out) => out,
                 Err(e) => e,
             };
@@ -247,13 +310,44 @@ impl ValkeyServer {
         }
     }
 
+    /// `process_id` from `INFO server` of whatever answers on this server's port.
+    fn answering_pid(&self) -> Option<u32> {
+        let info = self.try_cli(&["INFO", "server"]).ok()?;
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("process_id:"))
+            .and_then(|v| v.parse().ok())
+    }
+
     /// Valkey's log so far, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("valkey.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of the log under a header naming `label`, the port and whether
+    /// the process runs (for failure messages about a set of servers).
+    pub fn log_tail(&self, label: &str, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        format!(
+            "--- {label} (port {}, running: {}) ---\n{}\n",
+            self.port,
+            self.is_running(),
+            all[all.len().saturating_sub(lines)..].join("\n")
+        )
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// SIGTERM and wait for the exit: Valkey flushes its AOF on the way out.
@@ -298,6 +392,12 @@ impl ValkeyServer {
 
     /// Like [`ValkeyServer::cli`], returning the failure instead of panicking.
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        self.try_cli_within(args, CLI_DEADLINE)
+    }
+
+    /// Like [`ValkeyServer::try_cli`] with another deadline (for `--cluster create`, which
+    /// waits for the nodes to agree before it returns).
+    pub fn try_cli_within(&self, args: &[&str], within: Duration) -> Result<String, String> {
         let mut cmd = Command::new(&self.cli_bin);
         for name in CLI_AUTH_ENV {
             cmd.env_remove(name);
@@ -311,7 +411,7 @@ impl ValkeyServer {
             cmd.arg("--tls").arg("--cacert").arg(&tls.ca.cert);
         }
         cmd.args(args);
-        let output = run_with_deadline(cmd, CLI_DEADLINE)?;
+        let output = run_with_deadline(cmd, within)?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         if !output.status.success() {
             return Err(format!(
@@ -325,16 +425,21 @@ impl ValkeyServer {
 
     /// Runs a command with `--json` output and parses it; an error reply panics.
     pub fn cli_json(&self, args: &[&str]) -> Value {
+        self.try_cli_json(args)
+            .unwrap_or_else(|e| panic!("valkey-cli {args:?}: {e}"))
+    }
+
+    /// Like [`ValkeyServer::cli_json`], returning a failed call or an error reply (which
+    /// `valkey-cli` prints with exit status 0) instead of panicking.
+    pub fn try_cli_json(&self, args: &[&str]) -> Result<Value, String> {
         let mut full = vec!["--json"];
         full.extend_from_slice(args);
-        let out = self.cli(&full);
+        let out = self.try_cli(&full)?;
         let trimmed = out.trim();
-        assert!(
-            !trimmed.starts_with("error"),
-            "valkey-cli {args:?} returned an error: {trimmed}"
-        );
-        serde_json::from_str(trimmed)
-            .unwrap_or_else(|e| panic!("valkey-cli {args:?}: output is not JSON ({e}): {out:?}"))
+        if trimmed.starts_with("error") {
+            return Err(format!("error reply: {trimmed}"));
+        }
+        serde_json::from_str(trimmed).map_err(|e| format!("output is not JSON ({e}): {out:?}"))
     }
 
     /// `XLEN key` (0 when the key does not exist).
@@ -347,6 +452,43 @@ impl ValkeyServer {
     /// Every entry of a stream, oldest first (`XRANGE key - +`).
     pub fn xrange(&self, key: &str) -> Vec<StreamEntry> {
         parse_entries(&self.cli_json(&["XRANGE", key, "-", "+"]))
+    }
+
+    /// Waits until at least `min_replicas` replicas are attached to this master, online, and
+    /// have acknowledged its replication stream up to where it stood when called: what was
+    /// written before is on them. (`WAIT` would not do: it waits for the writes of its own
+    /// connection, and every CLI call is a new one.) Replicas acknowledge once a second.
+    pub fn await_replicas_in_sync(&self, min_replicas: usize) {
+        let offset_of = |line: &str, key: &str| -> Option<u64> {
+            line.split(',')
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+        };
+        let target: u64 = self
+            .info_field("replication", "master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("port {}: no master_repl_offset", self.port));
+        let mut last = Vec::new();
+        let synced = super::eventually(VALKEY_READY_DEADLINE, || {
+            last = self
+                .info("replication")
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("slave") && k[5..].parse::<u32>().is_ok())
+                .map(|(_, v)| v)
+                .collect();
+            let caught_up = last
+                .iter()
+                .filter(|l| l.contains("state=online"))
+                .filter(|l| offset_of(l, "offset=").is_some_and(|o| o >= target))
+                .count();
+            caught_up >= min_replicas
+        });
+        assert!(
+            synced,
+            "port {}: fewer than {min_replicas} replicas reached offset {target} within \
+             {VALKEY_READY_DEADLINE:?}: {last:?}",
+            self.port
+        );
     }
 
     /// `INFO <section>` as `name -> value` pairs.
@@ -374,6 +516,28 @@ impl Drop for ValkeyServer {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Why a `valkey-server` did not come up.
+enum StartFailure {
+    /// It exited because its port (or cluster bus port) was taken: retry on another.
+    PortTaken,
+    /// It exited for another reason (the exit status).
+    Exited(String),
+}
+
+impl StartFailure {
+    fn describe(&self, server: &ValkeyServer) -> String {
+        let why = match self {
+            StartFailure::PortTaken => "its port stayed taken".to_string(),
+            StartFailure::Exited(status) => format!("it exited with {status}"),
+        };
+        format!(
+            "valkey-server (port {}) did not start: {why}\nlog:\n{}",
+            server.port,
+            server.log()
+        )
     }
 }
 
@@ -531,8 +695,8 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// A port nothing listens on right now: bind port 0, read it, release it. Another process
-/// could take it before Valkey binds it; Valkey then fails to start and the test says so.
-fn free_port() -> u16 {
+/// could take it before Valkey binds it; [`ValkeyServer::start_on_port_from`] then retries.
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     let port = listener.local_addr().expect("local addr").port();
     // Never the default port of a Valkey someone may be running on this machine.
@@ -540,7 +704,7 @@ fn free_port() -> u16 {
     port
 }
 
-fn unique_temp_dir(prefix: &str) -> PathBuf {
+pub fn unique_temp_dir(prefix: &str) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     std::env::temp_dir().join(format!(
         "{prefix}-{}-{}",
