@@ -10,8 +10,10 @@
 //! listen address (`SO_REUSEPORT`), so the kernel spreads connections over the shards, and a
 //! shard serves every request on the connections it accepted. Topics are partitioned over the
 //! shards by a stable hash of their name: the *owning* shard holds the topic's state (its
-//! ordered log in the hot tier and its id sequence). A request for a topic another shard owns
-//! travels there as a typed [`shard::ShardRequest`]; the reply comes back on a oneshot channel.
+//! ordered log in the hot tier and its id sequence). Every operation on a topic is one async
+//! closure run on its owner by the owner-call [`shard::Shard::invoke_on`] (Seastar's
+//! `invoke_on`): at once when the owner is this shard, else through the owner's inbox, with the
+//! typed result coming back on a oneshot channel.
 //! Shard state is plain `!Send` data behind `RefCell`s: no locks and no shared atomics on the
 //! hot path. What must be seen by every shard (readiness, draining) lives in one small
 //! [`shard::RuntimeState`] that only start-up, shutdown and `/ready` touch.
@@ -32,8 +34,8 @@
 //! # Module map
 //!
 //! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`].
-//! - [`shard`]: per-core state, cross-shard messages, topic→shard routing, executor start-up
-//!   and the shutdown gate.
+//! - [`shard`]: per-core state, the owner-call between shards, topic→shard routing, executor
+//!   start-up and the shutdown gate.
 //! - [`net`]: the per-shard listener, the HTTP connection loop (timeouts, batching),
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
