@@ -2176,4 +2176,178 @@ mod tests {
             refused.shutdown().await;
         });
     }
+
+    /// A replica of `master`, once the master sees it online.
+    fn start_replica(master: &ValkeyServer) -> ValkeyServer {
+        let port = master.port.to_string();
+        let replica = ValkeyServer::start(&["--replicaof", "127.0.0.1", &port]);
+        let probe = master.config();
+        run_local(move || async move {
+            let mut conn = Connection::connect(&probe).await.expect("connect master");
+            let mut online = false;
+            for _ in 0..500 {
+                let info = conn.call(&[b"INFO", b"replication"]).await.expect("INFO");
+                if info.as_str().is_some_and(|i| i.contains("state=online")) {
+                    online = true;
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(online, "replica never came online");
+        });
+        replica
+    }
+
+    /// A write to a node that became a replica is answered `READONLY`: the caller gets
+    /// `NotMaster` (transient: not applied), and the connection is dropped and opened again
+    /// (with Sentinel, to the master named then); reads keep working.
+    #[test]
+    fn read_only_reply_is_not_master_and_reconnects() {
+        let master = ValkeyServer::start(&[]);
+        let replica = start_replica(&master);
+        let config = config_for(replica.config());
+        run_local(move || async move {
+            let client = start_all_connected(config).await;
+            let refused = client.call(&[b"SET", b"k", b"v"]).await;
+            assert!(
+                matches!(&refused, Err(ValkeyError::NotMaster(m)) if m.starts_with("READONLY")),
+                "{refused:?}"
+            );
+            assert!(refused
+                .as_ref()
+                .err()
+                .is_some_and(ValkeyError::is_transient));
+            assert!(eventually(Duration::from_secs(5), || client.stats().connects == 2).await);
+            let stats = client.stats();
+            assert_eq!(stats.not_master_replies, 1);
+            assert_eq!(stats.connections_lost, 1);
+            assert_eq!(
+                client.call(&[b"GET", b"k"]).await,
+                Ok(Reply::Nil),
+                "reads still go to the replica"
+            );
+            client.shutdown().await;
+        });
+    }
+
+    /// `ack: replicated`: everything queued before a batch goes out shares one WAIT at its
+    /// end, whose count every group gets; spanning two connections, one WAIT each. Without a
+    /// replica, WAIT answers 0 after its timeout.
+    #[test]
+    fn replicated_groups_share_one_wait_per_batch() {
+        let master = ValkeyServer::start(&[]);
+        let replica = start_replica(&master);
+        let wait = WaitFor {
+            replicas: 1,
+            timeout: Duration::from_millis(300),
+        };
+        let config = ClientConfig {
+            connections: 2,
+            wait_for: Some(wait),
+            ..config_for(master.config())
+        };
+        let lonely = ValkeyServer::start(&[]);
+        let lonely_config = ClientConfig {
+            wait_for: Some(wait),
+            ..config_for(lonely.config())
+        };
+        run_local(move || async move {
+            let client = start_all_connected(config).await;
+            // Queued at once: one batch per lane, each ending with one WAIT.
+            let calls: Vec<_> = (0..50)
+                .map(|i| {
+                    let key = format!("k{i}");
+                    let command = Command::new(&[b"SET", key.as_bytes(), b"v"])
+                        .expect("cmd")
+                        .routed(key.as_bytes());
+                    client.try_submit_replicated(&[command]).expect("queued")
+                })
+                .collect();
+            for call in calls {
+                let (replies, waits) = call.await;
+                assert!(replies[0].as_ref().is_ok_and(Reply::is_ok), "{replies:?}");
+                assert_eq!(waits, vec![Ok(Reply::Integer(1))]);
+            }
+            assert_eq!(client.stats().waits, 2, "one WAIT per lane's batch");
+            // One call spanning both lanes: split, each part with its own lane's WAIT.
+            let keys: Vec<String> = (0..20).map(|i| format!("split{i}")).collect();
+            let commands: Vec<Command> = keys
+                .iter()
+                .map(|k| {
+                    Command::new(&[b"INCR", k.as_bytes()])
+                        .expect("cmd")
+                        .routed(k.as_bytes())
+                })
+                .collect();
+            let (replies, waits) = client
+                .try_submit_replicated(&commands)
+                .expect("queued")
+                .await;
+            assert_eq!(replies, vec![Ok(Reply::Integer(1)); 20]);
+            assert_eq!(waits, vec![Ok(Reply::Integer(1)); 20]);
+            assert_eq!(client.stats().waits, 4);
+            // Plain submits never carry a WAIT.
+            let plain = client
+                .call_many(&[Command::new(&[b"SET", b"x", b"1"]).expect("cmd")])
+                .await;
+            assert!(plain[0].is_ok());
+            assert_eq!(client.stats().waits, 4);
+            client.shutdown().await;
+
+            let alone = start_all_connected(lonely_config).await;
+            let began = Instant::now();
+            let (replies, waits) = alone
+                .try_submit_replicated(&[Command::new(&[b"SET", b"k", b"v"]).expect("cmd")])
+                .expect("queued")
+                .await;
+            assert!(replies[0].is_ok());
+            assert_eq!(
+                waits,
+                vec![Ok(Reply::Integer(0))],
+                "no replica acknowledged"
+            );
+            assert!(began.elapsed() >= Duration::from_millis(300), "WAIT waited");
+            alone.shutdown().await;
+
+            let plain = start_all_connected(config_for(lonely.config())).await;
+            assert!(matches!(
+                plain.try_submit_replicated(&[Command::new(&[b"PING"]).expect("cmd")]),
+                Err(ValkeyError::Config(_))
+            ));
+            plain.shutdown().await;
+        });
+        drop(replica);
+    }
+
+    #[test]
+    fn wait_settings_are_checked() {
+        run_local(|| async {
+            for wait in [
+                WaitFor {
+                    replicas: 0,
+                    timeout: Duration::from_millis(100),
+                },
+                WaitFor {
+                    replicas: 1,
+                    timeout: Duration::ZERO,
+                },
+                WaitFor {
+                    replicas: 1,
+                    timeout: Duration::from_secs(5),
+                },
+            ] {
+                let config = ClientConfig {
+                    wait_for: Some(wait),
+                    ..ClientConfig::default()
+                };
+                assert!(
+                    matches!(
+                        Client::start(config).map(|_| ()),
+                        Err(ValkeyError::Config(_))
+                    ),
+                    "{wait:?}"
+                );
+            }
+        });
+    }
 }
