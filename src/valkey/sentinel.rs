@@ -133,6 +133,9 @@ struct TargetState {
     confirmed: bool,
     /// The resolver should ask the sentinels.
     wanted: bool,
+    /// The sentinel whose answer `master` is: asked last from now on if that answer turns
+    /// out to be a replica (a stale sentinel must not keep the relay from the master).
+    named_by: Option<NodeAddr>,
     /// The resolver task, while it waits for `wanted`.
     resolver: Option<Waker>,
     /// Drivers waiting for a confirmed master or a new generation.
@@ -165,6 +168,7 @@ impl Target {
                 generation: 0,
                 confirmed: true,
                 wanted: false,
+                named_by: None,
                 resolver: None,
                 waiters: Vec::new(),
             }),
@@ -208,6 +212,7 @@ impl Target {
                 generation: 0,
                 confirmed: false,
                 wanted: true,
+                named_by: None,
                 resolver: None,
                 waiters: Vec::new(),
                 stats: TargetStats::default(),
@@ -266,13 +271,22 @@ impl Target {
     /// A connection to the master of `generation` failed (connect refused, a replica by
     /// `ROLE` or `READONLY`, lost, timed out): with Sentinel, new connections wait until the
     /// sentinels have been asked again. A report about an older generation is stale: ignored.
+    /// A node that is not a master makes the sentinel that named it the last one asked.
     pub fn suspect(&self, generation: u64, why: &ValkeyError) {
-        if self.sentinel.is_none() {
+        let Some(link) = &self.sentinel else {
             return;
-        }
+        };
         let mut state = self.state.borrow_mut();
         if state.generation != generation || !state.confirmed {
             return;
+        }
+        if let (ValkeyError::NotMaster(_), Some(stale)) = (why, &state.named_by) {
+            let mut order = link.order.borrow_mut();
+            if let Some(at) = order.iter().position(|s| s == stale) {
+                let last = order.remove(at);
+                tracing::warn!(client = %self.client_name, sentinel = %last, master = ?state.stats.master, "the sentinel named a node that is not a master; asking it last");
+                order.push(last);
+            }
         }
         tracing::debug!(client = %self.client_name, master = ?state.stats.master, error = %why, "asking the sentinels for the master again");
         state.confirmed = false;
@@ -305,11 +319,13 @@ impl Target {
         })
     }
 
-    /// The sentinels named `addr` (`source` says how, for the log): connections go there from
-    /// now on, and those to another address are dropped. Returns whether the address changed.
-    fn settle(&self, addr: NodeAddr, source: &str) -> bool {
+    /// The sentinels named `addr` (`source` says how, for the log; `named_by` which sentinel
+    /// answered, when asked): connections go there from now on, and those to another address
+    /// are dropped. Returns whether the address changed.
+    fn settle(&self, addr: NodeAddr, source: &str, named_by: Option<NodeAddr>) -> bool {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
+        state.named_by = named_by;
         let changed = state.master.as_ref() != Some(&addr);
         if changed {
             match &state.master {
@@ -366,7 +382,7 @@ impl Target {
             return;
         };
         if let Some(new) = parse_switch_master(text, &link.master_name) {
-            self.settle(new, "+switch-master");
+            self.settle(new, "+switch-master", None);
         }
     }
 }
@@ -411,8 +427,8 @@ fn parse_master_addr(reply: &Reply, master_name: &str) -> Result<NodeAddr, Valke
 
 impl SentinelLink {
     /// Asks each sentinel in turn for the master; the first answer wins and its sentinel goes
-    /// first next time.
-    async fn ask_master(&self) -> Result<NodeAddr, ValkeyError> {
+    /// first next time. Returns the master and who named it.
+    async fn ask_master(&self) -> Result<(NodeAddr, NodeAddr), ValkeyError> {
         let candidates = self.order.borrow().clone();
         let mut errors = Vec::new();
         for (i, sentinel) in candidates.iter().enumerate() {
@@ -425,7 +441,7 @@ impl SentinelLink {
                             order.insert(0, first);
                         }
                     }
-                    return Ok(master);
+                    return Ok((master, sentinel.clone()));
                 }
                 Err(e) => errors.push(format!("{sentinel}: {e}")),
             }
@@ -511,8 +527,8 @@ async fn run_resolver(target: Rc<Target>) {
             streak = 0;
         }
         match link.ask_master().await {
-            Ok(master) => {
-                if target.settle(master, "sentinel") {
+            Ok((master, sentinel)) => {
+                if target.settle(master, "sentinel", Some(sentinel)) {
                     streak = 0;
                 } else {
                     streak = streak.saturating_add(1);

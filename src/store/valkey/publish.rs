@@ -126,9 +126,10 @@ impl ValkeyTier {
             if message.is_ok() {
                 self.note_written(&item.topic);
             }
-            *slot.borrow_mut() = Slot::Done(message.as_ref().ok().cloned());
-            // `ack: replicated`: stored, but acknowledged only if enough replicas have it.
+            // `ack: replicated`: stored, but acknowledged (and delivered) only if enough
+            // replicas have it.
             let message = self.replicated_or_unavailable(message, waits.as_ref().map(|w| &w[i]));
+            *slot.borrow_mut() = Slot::Done(message.as_ref().ok().cloned());
             results.push((item.topic, message));
         }
         // Hand finished messages to the hot tier in submission order per topic.

@@ -9,8 +9,11 @@
 //! batch. A stored message is acknowledged only if that count reached `durability.replicas`;
 //! otherwise the producer gets 503 although the master stored the message: an ambiguous
 //! answer (it survives unless the master is lost before a replica gets it; a retry may store
-//! it twice). Either way the stored message goes to the hot tier and to consumers, once the
-//! `WAIT` answered: it is in the stream.
+//! it twice). Such a message is treated like any other ambiguous 503 (a reply lost with its
+//! connection): it does not enter the hot tier, so live consumers never receive it; a
+//! consumer reading history from Valkey sees it if it survived. Live consumers thus get only
+//! messages the replicas have, never one a failover could take back (a manual failover test
+//! delivered 6 such messages before this rule).
 //!
 //! Why `WAIT` and not `WAITAOF`: a failover promotes a replica from its memory, so "a replica
 //! has it" is what survives the master's loss; `WAITAOF` would add "fsynced to an AOF", at the
