@@ -36,6 +36,12 @@ use serde_json::{json, Value};
 /// Bounds every await of these tests; a failover takes seconds.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Whether the relay tells consumers, with a `gap`, about acknowledged messages a failover
+/// took with it (issue 12, item 5, "Epochs": not done yet; until then that loss is documented
+/// in `docs/scaling.md`). Once it is, set this and every scenario that lost acknowledged
+/// messages must have signalled a gap.
+const FAILOVER_LOSS_IS_SIGNALLED: bool = false;
+
 /// Short Valkey timeouts so a publish caught in the failover is answered within seconds.
 const PERSISTED: &str = "\
 valkey:
@@ -500,6 +506,13 @@ fn failover_under_load(scenario: &'static str, yaml: &str, fault: Fault) -> (Rep
         outcomes,
     };
     report.print();
+    if FAILOVER_LOSS_IS_SIGNALLED && report.lost > 0 {
+        assert!(
+            report.gaps > 0,
+            "{scenario}: {} acknowledged messages lost and no gap signalled",
+            report.lost
+        );
+    }
     assert!(
         report.delivered_after_failover > 0,
         "{scenario}: the consumer received nothing after the failover"
@@ -554,9 +567,18 @@ fn persisted_relay_follows_kill9_of_the_master_without_restart() {
     );
     // Asynchronous replication: what the master acknowledged but had not yet sent to the
     // replica is gone with it. Counted, not asserted (see the module doc); consumers are
-    // not told yet (no gap: that is the "Epochs" item).
+    // told only once `FAILOVER_LOSS_IS_SIGNALLED`.
     assert!(report.failovers_metric >= 1.0);
-    assert_eq!(report.gaps, 0, "no gap signals exist for a failover yet");
+}
+
+#[test]
+fn persisted_relay_follows_a_manual_failover_and_counts_what_it_lost() {
+    // A live master keeps accepting writes after its replica was promoted, until the
+    // sentinels announce the switch and demote it; what it acknowledged in that window is
+    // discarded when it resynchronises from the new master. Counted, not asserted: this is
+    // what `ack: replicated` is for (the same scenario with it loses nothing, below).
+    let (report, _set) = failover_under_load("persisted-manual", PERSISTED, Fault::Manual);
+    assert!(report.failovers_metric >= 1.0);
 }
 
 #[test]
@@ -651,5 +673,101 @@ fn a_stale_sentinel_naming_a_replica_is_caught_by_role_and_asked_last() {
         relay.stderr().contains("asking it last"),
         "stderr:\n{}",
         relay.stderr()
+    );
+}
+
+#[test]
+fn the_subscription_moves_to_another_sentinel_and_the_failover_is_followed() {
+    let mut set = SentinelSet::start(SentinelOpts::default());
+    let sentinels = set.sentinel_addrs();
+    let relay = Server::start_opts(
+        RelayOpts::new(PERSISTED)
+            .env("STORAGE_BACKEND", "valkey")
+            .env(
+                "VALKEY_SENTINELS",
+                &sentinels
+                    .iter()
+                    .map(SocketAddr::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .env("VALKEY_SENTINEL_MASTER", set.master_name())
+            .env("LOG_LEVEL", "info"),
+    );
+    await_ready(&relay, PATIENCE);
+    let subscribed_on = |addr: &SocketAddr| {
+        let needle = format!("sentinel={addr}");
+        relay
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("subscribed to +switch-master") && l.contains(&needle))
+            .count()
+    };
+    // Both shards subscribe on the first sentinel listed.
+    assert!(
+        eventually(PATIENCE, || subscribed_on(&sentinels[0]) == 2),
+        "stderr:\n{}",
+        relay.stderr()
+    );
+    set.kill9_sentinel(0);
+    assert!(
+        eventually(PATIENCE, || subscribed_on(&sentinels[1])
+            + subscribed_on(&sentinels[2])
+            == 2),
+        "the subscriptions did not move to another sentinel; stderr:\n{}",
+        relay.stderr()
+    );
+    let new = set.kill9_master_and_await_failover();
+    let topic = "sentinel-after-resubscribe";
+    let mut id = None;
+    assert!(
+        eventually(PATIENCE, || {
+            let resp = relay.post_json("/api/v1/messages", &common::publish_body(topic, "1"));
+            id = (resp.status == 201).then(|| common::id_of(&resp.json()));
+            id.is_some()
+        }),
+        "no 201 after the failover; stderr:\n{}",
+        relay.stderr()
+    );
+    let entries = set.data_node(new).xrange(&stream_key(topic));
+    assert_eq!(entries.last().map(|e| e.id.clone()), id);
+    assert!(relay.stderr().contains("Valkey master changed"));
+}
+
+#[test]
+fn sentinel_credentials_are_sent_to_the_sentinels_not_the_data_nodes() {
+    let set = SentinelSet::start(SentinelOpts::default());
+    // Every sentinel accepts only the `watcher` user from now on.
+    for s in 0..set.sentinel_len() {
+        let sentinel = set.sentinel(s);
+        let ok = |reply: String| assert_eq!(reply.trim(), "OK", "sentinel {s}");
+        ok(sentinel.cli(&["ACL", "SETUSER", "watcher", "on", ">s3nt", "+@all"]));
+        ok(sentinel.cli(&["ACL", "SETUSER", "default", "off"]));
+    }
+    let sentinels: Vec<String> = set.sentinel_addrs().iter().map(|a| a.to_string()).collect();
+    let opts = RelayOpts::new(PERSISTED)
+        .env("STORAGE_BACKEND", "valkey")
+        .env("VALKEY_SENTINELS", &sentinels.join(","))
+        .env("VALKEY_SENTINEL_MASTER", set.master_name());
+    let without = Server::start_opts(opts.clone());
+    let with = Server::start_opts(
+        opts.env("VALKEY_SENTINEL_USERNAME", "watcher")
+            .env("VALKEY_SENTINEL_PASSWORD", "s3nt"),
+    );
+    await_ready(&with, PATIENCE);
+    let id = with.publish("sentinel-auth", "1")["message_id"].clone();
+    let master = set.data_node(0);
+    assert_eq!(
+        master.xrange(&stream_key("sentinel-auth"))[0].id,
+        id.as_str().expect("id")
+    );
+    // Without the sentinels' credentials no master is found; the data nodes need none.
+    common::valkey::assert_stays_unready(&without, Duration::from_secs(2));
+    assert!(
+        without
+            .stderr()
+            .contains("no sentinel named the Valkey master"),
+        "stderr:\n{}",
+        without.stderr()
     );
 }

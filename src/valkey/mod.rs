@@ -146,7 +146,7 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
         // 0 means "never wait for a connection": refused at once while Valkey is down.
         max_pending: valkey.max_pending,
         sentinel,
-        wait_for: (durability.ack == crate::config::AckMode::Replicated).then(|| WaitFor {
+        wait_for: (durability.ack == crate::config::AckMode::Replicated).then_some(WaitFor {
             replicas: durability.replicas,
             timeout: durability.replica_timeout,
         }),
