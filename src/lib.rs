@@ -50,8 +50,9 @@
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
-//! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
-//!   the only code that touches Valkey sockets.
+//! - [`valkey`]: the RESP codec, each shard's pipelined, group-committing Valkey client, and
+//!   where its connections go (a fixed address, or the master Valkey Sentinel names, followed
+//!   across failovers); the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 

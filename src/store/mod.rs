@@ -281,7 +281,7 @@ impl Storage {
                     .collect()
             }
             Backend::Valkey(tier) => match tier.ack {
-                AckMode::Persisted => {
+                AckMode::Persisted | AckMode::Replicated => {
                     let cache = |topic: &str, message: Message| self.cache(topic, message);
                     tier.publish_persisted(items, now_ms, &cache)
                         .await

@@ -15,6 +15,8 @@
 //! - `entry.rs`: the stream entry format: a message as XADD fields, and entries parsed back
 //!   (also those the Python relay wrote).
 //! - `publish.rs`: `ack: persisted` publishes and the per-topic reorder queue.
+//! - `replicated.rs`: `ack: replicated`: the `WAIT` that ends a publish's batch, and the
+//!   answer when it counted too few replicas.
 //! - `behind.rs`: `ack: buffered`: ids chosen here, the write-behind backlog and its writer.
 //! - `read.rs`: page reads (range reads with an adaptive COUNT, skipping expired entries).
 //! - `removal.rs`: exact head cuts and topic deletes, the removal record they leave in the
@@ -45,6 +47,7 @@ mod entry;
 mod publish;
 mod read;
 mod removal;
+mod replicated;
 mod retention;
 mod server;
 
@@ -98,6 +101,9 @@ pub struct ValkeyTier {
     /// Buffered mode only: acknowledged messages not yet stored, oldest first (see
     /// [`ValkeyTier::enqueue_behind`]).
     behind: RefCell<Behind>,
+    /// Replicated mode only: stored messages answered 503 because their batch's `WAIT`
+    /// counted too few replicas (`relay_valkey_errors_total{kind="replication_short"}`).
+    replication_short: std::cell::Cell<u64>,
 }
 
 impl ValkeyTier {
@@ -130,6 +136,7 @@ impl ValkeyTier {
             buffered_last: RefCell::new(HashMap::new()),
             behind: RefCell::new(Behind::new(max_behind)),
             ops: RefCell::new(std::collections::BTreeMap::new()),
+            replication_short: std::cell::Cell::new(0),
         }
     }
 
@@ -155,20 +162,29 @@ impl ValkeyTier {
             ("tls", stats.tls_failures),
             ("buffered_retry", self.behind.borrow().retries),
             ("buffered_lost", self.behind.borrow().lost),
+            ("not_master", stats.not_master_replies),
+            ("replication_short", self.replication_short.get()),
+            ("sentinel", stats.sentinel_errors),
         ] {
             errors.insert(kind.to_owned(), n);
         }
+        let mut operations: std::collections::BTreeMap<String, u64> = self
+            .ops
+            .borrow()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        if stats.waits > 0 {
+            // Appended by the client to replicated batches, not issued here.
+            operations.insert("wait".to_owned(), stats.waits);
+        }
         crate::metrics::ValkeySnapshot {
-            operations: self
-                .ops
-                .borrow()
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            operations,
             errors,
             batch_sizes: self.client.batch_histogram(),
             pending: self.client.pending(),
             connected: self.client.is_connected(),
+            failovers: stats.failovers,
         }
     }
 

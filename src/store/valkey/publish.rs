@@ -78,7 +78,7 @@ impl ValkeyTier {
         // `valkey.max_pending` however fast refused publishes arrive. Then reserve each
         // item's place in its topic's queue in the same synchronous section (no await
         // between), so queue order = wire order.
-        let call = match self.client.try_submit(&commands) {
+        let call = match self.submit_publish(&commands) {
             Ok(call) => call,
             Err(e) => {
                 let error = store_error(e);
@@ -103,9 +103,9 @@ impl ValkeyTier {
                 })
                 .collect()
         };
-        let replies = call.await;
+        let (replies, waits) = call.await;
         let mut results = Vec::with_capacity(items.len());
-        for ((item, slot), reply) in items.into_iter().zip(&slots).zip(replies) {
+        for (i, ((item, slot), reply)) in items.into_iter().zip(&slots).zip(replies).enumerate() {
             let outcome = match reply {
                 Ok(Reply::Bulk(id)) => std::str::from_utf8(&id)
                     .ok()
@@ -126,6 +126,9 @@ impl ValkeyTier {
             if message.is_ok() {
                 self.note_written(&item.topic);
             }
+            // `ack: replicated`: stored, but acknowledged (and delivered) only if enough
+            // replicas have it.
+            let message = self.replicated_or_unavailable(message, waits.as_ref().map(|w| &w[i]));
             *slot.borrow_mut() = Slot::Done(message.as_ref().ok().cloned());
             results.push((item.topic, message));
         }
