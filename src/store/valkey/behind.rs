@@ -252,9 +252,7 @@ impl ValkeyTier {
             .map(|reply| match reply {
                 Ok(Reply::Bulk(_)) => BehindOutcome::Stored,
                 Ok(other) => BehindOutcome::Lost(format!("unexpected XADD reply: {other:?}")),
-                Err(ValkeyError::Server(message)) if message.starts_with("OOM") => {
-                    BehindOutcome::Retry
-                }
+                Err(ValkeyError::Server(message)) if is_transient(&message) => BehindOutcome::Retry,
                 Err(ValkeyError::Server(message)) if message.contains("equal or smaller") => {
                     BehindOutcome::Check
                 }
@@ -377,5 +375,40 @@ async fn write_behind(
         } else {
             backoff = BEHIND_BACKOFF.0;
         }
+    }
+}
+
+/// Server refusals that pass on their own (memory freed, the dataset loaded, a script
+/// finished, a failover or resharding done): the write-behind sends the batch again rather
+/// than count acknowledged messages as lost.
+fn is_transient(message: &str) -> bool {
+    const TRANSIENT: [&str; 7] = [
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+    ];
+    TRANSIENT.iter().any(|prefix| message.starts_with(prefix))
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::is_transient;
+
+    #[test]
+    fn loading_and_busy_are_retried_wrongtype_is_not() {
+        assert!(is_transient(
+            "LOADING Valkey is loading the dataset in memory"
+        ));
+        assert!(is_transient(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        ));
+        assert!(is_transient("BUSY Valkey is busy running a script."));
+        assert!(!is_transient(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        ));
     }
 }
