@@ -3,8 +3,9 @@
 //!
 //! Layers, each usable alone:
 //! - [`codec`]: sans-IO encoding of commands and decoding of replies (`redis-protocol`).
-//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done, which sends a
-//!   pre-encoded batch with one write and reads exactly that many replies.
+//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done (and the
+//!   Function library the caller needs loaded: [`library`]), which sends a pre-encoded batch
+//!   with one write and reads exactly that many replies.
 //! - [`client`]: the shard-local client the relay uses: one queue (lane) per connection,
 //!   driver tasks that send everything queued as one pipeline per round trip, reconnection
 //!   with backoff. Commands routed by a key (a topic) always take that key's lane, so they
@@ -18,12 +19,14 @@
 pub mod client;
 pub mod codec;
 pub mod connection;
+pub mod library;
 
 use std::time::Duration;
 
 pub use client::{Client, ClientConfig, ClientStats, Command};
 pub use codec::{decode_reply, encode_command, ProtocolError, Reply};
 pub use connection::{ConnectConfig, Connection, Connector};
+pub use library::FunctionLibrary;
 
 /// Why a command (or a connection attempt) did not produce a reply.
 ///
@@ -108,6 +111,8 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
             connect_timeout: valkey.connect_timeout,
             command_timeout: valkey.command_timeout,
             client_name: format!("pulsar-relay-shard{shard}"),
+            // The storage layer names the library it calls.
+            library: None,
         },
         connections: valkey.connections_per_shard,
         // 0 means "never wait for a connection": refused at once while Valkey is down.
