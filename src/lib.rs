@@ -52,11 +52,14 @@
 //!   the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
+//! - [`instance`]: this process's random relay instance id (named in cross-relay
+//!   notifications).
 
 pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod net;
 pub mod shard;
