@@ -845,6 +845,16 @@ impl KeyTemplate {
         out.extend_from_slice(self.suffix.as_bytes());
     }
 
+    /// The key for `topic` as its three parts (prefix, topic, suffix), to be written back to
+    /// back without building the key first.
+    pub fn parts<'a>(&'a self, topic: &'a str) -> [&'a [u8]; 3] {
+        [
+            self.prefix.as_bytes(),
+            topic.as_bytes(),
+            self.suffix.as_bytes(),
+        ]
+    }
+
     pub fn render(&self, topic: &str) -> String {
         let mut key = String::with_capacity(self.rendered_len(topic));
         key.push_str(&self.prefix);

@@ -38,9 +38,11 @@
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
-//!   behind which backends live, and the Valkey Streams tier ([`store::valkey`], one file a
-//!   concern: the entry format, persisted publishes, the buffered write-behind, page reads,
-//!   removals and gap verdicts, retention, topic discovery, server checks).
+//!   behind which backends live, idempotency keys ([`store::idempotency`]), and the Valkey
+//!   Streams tier ([`store::valkey`], one file a concern: the entry format, the `pulsar`
+//!   Function library every append goes through, persisted publishes, the buffered
+//!   write-behind, page reads, removals and gap verdicts, retention, topic discovery, server
+//!   checks).
 //! - [`delivery`]: what every real-time transport shares: bounded queues (sinks), the
 //!   per-shard subscriber registry, cross-shard fan-out fed by storage's append feed,
 //!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer.
@@ -48,8 +50,9 @@
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
-//! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client;
-//!   the only code that touches Valkey sockets.
+//! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client
+//!   (which loads the Function library its caller needs on every connection); the only code
+//!   that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 //! - [`instance`]: this process's random relay instance id (named in cross-relay

@@ -23,7 +23,7 @@ pub mod library;
 
 use std::time::Duration;
 
-pub use client::{Client, ClientConfig, ClientStats, Command};
+pub use client::{ArgWriter, Client, ClientConfig, ClientStats, Command};
 pub use codec::{decode_reply, encode_command, ProtocolError, Reply};
 pub use connection::{ConnectConfig, Connection, Connector};
 pub use library::FunctionLibrary;

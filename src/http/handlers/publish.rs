@@ -221,10 +221,7 @@ fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiErr
 /// The request's `Idempotency-Key`, validated: `None` without one, 400 for an invalid one
 /// or for several (which one would name the publish?).
 pub fn idempotency_header(request: &Request) -> Result<Option<String>, ApiError> {
-    let mut values = request
-        .headers()
-        .filter(|(name, _)| name.eq_ignore_ascii_case(IDEMPOTENCY_KEY_HEADER))
-        .map(|(_, value)| value);
+    let mut values = request.header_values(IDEMPOTENCY_KEY_HEADER);
     let Some(value) = values.next() else {
         return Ok(None);
     };

@@ -337,17 +337,17 @@ impl ValkeyTier {
 
     /// Sends the oldest part of the backlog once; returns whether something must be retried.
     async fn send_behind_batch(&self) -> bool {
-        let batch: Vec<(PublishItem, MessageId, u64, bool)> = {
+        // The items, and beside them their ids, times and new-topic flags.
+        let (items, batch): (Vec<PublishItem>, Vec<(MessageId, u64, bool)>) = {
             let mut behind = self.behind.borrow_mut();
             behind.busy = true;
             behind
                 .queue
                 .iter()
                 .take(BEHIND_BATCH)
-                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic))
-                .collect()
+                .map(|b| (b.item.clone(), (b.id, b.timestamp_ms, b.new_topic)))
+                .unzip()
         };
-        let items: Vec<PublishItem> = batch.iter().map(|(item, ..)| item.clone()).collect();
         let groups = group_by_topic(&items);
         let commands: Vec<Command> = groups
             .iter()
@@ -356,11 +356,11 @@ impl ValkeyTier {
                     .iter()
                     .map(|&i| Entry {
                         item: &items[i],
-                        id: Some(batch[i].1),
-                        timestamp_ms: batch[i].2,
+                        id: Some(batch[i].0),
+                        timestamp_ms: batch[i].1,
                     })
                     .collect();
-                let created = group.iter().find(|&&i| batch[i].3).map(|&i| batch[i].2);
+                let created = group.iter().find(|&&i| batch[i].2).map(|&i| batch[i].1);
                 self.encode_publish(&items[group[0]].topic, &entries, created)
             })
             .collect();
@@ -374,7 +374,7 @@ impl ValkeyTier {
                 outcomes[i] = match outcome {
                     Outcome::Stored(_) => BehindOutcome::Stored,
                     // Its own earlier attempt (a reply lost with its connection): stored.
-                    Outcome::Duplicate(ack) if ack.id == batch[i].1 => BehindOutcome::Stored,
+                    Outcome::Duplicate(ack) if ack.id == batch[i].0 => BehindOutcome::Stored,
                     Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
                     Outcome::Failed(ValkeyError::Server(message)) if message.starts_with("OOM") => {
                         BehindOutcome::Retry
@@ -395,7 +395,7 @@ impl ValkeyTier {
             .iter()
             .enumerate()
             .filter(|(i, o)| {
-                matches!(o, BehindOutcome::Check) && batch[*i].0.idempotency_key.is_none()
+                matches!(o, BehindOutcome::Check) && items[*i].idempotency_key.is_none()
             })
             .map(|(i, _)| i)
             .collect();
@@ -403,10 +403,10 @@ impl ValkeyTier {
             let commands: Vec<Command> = checks
                 .iter()
                 .map(|&i| {
-                    let key = self.stream_key.render(&batch[i].0.topic);
-                    let id = batch[i].1.to_string();
+                    let key = self.stream_key.render(&items[i].topic);
+                    let id = batch[i].0.to_string();
                     on(
-                        &batch[i].0.topic,
+                        &items[i].topic,
                         &[b"XRANGE", key.as_bytes(), id.as_bytes(), id.as_bytes()],
                     )
                 })

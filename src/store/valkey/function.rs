@@ -14,7 +14,7 @@
 //! every append going through it there is one way to write an entry, one place that knows
 //! its fields, and one place that notifies the feed.
 
-use super::{command, ValkeyTier};
+use super::ValkeyTier;
 use crate::store::message::{write_rfc3339_millis, MessageId};
 use crate::store::{PublishAck, PublishItem};
 use crate::valkey::{Command, FunctionLibrary, ProtocolError, Reply, ValkeyError};
@@ -60,90 +60,80 @@ impl ValkeyTier {
         entries: &[Entry<'_>],
         created_ms: Option<u64>,
     ) -> Command {
-        // Every small text of the call (keys, ids, timestamps, indexes) goes into one buffer,
-        // remembered as ranges, then sliced into the argument list: a handful of allocations
-        // per call whatever the number of entries.
-        let mut text: Vec<u8> = Vec::with_capacity(128 + 64 * entries.len());
-        let stream = span(&mut text, |t| self.stream_key.render_into(topic, t));
-        let meta = span(&mut text, |t| self.meta_key.render_into(topic, t));
-        let mut keys = Vec::new();
-        for entry in entries {
-            if let Some(key) = &entry.item.idempotency_key {
-                keys.push(span(&mut text, |t| {
-                    self.idempotency_key.render_into(topic, t);
-                    t.extend_from_slice(key.as_bytes());
-                }));
-            }
-        }
+        let keys = entries
+            .iter()
+            .filter(|e| e.item.idempotency_key.is_some())
+            .count();
+        let args = 3 + 2 + keys + 4 + ENTRY_ARGS * entries.len();
+        let capacity = 256
+            + entries
+                .iter()
+                .map(|e| {
+                    e.item.payload.len()
+                        + e.item.metadata.as_ref().map_or(0, |m| m.len())
+                        + e.item.idempotency_key.as_ref().map_or(0, |k| k.len() + 64)
+                        + 96
+                })
+                .sum::<usize>();
+        // Ids, timestamps and numbers are formatted here first, one at a time; everything
+        // else goes straight from where it lives into the command.
+        let mut text: Vec<u8> = Vec::with_capacity(32);
         let mut digits = itoa::Buffer::new();
-        let numkeys = span(&mut text, |t| {
-            t.extend_from_slice(digits.format(2 + keys.len()).as_bytes())
-        });
-        let created = span(&mut text, |t| {
+        let built = Command::build(args, capacity, |w| {
+            w.arg(b"FCALL");
+            w.arg(b"pulsar_publish");
+            w.arg(digits.format(2 + keys).as_bytes());
+            w.arg_concat(&self.stream_key.parts(topic));
+            w.arg_concat(&self.meta_key.parts(topic));
+            for entry in entries {
+                if let Some(key) = &entry.item.idempotency_key {
+                    let [prefix, name, suffix] = self.idempotency_key.parts(topic);
+                    w.arg_concat(&[prefix, name, suffix, key.as_bytes()]);
+                }
+            }
+            w.arg(self.max_len.as_bytes());
+            w.arg(self.idempotency_window.as_bytes());
+            text.clear();
             if let Some(ms) = created_ms {
-                write_rfc3339_millis(t, ms);
+                write_rfc3339_millis(&mut text, ms);
+            }
+            w.arg(&text);
+            w.arg(self.instance_id.as_bytes());
+            // KEYS[1] is the stream, KEYS[2] the meta hash: idempotency keys start at 3.
+            let mut next_key = 3;
+            for entry in entries {
+                text.clear();
+                match entry.id {
+                    Some(id) => id.write_to(&mut text),
+                    None => text.push(b'*'),
+                }
+                w.arg(&text);
+                if entry.item.idempotency_key.is_some() {
+                    w.arg(digits.format(next_key).as_bytes());
+                    next_key += 1;
+                } else {
+                    w.arg(b"0");
+                }
+                w.arg(&entry.item.payload);
+                text.clear();
+                write_rfc3339_millis(&mut text, entry.timestamp_ms);
+                w.arg(&text);
+                w.arg(entry.item.metadata.as_deref().unwrap_or(b""));
+                text.clear();
+                if let Some(ttl_ms) = entry.item.ttl_ms {
+                    super::entry::write_ttl_seconds(&mut text, ttl_ms);
+                }
+                w.arg(&text);
             }
         });
-        // Per entry: id, key index, timestamp, ttl. The timestamp is shared with the entry
-        // before when equal (every entry of a persisted publish has the same).
-        let mut per_entry = Vec::with_capacity(entries.len());
-        let mut next_key = 3; // KEYS[1] stream, KEYS[2] meta
-        let mut last_timestamp: Option<(u64, (usize, usize))> = None;
-        for entry in entries {
-            let id = span(&mut text, |t| match entry.id {
-                Some(id) => id.write_to(t),
-                None => t.push(b'*'),
-            });
-            let key_index = span(&mut text, |t| {
-                if entry.item.idempotency_key.is_some() {
-                    t.extend_from_slice(digits.format(next_key).as_bytes());
-                } else {
-                    t.push(b'0');
-                }
-            });
-            if entry.item.idempotency_key.is_some() {
-                next_key += 1;
-            }
-            let timestamp = match last_timestamp {
-                Some((ms, range)) if ms == entry.timestamp_ms => range,
-                _ => {
-                    let range = span(&mut text, |t| write_rfc3339_millis(t, entry.timestamp_ms));
-                    last_timestamp = Some((entry.timestamp_ms, range));
-                    range
-                }
-            };
-            let ttl = span(&mut text, |t| {
-                if let Some(ttl_ms) = entry.item.ttl_ms {
-                    super::entry::write_ttl_seconds(t, ttl_ms);
-                }
-            });
-            per_entry.push((id, key_index, timestamp, ttl));
-        }
-        let at = |(start, end): (usize, usize)| &text[start..end];
-        let mut args: Vec<&[u8]> = Vec::with_capacity(9 + keys.len() + 6 * entries.len());
-        args.extend_from_slice(&[b"FCALL".as_slice(), b"pulsar_publish", at(numkeys)]);
-        args.push(at(stream));
-        args.push(at(meta));
-        args.extend(keys.iter().map(|&k| at(k)));
-        args.extend_from_slice(&[
-            self.max_len.as_bytes(),
-            self.idempotency_window.as_bytes(),
-            at(created),
-            self.instance_id.as_bytes(),
-        ]);
-        for (entry, &(id, key_index, timestamp, ttl)) in entries.iter().zip(&per_entry) {
-            args.extend_from_slice(&[
-                at(id),
-                at(key_index),
-                &entry.item.payload,
-                at(timestamp),
-                entry.item.metadata.as_deref().unwrap_or(b""),
-                at(ttl),
-            ]);
-        }
-        command(&args).routed(topic.as_bytes())
+        built
+            .expect("pulsar_publish's argument count is computed from the entries it writes")
+            .routed(topic.as_bytes())
     }
 }
+
+/// Arguments per entry of a `pulsar_publish` call (`ENTRY_ARGS` in `publish.lua`).
+const ENTRY_ARGS: usize = 6;
 
 /// The outcomes of the `n` entries of one `pulsar_publish` call, in entry order.
 pub(super) fn parse_publish_reply(reply: Result<Reply, ValkeyError>, n: usize) -> Vec<Outcome> {
@@ -186,13 +176,6 @@ fn malformed(message: String) -> ValkeyError {
     ValkeyError::Protocol(ProtocolError::Malformed(message))
 }
 
-/// Appends what `write` writes to `text`; returns where it went.
-fn span(text: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> (usize, usize) {
-    let start = text.len();
-    write(text);
-    (start, text.len())
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -212,6 +195,66 @@ mod tests {
                 .contains(&format!("\nlocal VERSION = {LIBRARY_VERSION}\n")),
             "publish.lua's VERSION differs from LIBRARY_VERSION"
         );
+    }
+
+    /// The exact call: what `publish.lua` documents, argument by argument.
+    #[test]
+    fn a_call_carries_keys_then_header_then_six_arguments_per_entry() {
+        use crate::store::valkey::test_support::{item, keyed, new_tier, offline};
+        crate::valkey::testing::run_local(|| async {
+            let tier = new_tier(offline(), 1000);
+            let plain = item("t", 3, Some(1_500));
+            let keyed = keyed("t", 2, "k 1");
+            let entries = [
+                Entry {
+                    item: &plain,
+                    id: None,
+                    timestamp_ms: 1_700_000_000_000,
+                },
+                Entry {
+                    item: &keyed,
+                    id: Some(MessageId::new(7, 1)),
+                    timestamp_ms: 1_700_000_000_001,
+                },
+            ];
+            let command = tier.encode_publish("t", &entries, Some(1_700_000_000_000));
+            let expected: &[&[u8]] = &[
+                b"FCALL",
+                b"pulsar_publish",
+                b"3",
+                b"s:t",
+                b"m:t",
+                b"i:t:k 1",
+                b"1000000",
+                b"600000",
+                b"2023-11-14T22:13:20.000Z",
+                b"0123456789abcdef",
+                b"*",
+                b"0",
+                b"\"xxx\"",
+                b"2023-11-14T22:13:20.000Z",
+                b"",
+                b"1.500",
+                b"7-1",
+                b"3",
+                b"\"xx\"",
+                b"2023-11-14T22:13:20.001Z",
+                b"",
+                b"",
+            ];
+            let mut encoded = bytes::BytesMut::new();
+            crate::valkey::encode_command(&mut encoded, expected);
+            assert_eq!(command.as_bytes(), &encoded[..]);
+            // Without a created time the meta argument is empty.
+            let command = tier.encode_publish("t", &entries[..1], None);
+            let mut encoded = bytes::BytesMut::new();
+            let mut short: Vec<&[u8]> = expected[..16].to_vec();
+            short[2] = b"2";
+            short.remove(5);
+            short[7] = b"";
+            crate::valkey::encode_command(&mut encoded, &short);
+            assert_eq!(command.as_bytes(), &encoded[..]);
+        });
     }
 
     #[test]

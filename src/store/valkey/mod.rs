@@ -286,6 +286,17 @@ mod test_support {
         }
     }
 
+    /// A client config for a port nobody listens on: for tests that only encode commands.
+    pub(super) fn offline() -> crate::valkey::ClientConfig {
+        crate::valkey::ClientConfig {
+            connect: crate::valkey::ConnectConfig {
+                port: crate::valkey::testing::free_port(),
+                ..crate::valkey::ConnectConfig::default()
+            },
+            ..crate::valkey::ClientConfig::default()
+        }
+    }
+
     pub(super) fn new_tier(
         config: crate::valkey::ClientConfig,
         retention_ms: u64,

@@ -59,7 +59,7 @@ impl ValkeyTier {
     /// it failed. Stored messages reach `on_persisted` in id order per topic (see module doc).
     pub async fn publish_persisted(
         &self,
-        items: Vec<PublishItem>,
+        mut items: Vec<PublishItem>,
         now_ms: u64,
         on_persisted: &dyn Fn(&str, Message),
     ) -> Vec<Result<PublishAck, StoreError>> {
@@ -128,20 +128,17 @@ impl ValkeyTier {
             }
         }
         let mut results = Vec::with_capacity(items.len());
-        let mut topics = Vec::with_capacity(groups.len());
-        for group in &groups {
-            topics.push(items[group[0]].topic.clone());
-        }
-        for ((item, slot), outcome) in items.into_iter().zip(slots).zip(outcomes) {
+        for ((item, slot), outcome) in items.iter_mut().zip(slots).zip(outcomes) {
             let (cached, result) = match outcome {
                 Some(Outcome::Stored(id)) => {
                     self.note_written(&item.topic);
+                    // Taken, not cloned: the item's topic is still needed below.
                     let message = Message {
                         id,
                         timestamp_ms: now_ms,
                         expires_at_ms: item.ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
-                        payload: item.payload,
-                        metadata: item.metadata,
+                        payload: std::mem::take(&mut item.payload),
+                        metadata: item.metadata.take(),
                     };
                     let ack = PublishAck {
                         id,
@@ -164,8 +161,8 @@ impl ValkeyTier {
             results.push(result);
         }
         // Hand finished messages to the hot tier in submission order per topic.
-        for topic in &topics {
-            self.drain_in_flight(topic, on_persisted);
+        for group in &groups {
+            self.drain_in_flight(&items[group[0]].topic, on_persisted);
         }
         results
     }
