@@ -19,7 +19,8 @@
 //! A request's life: [`net::listener`] accepts → [`net::connection`] reads bytes and feeds the
 //! sans-IO [`http::codec`] → [`http::router`] picks a route → a handler in [`http::handlers`]
 //! parses and validates the body and asks the owning shard via [`shard::Shard`] →
-//! [`store::Storage`] appends (with Valkey: queues an XADD on the shard's [`valkey::Client`],
+//! [`store::Storage`] appends (with Valkey: queues a `pulsar_publish` call, the Valkey
+//! Function that checks idempotency keys and XADDs, on the shard's [`valkey::Client`],
 //! which sends everything queued meanwhile as one pipeline, and waits for the reply) or reads
 //! → the handler encodes JSON with [`http::response`] into
 //! the connection's output buffer, which is written once per batch of pipelined requests.

@@ -45,6 +45,8 @@
 //!
 //! `ack = buffered`: acknowledged messages wait in a bounded write-behind backlog that one
 //! writer task per shard sends oldest first, retrying failed batches with the same ids.
+//! Publishes with an idempotency key travel the same backlog but are answered only once
+//! Valkey decided them (stored or a duplicate), holding their topic meanwhile (`behind.rs`).
 
 mod behind;
 mod discovery;
@@ -122,7 +124,7 @@ pub struct ValkeyTier {
     /// Stream lengths as last seen (XLEN/XINFO) plus appends since: the `total` of history
     /// pages served from memory, which must not cost a round trip.
     lengths: RefCell<HashMap<String, usize>>,
-    /// Per topic, publishes whose XADD is in flight, in submission order (see `publish.rs`).
+    /// Per topic, publishes whose append is in flight, in submission order (see `publish.rs`).
     in_flight: RefCell<HashMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
     /// Commands issued, by name (the `relay_valkey_operations_total` metric).
     ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
