@@ -589,3 +589,46 @@ fn the_python_client_retrying_a_lost_response_stores_once() {
     let stored: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(returned, stored, "{report}");
 }
+
+/// `ack: buffered` with Valkey down: a keyed publish is not acknowledged (it waits for
+/// Valkey's decision, which does not come), it gets 503 and is not written behind later; the
+/// producer's retry with the same key, once Valkey is back, stores it once.
+#[test]
+fn a_keyed_buffered_publish_while_valkey_is_down_is_refused_then_stored_once_on_retry() {
+    let yaml = format!("{BUFFERED}valkey:\n  connect_timeout: 1s\n  command_timeout: 1s\n");
+    let mut valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(&yaml, &[]);
+    let before = answer(&publish_with_key(&relay, "down", "0", "before"));
+    valkey.stop();
+    let started = Instant::now();
+    let refused = publish_with_key(&relay, "down", "1", "during");
+    common::valkey::assert_unavailable(&refused);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the keyed publish waited {:?}",
+        started.elapsed()
+    );
+    valkey.restart();
+    let mut stored = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let resp = publish_with_key(&relay, "down", "1", "during");
+            if resp.status == 201 {
+                stored = Some(answer(&resp));
+            }
+            stored.is_some()
+        }),
+        "the retry never succeeded"
+    );
+    let stored = stored.expect("stored");
+    let ids: Vec<String> = valkey
+        .xrange(&stream_key("down"))
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![before.0, stored.0.clone()], "once each, in order");
+    assert_eq!(
+        answer(&publish_with_key(&relay, "down", "1", "during")),
+        stored
+    );
+}
