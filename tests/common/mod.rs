@@ -66,6 +66,9 @@ const RELAY_ENV_VARS: &[&str] = &[
     "VALKEY_USE_TLS",
     "VALKEY_TLS_CA_FILE",
     "LOG_FORMAT",
+    // Read only in their PULSAR_ form, which is removed too.
+    "IDEMPOTENCY_WINDOW",
+    "IDEMPOTENCY_MAX_KEYS",
 ];
 
 /// How to start a relay: configuration file, shard count, extra environment, listen address.
