@@ -121,6 +121,16 @@ mod defaults {
     pub const VALKEY_IDEMPOTENCY_KEY: &str = "topic:{topic}:idem:";
 
     pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
+    /// With `ack: replicated`: one replica, the usual Sentinel deployment (a master, one
+    /// replica, three sentinels). With more replicas than this, a failover keeps what was
+    /// acknowledged only if Sentinel promotes a replica that had it (it prefers the most
+    /// up-to-date one); `docs/scaling.md` says when to raise it.
+    pub const DURABILITY_REPLICAS: u64 = 1;
+    /// A replica on the same network acknowledges in well under a millisecond; a second
+    /// covers a replica catching up after a short stall, and keeps producers from waiting
+    /// long for their 503 while no replica is reachable (every batch then waits this long).
+    /// Below `valkey.command_timeout` (5 s), which bounds the batch the `WAIT` ends.
+    pub const DURABILITY_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
 
     /// The Python relay's window: far longer than `pulsar-relay-client`'s worst-case retry
     /// envelope (~127 s), so a retry at the end of its backoff still finds the key.
@@ -234,6 +244,14 @@ mod limits {
     pub const VALKEY_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
     /// 0 = refuse publishes at once while Valkey is unreachable.
     pub const VALKEY_MAX_PENDING: RangeInclusive<u64> = 0..=10_000_000;
+    /// Sentinel deployments run 3 or 5; each address may be asked in turn within one connect
+    /// timeout, so a long list of dead ones delays finding the master.
+    pub const VALKEY_SENTINELS: RangeInclusive<usize> = 1..=16;
+    /// `WAIT` takes an int; more than a few replicas per master is unusual, 1000 catches a typo.
+    pub const DURABILITY_REPLICAS: RangeInclusive<u64> = 1..=1000;
+    /// `WAIT` takes milliseconds (0 would block forever); it must stay below
+    /// `valkey.command_timeout` (checked as a cross-key rule).
+    pub const DURABILITY_REPLICA_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
 
     /// A retry comes after at least a round trip and the client's backoff (1 s first), so a
     /// window below a second deduplicates nothing; a week of keys in Valkey or memory is
@@ -320,7 +338,13 @@ mod key {
     pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
     pub const VALKEY_META_KEY: &str = "valkey.meta_key";
     pub const VALKEY_IDEMPOTENCY_KEY: &str = "valkey.idempotency_key";
+    pub const VALKEY_SENTINELS: &str = "valkey.sentinels";
+    pub const VALKEY_SENTINEL_MASTER: &str = "valkey.sentinel_master";
+    pub const VALKEY_SENTINEL_USERNAME: &str = "valkey.sentinel_username";
+    pub const VALKEY_SENTINEL_PASSWORD: &str = "valkey.sentinel_password";
     pub const DURABILITY_ACK: &str = "durability.ack";
+    pub const DURABILITY_REPLICAS: &str = "durability.replicas";
+    pub const DURABILITY_REPLICA_TIMEOUT: &str = "durability.replica_timeout";
     pub const IDEMPOTENCY_WINDOW: &str = "idempotency.window";
     pub const IDEMPOTENCY_MAX_KEYS: &str = "idempotency.max_keys";
     pub const SHUTDOWN_TIMEOUT: &str = "shutdown.timeout";
@@ -427,7 +451,32 @@ const KEYS: &[KeySpec] = &[
     spec(key::VALKEY_STREAM_KEY, &[]),
     spec(key::VALKEY_META_KEY, &[]),
     spec(key::VALKEY_IDEMPOTENCY_KEY, &[]),
+    spec(
+        key::VALKEY_SENTINELS,
+        &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
+    ),
+    spec(
+        key::VALKEY_SENTINEL_MASTER,
+        &["VALKEY_SENTINEL_MASTER", "PULSAR_VALKEY_SENTINEL_MASTER"],
+    ),
+    spec(
+        key::VALKEY_SENTINEL_USERNAME,
+        &[
+            "VALKEY_SENTINEL_USERNAME",
+            "PULSAR_VALKEY_SENTINEL_USERNAME",
+        ],
+    ),
+    KeySpec {
+        path: key::VALKEY_SENTINEL_PASSWORD,
+        env: &[
+            "VALKEY_SENTINEL_PASSWORD",
+            "PULSAR_VALKEY_SENTINEL_PASSWORD",
+        ],
+        secret: true,
+    },
     spec(key::DURABILITY_ACK, &[]),
+    spec(key::DURABILITY_REPLICAS, &[]),
+    spec(key::DURABILITY_REPLICA_TIMEOUT, &[]),
     // PULSAR_ only: the Python relay had a fixed window.
     spec(key::IDEMPOTENCY_WINDOW, &["PULSAR_IDEMPOTENCY_WINDOW"]),
     spec(key::IDEMPOTENCY_MAX_KEYS, &["PULSAR_IDEMPOTENCY_MAX_KEYS"]),
@@ -460,6 +509,11 @@ an empty value counts as unset):
   VALKEY_DB                  valkey.db
   VALKEY_USE_TLS             valkey.use_tls: true|false|1|0|yes|no
   VALKEY_TLS_CA_FILE         valkey.tls_ca_file
+  VALKEY_SENTINELS           valkey.sentinels: host:port,host:port (find the master through
+                             Sentinel; then VALKEY_HOST/VALKEY_PORT must not be set)
+  VALKEY_SENTINEL_MASTER     valkey.sentinel_master (the name the sentinels monitor)
+  VALKEY_SENTINEL_USERNAME   valkey.sentinel_username
+  VALKEY_SENTINEL_PASSWORD   valkey.sentinel_password (the sentinels' own, not the data nodes')
   PERSISTENT_TIER_RETENTION  storage.persistent_tier_retention: integer seconds or 24h
   MAX_MESSAGES_PER_TOPIC     storage.max_messages_per_topic
   MEMORY_MAX_BYTES           memory.max_bytes
@@ -484,10 +538,11 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
   storage:     backend  persistent_tier_retention  max_messages_per_topic
   memory:      max_bytes
   hot_tier:    max_messages  retention
-  valkey:      host  port  username  password  db  use_tls  tls_ca_file
+  valkey:      host  port  username  password  db  use_tls  tls_ca_file  stream_key  meta_key
                connections_per_shard (alias pool_size)  connect_timeout  command_timeout
-               max_pending  stream_key  meta_key  idempotency_key
-  durability:  ack: persisted | buffered
+               max_pending  idempotency_key
+               sentinels  sentinel_master  sentinel_username  sentinel_password
+  durability:  ack: persisted | buffered | replicated  replicas  replica_timeout
   idempotency: window  max_keys (memory backend)
   shutdown:    timeout
   metrics:     listen (second address serving only /metrics)  per_topic  max_topic_series
@@ -681,12 +736,35 @@ pub struct ValkeyConfig {
     /// key. Never a prefix of any stream or meta key, and the text after `{topic}` starts
     /// with a byte no topic name has, so a key names one topic only.
     pub idempotency_key: KeyTemplate,
+    /// Find the master through Sentinel; `host` and `port` are then unused (and refused when
+    /// set). The data-node settings above (auth, TLS, db, timeouts) apply to the master.
+    pub sentinel: Option<SentinelSettings>,
+}
+
+/// Valkey Sentinel: where the relay asks for the master (`valkey.sentinels` set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// Sentinel addresses `(host, port)`, asked in this order; no duplicates.
+    pub addrs: Vec<(String, u16)>,
+    /// The name the sentinels monitor the master under.
+    pub master_name: String,
+    /// ACL user on the sentinels; `None` with a password means `default`.
+    pub username: Option<String>,
+    /// The sentinels' password (hidden from `Debug`), not the data nodes'.
+    pub password: Option<Secret>,
 }
 
 /// When a publish is acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DurabilityConfig {
     pub ack: AckMode,
+    /// With `ack: replicated`: replicas that must have acknowledged a publish's batch
+    /// (`WAIT <replicas> ...`) before it is answered 201.
+    pub replicas: u32,
+    /// With `ack: replicated`: how long Valkey waits for them (`WAIT ... <timeout>`); after
+    /// it, the publish is answered 503 although the master stored it. Always below
+    /// `valkey.command_timeout`.
+    pub replica_timeout: Duration,
 }
 
 /// Idempotent publish (`Idempotency-Key`).
@@ -759,6 +837,10 @@ pub enum AckMode {
     Persisted,
     /// Acknowledge once the write is queued in the shard.
     Buffered,
+    /// Acknowledge after Valkey confirmed the write and `durability.replicas` replicas
+    /// acknowledged it (one `WAIT` per pipeline batch); otherwise 503, the message possibly
+    /// stored on the master.
+    Replicated,
 }
 
 impl AckMode {
@@ -766,6 +848,7 @@ impl AckMode {
         match self {
             AckMode::Persisted => "persisted",
             AckMode::Buffered => "buffered",
+            AckMode::Replicated => "replicated",
         }
     }
 }
@@ -1312,18 +1395,7 @@ impl Layers {
                 .value,
         };
         let valkey = self.resolve_valkey()?;
-        let ack = self
-            .choice(
-                key::DURABILITY_ACK,
-                defaults::DURABILITY_ACK,
-                &[
-                    ("persisted", AckMode::Persisted),
-                    ("buffered", AckMode::Buffered),
-                ],
-                "`persisted` or `buffered`",
-                AckMode::as_str,
-            )?
-            .value;
+        let durability = self.resolve_durability()?;
         let shutdown = ShutdownConfig {
             timeout: self
                 .duration(
@@ -1365,7 +1437,7 @@ impl Layers {
             memory,
             hot_tier,
             valkey,
-            durability: DurabilityConfig { ack },
+            durability,
             idempotency,
             shutdown,
             metrics,
@@ -1672,6 +1744,117 @@ impl Layers {
         })
     }
 
+    fn resolve_durability(&self) -> Result<DurabilityConfig, ConfigError> {
+        let ack = self
+            .choice(
+                key::DURABILITY_ACK,
+                defaults::DURABILITY_ACK,
+                &[
+                    ("persisted", AckMode::Persisted),
+                    ("buffered", AckMode::Buffered),
+                    ("replicated", AckMode::Replicated),
+                ],
+                "`persisted`, `buffered` or `replicated`",
+                AckMode::as_str,
+            )?
+            .value;
+        let replicas = self.uint(
+            key::DURABILITY_REPLICAS,
+            defaults::DURABILITY_REPLICAS,
+            limits::DURABILITY_REPLICAS,
+        )?;
+        let replica_timeout = self.duration(
+            key::DURABILITY_REPLICA_TIMEOUT,
+            defaults::DURABILITY_REPLICA_TIMEOUT,
+            limits::DURABILITY_REPLICA_TIMEOUT,
+        )?;
+        // The WAIT blocks the connection it ends: its batch must still be answered within
+        // the command timeout, or every publish of it fails as a timeout instead of a 503
+        // naming the replicas.
+        let command_timeout = self.duration(
+            key::VALKEY_COMMAND_TIMEOUT,
+            defaults::VALKEY_COMMAND_TIMEOUT,
+            limits::VALKEY_TIMEOUT,
+        )?;
+        if ack == AckMode::Replicated {
+            require_lt(&replica_timeout, &command_timeout, format_duration)?;
+        }
+        Ok(DurabilityConfig {
+            ack,
+            replicas: u32::try_from(replicas.value)
+                .map_err(|_| replicas.invalid("a replica count"))?,
+            replica_timeout: replica_timeout.value,
+        })
+    }
+
+    /// `valkey.sentinels` and the keys that go with it; `None` when no sentinel is set. Refuses
+    /// `valkey.host`/`valkey.port` beside it (which address would the data go to?) and the
+    /// other sentinel keys without it.
+    fn resolve_sentinel(&self) -> Result<Option<SentinelSettings>, ConfigError> {
+        let sentinels = self.optional_text(key::VALKEY_SENTINELS);
+        let master = self.optional_text(key::VALKEY_SENTINEL_MASTER);
+        let username = self.optional_text(key::VALKEY_SENTINEL_USERNAME);
+        let password = self.optional_text(key::VALKEY_SENTINEL_PASSWORD);
+        let Some(sentinels) = sentinels else {
+            if let Some(lone) = [&master, &username, &password].into_iter().flatten().next() {
+                return Err(lone.invalid(format!(
+                    "no value: it is only used with `{}` (the sentinels' addresses), which is \
+                     not set",
+                    key::VALKEY_SENTINELS
+                )));
+            }
+            return Ok(None);
+        };
+        let addrs = parse_sentinel_addrs(&sentinels.value).map_err(|why| {
+            sentinels.invalid(format!(
+                "a comma-separated list of 1 to {} sentinel addresses `host:port` (IPv6 as \
+                 `[addr]:port`), e.g. `10.0.0.1:26379,10.0.0.2:26379`: {why}",
+                limits::VALKEY_SENTINELS.end()
+            ))
+        })?;
+        for (conflict, what) in [(key::VALKEY_HOST, "host"), (key::VALKEY_PORT, "port")] {
+            if let Some(raw) = self.values.get(conflict) {
+                return Err(invalid(
+                    conflict,
+                    &raw.text,
+                    &raw.origin,
+                    format!(
+                        "no value while `{}` is set ({}): the sentinels name the master's {what}; \
+                         remove one of the two",
+                        key::VALKEY_SENTINELS,
+                        sentinels.origin
+                    ),
+                ));
+            }
+        }
+        let Some(master) = master else {
+            return Err(sentinels.invalid(format!(
+                "`{}` too: the name the sentinels monitor the master under",
+                key::VALKEY_SENTINEL_MASTER
+            )));
+        };
+        if has_space_or_control(&master.value) {
+            return Err(master.invalid("a master name without spaces"));
+        }
+        if let Some(user) = &username {
+            if has_space_or_control(&user.value) {
+                return Err(user.invalid("an ACL user name without spaces"));
+            }
+            if password.is_none() {
+                return Err(user.invalid(format!(
+                    "`{}` too: a sentinel user needs a password",
+                    key::VALKEY_SENTINEL_PASSWORD
+                )));
+            }
+        }
+        Ok(Some(SentinelSettings {
+            addrs,
+            master_name: master.value,
+            username: username.map(|u| u.value),
+            password: password.map(|p| Secret(p.value)),
+        }))
+    }
+
     fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
         let host = self.get(
             key::VALKEY_HOST,
@@ -1693,6 +1876,7 @@ impl Layers {
         let db = self.uint(key::VALKEY_DB, defaults::VALKEY_DB, limits::VALKEY_DB)?;
         let db = u32::try_from(db.value).map_err(|_| db.invalid("a database index"))?;
 
+        let sentinel = self.resolve_sentinel()?;
         let stream_key = self.template(key::VALKEY_STREAM_KEY, defaults::VALKEY_STREAM_KEY)?;
         let meta_key = self.template(key::VALKEY_META_KEY, defaults::VALKEY_META_KEY)?;
         if stream_key.value.may_share_key(&meta_key.value) {
@@ -1790,6 +1974,7 @@ impl Layers {
             stream_key: stream_key.value,
             meta_key: meta_key.value,
             idempotency_key: idempotency_key.value,
+            sentinel,
         })
     }
 
@@ -1970,6 +2155,48 @@ fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 
 fn has_space_or_control(text: &str) -> bool {
     text.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `host:port[,host:port...]` (spaces around entries allowed, IPv6 as `[addr]:port`); what
+/// is wrong otherwise.
+fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut addrs: Vec<(String, u16)> = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err("an empty entry".to_owned());
+        }
+        let shown = shown_value(entry);
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (host, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("`{shown}` has no port after `]`"))?;
+            (host, port)
+        } else {
+            let (host, port) = entry
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{shown}` has no `:port`"))?;
+            if host.contains(':') {
+                return Err(format!("`{shown}`: write an IPv6 address as `[addr]:port`"));
+            }
+            (host, port)
+        };
+        if host.is_empty() || has_space_or_control(host) {
+            return Err(format!("`{shown}` has no valid host"));
+        }
+        let port = parse_uint(port)
+            .filter(|p| limits::VALKEY_PORT.contains(p))
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| format!("`{shown}` has no port from 1 to 65535"))?;
+        let addr = (host.to_owned(), port);
+        if addrs.contains(&addr) {
+            return Err(format!("`{shown}` is listed twice"));
+        }
+        addrs.push(addr);
+    }
+    if !limits::VALKEY_SENTINELS.contains(&addrs.len()) {
+        return Err(format!("{} addresses", addrs.len()));
+    }
+    Ok(addrs)
 }
 
 fn invalid(key: &'static str, text: &str, origin: &Origin, expected: String) -> ConfigError {
@@ -2254,12 +2481,52 @@ struct RawValkey {
     stream_key: RawValue,
     meta_key: RawValue,
     idempotency_key: RawValue,
+    sentinels: Option<Spanned<CommaList>>,
+    sentinel_master: RawValue,
+    sentinel_username: RawValue,
+    sentinel_password: RawValue,
+}
+
+/// A leaf written either as a YAML list of scalars or as one comma-separated string (the
+/// environment variable's form), read as that string so both take one parser
+/// (`valkey.sentinels: ["10.0.0.1:26379", "10.0.0.2:26379"]`).
+struct CommaList(String);
+
+impl<'de> Deserialize<'de> for CommaList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CommaList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of `host:port` strings, or one comma-separated string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<CommaList, E> {
+                Ok(CommaList(text.to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> Result<CommaList, A::Error> {
+                let mut all: Vec<String> = Vec::new();
+                while let Some(item) = items.next_element::<String>()? {
+                    all.push(item);
+                }
+                Ok(CommaList(all.join(",")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawDurability {
     ack: RawValue,
+    replicas: RawValue,
+    replica_timeout: RawValue,
 }
 
 #[derive(Deserialize, Default)]
@@ -2369,8 +2636,18 @@ impl RawFile {
         put(key::VALKEY_STREAM_KEY, v.stream_key);
         put(key::VALKEY_META_KEY, v.meta_key);
         put(key::VALKEY_IDEMPOTENCY_KEY, v.idempotency_key);
+        put(
+            key::VALKEY_SENTINELS,
+            v.sentinels
+                .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
+        );
+        put(key::VALKEY_SENTINEL_MASTER, v.sentinel_master);
+        put(key::VALKEY_SENTINEL_USERNAME, v.sentinel_username);
+        put(key::VALKEY_SENTINEL_PASSWORD, v.sentinel_password);
         let d = self.durability.unwrap_or_default();
         put(key::DURABILITY_ACK, d.ack);
+        put(key::DURABILITY_REPLICAS, d.replicas);
+        put(key::DURABILITY_REPLICA_TIMEOUT, d.replica_timeout);
         let i = self.idempotency.unwrap_or_default();
         put(key::IDEMPOTENCY_WINDOW, i.window);
         put(key::IDEMPOTENCY_MAX_KEYS, i.max_keys);
@@ -2624,9 +2901,12 @@ mod tests {
                 stream_key: template("topic:{topic}:stream"),
                 meta_key: template("topic:{topic}:meta"),
                 idempotency_key: template("topic:{topic}:idem:"),
+                sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Persisted,
+                replicas: 1,
+                replica_timeout: Duration::from_secs(1),
             },
             idempotency: IdempotencyConfig {
                 window: Duration::from_secs(600),
@@ -2784,6 +3064,8 @@ valkey:
   idempotency_key: "i:{topic}/"
 durability:
   ack: buffered
+  replicas: 3
+  replica_timeout: 200ms
 idempotency:
   window: 90s
   max_keys: 5000
@@ -2864,9 +3146,12 @@ metrics:
                 stream_key: template("s:{topic}"),
                 meta_key: template("m:{topic}"),
                 idempotency_key: template("i:{topic}/"),
+                sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Buffered,
+                replicas: 3,
+                replica_timeout: Duration::from_millis(200),
             },
             idempotency: IdempotencyConfig {
                 window: Duration::from_secs(90),
@@ -2885,9 +3170,182 @@ metrics:
         assert_eq!(config, expected);
     }
 
+    /// The Sentinel keys, which exclude `valkey.host`/`valkey.port` (so they cannot join
+    /// `EVERY_KEY_YAML`).
+    const SENTINEL_KEYS_YAML: &str = r#"
+valkey:
+  sentinels: ["10.0.0.1:26379", "sentinel-b:26380", "[fd00::3]:26379"]
+  sentinel_master: pulsar
+  sentinel_username: watcher
+  sentinel_password: "s3nt"
+  password: data-pw
+durability:
+  ack: replicated
+  replicas: 2
+  replica_timeout: 250ms
+"#;
+
+    fn sentinel_settings() -> SentinelSettings {
+        SentinelSettings {
+            addrs: vec![
+                ("10.0.0.1".to_owned(), 26379),
+                ("sentinel-b".to_owned(), 26380),
+                ("fd00::3".to_owned(), 26379),
+            ],
+            master_name: "pulsar".to_owned(),
+            username: Some("watcher".to_owned()),
+            password: Some(Secret::new("s3nt")),
+        }
+    }
+
+    #[test]
+    fn sentinel_and_replicated_keys_from_yaml() {
+        let config = from_yaml(SENTINEL_KEYS_YAML).expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+        assert_eq!(
+            config.valkey.password.as_ref().map(Secret::expose),
+            Some("data-pw"),
+            "the data nodes keep their own password"
+        );
+        assert_eq!(
+            config.durability,
+            DurabilityConfig {
+                ack: AckMode::Replicated,
+                replicas: 2,
+                replica_timeout: Duration::from_millis(250),
+            }
+        );
+        // One comma-separated string is the same list.
+        let text = SENTINEL_KEYS_YAML.replace(
+            r#"["10.0.0.1:26379", "sentinel-b:26380", "[fd00::3]:26379"]"#,
+            r#""10.0.0.1:26379, sentinel-b:26380,[fd00::3]:26379""#,
+        );
+        let config = from_yaml(&text).expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+    }
+
+    #[test]
+    fn sentinel_keys_from_the_environment() {
+        let config = from_env(&[
+            (
+                "VALKEY_SENTINELS",
+                "10.0.0.1:26379,sentinel-b:26380,[fd00::3]:26379",
+            ),
+            ("VALKEY_SENTINEL_MASTER", "pulsar"),
+            ("VALKEY_SENTINEL_USERNAME", "watcher"),
+            ("PULSAR_VALKEY_SENTINEL_PASSWORD", "s3nt"),
+        ])
+        .expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+        // The file's list, replaced by the environment's.
+        let yaml = "valkey:\n  sentinels: [a:1]\n  sentinel_master: m\n";
+        let config = load_from_parts(
+            &Cli::default(),
+            &env_of(&[("VALKEY_SENTINELS", "b:2")]),
+            Some((Path::new("test.yaml"), yaml)),
+            &MACHINE,
+        )
+        .expect("valid");
+        let addrs = config.valkey.sentinel.map(|s| s.addrs);
+        assert_eq!(addrs, Some(vec![("b".to_owned(), 2)]));
+    }
+
+    #[test]
+    fn sentinels_refuse_a_data_address_and_lone_sentinel_keys() {
+        let base = "valkey:\n  sentinels: a:26379\n  sentinel_master: m\n";
+        let message = error_text(from_yaml(&format!("{base}  host: 10.0.0.9\n")));
+        assert_mentions(
+            &message,
+            &["`valkey.host`", "`valkey.sentinels` is set", "remove one"],
+        );
+        let message = error_text(load_from_parts(
+            &Cli::default(),
+            &env_of(&[("VALKEY_PORT", "6380")]),
+            Some((Path::new("test.yaml"), base)),
+            &MACHINE,
+        ));
+        assert_mentions(&message, &["`valkey.port`", "from env VALKEY_PORT"]);
+        let message = error_text(from_yaml("valkey:\n  sentinels: a:26379\n"));
+        assert_mentions(
+            &message,
+            &["`valkey.sentinels`", "`valkey.sentinel_master` too"],
+        );
+        let message = error_text(from_yaml("valkey:\n  sentinel_master: m\n"));
+        assert_mentions(&message, &["`valkey.sentinel_master`", "only used with"]);
+        let message = error_text(from_env(&[("VALKEY_SENTINEL_PASSWORD", "hunter2")]));
+        assert_mentions(&message, &["`valkey.sentinel_password`", "<redacted>"]);
+        assert!(!message.contains("hunter2"), "{message}");
+        let message = error_text(from_yaml(&format!("{base}  sentinel_username: u\n")));
+        assert_mentions(
+            &message,
+            &["`valkey.sentinel_username`", "needs a password"],
+        );
+        // Without host/port set, the defaults are simply unused.
+        let config = from_yaml(base).expect("valid");
+        assert!(config.valkey.sentinel.is_some());
+    }
+
+    #[test]
+    fn sentinel_addresses_are_checked_one_by_one() {
+        assert_eq!(
+            parse_sentinel_addrs(" a:1 , [::1]:2,b.example:65535"),
+            Ok(vec![
+                ("a".to_owned(), 1),
+                ("::1".to_owned(), 2),
+                ("b.example".to_owned(), 65535)
+            ])
+        );
+        for (bad, why) in [
+            ("a", "no `:port`"),
+            ("a:0", "from 1 to 65535"),
+            ("a:70000", "from 1 to 65535"),
+            ("a:x", "from 1 to 65535"),
+            (":1", "no valid host"),
+            ("::1:26379", "[addr]:port"),
+            ("[::1]", "no port"),
+            ("a:1,,b:2", "empty entry"),
+            ("a:1,a:1", "listed twice"),
+        ] {
+            let error = parse_sentinel_addrs(bad).expect_err(bad);
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+        let many: Vec<String> = (1..=17).map(|p| format!("s:{p}")).collect();
+        assert!(parse_sentinel_addrs(&many.join(",")).is_err());
+        let message = error_text(from_yaml(
+            "valkey:\n  sentinels: [a:1, b]\n  sentinel_master: m\n",
+        ));
+        assert_mentions(&message, &["`valkey.sentinels`", "`b` has no `:port`"]);
+    }
+
+    #[test]
+    fn replica_timeout_must_stay_below_the_command_timeout() {
+        let message = error_text(from_yaml(
+            "durability:\n  ack: replicated\n  replica_timeout: 5s\n",
+        ));
+        assert_mentions(
+            &message,
+            &[
+                "`durability.replica_timeout`",
+                "less than `valkey.command_timeout` = 5s",
+            ],
+        );
+        // Only `ack: replicated` sends WAITs: a short command timeout alone stays valid.
+        assert!(from_yaml("valkey:\n  command_timeout: 500ms\n").is_ok());
+        assert!(from_yaml(
+            "valkey:\n  command_timeout: 500ms\ndurability:\n  ack: replicated\n  \
+             replica_timeout: 100ms\n"
+        )
+        .is_ok());
+    }
+
     #[test]
     fn the_yaml_schema_covers_exactly_the_key_table() {
         let mut from_yaml = flattened(EVERY_KEY_YAML);
+        for key in flattened(SENTINEL_KEYS_YAML) {
+            if !from_yaml.contains(&key) {
+                from_yaml.push(key);
+            }
+        }
         let mut table: Vec<&str> = KEYS.iter().map(|k| k.path).collect();
         from_yaml.sort_unstable();
         table.sort_unstable();
@@ -3285,7 +3743,13 @@ metrics:
         ("valkey:\n  meta_key: 'topic:{topic}:stream'", "valkey.meta_key", "topic:{topic}:stream",
             "to differ"),
         ("durability:\n  ack: sometimes", "durability.ack", "sometimes",
-            "`persisted` or `buffered`"),
+            "`persisted`, `buffered` or `replicated`"),
+        ("durability:\n  replicas: 0", "durability.replicas", "0",
+            "from 1 to 1000"),
+        ("durability:\n  replica_timeout: 0", "durability.replica_timeout", "0",
+            "from 1ms to 1h"),
+        ("valkey:\n  sentinels: 'a:1'\n  sentinel_master: 'm n'", "valkey.sentinel_master", "m n",
+            "without spaces"),
         ("shutdown:\n  timeout: 500ms", "shutdown.timeout", "500ms",
             "from 1s to 1h"),
         ("shutdown:\n  timeout: 2h", "shutdown.timeout", "2h",
@@ -3658,10 +4122,15 @@ metrics:
                 );
             }
             let (section, leaf) = spec.path.split_once('.').unwrap_or(("", spec.path));
-            let section_line = help
+            // The section's line and its continuation lines (indented past the section
+            // names; `valkey` needs four since Sentinel and idempotency keys joined it).
+            let mut section_lines = help
                 .lines()
-                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")))
-                .take(3)
+                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")));
+            let section_line = section_lines
+                .next()
+                .into_iter()
+                .chain(section_lines.take_while(|l| l.starts_with("               ")))
                 // Joined with a space: the last listed key must not run into the next line.
                 .collect::<Vec<_>>()
                 .join(" ");

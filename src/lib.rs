@@ -10,8 +10,10 @@
 //! listen address (`SO_REUSEPORT`), so the kernel spreads connections over the shards, and a
 //! shard serves every request on the connections it accepted. Topics are partitioned over the
 //! shards by a stable hash of their name: the *owning* shard holds the topic's state (its
-//! ordered log in the hot tier and its id sequence). A request for a topic another shard owns
-//! travels there as a typed [`shard::ShardRequest`]; the reply comes back on a oneshot channel.
+//! ordered log in the hot tier and its id sequence). Every operation on a topic is one async
+//! closure run on its owner by the owner-call [`shard::Shard::invoke_on`] (Seastar's
+//! `invoke_on`): at once when the owner is this shard, else through the owner's inbox, with the
+//! typed result coming back on a oneshot channel.
 //! Shard state is plain `!Send` data behind `RefCell`s: no locks and no shared atomics on the
 //! hot path. What must be seen by every shard (readiness, draining) lives in one small
 //! [`shard::RuntimeState`] that only start-up, shutdown and `/ready` touch.
@@ -33,8 +35,8 @@
 //! # Module map
 //!
 //! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`].
-//! - [`shard`]: per-core state, cross-shard messages, topic→shard routing, executor start-up
-//!   and the shutdown gate.
+//! - [`shard`]: per-core state, the owner-call between shards, topic→shard routing, executor
+//!   start-up and the shutdown gate.
 //! - [`net`]: the per-shard listener, the HTTP connection loop (timeouts, batching),
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
@@ -51,9 +53,10 @@
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
-//! - [`valkey`]: the RESP codec and each shard's pipelined, group-committing Valkey client
-//!   (which loads the Function library its caller needs on every connection); the only code
-//!   that touches Valkey sockets.
+//! - [`valkey`]: the RESP codec, each shard's pipelined, group-committing Valkey client
+//!   (which loads the Function library its caller needs on every connection), and where its
+//!   connections go (a fixed address, or the master Valkey Sentinel names, followed across
+//!   failovers); the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 //! - [`instance`]: this process's random relay instance id (named in cross-relay

@@ -287,7 +287,7 @@ impl Storage {
         match &self.backend {
             Backend::Memory(keys) => self.append_in_memory(keys, items, now_ms),
             Backend::Valkey(tier) => match tier.ack {
-                AckMode::Persisted => {
+                AckMode::Persisted | AckMode::Replicated => {
                     let cache = |topic: &str, message: Message| self.cache(topic, message);
                     tier.publish_persisted(items, now_ms, &cache).await
                 }

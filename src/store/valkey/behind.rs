@@ -376,7 +376,9 @@ impl ValkeyTier {
                     // Its own earlier attempt (a reply lost with its connection): stored.
                     Outcome::Duplicate(ack) if ack.id == batch[i].0 => BehindOutcome::Stored,
                     Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
-                    Outcome::Failed(ValkeyError::Server(message)) if message.starts_with("OOM") => {
+                    // Transient refusals, of the whole call (refused before it ran: OOM,
+                    // LOADING, BUSY, MASTERDOWN, NOREPLICAS) or of one entry's XADD.
+                    Outcome::Failed(ValkeyError::Server(message)) if is_transient(&message) => {
                         BehindOutcome::Retry
                     }
                     Outcome::Failed(ValkeyError::Server(message))
@@ -534,5 +536,40 @@ async fn write_behind(
         } else {
             backoff = BEHIND_BACKOFF.0;
         }
+    }
+}
+
+/// Server refusals that pass on their own (memory freed, the dataset loaded, a script
+/// finished, a failover or resharding done): the write-behind sends the batch again rather
+/// than count acknowledged messages as lost.
+fn is_transient(message: &str) -> bool {
+    const TRANSIENT: [&str; 7] = [
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+    ];
+    TRANSIENT.iter().any(|prefix| message.starts_with(prefix))
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::is_transient;
+
+    #[test]
+    fn loading_and_busy_are_retried_wrongtype_is_not() {
+        assert!(is_transient(
+            "LOADING Valkey is loading the dataset in memory"
+        ));
+        assert!(is_transient(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        ));
+        assert!(is_transient("BUSY Valkey is busy running a script."));
+        assert!(!is_transient(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        ));
     }
 }

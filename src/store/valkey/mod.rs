@@ -21,6 +21,8 @@
 //!   call both publish paths make: a batch of one topic's entries, each appended atomically
 //!   with its idempotency check, then the cross-relay feed notification.
 //! - `publish.rs`: `ack: persisted` publishes and the per-topic reorder queue.
+//! - `replicated.rs`: `ack: replicated`: the `WAIT` that ends a publish's batch, and the
+//!   answer when it counted too few replicas.
 //! - `behind.rs`: `ack: buffered`: ids chosen here, the write-behind backlog and its writer,
 //!   and the hold that keeps a topic in id order while a keyed publish awaits its decision.
 //! - `read.rs`: page reads (range reads with an adaptive COUNT, skipping expired entries).
@@ -55,6 +57,7 @@ mod function;
 mod publish;
 mod read;
 mod removal;
+mod replicated;
 mod retention;
 mod server;
 
@@ -140,6 +143,9 @@ pub struct ValkeyTier {
     /// decision, each with the publishes waiting for it to be released (their receivers
     /// wake when the entry, and with it these senders, is dropped). See [`TopicHold`].
     holds: RefCell<HashMap<String, Vec<futures::channel::oneshot::Sender<()>>>>,
+    /// Replicated mode only: stored messages answered 503 because their batch's `WAIT`
+    /// counted too few replicas (`relay_valkey_errors_total{kind="replication_short"}`).
+    replication_short: std::cell::Cell<u64>,
 }
 
 impl ValkeyTier {
@@ -166,6 +172,7 @@ impl ValkeyTier {
             behind: RefCell::new(Behind::new(config.max_behind)),
             holds: RefCell::new(HashMap::new()),
             ops: RefCell::new(std::collections::BTreeMap::new()),
+            replication_short: std::cell::Cell::new(0),
         }
     }
 
@@ -191,20 +198,29 @@ impl ValkeyTier {
             ("tls", stats.tls_failures),
             ("buffered_retry", self.behind.borrow().retries),
             ("buffered_lost", self.behind.borrow().lost),
+            ("not_master", stats.not_master_replies),
+            ("replication_short", self.replication_short.get()),
+            ("sentinel", stats.sentinel_errors),
         ] {
             errors.insert(kind.to_owned(), n);
         }
+        let mut operations: std::collections::BTreeMap<String, u64> = self
+            .ops
+            .borrow()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        if stats.waits > 0 {
+            // Appended by the client to replicated batches, not issued here.
+            operations.insert("wait".to_owned(), stats.waits);
+        }
         crate::metrics::ValkeySnapshot {
-            operations: self
-                .ops
-                .borrow()
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            operations,
             errors,
             batch_sizes: self.client.batch_histogram(),
             pending: self.client.pending(),
             connected: self.client.is_connected(),
+            failovers: stats.failovers,
         }
     }
 

@@ -94,8 +94,9 @@ impl ValkeyTier {
         // never enters the per-topic queues, so what they hold stays bounded by
         // `valkey.max_pending` however fast refused publishes arrive. Then reserve each
         // item's place in its topic's queue in the same synchronous section (no await
-        // between), in the order its call carries it, so queue order = wire order.
-        let call = match self.client.try_submit(&commands) {
+        // between), in the order its call carries it, so queue order = wire order. With
+        // `ack: replicated` each batch carrying a call ends with the client's `WAIT`.
+        let call = match self.submit_publish(&commands) {
             Ok(call) => call,
             Err(e) => {
                 let error = store_error(e);
@@ -120,17 +121,18 @@ impl ValkeyTier {
                 }
             }
         }
-        let replies = call.await;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; items.len()];
-        for (group, reply) in groups.iter().zip(replies) {
+        let (replies, waits) = call.await;
+        let mut outcomes: Vec<Option<(Outcome, usize)>> = vec![None; items.len()];
+        for (g, (group, reply)) in groups.iter().zip(replies).enumerate() {
             for (&i, outcome) in group.iter().zip(parse_publish_reply(reply, group.len())) {
-                outcomes[i] = Some(outcome);
+                // With the call's position: its batch's `WAIT` reply is the call's.
+                outcomes[i] = Some((outcome, g));
             }
         }
         let mut results = Vec::with_capacity(items.len());
         for ((item, slot), outcome) in items.iter_mut().zip(slots).zip(outcomes) {
             let (cached, result) = match outcome {
-                Some(Outcome::Stored(id)) => {
+                Some((Outcome::Stored(id), call)) => {
                     self.note_written(&item.topic);
                     // Taken, not cloned: the item's topic is still needed below.
                     let message = Message {
@@ -140,14 +142,34 @@ impl ValkeyTier {
                         payload: std::mem::take(&mut item.payload),
                         metadata: item.metadata.take(),
                     };
-                    let ack = PublishAck {
-                        id,
-                        timestamp_ms: now_ms,
-                    };
-                    (Some(message), Ok(ack))
+                    // `ack: replicated`: stored, but acknowledged (and cached, so delivered
+                    // live) only if enough replicas have it.
+                    let wait = waits.as_ref().and_then(|w| w.get(call));
+                    match self.replicated_or_unavailable(Ok(message), wait) {
+                        Ok(message) => {
+                            let ack = PublishAck {
+                                id,
+                                timestamp_ms: now_ms,
+                            };
+                            (Some(message), Ok(ack))
+                        }
+                        Err(e) => (None, Err(e)),
+                    }
                 }
-                Some(Outcome::Duplicate(ack)) => (None, Ok(ack)),
-                Some(Outcome::Failed(e)) => (None, Err(store_error(e))),
+                // A replay: the first publish's answer, with no `WAIT` verdict applied, also
+                // under `ack: replicated`. This call wrote nothing, and the `WAIT` of its batch
+                // counts only this connection's writes, while the first attempt's entry may
+                // have been written on another connection or relay: a short count would not
+                // mean the entry is missing on the replicas, nor a full count that it is
+                // there. So a replay repeats the first answer's id (the producer's retry
+                // converges on one message) rather than turning it into a 503 that another
+                // retry could not change. The one weaker case: a first attempt answered 503
+                // for too few replicas whose retry comes back as this duplicate is told 201
+                // although no `WAIT` has confirmed that entry (by then the replicas had at
+                // least `durability.replica_timeout` to catch up). Never cached either way: a
+                // duplicate was delivered, or deliberately not, when it was stored.
+                Some((Outcome::Duplicate(ack), _)) => (None, Ok(ack)),
+                Some((Outcome::Failed(e), _)) => (None, Err(store_error(e))),
                 None => (
                     None,
                     Err(StoreError::Unavailable(
