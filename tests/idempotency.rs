@@ -632,3 +632,32 @@ fn a_keyed_buffered_publish_while_valkey_is_down_is_refused_then_stored_once_on_
         stored
     );
 }
+
+/// `ack: replicated` on a Valkey with no replica: every `WAIT` counts 0, so a keyed publish
+/// is stored but answered 503. Its retry with the same key is a replay: Valkey answers the
+/// stored entry's id, which the relay returns as 201 without a `WAIT` verdict (the replay
+/// wrote nothing; see `store/valkey/publish.rs`), and nothing is stored twice. A new key is
+/// still held to the `WAIT`.
+#[test]
+fn a_replicated_replay_answers_the_stored_id_without_a_wait_verdict() {
+    let yaml = "durability:\n  ack: replicated\n  replicas: 1\n  replica_timeout: 100ms\n";
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(yaml, &[]);
+    let first = publish_with_key(&relay, "repl", "1", "k-repl");
+    common::valkey::assert_unavailable(&first);
+    let stored: Vec<String> = valkey
+        .xrange(&stream_key("repl"))
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(stored.len(), 1, "the master stored the first attempt once");
+    let replay = answer(&publish_with_key(&relay, "repl", "1", "k-repl"));
+    assert_eq!(replay.0, stored[0], "the replay answers the stored id");
+    assert_eq!(
+        valkey.xlen(&stream_key("repl")),
+        1,
+        "the replay stored nothing"
+    );
+    common::valkey::assert_unavailable(&publish_with_key(&relay, "repl", "2", "k-other"));
+    assert_eq!(valkey.xlen(&stream_key("repl")), 2);
+}
