@@ -115,6 +115,10 @@ mod defaults {
     pub const VALKEY_MAX_PENDING: u64 = 10_000;
     pub const VALKEY_STREAM_KEY: &str = "topic:{topic}:stream";
     pub const VALKEY_META_KEY: &str = "topic:{topic}:meta";
+    /// Beside the topic's stream and meta keys (one template family, so a hash tag added to
+    /// the topic part later puts all of a topic's keys in one Cluster slot); the client's key
+    /// follows the last `:`.
+    pub const VALKEY_IDEMPOTENCY_KEY: &str = "topic:{topic}:idem:";
 
     pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
     /// With `ack: replicated`: one replica, the usual Sentinel deployment (a master, one
@@ -127,6 +131,14 @@ mod defaults {
     /// long for their 503 while no replica is reachable (every batch then waits this long).
     /// Below `valkey.command_timeout` (5 s), which bounds the batch the `WAIT` ends.
     pub const DURABILITY_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The Python relay's window: far longer than `pulsar-relay-client`'s worst-case retry
+    /// envelope (~127 s), so a retry at the end of its backoff still finds the key.
+    pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
+    /// Memory backend only: about 100 bytes plus the key and topic each, so ~150 MiB at the
+    /// bound with the client's 32-character keys; that is 1,666 keyed publishes a second
+    /// sustained over the 10-minute window before new keys get 503.
+    pub const IDEMPOTENCY_MAX_KEYS: u64 = 1_000_000;
 
     /// Kubernetes' default `terminationGracePeriodSeconds`: the orchestrator SIGKILLs the
     /// process then anyway, so a longer default would only be cut short there; shorter was
@@ -241,6 +253,14 @@ mod limits {
     /// `valkey.command_timeout` (checked as a cross-key rule).
     pub const DURABILITY_REPLICA_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
 
+    /// A retry comes after at least a round trip and the client's backoff (1 s first), so a
+    /// window below a second deduplicates nothing; a week of keys in Valkey or memory is
+    /// already far beyond any retry loop.
+    pub const IDEMPOTENCY_WINDOW: RangeInclusive<Duration> =
+        SEC..=Duration::from_secs(7 * 24 * 3600);
+    /// 10^8 keys is ~15 GiB of memory: beyond that a typo.
+    pub const IDEMPOTENCY_MAX_KEYS: RangeInclusive<u64> = 1..=100_000_000;
+
     /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and leaves no
     /// time to flush queued publishes to Valkey; above an hour every supervisor (systemd's
     /// `TimeoutStopSec` 90 s, Kubernetes' 30 s grace period) has long SIGKILLed the process.
@@ -317,6 +337,7 @@ mod key {
     pub const VALKEY_MAX_PENDING: &str = "valkey.max_pending";
     pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
     pub const VALKEY_META_KEY: &str = "valkey.meta_key";
+    pub const VALKEY_IDEMPOTENCY_KEY: &str = "valkey.idempotency_key";
     pub const VALKEY_SENTINELS: &str = "valkey.sentinels";
     pub const VALKEY_SENTINEL_MASTER: &str = "valkey.sentinel_master";
     pub const VALKEY_SENTINEL_USERNAME: &str = "valkey.sentinel_username";
@@ -324,6 +345,8 @@ mod key {
     pub const DURABILITY_ACK: &str = "durability.ack";
     pub const DURABILITY_REPLICAS: &str = "durability.replicas";
     pub const DURABILITY_REPLICA_TIMEOUT: &str = "durability.replica_timeout";
+    pub const IDEMPOTENCY_WINDOW: &str = "idempotency.window";
+    pub const IDEMPOTENCY_MAX_KEYS: &str = "idempotency.max_keys";
     pub const SHUTDOWN_TIMEOUT: &str = "shutdown.timeout";
     pub const METRICS_LISTEN: &str = "metrics.listen";
     pub const METRICS_PER_TOPIC: &str = "metrics.per_topic";
@@ -427,6 +450,7 @@ const KEYS: &[KeySpec] = &[
     spec(key::VALKEY_MAX_PENDING, &[]),
     spec(key::VALKEY_STREAM_KEY, &[]),
     spec(key::VALKEY_META_KEY, &[]),
+    spec(key::VALKEY_IDEMPOTENCY_KEY, &[]),
     spec(
         key::VALKEY_SENTINELS,
         &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
@@ -453,6 +477,9 @@ const KEYS: &[KeySpec] = &[
     spec(key::DURABILITY_ACK, &[]),
     spec(key::DURABILITY_REPLICAS, &[]),
     spec(key::DURABILITY_REPLICA_TIMEOUT, &[]),
+    // PULSAR_ only: the Python relay had a fixed window.
+    spec(key::IDEMPOTENCY_WINDOW, &["PULSAR_IDEMPOTENCY_WINDOW"]),
+    spec(key::IDEMPOTENCY_MAX_KEYS, &["PULSAR_IDEMPOTENCY_MAX_KEYS"]),
     spec(key::SHUTDOWN_TIMEOUT, &[]),
     // PULSAR_ only, like PULSAR_LISTEN: the Python relay had no such setting.
     spec(key::METRICS_LISTEN, &["PULSAR_METRICS_LISTEN"]),
@@ -495,6 +522,8 @@ an empty value counts as unset):
   PULSAR_LISTEN              listen (PULSAR_ form only)
   PULSAR_SHARDS              shards (PULSAR_ form only)
   PULSAR_METRICS_LISTEN      metrics.listen (PULSAR_ form only)
+  PULSAR_IDEMPOTENCY_WINDOW  idempotency.window (PULSAR_ form only)
+  PULSAR_IDEMPOTENCY_MAX_KEYS  idempotency.max_keys (PULSAR_ form only)
 
 Config file keys (YAML, all optional, unknown keys are errors; defaults in config.yaml.example):
   listen  shards  log_level  log_format
@@ -511,8 +540,10 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
   hot_tier:    max_messages  retention
   valkey:      host  port  username  password  db  use_tls  tls_ca_file  stream_key  meta_key
                connections_per_shard (alias pool_size)  connect_timeout  command_timeout
-               max_pending  sentinels  sentinel_master  sentinel_username  sentinel_password
+               max_pending  idempotency_key
+               sentinels  sentinel_master  sentinel_username  sentinel_password
   durability:  ack: persisted | buffered | replicated  replicas  replica_timeout
+  idempotency: window  max_keys (memory backend)
   shutdown:    timeout
   metrics:     listen (second address serving only /metrics)  per_topic  max_topic_series
 
@@ -564,6 +595,7 @@ pub struct Config {
     pub hot_tier: HotTierConfig,
     pub valkey: ValkeyConfig,
     pub durability: DurabilityConfig,
+    pub idempotency: IdempotencyConfig,
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
     /// The YAML file that was read, if any, so start-up can log which one was used.
@@ -700,6 +732,10 @@ pub struct ValkeyConfig {
     pub stream_key: KeyTemplate,
     /// Key of a topic's metadata hash. Always different from `stream_key`.
     pub meta_key: KeyTemplate,
+    /// Prefix of a topic's idempotency keys: the rendered template followed by the client's
+    /// key. Never a prefix of any stream or meta key, and the text after `{topic}` starts
+    /// with a byte no topic name has, so a key names one topic only.
+    pub idempotency_key: KeyTemplate,
     /// Find the master through Sentinel; `host` and `port` are then unused (and refused when
     /// set). The data-node settings above (auth, TLS, db, timeouts) apply to the master.
     pub sentinel: Option<SentinelSettings>,
@@ -729,6 +765,17 @@ pub struct DurabilityConfig {
     /// it, the publish is answered 503 although the master stored it. Always below
     /// `valkey.command_timeout`.
     pub replica_timeout: Duration,
+}
+
+/// Idempotent publish (`Idempotency-Key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// How long a key is remembered after the publish that first used it: a later publish
+    /// with the same key to the same topic within it stores nothing and gets the first id.
+    pub window: Duration,
+    /// Memory backend: keys remembered at once, over all shards; beyond it a publish with a
+    /// new key gets 503 until older keys expire (never a key forgotten inside its window).
+    pub max_keys: usize,
 }
 
 /// Graceful shutdown on SIGTERM/SIGINT.
@@ -881,6 +928,16 @@ impl KeyTemplate {
         out.extend_from_slice(self.suffix.as_bytes());
     }
 
+    /// The key for `topic` as its three parts (prefix, topic, suffix), to be written back to
+    /// back without building the key first.
+    pub fn parts<'a>(&'a self, topic: &'a str) -> [&'a [u8]; 3] {
+        [
+            self.prefix.as_bytes(),
+            topic.as_bytes(),
+            self.suffix.as_bytes(),
+        ]
+    }
+
     pub fn render(&self, topic: &str) -> String {
         let mut key = String::with_capacity(self.rendered_len(topic));
         key.push_str(&self.prefix);
@@ -928,6 +985,26 @@ enum KeyToken {
     TopicByte,
     /// The rest of the topic: zero or more topic bytes.
     TopicRest,
+    /// The first byte of a tail appended after the rendered template (an idempotency key).
+    TailByte,
+    /// The rest of that tail: zero or more of its bytes.
+    TailRest,
+}
+
+impl KeyToken {
+    /// Whether this token can match `byte` (a literal only itself).
+    fn matches(self, byte: u8) -> bool {
+        match self {
+            KeyToken::Byte(x) => x == byte,
+            KeyToken::TopicByte | KeyToken::TopicRest => crate::topic::is_name_byte(byte),
+            KeyToken::TailByte | KeyToken::TailRest => crate::store::idempotency::is_key_byte(byte),
+        }
+    }
+
+    /// Matches zero or more bytes, staying in place.
+    fn repeats(self) -> bool {
+        matches!(self, KeyToken::TopicRest | KeyToken::TailRest)
+    }
 }
 
 impl KeyTemplate {
@@ -936,62 +1013,84 @@ impl KeyTemplate {
     /// (`s:a.m` is topic `a.m` under the first and topic `a` under the second), while
     /// `topic:{topic}:stream` and `topic:{topic}:meta` cannot, as `:` is not a topic byte.
     /// Topic length limits are ignored, which errs only towards reporting a clash.
-    ///
-    /// Decided by walking both templates in step over one candidate key (the product of two
-    /// small automata): a state is a position in each template, and the key can end where both
-    /// templates end. Linear in the templates' lengths: only a literal byte, or any topic byte
-    /// when both sides are inside their topics, can extend the key.
     pub fn may_share_key(&self, other: &KeyTemplate) -> bool {
-        let a = self.tokens();
-        let b = other.tokens();
-        // Positions reachable without consuming a byte: `TopicRest` may match nothing.
-        let closure = |tokens: &[KeyToken], i: usize| -> [Option<usize>; 2] {
-            match tokens.get(i) {
-                Some(KeyToken::TopicRest) => [Some(i), Some(i + 1)],
-                _ => [Some(i), None],
-            }
-        };
-        let step = |tokens: &[KeyToken], i: usize, byte: u8| -> Option<usize> {
-            match tokens.get(i)? {
-                KeyToken::Byte(x) => (*x == byte).then_some(i + 1),
-                KeyToken::TopicByte => crate::topic::is_name_byte(byte).then_some(i + 1),
-                KeyToken::TopicRest => crate::topic::is_name_byte(byte).then_some(i),
-            }
-        };
-        let mut seen = std::collections::HashSet::new();
-        let mut todo = Vec::new();
-        let mut visit = |i: usize, j: usize, todo: &mut Vec<(usize, usize)>| {
-            for i in closure(&a, i).into_iter().flatten() {
-                for j in closure(&b, j).into_iter().flatten() {
-                    if seen.insert((i, j)) {
-                        todo.push((i, j));
-                    }
-                }
-            }
-        };
-        visit(0, 0, &mut todo);
-        while let Some((i, j)) = todo.pop() {
-            if i == a.len() && j == b.len() {
-                return true;
-            }
-            // Every topic byte moves both sides alike unless one side needs a literal.
-            let byte = match (a.get(i), b.get(j)) {
-                (Some(KeyToken::Byte(x)), _) | (_, Some(KeyToken::Byte(x))) => *x,
-                _ => b'a',
-            };
-            if let (Some(i), Some(j)) = (step(&a, i, byte), step(&b, j, byte)) {
-                visit(i, j, &mut todo);
-            }
-        }
-        false
+        keys_may_meet(&self.tokens(false), &other.tokens(false))
     }
 
-    fn tokens(&self) -> Vec<KeyToken> {
+    /// Whether a key rendered from `self` and followed by a non-empty idempotency key (any
+    /// printable ASCII) can equal a key rendered from `other`: `topic:{topic}:idem:` and
+    /// `topic:{topic}:stream` cannot (`idem:` is not `stream`), `i:{topic}:` and
+    /// `i:{topic}:stream` can (the idempotency key `stream`).
+    pub fn may_prefix_key(&self, other: &KeyTemplate) -> bool {
+        keys_may_meet(&self.tokens(true), &other.tokens(false))
+    }
+
+    /// Whether the text after `{topic}` starts with a byte no topic name has, so that a key
+    /// rendered from this template and followed by anything still names exactly one topic.
+    pub fn topic_is_delimited(&self) -> bool {
+        self.suffix
+            .bytes()
+            .next()
+            .is_some_and(|b| !crate::topic::is_name_byte(b))
+    }
+
+    fn tokens(&self, tail: bool) -> Vec<KeyToken> {
         let mut tokens: Vec<KeyToken> = self.prefix.bytes().map(KeyToken::Byte).collect();
         tokens.extend([KeyToken::TopicByte, KeyToken::TopicRest]);
         tokens.extend(self.suffix.bytes().map(KeyToken::Byte));
+        if tail {
+            tokens.extend([KeyToken::TailByte, KeyToken::TailRest]);
+        }
         tokens
     }
+}
+
+/// Whether one byte string can match both token sequences. Decided by walking both in step
+/// over one candidate key (the product of two small automata): a state is a position in
+/// each, and the key can end where both end. Linear in the templates' lengths: only a
+/// literal byte, or any byte both classes share when neither side needs a literal, can
+/// extend the key (every class holds `a`, so `a` stands for that case).
+fn keys_may_meet(a: &[KeyToken], b: &[KeyToken]) -> bool {
+    // Positions reachable without consuming a byte: a repeating token may match nothing.
+    let closure = |tokens: &[KeyToken], i: usize| -> [Option<usize>; 2] {
+        match tokens.get(i) {
+            Some(t) if t.repeats() => [Some(i), Some(i + 1)],
+            _ => [Some(i), None],
+        }
+    };
+    let step = |tokens: &[KeyToken], i: usize, byte: u8| -> Option<usize> {
+        let token = tokens.get(i)?;
+        match token.matches(byte) {
+            true if token.repeats() => Some(i),
+            true => Some(i + 1),
+            false => None,
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = Vec::new();
+    let mut visit = |i: usize, j: usize, todo: &mut Vec<(usize, usize)>| {
+        for i in closure(a, i).into_iter().flatten() {
+            for j in closure(b, j).into_iter().flatten() {
+                if seen.insert((i, j)) {
+                    todo.push((i, j));
+                }
+            }
+        }
+    };
+    visit(0, 0, &mut todo);
+    while let Some((i, j)) = todo.pop() {
+        if i == a.len() && j == b.len() {
+            return true;
+        }
+        let byte = match (a.get(i), b.get(j)) {
+            (Some(KeyToken::Byte(x)), _) | (_, Some(KeyToken::Byte(x))) => *x,
+            _ => b'a',
+        };
+        if let (Some(i), Some(j)) = (step(a, i, byte), step(b, j, byte)) {
+            visit(i, j, &mut todo);
+        }
+    }
+    false
 }
 
 impl fmt::Display for KeyTemplate {
@@ -1307,6 +1406,22 @@ impl Layers {
                 .value,
         };
         let metrics = self.resolve_metrics(&listen)?;
+        let idempotency = IdempotencyConfig {
+            window: self
+                .duration(
+                    key::IDEMPOTENCY_WINDOW,
+                    defaults::IDEMPOTENCY_WINDOW,
+                    limits::IDEMPOTENCY_WINDOW,
+                )?
+                .value,
+            max_keys: self
+                .uint(
+                    key::IDEMPOTENCY_MAX_KEYS,
+                    defaults::IDEMPOTENCY_MAX_KEYS,
+                    limits::IDEMPOTENCY_MAX_KEYS,
+                )?
+                .to_usize()?,
+        };
 
         Ok(Config {
             listen: listen.value,
@@ -1323,6 +1438,7 @@ impl Layers {
             hot_tier,
             valkey,
             durability,
+            idempotency,
             shutdown,
             metrics,
             source_file: None,
@@ -1780,6 +1896,41 @@ impl Layers {
             )));
         }
 
+        let idempotency_key = self.template(
+            key::VALKEY_IDEMPOTENCY_KEY,
+            defaults::VALKEY_IDEMPOTENCY_KEY,
+        )?;
+        if !idempotency_key.value.topic_is_delimited() {
+            // `i:{topic}` would render topic `a` with key `bc` and topic `ab` with key `c`
+            // as the same key: one topic's publish would pass for another's.
+            return Err(idempotency_key.invalid(format!(
+                "a template whose `{{topic}}` is followed by a character no topic name has \
+                 (such as `:`), so that each key names one topic, e.g. `{}`",
+                defaults::VALKEY_IDEMPOTENCY_KEY
+            )));
+        }
+        for other in [&stream_key, &meta_key] {
+            if idempotency_key.value.may_prefix_key(&other.value) {
+                // SET on a stream or hash key would replace it: a topic's messages gone.
+                let blamed = if idempotency_key.origin.rank() >= other.origin.rank() {
+                    &idempotency_key
+                } else {
+                    other
+                };
+                return Err(blamed.invalid(format!(
+                    "`{}` and `{}` to differ so that no topic's idempotency key (the template \
+                     followed by the client's key) is any topic's {} key",
+                    key::VALKEY_IDEMPOTENCY_KEY,
+                    other.key,
+                    if other.key == key::VALKEY_STREAM_KEY {
+                        "stream"
+                    } else {
+                        "meta"
+                    }
+                )));
+            }
+        }
+
         Ok(ValkeyConfig {
             host: host.value,
             port,
@@ -1822,6 +1973,7 @@ impl Layers {
                 .to_usize()?,
             stream_key: stream_key.value,
             meta_key: meta_key.value,
+            idempotency_key: idempotency_key.value,
             sentinel,
         })
     }
@@ -2234,6 +2386,7 @@ struct RawFile {
     hot_tier: Option<RawHotTier>,
     valkey: Option<RawValkey>,
     durability: Option<RawDurability>,
+    idempotency: Option<RawIdempotency>,
     shutdown: Option<RawShutdown>,
     metrics: Option<RawMetrics>,
 }
@@ -2327,6 +2480,7 @@ struct RawValkey {
     max_pending: RawValue,
     stream_key: RawValue,
     meta_key: RawValue,
+    idempotency_key: RawValue,
     sentinels: Option<Spanned<CommaList>>,
     sentinel_master: RawValue,
     sentinel_username: RawValue,
@@ -2373,6 +2527,13 @@ struct RawDurability {
     ack: RawValue,
     replicas: RawValue,
     replica_timeout: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawIdempotency {
+    window: RawValue,
+    max_keys: RawValue,
 }
 
 #[derive(Deserialize, Default)]
@@ -2474,6 +2635,7 @@ impl RawFile {
         put(key::VALKEY_MAX_PENDING, v.max_pending);
         put(key::VALKEY_STREAM_KEY, v.stream_key);
         put(key::VALKEY_META_KEY, v.meta_key);
+        put(key::VALKEY_IDEMPOTENCY_KEY, v.idempotency_key);
         put(
             key::VALKEY_SENTINELS,
             v.sentinels
@@ -2486,6 +2648,9 @@ impl RawFile {
         put(key::DURABILITY_ACK, d.ack);
         put(key::DURABILITY_REPLICAS, d.replicas);
         put(key::DURABILITY_REPLICA_TIMEOUT, d.replica_timeout);
+        let i = self.idempotency.unwrap_or_default();
+        put(key::IDEMPOTENCY_WINDOW, i.window);
+        put(key::IDEMPOTENCY_MAX_KEYS, i.max_keys);
         let sd = self.shutdown.unwrap_or_default();
         put(key::SHUTDOWN_TIMEOUT, sd.timeout);
         let mt = self.metrics.unwrap_or_default();
@@ -2735,12 +2900,17 @@ mod tests {
                 max_pending: 10_000,
                 stream_key: template("topic:{topic}:stream"),
                 meta_key: template("topic:{topic}:meta"),
+                idempotency_key: template("topic:{topic}:idem:"),
                 sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Persisted,
                 replicas: 1,
                 replica_timeout: Duration::from_secs(1),
+            },
+            idempotency: IdempotencyConfig {
+                window: Duration::from_secs(600),
+                max_keys: 1_000_000,
             },
             shutdown: ShutdownConfig {
                 timeout: Duration::from_secs(30),
@@ -2891,10 +3061,14 @@ valkey:
   max_pending: 0
   stream_key: "s:{topic}"
   meta_key: "m:{topic}"
+  idempotency_key: "i:{topic}/"
 durability:
   ack: buffered
   replicas: 3
   replica_timeout: 200ms
+idempotency:
+  window: 90s
+  max_keys: 5000
 shutdown:
   timeout: 2m
 metrics:
@@ -2971,12 +3145,17 @@ metrics:
                 max_pending: 0,
                 stream_key: template("s:{topic}"),
                 meta_key: template("m:{topic}"),
+                idempotency_key: template("i:{topic}/"),
                 sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Buffered,
                 replicas: 3,
                 replica_timeout: Duration::from_millis(200),
+            },
+            idempotency: IdempotencyConfig {
+                window: Duration::from_secs(90),
+                max_keys: 5000,
             },
             shutdown: ShutdownConfig {
                 timeout: Duration::from_secs(120),
@@ -3657,6 +3836,38 @@ durability:
         assert_mentions(&message, &["`valkey.meta_key`", "to differ", "s:a.m"]);
     }
 
+    /// An idempotency key is `SET`: one equal to a stream or meta key would replace the
+    /// topic's stream; one whose topic part is ambiguous would let a publish to one topic
+    /// pass for another's.
+    #[test]
+    fn idempotency_key_templates_never_meet_stream_or_meta_keys() {
+        let prefixes = |idem: &str, other: &str| template(idem).may_prefix_key(&template(other));
+        assert!(!prefixes("topic:{topic}:idem:", "topic:{topic}:stream"));
+        assert!(!prefixes("topic:{topic}:idem:", "topic:{topic}:meta"));
+        assert!(!prefixes(
+            "stream:topic:{topic}:idem:",
+            "stream:topic:{topic}"
+        ));
+        assert!(prefixes("i:{topic}:", "i:{topic}:stream"));
+        assert!(!prefixes("{topic}:", "x{topic}"));
+        assert!(prefixes("{topic}:", "x{topic}:s"));
+        assert!(prefixes("s:{topic}", "s:{topic}"));
+        assert!(template("topic:{topic}:idem:").topic_is_delimited());
+        assert!(!template("i:{topic}").topic_is_delimited());
+        assert!(!template("i:{topic}x").topic_is_delimited());
+        let message = error_text(from_yaml(
+            "valkey:\n  stream_key: 'i:{topic}:stream'\n  idempotency_key: 'i:{topic}:'\n",
+        ));
+        assert_mentions(
+            &message,
+            &["`valkey.idempotency_key`", "to differ", "stream key"],
+        );
+        let message = error_text(from_yaml("valkey:\n  idempotency_key: 'i:{topic}'\n"));
+        assert_mentions(&message, &["`valkey.idempotency_key`", "names one topic"]);
+        // The Python relay's migration layout keeps the default idempotency keys.
+        assert!(from_yaml("valkey:\n  stream_key: 'stream:topic:{topic}'\n").is_ok());
+    }
+
     #[test]
     fn a_conflict_blames_the_more_deliberate_setting() {
         // Payload from env beats body from the file: the env var is blamed.
@@ -3911,10 +4122,15 @@ durability:
                 );
             }
             let (section, leaf) = spec.path.split_once('.').unwrap_or(("", spec.path));
-            let section_line = help
+            // The section's line and its continuation lines (indented past the section
+            // names; `valkey` needs four since Sentinel and idempotency keys joined it).
+            let mut section_lines = help
                 .lines()
-                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")))
-                .take(3)
+                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")));
+            let section_line = section_lines
+                .next()
+                .into_iter()
+                .chain(section_lines.take_while(|l| l.starts_with("               ")))
                 // Joined with a space: the last listed key must not run into the next line.
                 .collect::<Vec<_>>()
                 .join(" ");

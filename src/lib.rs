@@ -21,7 +21,8 @@
 //! A request's life: [`net::listener`] accepts → [`net::connection`] reads bytes and feeds the
 //! sans-IO [`http::codec`] → [`http::router`] picks a route → a handler in [`http::handlers`]
 //! parses and validates the body and asks the owning shard via [`shard::Shard`] →
-//! [`store::Storage`] appends (with Valkey: queues an XADD on the shard's [`valkey::Client`],
+//! [`store::Storage`] appends (with Valkey: queues a `pulsar_publish` call, the Valkey
+//! Function that checks idempotency keys and XADDs, on the shard's [`valkey::Client`],
 //! which sends everything queued meanwhile as one pipeline, and waits for the reply) or reads
 //! → the handler encodes JSON with [`http::response`] into
 //! the connection's output buffer, which is written once per batch of pipelined requests.
@@ -40,9 +41,11 @@
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
 //! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
-//!   behind which backends live, and the Valkey Streams tier ([`store::valkey`], one file a
-//!   concern: the entry format, persisted publishes, the buffered write-behind, page reads,
-//!   removals and gap verdicts, retention, topic discovery, server checks).
+//!   behind which backends live, idempotency keys ([`store::idempotency`]), and the Valkey
+//!   Streams tier ([`store::valkey`], one file a concern: the entry format, the `pulsar`
+//!   Function library every append goes through, persisted publishes, the buffered
+//!   write-behind, page reads, removals and gap verdicts, retention, topic discovery, server
+//!   checks).
 //! - [`delivery`]: what every real-time transport shares: bounded queues (sinks), the
 //!   per-shard subscriber registry, cross-shard fan-out fed by storage's append feed,
 //!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer.
@@ -50,16 +53,20 @@
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.
 //! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
-//! - [`valkey`]: the RESP codec, each shard's pipelined, group-committing Valkey client, and
-//!   where its connections go (a fixed address, or the master Valkey Sentinel names, followed
-//!   across failovers); the only code that touches Valkey sockets.
+//! - [`valkey`]: the RESP codec, each shard's pipelined, group-committing Valkey client
+//!   (which loads the Function library its caller needs on every connection), and where its
+//!   connections go (a fixed address, or the master Valkey Sentinel names, followed across
+//!   failovers); the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
+//! - [`instance`]: this process's random relay instance id (named in cross-relay
+//!   notifications).
 
 pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod net;
 pub mod shard;

@@ -76,7 +76,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures_lite::future::poll_fn;
 use glommio::Task;
@@ -178,6 +178,35 @@ impl Command {
         })
     }
 
+    /// Encodes a command of exactly `args` arguments (at least one) that `write` appends one
+    /// by one, straight into the encoded form: no argument list in between, for commands
+    /// that carry tens of arguments on the publish path. `capacity`: the expected size, to
+    /// allocate once. Fails if `write` appends another number of arguments.
+    pub fn build(
+        args: usize,
+        capacity: usize,
+        write: impl FnOnce(&mut ArgWriter),
+    ) -> Result<Command, ProtocolError> {
+        if args == 0 {
+            return Err(ProtocolError::EmptyCommand);
+        }
+        let mut out = BytesMut::with_capacity(capacity.saturating_add(16));
+        out.put_u8(b'*');
+        out.put_slice(itoa::Buffer::new().format(args).as_bytes());
+        out.put_slice(b"\r\n");
+        let mut writer = ArgWriter { out, written: 0 };
+        write(&mut writer);
+        if writer.written != args {
+            return Err(ProtocolError::NotOneCommand(
+                "a different number of arguments than announced",
+            ));
+        }
+        Ok(Command {
+            bytes: writer.out.freeze(),
+            route: None,
+        })
+    }
+
     /// Accepts bytes encoded elsewhere (e.g. with [`encode_command`]) after checking them.
     pub fn from_encoded(encoded: Bytes) -> Result<Command, ProtocolError> {
         validate_command(&encoded)?;
@@ -196,6 +225,35 @@ impl Command {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+/// Appends the arguments of a command being built (see [`Command::build`]).
+pub struct ArgWriter {
+    out: BytesMut,
+    written: usize,
+}
+
+impl ArgWriter {
+    /// One argument.
+    pub fn arg(&mut self, arg: &[u8]) {
+        self.arg_concat(&[arg]);
+    }
+
+    /// One argument made of `parts` back to back (a key rendered from a template, say).
+    pub fn arg_concat(&mut self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut digits = itoa::Buffer::new();
+        let len_text = digits.format(len);
+        self.out.reserve(1 + len_text.len() + 2 + len + 2);
+        self.out.put_u8(b'$');
+        self.out.put_slice(len_text.as_bytes());
+        self.out.put_slice(b"\r\n");
+        for part in parts {
+            self.out.put_slice(part);
+        }
+        self.out.put_slice(b"\r\n");
+        self.written += 1;
     }
 }
 

@@ -1,5 +1,6 @@
 //! One established connection to Valkey: TCP (optionally TLS), AUTH/SELECT/CLIENT SETNAME
-//! done, then batches of pre-encoded commands written with one write and answered in order.
+//! done and the configured Function library loaded, then batches of pre-encoded commands
+//! written with one write and answered in order.
 //!
 //! Owns: address resolution and connect, the TLS client configuration (roots from a CA file or
 //! the system store, server certificate always verified against the host connected to), the
@@ -67,6 +68,9 @@ pub struct ConnectConfig {
     /// `CLIENT SETNAME` value, e.g. `pulsar-relay-shard3` (visible in `CLIENT LIST`); empty
     /// skips it. Valkey refuses names with spaces; that error is ignored.
     pub client_name: String,
+    /// A Function library every connection makes sure is loaded (at its version or newer)
+    /// before it carries commands; see [`super::library`].
+    pub library: Option<super::FunctionLibrary>,
     /// Ends the handshake with `ROLE` and refuses a node that is not a master
     /// ([`ValkeyError::NotMaster`]): with Sentinel, the address a sentinel names can be stale.
     pub verify_master: bool,
@@ -85,6 +89,7 @@ impl Default for ConnectConfig {
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),
             client_name: String::new(),
+            library: None,
             verify_master: false,
         }
     }
@@ -104,6 +109,10 @@ impl fmt::Debug for ConnectConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("client_name", &self.client_name)
+            .field(
+                "library",
+                &self.library.as_ref().map(|l| (l.name, l.version)),
+            )
             .field("verify_master", &self.verify_master)
             .finish()
     }
@@ -313,6 +322,25 @@ impl Connector {
                 HandshakeStep::Ping | HandshakeStep::Auth | HandshakeStep::Role => {
                     return Err(ValkeyError::Server(message.to_owned()))
                 }
+            }
+        }
+        // After the `ROLE` check: a replica named by a stale sentinel is refused before any
+        // `FUNCTION LOAD` is tried on it (a replica would answer `READONLY`).
+        if let Some(library) = &self.config.library {
+            match super::library::ensure_loaded(&mut connection, library).await? {
+                super::library::LibraryState::Loaded { replaced } => tracing::info!(
+                    library = library.name,
+                    version = library.version,
+                    replaced = ?replaced,
+                    %peer,
+                    "loaded the Valkey function library"
+                ),
+                super::library::LibraryState::Present(version) => tracing::debug!(
+                    library = library.name,
+                    version,
+                    %peer,
+                    "Valkey function library present"
+                ),
             }
         }
         Ok(connection)

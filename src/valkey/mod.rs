@@ -3,9 +3,10 @@
 //!
 //! Layers, each usable alone:
 //! - [`codec`]: sans-IO encoding of commands and decoding of replies (`redis-protocol`).
-//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done, which sends a
-//!   pre-encoded batch with one write and reads exactly that many replies (or, subscribed,
-//!   reads pushed frames one at a time).
+//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done (and the
+//!   Function library the caller needs loaded: [`library`]), which sends a pre-encoded batch
+//!   with one write and reads exactly that many replies (or, subscribed, reads pushed frames
+//!   one at a time).
 //! - [`sentinel`]: where the connections go: the configured address, or the master the
 //!   sentinels name, followed across failovers (`+switch-master`, `READONLY`, lost
 //!   connections).
@@ -23,13 +24,15 @@
 pub mod client;
 pub mod codec;
 pub mod connection;
+pub mod library;
 pub mod sentinel;
 
 use std::time::Duration;
 
-pub use client::{Client, ClientConfig, ClientStats, Command, WaitFor};
+pub use client::{ArgWriter, Client, ClientConfig, ClientStats, Command, WaitFor};
 pub use codec::{decode_reply, encode_command, ProtocolError, Reply};
 pub use connection::{ConnectConfig, Connection, Connector};
+pub use library::FunctionLibrary;
 pub use sentinel::{NodeAddr, SentinelConfig};
 
 /// Why a command (or a connection attempt) did not produce a reply.
@@ -140,6 +143,8 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
             connect_timeout: valkey.connect_timeout,
             command_timeout: valkey.command_timeout,
             client_name: format!("pulsar-relay-shard{shard}"),
+            // The storage layer names the library it calls.
+            library: None,
             verify_master: sentinel.is_some(),
         },
         connections: valkey.connections_per_shard,

@@ -191,9 +191,11 @@ impl Target {
             port: 0,
             username: config.username.clone(),
             password: config.password.clone(),
-            // Sentinels have no databases and no ROLE worth checking.
+            // Sentinels have no databases, no ROLE worth checking and no Functions (the
+            // data nodes' library is loaded on the master's connections only).
             db: 0,
             verify_master: false,
+            library: None,
             client_name: if data.client_name.is_empty() {
                 String::new()
             } else {

@@ -1,22 +1,33 @@
 //! `ack: buffered` publishes: ids chosen here so the producer is answered before Valkey
 //! replies, and the bounded write-behind backlog those acknowledged messages wait in until
-//! one writer task per shard has stored them (oldest first, failed batches retried with the
-//! same ids).
+//! one writer task per shard has stored them (oldest first, one `pulsar_publish` call per
+//! topic of a batch, failed batches retried with the same ids).
 //!
-//! Does not own the entry format (`entry.rs`) nor `ack: persisted` publishes (`publish.rs`);
-//! the hot tier is filled by the caller ([`crate::store::Storage`]) at acknowledgement.
+//! Publishes with an idempotency key are written the same way, in their place in the
+//! backlog, but not acknowledged before Valkey decided (stored, or a duplicate of a publish
+//! made through any relay): their caller awaits a [`BehindDecision`]. They are not retried:
+//! a failed attempt is answered 503 and the producer's retry, with the same key, is the
+//! retry. While one is undecided its topic is held ([`TopicHold`]): later publishes to it
+//! wait, so the hot tier and the feed keep seeing the topic in id order.
+//!
+//! Does not own the call's encoding (`function.rs`) nor `ack: persisted` publishes
+//! (`publish.rs`); the hot tier is filled by the caller ([`crate::store::Storage`]) at
+//! acknowledgement.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::channel::oneshot;
 
 use super::entry::parse_entries;
+use super::function::{parse_publish_reply, Entry, Outcome};
+use super::publish::group_by_topic;
 use super::{on, store_error, ValkeyTier};
-use crate::store::message::{write_rfc3339_millis, MessageId};
-use crate::store::{PublishItem, StoreError};
-use crate::valkey::{Command, Reply, ValkeyError};
+use crate::store::message::MessageId;
+use crate::store::{PublishAck, PublishItem, StoreError};
+use crate::valkey::{Command, ValkeyError};
 
 /// The write-behind backlog of `ack = buffered`: every acknowledged message stays here until
 /// Valkey stored it (or refused it for good), and one writer task sends it, one batch at a
@@ -55,18 +66,35 @@ impl Behind {
     }
 }
 
-/// One acknowledged, not yet stored message.
+/// One message waiting in the backlog: acknowledged, or (with an idempotency key) awaiting
+/// its decision.
 struct BehindItem {
     item: PublishItem,
     id: MessageId,
     timestamp_ms: u64,
-    /// The topic was new to this tier when published: send its meta commands too.
+    /// The topic was new to this tier when published: set its meta hash's creation time too.
     new_topic: bool,
+    /// Keyed publishes only: where Valkey's decision goes (the publisher waits for it).
+    decision: Option<oneshot::Sender<BehindDecision>>,
 }
 
-/// How one write-behind XADD ended.
+/// What became of a keyed publish written behind (see the module doc).
+#[derive(Debug)]
+pub enum BehindDecision {
+    /// Stored with the id chosen for it.
+    Stored,
+    /// Its key was used before, through this relay or another: nothing stored; the first
+    /// publish's answer.
+    Duplicate(PublishAck),
+    /// Not stored, or not known to be (a lost reply): the producer retries with its key.
+    Failed(StoreError),
+}
+
+/// How one write-behind entry ended.
 enum BehindOutcome {
     Stored,
+    /// Keyed only: a duplicate of an earlier publish.
+    Duplicate(PublishAck),
     /// Worth sending again (connection lost, timeout, queue full, `-OOM`).
     Retry,
     /// Refused because the stream already holds an id at least as high: stored already (a
@@ -76,17 +104,103 @@ enum BehindOutcome {
     Lost(String),
 }
 
+/// Topics held while keyed publishes to them await their decision: while it lives, every
+/// buffered publish to one of them waits before taking ids. Released on drop (also if the
+/// publishing task is dropped), which wakes the waiters.
+pub struct TopicHold {
+    tier: Rc<ValkeyTier>,
+    topics: Vec<String>,
+}
+
+impl TopicHold {
+    /// Whether `topic` is one of the held topics.
+    pub fn holds(&self, topic: &str) -> bool {
+        self.topics.iter().any(|t| t == topic)
+    }
+}
+
+impl Drop for TopicHold {
+    fn drop(&mut self) {
+        let mut holds = self.tier.holds.borrow_mut();
+        for topic in &self.topics {
+            // Dropping the waiters' senders wakes them.
+            holds.remove(topic);
+        }
+    }
+}
+
 impl ValkeyTier {
-    /// Buffered mode: chooses ids now so the producer is answered at once; the XADDs (with
+    /// Buffered mode: chooses ids now so the producer is answered at once; the entries (with
     /// those explicit ids) are written behind. A topic's first publish since start, and its
     /// first after a write-behind failure (Valkey restarted, another writer may have
     /// appended), reads the stream's last id so new ids stay above it; ids never go back
     /// below ones already handed out.
+    ///
+    /// Waits first while any of the items' topics is held by a keyed publish awaiting its
+    /// decision; if `items` hold keyed publishes, returns the hold of their topics, taken in
+    /// the same synchronous step as the ids (so no publish can take ids between).
     pub async fn assign_buffered_ids(
-        &self,
+        self: &Rc<Self>,
         items: &[PublishItem],
         now_ms: u64,
-    ) -> Result<Vec<MessageId>, StoreError> {
+    ) -> Result<(Vec<MessageId>, Option<TopicHold>), StoreError> {
+        loop {
+            self.refresh_buffered_last(items).await?;
+            // From here to the return: no await.
+            let waiting = {
+                let mut holds = self.holds.borrow_mut();
+                items.iter().find_map(|item| {
+                    holds.get_mut(&item.topic).map(|waiters| {
+                        let (tx, rx) = oneshot::channel::<()>();
+                        waiters.push(tx);
+                        rx
+                    })
+                })
+            };
+            if let Some(released) = waiting {
+                // Err(Canceled) is the release: the hold dropped its senders.
+                let _ = released.await;
+                continue;
+            }
+            let hold = self.hold_keyed_topics(items);
+            let mut last_ids = self.buffered_last.borrow_mut();
+            let ids = items
+                .iter()
+                .map(|item| {
+                    let last = last_ids.get(&item.topic).map(|(id, _)| *id);
+                    let id = MessageId::next_after(last, now_ms);
+                    last_ids.insert(item.topic.clone(), (id, true));
+                    id
+                })
+                .collect();
+            return Ok((ids, hold));
+        }
+    }
+
+    /// Holds the topics of `items`' keyed publishes (none held: `None`).
+    fn hold_keyed_topics(self: &Rc<Self>, items: &[PublishItem]) -> Option<TopicHold> {
+        let mut topics: Vec<String> = Vec::new();
+        for item in items.iter().filter(|i| i.idempotency_key.is_some()) {
+            if !topics.contains(&item.topic) {
+                topics.push(item.topic.clone());
+            }
+        }
+        if topics.is_empty() {
+            return None;
+        }
+        let mut holds = self.holds.borrow_mut();
+        for topic in &topics {
+            holds.insert(topic.clone(), Vec::new());
+        }
+        Some(TopicHold {
+            tier: self.clone(),
+            topics,
+        })
+    }
+
+    /// Reads the stream's last id for each topic of `items` whose cached last id is not
+    /// known to be current (see [`ValkeyTier::assign_buffered_ids`]).
+    async fn refresh_buffered_last(&self, items: &[PublishItem]) -> Result<(), StoreError> {
         for item in items {
             if matches!(
                 self.buffered_last.borrow().get(&item.topic),
@@ -116,16 +230,7 @@ impl ValkeyTier {
                 }
             }
         }
-        let mut last_ids = self.buffered_last.borrow_mut();
-        Ok(items
-            .iter()
-            .map(|item| {
-                let last = last_ids.get(&item.topic).map(|(id, _)| *id);
-                let id = MessageId::next_after(last, now_ms);
-                last_ids.insert(item.topic.clone(), (id, true));
-                id
-            })
-            .collect())
+        Ok(())
     }
 
     /// Queues messages about to be acknowledged for the write-behind, or refuses them all at
@@ -133,12 +238,15 @@ impl ValkeyTier {
     /// would be dropped). Once queued, a message is retried with its id until Valkey stores
     /// it; only a refusal that no retry can change (say `-WRONGTYPE`) loses it, logged as an
     /// error and counted (`relay_valkey_errors_total{kind="buffered_lost"}`).
+    ///
+    /// Returns, per item, where a keyed publish's [`BehindDecision`] will arrive (`None` for
+    /// the others, acknowledged now).
     pub fn enqueue_behind(
         self: &Rc<Self>,
         items: Vec<PublishItem>,
         ids: &[MessageId],
         now_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Option<oneshot::Receiver<BehindDecision>>>, StoreError> {
         let bytes: usize = items.iter().map(item_bytes).sum();
         let mut behind = self.behind.borrow_mut();
         if behind.queue.len() + items.len() > behind.max_items
@@ -165,15 +273,26 @@ impl ValkeyTier {
             })
             .collect();
         drop(known);
-        for item in &items {
+        // A keyed publish counts once it is stored (it may turn out a duplicate).
+        for item in items.iter().filter(|i| i.idempotency_key.is_none()) {
             self.note_written(&item.topic);
         }
+        let mut decisions = Vec::with_capacity(items.len());
         for ((item, id), new_topic) in items.into_iter().zip(ids).zip(fresh) {
+            let (decision, receiver) = match item.idempotency_key {
+                Some(_) => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+                None => (None, None),
+            };
+            decisions.push(receiver);
             behind.queue.push_back(BehindItem {
                 item,
                 id: *id,
                 timestamp_ms: now_ms,
                 new_topic,
+                decision,
             });
         }
         let start = behind.doorbell.is_none();
@@ -182,7 +301,7 @@ impl ValkeyTier {
             behind.doorbell = Some(tx);
             drop(behind);
             glommio::spawn_local(write_behind(Rc::downgrade(self), rx)).detach();
-            return Ok(());
+            return Ok(decisions);
         }
         // Rung outside the borrow: the executor may run the writer at once. Full means a
         // wake-up is already pending: enough.
@@ -191,7 +310,7 @@ impl ValkeyTier {
         if let Some(doorbell) = doorbell.as_mut() {
             let _ = doorbell.try_send(());
         }
-        Ok(())
+        Ok(decisions)
     }
 
     /// Waits (at most `within`) until the write-behind backlog is empty: at shutdown, before
@@ -218,64 +337,78 @@ impl ValkeyTier {
 
     /// Sends the oldest part of the backlog once; returns whether something must be retried.
     async fn send_behind_batch(&self) -> bool {
-        let batch: Vec<(PublishItem, MessageId, u64, bool)> = {
+        // The items, and beside them their ids, times and new-topic flags.
+        let (items, batch): (Vec<PublishItem>, Vec<(MessageId, u64, bool)>) = {
             let mut behind = self.behind.borrow_mut();
             behind.busy = true;
             behind
                 .queue
                 .iter()
                 .take(BEHIND_BATCH)
-                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic))
-                .collect()
+                .map(|b| (b.item.clone(), (b.id, b.timestamp_ms, b.new_topic)))
+                .unzip()
         };
-        let mut commands: Vec<Command> = batch
+        let groups = group_by_topic(&items);
+        let commands: Vec<Command> = groups
             .iter()
-            .map(|(item, id, ts, _)| self.encode_xadd(item, Some(*id), *ts))
-            .collect();
-        for (item, _, ts, new_topic) in &batch {
-            if *new_topic {
-                let mut created = Vec::with_capacity(24);
-                write_rfc3339_millis(&mut created, *ts);
-                let key = self.meta_key.render(&item.topic);
-                commands.push(on(
-                    &item.topic,
-                    &[b"HSETNX", key.as_bytes(), b"created", &created],
-                ));
-                commands.push(on(&item.topic, &[b"PERSIST", key.as_bytes()]));
-            }
-        }
-        self.count("xadd", batch.len());
-        let replies = self.client.call_many(&commands).await;
-        let mut outcomes: Vec<BehindOutcome> = replies
-            .into_iter()
-            .take(batch.len())
-            .map(|reply| match reply {
-                Ok(Reply::Bulk(_)) => BehindOutcome::Stored,
-                Ok(other) => BehindOutcome::Lost(format!("unexpected XADD reply: {other:?}")),
-                Err(ValkeyError::Server(message)) if is_transient(&message) => BehindOutcome::Retry,
-                Err(ValkeyError::Server(message)) if message.contains("equal or smaller") => {
-                    BehindOutcome::Check
-                }
-                Err(ValkeyError::Server(message)) => BehindOutcome::Lost(message),
-                Err(_) => BehindOutcome::Retry,
+            .map(|group| {
+                let entries: Vec<Entry<'_>> = group
+                    .iter()
+                    .map(|&i| Entry {
+                        item: &items[i],
+                        id: Some(batch[i].0),
+                        timestamp_ms: batch[i].1,
+                    })
+                    .collect();
+                let created = group.iter().find(|&&i| batch[i].2).map(|&i| batch[i].1);
+                self.encode_publish(&items[group[0]].topic, &entries, created)
             })
             .collect();
-        outcomes.resize_with(batch.len(), || BehindOutcome::Retry);
-        // Refused as not above the stream's last id: stored already, or lost. Ask.
+        self.count("fcall", commands.len());
+        self.count("xadd", batch.len());
+        let replies = self.client.call_many(&commands).await;
+        let mut outcomes: Vec<BehindOutcome> =
+            (0..batch.len()).map(|_| BehindOutcome::Retry).collect();
+        for (group, reply) in groups.iter().zip(replies) {
+            for (&i, outcome) in group.iter().zip(parse_publish_reply(reply, group.len())) {
+                outcomes[i] = match outcome {
+                    Outcome::Stored(_) => BehindOutcome::Stored,
+                    // Its own earlier attempt (a reply lost with its connection): stored.
+                    Outcome::Duplicate(ack) if ack.id == batch[i].0 => BehindOutcome::Stored,
+                    Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
+                    // Transient refusals, of the whole call (refused before it ran: OOM,
+                    // LOADING, BUSY, MASTERDOWN, NOREPLICAS) or of one entry's XADD.
+                    Outcome::Failed(ValkeyError::Server(message)) if is_transient(&message) => {
+                        BehindOutcome::Retry
+                    }
+                    Outcome::Failed(ValkeyError::Server(message))
+                        if message.contains("equal or smaller") =>
+                    {
+                        BehindOutcome::Check
+                    }
+                    Outcome::Failed(ValkeyError::Server(message)) => BehindOutcome::Lost(message),
+                    Outcome::Failed(_) => BehindOutcome::Retry,
+                };
+            }
+        }
+        // Refused as not above the stream's last id: stored already, or lost. Ask. (A keyed
+        // publish is never sent twice, so for it the refusal means not stored.)
         let checks: Vec<usize> = outcomes
             .iter()
             .enumerate()
-            .filter(|(_, o)| matches!(o, BehindOutcome::Check))
+            .filter(|(i, o)| {
+                matches!(o, BehindOutcome::Check) && items[*i].idempotency_key.is_none()
+            })
             .map(|(i, _)| i)
             .collect();
         if !checks.is_empty() {
             let commands: Vec<Command> = checks
                 .iter()
                 .map(|&i| {
-                    let key = self.stream_key.render(&batch[i].0.topic);
-                    let id = batch[i].1.to_string();
+                    let key = self.stream_key.render(&items[i].topic);
+                    let id = batch[i].0.to_string();
                     on(
-                        &batch[i].0.topic,
+                        &items[i].topic,
                         &[b"XRANGE", key.as_bytes(), id.as_bytes(), id.as_bytes()],
                     )
                 })
@@ -292,14 +425,39 @@ impl ValkeyTier {
             }
         }
         let mut retry = false;
+        // A keyed publish failed: not sent again, but the streams are checked as after any
+        // failure before the next ids.
+        let mut recheck = false;
         let mut behind = self.behind.borrow_mut();
         let mut kept = VecDeque::new();
-        for outcome in &outcomes {
-            let Some(done) = behind.queue.pop_front() else {
+        let mut decided = Vec::new();
+        for outcome in outcomes {
+            let Some(mut done) = behind.queue.pop_front() else {
                 break;
             };
+            if let Some(decision) = done.decision.take() {
+                // A keyed publish: its producer is waiting for this attempt, the only one.
+                let answer = match outcome {
+                    BehindOutcome::Stored => {
+                        decided.push(done.item.topic.clone());
+                        BehindDecision::Stored
+                    }
+                    BehindOutcome::Duplicate(ack) => BehindDecision::Duplicate(ack),
+                    BehindOutcome::Retry | BehindOutcome::Check => {
+                        recheck = true;
+                        BehindDecision::Failed(StoreError::Unavailable(
+                            "write-behind attempt failed; the message may or may not be stored"
+                                .into(),
+                        ))
+                    }
+                    BehindOutcome::Lost(why) => BehindDecision::Failed(StoreError::Rejected(why)),
+                };
+                let _ = decision.send(answer);
+                behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
+                continue;
+            }
             match outcome {
-                BehindOutcome::Stored => {}
+                BehindOutcome::Stored | BehindOutcome::Duplicate(_) => {}
                 BehindOutcome::Retry | BehindOutcome::Check => {
                     retry = true;
                     kept.push_back(done);
@@ -326,7 +484,10 @@ impl ValkeyTier {
         }
         behind.busy = false;
         drop(behind);
-        if retry {
+        for topic in decided {
+            self.note_written(&topic);
+        }
+        if retry || recheck {
             // Valkey may have restarted (lost a tail) or someone else may have written:
             // the next ids are checked against each stream again.
             for entry in self.buffered_last.borrow_mut().values_mut() {
