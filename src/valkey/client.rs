@@ -2295,18 +2295,26 @@ mod tests {
     fn replicated_groups_share_one_wait_per_batch() {
         let master = ValkeyServer::start(&[]);
         let replica = start_replica(&master);
+        // Generous with a replica (a loaded machine must not make it miss the deadline);
+        // short without one, where it always runs out.
         let wait = WaitFor {
             replicas: 1,
-            timeout: Duration::from_millis(300),
+            timeout: Duration::from_secs(3),
         };
         let config = ClientConfig {
             connections: 2,
             wait_for: Some(wait),
-            ..config_for(master.config())
+            ..config_for(ConnectConfig {
+                command_timeout: Duration::from_secs(10),
+                ..master.config()
+            })
         };
         let lonely = ValkeyServer::start(&[]);
         let lonely_config = ClientConfig {
-            wait_for: Some(wait),
+            wait_for: Some(WaitFor {
+                replicas: 1,
+                timeout: Duration::from_millis(300),
+            }),
             ..config_for(lonely.config())
         };
         run_local(move || async move {
