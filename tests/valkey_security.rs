@@ -27,8 +27,10 @@ fn assert_refuses_service(relay: &Server) {
         let started = Instant::now();
         let resp = relay.post_json("/api/v1/messages", &publish_body("denied", &i.to_string()));
         assert_unavailable(&resp);
+        // Normally one connect timeout (1 s); the bound only tells a 503 from a hang, with
+        // room for a loaded machine (CI once measured 6.5 s).
         assert!(
-            started.elapsed() < Duration::from_secs(6),
+            started.elapsed() < Duration::from_secs(20),
             "publish took {:?}",
             started.elapsed()
         );
