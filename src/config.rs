@@ -119,6 +119,11 @@ mod defaults {
     /// the topic part later puts all of a topic's keys in one Cluster slot); the client's key
     /// follows the last `:`.
     pub const VALKEY_IDEMPOTENCY_KEY: &str = "topic:{topic}:idem:";
+    /// The defaults in Valkey Cluster mode: the same layout with the topic as every key's
+    /// hash tag (`{{topic}}` renders `{<topic>}`), so all of a topic's keys share a slot.
+    pub const VALKEY_CLUSTER_STREAM_KEY: &str = "topic:{{topic}}:stream";
+    pub const VALKEY_CLUSTER_META_KEY: &str = "topic:{{topic}}:meta";
+    pub const VALKEY_CLUSTER_IDEMPOTENCY_KEY: &str = "topic:{{topic}}:idem:";
 
     pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
     /// With `ack: replicated`: one replica, the usual Sentinel deployment (a master, one
@@ -247,6 +252,9 @@ mod limits {
     /// Sentinel deployments run 3 or 5; each address may be asked in turn within one connect
     /// timeout, so a long list of dead ones delays finding the master.
     pub const VALKEY_SENTINELS: RangeInclusive<usize> = 1..=16;
+    /// Seeds are asked in turn only until one answers; a handful is plenty, 64 catches a
+    /// pasted node list gone wrong.
+    pub const VALKEY_CLUSTER_NODES: RangeInclusive<usize> = 1..=64;
     /// `WAIT` takes an int; more than a few replicas per master is unusual, 1000 catches a typo.
     pub const DURABILITY_REPLICAS: RangeInclusive<u64> = 1..=1000;
     /// `WAIT` takes milliseconds (0 would block forever); it must stay below
@@ -339,6 +347,7 @@ mod key {
     pub const VALKEY_META_KEY: &str = "valkey.meta_key";
     pub const VALKEY_IDEMPOTENCY_KEY: &str = "valkey.idempotency_key";
     pub const VALKEY_SENTINELS: &str = "valkey.sentinels";
+    pub const VALKEY_CLUSTER_NODES: &str = "valkey.cluster_nodes";
     pub const VALKEY_SENTINEL_MASTER: &str = "valkey.sentinel_master";
     pub const VALKEY_SENTINEL_USERNAME: &str = "valkey.sentinel_username";
     pub const VALKEY_SENTINEL_PASSWORD: &str = "valkey.sentinel_password";
@@ -456,6 +465,10 @@ const KEYS: &[KeySpec] = &[
         &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
     ),
     spec(
+        key::VALKEY_CLUSTER_NODES,
+        &["VALKEY_CLUSTER_NODES", "PULSAR_VALKEY_CLUSTER_NODES"],
+    ),
+    spec(
         key::VALKEY_SENTINEL_MASTER,
         &["VALKEY_SENTINEL_MASTER", "PULSAR_VALKEY_SENTINEL_MASTER"],
     ),
@@ -514,6 +527,8 @@ an empty value counts as unset):
   VALKEY_SENTINEL_MASTER     valkey.sentinel_master (the name the sentinels monitor)
   VALKEY_SENTINEL_USERNAME   valkey.sentinel_username
   VALKEY_SENTINEL_PASSWORD   valkey.sentinel_password (the sentinels' own, not the data nodes')
+  VALKEY_CLUSTER_NODES       valkey.cluster_nodes: host:port,host:port (Valkey Cluster seed
+                             nodes: turns cluster mode on; not with sentinels or a db)
   PERSISTENT_TIER_RETENTION  storage.persistent_tier_retention: integer seconds or 24h
   MAX_MESSAGES_PER_TOPIC     storage.max_messages_per_topic
   MEMORY_MAX_BYTES           memory.max_bytes
@@ -542,6 +557,7 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
                connections_per_shard (alias pool_size)  connect_timeout  command_timeout
                max_pending  idempotency_key
                sentinels  sentinel_master  sentinel_username  sentinel_password
+               cluster_nodes
   durability:  ack: persisted | buffered | replicated  replicas  replica_timeout
   idempotency: window  max_keys (memory backend)
   shutdown:    timeout
@@ -739,6 +755,11 @@ pub struct ValkeyConfig {
     /// Find the master through Sentinel; `host` and `port` are then unused (and refused when
     /// set). The data-node settings above (auth, TLS, db, timeouts) apply to the master.
     pub sentinel: Option<SentinelSettings>,
+    /// Valkey Cluster seed nodes `(host, port)` (`valkey.cluster_nodes`): set, the relay
+    /// speaks Cluster (slot routing, redirections) and `host`/`port` are unused. Never with
+    /// `sentinel` or a non-zero `db`; the key templates then put `{<topic>}` as the hash tag
+    /// of every key (checked).
+    pub cluster_nodes: Option<Vec<(String, u16)>>,
 }
 
 /// Valkey Sentinel: where the relay asks for the master (`valkey.sentinels` set).
@@ -966,6 +987,15 @@ impl KeyTemplate {
         pattern.push('*');
         escape(&self.suffix, &mut pattern);
         pattern
+    }
+
+    /// Whether every key rendered from this template has the topic name as its Valkey
+    /// Cluster hash tag: the key's first `{` ends the text before `{topic}` and the text
+    /// after it starts with `}` (topic names have no braces), as `topic:{{topic}}:stream`.
+    /// Then a topic's keys share the slot of its name, which the client routes by.
+    pub fn hash_tag_is_topic(&self) -> bool {
+        self.prefix.find('{') == Some(self.prefix.len().wrapping_sub(1))
+            && self.suffix.starts_with('}')
     }
 
     /// The topic a rendered key names, or `None` if `key` does not fit the template.
@@ -1877,8 +1907,23 @@ impl Layers {
         let db = u32::try_from(db.value).map_err(|_| db.invalid("a database index"))?;
 
         let sentinel = self.resolve_sentinel()?;
-        let stream_key = self.template(key::VALKEY_STREAM_KEY, defaults::VALKEY_STREAM_KEY)?;
-        let meta_key = self.template(key::VALKEY_META_KEY, defaults::VALKEY_META_KEY)?;
+        let cluster_nodes = self.resolve_cluster_nodes(sentinel.is_some(), db)?;
+        let cluster = cluster_nodes.is_some();
+        let (stream_default, meta_default, idempotency_default) = if cluster {
+            (
+                defaults::VALKEY_CLUSTER_STREAM_KEY,
+                defaults::VALKEY_CLUSTER_META_KEY,
+                defaults::VALKEY_CLUSTER_IDEMPOTENCY_KEY,
+            )
+        } else {
+            (
+                defaults::VALKEY_STREAM_KEY,
+                defaults::VALKEY_META_KEY,
+                defaults::VALKEY_IDEMPOTENCY_KEY,
+            )
+        };
+        let stream_key = self.template(key::VALKEY_STREAM_KEY, stream_default)?;
+        let meta_key = self.template(key::VALKEY_META_KEY, meta_default)?;
         if stream_key.value.may_share_key(&meta_key.value) {
             // A key that is one topic's stream and another's (or the same topic's) hash: its
             // publishes or metadata writes would fail with WRONGTYPE.
@@ -1896,10 +1941,23 @@ impl Layers {
             )));
         }
 
-        let idempotency_key = self.template(
-            key::VALKEY_IDEMPOTENCY_KEY,
-            defaults::VALKEY_IDEMPOTENCY_KEY,
-        )?;
+        let idempotency_key = self.template(key::VALKEY_IDEMPOTENCY_KEY, idempotency_default)?;
+        if cluster {
+            for template in [&stream_key, &meta_key, &idempotency_key] {
+                if !template.value.hash_tag_is_topic() {
+                    // A key without the topic as its hash tag lands in a slot of its own:
+                    // the publish Function, which touches a topic's keys together, would be
+                    // refused with CROSSSLOT.
+                    return Err(template.invalid(format!(
+                        "in Valkey Cluster mode (`{}` set), a template whose first `{{` opens \
+                         the hash tag `{{{{topic}}}}` (the topic in braces), so that all of a \
+                         topic's keys share one slot, e.g. `{}`",
+                        key::VALKEY_CLUSTER_NODES,
+                        defaults::VALKEY_CLUSTER_STREAM_KEY
+                    )));
+                }
+            }
+        }
         if !idempotency_key.value.topic_is_delimited() {
             // `i:{topic}` would render topic `a` with key `bc` and topic `ab` with key `c`
             // as the same key: one topic's publish would pass for another's.
@@ -1975,7 +2033,41 @@ impl Layers {
             meta_key: meta_key.value,
             idempotency_key: idempotency_key.value,
             sentinel,
+            cluster_nodes,
         })
+    }
+
+    /// `valkey.cluster_nodes`: the seeds of Valkey Cluster mode, refused beside sentinels
+    /// (which master?) and a non-zero `valkey.db` (a cluster has only database 0).
+    fn resolve_cluster_nodes(
+        &self,
+        sentinel: bool,
+        db: u32,
+    ) -> Result<Option<Vec<(String, u16)>>, ConfigError> {
+        let Some(nodes) = self.optional_text(key::VALKEY_CLUSTER_NODES) else {
+            return Ok(None);
+        };
+        let addrs = parse_addrs(&nodes.value, limits::VALKEY_CLUSTER_NODES).map_err(|why| {
+            nodes.invalid(format!(
+                "a comma-separated list of 1 to {} Valkey Cluster node addresses `host:port` \
+                 (IPv6 as `[addr]:port`), e.g. `10.0.0.1:6379,10.0.0.2:6379`: {why}",
+                limits::VALKEY_CLUSTER_NODES.end()
+            ))
+        })?;
+        if sentinel {
+            return Err(nodes.invalid(format!(
+                "no value while `{}` is set: Valkey Cluster and Sentinel exclude each other \
+                 (a cluster fails over by itself); remove one of the two",
+                key::VALKEY_SENTINELS
+            )));
+        }
+        if db != 0 {
+            return Err(nodes.invalid(format!(
+                "no value while `{}` is not 0: Valkey Cluster has only database 0",
+                key::VALKEY_DB
+            )));
+        }
+        Ok(Some(addrs))
     }
 
     // --- typed getters -------------------------------------------------------------------
@@ -2160,6 +2252,11 @@ fn has_space_or_control(text: &str) -> bool {
 /// `host:port[,host:port...]` (spaces around entries allowed, IPv6 as `[addr]:port`); what
 /// is wrong otherwise.
 fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
+    parse_addrs(text, limits::VALKEY_SENTINELS)
+}
+
+/// Like [`parse_sentinel_addrs`], with `count` addresses allowed.
+fn parse_addrs(text: &str, count: RangeInclusive<usize>) -> Result<Vec<(String, u16)>, String> {
     let mut addrs: Vec<(String, u16)> = Vec::new();
     for entry in text.split(',').map(str::trim) {
         if entry.is_empty() {
@@ -2193,7 +2290,7 @@ fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
         }
         addrs.push(addr);
     }
-    if !limits::VALKEY_SENTINELS.contains(&addrs.len()) {
+    if !count.contains(&addrs.len()) {
         return Err(format!("{} addresses", addrs.len()));
     }
     Ok(addrs)
@@ -2485,6 +2582,7 @@ struct RawValkey {
     sentinel_master: RawValue,
     sentinel_username: RawValue,
     sentinel_password: RawValue,
+    cluster_nodes: Option<Spanned<CommaList>>,
 }
 
 /// A leaf written either as a YAML list of scalars or as one comma-separated string (the
@@ -2644,6 +2742,11 @@ impl RawFile {
         put(key::VALKEY_SENTINEL_MASTER, v.sentinel_master);
         put(key::VALKEY_SENTINEL_USERNAME, v.sentinel_username);
         put(key::VALKEY_SENTINEL_PASSWORD, v.sentinel_password);
+        put(
+            key::VALKEY_CLUSTER_NODES,
+            v.cluster_nodes
+                .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
+        );
         let d = self.durability.unwrap_or_default();
         put(key::DURABILITY_ACK, d.ack);
         put(key::DURABILITY_REPLICAS, d.replicas);
@@ -2902,6 +3005,7 @@ mod tests {
                 meta_key: template("topic:{topic}:meta"),
                 idempotency_key: template("topic:{topic}:idem:"),
                 sentinel: None,
+                cluster_nodes: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Persisted,
@@ -3147,6 +3251,7 @@ metrics:
                 meta_key: template("m:{topic}"),
                 idempotency_key: template("i:{topic}/"),
                 sentinel: None,
+                cluster_nodes: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Buffered,

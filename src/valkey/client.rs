@@ -82,6 +82,7 @@ use futures_lite::future::poll_fn;
 use glommio::Task;
 use hdrhistogram::Histogram;
 
+use super::cluster::{ClusterConfig, Topology, TopologyStats};
 use super::codec::{encode_command, validate_command, ProtocolError, Reply};
 use super::connection::{ConnectConfig, Connection, Connector};
 use super::sentinel::{NodeAddr, SentinelConfig, Target};
@@ -119,6 +120,9 @@ pub struct ClientConfig {
     /// The `WAIT` that ends a batch carrying a [replicated](Client::try_submit_replicated)
     /// group; `None`: such groups are refused.
     pub wait_for: Option<WaitFor>,
+    /// Valkey Cluster mode: commands go to the master owning their slot (`cluster.rs`);
+    /// `connect.host`/`port` and `sentinel` are then unused.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `WAIT <replicas> <timeout>`: how many replicas must have acknowledged a batch's writes,
@@ -141,6 +145,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_secs(5),
             sentinel: None,
             wait_for: None,
+            cluster: None,
         }
     }
 }
@@ -152,6 +157,8 @@ impl Default for ClientConfig {
 pub struct Command {
     bytes: Bytes,
     route: Option<u64>,
+    /// Valkey Cluster slot of the routing key (used in cluster mode only).
+    slot: Option<u16>,
 }
 
 /// Seed of the lane hash. Not the shard router's (unseeded XXH3): with the same hash, a
@@ -175,6 +182,7 @@ impl Command {
         Ok(Command {
             bytes: out.freeze(),
             route: None,
+            slot: None,
         })
     }
 
@@ -204,6 +212,7 @@ impl Command {
         Ok(Command {
             bytes: writer.out.freeze(),
             route: None,
+            slot: None,
         })
     }
 
@@ -213,6 +222,7 @@ impl Command {
         Ok(Command {
             bytes: encoded,
             route: None,
+            slot: None,
         })
     }
 
@@ -220,6 +230,7 @@ impl Command {
     /// commands routed by one key run in the order they were queued.
     pub fn routed(mut self, key: &[u8]) -> Command {
         self.route = Some(route_of(key));
+        self.slot = Some(super::cluster::slot_of(key));
         self
     }
 
@@ -317,8 +328,19 @@ enum Completion {
     Many(oneshot::Sender<Vec<Result<Reply, ValkeyError>>>),
 }
 
+/// Where one queued command must go in cluster mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum CommandTarget {
+    /// Unrouted: with the routed command before it in its group, else any master.
+    Any,
+    /// The master owning this slot.
+    Slot(u16),
+    /// This node (a per-master command: `SCAN`, `INFO`).
+    Node(NodeAddr),
+}
+
 /// One `call` (one command) or one `call_many` (several, never split across batches).
-struct QueuedGroup {
+pub(super) struct QueuedGroup {
     /// Length of this group's encoded commands, which sit in the arena right after those of
     /// the groups before it.
     bytes: usize,
@@ -329,6 +351,8 @@ struct QueuedGroup {
     /// Its batch must end with the replication `WAIT`, whose reply this group gets after its
     /// own (a `Completion::Many` of `commands + 1` results).
     wait: bool,
+    /// Cluster mode: one per command. Empty (no allocation) with one node.
+    pub(super) targets: Vec<CommandTarget>,
 }
 
 impl QueuedGroup {
@@ -373,10 +397,55 @@ impl QueuedGroup {
     }
 }
 
-/// The error of an error reply: `-READONLY` means the node is no longer the master.
-fn error_reply(message: String) -> ValkeyError {
+impl QueuedGroup {
+    /// Cluster mode: takes this group's outcomes (result and, with `wait`, the `WAIT` reply
+    /// of the pipeline each command ran in). A waiting group whose commands ran on several
+    /// masters gets the smallest replica count (an error if any `WAIT` failed).
+    fn complete_outcomes(self, outcomes: &mut impl Iterator<Item = super::cluster::Outcome>) {
+        let missing = || Err(ValkeyError::ConnectionLost("reply missing".to_owned()));
+        let mine: Vec<_> = (0..self.commands)
+            .map(|_| outcomes.next().unwrap_or_else(|| (missing(), None)))
+            .collect();
+        match self.completion {
+            Completion::One(tx) => {
+                let result = mine.into_iter().next().map_or_else(missing, |(r, _)| r);
+                let _ = tx.send(result);
+            }
+            Completion::Many(tx) => {
+                let mut wait: Option<Result<Reply, ValkeyError>> = None;
+                let mut results = Vec::with_capacity(self.commands + 1);
+                for (result, waited) in mine {
+                    results.push(result);
+                    let Some(waited) = waited else { continue };
+                    wait = Some(match (wait, waited) {
+                        (None, w) => w,
+                        (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+                        (Some(Ok(a)), Ok(b)) => match (a.as_int(), b.as_int()) {
+                            (Some(x), Some(y)) if y < x => Ok(b),
+                            _ => Ok(a),
+                        },
+                    });
+                }
+                if self.wait {
+                    results.push(wait.unwrap_or_else(missing));
+                }
+                let _ = tx.send(results);
+            }
+        }
+    }
+}
+
+/// The error of an error reply: `-READONLY` means the node is no longer the master; the
+/// Valkey Cluster errors that reach a caller (`CLUSTERDOWN`, and redirections or `TRYAGAIN`
+/// the cluster driver did not settle) are transient.
+pub(super) fn error_reply(message: String) -> ValkeyError {
     if is_read_only(&message) {
         ValkeyError::NotMaster(message)
+    } else if ["CLUSTERDOWN", "TRYAGAIN", "MOVED ", "ASK "]
+        .iter()
+        .any(|p| message.starts_with(p))
+    {
+        ValkeyError::Cluster(message)
     } else {
         ValkeyError::Server(message)
     }
@@ -469,14 +538,16 @@ pub(super) fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
     }
 }
 
-struct Shared {
-    config: ClientConfig,
+pub(super) struct Shared {
+    pub(super) config: ClientConfig,
     /// Built once: TLS roots are loaded at start, not per reconnect.
     connector: Connector,
     /// Where the drivers connect: the configured address, or the master Sentinel names.
     target: Rc<Target>,
     /// `WAIT <replicas> <timeout>` encoded once, when `config.wait_for` is set.
     wait_command: Option<Bytes>,
+    /// Cluster mode: the slot map the lanes route by.
+    cluster: Option<Rc<Topology>>,
     state: RefCell<State>,
 }
 
@@ -504,7 +575,30 @@ impl Client {
             ));
         }
         let mut connect = config.connect.clone();
+        let cluster = match &config.cluster {
+            None => None,
+            Some(cluster) => {
+                if config.sentinel.is_some() {
+                    return Err(ValkeyError::Config(
+                        "Valkey Cluster and Sentinel exclude each other".to_owned(),
+                    ));
+                }
+                connect.verify_master = false;
+                Some(Rc::new(Topology::new(cluster, &connect)?))
+            }
+        };
         let target = match &config.sentinel {
+            None if config.cluster.is_some() => Target::fixed(
+                config
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.seeds.first().cloned())
+                    .unwrap_or(NodeAddr {
+                        host: String::new(),
+                        port: 0,
+                    }),
+                &connect.client_name,
+            ),
             None => Target::fixed(
                 NodeAddr {
                     host: connect.host.clone(),
@@ -550,6 +644,7 @@ impl Client {
             connector,
             target: target.clone(),
             wait_command,
+            cluster: cluster.clone(),
             state: RefCell::new(State {
                 lanes: (0..config.connections)
                     .map(|_| Lane {
@@ -574,7 +669,17 @@ impl Client {
         });
         let mut tasks = Vec::with_capacity(shared.config.connections + 3);
         for index in 0..shared.config.connections {
-            tasks.push(glommio::spawn_local(run_driver(shared.clone(), index)));
+            match &cluster {
+                None => tasks.push(glommio::spawn_local(run_driver(shared.clone(), index))),
+                Some(topology) => tasks.push(glommio::spawn_local(super::cluster::run_lane(
+                    shared.clone(),
+                    topology.clone(),
+                    index,
+                ))),
+            }
+        }
+        if let Some(topology) = &cluster {
+            tasks.push(glommio::spawn_local(topology.clone().run_refresher()));
         }
         tasks.push(glommio::spawn_local(run_janitor(shared.clone())));
         tasks.extend(target.spawn_tasks());
@@ -592,11 +697,60 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.shared.enqueue(
             None,
+            CommandTarget::Any,
             1,
             |arena| encode_command(arena, args),
             Completion::One(tx),
         )?;
         rx.await.unwrap_or_else(|_| Err(stopped_in_flight()))
+    }
+
+    /// The masters a per-master command (`SCAN`, `INFO`) must be sent to, for
+    /// [`Client::call_on`]: in cluster mode every master of the current slot map, else one
+    /// `None` (the one node).
+    pub fn masters(&self) -> Vec<Option<NodeAddr>> {
+        match &self.shared.cluster {
+            None => vec![None],
+            Some(topology) => topology.masters().into_iter().map(Some).collect(),
+        }
+    }
+
+    /// Like [`Client::call`], sent to `node` (one of [`Client::masters`]); `None`: anywhere.
+    pub async fn call_on(
+        &self,
+        node: Option<&NodeAddr>,
+        args: &[&[u8]],
+    ) -> Result<Reply, ValkeyError> {
+        if args.is_empty() {
+            return Err(ProtocolError::EmptyCommand.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        let target = match node {
+            Some(node) => CommandTarget::Node(node.clone()),
+            None => CommandTarget::Any,
+        };
+        self.shared.enqueue(
+            None,
+            target,
+            1,
+            |arena| encode_command(arena, args),
+            Completion::One(tx),
+        )?;
+        rx.await.unwrap_or_else(|_| Err(stopped_in_flight()))
+    }
+
+    /// Waits until the cluster's slot map is known (at once with one node); false if not
+    /// within `within`.
+    pub async fn wait_topology(&self, within: Duration) -> bool {
+        match &self.shared.cluster {
+            None => true,
+            Some(topology) => super::cluster::wait_for_map(topology, within).await,
+        }
+    }
+
+    /// Slot-map counters in cluster mode.
+    pub fn cluster_stats(&self) -> Option<TopologyStats> {
+        self.shared.cluster.as_ref().map(|t| t.stats())
     }
 
     /// Like [`Client::call`], routed by `key` (see [`Command::routed`]): ordered with every
@@ -608,6 +762,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.shared.enqueue(
             Some(route_of(key)),
+            CommandTarget::Slot(super::cluster::slot_of(key)),
             1,
             |arena| encode_command(arena, args),
             Completion::One(tx),
@@ -878,6 +1033,7 @@ impl Shared {
         index: usize,
         commands: usize,
         wait: bool,
+        targets: Vec<CommandTarget>,
         write: impl FnOnce(&mut BytesMut),
         completion: Completion,
     ) {
@@ -891,6 +1047,7 @@ impl Shared {
             completion,
             enqueued_at: Instant::now(),
             wait,
+            targets,
         });
         lane.queued_commands += commands;
         if let Some(waker) = lane.idle_driver.take() {
@@ -906,6 +1063,7 @@ impl Shared {
     fn enqueue(
         &self,
         route: Option<u64>,
+        target: CommandTarget,
         commands: usize,
         write: impl FnOnce(&mut BytesMut),
         completion: Completion,
@@ -916,7 +1074,14 @@ impl Shared {
             None => state.least_busy_lane(),
         };
         self.admit(&mut state, commands, &[index])?;
-        Self::push_group(&mut state, index, commands, false, write, completion);
+        let targets = if self.cluster.is_some() {
+            vec![target]
+        } else {
+            Vec::new()
+        };
+        Self::push_group(
+            &mut state, index, commands, false, targets, write, completion,
+        );
         Ok(())
     }
 
@@ -944,11 +1109,13 @@ impl Shared {
         if lanes_of().all(|lane| lane == first_lane) {
             self.admit(&mut state, commands.len(), &[first_lane])?;
             let (tx, rx) = oneshot::channel();
+            let targets = self.targets_of(commands.iter());
             Self::push_group(
                 &mut state,
                 first_lane,
                 commands.len(),
                 wait,
+                targets,
                 |arena| {
                     for command in commands {
                         arena.extend_from_slice(command.as_bytes());
@@ -972,11 +1139,13 @@ impl Shared {
                 .filter(|&i| lane_per_command[i] == lane)
                 .collect();
             let (tx, rx) = oneshot::channel();
+            let targets = self.targets_of(positions.iter().map(|&i| &commands[i]));
             Self::push_group(
                 &mut state,
                 lane,
                 positions.len(),
                 wait,
+                targets,
                 |arena| {
                     for &i in &positions {
                         arena.extend_from_slice(commands[i].as_bytes());
@@ -987,6 +1156,19 @@ impl Shared {
             groups.push((positions, rx));
         }
         Ok(Queued::Split(groups))
+    }
+
+    /// The cluster targets of `commands` (their slots); empty with one node.
+    fn targets_of<'c>(&self, commands: impl Iterator<Item = &'c Command>) -> Vec<CommandTarget> {
+        if self.cluster.is_none() {
+            return Vec::new();
+        }
+        commands
+            .map(|c| match c.slot {
+                Some(slot) => CommandTarget::Slot(slot),
+                None => CommandTarget::Any,
+            })
+            .collect()
     }
 
     /// Resolves once `condition` holds; re-checked whenever watchers are woken.
@@ -1006,7 +1188,7 @@ impl Shared {
     }
 
     /// Resolves when something is queued in lane `index`.
-    fn work_available(&self, index: usize) -> impl Future<Output = ()> + '_ {
+    pub(super) fn work_available(&self, index: usize) -> impl Future<Output = ()> + '_ {
         poll_fn(move |cx| {
             let mut state = self.state.borrow_mut();
             let lane = &mut state.lanes[index];
@@ -1021,7 +1203,11 @@ impl Shared {
 
     /// Moves lane `index`'s front groups (up to `max_batch_commands`, whole groups only, at
     /// least one) into `groups` and splits their bytes off its arena.
-    fn take_batch(&self, index: usize, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize, bool) {
+    pub(super) fn take_batch(
+        &self,
+        index: usize,
+        groups: &mut Vec<QueuedGroup>,
+    ) -> (BytesMut, usize, bool) {
         let mut state = self.state.borrow_mut();
         let limit = self.config.max_batch_commands;
         let (mut commands, mut bytes, mut wait) = (0, 0, false);
@@ -1110,6 +1296,88 @@ impl Shared {
         let mut replies = replies.drain(..);
         for group in groups.drain(..) {
             group.complete(&mut replies, missing, wait_reply.as_ref());
+        }
+    }
+
+    /// The connector every data connection is opened with (cluster lanes use it per node).
+    pub(super) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// The encoded replication `WAIT`, when configured.
+    pub(super) fn wait_command(&self) -> Option<&Bytes> {
+        self.wait_command.as_ref()
+    }
+
+    /// Cluster mode: lane `index` can take commands (it has a slot map) or not.
+    pub(super) fn set_lane_connected(&self, index: usize, connected: bool) {
+        let mut state = self.state.borrow_mut();
+        if state.lanes[index].connected != connected {
+            state.lanes[index].connected = connected;
+            if connected {
+                state.connected += 1;
+            } else {
+                state.connected -= 1;
+            }
+            state.wake_watchers();
+        }
+    }
+
+    /// Cluster mode: a connection to `node` was opened.
+    pub(super) fn note_connected(&self, node: &NodeAddr) {
+        let mut state = self.state.borrow_mut();
+        state.stats.connects += 1;
+        state.stats.last_connect_error = None;
+        tracing::debug!(client = %self.config.connect.client_name, %node, "connected to a Valkey Cluster master");
+    }
+
+    /// Cluster mode: a connect to `node` failed.
+    pub(super) fn note_connect_failed(&self, node: &NodeAddr) {
+        let mut state = self.state.borrow_mut();
+        state.stats.connect_failures += 1;
+        state.stats.last_connect_error =
+            Some(ValkeyError::Connect(format!("{node}: cannot connect")));
+    }
+
+    /// Cluster mode: an established connection failed.
+    pub(super) fn note_lost(&self) {
+        self.state.borrow_mut().stats.connections_lost += 1;
+    }
+
+    /// Cluster mode: completes the callers of lane `index`'s finished batch with one outcome
+    /// per command (`commands` of them) and does the accounting `finish_batch` does.
+    pub(super) fn finish_cluster_batch(
+        &self,
+        index: usize,
+        groups: &mut Vec<QueuedGroup>,
+        outcomes: Vec<super::cluster::Outcome>,
+        commands: usize,
+    ) {
+        {
+            let mut state = self.state.borrow_mut();
+            state.in_flight_commands -= commands;
+            state.lanes[index].in_flight_commands -= commands;
+            let stats = &mut state.stats;
+            for (result, _) in &outcomes {
+                match result {
+                    Err(ValkeyError::Server(_)) | Err(ValkeyError::Cluster(_)) => {
+                        stats.error_replies += 1
+                    }
+                    Err(ValkeyError::NotMaster(_)) => {
+                        stats.error_replies += 1;
+                        stats.not_master_replies += 1;
+                    }
+                    Err(ValkeyError::Timeout(_)) => stats.failed_timeout_in_flight += 1,
+                    Err(ValkeyError::Protocol(_)) => stats.failed_protocol += 1,
+                    Err(_) => stats.failed_connection_lost += 1,
+                    Ok(_) => {}
+                }
+            }
+            state.wake_watchers();
+        }
+        let mut outcomes = outcomes.into_iter();
+        for group in groups.drain(..) {
+            group.complete_outcomes(&mut outcomes);
         }
     }
 

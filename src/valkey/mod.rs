@@ -7,6 +7,8 @@
 //!   Function library the caller needs loaded: [`library`]), which sends a pre-encoded batch
 //!   with one write and reads exactly that many replies (or, subscribed, reads pushed frames
 //!   one at a time).
+//! - [`cluster`]: Valkey Cluster: the slot map (`CLUSTER SHARDS`, refreshed), and the lane
+//!   driver that splits a batch by master and follows `MOVED`/`ASK`.
 //! - [`sentinel`]: where the connections go: the configured address, or the master the
 //!   sentinels name, followed across failovers (`+switch-master`, `READONLY`, lost
 //!   connections).
@@ -22,6 +24,7 @@
 //! Everything is `!Send` and lives on one glommio executor: no locks, `Rc` and `RefCell`.
 
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod connection;
 pub mod library;
@@ -81,6 +84,11 @@ pub enum ValkeyError {
     /// connection and reconnects (with Sentinel, to the master the sentinels name now).
     #[error("Valkey node is not the master: {0}")]
     NotMaster(String),
+    /// Valkey Cluster cannot serve the command right now: `CLUSTERDOWN`, no master known for
+    /// the slot, or redirections that did not settle. Transient (503): the slot map is being
+    /// refreshed.
+    #[error("Valkey Cluster unavailable: {0}")]
+    Cluster(String),
     /// The configuration cannot work (zero connections, username without password, ...).
     #[error("invalid Valkey client configuration: {0}")]
     Config(String),
@@ -148,6 +156,18 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
             verify_master: sentinel.is_some(),
         },
         connections: valkey.connections_per_shard,
+        cluster: valkey
+            .cluster_nodes
+            .as_ref()
+            .map(|nodes| cluster::ClusterConfig {
+                seeds: nodes
+                    .iter()
+                    .map(|(host, port)| NodeAddr {
+                        host: host.clone(),
+                        port: *port,
+                    })
+                    .collect(),
+            }),
         // 0 means "never wait for a connection": refused at once while Valkey is down.
         max_pending: valkey.max_pending,
         sentinel,

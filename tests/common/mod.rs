@@ -69,6 +69,7 @@ const RELAY_ENV_VARS: &[&str] = &[
     "VALKEY_SENTINEL_MASTER",
     "VALKEY_SENTINEL_USERNAME",
     "VALKEY_SENTINEL_PASSWORD",
+    "VALKEY_CLUSTER_NODES",
     "LOG_FORMAT",
     // Read only in their PULSAR_ form, which is removed too.
     "IDEMPOTENCY_WINDOW",

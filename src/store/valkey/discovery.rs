@@ -1,6 +1,7 @@
 //! Which of this shard's topics exist in Valkey and what they hold: the `SCAN` that finds
 //! their streams (at start and periodically, so topics written before a restart or by
-//! another tool are listed), and `XINFO STREAM` stats of one topic or all of them.
+//! another tool are listed; on every master in Valkey Cluster mode), and `XINFO STREAM`
+//! stats of one topic or all of them.
 //!
 //! Does not own the cache of known topics and lengths it fills (the tier's state, in the
 //! parent module), nor topic names' shard ownership rule ([`crate::shard::router`]).
@@ -15,6 +16,20 @@ impl ValkeyTier {
     /// Finds the streams of this shard's topics with `SCAN` (never `KEYS`, which blocks Valkey
     /// for the whole keyspace walk).
     pub async fn discover_topics(&self) -> Result<usize, StoreError> {
+        // In Valkey Cluster mode each master holds its own slots' keys: SCAN every one.
+        let mut found = 0;
+        for node in self.masters().await? {
+            found += self.discover_on(node.as_ref()).await?;
+        }
+        self.discovered.set(true);
+        Ok(found)
+    }
+
+    /// One full SCAN of one node (`None`: the only one).
+    async fn discover_on(
+        &self,
+        node: Option<&crate::valkey::NodeAddr>,
+    ) -> Result<usize, StoreError> {
         let pattern = self.stream_key.scan_pattern();
         let mut cursor = String::from("0");
         let mut found = 0;
@@ -22,16 +37,19 @@ impl ValkeyTier {
             self.count("scan", 1);
             let reply = self
                 .client
-                .call(&[
-                    b"SCAN",
-                    cursor.as_bytes(),
-                    b"MATCH",
-                    pattern.as_bytes(),
-                    b"COUNT",
-                    b"1000",
-                    b"TYPE",
-                    b"stream",
-                ])
+                .call_on(
+                    node,
+                    &[
+                        b"SCAN",
+                        cursor.as_bytes(),
+                        b"MATCH",
+                        pattern.as_bytes(),
+                        b"COUNT",
+                        b"1000",
+                        b"TYPE",
+                        b"stream",
+                    ],
+                )
                 .await
                 .map_err(store_error)?;
             let Reply::Array(parts) = reply else {
@@ -58,7 +76,6 @@ impl ValkeyTier {
             }
             cursor = next.as_str().unwrap_or("0").to_owned();
             if cursor == "0" {
-                self.discovered.set(true);
                 return Ok(found);
             }
         }

@@ -238,6 +238,21 @@ impl ValkeyTier {
         }
     }
 
+    /// The masters per-master commands (`SCAN`, `INFO`) go to (see
+    /// [`Client::masters`]); in Valkey Cluster mode, waits for the first slot map.
+    async fn masters(&self) -> Result<Vec<Option<crate::valkey::NodeAddr>>, StoreError> {
+        if !self
+            .client
+            .wait_topology(std::time::Duration::from_secs(5))
+            .await
+        {
+            return Err(StoreError::Unavailable(
+                "Valkey Cluster topology unknown (no seed node answered CLUSTER SHARDS)".into(),
+            ));
+        }
+        Ok(self.client.masters())
+    }
+
     /// The stream length last seen plus appends since (no round trip).
     pub fn cached_length(&self, topic: &str) -> Option<usize> {
         self.lengths.borrow().get(topic).copied()

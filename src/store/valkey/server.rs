@@ -60,15 +60,48 @@ impl ServerInfo {
 }
 
 impl ValkeyTier {
-    /// `INFO` parsed into what `/health` reports.
+    /// `INFO` parsed into what `/health` reports. In Valkey Cluster mode every master is
+    /// asked and the answers merged so that a risk on any master shows (see
+    /// [`ServerInfo::merge`]).
     pub async fn server_info(&self) -> Result<ServerInfo, StoreError> {
-        self.count("info", 1);
-        let reply = self.client.call(&[b"INFO"]).await.map_err(store_error)?;
-        let text = reply
-            .as_bytes()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default();
-        Ok(ServerInfo::parse(&text))
+        let mut merged: Option<ServerInfo> = None;
+        for node in self.masters().await? {
+            self.count("info", 1);
+            let reply = self
+                .client
+                .call_on(node.as_ref(), &[b"INFO"])
+                .await
+                .map_err(store_error)?;
+            let text = reply
+                .as_bytes()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let info = ServerInfo::parse(&text);
+            merged = Some(match merged {
+                None => info,
+                Some(so_far) => so_far.merge(info),
+            });
+        }
+        merged.ok_or_else(|| StoreError::Unavailable("no Valkey master known".into()))
+    }
+}
+
+impl ServerInfo {
+    /// Two masters' `INFO` as one: the first version, the shortest uptime, memory summed,
+    /// AOF on only if on everywhere, the first risky eviction policy.
+    pub fn merge(self, other: ServerInfo) -> ServerInfo {
+        let risky = |p: &str| p.starts_with("allkeys-") || p.starts_with("volatile-");
+        ServerInfo {
+            version: self.version,
+            uptime_s: self.uptime_s.min(other.uptime_s),
+            used_memory: self.used_memory.saturating_add(other.used_memory),
+            aof_enabled: self.aof_enabled && other.aof_enabled,
+            maxmemory_policy: if !risky(&self.maxmemory_policy) && risky(&other.maxmemory_policy) {
+                other.maxmemory_policy
+            } else {
+                self.maxmemory_policy
+            },
+        }
     }
 }
 

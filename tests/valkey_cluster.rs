@@ -1,0 +1,537 @@
+//! Valkey Cluster with real processes: three masters with a replica each
+//! (`tests/common/cluster.rs`), and a relay configured with nothing but one seed node
+//! (`VALKEY_CLUSTER_NODES`).
+//!
+//! What is checked: topics spread over every master (each stream on the master serving its
+//! slot, all of a topic's keys in one slot, as `CLUSTER KEYSLOT` and `CLUSTER COUNTKEYSINSLOT`
+//! say), publish, history, resume and WebSocket delivery across them, idempotent publish, a
+//! relay restarted over an existing cluster (discovery `SCAN`s every master); under publish and
+//! WebSocket load, a slot migration of busy topics (held half-way, so `ASK` is followed, then
+//! finished, so `MOVED` is) with no acknowledged message lost and nothing delivered twice or
+//! out of order; and `kill -9` of a master under load, with `ack: replicated` (no
+//! acknowledged message may be lost) and with `ack: persisted` (losses counted and printed).
+//!
+//! Each load scenario prints one `CLUSTER ...` line with its counts (`--nocapture` shows
+//! them); `docs/scaling.md` quotes them.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::cluster::{ClusterOpts, ValkeyCluster};
+use common::valkey::{assert_answered, await_ready, PublishLoad, WorkerOutcome};
+use common::ws::{WsClient, WsEvent};
+use common::{eventually, parse_id, RelayOpts, Server};
+use serde_json::{json, Value};
+
+/// Bounds every await of these tests; a failover takes seconds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Short Valkey timeouts so a publish caught in a failover is answered within seconds.
+const PERSISTED: &str = "\
+valkey:
+  connect_timeout: 500ms
+  command_timeout: 2s
+";
+
+/// As [`PERSISTED`], acknowledging only what the master's replica has too.
+const REPLICATED: &str = "\
+valkey:
+  connect_timeout: 500ms
+  command_timeout: 2s
+durability:
+  ack: replicated
+  replicas: 1
+  replica_timeout: 500ms
+";
+
+/// The stream key of a topic under the cluster-mode default template.
+fn stream_key(topic: &str) -> String {
+    format!("topic:{{{topic}}}:stream")
+}
+
+/// A 2-shard relay that knows only node `seed` of `cluster`; waits until ready.
+fn relay_on(cluster: &ValkeyCluster, seed: usize, yaml: &str) -> Server {
+    let relay = Server::start_opts(RelayOpts::new(yaml).env("STORAGE_BACKEND", "valkey").env(
+        "VALKEY_CLUSTER_NODES",
+        &cluster.node(seed).addr().to_string(),
+    ));
+    await_ready(&relay, PATIENCE);
+    relay
+}
+
+/// `n` topic names of `prefix` whose slots are served by every master, at least `per` each.
+fn topics_on_every_master(cluster: &ValkeyCluster, prefix: &str, per: usize) -> Vec<String> {
+    let masters = cluster.masters();
+    let mut by_master: HashMap<usize, usize> = HashMap::new();
+    let mut names = Vec::new();
+    for i in 0.. {
+        if masters
+            .iter()
+            .all(|m| by_master.get(m).copied().unwrap_or(0) >= per)
+        {
+            return names;
+        }
+        let name = format!("{prefix}-{i}");
+        let owner = cluster.key_owner(&stream_key(&name));
+        let n = by_master.entry(owner).or_insert(0);
+        if *n < per {
+            *n += 1;
+            names.push(name);
+        }
+    }
+    unreachable!()
+}
+
+/// The stream of `topic` as its slot's master holds it: entry ids.
+fn stored_ids(cluster: &ValkeyCluster, topic: &str) -> Vec<String> {
+    let key = stream_key(topic);
+    let owner = cluster.key_owner(&key);
+    cluster
+        .node(owner)
+        .xrange(&key)
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+#[test]
+fn topics_spread_over_every_master_with_history_resume_ws_and_idempotency() {
+    let cluster = ValkeyCluster::start(ClusterOpts::default());
+    let mut relay = relay_on(&cluster, 0, PERSISTED);
+    let names = topics_on_every_master(&cluster, "spread", 3);
+    assert_eq!(names.len(), 9);
+
+    // A WebSocket consumer of every topic, subscribed before the publishes.
+    let mut ws = WsClient::connect(relay.addr);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    ws.subscribe(&refs, None);
+
+    let mut ids: HashMap<String, Vec<String>> = HashMap::new();
+    for round in 0..5 {
+        for name in &names {
+            let v = relay.publish(name, &format!(r#"{{"round":{round}}}"#));
+            ids.entry(name.clone())
+                .or_default()
+                .push(v["message_id"].as_str().expect("id").to_string());
+        }
+    }
+    // Live delivery: every message, per topic in id order.
+    let delivered = ws.recv_messages(names.len() * 5);
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    for m in &delivered {
+        seen.entry(m["topic"].as_str().expect("topic").to_string())
+            .or_default()
+            .push(m["message_id"].as_str().expect("id").to_string());
+    }
+    assert_eq!(seen, ids, "WebSocket delivery");
+
+    // Each stream sits on the master serving its slot, with every key of the topic in that
+    // slot (the meta hash shares the hash tag).
+    let mut masters_used = HashSet::new();
+    for name in &names {
+        let key = stream_key(name);
+        let slot = cluster.keyslot(&key);
+        assert_eq!(slot, cluster.keyslot(&format!("topic:{{{name}}}:meta")));
+        assert_eq!(
+            slot,
+            cluster.keyslot(name),
+            "the hash tag is the topic name"
+        );
+        let owner = cluster.key_owner(&key);
+        masters_used.insert(owner);
+        assert_eq!(
+            stored_ids(&cluster, name),
+            ids[name],
+            "{name} on node {owner}"
+        );
+        let in_slot = cluster
+            .node(owner)
+            .cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()]);
+        assert!(
+            in_slot.trim().parse::<u64>().expect("count") >= 2,
+            "{name}: stream and meta keys in slot {slot}: {in_slot}"
+        );
+    }
+    assert_eq!(masters_used.len(), 3, "topics spread over every master");
+
+    // History (served by the relay) and a WebSocket resume after the second message.
+    let name = &names[4];
+    let page = relay.read_topic(name, "order=asc&limit=100");
+    let history: Vec<&str> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["message_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(history, ids[name]);
+    let mut resumed = WsClient::connect(relay.addr);
+    resumed.subscribe(&[name], Some(json!({ name.as_str(): ids[name][1] })));
+    let replay: Vec<String> = resumed
+        .recv_messages(3)
+        .iter()
+        .map(|m| m["message_id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(replay, ids[name][2..]);
+
+    // Idempotent publish: a replay answers the first id and stores nothing.
+    let body = common::publish_body(name, r#"{"keyed":1}"#);
+    let mut conn = relay.connect();
+    let keyed = |conn: &mut common::Conn| {
+        let resp = conn.request_with(
+            "POST",
+            "/api/v1/messages",
+            &[("Idempotency-Key", "cluster-key-1")],
+            Some(body.as_bytes()),
+        );
+        assert!(resp.status == 201 || resp.status == 200, "{resp:?}");
+        resp.json()["message_id"].as_str().expect("id").to_string()
+    };
+    let first = keyed(&mut conn);
+    let again = keyed(&mut conn);
+    assert_eq!(first, again, "a replay answers the first message id");
+    assert_eq!(
+        stored_ids(&cluster, name).len(),
+        6,
+        "the replay stored nothing"
+    );
+
+    // A restarted relay lists every topic (SCAN on every master) and serves their history
+    // from the cluster.
+    relay.restart();
+    await_ready(&relay, PATIENCE);
+    let listed = relay.get("/api/v1/topics");
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let listed = listed.text();
+    for name in &names {
+        assert!(
+            listed.contains(name.as_str()),
+            "{name} not listed: {listed}"
+        );
+    }
+    let page = relay.read_topic(&names[7], "order=asc&limit=100");
+    assert_eq!(page["messages"].as_array().expect("messages").len(), 5);
+    relay.publish(&names[7], r#"{"after":"restart"}"#);
+    assert_eq!(stored_ids(&cluster, &names[7]).len(), 6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A WebSocket consumer that resumes from the last ids it saw whenever its connection ends.
+
+#[derive(Clone, Debug)]
+struct Delivered {
+    topic: String,
+    id: String,
+}
+
+#[derive(Default)]
+struct ConsumerState {
+    received: Mutex<Vec<Delivered>>,
+    subscribed: AtomicBool,
+    stop: AtomicBool,
+}
+
+struct Consumer {
+    state: Arc<ConsumerState>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Consumer {
+    fn start(addr: SocketAddr, topics: &[String]) -> Consumer {
+        let state = Arc::new(ConsumerState::default());
+        let shared = state.clone();
+        let topics = topics.to_vec();
+        let handle = std::thread::spawn(move || consume(addr, &topics, &shared));
+        assert!(
+            eventually(PATIENCE, || state.subscribed.load(Ordering::Relaxed)),
+            "the WebSocket consumer did not subscribe"
+        );
+        Consumer {
+            state,
+            handle: Some(handle),
+        }
+    }
+
+    fn received_len(&self) -> usize {
+        self.state.received.lock().expect("lock").len()
+    }
+
+    /// Waits until every acknowledged message was delivered, stops, and asserts per topic:
+    /// ids strictly increasing (none twice, none out of order) and every acknowledged one
+    /// among them. Returns (delivered, of which not acknowledged).
+    fn finish(mut self, outcomes: &[WorkerOutcome]) -> (usize, usize) {
+        let acked: HashSet<&str> = outcomes
+            .iter()
+            .flat_map(|o| o.acked.iter().map(|(_, id)| id.as_str()))
+            .collect();
+        let all_in = eventually(PATIENCE, || {
+            let received = self.state.received.lock().expect("lock");
+            let seen: HashSet<&str> = received.iter().map(|d| d.id.as_str()).collect();
+            acked.iter().all(|id| seen.contains(id))
+        });
+        self.state.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        let received = self.state.received.lock().expect("lock").clone();
+        for out in outcomes {
+            let mine: Vec<&Delivered> = received.iter().filter(|d| d.topic == out.topic).collect();
+            for pair in mine.windows(2) {
+                assert!(
+                    parse_id(&pair[0].id) < parse_id(&pair[1].id),
+                    "{}: delivered {} then {} (duplicate or out of order)",
+                    out.topic,
+                    pair[0].id,
+                    pair[1].id
+                );
+            }
+            let ids: HashSet<&str> = mine.iter().map(|d| d.id.as_str()).collect();
+            let missing = out
+                .acked
+                .iter()
+                .filter(|(_, id)| !ids.contains(id.as_str()))
+                .count();
+            assert!(
+                all_in && missing == 0,
+                "{}: {missing} of {} acknowledged messages never delivered",
+                out.topic,
+                out.acked.len()
+            );
+        }
+        let unacked = received
+            .iter()
+            .filter(|d| !acked.contains(d.id.as_str()))
+            .count();
+        (received.len(), unacked)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn consume(addr: SocketAddr, topics: &[String], state: &ConsumerState) {
+    while !state.stop.load(Ordering::Relaxed) {
+        let Ok(mut ws) = WsClient::try_connect_with(addr, &[], None) else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let last: HashMap<String, String> = state
+            .received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|d| (d.topic.clone(), d.id.clone()))
+            .collect();
+        let offset: serde_json::Map<String, Value> = topics
+            .iter()
+            .map(|t| {
+                (
+                    t.clone(),
+                    json!(last.get(t).map_or("earliest", String::as_str)),
+                )
+            })
+            .collect();
+        let subscribe = json!({"type": "subscribe", "topics": topics, "offset": offset});
+        if ws
+            .socket
+            .send(tungstenite::Message::text(subscribe.to_string()))
+            .is_err()
+        {
+            continue;
+        }
+        while !state.stop.load(Ordering::Relaxed) {
+            match ws.next_event(Duration::from_millis(50)) {
+                WsEvent::Json(v) => match v["type"].as_str() {
+                    Some("message") => state.received.lock().expect("lock").push(Delivered {
+                        topic: v["topic"].as_str().expect("topic").to_string(),
+                        id: v["message_id"].as_str().expect("id").to_string(),
+                    }),
+                    Some("subscribed") => state.subscribed.store(true, Ordering::Relaxed),
+                    Some("gap") => {}
+                    // A resume storage could not serve mid-fault: resume again.
+                    Some("error") => break,
+                    _ => panic!("unexpected frame {v}"),
+                },
+                WsEvent::Ping | WsEvent::Timeout => {}
+                WsEvent::Close(_) | WsEvent::Gone(_) => break,
+            }
+        }
+    }
+}
+
+/// Acknowledged messages missing from the cluster, and stored messages never acknowledged.
+fn audit(cluster: &ValkeyCluster, outcomes: &[WorkerOutcome]) -> (usize, usize) {
+    let mut lost = 0;
+    let mut stored_unacked = 0;
+    for out in outcomes {
+        let stored: Vec<String> = stored_ids(cluster, &out.topic);
+        let unique: HashSet<&str> = stored.iter().map(String::as_str).collect();
+        assert_eq!(
+            unique.len(),
+            stored.len(),
+            "{}: an id stored twice",
+            out.topic
+        );
+        let acked: HashSet<&str> = out.acked.iter().map(|(_, id)| id.as_str()).collect();
+        lost += acked.iter().filter(|id| !unique.contains(**id)).count();
+        stored_unacked += unique.iter().filter(|id| !acked.contains(**id)).count();
+    }
+    (lost, stored_unacked)
+}
+
+fn sum(outcomes: &[WorkerOutcome], f: fn(&WorkerOutcome) -> u64) -> u64 {
+    outcomes.iter().map(f).sum()
+}
+
+#[test]
+fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothing() {
+    let cluster = ValkeyCluster::start(ClusterOpts::default());
+    let relay = relay_on(&cluster, 0, PERSISTED);
+    let names = topics_on_every_master(&cluster, "migrate", 2);
+    let consumer = Consumer::start(relay.addr, &names);
+    let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(60));
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= 30),
+        "load did not get going: min acked {}\nstderr:\n{}",
+        load.min_acked(),
+        relay.stderr()
+    );
+    // Two busy topics' slots move: each to the next master.
+    let masters = cluster.masters();
+    let began = Instant::now();
+    let mut moved_keys = 0;
+    for busy in [&names[0], &names[2]] {
+        let slot = cluster.keyslot(&stream_key(busy));
+        let from = cluster.slot_owner(slot);
+        let to =
+            masters[(masters.iter().position(|&m| m == from).expect("master") + 1) % masters.len()];
+        // Held half-way under load (the source answers ASK for moved keys), then finished
+        // (MOVED from then on).
+        let migration = cluster.begin_slot_migration(slot, to);
+        let acked = load.min_acked();
+        assert!(
+            eventually(PATIENCE, || load.min_acked() >= acked + 20),
+            "publishes stalled while slot {slot} was migrating"
+        );
+        moved_keys += cluster.move_slot_keys(&migration);
+        let acked = load.min_acked();
+        assert!(
+            eventually(PATIENCE, || load.min_acked() >= acked + 20),
+            "publishes stalled after the keys of slot {slot} moved"
+        );
+        cluster.finish_slot_migration(&migration);
+        assert_eq!(cluster.key_owner(&stream_key(busy)), to);
+        let acked = load.min_acked();
+        assert!(
+            eventually(PATIENCE, || load.min_acked() >= acked + 20),
+            "publishes did not resume after slot {slot} moved\nstderr:\n{}",
+            relay.stderr()
+        );
+    }
+    let migration_time = began.elapsed();
+    let outcomes = load.finish();
+    for out in &outcomes {
+        assert_answered(out);
+    }
+    let (lost, stored_unacked) = audit(&cluster, &outcomes);
+    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    eprintln!(
+        "CLUSTER slot-migration  acked {}  503 {}  conn-errors {}  max-latency {} ms  \
+         keys-moved {moved_keys}  acked-lost {lost}  stored-unacked {stored_unacked}  \
+         ws-delivered {delivered} ({delivered_unacked} unacknowledged)  migration {} ms",
+        sum(&outcomes, |o| o.acked.len() as u64),
+        sum(&outcomes, |o| o.unavailable),
+        sum(&outcomes, |o| o.conn_errors),
+        outcomes
+            .iter()
+            .map(|o| o.max_latency)
+            .max()
+            .unwrap_or_default()
+            .as_millis(),
+        migration_time.as_millis(),
+    );
+    assert_eq!(lost, 0, "acknowledged messages lost in a slot migration");
+    assert!(moved_keys >= 2, "the busy topics' keys moved: {moved_keys}");
+}
+
+/// Kills the master serving the first topic under load, awaits the promotion and the
+/// publishes' return, audits the new owners' streams; returns (acked lost, 503s).
+fn kill9_master_under_load(scenario: &str, yaml: &str) -> (usize, u64) {
+    let mut cluster = ValkeyCluster::start(ClusterOpts::default());
+    // The seed is a master that survives: the relay must find the others through it.
+    let names = topics_on_every_master(&cluster, scenario, 2);
+    let victim = cluster.key_owner(&stream_key(&names[0]));
+    let seed = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != victim)
+        .expect("another master");
+    let relay = relay_on(&cluster, seed, yaml);
+    let consumer = Consumer::start(relay.addr, &names);
+    let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(60));
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= 30),
+        "{scenario}: load did not get going: min acked {}\nstderr:\n{}",
+        load.min_acked(),
+        relay.stderr()
+    );
+    let delivered_before = consumer.received_len();
+    let began = Instant::now();
+    let promoted = cluster.kill9_master_and_await_failover(victim);
+    let acked_now = load.min_acked();
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= acked_now + 30),
+        "{scenario}: publishes did not resume after the failover (min acked {acked_now} then \
+         {})\nstderr:\n{}",
+        load.min_acked(),
+        relay.stderr()
+    );
+    let recovery = began.elapsed();
+    let outcomes = load.finish();
+    for out in &outcomes {
+        assert_answered(out);
+    }
+    assert_eq!(cluster.key_owner(&stream_key(&names[0])), promoted);
+    let (lost, stored_unacked) = audit(&cluster, &outcomes);
+    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let unavailable = sum(&outcomes, |o| o.unavailable);
+    eprintln!(
+        "CLUSTER {scenario:<22} acked {}  503 {unavailable}  conn-errors {}  max-latency {} ms  \
+         acked-lost {lost}  stored-unacked {stored_unacked}  back-to-201 {} ms  \
+         ws-delivered {delivered} ({} after the kill, {delivered_unacked} unacknowledged)",
+        sum(&outcomes, |o| o.acked.len() as u64),
+        sum(&outcomes, |o| o.conn_errors),
+        outcomes
+            .iter()
+            .map(|o| o.max_latency)
+            .max()
+            .unwrap_or_default()
+            .as_millis(),
+        recovery.as_millis(),
+        delivered - delivered_before,
+    );
+    assert!(relay.is_running());
+    (lost, unavailable)
+}
+
+#[test]
+fn kill9_of_a_master_with_replicated_ack_loses_nothing_acknowledged() {
+    let (lost, _) = kill9_master_under_load("kill9-replicated", REPLICATED);
+    assert_eq!(lost, 0, "acknowledged messages lost with ack: replicated");
+}
+
+#[test]
+fn kill9_of_a_master_with_persisted_ack_recovers_and_counts_losses() {
+    // Asynchronous replication may lose the tail: counted and printed, not asserted zero.
+    let _ = kill9_master_under_load("kill9-persisted", PERSISTED);
+}
