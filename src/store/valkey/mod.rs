@@ -210,6 +210,18 @@ impl ValkeyTier {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), *v))
             .collect();
+        if let Some(cluster) = self.client.cluster_stats() {
+            // Valkey Cluster: redirections followed and slot-map reads (not issued here).
+            for (op, n) in [
+                ("cluster_moved", cluster.moved),
+                ("cluster_ask", cluster.asked),
+                ("cluster_tryagain", cluster.tryagain),
+                ("cluster_shards", cluster.refreshes),
+            ] {
+                operations.insert(op.to_owned(), n);
+            }
+            errors.insert("cluster_topology".to_owned(), cluster.refresh_errors);
+        }
         if stats.waits > 0 {
             // Appended by the client to replicated batches, not issued here.
             operations.insert("wait".to_owned(), stats.waits);
