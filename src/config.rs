@@ -465,10 +465,6 @@ const KEYS: &[KeySpec] = &[
         &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
     ),
     spec(
-        key::VALKEY_CLUSTER_NODES,
-        &["VALKEY_CLUSTER_NODES", "PULSAR_VALKEY_CLUSTER_NODES"],
-    ),
-    spec(
         key::VALKEY_SENTINEL_MASTER,
         &["VALKEY_SENTINEL_MASTER", "PULSAR_VALKEY_SENTINEL_MASTER"],
     ),
@@ -487,6 +483,10 @@ const KEYS: &[KeySpec] = &[
         ],
         secret: true,
     },
+    spec(
+        key::VALKEY_CLUSTER_NODES,
+        &["VALKEY_CLUSTER_NODES", "PULSAR_VALKEY_CLUSTER_NODES"],
+    ),
     spec(key::DURABILITY_ACK, &[]),
     spec(key::DURABILITY_REPLICAS, &[]),
     spec(key::DURABILITY_REPLICA_TIMEOUT, &[]),
@@ -3390,6 +3390,81 @@ durability:
         assert!(config.valkey.sentinel.is_some());
     }
 
+    /// The Valkey Cluster key, which excludes the Sentinel keys and a non-zero `db` (so it
+    /// cannot join `EVERY_KEY_YAML` or `SENTINEL_KEYS_YAML`).
+    const CLUSTER_KEYS_YAML: &str = r#"
+valkey:
+  cluster_nodes: ["10.0.0.1:6379", "10.0.0.2:6379"]
+"#;
+
+    #[test]
+    fn cluster_nodes_turn_on_cluster_mode_with_hash_tagged_default_keys() {
+        let config = from_yaml(CLUSTER_KEYS_YAML).expect("valid");
+        assert_eq!(
+            config.valkey.cluster_nodes,
+            Some(vec![
+                ("10.0.0.1".to_owned(), 6379),
+                ("10.0.0.2".to_owned(), 6379)
+            ])
+        );
+        // Without cluster mode the quick start's layout stays exactly as it was.
+        let single = from_yaml("").expect("valid");
+        assert_eq!(single.valkey.cluster_nodes, None);
+        assert_eq!(
+            single.valkey.stream_key.render("orders"),
+            "topic:orders:stream"
+        );
+        let config =
+            from_env(&[("VALKEY_CLUSTER_NODES", "10.0.0.1:6379, [fd00::2]:7000")]).expect("valid");
+        assert_eq!(
+            config.valkey.cluster_nodes,
+            Some(vec![
+                ("10.0.0.1".to_owned(), 6379),
+                ("fd00::2".to_owned(), 7000)
+            ])
+        );
+        let v = &config.valkey;
+        assert_eq!(v.stream_key.render("orders"), "topic:{orders}:stream");
+        assert_eq!(v.meta_key.render("orders"), "topic:{orders}:meta");
+        assert_eq!(v.idempotency_key.render("orders"), "topic:{orders}:idem:");
+        assert_eq!(v.stream_key.to_string(), "topic:{{topic}}:stream");
+        // The YAML list form, and an explicit hash-tagged template.
+        let yaml = "valkey:\n  cluster_nodes: [a:1, b:2]\n  stream_key: \"s:{{topic}}\"\n";
+        let config = from_yaml(yaml).expect("valid");
+        assert_eq!(config.valkey.stream_key.render("t"), "s:{t}");
+        assert_eq!(config.valkey.cluster_nodes.map(|n| n.len()), Some(2));
+    }
+
+    #[test]
+    fn cluster_mode_refuses_sentinels_a_db_and_keys_outside_the_topic_slot() {
+        let message = error_text(from_yaml(
+            "valkey:\n  cluster_nodes: a:1\n  sentinels: s:1\n  sentinel_master: m\n",
+        ));
+        assert_mentions(&message, &["`valkey.cluster_nodes`", "Sentinel exclude"]);
+        let message = error_text(from_yaml("valkey:\n  cluster_nodes: a:1\n  db: 3\n"));
+        assert_mentions(&message, &["`valkey.cluster_nodes`", "only database 0"]);
+        for bad in ["s:{topic}", "{s}:{{topic}}", "s:{{topic}x}", "s:{{topic}"] {
+            let yaml = format!("valkey:\n  cluster_nodes: a:1\n  stream_key: \"{bad}\"\n");
+            let message = error_text(from_yaml(&yaml));
+            assert_mentions(&message, &["`valkey.stream_key`", "hash tag"]);
+        }
+        let yaml = "valkey:\n  cluster_nodes: a:1\n  meta_key: \"m:{topic}\"\n";
+        assert_mentions(&error_text(from_yaml(yaml)), &["`valkey.meta_key`"]);
+        let message = error_text(from_env(&[("VALKEY_CLUSTER_NODES", "a")]));
+        assert_mentions(&message, &["`valkey.cluster_nodes`", "no `:port`"]);
+    }
+
+    #[test]
+    fn hash_tag_is_topic_only_for_braces_right_around_the_placeholder() {
+        let tagged = |t: &str| template(t).hash_tag_is_topic();
+        assert!(tagged("topic:{{topic}}:stream"));
+        assert!(tagged("{{topic}}"));
+        assert!(!tagged("topic:{topic}:stream"));
+        assert!(!tagged("{x}{{topic}}"));
+        assert!(!tagged("x{{topic}.}"));
+        assert!(!tagged("x{{topic}"));
+    }
+
     #[test]
     fn sentinel_addresses_are_checked_one_by_one() {
         assert_eq!(
@@ -3446,7 +3521,10 @@ durability:
     #[test]
     fn the_yaml_schema_covers_exactly_the_key_table() {
         let mut from_yaml = flattened(EVERY_KEY_YAML);
-        for key in flattened(SENTINEL_KEYS_YAML) {
+        for key in flattened(SENTINEL_KEYS_YAML)
+            .into_iter()
+            .chain(flattened(CLUSTER_KEYS_YAML))
+        {
             if !from_yaml.contains(&key) {
                 from_yaml.push(key);
             }

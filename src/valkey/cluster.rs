@@ -65,8 +65,13 @@ const REFRESH_PAUSE: Duration = Duration::from_millis(100);
 /// resharding step, so more than a few hops means the nodes disagree (a loop).
 const MAX_ROUNDS: usize = 8;
 
-/// First pause before re-sending a command answered `TRYAGAIN` (doubling per round).
-const TRYAGAIN_PAUSE: Duration = Duration::from_millis(10);
+/// First and longest pause before re-sending a command answered `TRYAGAIN` (doubling per
+/// round). The lane waits meanwhile (its later commands must not overtake), so the pauses
+/// stay short: at most about half a second over all rounds, then the command fails (503).
+/// A keyed publish touches an idempotency key that does not exist yet, which Valkey answers
+/// with `TRYAGAIN` for as long as its slot is half-migrated.
+const TRYAGAIN_PAUSE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_millis(100));
 
 /// A node that refused a connection is not tried again for this long: its commands fail at
 /// once meanwhile (503), instead of every batch waiting for a connect to a dead master.
@@ -671,7 +676,7 @@ async fn send_batch(
     }
     let mut outcomes: Vec<Option<Outcome>> = vec![None; commands];
     let mut pending: Vec<Unit> = units;
-    let mut pause = TRYAGAIN_PAUSE;
+    let mut pause = TRYAGAIN_PAUSE.0;
     for _ in 0..MAX_ROUNDS {
         if pending.is_empty() {
             break;
@@ -848,7 +853,7 @@ async fn send_batch(
         pending.sort_by_key(|unit| unit.commands.start);
         if retry_later && !pending.is_empty() {
             glommio::timer::sleep(pause).await;
-            pause = pause.saturating_mul(2);
+            pause = pause.saturating_mul(2).min(TRYAGAIN_PAUSE.1);
         }
     }
     let exhausted = ValkeyError::Cluster(
