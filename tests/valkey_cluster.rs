@@ -404,6 +404,76 @@ fn sum(outcomes: &[WorkerOutcome], f: fn(&WorkerOutcome) -> u64) -> u64 {
     outcomes.iter().map(f).sum()
 }
 
+/// A producer that publishes with an `Idempotency-Key` per logical message and retries a
+/// failed attempt (503, lost connection) with the same key until it is answered 201, as
+/// `pulsar-relay-client` does. What it acknowledged must be stored exactly once.
+struct KeyedPublisher {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(Vec<String>, u64)>,
+}
+
+impl KeyedPublisher {
+    fn start(addr: SocketAddr, topic: &str) -> KeyedPublisher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let topic = topic.to_string();
+        let handle = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut retries = 0u64;
+            let mut conn: Option<common::Conn> = None;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut i = 0u64;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let key = format!("keyed-{i}");
+                let body = common::publish_body(&topic, &format!(r#"{{"k":{i}}}"#));
+                let request = common::build_request(
+                    "POST",
+                    "/api/v1/messages",
+                    &[("Idempotency-Key", &key)],
+                    Some(body.as_bytes()),
+                );
+                // Every attempt of one logical message uses the same key.
+                loop {
+                    assert!(Instant::now() < deadline, "keyed publish {i} never stored");
+                    let c = match conn.as_mut() {
+                        Some(c) => c,
+                        None => match common::Conn::try_connect(addr) {
+                            Ok(c) => conn.insert(c),
+                            Err(_) => continue,
+                        },
+                    };
+                    let answer = c
+                        .try_send(&request)
+                        .ok()
+                        .and_then(|()| c.try_read_response(false).ok());
+                    match answer {
+                        Some(resp) if resp.status == 201 || resp.status == 200 => {
+                            let id = resp.json()["message_id"].as_str().expect("id").to_string();
+                            acked.push(id);
+                            break;
+                        }
+                        Some(resp) if resp.status == 503 => retries += 1,
+                        Some(resp) => panic!("keyed publish {i}: {resp:?}"),
+                        None => {
+                            retries += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                i += 1;
+            }
+            (acked, retries)
+        });
+        KeyedPublisher { stop, handle }
+    }
+
+    /// Stops after the message in progress; (acknowledged ids in order, retried attempts).
+    fn finish(self) -> (Vec<String>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("keyed publisher panicked")
+    }
+}
+
 #[test]
 fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothing() {
     let cluster = ValkeyCluster::start(ClusterOpts::default());
@@ -411,6 +481,10 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
     let names = topics_on_every_master(&cluster, "migrate", 2);
     let consumer = Consumer::start(relay.addr, &names);
     let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(60));
+    // Keyed publishes on a migrating topic: their idempotency keys are new keys, which a
+    // half-migrated slot answers with TRYAGAIN (the relay retries, then 503; the producer
+    // retries with the same key).
+    let keyed = KeyedPublisher::start(relay.addr, &names[0]);
     assert!(
         eventually(PATIENCE, || load.min_acked() >= 30),
         "load did not get going: min acked {}\nstderr:\n{}",
@@ -450,7 +524,8 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
         );
     }
     let migration_time = began.elapsed();
-    let outcomes = load.finish();
+    let (keyed_acked, keyed_retries) = keyed.finish();
+    let mut outcomes = load.finish();
     let (moved, asked) = (
         operations(&relay, "cluster_moved"),
         operations(&relay, "cluster_ask"),
@@ -458,8 +533,35 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
     for out in &outcomes {
         assert_answered(out);
     }
+    // Each keyed message acknowledged is stored exactly once, under the id it was answered.
+    let key = stream_key(&names[0]);
+    let keyed_stored: Vec<String> = cluster
+        .node(cluster.key_owner(&key))
+        .xrange(&key)
+        .into_iter()
+        .filter(|e| e.field("payload").is_some_and(|p| p.contains("\"k\"")))
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        keyed_stored, keyed_acked,
+        "keyed publishes stored exactly once, in order"
+    );
+    assert!(
+        keyed_acked.len() >= 20,
+        "keyed publishes: {}",
+        keyed_acked.len()
+    );
+    let tryagain = operations(&relay, "cluster_tryagain");
+    outcomes[0]
+        .acked
+        .extend(keyed_acked.iter().map(|id| (u64::MAX, id.clone())));
     let (lost, stored_unacked) = audit(&cluster, &outcomes);
     let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    eprintln!(
+        "CLUSTER keyed-during-migration  acked {}  retried {keyed_retries}  \
+         tryagain-followed {tryagain}",
+        keyed_acked.len()
+    );
     eprintln!(
         "CLUSTER slot-migration  acked {}  503 {}  conn-errors {}  max-latency {} ms  \
          keys-moved {moved_keys}  acked-lost {lost}  stored-unacked {stored_unacked}  \

@@ -65,13 +65,14 @@ const REFRESH_PAUSE: Duration = Duration::from_millis(100);
 /// resharding step, so more than a few hops means the nodes disagree (a loop).
 const MAX_ROUNDS: usize = 8;
 
-/// First and longest pause before re-sending a command answered `TRYAGAIN` (doubling per
-/// round). The lane waits meanwhile (its later commands must not overtake), so the pauses
-/// stay short: at most about half a second over all rounds, then the command fails (503).
-/// A keyed publish touches an idempotency key that does not exist yet, which Valkey answers
-/// with `TRYAGAIN` for as long as its slot is half-migrated.
-const TRYAGAIN_PAUSE: (Duration, Duration) =
-    (Duration::from_millis(10), Duration::from_millis(100));
+/// Pauses before re-sending a command answered `TRYAGAIN`, one per retry; then it fails
+/// (503). The lane waits meanwhile (its later commands must not overtake a command that may
+/// still run), so every topic of the lane waits too: the retries cover a migration step
+/// that is about to end (30 ms in all), not a slot held half-migrated. A keyed publish
+/// touches an idempotency key that does not exist yet, which Valkey answers with `TRYAGAIN`
+/// for as long as its slot is half-migrated: the producer's retry (same key) gets through
+/// once the migration step is over. A failed command needs no ordering: it did not run.
+const TRYAGAIN_PAUSES: [Duration; 2] = [Duration::from_millis(10), Duration::from_millis(20)];
 
 /// A node that refused a connection is not tried again for this long: its commands fail at
 /// once meanwhile (503), instead of every batch waiting for a connect to a dead master.
@@ -509,6 +510,8 @@ struct Unit {
     commands: Range<usize>,
     node: Option<NodeAddr>,
     asking: bool,
+    /// `TRYAGAIN` answers so far.
+    tries: usize,
 }
 
 /// One lane's connections, one per master it has sent to.
@@ -671,12 +674,12 @@ async fn send_batch(
             commands: i..end,
             node: first_node[i].clone(),
             asking: false,
+            tries: 0,
         });
         i = end;
     }
     let mut outcomes: Vec<Option<Outcome>> = vec![None; commands];
     let mut pending: Vec<Unit> = units;
-    let mut pause = TRYAGAIN_PAUSE.0;
     for _ in 0..MAX_ROUNDS {
         if pending.is_empty() {
             break;
@@ -753,7 +756,7 @@ async fn send_batch(
             });
         }
         let finished = futures::future::join_all(trips).await;
-        let mut retry_later = false;
+        let mut retry_after: Option<Duration> = None;
         for (node, units, connection, replies, failure, connect_error) in finished {
             match connect_error {
                 Some(error) => {
@@ -799,7 +802,9 @@ async fn send_batch(
                 None
             };
             for (unit, got) in unit_replies {
-                let redirect = got.iter().flatten().find_map(redirect_of);
+                let redirect = got.iter().flatten().find_map(redirect_of).filter(|r| {
+                    !matches!(r, Redirect::TryAgain) || unit.tries < TRYAGAIN_PAUSES.len()
+                });
                 match redirect {
                     Some(Redirect::Moved(slot, to)) => {
                         topology.moved(slot, &to);
@@ -819,9 +824,11 @@ async fn send_batch(
                     }
                     Some(Redirect::TryAgain) => {
                         topology.state.borrow_mut().stats.tryagain += 1;
-                        retry_later = true;
+                        let pause = TRYAGAIN_PAUSES[unit.tries.min(TRYAGAIN_PAUSES.len() - 1)];
+                        retry_after = Some(retry_after.map_or(pause, |p| p.max(pause)));
                         pending.push(Unit {
                             node: Some(node.clone()),
+                            tries: unit.tries + 1,
                             ..unit
                         });
                     }
@@ -851,9 +858,8 @@ async fn send_batch(
         }
         // Redirected units keep their batch order within each node.
         pending.sort_by_key(|unit| unit.commands.start);
-        if retry_later && !pending.is_empty() {
+        if let Some(pause) = retry_after {
             glommio::timer::sleep(pause).await;
-            pause = pause.saturating_mul(2).min(TRYAGAIN_PAUSE.1);
         }
     }
     let exhausted = ValkeyError::Cluster(
