@@ -55,8 +55,9 @@
 //! - [`sse`]: sans-IO Server-Sent Events: event framing, per-topic ids, resume positions.
 //! - [`valkey`]: the RESP codec, each shard's pipelined, group-committing Valkey client
 //!   (which loads the Function library its caller needs on every connection), and where its
-//!   connections go (a fixed address, or the master Valkey Sentinel names, followed across
-//!   failovers); the only code that touches Valkey sockets.
+//!   connections go (a fixed address, the master Valkey Sentinel names, followed across
+//!   failovers, or in Valkey Cluster mode the master owning each command's slot, with
+//!   `MOVED`/`ASK` followed); the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 //! - [`instance`]: this process's random relay instance id (named in cross-relay

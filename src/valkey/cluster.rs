@@ -134,6 +134,9 @@ pub struct Topology {
     connector: Connector,
     state: RefCell<TopologyState>,
     client_name: String,
+    /// The node that answered the last `CLUSTER SHARDS`: asked first next time, so a dead
+    /// master early in the list (a connect timeout each) does not delay every refresh.
+    last_answered: RefCell<Option<NodeAddr>>,
 }
 
 const UNASSIGNED: u16 = u16::MAX;
@@ -169,6 +172,7 @@ impl Topology {
                 stats: TopologyStats::default(),
             }),
             client_name: connect.client_name.clone(),
+            last_answered: RefCell::new(None),
         })
     }
 
@@ -267,7 +271,12 @@ impl Topology {
 
     /// Asks the known masters, then the seeds, for `CLUSTER SHARDS` until one answers.
     async fn refresh(&self) -> Result<(), ValkeyError> {
-        let mut candidates = self.masters();
+        let mut candidates: Vec<NodeAddr> = self.last_answered.borrow().iter().cloned().collect();
+        for master in self.masters() {
+            if !candidates.contains(&master) {
+                candidates.push(master);
+            }
+        }
         for seed in &self.seeds {
             if !candidates.contains(seed) {
                 candidates.push(seed.clone());
@@ -284,6 +293,7 @@ impl Topology {
                 Ok(reply) => match parse_shards(&reply, &node) {
                     Ok((nodes, slots)) => {
                         self.install(nodes, slots);
+                        *self.last_answered.borrow_mut() = Some(node);
                         return Ok(());
                     }
                     Err(why) => last = ValkeyError::Server(format!("{node}: {why}")),
