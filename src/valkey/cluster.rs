@@ -200,7 +200,7 @@ impl Topology {
         self.state.borrow().generation
     }
 
-    /// Asks the refresh task for a new map soon (rate-limited by [`REFRESH_PAUSE`]).
+    /// Asks the refresh task for a new map soon (rate-limited to one per 100 ms).
     pub fn request_refresh(&self) {
         let mut state = self.state.borrow_mut();
         state.wanted = true;
@@ -305,7 +305,7 @@ impl Topology {
         Err(last)
     }
 
-    /// The refresh task: at start, then whenever asked (at most every [`REFRESH_PAUSE`]) or
+    /// The refresh task: at start, then whenever asked (at most one per 100 ms) or
     /// every [`REFRESH_PERIOD`].
     pub async fn run_refresher(self: Rc<Self>) {
         let mut failures = 0u32;
@@ -921,6 +921,189 @@ mod tests {
             bulk("health"),
             bulk(health),
         ])
+    }
+
+    /// A stand-in for a master that lost its slots: answers the handshake, `CLUSTER SHARDS`
+    /// (first naming itself as the owner of every slot, after its first redirection naming
+    /// `real`), `MULTI` with `+OK`, `EXEC` with `-EXECABORT`, commands on `{u}` keys with
+    /// `ASK` to `real`, and everything else with `MOVED` to `real`, as Valkey does after a
+    /// migration. Returns its port and the number of redirections it sent.
+    fn start_moved_node(real: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let redirected = std::sync::Arc::new(AtomicU64::new(0));
+        let count = redirected.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk) else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let mut out = Vec::new();
+                        while let Ok(Some((frame, used))) =
+                            redis_protocol::resp2::decode::decode(&buf)
+                        {
+                            buf.drain(..used);
+                            use redis_protocol::resp2::types::OwnedFrame;
+                            let OwnedFrame::Array(args) = frame else {
+                                return;
+                            };
+                            let args: Vec<Vec<u8>> = args
+                                .into_iter()
+                                .filter_map(|a| match a {
+                                    OwnedFrame::BulkString(b) => Some(b),
+                                    _ => None,
+                                })
+                                .collect();
+                            let name = args
+                                .first()
+                                .map(|a| String::from_utf8_lossy(a).to_uppercase())
+                                .unwrap_or_default();
+                            let owner = if count.load(Ordering::Relaxed) == 0 {
+                                port
+                            } else {
+                                real
+                            };
+                            let reply = match name.as_str() {
+                                "PING" => "+PONG\r\n".to_owned(),
+                                "CLIENT" | "AUTH" | "SELECT" | "MULTI" => "+OK\r\n".to_owned(),
+                                "EXEC" => "-EXECABORT Transaction discarded because of previous errors.\r\n".to_owned(),
+                                "CLUSTER" => format!(
+                                    "*1\r\n*4\r\n$5\r\nslots\r\n*2\r\n:0\r\n:16383\r\n$5\r\nnodes\r\n*1\r\n*10\r\n$4\r\nport\r\n:{owner}\r\n$2\r\nip\r\n$9\r\n127.0.0.1\r\n$8\r\nendpoint\r\n$9\r\n127.0.0.1\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$6\r\nhealth\r\n$6\r\nonline\r\n"
+                                ),
+                                _ => {
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                    let asked = args.iter().any(|a| a.windows(3).any(|w| w == b"{u}"));
+                                    if asked {
+                                        format!("-ASK {} 127.0.0.1:{real}\r\n", slot_of(b"u"))
+                                    } else {
+                                        format!("-MOVED {} 127.0.0.1:{real}\r\n", slot_of(b"t"))
+                                    }
+                                }
+                            };
+                            out.extend_from_slice(reply.as_bytes());
+                        }
+                        if stream.write_all(&out).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, redirected)
+    }
+
+    /// A one-node cluster serving every slot, on a real `valkey-server`.
+    fn start_one_node_cluster() -> crate::valkey::testing::ValkeyServer {
+        let server = crate::valkey::testing::ValkeyServer::start(&["--cluster-enabled", "yes"]);
+        let mut probe = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+        use std::io::{Read, Write};
+        probe
+            .write_all(b"*4\r\n$7\r\nCLUSTER\r\n$13\r\nADDSLOTSRANGE\r\n$1\r\n0\r\n$5\r\n16383\r\n")
+            .expect("write");
+        let mut reply = [0u8; 5];
+        probe.read_exact(&mut reply).expect("read");
+        assert_eq!(&reply, b"+OK\r\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            probe
+                .write_all(b"*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n")
+                .expect("write");
+            let mut text = [0u8; 4096];
+            let n = probe.read(&mut text).expect("read");
+            if String::from_utf8_lossy(&text[..n]).contains("cluster_state:ok") {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "one-node cluster not ok");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn moved_and_ask_are_followed_in_order_and_multi_blocks_move_whole() {
+        let real = start_one_node_cluster();
+        let (stale, redirected) = start_moved_node(real.port);
+        let config = crate::valkey::ClientConfig {
+            connect: ConnectConfig {
+                port: stale,
+                ..real.config()
+            },
+            cluster: Some(ClusterConfig {
+                seeds: vec![node(stale)],
+            }),
+            ..crate::valkey::ClientConfig::default()
+        };
+        crate::valkey::testing::run_local(move || async move {
+            use crate::valkey::{Client, Command};
+            let client = Client::start(config).expect("start");
+            assert!(client.wait_topology(Duration::from_secs(5)).await);
+            let on = |topic: &str, args: &[&[u8]]| {
+                Command::new(args)
+                    .expect("command")
+                    .routed(topic.as_bytes())
+            };
+            // One batch: a transaction and two appends on `t` (all answered MOVED by the
+            // stale node), ASKed commands on `u`, and, queued behind, a read of `t` that
+            // must see all of it.
+            let many = client.submit(&[
+                on("t", &[b"MULTI"]),
+                on("t", &[b"SET", b"{t}k", b"v"]),
+                on("t", &[b"INCR", b"{t}n"]),
+                on("t", &[b"EXEC"]),
+                on("t", &[b"RPUSH", b"{t}l", b"1"]),
+                on("u", &[b"RPUSH", b"{u}l", b"a"]),
+                on("t", &[b"RPUSH", b"{t}l", b"2"]),
+                on("u", &[b"RPUSH", b"{u}l", b"b"]),
+            ]);
+            let read = client.submit(&[on("t", &[b"LRANGE", b"{t}l", b"0", b"-1"])]);
+            let replies = many.await;
+            let exec = replies[3]
+                .as_ref()
+                .expect("EXEC")
+                .as_array()
+                .expect("array")
+                .to_vec();
+            assert_eq!(exec.len(), 2, "the transaction ran whole: {exec:?}");
+            assert_eq!(exec[1], Reply::Integer(1));
+            assert_eq!(replies[4], Ok(Reply::Integer(1)));
+            assert_eq!(replies[5], Ok(Reply::Integer(1)));
+            assert_eq!(replies[6], Ok(Reply::Integer(2)));
+            assert_eq!(replies[7], Ok(Reply::Integer(2)));
+            let list = read.await.remove(0).expect("LRANGE");
+            let items: Vec<&str> = list
+                .as_array()
+                .expect("array")
+                .iter()
+                .filter_map(Reply::as_str)
+                .collect();
+            assert_eq!(items, ["1", "2"]);
+            let stats = client.cluster_stats().expect("cluster mode");
+            assert!(stats.moved >= 1 && stats.asked >= 2, "{stats:?}");
+            // MOVED updated the map: `t` goes to the real node directly now; `u` (ASK only)
+            // still asks the stale node first.
+            let before = redirected.load(std::sync::atomic::Ordering::Relaxed);
+            let direct = client
+                .call_routed(b"t", &[b"GET", b"{t}k"])
+                .await
+                .expect("GET");
+            assert_eq!(direct.as_str(), Some("v"));
+            assert_eq!(
+                redirected.load(std::sync::atomic::Ordering::Relaxed),
+                before
+            );
+            client.shutdown().await;
+        });
     }
 
     #[test]
