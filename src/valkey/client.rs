@@ -31,6 +31,12 @@
 //! written is ever sent again: an `XADD *` replayed on the new master would store a message
 //! twice when the first attempt had been replicated.
 //!
+//! Valkey Cluster (`ClientConfig::cluster`): the queue, lanes, admission, expiry and shutdown
+//! are the same; each lane is driven by `cluster.rs` instead of `run_driver`, with one
+//! connection per master instead of one, each command sent to the master owning its slot
+//! (the slot of the key it was [routed](Command::routed) by), and `MOVED`/`ASK` followed
+//! before the lane's next batch (see that module for the ordering argument).
+//!
 //! Replication barrier (`ack: replicated`): a group queued with
 //! [`Client::try_submit_replicated`] makes its batch end with one `WAIT <replicas> <timeout>`
 //! (see [`WaitFor`]) on the same connection, right behind the writes it covers; the group gets
@@ -318,7 +324,7 @@ pub struct ClientStats {
     pub failovers: u64,
     /// Sentinel questions no sentinel answered, and failed or lost subscriptions.
     pub sentinel_errors: u64,
-    /// Where connections go now (`host:port`).
+    /// Where connections go now (`host:port`; in cluster mode every master, comma-separated).
     pub master: Option<String>,
 }
 
@@ -936,7 +942,18 @@ impl Client {
         let target = self.shared.target.stats();
         stats.failovers = target.failovers;
         stats.sentinel_errors = target.sentinel_errors;
-        stats.master = target.master;
+        stats.master = match &self.shared.cluster {
+            // Cluster mode: every master of the slot map.
+            Some(topology) => Some(
+                topology
+                    .masters()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            None => target.master,
+        };
         stats.connected = state.connected;
         stats.queued = state.queued_commands;
         stats.in_flight = state.in_flight_commands;
