@@ -231,6 +231,42 @@ fn topics_spread_over_every_master_with_history_resume_ws_and_idempotency() {
     assert_eq!(stored_ids(&cluster, &names[7]).len(), 6);
 }
 
+#[test]
+fn a_dead_first_seed_is_skipped_and_a_replica_seed_finds_every_master() {
+    let cluster = ValkeyCluster::start(ClusterOpts::default());
+    let replica = cluster.replicas_of(cluster.masters()[1])[0];
+    let dead = common::valkey::free_port();
+    let seeds = format!("127.0.0.1:{dead},{}", cluster.node(replica).addr());
+    let relay = Server::start_opts(
+        RelayOpts::new(PERSISTED)
+            .env("STORAGE_BACKEND", "valkey")
+            .env("VALKEY_CLUSTER_NODES", &seeds),
+    );
+    await_ready(&relay, PATIENCE);
+    for name in topics_on_every_master(&cluster, "seeds", 1) {
+        let id = relay.publish(&name, "1")["message_id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        assert_eq!(stored_ids(&cluster, &name), [id], "{name}");
+    }
+    // Nothing was written to the replica by the relay: it is never a write target.
+    let writes = cluster
+        .node(replica)
+        .info_field("stats", "total_writes_processed")
+        .unwrap_or_default();
+    let relay_clients = cluster
+        .node(replica)
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains("name=pulsar-relay-shard") && !l.contains("-topology"))
+        .count();
+    assert_eq!(
+        relay_clients, 0,
+        "data connections to the replica (writes {writes})"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A WebSocket consumer that resumes from the last ids it saw whenever its connection ends.
 
