@@ -629,6 +629,20 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
 /// master's replica): with `ack: replicated` and one replica required, the promoted master
 /// alone cannot acknowledge anything (its `WAIT` counts 0 replicas: 503) until it has one.
 fn kill9_master_under_load(scenario: &str, yaml: &str, restart_old: bool) -> (usize, u64) {
+    master_fault_under_load(scenario, yaml, Fault::Kill9 { restart_old })
+}
+
+/// How a master goes away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// `kill -9`; with `restart_old`, restarted after the promotion (it rejoins as a replica).
+    Kill9 { restart_old: bool },
+    /// `CLUSTER FAILOVER` on its replica: the live master hands over and becomes a replica;
+    /// the relay's open connections to it get `MOVED` from then on.
+    Manual,
+}
+
+fn master_fault_under_load(scenario: &str, yaml: &str, fault: Fault) -> (usize, u64) {
     let mut cluster = ValkeyCluster::start(ClusterOpts::default());
     // The seed is a master that survives: the relay must find the others through it.
     let names = topics_on_every_master(&cluster, scenario, 2);
@@ -649,11 +663,31 @@ fn kill9_master_under_load(scenario: &str, yaml: &str, restart_old: bool) -> (us
     );
     let delivered_before = consumer.received_len();
     let began = Instant::now();
-    let promoted = cluster.kill9_master_and_await_failover(victim);
-    if restart_old {
-        cluster.restart(victim);
-        assert!(cluster.replicas_of(promoted).contains(&victim));
-    }
+    let promoted = match fault {
+        Fault::Kill9 { restart_old } => {
+            let promoted = cluster.kill9_master_and_await_failover(victim);
+            if restart_old {
+                cluster.restart(victim);
+                assert!(cluster.replicas_of(promoted).contains(&victim));
+            }
+            promoted
+        }
+        Fault::Manual => {
+            let replica = cluster.replicas_of(victim)[0];
+            assert_eq!(
+                cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]).trim(),
+                "OK"
+            );
+            cluster.await_topology("manual failover", |_| {
+                if cluster.masters().contains(&replica) {
+                    Ok(())
+                } else {
+                    Err(format!("node {replica} is not a master yet"))
+                }
+            });
+            replica
+        }
+    };
     let acked_now = load.min_acked();
     assert!(
         eventually(PATIENCE, || load.min_acked() >= acked_now + 30),
@@ -674,7 +708,8 @@ fn kill9_master_under_load(scenario: &str, yaml: &str, restart_old: bool) -> (us
     eprintln!(
         "CLUSTER {scenario:<22} acked {}  503 {unavailable}  conn-errors {}  max-latency {} ms  \
          acked-lost {lost}  stored-unacked {stored_unacked}  back-to-201 {} ms  \
-         ws-delivered {delivered} ({} after the kill, {delivered_unacked} unacknowledged)",
+         ws-delivered {delivered} ({} after the fault, {delivered_unacked} unacknowledged)  \
+         moved-followed {}",
         sum(&outcomes, |o| o.acked.len() as u64),
         sum(&outcomes, |o| o.conn_errors),
         outcomes
@@ -685,7 +720,14 @@ fn kill9_master_under_load(scenario: &str, yaml: &str, restart_old: bool) -> (us
             .as_millis(),
         recovery.as_millis(),
         delivered - delivered_before,
+        operations(&relay, "cluster_moved"),
     );
+    if fault == Fault::Manual {
+        assert!(
+            operations(&relay, "cluster_moved") >= 1.0,
+            "the demoted master's MOVED was not followed"
+        );
+    }
     assert!(relay.is_running());
     (lost, unavailable)
 }
@@ -694,6 +736,13 @@ fn kill9_master_under_load(scenario: &str, yaml: &str, restart_old: bool) -> (us
 fn kill9_of_a_master_with_replicated_ack_loses_nothing_acknowledged() {
     let (lost, _) = kill9_master_under_load("kill9-replicated", REPLICATED, true);
     assert_eq!(lost, 0, "acknowledged messages lost with ack: replicated");
+}
+
+#[test]
+fn manual_failover_of_a_live_master_is_followed_through_moved_and_loses_nothing() {
+    // A coordinated failover: the master stops taking writes until its replica caught up.
+    let (lost, _) = master_fault_under_load("manual-failover", PERSISTED, Fault::Manual);
+    assert_eq!(lost, 0, "acknowledged messages lost in a manual failover");
 }
 
 #[test]
