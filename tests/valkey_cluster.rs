@@ -76,6 +76,17 @@ fn operations(relay: &Server, op: &str) -> f64 {
         .sum()
 }
 
+/// The sum over shards of `relay_valkey_errors_total{kind="<kind>"}` (0 when absent).
+fn errors(relay: &Server, kind: &str) -> f64 {
+    let series = format!("relay_valkey_errors_total{{kind=\"{kind}\"}}");
+    relay
+        .get("/metrics")
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+        .sum()
+}
+
 /// `n` topic names of `prefix` whose slots are served by every master, at least `per` each.
 fn topics_on_every_master(cluster: &ValkeyCluster, prefix: &str, per: usize) -> Vec<String> {
     let masters = cluster.masters();
@@ -666,6 +677,14 @@ fn master_fault_under_load(scenario: &str, yaml: &str, fault: Fault) -> (usize, 
     let promoted = match fault {
         Fault::Kill9 { restart_old } => {
             let promoted = cluster.kill9_master_and_await_failover(victim);
+            if restart_old && yaml.contains("replicated") {
+                // The promoted master has no replica yet: its WAIT counts 0, so what it
+                // stores is answered 503, never 201.
+                assert!(
+                    eventually(PATIENCE, || errors(&relay, "replication_short") >= 1.0),
+                    "{scenario}: no publish reached the promoted master before its replica"
+                );
+            }
             if restart_old {
                 cluster.restart(victim);
                 assert!(cluster.replicas_of(promoted).contains(&victim));

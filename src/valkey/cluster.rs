@@ -776,9 +776,12 @@ async fn send_batch(
                     shared.note_connect_failed(&node);
                     topology.request_refresh();
                 }
-                None => {
+                // Connected (or had a connection): the node takes connections again.
+                None if connection.is_some() => {
                     connections.refused.remove(&node);
                 }
+                // Still within the backoff of an earlier refusal.
+                None => {}
             }
             let mut demoted = false;
             if let Some(connection) = connection {
