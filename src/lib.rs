@@ -52,16 +52,25 @@
 //!   the only code that touches Valkey sockets.
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
+//! - [`instance`]: this process's random relay instance id ([`instance_id`]), which names it
+//!   to the other relays on the same Valkey.
+//! - [`replicate`]: per shard, what keeps the hot tier a cache of the Valkey streams when
+//!   other relays write them too: the pub/sub feed of each followed topic, repairs, the
+//!   periodic safety net (design: `docs/scaling.md`).
 
 pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod net;
+pub mod replicate;
 pub mod shard;
 pub mod sse;
 pub mod store;
 pub mod topic;
 pub mod valkey;
 pub mod ws;
+
+pub use instance::instance_id;

@@ -61,6 +61,9 @@ pub enum ShardRequest {
         /// When the owner acknowledged them (the delivery-lag metric starts here).
         acked_at: std::time::Instant,
     },
+    /// This shard's consumers of `topic` must resume from their last id (fire and forget;
+    /// see [`crate::store::feed::AppendFeed::resync`]).
+    Resync { topic: String },
     /// This shard's metrics and stats (gathered for `/metrics` and `/api/v1/stats`).
     Snapshot {
         reply: Reply<crate::metrics::Snapshot>,

@@ -223,6 +223,26 @@ impl Shard {
                     shard.deliver_batch(topic, messages);
                 }
             }));
+        let shard = Rc::downgrade(self);
+        self.storage.feed().subscribe_resync(Box::new(move |topic| {
+            if let Some(shard) = shard.upgrade() {
+                shard.resync_followers(topic);
+            }
+        }));
+    }
+
+    /// Every consumer of `topic` on this relay must resume from its last id (see
+    /// [`crate::store::feed::AppendFeed::resync`]): this shard's, and those of the shards
+    /// that registered interest.
+    fn resync_followers(&self, topic: &str) {
+        self.delivery.resync_local(topic);
+        for shard in self.delivery.interested_shards(topic) {
+            if let Some(peer) = self.peers.get(shard) {
+                let _ = peer.unbounded_send(ShardRequest::Resync {
+                    topic: topic.to_owned(),
+                });
+            }
+        }
     }
 
     fn deliver_batch(&self, topic: &str, messages: Vec<crate::store::message::Message>) {
@@ -246,7 +266,7 @@ impl Shard {
         snap.connections = self.connection_count();
         snap.consumers = self.delivery.consumer_count();
         snap.storage = self.storage.summary();
-        snap.valkey = self.storage.valkey().map(|tier| tier.snapshot());
+        snap.valkey = self.storage.valkey_snapshot();
         snap
     }
 
@@ -415,9 +435,9 @@ async fn replay_page(
     topic: &str,
     query: ReplayQuery,
 ) -> Result<ReplayPage, StoreError> {
-    // Before the first await: the caller registered the interest just now, so everything
-    // appended after this id is forwarded to the consumer.
-    let last_id = shard.storage.last_id(topic);
+    // The caller registered the interest just now, so everything the feed hands out after
+    // this id is forwarded to the consumer (memory backend: read before any await).
+    let last_id = shard.storage.follow_position(topic).await?;
     let page = if query.limit == 0 {
         None
     } else {
@@ -511,6 +531,9 @@ async fn handle_request(shard: &Shard, request: ShardRequest) {
             acked_at,
         } => {
             shard.delivery.deliver_local(&topic, &messages, acked_at);
+        }
+        ShardRequest::Resync { topic } => {
+            shard.delivery.resync_local(&topic);
         }
         ShardRequest::Snapshot { reply } => {
             let _ = reply.send(shard.snapshot());

@@ -564,6 +564,58 @@ impl Connection {
         Ok(())
     }
 
+    /// Push mode (a connection in subscribed mode, see `subscriber.rs`): writes `commands`
+    /// (encoded back to back) with one write, expecting no reply in step with them; what
+    /// Valkey answers arrives through [`Connection::next_push`].
+    pub async fn send_only(&mut self, commands: &[u8]) -> Result<(), ValkeyError> {
+        let peer = self.peer;
+        let result = with_timeout(self.command_timeout, "writing", async {
+            self.transport
+                .write_all(commands)
+                .await
+                .map_err(|e| ValkeyError::ConnectionLost(format!("{peer}: writing: {e}")))
+        })
+        .await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Push mode: the next frame Valkey sends (a subscription confirmation, a published
+    /// message, a pong), however long it takes. Cancel-safe: bytes already read stay in the
+    /// buffer for the next call, so a subscriber can race it against "commands to send".
+    pub async fn next_push(&mut self) -> Result<Reply, ValkeyError> {
+        let peer = self.peer;
+        loop {
+            match decode_reply_slice(self.read.pending()) {
+                Ok(Some((reply, used))) => {
+                    self.read.consume(used);
+                    self.read.release_if_large();
+                    return Ok(reply);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+            match self.transport.read(self.read.spare()).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(ValkeyError::ConnectionLost(format!(
+                        "{peer}: closed by Valkey"
+                    )));
+                }
+                Ok(n) => self.read.commit(n),
+                Err(e) => {
+                    self.broken = true;
+                    return Err(ValkeyError::ConnectionLost(format!("{peer}: reading: {e}")));
+                }
+            }
+        }
+    }
+
     /// Resolves when the idle connection turns out to be dead: closed by Valkey, a socket
     /// error, or bytes nobody asked for. Never resolves while the connection is healthy.
     ///

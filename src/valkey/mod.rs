@@ -9,6 +9,9 @@
 //!   driver tasks that send everything queued as one pipeline per round trip, reconnection
 //!   with backoff. Commands routed by a key (a topic) always take that key's lane, so they
 //!   run in submission order however many connections there are.
+//! - [`subscriber`]: the shard's one pub/sub connection (`SSUBSCRIBE`), kept apart from the
+//!   pipelined ones: the channels it wants, subscribed again after every reconnect, and the
+//!   messages pushed on them.
 //!
 //! Not owned here: which commands the relay sends (stream keys, XADD/XRANGE shapes) and how
 //! errors map to HTTP statuses; that is the storage layer's business.
@@ -18,6 +21,7 @@
 pub mod client;
 pub mod codec;
 pub mod connection;
+pub mod subscriber;
 
 use std::time::Duration;
 

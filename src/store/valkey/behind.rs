@@ -38,6 +38,12 @@ pub(super) struct Behind {
     pub(super) retries: u64,
     /// Acknowledged messages Valkey refused for good (not retryable): lost.
     pub(super) lost: u64,
+    /// Acknowledged messages whose id another writer took first: stored with a new id
+    /// (see [`BehindItem::reassign`]).
+    pub(super) reassigned: u64,
+    /// Messages in `queue` per topic: a topic degraded to persisted publishes waits until
+    /// none of its own is left, so Valkey's ids stay above them.
+    per_topic: std::collections::HashMap<String, usize>,
 }
 
 impl Behind {
@@ -51,6 +57,8 @@ impl Behind {
             busy: false,
             retries: 0,
             lost: 0,
+            reassigned: 0,
+            per_topic: std::collections::HashMap::new(),
         }
     }
 }
@@ -62,16 +70,24 @@ struct BehindItem {
     timestamp_ms: u64,
     /// The topic was new to this tier when published: send its meta commands too.
     new_topic: bool,
+    /// Another writer stored an id at least as high first (`ack: buffered` with several
+    /// writers): the message is sent with `*` instead, so it is stored after all, under the
+    /// id Valkey gives it. Logged and counted (`buffered_reassigned`): the producer was told
+    /// the other id.
+    reassign: bool,
 }
 
 /// How one write-behind XADD ended.
 enum BehindOutcome {
-    Stored,
+    /// Stored with this id.
+    Stored(MessageId),
     /// Worth sending again (connection lost, timeout, queue full, `-OOM`).
     Retry,
     /// Refused because the stream already holds an id at least as high: stored already (a
-    /// reply lost with its connection) or lost; the stream is asked.
+    /// reply lost with its connection) or taken by another writer; the stream is asked.
     Check,
+    /// Another writer took the id first: send it again with `*`.
+    Reassign,
     /// Refused for good.
     Lost(String),
 }
@@ -82,11 +98,16 @@ impl ValkeyTier {
     /// first after a write-behind failure (Valkey restarted, another writer may have
     /// appended), reads the stream's last id so new ids stay above it; ids never go back
     /// below ones already handed out.
+    ///
+    /// Also returns, for each topic whose stream was read here, the stream's last id: the
+    /// caller compares it with what its memory has seen of the topic (another writer's
+    /// entries there are a reason to degrade, see [`ValkeyTier::degrade_buffered`]).
     pub async fn assign_buffered_ids(
         &self,
         items: &[PublishItem],
         now_ms: u64,
-    ) -> Result<Vec<MessageId>, StoreError> {
+    ) -> Result<(Vec<MessageId>, Vec<(String, MessageId)>), StoreError> {
+        let mut read = Vec::new();
         for item in items {
             if matches!(
                 self.buffered_last.borrow().get(&item.topic),
@@ -108,6 +129,7 @@ impl ValkeyTier {
                 .first()
                 .map(|(id, _)| *id)
                 .unwrap_or(MessageId::MIN);
+            read.push((item.topic.clone(), last));
             let mut cached = self.buffered_last.borrow_mut();
             match cached.get_mut(&item.topic) {
                 Some(entry) => *entry = (entry.0.max(last), true),
@@ -117,7 +139,7 @@ impl ValkeyTier {
             }
         }
         let mut last_ids = self.buffered_last.borrow_mut();
-        Ok(items
+        let ids = items
             .iter()
             .map(|item| {
                 let last = last_ids.get(&item.topic).map(|(id, _)| *id);
@@ -125,7 +147,8 @@ impl ValkeyTier {
                 last_ids.insert(item.topic.clone(), (id, true));
                 id
             })
-            .collect())
+            .collect();
+        Ok((ids, read))
     }
 
     /// Queues messages about to be acknowledged for the write-behind, or refuses them all at
@@ -169,11 +192,18 @@ impl ValkeyTier {
             self.note_written(&item.topic);
         }
         for ((item, id), new_topic) in items.into_iter().zip(ids).zip(fresh) {
+            match behind.per_topic.get_mut(&item.topic) {
+                Some(n) => *n += 1,
+                None => {
+                    behind.per_topic.insert(item.topic.clone(), 1);
+                }
+            }
             behind.queue.push_back(BehindItem {
                 item,
                 id: *id,
                 timestamp_ms: now_ms,
                 new_topic,
+                reassign: false,
             });
         }
         let start = behind.doorbell.is_none();
@@ -192,6 +222,11 @@ impl ValkeyTier {
             let _ = doorbell.try_send(());
         }
         Ok(())
+    }
+
+    /// Whether acknowledged messages of `topic` still wait in the write-behind backlog.
+    pub fn behind_holds(&self, topic: &str) -> bool {
+        self.behind.borrow().per_topic.contains_key(topic)
     }
 
     /// Waits (at most `within`) until the write-behind backlog is empty: at shutdown, before
@@ -218,21 +253,23 @@ impl ValkeyTier {
 
     /// Sends the oldest part of the backlog once; returns whether something must be retried.
     async fn send_behind_batch(&self) -> bool {
-        let batch: Vec<(PublishItem, MessageId, u64, bool)> = {
+        let batch: Vec<(PublishItem, MessageId, u64, bool, bool)> = {
             let mut behind = self.behind.borrow_mut();
             behind.busy = true;
             behind
                 .queue
                 .iter()
                 .take(BEHIND_BATCH)
-                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic))
+                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic, b.reassign))
                 .collect()
         };
         let mut commands: Vec<Command> = batch
             .iter()
-            .map(|(item, id, ts, _)| self.encode_xadd(item, Some(*id), *ts))
+            .map(|(item, id, ts, _, reassign)| {
+                self.encode_xadd(item, (!reassign).then_some(*id), *ts)
+            })
             .collect();
-        for (item, _, ts, new_topic) in &batch {
+        for (item, _, ts, new_topic, _) in &batch {
             if *new_topic {
                 let mut created = Vec::with_capacity(24);
                 write_rfc3339_millis(&mut created, *ts);
@@ -250,7 +287,13 @@ impl ValkeyTier {
             .into_iter()
             .take(batch.len())
             .map(|reply| match reply {
-                Ok(Reply::Bulk(_)) => BehindOutcome::Stored,
+                Ok(Reply::Bulk(id)) => match std::str::from_utf8(&id)
+                    .ok()
+                    .and_then(|s| s.parse::<MessageId>().ok())
+                {
+                    Some(id) => BehindOutcome::Stored(id),
+                    None => BehindOutcome::Lost(format!("unexpected XADD reply: {id:?}")),
+                },
                 Ok(other) => BehindOutcome::Lost(format!("unexpected XADD reply: {other:?}")),
                 Err(ValkeyError::Server(message)) if message.starts_with("OOM") => {
                     BehindOutcome::Retry
@@ -285,10 +328,15 @@ impl ValkeyTier {
             self.count("xrange", commands.len());
             for (&i, reply) in checks.iter().zip(self.client.call_many(&commands).await) {
                 outcomes[i] = match reply {
-                    Ok(r) if !parse_entries(&r).is_empty() => BehindOutcome::Stored,
-                    Ok(_) => BehindOutcome::Lost(
-                        "the stream already holds a higher id (written by someone else?)".into(),
-                    ),
+                    Ok(r) if !parse_entries(&r).is_empty() => BehindOutcome::Stored(batch[i].1),
+                    Ok(_) => {
+                        // Not there, and the stream is past it: someone else wrote the topic.
+                        self.degrade_buffered(
+                            &batch[i].0.topic,
+                            "an acknowledged id was refused: the stream already holds a higher one",
+                        );
+                        BehindOutcome::Reassign
+                    }
                     Err(_) => BehindOutcome::Retry,
                 };
             }
@@ -296,13 +344,27 @@ impl ValkeyTier {
         let mut retry = false;
         let mut behind = self.behind.borrow_mut();
         let mut kept = VecDeque::new();
+        let mut stored: Vec<(String, MessageId)> = Vec::new();
         for outcome in &outcomes {
-            let Some(done) = behind.queue.pop_front() else {
+            let Some(mut done) = behind.queue.pop_front() else {
                 break;
             };
             match outcome {
-                BehindOutcome::Stored => {}
-                BehindOutcome::Retry | BehindOutcome::Check => {
+                BehindOutcome::Stored(id) => {
+                    if done.reassign {
+                        behind.reassigned += 1;
+                        tracing::error!(
+                            topic = %done.item.topic,
+                            acknowledged_as = %done.id,
+                            stored_as = %id,
+                            "acknowledged buffered message stored under a new id: another \
+                             writer took its id first"
+                        );
+                    }
+                    stored.push((done.item.topic.clone(), *id));
+                }
+                BehindOutcome::Retry | BehindOutcome::Check | BehindOutcome::Reassign => {
+                    done.reassign |= matches!(outcome, BehindOutcome::Reassign);
                     retry = true;
                     kept.push_back(done);
                     continue;
@@ -318,6 +380,12 @@ impl ValkeyTier {
                 }
             }
             behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
+            if let Some(n) = behind.per_topic.get_mut(&done.item.topic) {
+                *n -= 1;
+                if *n == 0 {
+                    behind.per_topic.remove(&done.item.topic);
+                }
+            }
         }
         // What is to be retried goes first again, in its order.
         while let Some(item) = kept.pop_back() {
@@ -328,6 +396,7 @@ impl ValkeyTier {
         }
         behind.busy = false;
         drop(behind);
+        self.notify_batch(stored.iter().map(|(topic, id)| (topic.as_str(), *id)));
         if retry {
             // Valkey may have restarted (lost a tail) or someone else may have written:
             // the next ids are checked against each stream again.

@@ -129,11 +129,29 @@ impl ValkeyTier {
             *slot.borrow_mut() = Slot::Done(message.as_ref().ok().cloned());
             results.push((item.topic, message));
         }
+        self.notify_batch(
+            results
+                .iter()
+                .filter_map(|(topic, r)| r.as_ref().ok().map(|m| (topic.as_str(), m.id))),
+        );
         // Hand finished messages to the hot tier in submission order per topic.
         for (topic, _) in &results {
             self.drain_in_flight(topic, on_persisted);
         }
         results.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// One feed notification per topic of a stored batch, naming its last id (see
+    /// `feed.rs`). `stored` yields each stored entry as (topic, id).
+    pub(super) fn notify_batch<'a>(&self, stored: impl Iterator<Item = (&'a str, MessageId)>) {
+        let mut stored: Vec<(&str, MessageId)> = stored.collect();
+        // By topic, then id: the last of each run is its topic's newest.
+        stored.sort_unstable();
+        for (i, (topic, id)) in stored.iter().enumerate() {
+            if stored.get(i + 1).is_none_or(|(next, _)| next != topic) {
+                self.notify_feed(topic, *id);
+            }
+        }
     }
 
     fn drain_in_flight(&self, topic: &str, on_persisted: &dyn Fn(&str, Message)) {
