@@ -327,8 +327,15 @@ impl ValkeyTier {
                 .collect();
             self.count("xrange", commands.len());
             for (&i, reply) in checks.iter().zip(self.client.call_many(&commands).await) {
+                // There, and ours (another writer may have stored its own message under the
+                // same id): stored already, its reply lost with a connection.
+                let ours = |r: &Reply| {
+                    parse_entries(r).first().is_some_and(|(_, m)| {
+                        m.payload == batch[i].0.payload && m.timestamp_ms == batch[i].2
+                    })
+                };
                 outcomes[i] = match reply {
-                    Ok(r) if !parse_entries(&r).is_empty() => BehindOutcome::Stored(batch[i].1),
+                    Ok(r) if ours(&r) => BehindOutcome::Stored(batch[i].1),
                     Ok(_) => {
                         // Not there, and the stream is past it: someone else wrote the topic.
                         self.degrade_buffered(
