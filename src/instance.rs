@@ -23,9 +23,8 @@ fn generate() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let mixed = fastrand::u64(..)
-        ^ nanos.rotate_left(17)
-        ^ u64::from(std::process::id()).rotate_left(41);
+    let mixed =
+        fastrand::u64(..) ^ nanos.rotate_left(17) ^ u64::from(std::process::id()).rotate_left(41);
     // One more round of a keyed hash, so related inputs give unrelated ids.
     let mut rng = fastrand::Rng::with_seed(mixed);
     format!("{:016x}", rng.u64(..))
@@ -39,7 +38,9 @@ mod tests {
     fn the_id_is_16_hex_characters_and_stable() {
         let id = instance_id();
         assert_eq!(id.len(), 16);
-        assert!(id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_eq!(instance_id(), id);
         assert_ne!(generate(), generate());
     }

@@ -80,9 +80,7 @@ impl Producers {
                 let addrs = addrs.to_vec();
                 let topics = topics.to_vec();
                 let ledger = ledger.clone();
-                std::thread::spawn(move || {
-                    produce(p, &addrs, &topics, per_producer, seed, &ledger)
-                })
+                std::thread::spawn(move || produce(p, &addrs, &topics, per_producer, seed, &ledger))
             })
             .collect();
         Producers { ledger, handles }
@@ -431,21 +429,21 @@ fn consume_poll(
     let _ = ready.send(());
     while !stop.load(Ordering::Relaxed) {
         let body = json!({"topics": topics, "since": since, "timeout": 1, "limit": 100});
-        let answer = Conn::try_connect(route.addrs[relay]).ok().and_then(|mut conn| {
-            conn.try_request(
-                "POST",
-                "/messages/poll",
-                Some(body.to_string().as_bytes()),
-            )
+        let answer = Conn::try_connect(route.addrs[relay])
             .ok()
-        });
+            .and_then(|mut conn| {
+                conn.try_request("POST", "/messages/poll", Some(body.to_string().as_bytes()))
+                    .ok()
+            });
         {
             let mut log = log.lock().expect("log");
             log.connections += 1;
             log.relays_used.insert(relay);
         }
         polls += 1;
-        let hop = route.hop_every.is_some_and(|n| polls.is_multiple_of(n.max(1)));
+        let hop = route
+            .hop_every
+            .is_some_and(|n| polls.is_multiple_of(n.max(1)));
         match answer {
             Some(resp) if resp.status == 200 => {
                 let v = resp.json();
@@ -536,7 +534,11 @@ fn assert_consumers_got_the_streams(
     });
     let logs: Vec<(String, ConsumerLog)> = consumers.into_iter().map(Consumer::stop).collect();
     for (name, log) in &logs {
-        assert!(log.gaps.is_empty(), "{name}: unexpected gaps {:?}", log.gaps);
+        assert!(
+            log.gaps.is_empty(),
+            "{name}: unexpected gaps {:?}",
+            log.gaps
+        );
         for (topic, stream) in streams {
             let got = log.received.get(topic).cloned().unwrap_or_default();
             if got != *stream {
@@ -581,7 +583,10 @@ fn assert_history_complete_everywhere(
                     .collect();
                 got == want
             });
-            assert!(complete, "relay {i}, {topic}: history {got:?}\nstream {want:?}");
+            assert!(
+                complete,
+                "relay {i}, {topic}: history {got:?}\nstream {want:?}"
+            );
             // The newest page, newest first, as memory or Valkey serves it.
             let page = relay.read_topic(topic, "limit=10");
             let newest: Vec<String> = page["messages"]
@@ -590,8 +595,12 @@ fn assert_history_complete_everywhere(
                 .iter()
                 .map(|m| m["message_id"].as_str().unwrap_or_default().to_string())
                 .collect();
-            let want_newest: Vec<String> =
-                stream.iter().rev().take(10).map(|(id, _)| id.clone()).collect();
+            let want_newest: Vec<String> = stream
+                .iter()
+                .rev()
+                .take(10)
+                .map(|(id, _)| id.clone())
+                .collect();
             assert_eq!(newest, want_newest, "relay {i}, {topic}: newest page");
         }
     }
@@ -723,7 +732,8 @@ fn kill9_of_one_relay_under_load_loses_nothing_anywhere() {
     fleet.kill9(1);
     let before = ledger.acked_count();
     assert!(
-        eventually(Duration::from_secs(30), || ledger.acked_count() >= before + 200),
+        eventually(Duration::from_secs(30), || ledger.acked_count()
+            >= before + 200),
         "the other relays stopped taking publishes"
     );
     fleet.restart(1);
@@ -736,7 +746,10 @@ fn kill9_of_one_relay_under_load_loses_nothing_anywhere() {
         .filter(|(name, _)| name.contains("relay 1") && !name.contains("LongPoll"))
         .map(|(_, log)| log.connections)
         .sum();
-    assert!(reconnected >= 4, "relay 1's consumers did not reconnect: {reconnected}");
+    assert!(
+        reconnected >= 4,
+        "relay 1's consumers did not reconnect: {reconnected}"
+    );
     assert_history_complete_everywhere(&fleet, &streams);
 }
 
@@ -754,8 +767,7 @@ fn lost_notifications_are_repaired() {
     let producers = Producers::start(&addrs, &topics, 2, 300, seed());
     let ledger = producers.ledger.clone();
     for round in 1..=3 {
-        assert!(eventually(Duration::from_secs(30), || ledger
-            .acked_count()
+        assert!(eventually(Duration::from_secs(30), || ledger.acked_count()
             >= round * 120));
         let killed = valkey.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert_ne!(killed.trim(), "0", "no pub/sub connection to cut");
@@ -862,7 +874,10 @@ fn buffered_on_two_relays_writing_one_topic_degrades_to_persisted() {
         })
         .sum();
     let stream = stream_of(&valkey, &topics[0]);
-    let stored: HashMap<&str, &str> = stream.iter().map(|(id, t)| (t.as_str(), id.as_str())).collect();
+    let stored: HashMap<&str, &str> = stream
+        .iter()
+        .map(|(id, t)| (t.as_str(), id.as_str()))
+        .collect();
     let acked = ledger.acked.lock().expect("ledger");
     let mut moved = 0u64;
     for (tag, (_, id)) in acked.iter() {
@@ -887,7 +902,9 @@ fn buffered_on_two_relays_writing_one_topic_degrades_to_persisted() {
     for &i in &noticed {
         for n in 0..20 {
             let tag = format!("after-{i}-{n}");
-            let ack = fleet.relay(i).publish(&topics[0], &format!(r#"{{"tag":"{tag}"}}"#));
+            let ack = fleet
+                .relay(i)
+                .publish(&topics[0], &format!(r#"{{"tag":"{tag}"}}"#));
             let id = ack["message_id"].as_str().expect("id").to_string();
             let stream = stream_of(&valkey, &topics[0]);
             assert!(
@@ -907,7 +924,9 @@ fn sync_counters_move_with_cross_relay_traffic() {
     let mut ws = WsClient::connect(fleet.addrs()[1]);
     ws.subscribe(&["counted"], Some(json!("last")));
     for n in 0..5 {
-        fleet.relay(0).publish("counted", &format!(r#"{{"tag":"{n}"}}"#));
+        fleet
+            .relay(0)
+            .publish("counted", &format!(r#"{{"tag":"{n}"}}"#));
     }
     assert_eq!(ws.recv_messages(5).len(), 5);
     let sent = valkey_counters(fleet.relay(0));
@@ -923,4 +942,110 @@ fn sync_counters_move_with_cross_relay_traffic() {
             .is_some_and(|n| *n >= 5),
         "{received:?}"
     );
+}
+
+/// Not a check but the measurement of `docs/scaling.md`: publish→delivery latency to a
+/// WebSocket consumer on the relay that accepted the publish (same relay) and on the other
+/// one (cross relay), over the same messages in one run. Publishes alternate between the two
+/// relays at a steady rate; latency runs from just before the request is sent to the frame's
+/// arrival. Run in release:
+/// `cargo nextest run --release --test multi_relay --run-ignored only --no-capture latency`.
+#[test]
+#[ignore]
+fn cross_relay_delivery_latency_vs_same_relay() {
+    let count: usize = std::env::var("LATENCY_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4000);
+    let rate: f64 = std::env::var("LATENCY_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500.0);
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let fleet = RelayFleet::start(&valkey, 2, "", &[]);
+    let addrs = fleet.addrs();
+    let topic = "latency";
+    let sent: Arc<Mutex<HashMap<usize, (usize, std::time::Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // One subscriber per relay; each records (message n, arrival).
+    type Arrivals = Arc<Mutex<Vec<(usize, std::time::Instant)>>>;
+    let arrivals: Vec<Arrivals> = addrs.iter().map(|_| Arrivals::default()).collect();
+    let subscribers: Vec<JoinHandle<()>> = addrs
+        .iter()
+        .zip(&arrivals)
+        .map(|(addr, got)| {
+            let mut ws = WsClient::connect(*addr);
+            ws.subscribe(&[topic], Some(json!("last")));
+            let (stop, got) = (stop.clone(), got.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let WsEvent::Json(v) = ws.next_event(Duration::from_millis(200)) {
+                        if v["type"] == "message" {
+                            let n = v["payload"]["n"].as_u64().expect("n") as usize;
+                            let at = std::time::Instant::now();
+                            got.lock().expect("arrivals").push((n, at));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut conns: Vec<Conn> = addrs.iter().map(|a| Conn::connect(*a)).collect();
+    let start = std::time::Instant::now();
+    for n in 0..count {
+        let at = start + Duration::from_secs_f64(n as f64 / rate);
+        if let Some(wait) = at.checked_duration_since(std::time::Instant::now()) {
+            // Pacing the open-loop publisher, not waiting for anything to happen.
+            std::thread::sleep(wait);
+        }
+        let relay = n % 2;
+        sent.lock()
+            .expect("sent")
+            .insert(n, (relay, std::time::Instant::now()));
+        conns[relay].publish(topic, &format!(r#"{{"n":{n}}}"#));
+    }
+    let all_arrived = eventually(Duration::from_secs(30), || {
+        arrivals
+            .iter()
+            .all(|got| got.lock().expect("arrivals").len() >= count)
+    });
+    stop.store(true, Ordering::Relaxed);
+    for handle in subscribers {
+        handle.join().expect("subscriber");
+    }
+    assert!(all_arrived, "deliveries missing");
+    let arrivals: Vec<Vec<(usize, std::time::Instant)>> = arrivals
+        .iter()
+        .map(|got| std::mem::take(&mut *got.lock().expect("arrivals")))
+        .collect();
+    let sent = sent.lock().expect("sent");
+    let mut same = Vec::new();
+    let mut cross = Vec::new();
+    for (subscriber_relay, got) in arrivals.iter().enumerate() {
+        for (n, at) in got {
+            let (published_on, sent_at) = sent[n];
+            let micros = at.duration_since(sent_at).as_micros() as u64;
+            if published_on == subscriber_relay {
+                same.push(micros);
+            } else {
+                cross.push(micros);
+            }
+        }
+    }
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v.sort_unstable();
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    let (s50, s99) = (pct(&mut same, 0.5), pct(&mut same, 0.99));
+    let (c50, c99) = (pct(&mut cross, 0.5), pct(&mut cross, 0.99));
+    eprintln!(
+        "{count} messages at {rate}/s alternating over 2 relays: same relay p50 {s50} µs p99 \
+         {s99} µs ({} deliveries); cross relay p50 {c50} µs p99 {c99} µs ({} deliveries); \
+         cross/same p50 {:.2} p99 {:.2}",
+        same.len(),
+        cross.len(),
+        c50 as f64 / s50 as f64,
+        c99 as f64 / s99 as f64
+    );
+    assert_eq!(same.len() + cross.len(), 2 * count);
 }

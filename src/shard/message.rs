@@ -85,16 +85,31 @@ pub struct ReplayQuery {
     pub max_bytes: usize,
     /// Also report whether messages after `after` were already removed.
     pub check_gap: bool,
+    /// The owner must know where the topic is before it answers (`ReplayPage::last_id`: every
+    /// later message reaches the consumer live). With Valkey it may have to ask the stream
+    /// (another relay may write it), and a failure is then an error. Without it a
+    /// registration answers from memory at once and the position is learnt in the background
+    /// (for a follow that catches up: its pages locate).
+    pub locate: bool,
 }
 
 impl ReplayQuery {
-    /// Registers interest, reads nothing.
+    /// Registers interest, reads nothing, answers at once (a follow that catches up next).
     pub fn register_only() -> ReplayQuery {
         ReplayQuery {
             after: None,
             limit: 0,
             max_bytes: 0,
             check_gap: false,
+            locate: false,
+        }
+    }
+
+    /// Registers interest and learns where the topic is, reads nothing (a follow from now).
+    pub fn register_and_locate() -> ReplayQuery {
+        ReplayQuery {
+            locate: true,
+            ..ReplayQuery::register_only()
         }
     }
 }

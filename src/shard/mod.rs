@@ -437,7 +437,7 @@ async fn replay_page(
 ) -> Result<ReplayPage, StoreError> {
     // The caller registered the interest just now, so everything the feed hands out after
     // this id is forwarded to the consumer (memory backend: read before any await).
-    let last_id = shard.storage.follow_position(topic).await?;
+    let last_id = shard.storage.follow_position(topic, query.locate).await?;
     let page = if query.limit == 0 {
         None
     } else {

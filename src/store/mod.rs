@@ -408,7 +408,10 @@ impl Storage {
         let mut results: Vec<Option<Result<PublishAck, StoreError>>> =
             vec![None; persisted.len() + buffered.len()];
         let deadline = std::time::Instant::now() + tier.client.command_timeout();
-        while persisted.iter().any(|(_, item)| tier.behind_holds(&item.topic)) {
+        while persisted
+            .iter()
+            .any(|(_, item)| tier.behind_holds(&item.topic))
+        {
             if std::time::Instant::now() >= deadline {
                 let refused = StoreError::Unavailable(
                     "the write-behind still holds messages of a topic degraded to persisted".into(),
@@ -701,7 +704,10 @@ impl Storage {
                 ("sync_repair", sync.repairs),
                 ("sync_repaired_message", sync.repaired_messages),
                 ("sync_probe", sync.probes),
-                ("sync_probe_found_other_writer", sync.probes_found_other_writer),
+                (
+                    "sync_probe_found_other_writer",
+                    sync.probes_found_other_writer,
+                ),
                 ("sync_resync", sync.resyncs),
                 ("sync_safety_net_find", sync.safety_net_finds),
                 ("pubsub_message", subscriber.messages),
@@ -709,7 +715,8 @@ impl Storage {
             ] {
                 snap.operations.insert(name.to_owned(), n);
             }
-            snap.errors.insert("pubsub_lost".to_owned(), subscriber.lost);
+            snap.errors
+                .insert("pubsub_lost".to_owned(), subscriber.lost);
         }
         Some(snap)
     }

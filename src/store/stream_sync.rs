@@ -186,10 +186,16 @@ impl Storage {
     }
 
     /// Where `topic` is for a follower that registered just before: every message after the
-    /// returned id reaches it through the feed. With Valkey this starts tracking the topic
-    /// (subscription, and a seed read if nothing is known of it yet). `None`: the topic holds
-    /// no message.
-    pub async fn follow_position(&self, topic: &str) -> Result<Option<MessageId>, StoreError> {
+    /// returned id reaches it through the feed. `None`: the topic holds no message, or (not
+    /// `locate`) the position is not known yet. With Valkey this starts tracking the topic
+    /// (its subscription, and a seed read of the stream's position if nothing is known of it
+    /// yet); with `locate` it waits for that read, whose failure is then the answer, without
+    /// it the read runs in the background (see `ReplayQuery::locate`).
+    pub async fn follow_position(
+        &self,
+        topic: &str,
+        locate: bool,
+    ) -> Result<Option<MessageId>, StoreError> {
         let Some(sync) = &self.sync else {
             return Ok(self.hot.borrow().last_id(topic));
         };
@@ -198,6 +204,12 @@ impl Storage {
             let state = self.track(&mut topics, topic);
             if let Some(fed) = state.fed_to {
                 return Ok(as_position(fed));
+            }
+            if !locate {
+                // A seed with nobody waiting: retried until it succeeds.
+                state.repair_wanted = true;
+                self.ensure_worker(topic, state);
+                return Ok(None);
             }
             let (tx, rx) = oneshot::channel();
             state.seed_waiters.push(tx);
@@ -259,7 +271,12 @@ impl Storage {
 
     /// What a buffered publish learnt of `topic`'s stream (its last id): entries there that
     /// this shard never fed were written by someone else.
-    pub(super) fn check_buffered_start(&self, tier: &ValkeyTier, topic: &str, stream_last: MessageId) {
+    pub(super) fn check_buffered_start(
+        &self,
+        tier: &ValkeyTier,
+        topic: &str,
+        stream_last: MessageId,
+    ) {
         let Some(sync) = &self.sync else { return };
         let fed = sync.topics.borrow().get(topic).and_then(|s| s.fed_to);
         if fed.is_some_and(|fed| stream_last > fed) {
@@ -516,7 +533,8 @@ impl Storage {
                 .stats(topic)
                 .filter(|s| s.length > 0)
                 .map(|s| s.bytes / s.length);
-            let (mut entries, more) = match tier.read_from(topic, from, !exclusive, size_hint).await {
+            let (mut entries, more) = match tier.read_from(topic, from, !exclusive, size_hint).await
+            {
                 Ok(read) => read,
                 Err(e) => break Err(e),
             };

@@ -260,7 +260,15 @@ impl ValkeyTier {
                 .queue
                 .iter()
                 .take(BEHIND_BATCH)
-                .map(|b| (b.item.clone(), b.id, b.timestamp_ms, b.new_topic, b.reassign))
+                .map(|b| {
+                    (
+                        b.item.clone(),
+                        b.id,
+                        b.timestamp_ms,
+                        b.new_topic,
+                        b.reassign,
+                    )
+                })
                 .collect()
         };
         let mut commands: Vec<Command> = batch

@@ -147,7 +147,10 @@ impl ValkeyTier {
     }
 
     /// Makes `listener` the receiver of every topic [`ValkeyTier::degrade_buffered`] degrades.
-    pub fn report_writer_conflicts(&self, listener: futures::channel::mpsc::UnboundedSender<String>) {
+    pub fn report_writer_conflicts(
+        &self,
+        listener: futures::channel::mpsc::UnboundedSender<String>,
+    ) {
         *self.writer_conflicts.borrow_mut() = Some(listener);
     }
 
