@@ -38,7 +38,7 @@ fn seed() -> u64 {
     std::env::var("MULTI_RELAY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_12)
+        .unwrap_or(12)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -204,9 +204,8 @@ impl ValkeyTier {
         size_hint: Option<usize>,
     ) -> Result<(Vec<(MessageId, Message)>, bool), StoreError> {
         let key = self.stream_key.render(topic);
-        let count = round_count(REPAIR_PAGE_ENTRIES, usize::MAX, size_hint)
-            .min(REPAIR_PAGE_ENTRIES)
-            .max(2);
+        let count =
+            round_count(REPAIR_PAGE_ENTRIES, usize::MAX, size_hint).clamp(2, REPAIR_PAGE_ENTRIES);
         let count_text = count.to_string();
         let start = if inclusive {
             from.to_string()
