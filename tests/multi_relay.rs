@@ -1049,3 +1049,88 @@ fn cross_relay_delivery_latency_vs_same_relay() {
     );
     assert_eq!(same.len() + cross.len(), 2 * count);
 }
+
+/// Messages another relay published and count retention trimmed before this relay read them:
+/// this relay's consumers of the topic are made to resume (WebSocket close 4009, the SSE
+/// stream ends, a parked long-poll is answered empty), and the resume reports the gap, as any
+/// resume over trimmed messages does.
+#[test]
+fn messages_trimmed_before_another_relay_read_them_reach_its_consumers_as_gaps() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let config = "storage:\n  max_messages_per_topic: 20\n";
+    let fleet = RelayFleet::start(&valkey, 2, config, &[]);
+    let (a, b) = (fleet.relay(0), fleet.relay(1));
+    let topic = "trimmed-away";
+    let first = common::id_of(&a.publish(topic, r#"{"tag":"first"}"#));
+    let mut ws = WsClient::connect(b.addr);
+    ws.subscribe(&[topic], Some(json!({ topic: first })));
+    let mut sse = SseClient::open_ok(
+        b.addr,
+        &format!("/api/v1/topics/{topic}/events"),
+        &[("Last-Event-ID", &first)],
+    );
+    let poll = {
+        let addr = b.addr;
+        let since = first.clone();
+        std::thread::spawn(move || {
+            let body = json!({"topics": [topic], "since": {topic: since}, "timeout": 20});
+            Conn::connect(addr).request("POST", "/messages/poll", Some(body.to_string().as_bytes()))
+        })
+    };
+    // The poll is parked once relay B counts it.
+    assert!(eventually(Duration::from_secs(10), || {
+        b.get("/messages/poll/stats").json()["active_polls"] == 1
+    }));
+    // One bulk publish of 500 through relay A: `MAXLEN ~ 20` trims `first` and hundreds after
+    // it before relay B reads them.
+    let items: Vec<Value> = (0..500)
+        .map(|n| json!({"topic": topic, "payload": {"tag": format!("bulk-{n}")}}))
+        .collect();
+    let resp = a.post_json(
+        "/api/v1/messages/bulk",
+        &json!({"messages": items}).to_string(),
+    );
+    assert_eq!(resp.status, 207, "{resp:?}");
+    // WebSocket: closed with 4009 (after whatever was queued before it).
+    let (code, _) = ws.expect_close(Duration::from_secs(20), 1000);
+    assert_eq!(code, 4009);
+    let mut ws = WsClient::connect(b.addr);
+    ws.subscribe(&[topic], Some(json!({ topic: first })));
+    let gap = ws.recv_type("gap");
+    assert_eq!(gap["requested"], first.as_str(), "{gap}");
+    assert_eq!(gap["reason"], "trimmed", "{gap}");
+    let next = ws.recv_type("message");
+    assert_eq!(
+        next["message_id"], gap["oldest_available"],
+        "{gap} then {next}"
+    );
+    // SSE: the stream ends; resumed from the same id it opens with the gap event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ended = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match sse.next_item(left) {
+            SseRead::Eof => break true,
+            SseRead::Timeout => break false,
+            SseRead::Item(_) => {}
+        }
+    };
+    assert!(ended, "the SSE stream did not end");
+    let mut sse = SseClient::open_ok(
+        b.addr,
+        &format!("/api/v1/topics/{topic}/events"),
+        &[("Last-Event-ID", &first)],
+    );
+    let (_, event, data) = sse.next_event();
+    assert_eq!(event, "gap", "{data}");
+    assert_eq!(data["reason"], "trimmed", "{data}");
+    // Long-poll: answered (without messages), and the poll from the same `since` gets the gap.
+    let answered = poll.join().expect("poll thread");
+    assert_eq!(answered.status, 200, "{answered:?}");
+    let body = json!({"topics": [topic], "since": {topic: first}, "timeout": 1});
+    let again = b.post_json("/messages/poll", &body.to_string()).json();
+    assert_eq!(again["gaps"][0]["reason"], "trimmed", "{again}");
+    let resyncs = valkey_counters(b)
+        .get("relay_valkey_operations_total{op=\"sync_resync\"}")
+        .copied();
+    assert!(resyncs.is_some_and(|n| n >= 1), "{resyncs:?}");
+}
