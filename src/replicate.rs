@@ -7,7 +7,7 @@
 //! confirmations, a lost connection) and the writer conflicts `ack: buffered` reports to the
 //! storage, starts a worker task for each topic that has sync work (one per topic at a time,
 //! so a topic's reads and feeds never interleave), and every
-//! [`SAFETY_NET_PERIOD`](crate::store::stream_sync::SAFETY_NET_PERIOD) runs the safety net.
+//! [`SAFETY_NET_PERIOD`] runs the safety net.
 //! Which topics have followers comes from the shard's delivery registry: that is why this
 //! lives above `store` and `delivery`, and takes the shard.
 
