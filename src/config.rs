@@ -115,8 +115,30 @@ mod defaults {
     pub const VALKEY_MAX_PENDING: u64 = 10_000;
     pub const VALKEY_STREAM_KEY: &str = "topic:{topic}:stream";
     pub const VALKEY_META_KEY: &str = "topic:{topic}:meta";
+    /// Beside the topic's stream and meta keys (one template family, so a hash tag added to
+    /// the topic part later puts all of a topic's keys in one Cluster slot); the client's key
+    /// follows the last `:`.
+    pub const VALKEY_IDEMPOTENCY_KEY: &str = "topic:{topic}:idem:";
 
     pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
+    /// With `ack: replicated`: one replica, the usual Sentinel deployment (a master, one
+    /// replica, three sentinels). With more replicas than this, a failover keeps what was
+    /// acknowledged only if Sentinel promotes a replica that had it (it prefers the most
+    /// up-to-date one); `docs/scaling.md` says when to raise it.
+    pub const DURABILITY_REPLICAS: u64 = 1;
+    /// A replica on the same network acknowledges in well under a millisecond; a second
+    /// covers a replica catching up after a short stall, and keeps producers from waiting
+    /// long for their 503 while no replica is reachable (every batch then waits this long).
+    /// Below `valkey.command_timeout` (5 s), which bounds the batch the `WAIT` ends.
+    pub const DURABILITY_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The Python relay's window: far longer than `pulsar-relay-client`'s worst-case retry
+    /// envelope (~127 s), so a retry at the end of its backoff still finds the key.
+    pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
+    /// Memory backend only: about 100 bytes plus the key and topic each, so ~150 MiB at the
+    /// bound with the client's 32-character keys; that is 1,666 keyed publishes a second
+    /// sustained over the 10-minute window before new keys get 503.
+    pub const IDEMPOTENCY_MAX_KEYS: u64 = 1_000_000;
 
     /// Kubernetes' default `terminationGracePeriodSeconds`: the orchestrator SIGKILLs the
     /// process then anyway, so a longer default would only be cut short there; shorter was
@@ -222,6 +244,22 @@ mod limits {
     pub const VALKEY_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
     /// 0 = refuse publishes at once while Valkey is unreachable.
     pub const VALKEY_MAX_PENDING: RangeInclusive<u64> = 0..=10_000_000;
+    /// Sentinel deployments run 3 or 5; each address may be asked in turn within one connect
+    /// timeout, so a long list of dead ones delays finding the master.
+    pub const VALKEY_SENTINELS: RangeInclusive<usize> = 1..=16;
+    /// `WAIT` takes an int; more than a few replicas per master is unusual, 1000 catches a typo.
+    pub const DURABILITY_REPLICAS: RangeInclusive<u64> = 1..=1000;
+    /// `WAIT` takes milliseconds (0 would block forever); it must stay below
+    /// `valkey.command_timeout` (checked as a cross-key rule).
+    pub const DURABILITY_REPLICA_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
+
+    /// A retry comes after at least a round trip and the client's backoff (1 s first), so a
+    /// window below a second deduplicates nothing; a week of keys in Valkey or memory is
+    /// already far beyond any retry loop.
+    pub const IDEMPOTENCY_WINDOW: RangeInclusive<Duration> =
+        SEC..=Duration::from_secs(7 * 24 * 3600);
+    /// 10^8 keys is ~15 GiB of memory: beyond that a typo.
+    pub const IDEMPOTENCY_MAX_KEYS: RangeInclusive<u64> = 1..=100_000_000;
 
     /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and leaves no
     /// time to flush queued publishes to Valkey; above an hour every supervisor (systemd's
@@ -299,7 +337,16 @@ mod key {
     pub const VALKEY_MAX_PENDING: &str = "valkey.max_pending";
     pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
     pub const VALKEY_META_KEY: &str = "valkey.meta_key";
+    pub const VALKEY_IDEMPOTENCY_KEY: &str = "valkey.idempotency_key";
+    pub const VALKEY_SENTINELS: &str = "valkey.sentinels";
+    pub const VALKEY_SENTINEL_MASTER: &str = "valkey.sentinel_master";
+    pub const VALKEY_SENTINEL_USERNAME: &str = "valkey.sentinel_username";
+    pub const VALKEY_SENTINEL_PASSWORD: &str = "valkey.sentinel_password";
     pub const DURABILITY_ACK: &str = "durability.ack";
+    pub const DURABILITY_REPLICAS: &str = "durability.replicas";
+    pub const DURABILITY_REPLICA_TIMEOUT: &str = "durability.replica_timeout";
+    pub const IDEMPOTENCY_WINDOW: &str = "idempotency.window";
+    pub const IDEMPOTENCY_MAX_KEYS: &str = "idempotency.max_keys";
     pub const SHUTDOWN_TIMEOUT: &str = "shutdown.timeout";
     pub const METRICS_LISTEN: &str = "metrics.listen";
     pub const METRICS_PER_TOPIC: &str = "metrics.per_topic";
@@ -403,7 +450,36 @@ const KEYS: &[KeySpec] = &[
     spec(key::VALKEY_MAX_PENDING, &[]),
     spec(key::VALKEY_STREAM_KEY, &[]),
     spec(key::VALKEY_META_KEY, &[]),
+    spec(key::VALKEY_IDEMPOTENCY_KEY, &[]),
+    spec(
+        key::VALKEY_SENTINELS,
+        &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
+    ),
+    spec(
+        key::VALKEY_SENTINEL_MASTER,
+        &["VALKEY_SENTINEL_MASTER", "PULSAR_VALKEY_SENTINEL_MASTER"],
+    ),
+    spec(
+        key::VALKEY_SENTINEL_USERNAME,
+        &[
+            "VALKEY_SENTINEL_USERNAME",
+            "PULSAR_VALKEY_SENTINEL_USERNAME",
+        ],
+    ),
+    KeySpec {
+        path: key::VALKEY_SENTINEL_PASSWORD,
+        env: &[
+            "VALKEY_SENTINEL_PASSWORD",
+            "PULSAR_VALKEY_SENTINEL_PASSWORD",
+        ],
+        secret: true,
+    },
     spec(key::DURABILITY_ACK, &[]),
+    spec(key::DURABILITY_REPLICAS, &[]),
+    spec(key::DURABILITY_REPLICA_TIMEOUT, &[]),
+    // PULSAR_ only: the Python relay had a fixed window.
+    spec(key::IDEMPOTENCY_WINDOW, &["PULSAR_IDEMPOTENCY_WINDOW"]),
+    spec(key::IDEMPOTENCY_MAX_KEYS, &["PULSAR_IDEMPOTENCY_MAX_KEYS"]),
     spec(key::SHUTDOWN_TIMEOUT, &[]),
     // PULSAR_ only, like PULSAR_LISTEN: the Python relay had no such setting.
     spec(key::METRICS_LISTEN, &["PULSAR_METRICS_LISTEN"]),
@@ -433,6 +509,11 @@ an empty value counts as unset):
   VALKEY_DB                  valkey.db
   VALKEY_USE_TLS             valkey.use_tls: true|false|1|0|yes|no
   VALKEY_TLS_CA_FILE         valkey.tls_ca_file
+  VALKEY_SENTINELS           valkey.sentinels: host:port,host:port (find the master through
+                             Sentinel; then VALKEY_HOST/VALKEY_PORT must not be set)
+  VALKEY_SENTINEL_MASTER     valkey.sentinel_master (the name the sentinels monitor)
+  VALKEY_SENTINEL_USERNAME   valkey.sentinel_username
+  VALKEY_SENTINEL_PASSWORD   valkey.sentinel_password (the sentinels' own, not the data nodes')
   PERSISTENT_TIER_RETENTION  storage.persistent_tier_retention: integer seconds or 24h
   MAX_MESSAGES_PER_TOPIC     storage.max_messages_per_topic
   MEMORY_MAX_BYTES           memory.max_bytes
@@ -441,6 +522,8 @@ an empty value counts as unset):
   PULSAR_LISTEN              listen (PULSAR_ form only)
   PULSAR_SHARDS              shards (PULSAR_ form only)
   PULSAR_METRICS_LISTEN      metrics.listen (PULSAR_ form only)
+  PULSAR_IDEMPOTENCY_WINDOW  idempotency.window (PULSAR_ form only)
+  PULSAR_IDEMPOTENCY_MAX_KEYS  idempotency.max_keys (PULSAR_ form only)
 
 Config file keys (YAML, all optional, unknown keys are errors; defaults in config.yaml.example):
   listen  shards  log_level  log_format
@@ -455,10 +538,12 @@ Config file keys (YAML, all optional, unknown keys are errors; defaults in confi
   storage:     backend  persistent_tier_retention  max_messages_per_topic
   memory:      max_bytes
   hot_tier:    max_messages  retention
-  valkey:      host  port  username  password  db  use_tls  tls_ca_file
+  valkey:      host  port  username  password  db  use_tls  tls_ca_file  stream_key  meta_key
                connections_per_shard (alias pool_size)  connect_timeout  command_timeout
-               max_pending  stream_key  meta_key
-  durability:  ack: persisted | buffered
+               max_pending  idempotency_key
+               sentinels  sentinel_master  sentinel_username  sentinel_password
+  durability:  ack: persisted | buffered | replicated  replicas  replica_timeout
+  idempotency: window  max_keys (memory backend)
   shutdown:    timeout
   metrics:     listen (second address serving only /metrics)  per_topic  max_topic_series
 
@@ -510,6 +595,7 @@ pub struct Config {
     pub hot_tier: HotTierConfig,
     pub valkey: ValkeyConfig,
     pub durability: DurabilityConfig,
+    pub idempotency: IdempotencyConfig,
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
     /// The YAML file that was read, if any, so start-up can log which one was used.
@@ -646,12 +732,50 @@ pub struct ValkeyConfig {
     pub stream_key: KeyTemplate,
     /// Key of a topic's metadata hash. Always different from `stream_key`.
     pub meta_key: KeyTemplate,
+    /// Prefix of a topic's idempotency keys: the rendered template followed by the client's
+    /// key. Never a prefix of any stream or meta key, and the text after `{topic}` starts
+    /// with a byte no topic name has, so a key names one topic only.
+    pub idempotency_key: KeyTemplate,
+    /// Find the master through Sentinel; `host` and `port` are then unused (and refused when
+    /// set). The data-node settings above (auth, TLS, db, timeouts) apply to the master.
+    pub sentinel: Option<SentinelSettings>,
+}
+
+/// Valkey Sentinel: where the relay asks for the master (`valkey.sentinels` set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentinelSettings {
+    /// Sentinel addresses `(host, port)`, asked in this order; no duplicates.
+    pub addrs: Vec<(String, u16)>,
+    /// The name the sentinels monitor the master under.
+    pub master_name: String,
+    /// ACL user on the sentinels; `None` with a password means `default`.
+    pub username: Option<String>,
+    /// The sentinels' password (hidden from `Debug`), not the data nodes'.
+    pub password: Option<Secret>,
 }
 
 /// When a publish is acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DurabilityConfig {
     pub ack: AckMode,
+    /// With `ack: replicated`: replicas that must have acknowledged a publish's batch
+    /// (`WAIT <replicas> ...`) before it is answered 201.
+    pub replicas: u32,
+    /// With `ack: replicated`: how long Valkey waits for them (`WAIT ... <timeout>`); after
+    /// it, the publish is answered 503 although the master stored it. Always below
+    /// `valkey.command_timeout`.
+    pub replica_timeout: Duration,
+}
+
+/// Idempotent publish (`Idempotency-Key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    /// How long a key is remembered after the publish that first used it: a later publish
+    /// with the same key to the same topic within it stores nothing and gets the first id.
+    pub window: Duration,
+    /// Memory backend: keys remembered at once, over all shards; beyond it a publish with a
+    /// new key gets 503 until older keys expire (never a key forgotten inside its window).
+    pub max_keys: usize,
 }
 
 /// Graceful shutdown on SIGTERM/SIGINT.
@@ -713,6 +837,10 @@ pub enum AckMode {
     Persisted,
     /// Acknowledge once the write is queued in the shard.
     Buffered,
+    /// Acknowledge after Valkey confirmed the write and `durability.replicas` replicas
+    /// acknowledged it (one `WAIT` per pipeline batch); otherwise 503, the message possibly
+    /// stored on the master.
+    Replicated,
 }
 
 impl AckMode {
@@ -720,6 +848,7 @@ impl AckMode {
         match self {
             AckMode::Persisted => "persisted",
             AckMode::Buffered => "buffered",
+            AckMode::Replicated => "replicated",
         }
     }
 }
@@ -799,6 +928,16 @@ impl KeyTemplate {
         out.extend_from_slice(self.suffix.as_bytes());
     }
 
+    /// The key for `topic` as its three parts (prefix, topic, suffix), to be written back to
+    /// back without building the key first.
+    pub fn parts<'a>(&'a self, topic: &'a str) -> [&'a [u8]; 3] {
+        [
+            self.prefix.as_bytes(),
+            topic.as_bytes(),
+            self.suffix.as_bytes(),
+        ]
+    }
+
     pub fn render(&self, topic: &str) -> String {
         let mut key = String::with_capacity(self.rendered_len(topic));
         key.push_str(&self.prefix);
@@ -846,6 +985,26 @@ enum KeyToken {
     TopicByte,
     /// The rest of the topic: zero or more topic bytes.
     TopicRest,
+    /// The first byte of a tail appended after the rendered template (an idempotency key).
+    TailByte,
+    /// The rest of that tail: zero or more of its bytes.
+    TailRest,
+}
+
+impl KeyToken {
+    /// Whether this token can match `byte` (a literal only itself).
+    fn matches(self, byte: u8) -> bool {
+        match self {
+            KeyToken::Byte(x) => x == byte,
+            KeyToken::TopicByte | KeyToken::TopicRest => crate::topic::is_name_byte(byte),
+            KeyToken::TailByte | KeyToken::TailRest => crate::store::idempotency::is_key_byte(byte),
+        }
+    }
+
+    /// Matches zero or more bytes, staying in place.
+    fn repeats(self) -> bool {
+        matches!(self, KeyToken::TopicRest | KeyToken::TailRest)
+    }
 }
 
 impl KeyTemplate {
@@ -854,62 +1013,84 @@ impl KeyTemplate {
     /// (`s:a.m` is topic `a.m` under the first and topic `a` under the second), while
     /// `topic:{topic}:stream` and `topic:{topic}:meta` cannot, as `:` is not a topic byte.
     /// Topic length limits are ignored, which errs only towards reporting a clash.
-    ///
-    /// Decided by walking both templates in step over one candidate key (the product of two
-    /// small automata): a state is a position in each template, and the key can end where both
-    /// templates end. Linear in the templates' lengths: only a literal byte, or any topic byte
-    /// when both sides are inside their topics, can extend the key.
     pub fn may_share_key(&self, other: &KeyTemplate) -> bool {
-        let a = self.tokens();
-        let b = other.tokens();
-        // Positions reachable without consuming a byte: `TopicRest` may match nothing.
-        let closure = |tokens: &[KeyToken], i: usize| -> [Option<usize>; 2] {
-            match tokens.get(i) {
-                Some(KeyToken::TopicRest) => [Some(i), Some(i + 1)],
-                _ => [Some(i), None],
-            }
-        };
-        let step = |tokens: &[KeyToken], i: usize, byte: u8| -> Option<usize> {
-            match tokens.get(i)? {
-                KeyToken::Byte(x) => (*x == byte).then_some(i + 1),
-                KeyToken::TopicByte => crate::topic::is_name_byte(byte).then_some(i + 1),
-                KeyToken::TopicRest => crate::topic::is_name_byte(byte).then_some(i),
-            }
-        };
-        let mut seen = std::collections::HashSet::new();
-        let mut todo = Vec::new();
-        let mut visit = |i: usize, j: usize, todo: &mut Vec<(usize, usize)>| {
-            for i in closure(&a, i).into_iter().flatten() {
-                for j in closure(&b, j).into_iter().flatten() {
-                    if seen.insert((i, j)) {
-                        todo.push((i, j));
-                    }
-                }
-            }
-        };
-        visit(0, 0, &mut todo);
-        while let Some((i, j)) = todo.pop() {
-            if i == a.len() && j == b.len() {
-                return true;
-            }
-            // Every topic byte moves both sides alike unless one side needs a literal.
-            let byte = match (a.get(i), b.get(j)) {
-                (Some(KeyToken::Byte(x)), _) | (_, Some(KeyToken::Byte(x))) => *x,
-                _ => b'a',
-            };
-            if let (Some(i), Some(j)) = (step(&a, i, byte), step(&b, j, byte)) {
-                visit(i, j, &mut todo);
-            }
-        }
-        false
+        keys_may_meet(&self.tokens(false), &other.tokens(false))
     }
 
-    fn tokens(&self) -> Vec<KeyToken> {
+    /// Whether a key rendered from `self` and followed by a non-empty idempotency key (any
+    /// printable ASCII) can equal a key rendered from `other`: `topic:{topic}:idem:` and
+    /// `topic:{topic}:stream` cannot (`idem:` is not `stream`), `i:{topic}:` and
+    /// `i:{topic}:stream` can (the idempotency key `stream`).
+    pub fn may_prefix_key(&self, other: &KeyTemplate) -> bool {
+        keys_may_meet(&self.tokens(true), &other.tokens(false))
+    }
+
+    /// Whether the text after `{topic}` starts with a byte no topic name has, so that a key
+    /// rendered from this template and followed by anything still names exactly one topic.
+    pub fn topic_is_delimited(&self) -> bool {
+        self.suffix
+            .bytes()
+            .next()
+            .is_some_and(|b| !crate::topic::is_name_byte(b))
+    }
+
+    fn tokens(&self, tail: bool) -> Vec<KeyToken> {
         let mut tokens: Vec<KeyToken> = self.prefix.bytes().map(KeyToken::Byte).collect();
         tokens.extend([KeyToken::TopicByte, KeyToken::TopicRest]);
         tokens.extend(self.suffix.bytes().map(KeyToken::Byte));
+        if tail {
+            tokens.extend([KeyToken::TailByte, KeyToken::TailRest]);
+        }
         tokens
     }
+}
+
+/// Whether one byte string can match both token sequences. Decided by walking both in step
+/// over one candidate key (the product of two small automata): a state is a position in
+/// each, and the key can end where both end. Linear in the templates' lengths: only a
+/// literal byte, or any byte both classes share when neither side needs a literal, can
+/// extend the key (every class holds `a`, so `a` stands for that case).
+fn keys_may_meet(a: &[KeyToken], b: &[KeyToken]) -> bool {
+    // Positions reachable without consuming a byte: a repeating token may match nothing.
+    let closure = |tokens: &[KeyToken], i: usize| -> [Option<usize>; 2] {
+        match tokens.get(i) {
+            Some(t) if t.repeats() => [Some(i), Some(i + 1)],
+            _ => [Some(i), None],
+        }
+    };
+    let step = |tokens: &[KeyToken], i: usize, byte: u8| -> Option<usize> {
+        let token = tokens.get(i)?;
+        match token.matches(byte) {
+            true if token.repeats() => Some(i),
+            true => Some(i + 1),
+            false => None,
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut todo = Vec::new();
+    let mut visit = |i: usize, j: usize, todo: &mut Vec<(usize, usize)>| {
+        for i in closure(a, i).into_iter().flatten() {
+            for j in closure(b, j).into_iter().flatten() {
+                if seen.insert((i, j)) {
+                    todo.push((i, j));
+                }
+            }
+        }
+    };
+    visit(0, 0, &mut todo);
+    while let Some((i, j)) = todo.pop() {
+        if i == a.len() && j == b.len() {
+            return true;
+        }
+        let byte = match (a.get(i), b.get(j)) {
+            (Some(KeyToken::Byte(x)), _) | (_, Some(KeyToken::Byte(x))) => *x,
+            _ => b'a',
+        };
+        if let (Some(i), Some(j)) = (step(a, i, byte), step(b, j, byte)) {
+            visit(i, j, &mut todo);
+        }
+    }
+    false
 }
 
 impl fmt::Display for KeyTemplate {
@@ -1214,18 +1395,7 @@ impl Layers {
                 .value,
         };
         let valkey = self.resolve_valkey()?;
-        let ack = self
-            .choice(
-                key::DURABILITY_ACK,
-                defaults::DURABILITY_ACK,
-                &[
-                    ("persisted", AckMode::Persisted),
-                    ("buffered", AckMode::Buffered),
-                ],
-                "`persisted` or `buffered`",
-                AckMode::as_str,
-            )?
-            .value;
+        let durability = self.resolve_durability()?;
         let shutdown = ShutdownConfig {
             timeout: self
                 .duration(
@@ -1236,6 +1406,22 @@ impl Layers {
                 .value,
         };
         let metrics = self.resolve_metrics(&listen)?;
+        let idempotency = IdempotencyConfig {
+            window: self
+                .duration(
+                    key::IDEMPOTENCY_WINDOW,
+                    defaults::IDEMPOTENCY_WINDOW,
+                    limits::IDEMPOTENCY_WINDOW,
+                )?
+                .value,
+            max_keys: self
+                .uint(
+                    key::IDEMPOTENCY_MAX_KEYS,
+                    defaults::IDEMPOTENCY_MAX_KEYS,
+                    limits::IDEMPOTENCY_MAX_KEYS,
+                )?
+                .to_usize()?,
+        };
 
         Ok(Config {
             listen: listen.value,
@@ -1251,7 +1437,8 @@ impl Layers {
             memory,
             hot_tier,
             valkey,
-            durability: DurabilityConfig { ack },
+            durability,
+            idempotency,
             shutdown,
             metrics,
             source_file: None,
@@ -1557,6 +1744,117 @@ impl Layers {
         })
     }
 
+    fn resolve_durability(&self) -> Result<DurabilityConfig, ConfigError> {
+        let ack = self
+            .choice(
+                key::DURABILITY_ACK,
+                defaults::DURABILITY_ACK,
+                &[
+                    ("persisted", AckMode::Persisted),
+                    ("buffered", AckMode::Buffered),
+                    ("replicated", AckMode::Replicated),
+                ],
+                "`persisted`, `buffered` or `replicated`",
+                AckMode::as_str,
+            )?
+            .value;
+        let replicas = self.uint(
+            key::DURABILITY_REPLICAS,
+            defaults::DURABILITY_REPLICAS,
+            limits::DURABILITY_REPLICAS,
+        )?;
+        let replica_timeout = self.duration(
+            key::DURABILITY_REPLICA_TIMEOUT,
+            defaults::DURABILITY_REPLICA_TIMEOUT,
+            limits::DURABILITY_REPLICA_TIMEOUT,
+        )?;
+        // The WAIT blocks the connection it ends: its batch must still be answered within
+        // the command timeout, or every publish of it fails as a timeout instead of a 503
+        // naming the replicas.
+        let command_timeout = self.duration(
+            key::VALKEY_COMMAND_TIMEOUT,
+            defaults::VALKEY_COMMAND_TIMEOUT,
+            limits::VALKEY_TIMEOUT,
+        )?;
+        if ack == AckMode::Replicated {
+            require_lt(&replica_timeout, &command_timeout, format_duration)?;
+        }
+        Ok(DurabilityConfig {
+            ack,
+            replicas: u32::try_from(replicas.value)
+                .map_err(|_| replicas.invalid("a replica count"))?,
+            replica_timeout: replica_timeout.value,
+        })
+    }
+
+    /// `valkey.sentinels` and the keys that go with it; `None` when no sentinel is set. Refuses
+    /// `valkey.host`/`valkey.port` beside it (which address would the data go to?) and the
+    /// other sentinel keys without it.
+    fn resolve_sentinel(&self) -> Result<Option<SentinelSettings>, ConfigError> {
+        let sentinels = self.optional_text(key::VALKEY_SENTINELS);
+        let master = self.optional_text(key::VALKEY_SENTINEL_MASTER);
+        let username = self.optional_text(key::VALKEY_SENTINEL_USERNAME);
+        let password = self.optional_text(key::VALKEY_SENTINEL_PASSWORD);
+        let Some(sentinels) = sentinels else {
+            if let Some(lone) = [&master, &username, &password].into_iter().flatten().next() {
+                return Err(lone.invalid(format!(
+                    "no value: it is only used with `{}` (the sentinels' addresses), which is \
+                     not set",
+                    key::VALKEY_SENTINELS
+                )));
+            }
+            return Ok(None);
+        };
+        let addrs = parse_sentinel_addrs(&sentinels.value).map_err(|why| {
+            sentinels.invalid(format!(
+                "a comma-separated list of 1 to {} sentinel addresses `host:port` (IPv6 as \
+                 `[addr]:port`), e.g. `10.0.0.1:26379,10.0.0.2:26379`: {why}",
+                limits::VALKEY_SENTINELS.end()
+            ))
+        })?;
+        for (conflict, what) in [(key::VALKEY_HOST, "host"), (key::VALKEY_PORT, "port")] {
+            if let Some(raw) = self.values.get(conflict) {
+                return Err(invalid(
+                    conflict,
+                    &raw.text,
+                    &raw.origin,
+                    format!(
+                        "no value while `{}` is set ({}): the sentinels name the master's {what}; \
+                         remove one of the two",
+                        key::VALKEY_SENTINELS,
+                        sentinels.origin
+                    ),
+                ));
+            }
+        }
+        let Some(master) = master else {
+            return Err(sentinels.invalid(format!(
+                "`{}` too: the name the sentinels monitor the master under",
+                key::VALKEY_SENTINEL_MASTER
+            )));
+        };
+        if has_space_or_control(&master.value) {
+            return Err(master.invalid("a master name without spaces"));
+        }
+        if let Some(user) = &username {
+            if has_space_or_control(&user.value) {
+                return Err(user.invalid("an ACL user name without spaces"));
+            }
+            if password.is_none() {
+                return Err(user.invalid(format!(
+                    "`{}` too: a sentinel user needs a password",
+                    key::VALKEY_SENTINEL_PASSWORD
+                )));
+            }
+        }
+        Ok(Some(SentinelSettings {
+            addrs,
+            master_name: master.value,
+            username: username.map(|u| u.value),
+            password: password.map(|p| Secret(p.value)),
+        }))
+    }
+
     fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
         let host = self.get(
             key::VALKEY_HOST,
@@ -1578,6 +1876,7 @@ impl Layers {
         let db = self.uint(key::VALKEY_DB, defaults::VALKEY_DB, limits::VALKEY_DB)?;
         let db = u32::try_from(db.value).map_err(|_| db.invalid("a database index"))?;
 
+        let sentinel = self.resolve_sentinel()?;
         let stream_key = self.template(key::VALKEY_STREAM_KEY, defaults::VALKEY_STREAM_KEY)?;
         let meta_key = self.template(key::VALKEY_META_KEY, defaults::VALKEY_META_KEY)?;
         if stream_key.value.may_share_key(&meta_key.value) {
@@ -1595,6 +1894,41 @@ impl Layers {
                 key::VALKEY_STREAM_KEY,
                 key::VALKEY_META_KEY
             )));
+        }
+
+        let idempotency_key = self.template(
+            key::VALKEY_IDEMPOTENCY_KEY,
+            defaults::VALKEY_IDEMPOTENCY_KEY,
+        )?;
+        if !idempotency_key.value.topic_is_delimited() {
+            // `i:{topic}` would render topic `a` with key `bc` and topic `ab` with key `c`
+            // as the same key: one topic's publish would pass for another's.
+            return Err(idempotency_key.invalid(format!(
+                "a template whose `{{topic}}` is followed by a character no topic name has \
+                 (such as `:`), so that each key names one topic, e.g. `{}`",
+                defaults::VALKEY_IDEMPOTENCY_KEY
+            )));
+        }
+        for other in [&stream_key, &meta_key] {
+            if idempotency_key.value.may_prefix_key(&other.value) {
+                // SET on a stream or hash key would replace it: a topic's messages gone.
+                let blamed = if idempotency_key.origin.rank() >= other.origin.rank() {
+                    &idempotency_key
+                } else {
+                    other
+                };
+                return Err(blamed.invalid(format!(
+                    "`{}` and `{}` to differ so that no topic's idempotency key (the template \
+                     followed by the client's key) is any topic's {} key",
+                    key::VALKEY_IDEMPOTENCY_KEY,
+                    other.key,
+                    if other.key == key::VALKEY_STREAM_KEY {
+                        "stream"
+                    } else {
+                        "meta"
+                    }
+                )));
+            }
         }
 
         Ok(ValkeyConfig {
@@ -1639,6 +1973,8 @@ impl Layers {
                 .to_usize()?,
             stream_key: stream_key.value,
             meta_key: meta_key.value,
+            idempotency_key: idempotency_key.value,
+            sentinel,
         })
     }
 
@@ -1819,6 +2155,48 @@ fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 
 fn has_space_or_control(text: &str) -> bool {
     text.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `host:port[,host:port...]` (spaces around entries allowed, IPv6 as `[addr]:port`); what
+/// is wrong otherwise.
+fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut addrs: Vec<(String, u16)> = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err("an empty entry".to_owned());
+        }
+        let shown = shown_value(entry);
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (host, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("`{shown}` has no port after `]`"))?;
+            (host, port)
+        } else {
+            let (host, port) = entry
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{shown}` has no `:port`"))?;
+            if host.contains(':') {
+                return Err(format!("`{shown}`: write an IPv6 address as `[addr]:port`"));
+            }
+            (host, port)
+        };
+        if host.is_empty() || has_space_or_control(host) {
+            return Err(format!("`{shown}` has no valid host"));
+        }
+        let port = parse_uint(port)
+            .filter(|p| limits::VALKEY_PORT.contains(p))
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| format!("`{shown}` has no port from 1 to 65535"))?;
+        let addr = (host.to_owned(), port);
+        if addrs.contains(&addr) {
+            return Err(format!("`{shown}` is listed twice"));
+        }
+        addrs.push(addr);
+    }
+    if !limits::VALKEY_SENTINELS.contains(&addrs.len()) {
+        return Err(format!("{} addresses", addrs.len()));
+    }
+    Ok(addrs)
 }
 
 fn invalid(key: &'static str, text: &str, origin: &Origin, expected: String) -> ConfigError {
@@ -2008,6 +2386,7 @@ struct RawFile {
     hot_tier: Option<RawHotTier>,
     valkey: Option<RawValkey>,
     durability: Option<RawDurability>,
+    idempotency: Option<RawIdempotency>,
     shutdown: Option<RawShutdown>,
     metrics: Option<RawMetrics>,
 }
@@ -2101,12 +2480,60 @@ struct RawValkey {
     max_pending: RawValue,
     stream_key: RawValue,
     meta_key: RawValue,
+    idempotency_key: RawValue,
+    sentinels: Option<Spanned<CommaList>>,
+    sentinel_master: RawValue,
+    sentinel_username: RawValue,
+    sentinel_password: RawValue,
+}
+
+/// A leaf written either as a YAML list of scalars or as one comma-separated string (the
+/// environment variable's form), read as that string so both take one parser
+/// (`valkey.sentinels: ["10.0.0.1:26379", "10.0.0.2:26379"]`).
+struct CommaList(String);
+
+impl<'de> Deserialize<'de> for CommaList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CommaList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of `host:port` strings, or one comma-separated string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<CommaList, E> {
+                Ok(CommaList(text.to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> Result<CommaList, A::Error> {
+                let mut all: Vec<String> = Vec::new();
+                while let Some(item) = items.next_element::<String>()? {
+                    all.push(item);
+                }
+                Ok(CommaList(all.join(",")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawDurability {
     ack: RawValue,
+    replicas: RawValue,
+    replica_timeout: RawValue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawIdempotency {
+    window: RawValue,
+    max_keys: RawValue,
 }
 
 #[derive(Deserialize, Default)]
@@ -2208,8 +2635,22 @@ impl RawFile {
         put(key::VALKEY_MAX_PENDING, v.max_pending);
         put(key::VALKEY_STREAM_KEY, v.stream_key);
         put(key::VALKEY_META_KEY, v.meta_key);
+        put(key::VALKEY_IDEMPOTENCY_KEY, v.idempotency_key);
+        put(
+            key::VALKEY_SENTINELS,
+            v.sentinels
+                .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
+        );
+        put(key::VALKEY_SENTINEL_MASTER, v.sentinel_master);
+        put(key::VALKEY_SENTINEL_USERNAME, v.sentinel_username);
+        put(key::VALKEY_SENTINEL_PASSWORD, v.sentinel_password);
         let d = self.durability.unwrap_or_default();
         put(key::DURABILITY_ACK, d.ack);
+        put(key::DURABILITY_REPLICAS, d.replicas);
+        put(key::DURABILITY_REPLICA_TIMEOUT, d.replica_timeout);
+        let i = self.idempotency.unwrap_or_default();
+        put(key::IDEMPOTENCY_WINDOW, i.window);
+        put(key::IDEMPOTENCY_MAX_KEYS, i.max_keys);
         let sd = self.shutdown.unwrap_or_default();
         put(key::SHUTDOWN_TIMEOUT, sd.timeout);
         let mt = self.metrics.unwrap_or_default();
@@ -2459,9 +2900,17 @@ mod tests {
                 max_pending: 10_000,
                 stream_key: template("topic:{topic}:stream"),
                 meta_key: template("topic:{topic}:meta"),
+                idempotency_key: template("topic:{topic}:idem:"),
+                sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Persisted,
+                replicas: 1,
+                replica_timeout: Duration::from_secs(1),
+            },
+            idempotency: IdempotencyConfig {
+                window: Duration::from_secs(600),
+                max_keys: 1_000_000,
             },
             shutdown: ShutdownConfig {
                 timeout: Duration::from_secs(30),
@@ -2612,8 +3061,14 @@ valkey:
   max_pending: 0
   stream_key: "s:{topic}"
   meta_key: "m:{topic}"
+  idempotency_key: "i:{topic}/"
 durability:
   ack: buffered
+  replicas: 3
+  replica_timeout: 200ms
+idempotency:
+  window: 90s
+  max_keys: 5000
 shutdown:
   timeout: 2m
 metrics:
@@ -2690,9 +3145,17 @@ metrics:
                 max_pending: 0,
                 stream_key: template("s:{topic}"),
                 meta_key: template("m:{topic}"),
+                idempotency_key: template("i:{topic}/"),
+                sentinel: None,
             },
             durability: DurabilityConfig {
                 ack: AckMode::Buffered,
+                replicas: 3,
+                replica_timeout: Duration::from_millis(200),
+            },
+            idempotency: IdempotencyConfig {
+                window: Duration::from_secs(90),
+                max_keys: 5000,
             },
             shutdown: ShutdownConfig {
                 timeout: Duration::from_secs(120),
@@ -2707,9 +3170,182 @@ metrics:
         assert_eq!(config, expected);
     }
 
+    /// The Sentinel keys, which exclude `valkey.host`/`valkey.port` (so they cannot join
+    /// `EVERY_KEY_YAML`).
+    const SENTINEL_KEYS_YAML: &str = r#"
+valkey:
+  sentinels: ["10.0.0.1:26379", "sentinel-b:26380", "[fd00::3]:26379"]
+  sentinel_master: pulsar
+  sentinel_username: watcher
+  sentinel_password: "s3nt"
+  password: data-pw
+durability:
+  ack: replicated
+  replicas: 2
+  replica_timeout: 250ms
+"#;
+
+    fn sentinel_settings() -> SentinelSettings {
+        SentinelSettings {
+            addrs: vec![
+                ("10.0.0.1".to_owned(), 26379),
+                ("sentinel-b".to_owned(), 26380),
+                ("fd00::3".to_owned(), 26379),
+            ],
+            master_name: "pulsar".to_owned(),
+            username: Some("watcher".to_owned()),
+            password: Some(Secret::new("s3nt")),
+        }
+    }
+
+    #[test]
+    fn sentinel_and_replicated_keys_from_yaml() {
+        let config = from_yaml(SENTINEL_KEYS_YAML).expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+        assert_eq!(
+            config.valkey.password.as_ref().map(Secret::expose),
+            Some("data-pw"),
+            "the data nodes keep their own password"
+        );
+        assert_eq!(
+            config.durability,
+            DurabilityConfig {
+                ack: AckMode::Replicated,
+                replicas: 2,
+                replica_timeout: Duration::from_millis(250),
+            }
+        );
+        // One comma-separated string is the same list.
+        let text = SENTINEL_KEYS_YAML.replace(
+            r#"["10.0.0.1:26379", "sentinel-b:26380", "[fd00::3]:26379"]"#,
+            r#""10.0.0.1:26379, sentinel-b:26380,[fd00::3]:26379""#,
+        );
+        let config = from_yaml(&text).expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+    }
+
+    #[test]
+    fn sentinel_keys_from_the_environment() {
+        let config = from_env(&[
+            (
+                "VALKEY_SENTINELS",
+                "10.0.0.1:26379,sentinel-b:26380,[fd00::3]:26379",
+            ),
+            ("VALKEY_SENTINEL_MASTER", "pulsar"),
+            ("VALKEY_SENTINEL_USERNAME", "watcher"),
+            ("PULSAR_VALKEY_SENTINEL_PASSWORD", "s3nt"),
+        ])
+        .expect("valid");
+        assert_eq!(config.valkey.sentinel, Some(sentinel_settings()));
+        // The file's list, replaced by the environment's.
+        let yaml = "valkey:\n  sentinels: [a:1]\n  sentinel_master: m\n";
+        let config = load_from_parts(
+            &Cli::default(),
+            &env_of(&[("VALKEY_SENTINELS", "b:2")]),
+            Some((Path::new("test.yaml"), yaml)),
+            &MACHINE,
+        )
+        .expect("valid");
+        let addrs = config.valkey.sentinel.map(|s| s.addrs);
+        assert_eq!(addrs, Some(vec![("b".to_owned(), 2)]));
+    }
+
+    #[test]
+    fn sentinels_refuse_a_data_address_and_lone_sentinel_keys() {
+        let base = "valkey:\n  sentinels: a:26379\n  sentinel_master: m\n";
+        let message = error_text(from_yaml(&format!("{base}  host: 10.0.0.9\n")));
+        assert_mentions(
+            &message,
+            &["`valkey.host`", "`valkey.sentinels` is set", "remove one"],
+        );
+        let message = error_text(load_from_parts(
+            &Cli::default(),
+            &env_of(&[("VALKEY_PORT", "6380")]),
+            Some((Path::new("test.yaml"), base)),
+            &MACHINE,
+        ));
+        assert_mentions(&message, &["`valkey.port`", "from env VALKEY_PORT"]);
+        let message = error_text(from_yaml("valkey:\n  sentinels: a:26379\n"));
+        assert_mentions(
+            &message,
+            &["`valkey.sentinels`", "`valkey.sentinel_master` too"],
+        );
+        let message = error_text(from_yaml("valkey:\n  sentinel_master: m\n"));
+        assert_mentions(&message, &["`valkey.sentinel_master`", "only used with"]);
+        let message = error_text(from_env(&[("VALKEY_SENTINEL_PASSWORD", "hunter2")]));
+        assert_mentions(&message, &["`valkey.sentinel_password`", "<redacted>"]);
+        assert!(!message.contains("hunter2"), "{message}");
+        let message = error_text(from_yaml(&format!("{base}  sentinel_username: u\n")));
+        assert_mentions(
+            &message,
+            &["`valkey.sentinel_username`", "needs a password"],
+        );
+        // Without host/port set, the defaults are simply unused.
+        let config = from_yaml(base).expect("valid");
+        assert!(config.valkey.sentinel.is_some());
+    }
+
+    #[test]
+    fn sentinel_addresses_are_checked_one_by_one() {
+        assert_eq!(
+            parse_sentinel_addrs(" a:1 , [::1]:2,b.example:65535"),
+            Ok(vec![
+                ("a".to_owned(), 1),
+                ("::1".to_owned(), 2),
+                ("b.example".to_owned(), 65535)
+            ])
+        );
+        for (bad, why) in [
+            ("a", "no `:port`"),
+            ("a:0", "from 1 to 65535"),
+            ("a:70000", "from 1 to 65535"),
+            ("a:x", "from 1 to 65535"),
+            (":1", "no valid host"),
+            ("::1:26379", "[addr]:port"),
+            ("[::1]", "no port"),
+            ("a:1,,b:2", "empty entry"),
+            ("a:1,a:1", "listed twice"),
+        ] {
+            let error = parse_sentinel_addrs(bad).expect_err(bad);
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+        let many: Vec<String> = (1..=17).map(|p| format!("s:{p}")).collect();
+        assert!(parse_sentinel_addrs(&many.join(",")).is_err());
+        let message = error_text(from_yaml(
+            "valkey:\n  sentinels: [a:1, b]\n  sentinel_master: m\n",
+        ));
+        assert_mentions(&message, &["`valkey.sentinels`", "`b` has no `:port`"]);
+    }
+
+    #[test]
+    fn replica_timeout_must_stay_below_the_command_timeout() {
+        let message = error_text(from_yaml(
+            "durability:\n  ack: replicated\n  replica_timeout: 5s\n",
+        ));
+        assert_mentions(
+            &message,
+            &[
+                "`durability.replica_timeout`",
+                "less than `valkey.command_timeout` = 5s",
+            ],
+        );
+        // Only `ack: replicated` sends WAITs: a short command timeout alone stays valid.
+        assert!(from_yaml("valkey:\n  command_timeout: 500ms\n").is_ok());
+        assert!(from_yaml(
+            "valkey:\n  command_timeout: 500ms\ndurability:\n  ack: replicated\n  \
+             replica_timeout: 100ms\n"
+        )
+        .is_ok());
+    }
+
     #[test]
     fn the_yaml_schema_covers_exactly_the_key_table() {
         let mut from_yaml = flattened(EVERY_KEY_YAML);
+        for key in flattened(SENTINEL_KEYS_YAML) {
+            if !from_yaml.contains(&key) {
+                from_yaml.push(key);
+            }
+        }
         let mut table: Vec<&str> = KEYS.iter().map(|k| k.path).collect();
         from_yaml.sort_unstable();
         table.sort_unstable();
@@ -3107,7 +3743,13 @@ metrics:
         ("valkey:\n  meta_key: 'topic:{topic}:stream'", "valkey.meta_key", "topic:{topic}:stream",
             "to differ"),
         ("durability:\n  ack: sometimes", "durability.ack", "sometimes",
-            "`persisted` or `buffered`"),
+            "`persisted`, `buffered` or `replicated`"),
+        ("durability:\n  replicas: 0", "durability.replicas", "0",
+            "from 1 to 1000"),
+        ("durability:\n  replica_timeout: 0", "durability.replica_timeout", "0",
+            "from 1ms to 1h"),
+        ("valkey:\n  sentinels: 'a:1'\n  sentinel_master: 'm n'", "valkey.sentinel_master", "m n",
+            "without spaces"),
         ("shutdown:\n  timeout: 500ms", "shutdown.timeout", "500ms",
             "from 1s to 1h"),
         ("shutdown:\n  timeout: 2h", "shutdown.timeout", "2h",
@@ -3192,6 +3834,38 @@ metrics:
             "valkey:\n  stream_key: 's:{topic}'\n  meta_key: 's:{topic}.m'\n",
         ));
         assert_mentions(&message, &["`valkey.meta_key`", "to differ", "s:a.m"]);
+    }
+
+    /// An idempotency key is `SET`: one equal to a stream or meta key would replace the
+    /// topic's stream; one whose topic part is ambiguous would let a publish to one topic
+    /// pass for another's.
+    #[test]
+    fn idempotency_key_templates_never_meet_stream_or_meta_keys() {
+        let prefixes = |idem: &str, other: &str| template(idem).may_prefix_key(&template(other));
+        assert!(!prefixes("topic:{topic}:idem:", "topic:{topic}:stream"));
+        assert!(!prefixes("topic:{topic}:idem:", "topic:{topic}:meta"));
+        assert!(!prefixes(
+            "stream:topic:{topic}:idem:",
+            "stream:topic:{topic}"
+        ));
+        assert!(prefixes("i:{topic}:", "i:{topic}:stream"));
+        assert!(!prefixes("{topic}:", "x{topic}"));
+        assert!(prefixes("{topic}:", "x{topic}:s"));
+        assert!(prefixes("s:{topic}", "s:{topic}"));
+        assert!(template("topic:{topic}:idem:").topic_is_delimited());
+        assert!(!template("i:{topic}").topic_is_delimited());
+        assert!(!template("i:{topic}x").topic_is_delimited());
+        let message = error_text(from_yaml(
+            "valkey:\n  stream_key: 'i:{topic}:stream'\n  idempotency_key: 'i:{topic}:'\n",
+        ));
+        assert_mentions(
+            &message,
+            &["`valkey.idempotency_key`", "to differ", "stream key"],
+        );
+        let message = error_text(from_yaml("valkey:\n  idempotency_key: 'i:{topic}'\n"));
+        assert_mentions(&message, &["`valkey.idempotency_key`", "names one topic"]);
+        // The Python relay's migration layout keeps the default idempotency keys.
+        assert!(from_yaml("valkey:\n  stream_key: 'stream:topic:{topic}'\n").is_ok());
     }
 
     #[test]
@@ -3448,10 +4122,15 @@ metrics:
                 );
             }
             let (section, leaf) = spec.path.split_once('.').unwrap_or(("", spec.path));
-            let section_line = help
+            // The section's line and its continuation lines (indented past the section
+            // names; `valkey` needs four since Sentinel and idempotency keys joined it).
+            let mut section_lines = help
                 .lines()
-                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")))
-                .take(3)
+                .skip_while(|l| !l.trim_start().starts_with(&format!("{section}:")));
+            let section_line = section_lines
+                .next()
+                .into_iter()
+                .chain(section_lines.take_while(|l| l.starts_with("               ")))
                 // Joined with a space: the last listed key must not run into the next line.
                 .collect::<Vec<_>>()
                 .join(" ");

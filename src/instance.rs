@@ -1,47 +1,29 @@
-//! This relay process's instance id: 16 lowercase hex characters, random per process start,
-//! generated once and never changed while the process runs.
+//! This process's relay instance id: 16 hex digits, random per process start, chosen once
+//! (the first time it is asked for; `main` asks at start-up and logs it).
 //!
-//! It names the relay in what it tells other relays through Valkey (the feed notifications
-//! of `store::valkey::feed`), so a relay can tell its own notifications from another's, and
-//! it is logged at start-up so an operator can match log lines of several relays. Random per
-//! start, not configured: two relays (or one restarted) never share it by mistake, and there
-//! is no setting to remember.
+//! It names the relay in what it tells other relays through Valkey: every append notifies
+//! the topic's feed channel with `<instance id> <last id>` (`store/valkey/publish.lua`), so a
+//! relay can tell its own appends from other relays' (which it must read from the stream).
+//! Random rather than derived from the host or the listen address: two relays on one host,
+//! or a relay restarted on the same address, are different writers.
 
 use std::sync::OnceLock;
 
-static INSTANCE_ID: OnceLock<String> = OnceLock::new();
+static ID: OnceLock<String> = OnceLock::new();
 
-/// This process's relay instance id (see the module doc).
-pub fn instance_id() -> &'static str {
-    INSTANCE_ID.get_or_init(generate)
-}
-
-/// 64 random bits: the thread-local generator (seeded by the standard library's per-process
-/// random hash keys) mixed with the process id and the start time, so two processes started
-/// in the same instant on one host still differ.
-fn generate() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mixed =
-        fastrand::u64(..) ^ nanos.rotate_left(17) ^ u64::from(std::process::id()).rotate_left(41);
-    // One more round of a keyed hash, so related inputs give unrelated ids.
-    let mut rng = fastrand::Rng::with_seed(mixed);
-    format!("{:016x}", rng.u64(..))
+/// The instance id. Shard code copies it once (the Valkey tier keeps its own copy), so the
+/// publish path never touches this shared cell.
+pub fn id() -> &'static str {
+    ID.get_or_init(|| format!("{:016x}", fastrand::u64(..)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
-    fn the_id_is_16_hex_characters_and_stable() {
-        let id = instance_id();
+    fn the_id_is_sixteen_hex_digits_and_stable() {
+        let id = super::id();
         assert_eq!(id.len(), 16);
-        assert!(id
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert_eq!(instance_id(), id);
-        assert_ne!(generate(), generate());
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(super::id(), id);
     }
 }

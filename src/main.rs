@@ -18,7 +18,13 @@ fn main() -> ExitCode {
     };
     init_logging(&config);
     raise_open_files_limit();
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %config.listen, shards = config.shards, "starting");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        instance = pulsar_relay::instance::id(),
+        listen = %config.listen,
+        shards = config.shards,
+        "starting"
+    );
     match pulsar_relay::shard::runtime::run(config) {
         Ok(()) => {
             tracing::info!("stopped");

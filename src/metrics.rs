@@ -268,6 +268,8 @@ pub struct ValkeySnapshot {
     pub batch_sizes: Option<Histogram<u64>>,
     pub pending: usize,
     pub connected: bool,
+    /// Master changes this shard's client followed (Sentinel).
+    pub failovers: u64,
 }
 
 impl Snapshot {
@@ -337,6 +339,9 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
     let mut valkey_ops: BTreeMap<String, u64> = BTreeMap::new();
     let mut valkey_errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut any_valkey = false;
+    // Every shard follows each failover itself: the relay followed as many as the shard
+    // that followed most (a sum would count each failover once per shard).
+    let mut failovers: u64 = 0;
     for s in shards {
         for i in 0..2 {
             total.received[i] += s.received[i];
@@ -365,6 +370,7 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         }
         if let Some(v) = &s.valkey {
             any_valkey = true;
+            failovers = failovers.max(v.failovers);
             for (k, n) in &v.operations {
                 *valkey_ops.entry(k.clone()).or_insert(0) += n;
             }
@@ -578,6 +584,15 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
             "relay_valkey_errors_total{{kind=\"{}\"}} {n}",
             escape_label(kind)
         );
+    }
+    header(
+        &mut out,
+        "relay_valkey_failovers_total",
+        "counter",
+        "Valkey master changes (Sentinel failovers) the relay followed.",
+    );
+    if any_valkey {
+        let _ = writeln!(out, "relay_valkey_failovers_total {failovers}");
     }
     header(
         &mut out,

@@ -1,8 +1,9 @@
 //! Black-box tests of the Valkey backend's data path against a real `valkey-server`: what a
 //! publish writes to the stream (one entry per message, id = message id, the documented
 //! fields), bulk publishing, history pages older than the hot tier, topic discovery of streams
-//! the relay did not write, reading the Python relay's layout, `ack: buffered`, and what
-//! `/health` says about Valkey.
+//! the relay did not write, reading the Python relay's layout, `ack: buffered`, what
+//! `/health` says about Valkey, the `pulsar` Function library every append goes through
+//! (loaded on every connection) and the feed notification each append publishes.
 //!
 //! Owns: the relay <-> Valkey data mapping as observed with `valkey-cli`. Does not own:
 //! retention (`valkey_retention.rs`), restarts and crashes (`valkey_resilience.rs`), AUTH and
@@ -10,6 +11,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use common::valkey::{rfc3339_now, stream_key, ValkeyOpts, ValkeyServer};
@@ -412,4 +416,154 @@ fn health_warns_when_valkey_does_not_persist() {
     let warnings = storage["warnings"].as_array().expect("warnings array");
     assert!(!warnings.is_empty(), "no warning with AOF off: {health}");
     assert!(warnings.iter().all(Value::is_string), "{health}");
+}
+
+/// A `valkey-cli SSUBSCRIBE <channel>` child process: the sharded pub/sub messages of one
+/// channel, as another relay would receive them. Killed by PID on drop.
+struct FeedSubscriber {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl FeedSubscriber {
+    /// Subscribes and waits until Valkey confirmed the subscription.
+    fn start(valkey: &ValkeyServer, channel: &str) -> FeedSubscriber {
+        let mut child = Command::new("valkey-cli")
+            .args(["-h", valkey.host(), "-p", &valkey.port.to_string()])
+            .args(["SSUBSCRIBE", channel])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn valkey-cli SSUBSCRIBE");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut subscriber = FeedSubscriber { child, lines };
+        // Non-TTY output: `ssubscribe`, the channel, the subscription count.
+        let confirmation: Vec<String> = (0..3).map(|_| subscriber.line()).collect();
+        assert_eq!(
+            confirmation,
+            ["ssubscribe", channel, "1"],
+            "SSUBSCRIBE {channel}"
+        );
+        subscriber
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a line from valkey-cli SSUBSCRIBE within 10 s")
+    }
+
+    /// The payload of the next message: `smessage`, the channel, the payload.
+    fn next_payload(&mut self) -> String {
+        assert_eq!(self.line(), "smessage");
+        self.line();
+        self.line()
+    }
+}
+
+impl Drop for FeedSubscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(instance id, id)` of a feed notification `"<instance id> <last id>"`, checking the
+/// instance id is 16 hex digits.
+fn notification(payload: &str) -> (String, String) {
+    let (instance, id) = payload
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("notification {payload:?} is not `<instance> <id>`"));
+    assert!(
+        instance.len() == 16 && instance.bytes().all(|b| b.is_ascii_hexdigit()),
+        "instance id {instance:?}"
+    );
+    common::parse_id(id);
+    (instance.to_owned(), id.to_owned())
+}
+
+/// The cross-relay notification contract: every `pulsar_publish` call that stored something
+/// publishes `"<relay instance id> <id of the call's last entry>"` on the sharded channel
+/// `<stream key>:feed`; a call that stored nothing (a replay) publishes nothing.
+#[test]
+fn every_append_notifies_the_topic_feed_channel() {
+    for yaml in ["", "durability:\n  ack: buffered\n"] {
+        let valkey = ValkeyServer::start(ValkeyOpts::default());
+        let fleet = common::fleet::RelayFleet::start(&valkey, 2, yaml, &[]);
+        let channel = format!("{}:feed", stream_key("feed"));
+        let mut feed = FeedSubscriber::start(&valkey, &channel);
+
+        let first = fleet.relay(0).publish("feed", "1");
+        let (instance, id) = notification(&feed.next_payload());
+        assert_eq!(id, first["message_id"], "ack {yaml:?}");
+
+        // A bulk to one topic is one call: one notification, naming its last entry.
+        let body = r#"{"messages":[{"topic":"feed","payload":1},{"topic":"feed","payload":2}]}"#;
+        let resp = fleet.relay(0).post_json("/api/v1/messages/bulk", body);
+        let results = resp.json()["results"].clone();
+        let (same_instance, id) = notification(&feed.next_payload());
+        assert_eq!(same_instance, instance, "ack {yaml:?}");
+        assert_eq!(id, results[1]["message_id"], "ack {yaml:?}: {results}");
+
+        // A replay stores nothing and notifies nothing: the next notification is the next
+        // append's, made through the other relay, which names itself.
+        let keyed = |relay: &common::Server| {
+            relay.connect().request_with(
+                "POST",
+                "/api/v1/messages",
+                &[("Idempotency-Key", "once")],
+                Some(common::publish_body("feed", "3").as_bytes()),
+            )
+        };
+        let stored = keyed(fleet.relay(1)).json();
+        let (other_instance, id) = notification(&feed.next_payload());
+        assert_eq!(id, stored["message_id"], "ack {yaml:?}");
+        assert_ne!(other_instance, instance, "two relays, two instance ids");
+        assert_eq!(
+            keyed(fleet.relay(0)).json()["message_id"],
+            stored["message_id"]
+        );
+        let last = fleet.relay(1).publish("feed", "4");
+        let (_, id) = notification(&feed.next_payload());
+        assert_eq!(id, last["message_id"], "ack {yaml:?}: the replay notified");
+    }
+}
+
+/// Every append goes through the `pulsar` library's function, loaded when a connection is
+/// established: after `FUNCTION FLUSH` publishes fail (503) until the relay reconnects and
+/// loads it again.
+#[test]
+fn the_function_library_is_loaded_again_when_the_relay_reconnects() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("", &[]);
+    let listed = |valkey: &ValkeyServer| valkey.cli(&["FUNCTION", "LIST", "LIBRARYNAME", "pulsar"]);
+    let before = listed(&valkey);
+    assert!(
+        before.contains("pulsar_publish") && before.contains("version "),
+        "{before}"
+    );
+    relay.publish("lib", "1");
+    valkey.cli(&["FUNCTION", "FLUSH"]);
+    let resp = relay.post_json("/api/v1/messages", &common::publish_body("lib", "2"));
+    common::valkey::assert_unavailable(&resp);
+    valkey.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert!(
+        eventually(Duration::from_secs(10), || relay
+            .post_json("/api/v1/messages", &common::publish_body("lib", "3"))
+            .status
+            == 201),
+        "publishes never recovered after the reconnect"
+    );
+    assert_eq!(listed(&valkey), before);
+    assert_eq!(valkey.xlen(&stream_key("lib")), 2);
 }

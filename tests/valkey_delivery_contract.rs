@@ -311,6 +311,33 @@ fn a_resume_across_a_topic_delete_reports_a_deleted_gap() {
     }
 }
 
+/// Bug (model checker seed 8063: retention 3 s): a delete's tombstone expired with the
+/// retention, so a consumer a few seconds behind resumed into the recreated stream with no
+/// gap. The tombstone now lives at least a week, however short the retention.
+#[test]
+fn a_delete_tombstone_outlives_a_short_retention() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay("storage:\n  persistent_tier_retention: 1s\n", &[]);
+    let topic = "deleted-short-retention";
+    let old = publish_bulk(&relay, topic, 0, 5, None);
+    let resp = relay.delete(&format!("/api/v1/topics/{topic}"));
+    assert!(resp.status == 200 || resp.status == 204, "{resp:?}");
+    let ttl: i64 = valkey
+        .cli(&["TTL", &format!("topic:{topic}:meta")])
+        .trim()
+        .parse()
+        .expect("TTL");
+    assert!(ttl >= 6 * 24 * 3600, "tombstone expires in {ttl} s");
+    let new = publish_bulk(&relay, topic, 5, 2, None);
+    assert_gap(
+        &gaps_after(&relay, topic, &old[2]),
+        topic,
+        &old[2],
+        Some(&new[0]),
+        "deleted",
+    );
+}
+
 #[test]
 fn a_resume_across_a_foreign_xdel_reports_an_unknown_gap() {
     let valkey = ValkeyServer::start(ValkeyOpts::default());

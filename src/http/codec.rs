@@ -244,6 +244,14 @@ impl Request {
             .map(|(_, v)| &self.head[v.range()])
     }
 
+    /// Every field named `name` (ASCII case-insensitive), in arrival order.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.head[n.range()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.head[v.range()])
+    }
+
     /// All fields in arrival order, names as sent.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.headers

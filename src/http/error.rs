@@ -76,6 +76,11 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%cause, "storage operation failed");
                 ApiError::unavailable("storage is unavailable; retry shortly")
             }
+            // Not logged per publish: a burst of new keys at the bound would flood the log.
+            StoreError::TooManyKeys => ApiError::unavailable(
+                "too many idempotency keys are inside their window (idempotency.max_keys); \
+                 retry shortly",
+            ),
         }
     }
 }

@@ -70,6 +70,9 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
         while keep_open && output.len() < OUTPUT_HIGH_WATER {
             match decoder.decode(&mut input) {
                 Ok(Some(Event::Request(request))) => {
+                    // Pipelined requests already buffered never make this task wait: let the
+                    // shard's other tasks run once its time slice is used.
+                    glommio::yield_if_needed().await;
                     request_started = None;
                     let outcome = if surface == super::Surface::Api && parks(&request) {
                         match handle_watching_peer(

@@ -148,6 +148,10 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
             loop {
                 match decoder.decode(&mut buf) {
                     Ok(Some(frame)) => {
+                        // A client flooding frames that are all already buffered would hold
+                        // the shard (decoding never waits): give the other tasks of the shard
+                        // their turn once this task used its time slice.
+                        glommio::yield_if_needed().await;
                         last_heard.set(Instant::now());
                         match frame {
                             Incoming::Text(text) => {

@@ -6,7 +6,7 @@
 //! `pulsar-relay ready: http://<addr>`, which scripts and the test harness wait for.
 //!
 //! Shutdown: the first SIGTERM/SIGINT marks the runtime draining (`/ready` turns 503) and sends
-//! every shard a `Shutdown` request; each shard stops accepting, lets in-flight requests
+//! every shard's inbox a `Shutdown` message; each shard stops accepting, lets in-flight requests
 //! finish, then waits until every shard has drained (so none loses a peer its in-flight
 //! requests still need) or `shutdown.timeout` passes. A second signal exits at once.
 
@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context};
 use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
-use super::{serve_inbox, RuntimeState, Shard, ShardInbox, ShardRequest, ShardSender};
+use super::{serve_inbox, InboxMessage, RuntimeState, Shard, ShardInbox, ShardSender};
 use crate::config::Config;
 use crate::net::listener;
 use crate::net::Surface;
@@ -108,7 +108,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         %addr,
         shards,
         backend = ?config.storage.backend,
-        instance = crate::instance_id(),
+        instance = crate::instance::id(),
         "relay ready"
     );
     if let Some(metrics) = metrics_addr {
@@ -344,7 +344,7 @@ fn spawn_signal_thread(runtime: Arc<RuntimeState>, shards: Vec<ShardSender>) -> 
                 }
                 runtime.begin_draining();
                 for tx in &shards {
-                    let _ = tx.unbounded_send(ShardRequest::Shutdown);
+                    let _ = tx.unbounded_send(InboxMessage::Shutdown);
                 }
                 log_quietly(|| tracing::info!(signal, "shutting down: draining connections"));
             }

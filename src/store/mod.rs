@@ -13,6 +13,8 @@
 //! - [`message`]: [`message::MessageId`] (`<ms>-<seq>`, Valkey's stream-id format) and
 //!   [`message::Message`], and the JSON form every delivery path shares.
 //! - [`feed`]: the append feed, storage's one report of what it appended, for delivery.
+//! - [`idempotency`]: what an idempotency key is, and the memory backend's record of keys
+//!   (the Valkey backend keeps its record in Valkey, beside the topic's stream).
 //! - [`hot_tier`]: per-topic ordered logs with count, age and byte-budget retention.
 //! - [`stream_sync`]: with Valkey, what keeps the hot tier a cache of the streams and the feed
 //!   in stream order when other relays write the same streams (repairs from Valkey, the
@@ -23,6 +25,7 @@
 
 pub mod feed;
 pub mod hot_tier;
+pub mod idempotency;
 pub mod message;
 pub mod stream_sync;
 pub mod valkey;
@@ -34,8 +37,9 @@ use bytes::Bytes;
 
 use crate::config::{AckMode, Config, StorageBackend};
 use hot_tier::{HotTier, HotTierLimits, Order, Page, PageQuery, TopicStats};
+use idempotency::{KeyRecord, Lookup};
 use message::{Message, MessageId};
-use valkey::{ServerInfo, ValkeyTier};
+use valkey::{BehindDecision, ServerInfo, TierConfig, ValkeyTier};
 
 /// One message to append, already validated by the HTTP layer. `Send`: it may travel to the
 /// owning shard.
@@ -48,6 +52,10 @@ pub struct PublishItem {
     /// Compact JSON object of string → string.
     pub metadata: Option<Bytes>,
     pub ttl_ms: Option<u64>,
+    /// The producer's name for this publish (validated by
+    /// [`idempotency::validate_key`]): a publish to the same topic with the same key within
+    /// `idempotency.window` stores nothing and is answered with this one's ack.
+    pub idempotency_key: Option<String>,
 }
 
 /// What a producer is told about an accepted message.
@@ -69,6 +77,11 @@ pub enum StoreError {
     /// logged.
     #[error("storage refused the operation: {0}")]
     Rejected(String),
+    /// Memory backend: the idempotency record holds `idempotency.max_keys` keys still inside
+    /// their window, so a publish with a new key is refused (503) rather than a remembered
+    /// key forgotten early.
+    #[error("too many idempotency keys inside their window")]
+    TooManyKeys,
 }
 
 /// Why messages a consumer asked for are no longer there: the `reason` of a gap signal.
@@ -156,7 +169,8 @@ impl std::ops::Add for StorageSummary {
 }
 
 enum Backend {
-    Memory,
+    /// With the shard's record of idempotency keys (the Valkey backend's is in Valkey).
+    Memory(RefCell<KeyRecord>),
     Valkey(Rc<ValkeyTier>),
 }
 
@@ -180,9 +194,13 @@ impl Storage {
     /// unreadable CA file, say).
     pub fn new(config: &Config, shard: usize, shards: usize) -> Result<Storage, String> {
         let max_bytes = (config.memory.max_bytes / shards.max(1)).max(1);
+        let window_ms = duration_ms(config.idempotency.window);
         match config.storage.backend {
             StorageBackend::Memory => Ok(Storage {
-                backend: Backend::Memory,
+                backend: Backend::Memory(RefCell::new(KeyRecord::new(
+                    window_ms,
+                    (config.idempotency.max_keys / shards.max(1)).max(1),
+                ))),
                 feed: feed::AppendFeed::new(),
                 sync: None,
                 hot: RefCell::new(HotTier::new(HotTierLimits {
@@ -192,19 +210,27 @@ impl Storage {
                 })),
             }),
             StorageBackend::Valkey => {
-                let client =
-                    crate::valkey::Client::start(crate::valkey::client_config(config, shard))
-                        .map_err(|e| format!("valkey client: {e}"))?;
+                let mut client_config = crate::valkey::client_config(config, shard);
+                // Every append goes through this library's function: each connection makes
+                // sure it is loaded before it carries a command.
+                client_config.connect.library = Some(valkey::LIBRARY);
+                let client = crate::valkey::Client::start(client_config)
+                    .map_err(|e| format!("valkey client: {e}"))?;
                 let tier = ValkeyTier::new(
                     client,
-                    config.valkey.stream_key.clone(),
-                    config.valkey.meta_key.clone(),
-                    config.storage.max_messages_per_topic,
-                    duration_ms(config.storage.persistent_tier_retention),
-                    config.durability.ack,
-                    shard,
-                    shards,
-                    config.valkey.max_pending,
+                    TierConfig {
+                        stream_key: config.valkey.stream_key.clone(),
+                        meta_key: config.valkey.meta_key.clone(),
+                        idempotency_key: config.valkey.idempotency_key.clone(),
+                        max_len: config.storage.max_messages_per_topic,
+                        retention_ms: duration_ms(config.storage.persistent_tier_retention),
+                        idempotency_window_ms: window_ms,
+                        ack: config.durability.ack,
+                        shard,
+                        shards,
+                        max_behind: config.valkey.max_pending,
+                        instance_id: crate::instance::id().to_owned(),
+                    },
                 );
                 let mut connect = crate::valkey::client_config(config, shard).connect;
                 connect.client_name = format!("pulsar-relay-shard{shard}-pubsub");
@@ -246,7 +272,7 @@ impl Storage {
 
     pub fn backend(&self) -> BackendKind {
         match self.backend {
-            Backend::Memory => BackendKind::Memory,
+            Backend::Memory(_) => BackendKind::Memory,
             Backend::Valkey(_) => BackendKind::Valkey,
         }
     }
@@ -255,7 +281,7 @@ impl Storage {
     pub fn valkey(&self) -> Option<&Rc<ValkeyTier>> {
         match &self.backend {
             Backend::Valkey(tier) => Some(tier),
-            Backend::Memory => None,
+            Backend::Memory(_) => None,
         }
     }
 
@@ -283,36 +309,19 @@ impl Storage {
         now_ms: u64,
     ) -> Vec<Result<PublishAck, StoreError>> {
         match &self.backend {
-            Backend::Memory => {
-                let mut hot = self.hot.borrow_mut();
-                items
-                    .into_iter()
-                    .map(|item| {
-                        let msg = hot.append(
-                            &item.topic,
-                            item.payload,
-                            item.metadata,
-                            item.ttl_ms,
-                            now_ms,
-                        );
-                        let ack = PublishAck {
-                            id: msg.id,
-                            timestamp_ms: msg.timestamp_ms,
-                        };
-                        self.feed.append(item.topic, msg);
-                        Ok(ack)
-                    })
-                    .collect()
-            }
+            Backend::Memory(keys) => self.append_in_memory(keys, items, now_ms),
             Backend::Valkey(tier) => match tier.ack {
-                AckMode::Persisted => self.publish_persisted(tier, items, now_ms).await,
+                AckMode::Persisted | AckMode::Replicated => {
+                    self.publish_persisted(tier, items, now_ms).await
+                }
                 AckMode::Buffered => self.publish_buffered(tier, items, now_ms).await,
             },
         }
     }
 
-    /// `ack = persisted` (and topics degraded from `buffered`): a result is `Ok` once Valkey
-    /// stored the message; stored messages reach the hot tier and the feed in id order.
+    /// `ack = persisted`/`replicated` (and topics degraded from `buffered`): a result is `Ok`
+    /// once Valkey stored the message; stored messages reach the hot tier and the feed in id
+    /// order.
     async fn publish_persisted(
         &self,
         tier: &Rc<ValkeyTier>,
@@ -320,14 +329,46 @@ impl Storage {
         now_ms: u64,
     ) -> Vec<Result<PublishAck, StoreError>> {
         let ingest = |topic: &str, message: Message| self.ingest_local(topic, message);
-        tier.publish_persisted(items, now_ms, &ingest)
-            .await
+        tier.publish_persisted(items, now_ms, &ingest).await
+    }
+
+    /// The memory backend: each item is checked against the idempotency record and appended
+    /// in one synchronous step, so of two attempts with one key (a retry racing its first
+    /// attempt included) the second always finds the first's ack.
+    fn append_in_memory(
+        &self,
+        keys: &RefCell<KeyRecord>,
+        items: Vec<PublishItem>,
+        now_ms: u64,
+    ) -> Vec<Result<PublishAck, StoreError>> {
+        let mut hot = self.hot.borrow_mut();
+        let mut keys = keys.borrow_mut();
+        items
             .into_iter()
-            .map(|r| {
-                r.map(|m| PublishAck {
-                    id: m.id,
-                    timestamp_ms: m.timestamp_ms,
-                })
+            .map(|item| {
+                if let Some(key) = &item.idempotency_key {
+                    match keys.check(&item.topic, key, now_ms) {
+                        Lookup::Seen(ack) => return Ok(ack),
+                        Lookup::Full => return Err(StoreError::TooManyKeys),
+                        Lookup::New => {}
+                    }
+                }
+                let msg = hot.append(
+                    &item.topic,
+                    item.payload,
+                    item.metadata,
+                    item.ttl_ms,
+                    now_ms,
+                );
+                let ack = PublishAck {
+                    id: msg.id,
+                    timestamp_ms: msg.timestamp_ms,
+                };
+                if let Some(key) = &item.idempotency_key {
+                    keys.record(&item.topic, key, ack, now_ms);
+                }
+                self.feed.append(item.topic, msg);
+                Ok(ack)
             })
             .collect()
     }
@@ -337,6 +378,15 @@ impl Storage {
     /// (documented): a message acknowledged this way is lost if the relay dies before Valkey
     /// stored it. Topics another writer was seen on go through the persisted path instead
     /// (see [`ValkeyTier::degrade_buffered`]).
+    ///
+    /// Items with an idempotency key are the exception: whether they are stored at all is
+    /// Valkey's decision (the key may have been used through another relay), so they are
+    /// answered only once the write-behind has written them through the `pulsar_publish`
+    /// function, which decides. They keep their place in the topic's id sequence (their ids
+    /// are chosen here like the others'), and the topics they are published to are held
+    /// (see [`ValkeyTier::assign_buffered_ids`]) until they are decided, so the hot tier and
+    /// the feed still see every topic in id order: this request's other items of those
+    /// topics enter the hot tier after the decision, and later publishes wait for it.
     async fn publish_buffered(
         &self,
         tier: &Rc<ValkeyTier>,
@@ -346,7 +396,7 @@ impl Storage {
         if items.iter().any(|item| tier.is_degraded(&item.topic)) {
             return self.publish_split(tier, items, now_ms).await;
         }
-        let (ids, stream_lasts) = match tier.assign_buffered_ids(&items, now_ms).await {
+        let (ids, hold, stream_lasts) = match tier.assign_buffered_ids(&items, now_ms).await {
             Ok(assigned) => assigned,
             Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
@@ -374,13 +424,11 @@ impl Storage {
         // Queued before anything is acknowledged: with the write-behind backlog full (Valkey
         // down or slower than the producers) every item gets 503 and nothing enters the hot
         // tier, instead of a 201 for a message the write-behind could not keep.
-        if let Err(e) = tier.enqueue_behind(items, &ids, now_ms) {
-            return messages.iter().map(|_| Err(e.clone())).collect();
-        }
-        for (topic, message) in messages {
-            self.ingest_buffered(&topic, message);
-        }
-        let acks = ids
+        let decisions = match tier.enqueue_behind(items, &ids, now_ms) {
+            Ok(decisions) => decisions,
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut results: Vec<Result<PublishAck, StoreError>> = ids
             .iter()
             .map(|id| {
                 Ok(PublishAck {
@@ -389,7 +437,49 @@ impl Storage {
                 })
             })
             .collect();
-        acks
+        let Some(hold) = hold else {
+            for (topic, message) in messages {
+                self.ingest_buffered(&topic, message);
+            }
+            return results;
+        };
+        // Topics no keyed item of this request goes to are cached now, in this synchronous
+        // step, like any buffered publish; the held ones once the keyed items are decided.
+        let mut held = Vec::new();
+        for (index, (topic, message)) in messages.into_iter().enumerate() {
+            if hold.holds(&topic) {
+                held.push((index, topic, message));
+            } else {
+                self.ingest_buffered(&topic, message);
+            }
+        }
+        let mut stored = vec![true; results.len()];
+        for (index, decision) in decisions.into_iter().enumerate() {
+            let Some(decision) = decision else { continue };
+            let decision = decision.await.unwrap_or_else(|_| {
+                BehindDecision::Failed(StoreError::Unavailable(
+                    "the write-behind stopped before the publish was decided".into(),
+                ))
+            });
+            match decision {
+                BehindDecision::Stored => {}
+                BehindDecision::Duplicate(ack) => {
+                    stored[index] = false;
+                    results[index] = Ok(ack);
+                }
+                BehindDecision::Failed(e) => {
+                    stored[index] = false;
+                    results[index] = Err(e);
+                }
+            }
+        }
+        for (index, topic, message) in held {
+            if stored[index] {
+                self.ingest_buffered(&topic, message);
+            }
+        }
+        drop(hold);
+        results
     }
 
     /// A buffered publish with items of degraded topics: those go through the persisted path
@@ -456,7 +546,7 @@ impl Storage {
         now_ms: u64,
     ) -> Result<Option<Page>, StoreError> {
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow().read(topic, query, now_ms)),
+            Backend::Memory(_) => Ok(self.hot.borrow().read(topic, query, now_ms)),
             Backend::Valkey(tier) => {
                 if self.hot_trusted(topic) {
                     if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
@@ -601,14 +691,14 @@ impl Storage {
 
     pub async fn stats(&self, topic: &str) -> Result<Option<TopicStats>, StoreError> {
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow().stats(topic)),
+            Backend::Memory(_) => Ok(self.hot.borrow().stats(topic)),
             Backend::Valkey(tier) => tier.stats(topic).await,
         }
     }
 
     pub async fn topics(&self) -> Result<Vec<TopicStats>, StoreError> {
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow().topics().collect()),
+            Backend::Memory(_) => Ok(self.hot.borrow().topics().collect()),
             Backend::Valkey(tier) => tier.topics().await,
         }
     }
@@ -617,7 +707,7 @@ impl Storage {
     pub async fn trim(&self, topic: &str, keep_count: usize) -> Result<Option<usize>, StoreError> {
         let now = crate::clock::now_ms();
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow_mut().trim(topic, keep_count, now)),
+            Backend::Memory(_) => Ok(self.hot.borrow_mut().trim(topic, keep_count, now)),
             Backend::Valkey(tier) => {
                 let removed = tier.trim(topic, keep_count).await?;
                 self.hot.borrow_mut().trim(topic, keep_count, now);
@@ -632,7 +722,7 @@ impl Storage {
     /// Deletes a topic; `false` when it did not exist.
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow_mut().delete(topic)),
+            Backend::Memory(_) => Ok(self.hot.borrow_mut().delete(topic)),
             Backend::Valkey(tier) => {
                 let existed = tier.delete(topic).await?;
                 let cached = self.hot.borrow_mut().delete(topic);
@@ -654,20 +744,24 @@ impl Storage {
         after: MessageId,
     ) -> Result<Option<GapInfo>, StoreError> {
         match &self.backend {
-            Backend::Memory => Ok(self.hot.borrow().gap_after(topic, after)),
+            Backend::Memory(_) => Ok(self.hot.borrow().gap_after(topic, after)),
             Backend::Valkey(tier) => tier.gap_after(topic, after).await,
         }
     }
 
-    /// Applies age retention and message ttls to the hot tier; run by the shard's sweeper.
+    /// Applies age retention and message ttls to the hot tier, and forgets idempotency keys
+    /// whose window ended (memory backend); run by the shard's sweeper.
     pub fn expire(&self, now_ms: u64) -> usize {
+        if let Backend::Memory(keys) = &self.backend {
+            keys.borrow_mut().expire(now_ms);
+        }
         self.hot.borrow_mut().expire(now_ms)
     }
 
     pub fn summary(&self) -> StorageSummary {
         let hot = self.hot.borrow();
         let (connected, pending) = match &self.backend {
-            Backend::Memory => (true, 0),
+            Backend::Memory(_) => (true, 0),
             Backend::Valkey(tier) => (tier.client.is_connected(), tier.client.pending()),
         };
         StorageSummary {
@@ -684,7 +778,7 @@ impl Storage {
     /// Valkey's `INFO`, when that is the backend and it answers.
     pub async fn server_info(&self) -> Option<Result<ServerInfo, StoreError>> {
         match &self.backend {
-            Backend::Memory => None,
+            Backend::Memory(_) => None,
             Backend::Valkey(tier) => Some(tier.server_info().await),
         }
     }

@@ -362,7 +362,7 @@ impl Storage {
                     tracing::debug!(topic, "unreadable feed notification ignored");
                     return;
                 };
-                if notification.instance() == crate::instance_id() {
+                if notification.instance() == tier.instance_id() {
                     return;
                 }
                 let mut topics = sync.topics.borrow_mut();

@@ -20,8 +20,27 @@
 //! (`ack: buffered`) arrive in increasing order, with any number of connections. Commands
 //! without a route go to the least busy connected lane.
 //!
+//! Where connections go: a [`Target`] (`sentinel.rs`) names the address: the configured host,
+//! or with Sentinel the master the sentinels name now. Every driver of the client follows the
+//! same target. With Sentinel, a failed connect, a lost connection and a `READONLY` reply make
+//! the target ask the sentinels again; when the master's address changes (a `+switch-master`
+//! message, or a new answer), every driver drops its connection, failing what it has in flight
+//! with `ConnectionLost` (those commands may have been applied on the old master: the callers
+//! answer 503, never an acknowledgement a failover could take back unseen), and reconnects to
+//! the new master, where the commands still queued (never written anywhere) then go. Nothing
+//! written is ever sent again: an `XADD *` replayed on the new master would store a message
+//! twice when the first attempt had been replicated.
+//!
+//! Replication barrier (`ack: replicated`): a group queued with
+//! [`Client::try_submit_replicated`] makes its batch end with one `WAIT <replicas> <timeout>`
+//! (see [`WaitFor`]) on the same connection, right behind the writes it covers; the group gets
+//! that one reply besides its own, however many groups share the batch: one `WAIT` per group
+//! commit, not per publish.
+//!
 //! Failure semantics (one outcome per command, nothing waits forever):
-//! - Error reply (`-ERR ...`) to a command: `Err(ValkeyError::Server)` for that command only.
+//! - Error reply (`-ERR ...`) to a command: `Err(ValkeyError::Server)` for that command only;
+//!   `-READONLY` (the node is a replica now) is `Err(ValkeyError::NotMaster)`, and the
+//!   connection is dropped and opened again (with Sentinel, to the master named then).
 //! - Connection lost while a batch is in flight: the commands whose replies had not arrived
 //!   fail with `ConnectionLost` (they may have been applied); those with replies get them.
 //!   Commands still queued in that lane stay there, in order, and go out on the lane's next
@@ -57,7 +76,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures_lite::future::poll_fn;
 use glommio::Task;
@@ -65,6 +84,7 @@ use hdrhistogram::Histogram;
 
 use super::codec::{encode_command, validate_command, ProtocolError, Reply};
 use super::connection::{ConnectConfig, Connection, Connector};
+use super::sentinel::{NodeAddr, SentinelConfig, Target};
 use super::{with_timeout, ValkeyError};
 
 /// A connection that stayed up this long was healthy: after losing it, reconnect at once
@@ -94,6 +114,20 @@ pub struct ClientConfig {
     pub backoff_min: Duration,
     /// Cap of the exponential reconnect delay.
     pub backoff_max: Duration,
+    /// Find the master through these sentinels instead of connecting to `connect.host`.
+    pub sentinel: Option<SentinelConfig>,
+    /// The `WAIT` that ends a batch carrying a [replicated](Client::try_submit_replicated)
+    /// group; `None`: such groups are refused.
+    pub wait_for: Option<WaitFor>,
+}
+
+/// `WAIT <replicas> <timeout>`: how many replicas must have acknowledged a batch's writes,
+/// and how long Valkey may wait for them (blocking that connection meanwhile, so it must be
+/// well below `command_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitFor {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -105,6 +139,8 @@ impl Default for ClientConfig {
             max_batch_commands: 4096,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
+            sentinel: None,
+            wait_for: None,
         }
     }
 }
@@ -142,6 +178,35 @@ impl Command {
         })
     }
 
+    /// Encodes a command of exactly `args` arguments (at least one) that `write` appends one
+    /// by one, straight into the encoded form: no argument list in between, for commands
+    /// that carry tens of arguments on the publish path. `capacity`: the expected size, to
+    /// allocate once. Fails if `write` appends another number of arguments.
+    pub fn build(
+        args: usize,
+        capacity: usize,
+        write: impl FnOnce(&mut ArgWriter),
+    ) -> Result<Command, ProtocolError> {
+        if args == 0 {
+            return Err(ProtocolError::EmptyCommand);
+        }
+        let mut out = BytesMut::with_capacity(capacity.saturating_add(16));
+        out.put_u8(b'*');
+        out.put_slice(itoa::Buffer::new().format(args).as_bytes());
+        out.put_slice(b"\r\n");
+        let mut writer = ArgWriter { out, written: 0 };
+        write(&mut writer);
+        if writer.written != args {
+            return Err(ProtocolError::NotOneCommand(
+                "a different number of arguments than announced",
+            ));
+        }
+        Ok(Command {
+            bytes: writer.out.freeze(),
+            route: None,
+        })
+    }
+
     /// Accepts bytes encoded elsewhere (e.g. with [`encode_command`]) after checking them.
     pub fn from_encoded(encoded: Bytes) -> Result<Command, ProtocolError> {
         validate_command(&encoded)?;
@@ -160,6 +225,35 @@ impl Command {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+/// Appends the arguments of a command being built (see [`Command::build`]).
+pub struct ArgWriter {
+    out: BytesMut,
+    written: usize,
+}
+
+impl ArgWriter {
+    /// One argument.
+    pub fn arg(&mut self, arg: &[u8]) {
+        self.arg_concat(&[arg]);
+    }
+
+    /// One argument made of `parts` back to back (a key rendered from a template, say).
+    pub fn arg_concat(&mut self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut digits = itoa::Buffer::new();
+        let len_text = digits.format(len);
+        self.out.reserve(1 + len_text.len() + 2 + len + 2);
+        self.out.put_u8(b'$');
+        self.out.put_slice(len_text.as_bytes());
+        self.out.put_slice(b"\r\n");
+        for part in parts {
+            self.out.put_slice(part);
+        }
+        self.out.put_slice(b"\r\n");
+        self.written += 1;
     }
 }
 
@@ -205,6 +299,16 @@ pub struct ClientStats {
     pub rejected_shut_down: u64,
     /// Why the most recent connect attempt failed; cleared by a successful connect.
     pub last_connect_error: Option<ValkeyError>,
+    /// Commands answered `-READONLY`: written to a node that had become a replica.
+    pub not_master_replies: u64,
+    /// Batches that ended with a replication `WAIT`.
+    pub waits: u64,
+    /// Times the master's address changed (Sentinel): failovers followed.
+    pub failovers: u64,
+    /// Sentinel questions no sentinel answered, and failed or lost subscriptions.
+    pub sentinel_errors: u64,
+    /// Where connections go now (`host:port`).
+    pub master: Option<String>,
 }
 
 /// Where the reply (or replies) of one queued entry go.
@@ -222,6 +326,9 @@ struct QueuedGroup {
     completion: Completion,
     /// For expiry while queued.
     enqueued_at: Instant,
+    /// Its batch must end with the replication `WAIT`, whose reply this group gets after its
+    /// own (a `Completion::Many` of `commands + 1` results).
+    wait: bool,
 }
 
 impl QueuedGroup {
@@ -232,15 +339,22 @@ impl QueuedGroup {
                 let _ = tx.send(Err(error.clone()));
             }
             Completion::Many(tx) => {
-                let _ = tx.send(vec![Err(error.clone()); self.commands]);
+                let n = self.commands + usize::from(self.wait);
+                let _ = tx.send(vec![Err(error.clone()); n]);
             }
         }
     }
 
-    /// Takes this group's replies from `replies`; commands without one get `missing`.
-    fn complete(self, replies: &mut impl Iterator<Item = Reply>, missing: &ValkeyError) {
+    /// Takes this group's replies from `replies`; commands without one get `missing`. A
+    /// waiting group also gets `wait` (the batch's `WAIT` reply).
+    fn complete(
+        self,
+        replies: &mut impl Iterator<Item = Reply>,
+        missing: &ValkeyError,
+        wait: Option<&Result<Reply, ValkeyError>>,
+    ) {
         let mut next = || match replies.next() {
-            Some(Reply::Error(message)) => Err(ValkeyError::Server(message)),
+            Some(Reply::Error(message)) => Err(error_reply(message)),
             Some(reply) => Ok(reply),
             None => Err(missing.clone()),
         };
@@ -249,11 +363,27 @@ impl QueuedGroup {
                 let _ = tx.send(next());
             }
             Completion::Many(tx) => {
-                let results = (0..self.commands).map(|_| next()).collect();
+                let mut results: Vec<_> = (0..self.commands).map(|_| next()).collect();
+                if self.wait {
+                    results.push(wait.cloned().unwrap_or_else(|| Err(missing.clone())));
+                }
                 let _ = tx.send(results);
             }
         }
     }
+}
+
+/// The error of an error reply: `-READONLY` means the node is no longer the master.
+fn error_reply(message: String) -> ValkeyError {
+    if is_read_only(&message) {
+        ValkeyError::NotMaster(message)
+    } else {
+        ValkeyError::Server(message)
+    }
+}
+
+fn is_read_only(message: &str) -> bool {
+    message.starts_with("READONLY")
 }
 
 /// One connection's queue: what its driver sends, in order.
@@ -333,7 +463,7 @@ impl State {
     }
 }
 
-fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
+pub(super) fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
     if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
         wakers.push(cx.waker().clone());
     }
@@ -343,6 +473,10 @@ struct Shared {
     config: ClientConfig,
     /// Built once: TLS roots are loaded at start, not per reconnect.
     connector: Connector,
+    /// Where the drivers connect: the configured address, or the master Sentinel names.
+    target: Rc<Target>,
+    /// `WAIT <replicas> <timeout>` encoded once, when `config.wait_for` is set.
+    wait_command: Option<Bytes>,
     state: RefCell<State>,
 }
 
@@ -369,11 +503,53 @@ impl Client {
                 "backoff_min must be positive and at most backoff_max".to_owned(),
             ));
         }
-        let connector = Connector::new(config.connect.clone())?;
+        let mut connect = config.connect.clone();
+        let target = match &config.sentinel {
+            None => Target::fixed(
+                NodeAddr {
+                    host: connect.host.clone(),
+                    port: connect.port,
+                },
+                &connect.client_name,
+            ),
+            Some(sentinel) => {
+                // A sentinel's answer can be stale: every connection checks it got a master.
+                connect.verify_master = true;
+                Target::sentinel(sentinel, &connect)?
+            }
+        };
+        let connector = Connector::new(connect)?;
+        let wait_command = match config.wait_for {
+            None => None,
+            Some(wait) => {
+                if wait.replicas == 0 || wait.timeout.is_zero() {
+                    // `WAIT 0 ...` confirms nothing; `WAIT n 0` blocks forever.
+                    return Err(ValkeyError::Config(
+                        "WAIT needs at least one replica and a positive timeout".to_owned(),
+                    ));
+                }
+                if wait.timeout >= config.connect.command_timeout {
+                    return Err(ValkeyError::Config(
+                        "the WAIT timeout must be below the command timeout".to_owned(),
+                    ));
+                }
+                let replicas = wait.replicas.to_string();
+                let millis = wait.timeout.as_millis().max(1).to_string();
+                let mut encoded = BytesMut::new();
+                encode_command(
+                    &mut encoded,
+                    &[b"WAIT", replicas.as_bytes(), millis.as_bytes()],
+                );
+                Some(encoded.freeze())
+            }
+        };
         let batch_sizes =
             Histogram::new_with_bounds(1, (config.max_batch_commands as u64).max(2), 3).ok();
+        let target = Rc::new(target);
         let shared = Rc::new(Shared {
             connector,
+            target: target.clone(),
+            wait_command,
             state: RefCell::new(State {
                 lanes: (0..config.connections)
                     .map(|_| Lane {
@@ -396,11 +572,12 @@ impl Client {
             }),
             config,
         });
-        let mut tasks = Vec::with_capacity(shared.config.connections + 1);
+        let mut tasks = Vec::with_capacity(shared.config.connections + 3);
         for index in 0..shared.config.connections {
             tasks.push(glommio::spawn_local(run_driver(shared.clone(), index)));
         }
         tasks.push(glommio::spawn_local(run_janitor(shared.clone())));
+        tasks.extend(target.spawn_tasks());
         Ok(Rc::new(Client {
             shared,
             tasks: RefCell::new(tasks),
@@ -475,7 +652,7 @@ impl Client {
         let queued = if n == 0 {
             Queued::Split(Vec::new())
         } else {
-            self.shared.enqueue_many(commands)?
+            self.shared.enqueue_many(commands, false)?
         };
         Ok(async move {
             match queued {
@@ -499,6 +676,76 @@ impl Client {
                 }
             }
         })
+    }
+
+    /// Like [`Client::try_submit`], and each batch that carries these commands ends with the
+    /// configured `WAIT` ([`ClientConfig::wait_for`]) on the same connection. The future gives
+    /// one result per command and, per command, the `WAIT` reply of its batch: an integer,
+    /// the replicas that acknowledged every write of that connection up to then (commands
+    /// spanning connections get one `WAIT` per connection). Refused with `Config` when no
+    /// `WAIT` is configured.
+    #[allow(clippy::type_complexity)]
+    pub fn try_submit_replicated(
+        &self,
+        commands: &[Command],
+    ) -> Result<
+        impl std::future::Future<
+                Output = (
+                    Vec<Result<Reply, ValkeyError>>,
+                    Vec<Result<Reply, ValkeyError>>,
+                ),
+            > + 'static,
+        ValkeyError,
+    > {
+        if self.shared.wait_command.is_none() {
+            return Err(ValkeyError::Config(
+                "replicated submit without a configured WAIT".to_owned(),
+            ));
+        }
+        let n = commands.len();
+        let queued = if n == 0 {
+            Queued::Split(Vec::new())
+        } else {
+            self.shared.enqueue_many(commands, true)?
+        };
+        Ok(async move {
+            // Each group's results end with its batch's WAIT reply.
+            let split = |mut results: Vec<Result<Reply, ValkeyError>>, len: usize| {
+                let wait = if results.len() > len {
+                    results.pop().unwrap_or_else(|| Err(stopped_in_flight()))
+                } else {
+                    Err(stopped_in_flight())
+                };
+                results.resize_with(len, || Err(stopped_in_flight()));
+                (results, wait)
+            };
+            match queued {
+                Queued::One(rx) => {
+                    let results = rx.await.unwrap_or_default();
+                    let (replies, wait) = split(results, n);
+                    (replies, vec![wait; n])
+                }
+                Queued::Split(groups) => {
+                    let mut replies: Vec<Result<Reply, ValkeyError>> =
+                        vec![Err(stopped_in_flight()); n];
+                    let mut waits = replies.clone();
+                    for (positions, rx) in groups {
+                        let results = rx.await.unwrap_or_default();
+                        let (results, wait) = split(results, positions.len());
+                        for (position, reply) in positions.into_iter().zip(results) {
+                            replies[position] = reply;
+                            waits[position] = wait.clone();
+                        }
+                    }
+                    (replies, waits)
+                }
+            }
+        })
+    }
+
+    /// The `WAIT` that [replicated](Client::try_submit_replicated) batches end with.
+    pub fn wait_for(&self) -> Option<WaitFor> {
+        self.shared.config.wait_for
     }
 
     /// A copy of the batch-size distribution (commands per batch) since start, for metrics.
@@ -536,6 +783,10 @@ impl Client {
     pub fn stats(&self) -> ClientStats {
         let state = self.shared.state.borrow();
         let mut stats = state.stats.clone();
+        let target = self.shared.target.stats();
+        stats.failovers = target.failovers;
+        stats.sentinel_errors = target.sentinel_errors;
+        stats.master = target.master;
         stats.connected = state.connected;
         stats.queued = state.queued_commands;
         stats.in_flight = state.in_flight_commands;
@@ -631,6 +882,7 @@ impl Shared {
         state: &mut State,
         index: usize,
         commands: usize,
+        wait: bool,
         write: impl FnOnce(&mut BytesMut),
         completion: Completion,
     ) {
@@ -643,6 +895,7 @@ impl Shared {
             commands,
             completion,
             enqueued_at: Instant::now(),
+            wait,
         });
         lane.queued_commands += commands;
         if let Some(waker) = lane.idle_driver.take() {
@@ -668,14 +921,14 @@ impl Shared {
             None => state.least_busy_lane(),
         };
         self.admit(&mut state, commands, &[index])?;
-        Self::push_group(&mut state, index, commands, write, completion);
+        Self::push_group(&mut state, index, commands, false, write, completion);
         Ok(())
     }
 
-    /// Queues `commands` (at least one) as one group per lane they route to, all or none.
-    /// Allocates nothing beyond the group's receiver when they all take one lane (every
-    /// single-topic publish).
-    fn enqueue_many(&self, commands: &[Command]) -> Result<Queued, ValkeyError> {
+    /// Queues `commands` (at least one) as one group per lane they route to, all or none;
+    /// with `wait`, each group's batch ends with the replication `WAIT`. Allocates nothing
+    /// beyond the group's receiver when they all take one lane (every single-topic publish).
+    fn enqueue_many(&self, commands: &[Command], wait: bool) -> Result<Queued, ValkeyError> {
         let mut state = self.state.borrow_mut();
         // Unrouted commands ride with the routed command before them (the first routed one
         // if none is before), so they keep their place relative to it.
@@ -700,6 +953,7 @@ impl Shared {
                 &mut state,
                 first_lane,
                 commands.len(),
+                wait,
                 |arena| {
                     for command in commands {
                         arena.extend_from_slice(command.as_bytes());
@@ -727,6 +981,7 @@ impl Shared {
                 &mut state,
                 lane,
                 positions.len(),
+                wait,
                 |arena| {
                     for &i in &positions {
                         arena.extend_from_slice(commands[i].as_bytes());
@@ -771,10 +1026,10 @@ impl Shared {
 
     /// Moves lane `index`'s front groups (up to `max_batch_commands`, whole groups only, at
     /// least one) into `groups` and splits their bytes off its arena.
-    fn take_batch(&self, index: usize, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize) {
+    fn take_batch(&self, index: usize, groups: &mut Vec<QueuedGroup>) -> (BytesMut, usize, bool) {
         let mut state = self.state.borrow_mut();
         let limit = self.config.max_batch_commands;
-        let (mut commands, mut bytes) = (0, 0);
+        let (mut commands, mut bytes, mut wait) = (0, 0, false);
         let lane = &mut state.lanes[index];
         while let Some(front) = lane.queue.front() {
             if commands > 0 && commands + front.commands > limit {
@@ -785,6 +1040,7 @@ impl Shared {
             };
             commands += group.commands;
             bytes += group.bytes;
+            wait |= group.wait;
             groups.push(group);
         }
         let batch = lane.arena.split_to(bytes);
@@ -801,35 +1057,23 @@ impl Shared {
         if let Some(histogram) = state.batch_sizes.as_mut() {
             histogram.saturating_record(commands as u64);
         }
-        (batch, commands)
+        state.stats.waits += u64::from(wait);
+        (batch, commands, wait)
     }
 
     /// Completes the callers of a finished batch of lane `index`: replies in order,
-    /// `failure` for the rest.
+    /// `failure` for the rest. With `wait`, the batch ended with the replication `WAIT`,
+    /// whose reply (the one after the `commands` replies, if it came) goes to every waiting
+    /// group.
     fn finish_batch(
         &self,
         index: usize,
         groups: &mut Vec<QueuedGroup>,
         replies: &mut Vec<Reply>,
         commands: usize,
+        wait: bool,
         failure: Option<&ValkeyError>,
     ) {
-        {
-            let mut state = self.state.borrow_mut();
-            state.in_flight_commands -= commands;
-            state.lanes[index].in_flight_commands -= commands;
-            let error_replies = replies.iter().filter(|r| r.is_error()).count() as u64;
-            let unanswered = commands.saturating_sub(replies.len()) as u64;
-            let stats = &mut state.stats;
-            stats.error_replies += error_replies;
-            match failure {
-                Some(ValkeyError::Timeout(_)) => stats.failed_timeout_in_flight += unanswered,
-                Some(ValkeyError::Protocol(_)) => stats.failed_protocol += unanswered,
-                Some(_) => stats.failed_connection_lost += unanswered,
-                None => {}
-            }
-            state.wake_watchers();
-        }
         let fallback;
         let missing = match failure {
             Some(error) => error,
@@ -839,9 +1083,38 @@ impl Shared {
                 &fallback
             }
         };
+        let wait_reply = if wait && replies.len() > commands {
+            replies.pop().map(|reply| match reply {
+                Reply::Error(message) => Err(error_reply(message)),
+                reply => Ok(reply),
+            })
+        } else {
+            None
+        };
+        {
+            let mut state = self.state.borrow_mut();
+            state.in_flight_commands -= commands;
+            state.lanes[index].in_flight_commands -= commands;
+            let error_replies = replies.iter().filter(|r| r.is_error()).count() as u64;
+            let read_only = replies
+                .iter()
+                .filter(|r| r.as_error().is_some_and(is_read_only))
+                .count() as u64;
+            let unanswered = commands.saturating_sub(replies.len()) as u64;
+            let stats = &mut state.stats;
+            stats.error_replies += error_replies;
+            stats.not_master_replies += read_only;
+            match failure {
+                Some(ValkeyError::Timeout(_)) => stats.failed_timeout_in_flight += unanswered,
+                Some(ValkeyError::Protocol(_)) => stats.failed_protocol += unanswered,
+                Some(_) => stats.failed_connection_lost += unanswered,
+                None => {}
+            }
+            state.wake_watchers();
+        }
         let mut replies = replies.drain(..);
         for group in groups.drain(..) {
-            group.complete(&mut replies, missing);
+            group.complete(&mut replies, missing, wait_reply.as_ref());
         }
     }
 
@@ -887,6 +1160,11 @@ impl Shared {
         state.stats.connections_lost += 1;
         let name = &self.config.connect.client_name;
         tracing::warn!(client = %name, connection = index, %error, "lost connection to Valkey; reconnecting");
+    }
+
+    fn on_moved(&self, index: usize) {
+        let name = &self.config.connect.client_name;
+        tracing::info!(client = %name, connection = index, "Valkey master changed: reconnecting to the new master");
     }
 
     /// Pops every group queued at or before `cutoff` into `expired`; in each lane they are
@@ -938,11 +1216,14 @@ impl Drop for ConnectedGuard<'_> {
     }
 }
 
-/// One connection's life, forever: connect (with backoff), serve batches until the connection
-/// fails, repeat. Stopped by cancelling its task.
+/// One connection's life, forever: connect (with backoff) to where the target says, serve
+/// batches until the connection fails or the master moves, repeat. Stopped by cancelling its
+/// task.
 async fn run_driver(shared: Rc<Shared>, index: usize) {
     let mut failures: u32 = 0;
     let mut ever_connected = false;
+    // The master generation last connected to (or tried): its failures are reported against it.
+    let mut generation: u64 = 0;
     // Reused across batches: no allocation per batch once warmed up.
     let mut groups = Vec::new();
     let mut replies = Vec::new();
@@ -953,11 +1234,19 @@ async fn run_driver(shared: Rc<Shared>, index: usize) {
                 shared.config.backoff_max,
                 failures,
             );
-            glommio::timer::sleep(delay).await;
+            // A new master ends the wait at once: the backoff was from the old one.
+            futures_lite::future::or(
+                glommio::timer::sleep(delay),
+                shared.target.moved(generation),
+            )
+            .await;
         }
-        let mut connection = match shared.connector.connect().await {
+        let (master, master_generation) = shared.target.master().await;
+        generation = master_generation;
+        let mut connection = match shared.connector.connect_to(&master.host, master.port).await {
             Ok(connection) => connection,
             Err(error) => {
+                shared.target.suspect(generation, &error);
                 shared.on_connect_failed(index, failures, error);
                 failures = failures.saturating_add(1);
                 continue;
@@ -967,48 +1256,120 @@ async fn run_driver(shared: Rc<Shared>, index: usize) {
         ever_connected = true;
         let connected_at = Instant::now();
         let guard = ConnectedGuard(&shared, index);
-        let error = serve(&shared, index, &mut connection, &mut groups, &mut replies).await;
+        let ended = serve(
+            &shared,
+            index,
+            &mut connection,
+            generation,
+            &mut groups,
+            &mut replies,
+        )
+        .await;
         drop(guard);
         drop(connection);
-        shared.on_lost(index, &error);
-        failures = if connected_at.elapsed() >= STABLE_CONNECTION {
-            0
-        } else {
-            failures.saturating_add(1)
-        };
+        match ended {
+            Ended::Moved => {
+                shared.on_moved(index);
+                failures = 0;
+            }
+            Ended::Failed(error) => {
+                shared.target.suspect(generation, &error);
+                shared.on_lost(index, &error);
+                failures = if connected_at.elapsed() >= STABLE_CONNECTION {
+                    0
+                } else {
+                    failures.saturating_add(1)
+                };
+            }
+        }
     }
 }
 
-/// Sends lane `index`'s batches over `connection` until it fails; returns why.
+/// Why a driver stopped using a connection.
+enum Ended {
+    /// It failed (lost, timed out, out of step, or the node answered `READONLY`).
+    Failed(ValkeyError),
+    /// The master moved (Sentinel): the connection leads to a node that is no longer it.
+    Moved,
+}
+
+/// Sends lane `index`'s batches over `connection` (to the master of `generation`) until it
+/// fails or the master moves; returns why.
 async fn serve(
     shared: &Shared,
     index: usize,
     connection: &mut Connection,
+    generation: u64,
     groups: &mut Vec<QueuedGroup>,
     replies: &mut Vec<Reply>,
-) -> ValkeyError {
+) -> Ended {
     loop {
         // Idle: wait for work, but also watch the socket, so a restarted Valkey is noticed
-        // (and reconnected to) before the next batch is written into a dead connection.
-        // `or` polls the queue first: under load the read is never even started.
-        let died = futures_lite::future::or(
+        // (and reconnected to) before the next batch is written into a dead connection, and
+        // the target, so a failover moves an idle connection at once. `or` polls the queue
+        // first: under load the read is never even started.
+        let idle_end = futures_lite::future::or(
             async {
                 shared.work_available(index).await;
                 None
             },
-            async { Some(connection.closed().await) },
+            futures_lite::future::or(
+                async { Some(Ended::Failed(connection.closed().await)) },
+                async {
+                    shared.target.moved(generation).await;
+                    Some(Ended::Moved)
+                },
+            ),
         )
         .await;
-        if let Some(error) = died {
-            return error;
+        if let Some(ended) = idle_end {
+            return ended;
         }
-        let (batch, commands) = shared.take_batch(index, groups);
+        let (mut batch, commands, wait) = shared.take_batch(index, groups);
+        let mut expected = commands;
+        if wait {
+            if let Some(command) = &shared.wait_command {
+                // One WAIT behind every write of the batch, on the same connection: it
+                // counts the replicas that have all of them. A copy of the batch, but only
+                // in this mode, where the WAIT's round trip to the replicas dwarfs it.
+                batch.extend_from_slice(command);
+                expected += 1;
+            }
+        }
         replies.clear();
-        let result = connection.round_trip(&batch, commands, replies).await;
+        // A master that moves while the batch is in flight: abandon it. What it wrote on
+        // the old master may be lost with it, so its callers must not be told it is stored.
+        let result = futures_lite::future::or(
+            async { Some(connection.round_trip(&batch, expected, replies).await) },
+            async {
+                shared.target.moved(generation).await;
+                None
+            },
+        )
+        .await;
         drop(batch);
-        shared.finish_batch(index, groups, replies, commands, result.as_ref().err());
-        if let Err(error) = result {
-            return error;
+        let (failure, ended) = match result {
+            Some(Ok(())) => (None, None),
+            Some(Err(error)) => (Some(error.clone()), Some(Ended::Failed(error))),
+            None => (
+                Some(ValkeyError::ConnectionLost(
+                    "abandoned in flight: the Valkey master changed".to_owned(),
+                )),
+                Some(Ended::Moved),
+            ),
+        };
+        // A node that answers READONLY became a replica: this connection is of no more use.
+        let demoted = replies
+            .iter()
+            .find_map(|r| r.as_error().filter(|m| is_read_only(m)))
+            .map(|m| ValkeyError::NotMaster(m.to_owned()));
+        let wait = wait && shared.wait_command.is_some();
+        shared.finish_batch(index, groups, replies, commands, wait, failure.as_ref());
+        if let Some(ended) = ended {
+            return ended;
+        }
+        if let Some(error) = demoted {
+            return Ended::Failed(error);
         }
     }
 }
@@ -1045,7 +1406,7 @@ async fn run_janitor(shared: Rc<Shared>) {
 /// Delay before reconnect attempt `failures` (>= 1): uniform in `[min, cap]` where the cap
 /// doubles from `min` up to `max` ("full jitter", floored at `min` so attempts are never
 /// back to back: a wrong password costs a handful of attempts per second, not thousands).
-fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+pub(super) fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(31);
     let cap = min.saturating_mul(1u32 << doublings).min(max);
     let (low, high) = (min.as_nanos() as u64, cap.as_nanos() as u64);
@@ -1876,6 +2237,188 @@ mod tests {
                 Some(ValkeyError::Tls(_))
             ));
             refused.shutdown().await;
+        });
+    }
+
+    /// A replica of `master`, once the master sees it online.
+    fn start_replica(master: &ValkeyServer) -> ValkeyServer {
+        let port = master.port.to_string();
+        let replica = ValkeyServer::start(&["--replicaof", "127.0.0.1", &port]);
+        let probe = master.config();
+        run_local(move || async move {
+            let mut conn = Connection::connect(&probe).await.expect("connect master");
+            let mut online = false;
+            for _ in 0..500 {
+                let info = conn.call(&[b"INFO", b"replication"]).await.expect("INFO");
+                if info.as_str().is_some_and(|i| i.contains("state=online")) {
+                    online = true;
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(online, "replica never came online");
+        });
+        replica
+    }
+
+    /// A write to a node that became a replica is answered `READONLY`: the caller gets
+    /// `NotMaster` (transient: not applied), and the connection is dropped and opened again
+    /// (with Sentinel, to the master named then); reads keep working.
+    #[test]
+    fn read_only_reply_is_not_master_and_reconnects() {
+        let master = ValkeyServer::start(&[]);
+        let replica = start_replica(&master);
+        let config = config_for(replica.config());
+        run_local(move || async move {
+            let client = start_all_connected(config).await;
+            let refused = client.call(&[b"SET", b"k", b"v"]).await;
+            assert!(
+                matches!(&refused, Err(ValkeyError::NotMaster(m)) if m.starts_with("READONLY")),
+                "{refused:?}"
+            );
+            assert!(refused
+                .as_ref()
+                .err()
+                .is_some_and(ValkeyError::is_transient));
+            assert!(eventually(Duration::from_secs(5), || client.stats().connects == 2).await);
+            let stats = client.stats();
+            assert_eq!(stats.not_master_replies, 1);
+            assert_eq!(stats.connections_lost, 1);
+            assert_eq!(
+                client.call(&[b"GET", b"k"]).await,
+                Ok(Reply::Nil),
+                "reads still go to the replica"
+            );
+            client.shutdown().await;
+        });
+    }
+
+    /// `ack: replicated`: everything queued before a batch goes out shares one WAIT at its
+    /// end, whose count every group gets; spanning two connections, one WAIT each. Without a
+    /// replica, WAIT answers 0 after its timeout.
+    #[test]
+    fn replicated_groups_share_one_wait_per_batch() {
+        let master = ValkeyServer::start(&[]);
+        let replica = start_replica(&master);
+        // Generous with a replica (a loaded machine must not make it miss the deadline);
+        // short without one, where it always runs out.
+        let wait = WaitFor {
+            replicas: 1,
+            timeout: Duration::from_secs(3),
+        };
+        let config = ClientConfig {
+            connections: 2,
+            wait_for: Some(wait),
+            ..config_for(ConnectConfig {
+                command_timeout: Duration::from_secs(10),
+                ..master.config()
+            })
+        };
+        let lonely = ValkeyServer::start(&[]);
+        let lonely_config = ClientConfig {
+            wait_for: Some(WaitFor {
+                replicas: 1,
+                timeout: Duration::from_millis(300),
+            }),
+            ..config_for(lonely.config())
+        };
+        run_local(move || async move {
+            let client = start_all_connected(config).await;
+            // Queued at once: one batch per lane, each ending with one WAIT.
+            let calls: Vec<_> = (0..50)
+                .map(|i| {
+                    let key = format!("k{i}");
+                    let command = Command::new(&[b"SET", key.as_bytes(), b"v"])
+                        .expect("cmd")
+                        .routed(key.as_bytes());
+                    client.try_submit_replicated(&[command]).expect("queued")
+                })
+                .collect();
+            for call in calls {
+                let (replies, waits) = call.await;
+                assert!(replies[0].as_ref().is_ok_and(Reply::is_ok), "{replies:?}");
+                assert_eq!(waits, vec![Ok(Reply::Integer(1))]);
+            }
+            assert_eq!(client.stats().waits, 2, "one WAIT per lane's batch");
+            // One call spanning both lanes: split, each part with its own lane's WAIT.
+            let keys: Vec<String> = (0..20).map(|i| format!("split{i}")).collect();
+            let commands: Vec<Command> = keys
+                .iter()
+                .map(|k| {
+                    Command::new(&[b"INCR", k.as_bytes()])
+                        .expect("cmd")
+                        .routed(k.as_bytes())
+                })
+                .collect();
+            let (replies, waits) = client
+                .try_submit_replicated(&commands)
+                .expect("queued")
+                .await;
+            assert_eq!(replies, vec![Ok(Reply::Integer(1)); 20]);
+            assert_eq!(waits, vec![Ok(Reply::Integer(1)); 20]);
+            assert_eq!(client.stats().waits, 4);
+            // Plain submits never carry a WAIT.
+            let plain = client
+                .call_many(&[Command::new(&[b"SET", b"x", b"1"]).expect("cmd")])
+                .await;
+            assert!(plain[0].is_ok());
+            assert_eq!(client.stats().waits, 4);
+            client.shutdown().await;
+
+            let alone = start_all_connected(lonely_config).await;
+            let began = Instant::now();
+            let (replies, waits) = alone
+                .try_submit_replicated(&[Command::new(&[b"SET", b"k", b"v"]).expect("cmd")])
+                .expect("queued")
+                .await;
+            assert!(replies[0].is_ok());
+            assert_eq!(
+                waits,
+                vec![Ok(Reply::Integer(0))],
+                "no replica acknowledged"
+            );
+            assert!(began.elapsed() >= Duration::from_millis(300), "WAIT waited");
+            alone.shutdown().await;
+
+            let plain = start_all_connected(config_for(lonely.config())).await;
+            assert!(matches!(
+                plain.try_submit_replicated(&[Command::new(&[b"PING"]).expect("cmd")]),
+                Err(ValkeyError::Config(_))
+            ));
+            plain.shutdown().await;
+        });
+        drop(replica);
+    }
+
+    #[test]
+    fn wait_settings_are_checked() {
+        run_local(|| async {
+            for wait in [
+                WaitFor {
+                    replicas: 0,
+                    timeout: Duration::from_millis(100),
+                },
+                WaitFor {
+                    replicas: 1,
+                    timeout: Duration::ZERO,
+                },
+                WaitFor {
+                    replicas: 1,
+                    timeout: Duration::from_secs(5),
+                },
+            ] {
+                let config = ClientConfig {
+                    wait_for: Some(wait),
+                    ..ClientConfig::default()
+                };
+                assert!(
+                    matches!(
+                        Client::start(config).map(|_| ()),
+                        Err(ValkeyError::Config(_))
+                    ),
+                    "{wait:?}"
+                );
+            }
         });
     }
 }

@@ -1,9 +1,12 @@
 //! One established connection to Valkey: TCP (optionally TLS), AUTH/SELECT/CLIENT SETNAME
-//! done, then batches of pre-encoded commands written with one write and answered in order.
+//! done and the configured Function library loaded, then batches of pre-encoded commands
+//! written with one write and answered in order.
 //!
 //! Owns: address resolution and connect, the TLS client configuration (roots from a CA file or
-//! the system store, server certificate always verified), the connection handshake, the read
-//! buffer, and the command timeout of one round trip.
+//! the system store, server certificate always verified against the host connected to), the
+//! connection handshake (with Sentinel, also the check that the node is a master), the read
+//! buffer, the command timeout of one round trip, and reading pushed frames (a Sentinel
+//! subscription's messages).
 //!
 //! Does not own: queueing, matching replies to callers, reconnecting; see `client.rs`. A
 //! connection that returned an error is finished: callers drop it and connect again.
@@ -65,6 +68,12 @@ pub struct ConnectConfig {
     /// `CLIENT SETNAME` value, e.g. `pulsar-relay-shard3` (visible in `CLIENT LIST`); empty
     /// skips it. Valkey refuses names with spaces; that error is ignored.
     pub client_name: String,
+    /// A Function library every connection makes sure is loaded (at its version or newer)
+    /// before it carries commands; see [`super::library`].
+    pub library: Option<super::FunctionLibrary>,
+    /// Ends the handshake with `ROLE` and refuses a node that is not a master
+    /// ([`ValkeyError::NotMaster`]): with Sentinel, the address a sentinel names can be stale.
+    pub verify_master: bool,
 }
 
 impl Default for ConnectConfig {
@@ -80,6 +89,8 @@ impl Default for ConnectConfig {
             connect_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),
             client_name: String::new(),
+            library: None,
+            verify_master: false,
         }
     }
 }
@@ -98,6 +109,11 @@ impl fmt::Debug for ConnectConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("client_name", &self.client_name)
+            .field(
+                "library",
+                &self.library.as_ref().map(|l| (l.name, l.version)),
+            )
+            .field("verify_master", &self.verify_master)
             .finish()
     }
 }
@@ -109,23 +125,24 @@ enum HandshakeStep {
     Select,
     SetName,
     Ping,
+    Role,
 }
 
 /// Everything needed to open connections, prepared once per client: reading CA files and the
 /// system trust store takes milliseconds of blocking file I/O, too slow for every reconnect.
 pub struct Connector {
     config: ConnectConfig,
-    /// Present when `config.tls`.
-    tls: Option<TlsSetup>,
-    /// AUTH, SELECT and CLIENT SETNAME encoded as one pipeline: one round trip at connect.
+    /// Present when `config.tls`. The server name each certificate must match is the host of
+    /// each connection (with Sentinel, the master's address changes at every failover).
+    tls: Option<TlsConnector>,
+    /// AUTH, SELECT, CLIENT SETNAME (and ROLE) encoded as one pipeline: one round trip at
+    /// connect.
     handshake: Bytes,
     /// What each handshake command is, in order.
     handshake_steps: Vec<HandshakeStep>,
-}
-
-struct TlsSetup {
-    connector: TlsConnector,
-    server_name: ServerName<'static>,
+    /// A refused `ROLE` (an ACL user without `+role`) was logged once: the check is skipped
+    /// then, and `READONLY` replies remain the way a replica is found out.
+    role_refusal_logged: std::cell::Cell<bool>,
 }
 
 impl Connector {
@@ -174,13 +191,22 @@ impl Connector {
             );
             steps.push(HandshakeStep::SetName);
         }
+        if config.verify_master {
+            encode_command(&mut handshake, &[b"ROLE"]);
+            steps.push(HandshakeStep::Role);
+        }
         if steps.is_empty() {
             // Something must prove the server speaks RESP and needs no password.
             encode_command(&mut handshake, &[b"PING"]);
             steps.push(HandshakeStep::Ping);
         }
         let tls = if config.tls {
-            Some(tls_setup(&config)?)
+            // The configured host is checked now so a typo fails at start; with Sentinel it
+            // is not used (empty) and each master's address is checked when connecting.
+            if !config.host.is_empty() {
+                server_name(&config.host)?;
+            }
+            Some(tls_connector(&config)?)
         } else {
             None
         };
@@ -189,6 +215,7 @@ impl Connector {
             tls,
             handshake: handshake.freeze(),
             handshake_steps: steps,
+            role_refusal_logged: std::cell::Cell::new(false),
         })
     }
 
@@ -196,29 +223,36 @@ impl Connector {
         &self.config
     }
 
-    /// Opens a connection and runs the handshake, all within `connect_timeout`.
+    /// Opens a connection to the configured host and port and runs the handshake, all within
+    /// `connect_timeout`.
     ///
     /// Resolving a host name (not an IP address) blocks this thread for the DNS lookup; it
     /// happens only when (re)connecting.
     pub async fn connect(&self) -> Result<Connection, ValkeyError> {
+        self.connect_to(&self.config.host, self.config.port).await
+    }
+
+    /// Like [`Connector::connect`], to `host:port` instead of the configured address (the
+    /// master a sentinel named, or a sentinel), with everything else as configured.
+    pub async fn connect_to(&self, host: &str, port: u16) -> Result<Connection, ValkeyError> {
         match with_timeout(
             self.config.connect_timeout,
             "connecting",
-            self.connect_unbounded(),
+            self.connect_unbounded(host, port),
         )
         .await
         {
             Err(ValkeyError::Timeout(_)) => Err(ValkeyError::Connect(format!(
-                "{}:{}: no connection within {:?}",
-                self.config.host, self.config.port, self.config.connect_timeout
+                "{host}:{port}: no connection within {:?}",
+                self.config.connect_timeout
             ))),
             other => other,
         }
     }
 
-    async fn connect_unbounded(&self) -> Result<Connection, ValkeyError> {
-        let target = format!("{}:{}", self.config.host, self.config.port);
-        let addrs: Vec<SocketAddr> = (self.config.host.as_str(), self.config.port)
+    async fn connect_unbounded(&self, host: &str, port: u16) -> Result<Connection, ValkeyError> {
+        let target = format!("{host}:{port}");
+        let addrs: Vec<SocketAddr> = (host, port)
             .to_socket_addrs()
             .map_err(|e| ValkeyError::Connect(format!("{target}: {e}")))?
             .collect();
@@ -244,8 +278,7 @@ impl Connector {
             None => Transport::Plain(stream),
             Some(tls) => {
                 let stream = tls
-                    .connector
-                    .connect(tls.server_name.clone(), stream)
+                    .connect(server_name(host)?, stream)
                     .await
                     .map_err(|e| ValkeyError::Tls(format!("{peer}: {e}")))?;
                 Transport::Tls(Box::new(stream))
@@ -263,6 +296,10 @@ impl Connector {
             .round_trip_unbounded(&self.handshake, self.handshake_steps.len(), &mut replies)
             .await?;
         for (step, reply) in self.handshake_steps.iter().zip(&replies) {
+            if *step == HandshakeStep::Role {
+                self.check_role(&target, reply)?;
+                continue;
+            }
             let Some(message) = reply.as_error() else {
                 continue;
             };
@@ -282,18 +319,69 @@ impl Connector {
                 HandshakeStep::SetName => {
                     tracing::debug!(name = %self.config.client_name, error = %message, "CLIENT SETNAME refused; ignored");
                 }
-                HandshakeStep::Ping | HandshakeStep::Auth => {
+                HandshakeStep::Ping | HandshakeStep::Auth | HandshakeStep::Role => {
                     return Err(ValkeyError::Server(message.to_owned()))
                 }
             }
         }
+        // After the `ROLE` check: a replica named by a stale sentinel is refused before any
+        // `FUNCTION LOAD` is tried on it (a replica would answer `READONLY`).
+        if let Some(library) = &self.config.library {
+            match super::library::ensure_loaded(&mut connection, library).await? {
+                super::library::LibraryState::Loaded { replaced } => tracing::info!(
+                    library = library.name,
+                    version = library.version,
+                    replaced = ?replaced,
+                    %peer,
+                    "loaded the Valkey function library"
+                ),
+                super::library::LibraryState::Present(version) => tracing::debug!(
+                    library = library.name,
+                    version,
+                    %peer,
+                    "Valkey function library present"
+                ),
+            }
+        }
         Ok(connection)
     }
+
+    /// The `ROLE` reply of the handshake: a master passes; a replica (a stale address from a
+    /// sentinel, or an old master that rejoined) is [`ValkeyError::NotMaster`]. A refused
+    /// `ROLE` (ACL) passes with a warning logged once: writes to a replica then fail with
+    /// `READONLY`, which the client also follows.
+    fn check_role(&self, target: &str, reply: &Reply) -> Result<(), ValkeyError> {
+        if let Some(message) = reply.as_error() {
+            if !self.role_refusal_logged.replace(true) {
+                tracing::warn!(node = %target, error = %message, "ROLE refused: cannot check that the node is a master before writing (grant the ACL user +role); relying on READONLY replies");
+            }
+            return Ok(());
+        }
+        let role = reply
+            .as_array()
+            .and_then(|items| items.first())
+            .and_then(Reply::as_str)
+            .unwrap_or("");
+        if role == "master" {
+            Ok(())
+        } else {
+            Err(ValkeyError::NotMaster(format!(
+                "{target} is not a master (ROLE says {role:?})"
+            )))
+        }
+    }
+}
+
+/// The name a server certificate must match: the host connected to (a name or an IP address).
+fn server_name(host: &str) -> Result<ServerName<'static>, ValkeyError> {
+    ServerName::try_from(host.to_owned()).map_err(|e| {
+        ValkeyError::Config(format!("host {host:?} is not a valid TLS server name: {e}"))
+    })
 }
 
 /// Builds the rustls client configuration: ring provider, safe default protocol versions,
 /// server certificates verified against `tls_ca_file` or the system roots.
-fn tls_setup(config: &ConnectConfig) -> Result<TlsSetup, ValkeyError> {
+fn tls_connector(config: &ConnectConfig) -> Result<TlsConnector, ValkeyError> {
     let mut roots = rustls::RootCertStore::empty();
     match &config.tls_ca_file {
         Some(path) => {
@@ -330,16 +418,7 @@ fn tls_setup(config: &ConnectConfig) -> Result<TlsSetup, ValkeyError> {
         .map_err(|e| ValkeyError::Tls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let server_name = ServerName::try_from(config.host.clone()).map_err(|e| {
-        ValkeyError::Config(format!(
-            "host {:?} is not a valid TLS server name: {e}",
-            config.host
-        ))
-    })?;
-    Ok(TlsSetup {
-        connector: TlsConnector::from(Arc::new(client_config)),
-        server_name,
-    })
+    Ok(TlsConnector::from(Arc::new(client_config)))
 }
 
 /// The byte stream under a connection. An enum rather than a boxed trait object: the match is
@@ -564,14 +643,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Push mode (a connection in subscribed mode, see `subscriber.rs`): writes `commands`
-    /// (encoded back to back) with one write, expecting no reply in step with them; what
-    /// Valkey answers arrives through [`Connection::next_push`].
-    pub async fn send_only(&mut self, commands: &[u8]) -> Result<(), ValkeyError> {
+    /// Writes `bytes` (encoded commands) without reading replies: for a subscribed connection,
+    /// whose frames are read one at a time with [`Connection::next_frame`].
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ValkeyError> {
+        if self.broken {
+            return Err(ValkeyError::ConnectionLost(
+                "connection already failed".to_owned(),
+            ));
+        }
         let peer = self.peer;
-        let result = with_timeout(self.command_timeout, "writing", async {
+        let limit = self.command_timeout;
+        let result = with_timeout(limit, "writing", async {
             self.transport
-                .write_all(commands)
+                .write_all(bytes)
                 .await
                 .map_err(|e| ValkeyError::ConnectionLost(format!("{peer}: writing: {e}")))
         })
@@ -582,10 +666,10 @@ impl Connection {
         result
     }
 
-    /// Push mode: the next frame Valkey sends (a subscription confirmation, a published
-    /// message, a pong), however long it takes. Cancel-safe: bytes already read stay in the
-    /// buffer for the next call, so a subscriber can race it against "commands to send".
-    pub async fn next_push(&mut self) -> Result<Reply, ValkeyError> {
+    /// The next frame Valkey sends: a message pushed to a subscriber, or the reply to
+    /// something [sent](Connection::send). Waits as long as it takes (the caller bounds it).
+    /// Cancel-safe: bytes of a frame read only in part stay buffered for the next call.
+    pub async fn next_frame(&mut self) -> Result<Reply, ValkeyError> {
         let peer = self.peer;
         loop {
             match decode_reply_slice(self.read.pending()) {
@@ -600,19 +684,20 @@ impl Connection {
                     return Err(e.into());
                 }
             }
-            match self.transport.read(self.read.spare()).await {
+            let got = match self.transport.read(self.read.spare()).await {
                 Ok(0) => {
                     self.broken = true;
                     return Err(ValkeyError::ConnectionLost(format!(
-                        "{peer}: closed by Valkey"
+                        "{peer}: closed by the server"
                     )));
                 }
-                Ok(n) => self.read.commit(n),
+                Ok(n) => n,
                 Err(e) => {
                     self.broken = true;
                     return Err(ValkeyError::ConnectionLost(format!("{peer}: reading: {e}")));
                 }
-            }
+            };
+            self.read.commit(got);
         }
     }
 

@@ -1,14 +1,20 @@
-//! Talking to Valkey from a shard: RESP2 codec, one connection, and the per-shard pipelined
-//! client with group commit.
+//! Talking to Valkey from a shard: RESP2 codec, one connection, the per-shard pipelined
+//! client with group commit, and Sentinel.
 //!
 //! Layers, each usable alone:
 //! - [`codec`]: sans-IO encoding of commands and decoding of replies (`redis-protocol`).
-//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done, which sends a
-//!   pre-encoded batch with one write and reads exactly that many replies.
+//! - [`connection`]: one established TCP or TLS connection with AUTH/SELECT done (and the
+//!   Function library the caller needs loaded: [`library`]), which sends a pre-encoded batch
+//!   with one write and reads exactly that many replies (or, subscribed, reads pushed frames
+//!   one at a time).
+//! - [`sentinel`]: where the connections go: the configured address, or the master the
+//!   sentinels name, followed across failovers (`+switch-master`, `READONLY`, lost
+//!   connections).
 //! - [`client`]: the shard-local client the relay uses: one queue (lane) per connection,
 //!   driver tasks that send everything queued as one pipeline per round trip, reconnection
-//!   with backoff. Commands routed by a key (a topic) always take that key's lane, so they
-//!   run in submission order however many connections there are.
+//!   with backoff, the replication `WAIT` of `ack: replicated`. Commands routed by a key (a
+//!   topic) always take that key's lane, so they run in submission order however many
+//!   connections there are.
 //! - [`subscriber`]: the shard's one pub/sub connection (`SSUBSCRIBE`), kept apart from the
 //!   pipelined ones: the channels it wants, subscribed again after every reconnect, and the
 //!   messages pushed on them.
@@ -21,13 +27,17 @@
 pub mod client;
 pub mod codec;
 pub mod connection;
+pub mod library;
+pub mod sentinel;
 pub mod subscriber;
 
 use std::time::Duration;
 
-pub use client::{Client, ClientConfig, ClientStats, Command};
+pub use client::{ArgWriter, Client, ClientConfig, ClientStats, Command, WaitFor};
 pub use codec::{decode_reply, encode_command, ProtocolError, Reply};
 pub use connection::{ConnectConfig, Connection, Connector};
+pub use library::FunctionLibrary;
+pub use sentinel::{NodeAddr, SentinelConfig};
 
 /// Why a command (or a connection attempt) did not produce a reply.
 ///
@@ -70,6 +80,11 @@ pub enum ValkeyError {
     /// same pipeline are unaffected.
     #[error("Valkey replied with an error: {0}")]
     Server(String),
+    /// The node is not (or no longer) a master: a `-READONLY` reply (the command was not
+    /// applied), or a `ROLE` check at connect with Sentinel. Transient: the client drops the
+    /// connection and reconnects (with Sentinel, to the master the sentinels name now).
+    #[error("Valkey node is not the master: {0}")]
+    NotMaster(String),
     /// The configuration cannot work (zero connections, username without password, ...).
     #[error("invalid Valkey client configuration: {0}")]
     Config(String),
@@ -100,9 +115,29 @@ async fn with_timeout<T>(
 /// The client settings of shard `shard` from the relay's configuration.
 pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConfig {
     let valkey = &config.valkey;
+    let durability = &config.durability;
+    let sentinel = valkey.sentinel.as_ref().map(|s| SentinelConfig {
+        sentinels: s
+            .addrs
+            .iter()
+            .map(|(host, port)| NodeAddr {
+                host: host.clone(),
+                port: *port,
+            })
+            .collect(),
+        master_name: s.master_name.clone(),
+        username: s.username.clone(),
+        password: s.password.as_ref().map(|p| p.expose().to_owned()),
+    });
     ClientConfig {
         connect: ConnectConfig {
-            host: valkey.host.clone(),
+            // With Sentinel the sentinels name the master; `valkey.host/port` are not used
+            // (the configuration refuses them together).
+            host: if sentinel.is_some() {
+                String::new()
+            } else {
+                valkey.host.clone()
+            },
             port: valkey.port,
             username: valkey.username.clone(),
             password: valkey.password.as_ref().map(|p| p.expose().to_owned()),
@@ -112,10 +147,18 @@ pub fn client_config(config: &crate::config::Config, shard: usize) -> ClientConf
             connect_timeout: valkey.connect_timeout,
             command_timeout: valkey.command_timeout,
             client_name: format!("pulsar-relay-shard{shard}"),
+            // The storage layer names the library it calls.
+            library: None,
+            verify_master: sentinel.is_some(),
         },
         connections: valkey.connections_per_shard,
         // 0 means "never wait for a connection": refused at once while Valkey is down.
         max_pending: valkey.max_pending,
+        sentinel,
+        wait_for: (durability.ack == crate::config::AckMode::Replicated).then_some(WaitFor {
+            replicas: durability.replicas,
+            timeout: durability.replica_timeout,
+        }),
         ..ClientConfig::default()
     }
 }

@@ -223,7 +223,7 @@ async fn serve(
     loop {
         let out = inner.borrow_mut().outbox.split().freeze();
         if !out.is_empty() {
-            if let Err(error) = connection.send_only(&out).await {
+            if let Err(error) = connection.send(&out).await {
                 return error;
             }
         }
@@ -231,7 +231,7 @@ async fn serve(
             Some(at) => at + command_timeout,
             None => last_heard + PING_AFTER_SILENCE,
         };
-        let frame = async { Step::Frame(connection.next_push().await) };
+        let frame = async { Step::Frame(connection.next_frame().await) };
         let outbox = async {
             std::future::poll_fn(|cx| {
                 let mut inner = inner.borrow_mut();

@@ -65,7 +65,14 @@ const RELAY_ENV_VARS: &[&str] = &[
     "VALKEY_DB",
     "VALKEY_USE_TLS",
     "VALKEY_TLS_CA_FILE",
+    "VALKEY_SENTINELS",
+    "VALKEY_SENTINEL_MASTER",
+    "VALKEY_SENTINEL_USERNAME",
+    "VALKEY_SENTINEL_PASSWORD",
     "LOG_FORMAT",
+    // Read only in their PULSAR_ form, which is removed too.
+    "IDEMPOTENCY_WINDOW",
+    "IDEMPOTENCY_MAX_KEYS",
 ];
 
 /// How to start a relay: configuration file, shard count, extra environment, listen address.

@@ -559,7 +559,26 @@ impl Consumer {
                 Err(e) => Some(Err(e)),
             })
         });
-        let events = data
+        // Whole lines only: the SSE parser rescans its buffer from the start on every chunk,
+        // so a 200 KB `data:` line arriving in 16 KB frames cost it quadratic time (a debug
+        // build fell to ~1 message a second and the checker saw "stalls").
+        let lines = data
+            .scan(bytes::BytesMut::new(), |carry, frame| {
+                std::future::ready(Some(match frame {
+                    Ok(frame) => {
+                        // Only the new bytes are searched: the carry has no line end.
+                        let before = carry.len();
+                        carry.extend_from_slice(&frame);
+                        frame
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map(|end| Ok(carry.split_to(before + end + 1).freeze()))
+                    }
+                    Err(e) => Some(Err(e)),
+                }))
+            })
+            .filter_map(std::future::ready);
+        let events = lines
             .eventsource()
             .map(|r| match r {
                 Ok(ev) => Ok(ev),

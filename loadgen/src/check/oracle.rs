@@ -540,7 +540,7 @@ fn judge_topic(
                     t.start,
                     t.deliveries.len(),
                     t.gaps.iter().map(gap_str).collect::<Vec<_>>()
-                ),
+                ) + &loss_context(ledger, t, &missing),
             ));
         }
     }

@@ -3,6 +3,12 @@
 //! Body parsing is sans-IO ([`parse_publish`], [`parse_bulk`]) so it can be fuzzed and
 //! benchmarked alone. The payload is kept as the exact JSON text the producer sent
 //! (`serde_json::value::RawValue`), never parsed into a tree and re-serialised.
+//!
+//! Idempotency keys ([`crate::store::idempotency`]) come from the `Idempotency-Key` header
+//! (`pulsar-relay-client` sends one per logical publish and reuses it on every retry) or an
+//! item's `idempotency_key` field. On a bulk request the header names the whole request, and
+//! item `i` without a key of its own gets `<header>:<i>`, so every item is deduplicated on
+//! its own (items of one bulk may go to different topics, shards and Valkey slots).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,6 +25,7 @@ use crate::http::error::ApiError;
 use crate::http::json::{array_up_to, Bounded};
 use crate::metrics::Ingress;
 use crate::shard::Shard;
+use crate::store::idempotency;
 use crate::store::message::{write_rfc3339_millis, MessageId};
 use crate::store::{PublishAck, PublishItem};
 use crate::topic;
@@ -42,6 +49,8 @@ struct PublishBody<'a> {
     ttl: Option<f64>,
     #[serde(borrow)]
     metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -191,14 +200,46 @@ fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiErr
             Some(Bytes::from(encoded))
         }
     };
+    let idempotency_key = match body.idempotency_key {
+        None => None,
+        Some(key) => {
+            idempotency::validate_key(&key)
+                .map_err(|why| ApiError::invalid_request(format!("`idempotency_key`: {why}")))?;
+            Some(key.into_owned())
+        }
+    };
     Ok(PublishItem {
         topic: topic.into_owned(),
         // Copied: a slice of the request would pin the whole request buffer in the hot tier.
         payload: Bytes::copy_from_slice(payload),
         metadata,
         ttl_ms,
+        idempotency_key,
     })
 }
+
+/// The request's `Idempotency-Key`, validated: `None` without one, 400 for an invalid one
+/// or for several (which one would name the publish?).
+pub fn idempotency_header(request: &Request) -> Result<Option<String>, ApiError> {
+    let mut values = request.header_values(IDEMPOTENCY_KEY_HEADER);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::invalid_request(
+            "more than one `Idempotency-Key` header: send one key per publish",
+        ));
+    }
+    let key = std::str::from_utf8(value)
+        .map(|v| v.trim_matches([' ', '\t']))
+        .map_err(|_| ApiError::invalid_request("`Idempotency-Key`: not printable ASCII"))?;
+    idempotency::validate_key(key)
+        .map_err(|why| ApiError::invalid_request(format!("`Idempotency-Key`: {why}")))?;
+    Ok(Some(key.to_owned()))
+}
+
+/// The header producers name a publish with.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 
 pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
@@ -213,7 +254,17 @@ pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiE
 
 async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     require_json(request)?;
-    let item = parse_publish(request.body(), &shard.config.api)?;
+    let header_key = idempotency_header(request)?;
+    let mut item = parse_publish(request.body(), &shard.config.api)?;
+    match (header_key, &item.idempotency_key) {
+        (Some(header), Some(body)) if header != *body => {
+            return Err(ApiError::invalid_request(
+                "the `Idempotency-Key` header and the body's `idempotency_key` differ",
+            ))
+        }
+        (Some(header), None) => item.idempotency_key = Some(header),
+        _ => {}
+    }
     shard.metrics.per_topic(&item.topic, 0, 1);
     let owner = shard.owner_of(&item.topic);
     let topic = item.topic.clone();
@@ -243,7 +294,17 @@ enum Outcome {
 pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
     require_json(request)?;
-    let items = parse_bulk(request.body(), &shard.config.api)?;
+    let header_key = idempotency_header(request)?;
+    let mut items = parse_bulk(request.body(), &shard.config.api)?;
+    if let Some(header) = &header_key {
+        for (index, item) in items.iter_mut().enumerate() {
+            if let Ok(item) = item {
+                if item.idempotency_key.is_none() {
+                    item.idempotency_key = Some(idempotency::bulk_item_key(header, index));
+                }
+            }
+        }
+    }
     let total = items.len();
     shard.metrics.received(Ingress::HttpBulk, total as u64);
     let mut outcomes: Vec<Option<Outcome>> = (0..total).map(|_| None).collect();

@@ -1,21 +1,32 @@
 //! `ack: buffered` publishes: ids chosen here so the producer is answered before Valkey
 //! replies, and the bounded write-behind backlog those acknowledged messages wait in until
-//! one writer task per shard has stored them (oldest first, failed batches retried with the
-//! same ids).
+//! one writer task per shard has stored them (oldest first, one `pulsar_publish` call per
+//! topic of a batch, failed batches retried with the same ids).
 //!
-//! Does not own the entry format (`entry.rs`) nor `ack: persisted` publishes (`publish.rs`);
-//! the hot tier is filled by the caller ([`crate::store::Storage`]) at acknowledgement.
+//! Publishes with an idempotency key are written the same way, in their place in the
+//! backlog, but not acknowledged before Valkey decided (stored, or a duplicate of a publish
+//! made through any relay): their caller awaits a [`BehindDecision`]. They are not retried:
+//! a failed attempt is answered 503 and the producer's retry, with the same key, is the
+//! retry. While one is undecided its topic is held ([`TopicHold`]): later publishes to it
+//! wait, so the hot tier and the feed keep seeing the topic in id order.
+//!
+//! Does not own the call's encoding (`function.rs`) nor `ack: persisted` publishes
+//! (`publish.rs`); the hot tier is filled by the caller ([`crate::store::Storage`]) at
+//! acknowledgement.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::channel::oneshot;
 
 use super::entry::parse_entries;
+use super::function::{parse_publish_reply, Entry, Outcome};
+use super::publish::group_by_topic;
 use super::{on, store_error, ValkeyTier};
-use crate::store::message::{write_rfc3339_millis, MessageId};
-use crate::store::{PublishItem, StoreError};
+use crate::store::message::MessageId;
+use crate::store::{PublishAck, PublishItem, StoreError};
 use crate::valkey::{Command, Reply, ValkeyError};
 
 /// The write-behind backlog of `ack = buffered`: every acknowledged message stays here until
@@ -47,6 +58,17 @@ pub(super) struct Behind {
 }
 
 impl Behind {
+    /// Accounts for `item` leaving the backlog (stored, a duplicate, decided or lost).
+    fn remove(&mut self, item: &PublishItem) {
+        self.bytes = self.bytes.saturating_sub(item_bytes(item));
+        if let Some(n) = self.per_topic.get_mut(&item.topic) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_topic.remove(&item.topic);
+            }
+        }
+    }
+
     /// An empty backlog holding at most `max_behind` messages (never fewer than one batch).
     pub(super) fn new(max_behind: usize) -> Behind {
         Behind {
@@ -63,13 +85,16 @@ impl Behind {
     }
 }
 
-/// One acknowledged, not yet stored message.
+/// One message waiting in the backlog: acknowledged, or (with an idempotency key) awaiting
+/// its decision.
 struct BehindItem {
     item: PublishItem,
     id: MessageId,
     timestamp_ms: u64,
-    /// The topic was new to this tier when published: send its meta commands too.
+    /// The topic was new to this tier when published: set its meta hash's creation time too.
     new_topic: bool,
+    /// Keyed publishes only: where Valkey's decision goes (the publisher waits for it).
+    decision: Option<oneshot::Sender<BehindDecision>>,
     /// Another writer stored an id at least as high first (`ack: buffered` with several
     /// writers): the message is sent with `*` instead, so it is stored after all, under the
     /// id Valkey gives it. Logged and counted (`buffered_reassigned`): the producer was told
@@ -77,10 +102,33 @@ struct BehindItem {
     reassign: bool,
 }
 
-/// How one write-behind XADD ended.
+/// How the write-behind sends one backlog item this time (copied out of the backlog).
+struct Attempt {
+    id: MessageId,
+    timestamp_ms: u64,
+    new_topic: bool,
+    /// Sent with `*`: see [`BehindItem::reassign`].
+    reassign: bool,
+}
+
+/// What became of a keyed publish written behind (see the module doc).
+#[derive(Debug)]
+pub enum BehindDecision {
+    /// Stored with the id chosen for it.
+    Stored,
+    /// Its key was used before, through this relay or another: nothing stored; the first
+    /// publish's answer.
+    Duplicate(PublishAck),
+    /// Not stored, or not known to be (a lost reply): the producer retries with its key.
+    Failed(StoreError),
+}
+
+/// How one write-behind entry ended.
 enum BehindOutcome {
-    /// Stored with this id.
-    Stored(MessageId),
+    /// Stored (under this id when Valkey picked it: a reassigned message).
+    Stored(Option<MessageId>),
+    /// Keyed only: a duplicate of an earlier publish.
+    Duplicate(PublishAck),
     /// Worth sending again (connection lost, timeout, queue full, `-OOM`).
     Retry,
     /// Refused because the stream already holds an id at least as high: stored already (a
@@ -92,21 +140,109 @@ enum BehindOutcome {
     Lost(String),
 }
 
+/// Topics held while keyed publishes to them await their decision: while it lives, every
+/// buffered publish to one of them waits before taking ids. Released on drop (also if the
+/// publishing task is dropped), which wakes the waiters.
+pub struct TopicHold {
+    tier: Rc<ValkeyTier>,
+    topics: Vec<String>,
+}
+
+impl TopicHold {
+    /// Whether `topic` is one of the held topics.
+    pub fn holds(&self, topic: &str) -> bool {
+        self.topics.iter().any(|t| t == topic)
+    }
+}
+
+impl Drop for TopicHold {
+    fn drop(&mut self) {
+        let mut holds = self.tier.holds.borrow_mut();
+        for topic in &self.topics {
+            // Dropping the waiters' senders wakes them.
+            holds.remove(topic);
+        }
+    }
+}
+
 impl ValkeyTier {
-    /// Buffered mode: chooses ids now so the producer is answered at once; the XADDs (with
+    /// Buffered mode: chooses ids now so the producer is answered at once; the entries (with
     /// those explicit ids) are written behind. A topic's first publish since start, and its
     /// first after a write-behind failure (Valkey restarted, another writer may have
     /// appended), reads the stream's last id so new ids stay above it; ids never go back
     /// below ones already handed out.
     ///
-    /// Also returns, for each topic whose stream was read here, the stream's last id: the
-    /// caller compares it with what its memory has seen of the topic (another writer's
-    /// entries there are a reason to degrade, see [`ValkeyTier::degrade_buffered`]).
+    /// Waits first while any of the items' topics is held by a keyed publish awaiting its
+    /// decision; if `items` hold keyed publishes, returns the hold of their topics, taken in
+    /// the same synchronous step as the ids (so no publish can take ids between).
     pub async fn assign_buffered_ids(
-        &self,
+        self: &Rc<Self>,
         items: &[PublishItem],
         now_ms: u64,
-    ) -> Result<(Vec<MessageId>, Vec<(String, MessageId)>), StoreError> {
+    ) -> Result<(Vec<MessageId>, Option<TopicHold>, Vec<(String, MessageId)>), StoreError> {
+        let mut stream_lasts = Vec::new();
+        loop {
+            stream_lasts.extend(self.refresh_buffered_last(items).await?);
+            // From here to the return: no await.
+            let waiting = {
+                let mut holds = self.holds.borrow_mut();
+                items.iter().find_map(|item| {
+                    holds.get_mut(&item.topic).map(|waiters| {
+                        let (tx, rx) = oneshot::channel::<()>();
+                        waiters.push(tx);
+                        rx
+                    })
+                })
+            };
+            if let Some(released) = waiting {
+                // Err(Canceled) is the release: the hold dropped its senders.
+                let _ = released.await;
+                continue;
+            }
+            let hold = self.hold_keyed_topics(items);
+            let mut last_ids = self.buffered_last.borrow_mut();
+            let ids = items
+                .iter()
+                .map(|item| {
+                    let last = last_ids.get(&item.topic).map(|(id, _)| *id);
+                    let id = MessageId::next_after(last, now_ms);
+                    last_ids.insert(item.topic.clone(), (id, true));
+                    id
+                })
+                .collect();
+            return Ok((ids, hold, stream_lasts));
+        }
+    }
+
+    /// Holds the topics of `items`' keyed publishes (none held: `None`).
+    fn hold_keyed_topics(self: &Rc<Self>, items: &[PublishItem]) -> Option<TopicHold> {
+        let mut topics: Vec<String> = Vec::new();
+        for item in items.iter().filter(|i| i.idempotency_key.is_some()) {
+            if !topics.contains(&item.topic) {
+                topics.push(item.topic.clone());
+            }
+        }
+        if topics.is_empty() {
+            return None;
+        }
+        let mut holds = self.holds.borrow_mut();
+        for topic in &topics {
+            holds.insert(topic.clone(), Vec::new());
+        }
+        Some(TopicHold {
+            tier: self.clone(),
+            topics,
+        })
+    }
+
+    /// Reads the stream's last id for each topic of `items` whose cached last id is not
+    /// known to be current (see [`ValkeyTier::assign_buffered_ids`]); returns what it read,
+    /// per topic: the caller compares it with what its memory has seen of the topic (another
+    /// writer's entries there are a reason to degrade, see [`ValkeyTier::degrade_buffered`]).
+    async fn refresh_buffered_last(
+        &self,
+        items: &[PublishItem],
+    ) -> Result<Vec<(String, MessageId)>, StoreError> {
         let mut read = Vec::new();
         for item in items {
             if matches!(
@@ -138,17 +274,7 @@ impl ValkeyTier {
                 }
             }
         }
-        let mut last_ids = self.buffered_last.borrow_mut();
-        let ids = items
-            .iter()
-            .map(|item| {
-                let last = last_ids.get(&item.topic).map(|(id, _)| *id);
-                let id = MessageId::next_after(last, now_ms);
-                last_ids.insert(item.topic.clone(), (id, true));
-                id
-            })
-            .collect();
-        Ok((ids, read))
+        Ok(read)
     }
 
     /// Queues messages about to be acknowledged for the write-behind, or refuses them all at
@@ -156,12 +282,15 @@ impl ValkeyTier {
     /// would be dropped). Once queued, a message is retried with its id until Valkey stores
     /// it; only a refusal that no retry can change (say `-WRONGTYPE`) loses it, logged as an
     /// error and counted (`relay_valkey_errors_total{kind="buffered_lost"}`).
+    ///
+    /// Returns, per item, where a keyed publish's [`BehindDecision`] will arrive (`None` for
+    /// the others, acknowledged now).
     pub fn enqueue_behind(
         self: &Rc<Self>,
         items: Vec<PublishItem>,
         ids: &[MessageId],
         now_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Option<oneshot::Receiver<BehindDecision>>>, StoreError> {
         let bytes: usize = items.iter().map(item_bytes).sum();
         let mut behind = self.behind.borrow_mut();
         if behind.queue.len() + items.len() > behind.max_items
@@ -188,21 +317,27 @@ impl ValkeyTier {
             })
             .collect();
         drop(known);
-        for item in &items {
+        // A keyed publish counts once it is stored (it may turn out a duplicate).
+        for item in items.iter().filter(|i| i.idempotency_key.is_none()) {
             self.note_written(&item.topic);
         }
+        let mut decisions = Vec::with_capacity(items.len());
         for ((item, id), new_topic) in items.into_iter().zip(ids).zip(fresh) {
-            match behind.per_topic.get_mut(&item.topic) {
-                Some(n) => *n += 1,
-                None => {
-                    behind.per_topic.insert(item.topic.clone(), 1);
+            let (decision, receiver) = match item.idempotency_key {
+                Some(_) => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
                 }
-            }
+                None => (None, None),
+            };
+            decisions.push(receiver);
+            *behind.per_topic.entry(item.topic.clone()).or_insert(0) += 1;
             behind.queue.push_back(BehindItem {
                 item,
                 id: *id,
                 timestamp_ms: now_ms,
                 new_topic,
+                decision,
                 reassign: false,
             });
         }
@@ -212,7 +347,7 @@ impl ValkeyTier {
             behind.doorbell = Some(tx);
             drop(behind);
             glommio::spawn_local(write_behind(Rc::downgrade(self), rx)).detach();
-            return Ok(());
+            return Ok(decisions);
         }
         // Rung outside the borrow: the executor may run the writer at once. Full means a
         // wake-up is already pending: enough.
@@ -221,7 +356,7 @@ impl ValkeyTier {
         if let Some(doorbell) = doorbell.as_mut() {
             let _ = doorbell.try_send(());
         }
-        Ok(())
+        Ok(decisions)
     }
 
     /// Whether acknowledged messages of `topic` still wait in the write-behind backlog.
@@ -253,7 +388,8 @@ impl ValkeyTier {
 
     /// Sends the oldest part of the backlog once; returns whether something must be retried.
     async fn send_behind_batch(&self) -> bool {
-        let batch: Vec<(PublishItem, MessageId, u64, bool, bool)> = {
+        // The items, and beside them how each is sent.
+        let (items, batch): (Vec<PublishItem>, Vec<Attempt>) = {
             let mut behind = self.behind.borrow_mut();
             behind.busy = true;
             behind
@@ -261,74 +397,80 @@ impl ValkeyTier {
                 .iter()
                 .take(BEHIND_BATCH)
                 .map(|b| {
-                    (
-                        b.item.clone(),
-                        b.id,
-                        b.timestamp_ms,
-                        b.new_topic,
-                        b.reassign,
-                    )
+                    let attempt = Attempt {
+                        id: b.id,
+                        timestamp_ms: b.timestamp_ms,
+                        new_topic: b.new_topic,
+                        reassign: b.reassign,
+                    };
+                    (b.item.clone(), attempt)
                 })
-                .collect()
+                .unzip()
         };
-        let mut commands: Vec<Command> = batch
+        let groups = group_by_topic(&items);
+        let commands: Vec<Command> = groups
             .iter()
-            .map(|(item, id, ts, _, reassign)| {
-                self.encode_xadd(item, (!reassign).then_some(*id), *ts)
+            .map(|group| {
+                let entries: Vec<Entry<'_>> = group
+                    .iter()
+                    .map(|&i| Entry {
+                        item: &items[i],
+                        id: (!batch[i].reassign).then_some(batch[i].id),
+                        timestamp_ms: batch[i].timestamp_ms,
+                    })
+                    .collect();
+                let created = group
+                    .iter()
+                    .find(|&&i| batch[i].new_topic)
+                    .map(|&i| batch[i].timestamp_ms);
+                self.encode_publish(&items[group[0]].topic, &entries, created)
             })
             .collect();
-        for (item, _, ts, new_topic, _) in &batch {
-            if *new_topic {
-                let mut created = Vec::with_capacity(24);
-                write_rfc3339_millis(&mut created, *ts);
-                let key = self.meta_key.render(&item.topic);
-                commands.push(on(
-                    &item.topic,
-                    &[b"HSETNX", key.as_bytes(), b"created", &created],
-                ));
-                commands.push(on(&item.topic, &[b"PERSIST", key.as_bytes()]));
-            }
-        }
+        self.count("fcall", commands.len());
         self.count("xadd", batch.len());
         let replies = self.client.call_many(&commands).await;
-        let mut outcomes: Vec<BehindOutcome> = replies
-            .into_iter()
-            .take(batch.len())
-            .map(|reply| match reply {
-                Ok(Reply::Bulk(id)) => match std::str::from_utf8(&id)
-                    .ok()
-                    .and_then(|s| s.parse::<MessageId>().ok())
-                {
-                    Some(id) => BehindOutcome::Stored(id),
-                    None => BehindOutcome::Lost(format!("unexpected XADD reply: {id:?}")),
-                },
-                Ok(other) => BehindOutcome::Lost(format!("unexpected XADD reply: {other:?}")),
-                Err(ValkeyError::Server(message)) if message.starts_with("OOM") => {
-                    BehindOutcome::Retry
-                }
-                Err(ValkeyError::Server(message)) if message.contains("equal or smaller") => {
-                    BehindOutcome::Check
-                }
-                Err(ValkeyError::Server(message)) => BehindOutcome::Lost(message),
-                Err(_) => BehindOutcome::Retry,
-            })
-            .collect();
-        outcomes.resize_with(batch.len(), || BehindOutcome::Retry);
-        // Refused as not above the stream's last id: stored already, or lost. Ask.
+        let mut outcomes: Vec<BehindOutcome> =
+            (0..batch.len()).map(|_| BehindOutcome::Retry).collect();
+        for (group, reply) in groups.iter().zip(replies) {
+            for (&i, outcome) in group.iter().zip(parse_publish_reply(reply, group.len())) {
+                outcomes[i] = match outcome {
+                    Outcome::Stored(id) => BehindOutcome::Stored(Some(id)),
+                    // Its own earlier attempt (a reply lost with its connection): stored.
+                    Outcome::Duplicate(ack) if ack.id == batch[i].id => BehindOutcome::Stored(None),
+                    Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
+                    // Transient refusals, of the whole call (refused before it ran: OOM,
+                    // LOADING, BUSY, MASTERDOWN, NOREPLICAS) or of one entry's XADD.
+                    Outcome::Failed(ValkeyError::Server(message)) if is_transient(&message) => {
+                        BehindOutcome::Retry
+                    }
+                    Outcome::Failed(ValkeyError::Server(message))
+                        if message.contains("equal or smaller") =>
+                    {
+                        BehindOutcome::Check
+                    }
+                    Outcome::Failed(ValkeyError::Server(message)) => BehindOutcome::Lost(message),
+                    Outcome::Failed(_) => BehindOutcome::Retry,
+                };
+            }
+        }
+        // Refused as not above the stream's last id: stored already, or lost. Ask. (A keyed
+        // publish is never sent twice, so for it the refusal means not stored.)
         let checks: Vec<usize> = outcomes
             .iter()
             .enumerate()
-            .filter(|(_, o)| matches!(o, BehindOutcome::Check))
+            .filter(|(i, o)| {
+                matches!(o, BehindOutcome::Check) && items[*i].idempotency_key.is_none()
+            })
             .map(|(i, _)| i)
             .collect();
         if !checks.is_empty() {
             let commands: Vec<Command> = checks
                 .iter()
                 .map(|&i| {
-                    let key = self.stream_key.render(&batch[i].0.topic);
-                    let id = batch[i].1.to_string();
+                    let key = self.stream_key.render(&items[i].topic);
+                    let id = batch[i].id.to_string();
                     on(
-                        &batch[i].0.topic,
+                        &items[i].topic,
                         &[b"XRANGE", key.as_bytes(), id.as_bytes(), id.as_bytes()],
                     )
                 })
@@ -339,15 +481,15 @@ impl ValkeyTier {
                 // same id): stored already, its reply lost with a connection.
                 let ours = |r: &Reply| {
                     parse_entries(r).first().is_some_and(|(_, m)| {
-                        m.payload == batch[i].0.payload && m.timestamp_ms == batch[i].2
+                        m.payload == items[i].payload && m.timestamp_ms == batch[i].timestamp_ms
                     })
                 };
                 outcomes[i] = match reply {
-                    Ok(r) if ours(&r) => BehindOutcome::Stored(batch[i].1),
+                    Ok(r) if ours(&r) => BehindOutcome::Stored(None),
                     Ok(_) => {
                         // Not there, and the stream is past it: someone else wrote the topic.
                         self.degrade_buffered(
-                            &batch[i].0.topic,
+                            &items[i].topic,
                             "an acknowledged id was refused: the stream already holds a higher one",
                         );
                         BehindOutcome::Reassign
@@ -357,27 +499,51 @@ impl ValkeyTier {
             }
         }
         let mut retry = false;
+        // A keyed publish failed: not sent again, but the streams are checked as after any
+        // failure before the next ids.
+        let mut recheck = false;
         let mut behind = self.behind.borrow_mut();
         let mut kept = VecDeque::new();
-        let mut stored: Vec<(String, MessageId)> = Vec::new();
-        for outcome in &outcomes {
+        let mut decided = Vec::new();
+        for outcome in outcomes {
             let Some(mut done) = behind.queue.pop_front() else {
                 break;
             };
+            if let Some(decision) = done.decision.take() {
+                // A keyed publish: its producer is waiting for this attempt, the only one.
+                let answer = match outcome {
+                    BehindOutcome::Stored(_) => {
+                        decided.push(done.item.topic.clone());
+                        BehindDecision::Stored
+                    }
+                    BehindOutcome::Duplicate(ack) => BehindDecision::Duplicate(ack),
+                    BehindOutcome::Retry | BehindOutcome::Check | BehindOutcome::Reassign => {
+                        recheck = true;
+                        BehindDecision::Failed(StoreError::Unavailable(
+                            "write-behind attempt failed; the message may or may not be stored"
+                                .into(),
+                        ))
+                    }
+                    BehindOutcome::Lost(why) => BehindDecision::Failed(StoreError::Rejected(why)),
+                };
+                let _ = decision.send(answer);
+                behind.remove(&done.item);
+                continue;
+            }
             match outcome {
-                BehindOutcome::Stored(id) => {
+                BehindOutcome::Stored(stored_as) => {
                     if done.reassign {
                         behind.reassigned += 1;
                         tracing::error!(
                             topic = %done.item.topic,
                             acknowledged_as = %done.id,
-                            stored_as = %id,
+                            stored_as = ?stored_as,
                             "acknowledged buffered message stored under a new id: another \
                              writer took its id first"
                         );
                     }
-                    stored.push((done.item.topic.clone(), *id));
                 }
+                BehindOutcome::Duplicate(_) => {}
                 BehindOutcome::Retry | BehindOutcome::Check | BehindOutcome::Reassign => {
                     done.reassign |= matches!(outcome, BehindOutcome::Reassign);
                     retry = true;
@@ -394,13 +560,7 @@ impl ValkeyTier {
                     );
                 }
             }
-            behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
-            if let Some(n) = behind.per_topic.get_mut(&done.item.topic) {
-                *n -= 1;
-                if *n == 0 {
-                    behind.per_topic.remove(&done.item.topic);
-                }
-            }
+            behind.remove(&done.item);
         }
         // What is to be retried goes first again, in its order.
         while let Some(item) = kept.pop_back() {
@@ -411,8 +571,10 @@ impl ValkeyTier {
         }
         behind.busy = false;
         drop(behind);
-        self.notify_batch(stored.iter().map(|(topic, id)| (topic.as_str(), *id)));
-        if retry {
+        for topic in decided {
+            self.note_written(&topic);
+        }
+        if retry || recheck {
             // Valkey may have restarted (lost a tail) or someone else may have written:
             // the next ids are checked against each stream again.
             for entry in self.buffered_last.borrow_mut().values_mut() {
@@ -461,5 +623,40 @@ async fn write_behind(
         } else {
             backoff = BEHIND_BACKOFF.0;
         }
+    }
+}
+
+/// Server refusals that pass on their own (memory freed, the dataset loaded, a script
+/// finished, a failover or resharding done): the write-behind sends the batch again rather
+/// than count acknowledged messages as lost.
+fn is_transient(message: &str) -> bool {
+    const TRANSIENT: [&str; 7] = [
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+    ];
+    TRANSIENT.iter().any(|prefix| message.starts_with(prefix))
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::is_transient;
+
+    #[test]
+    fn loading_and_busy_are_retried_wrongtype_is_not() {
+        assert!(is_transient(
+            "LOADING Valkey is loading the dataset in memory"
+        ));
+        assert!(is_transient(
+            "OOM command not allowed when used memory > 'maxmemory'."
+        ));
+        assert!(is_transient("BUSY Valkey is busy running a script."));
+        assert!(!is_transient(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        ));
     }
 }

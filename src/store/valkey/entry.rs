@@ -1,6 +1,7 @@
-//! The stream entry format: how a message is written as an XADD (`payload`, `timestamp`,
-//! optionally `metadata` and `ttl` in seconds; the entry id is the message id) and how an
-//! entry is read back as a message, including the entries the Python relay wrote.
+//! The stream entry format: the fields a message is written with (`payload`, `timestamp`,
+//! optionally `metadata` and `ttl` in seconds; the entry id is the message id: the XADD
+//! itself is in `publish.lua`, its arguments encoded by `function.rs`) and how an entry is
+//! read back as a message, including the entries the Python relay wrote.
 //!
 //! Does not decide when a message is written (`publish.rs`, `behind.rs`) nor whether an entry
 //! read back is still live (`retention.rs`).
@@ -9,69 +10,19 @@ use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 
-use super::{command, ValkeyTier};
-use crate::store::message::{write_rfc3339_millis, Message, MessageId};
-use crate::store::PublishItem;
-use crate::valkey::{Command, Reply};
+use crate::store::message::{Message, MessageId};
+use crate::valkey::Reply;
 
-impl ValkeyTier {
-    /// `XADD <key> MAXLEN ~ <n> <id|*> payload <json> timestamp <rfc3339> [metadata <json>] [ttl <s>]`
-    pub(super) fn encode_xadd(
-        &self,
-        item: &PublishItem,
-        id: Option<MessageId>,
-        timestamp_ms: u64,
-    ) -> Command {
-        let key = self.stream_key.render(&item.topic);
-        // The timestamp and the id text share one small buffer and the argument list lives
-        // on the stack: this runs once per persisted message, and each allocation saved
-        // here is a malloc/free pair on the publish path.
-        let mut text = Vec::with_capacity(48);
-        write_rfc3339_millis(&mut text, timestamp_ms);
-        let ts_end = text.len();
-        match id {
-            Some(id) => id.write_to(&mut text),
-            None => text.push(b'*'),
-        }
-        let (ts, id_text) = text.split_at(ts_end);
-        let ttl_text = item.ttl_ms.map(format_ttl_seconds);
-        let mut args: [&[u8]; 14] = [
-            b"XADD",
-            key.as_bytes(),
-            b"MAXLEN",
-            b"~",
-            self.max_len.as_bytes(),
-            id_text,
-            b"payload",
-            &item.payload,
-            b"timestamp",
-            ts,
-            b"",
-            b"",
-            b"",
-            b"",
-        ];
-        let mut len = 10;
-        if let Some(metadata) = &item.metadata {
-            args[len] = b"metadata";
-            args[len + 1] = metadata;
-            len += 2;
-        }
-        if let Some(ttl) = &ttl_text {
-            args[len] = b"ttl";
-            args[len + 1] = ttl.as_bytes();
-            len += 2;
-        }
-        command(&args[..len]).routed(item.topic.as_bytes())
-    }
-}
-
-/// `ttl` field text: seconds, with millisecond precision only when needed.
-fn format_ttl_seconds(ttl_ms: u64) -> String {
-    if ttl_ms.is_multiple_of(1000) {
-        (ttl_ms / 1000).to_string()
-    } else {
-        format!("{}.{:03}", ttl_ms / 1000, ttl_ms % 1000)
+/// Appends the `ttl` field text: seconds, with millisecond precision only when needed.
+pub(super) fn write_ttl_seconds(out: &mut Vec<u8>, ttl_ms: u64) {
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(digits.format(ttl_ms / 1000).as_bytes());
+    let millis = ttl_ms % 1000;
+    if millis != 0 {
+        out.push(b'.');
+        out.push(b'0' + (millis / 100) as u8);
+        out.push(b'0' + (millis / 10 % 10) as u8);
+        out.push(b'0' + (millis % 10) as u8);
     }
 }
 
@@ -147,7 +98,7 @@ fn field_bytes(reply: &Reply, value: &[u8]) -> Bytes {
 }
 
 /// RFC 3339 with or without a zone (the Python relay wrote naive UTC times).
-fn parse_timestamp_ms(text: &str) -> Option<u64> {
+pub(super) fn parse_timestamp_ms(text: &str) -> Option<u64> {
     let parsed = humantime::parse_rfc3339(text)
         .or_else(|_| humantime::parse_rfc3339_weak(text))
         .or_else(|_| humantime::parse_rfc3339_weak(&format!("{text}Z")))
@@ -202,7 +153,14 @@ mod tests {
 
     #[test]
     fn ttl_text_round_trips() {
-        assert_eq!(format_ttl_seconds(3_600_000), "3600");
-        assert_eq!(format_ttl_seconds(1_500), "1.500");
+        let text = |ms| {
+            let mut out = Vec::new();
+            write_ttl_seconds(&mut out, ms);
+            String::from_utf8(out).expect("ascii")
+        };
+        assert_eq!(text(3_600_000), "3600");
+        assert_eq!(text(1_500), "1.500");
+        assert_eq!(text(1_005), "1.005");
+        assert_eq!(text(999), "0.999");
     }
 }

@@ -2,21 +2,18 @@
 //! topic, and the stream reads that keep a hot tier a cache of the stream (design:
 //! `docs/scaling.md`, "Several relays on one Valkey").
 //!
-//! - **Notifications.** After each batch of XADDs Valkey stored (persisted publishes, and each
-//!   batch of the buffered write-behind), [`ValkeyTier::notify_feed`] sends
-//!   `SPUBLISH <stream key>:feed "<instance id> <id of the batch's last entry>"`, routed by
-//!   the topic (the same connection as the XADDs), not awaited. A trim or delete sends
-//!   `"<instance id> removed"`. [`parse_notification`] reads both.
+//! - **Notifications.** Every `pulsar_publish` call that stored something ends with
+//!   `SPUBLISH <stream key>:feed "<instance id> <id of the batch's last entry>"` inside the
+//!   Function (`publish.lua`), atomically with the XADDs: no publisher can die between the
+//!   two. A trim or delete sends `"<instance id> removed"` from here
+//!   ([`ValkeyTier::notify_removed`]), routed by the topic, not awaited. [`parse_notification`]
+//!   reads both.
 //! - **Reads for the sync** (`crate::store::stream_sync` decides when): where a topic's stream
 //!   is now ([`ValkeyTier::stream_position`], a seed), whether entries someone else wrote
 //!   sit between ids this relay knows ([`ValkeyTier::entries_between`], the contiguity probe
 //!   of local publishes), bounded pages from an id on ([`ValkeyTier::read_from`], repairs),
 //!   and which topics have entries past a position ([`ValkeyTier::newer_than`], the safety
 //!   net).
-//!
-//! `notify_feed` is the one place that sends the append notification: when the publish path
-//! moves into a Valkey Function that does the XADDs and the SPUBLISH in one step, this
-//! function and its two call sites go.
 //!
 //! Does not own the subscription (the shard's [`crate::valkey::subscriber`]) nor what a
 //! notification or a read leads to (`stream_sync`).
@@ -76,6 +73,11 @@ const REPAIR_PAGE_ENTRIES: usize = 1024;
 const CHECKS_PER_PIPELINE: usize = 512;
 
 impl ValkeyTier {
+    /// This relay's instance id, as its notifications name it.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
     /// The feed channel of `topic`: `<rendered stream key>:feed`.
     pub fn feed_channel(&self, topic: &str) -> Bytes {
         let mut channel = Vec::with_capacity(self.stream_key.rendered_len(topic) + 5);
@@ -91,18 +93,10 @@ impl ValkeyTier {
         self.stream_key.topic_of(key)
     }
 
-    /// Tells the other relays that `topic`'s stream now holds entries up to `last_id`
-    /// (`SPUBLISH`, routed by the topic, not awaited: a lost notification is repaired by the
-    /// next one or the receivers' safety net).
-    pub fn notify_feed(&self, topic: &str, last_id: MessageId) {
-        let payload = format!("{} {last_id}", crate::instance_id());
-        self.publish_notification(topic, payload.as_bytes());
-    }
-
     /// Tells the other relays that entries of `topic` were removed (trim, delete): what their
     /// memory holds of it may be gone from the stream.
     pub fn notify_removed(&self, topic: &str) {
-        let payload = format!("{} {REMOVED}", crate::instance_id());
+        let payload = format!("{} {REMOVED}", self.instance_id);
         self.publish_notification(topic, payload.as_bytes());
     }
 

@@ -3,8 +3,11 @@
 //!
 //! Owns the mapping between the relay's model and Valkey's: one stream per topic (key from
 //! `valkey.stream_key`), one entry per message with the fields `payload`, `timestamp`, and
-//! optionally `metadata` and `ttl` (seconds); the entry id is the message id. It builds the
-//! commands, parses the replies, discovers topics with `SCAN`, and runs the retention sweep.
+//! optionally `metadata` and `ttl` (seconds); the entry id is the message id; one
+//! idempotency key per keyed publish (`valkey.idempotency_key` + the client's key, expiring
+//! after `idempotency.window`). It builds the commands, parses the replies, discovers topics
+//! with `SCAN`, and runs the retention sweep. Every append goes through one Valkey Function,
+//! `pulsar_publish` (`publish.lua`), which checks idempotency keys and appends atomically.
 //! It does not own the connection (that is [`crate::valkey::Client`], which batches whatever
 //! the shard's tasks queue into one pipeline: the group commit) nor the hot tier (owned by
 //! [`super::Storage`], which decides when a read can be served from memory).
@@ -12,10 +15,16 @@
 //! This file holds [`ValkeyTier`] itself: its state (what it caches about each topic: known
 //! topics, lengths, in-flight publishes, the buffered backlog), its metrics snapshot, and the
 //! command helpers every part shares. The operations live beside it, one concern a file:
-//! - `entry.rs`: the stream entry format: a message as XADD fields, and entries parsed back
-//!   (also those the Python relay wrote).
+//! - `entry.rs`: the stream entry format read back as messages (also entries the Python
+//!   relay wrote), and the field texts the append writes.
+//! - `function.rs` + `publish.lua`: the `pulsar` Function library and the `pulsar_publish`
+//!   call both publish paths make: a batch of one topic's entries, each appended atomically
+//!   with its idempotency check, then the cross-relay feed notification.
 //! - `publish.rs`: `ack: persisted` publishes and the per-topic reorder queue.
-//! - `behind.rs`: `ack: buffered`: ids chosen here, the write-behind backlog and its writer.
+//! - `replicated.rs`: `ack: replicated`: the `WAIT` that ends a publish's batch, and the
+//!   answer when it counted too few replicas.
+//! - `behind.rs`: `ack: buffered`: ids chosen here, the write-behind backlog and its writer,
+//!   and the hold that keeps a topic in id order while a keyed publish awaits its decision.
 //! - `read.rs`: page reads (range reads with an adaptive COUNT, skipping expired entries).
 //! - `removal.rs`: exact head cuts and topic deletes, the removal record they leave in the
 //!   topic's meta hash, and the gap verdict read from it.
@@ -40,19 +49,25 @@
 //!
 //! `ack = buffered`: acknowledged messages wait in a bounded write-behind backlog that one
 //! writer task per shard sends oldest first, retrying failed batches with the same ids.
+//! Publishes with an idempotency key travel the same backlog but are answered only once
+//! Valkey decided them (stored or a duplicate), holding their topic meanwhile (`behind.rs`).
 
 mod behind;
 mod discovery;
 mod entry;
 mod feed;
+mod function;
 mod publish;
 mod read;
 mod removal;
+mod replicated;
 mod retention;
 mod server;
 
+pub use behind::{BehindDecision, TopicHold};
 pub use entry::{parse_entries, parse_entry};
 pub use feed::{parse_notification, Notification};
+pub use function::LIBRARY;
 pub use read::ReadSource;
 pub use retention::sweep_period;
 pub use server::ServerInfo;
@@ -69,15 +84,41 @@ use crate::valkey::{Client, Command, Reply, ValkeyError};
 use behind::Behind;
 use publish::Slot;
 
+/// What a [`ValkeyTier`] is built from (the settings of one shard's tier).
+pub struct TierConfig {
+    pub stream_key: KeyTemplate,
+    pub meta_key: KeyTemplate,
+    /// Prefix of idempotency keys; the client's key follows the rendered template.
+    pub idempotency_key: KeyTemplate,
+    /// `storage.max_messages_per_topic`.
+    pub max_len: usize,
+    pub retention_ms: u64,
+    /// `idempotency.window`.
+    pub idempotency_window_ms: u64,
+    pub ack: AckMode,
+    pub shard: usize,
+    pub shards: usize,
+    /// Buffered mode: messages the write-behind backlog holds at most (`valkey.max_pending`).
+    pub max_behind: usize,
+    /// This relay's instance id ([`crate::instance::id`]), named in feed notifications.
+    pub instance_id: String,
+}
+
 /// The Valkey side of one shard's storage.
 pub struct ValkeyTier {
     pub client: Rc<Client>,
     stream_key: KeyTemplate,
     meta_key: KeyTemplate,
+    idempotency_key: KeyTemplate,
     /// `MAXLEN ~` bound on every XADD (`storage.max_messages_per_topic`).
     max_len: String,
     max_len_n: u64,
     retention_ms: u64,
+    /// `idempotency.window` in milliseconds, as the `SET ... PX` argument.
+    idempotency_window: String,
+    /// Named in every feed notification (`<instance id> <last id>`), so relays can tell
+    /// their own appends from the others'.
+    instance_id: String,
     pub ack: AckMode,
     shard: usize,
     shards: usize,
@@ -90,7 +131,7 @@ pub struct ValkeyTier {
     /// Stream lengths as last seen (XLEN/XINFO) plus appends since: the `total` of history
     /// pages served from memory, which must not cost a round trip.
     lengths: RefCell<HashMap<String, usize>>,
-    /// Per topic, publishes whose XADD is in flight, in submission order (see `publish.rs`).
+    /// Per topic, publishes whose append is in flight, in submission order (see `publish.rs`).
     in_flight: RefCell<HashMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
     /// Commands issued, by name (the `relay_valkey_operations_total` metric).
     ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
@@ -102,6 +143,13 @@ pub struct ValkeyTier {
     /// Buffered mode only: acknowledged messages not yet stored, oldest first (see
     /// [`ValkeyTier::enqueue_behind`]).
     behind: RefCell<Behind>,
+    /// Buffered mode only: topics held while a keyed publish to them awaits Valkey's
+    /// decision, each with the publishes waiting for it to be released (their receivers
+    /// wake when the entry, and with it these senders, is dropped). See [`TopicHold`].
+    holds: RefCell<HashMap<String, Vec<futures::channel::oneshot::Sender<()>>>>,
+    /// Replicated mode only: stored messages answered 503 because their batch's `WAIT`
+    /// counted too few replicas (`relay_valkey_errors_total{kind="replication_short"}`).
+    replication_short: std::cell::Cell<u64>,
     /// Buffered mode only: topics another writer was seen on. Their ids can no longer be
     /// chosen here, so they are published with `ack: persisted` for the rest of the
     /// process's life (see [`ValkeyTier::degrade_buffered`]).
@@ -112,35 +160,30 @@ pub struct ValkeyTier {
 }
 
 impl ValkeyTier {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        client: Rc<Client>,
-        stream_key: KeyTemplate,
-        meta_key: KeyTemplate,
-        max_len: usize,
-        retention_ms: u64,
-        ack: AckMode,
-        shard: usize,
-        shards: usize,
-        max_behind: usize,
-    ) -> ValkeyTier {
+    pub fn new(client: Rc<Client>, config: TierConfig) -> ValkeyTier {
         ValkeyTier {
             client,
-            stream_key,
-            meta_key,
-            max_len: max_len.to_string(),
-            max_len_n: u64::try_from(max_len).unwrap_or(u64::MAX),
-            retention_ms,
-            ack,
-            shard,
-            shards,
+            stream_key: config.stream_key,
+            meta_key: config.meta_key,
+            idempotency_key: config.idempotency_key,
+            max_len: config.max_len.to_string(),
+            max_len_n: u64::try_from(config.max_len).unwrap_or(u64::MAX),
+            retention_ms: config.retention_ms,
+            // `SET ... PX 0` is an error: at least a millisecond.
+            idempotency_window: config.idempotency_window_ms.max(1).to_string(),
+            instance_id: config.instance_id,
+            ack: config.ack,
+            shard: config.shard,
+            shards: config.shards,
             known: RefCell::new(BTreeSet::new()),
             discovered: std::cell::Cell::new(false),
             lengths: RefCell::new(HashMap::new()),
             in_flight: RefCell::new(HashMap::new()),
             buffered_last: RefCell::new(HashMap::new()),
-            behind: RefCell::new(Behind::new(max_behind)),
+            behind: RefCell::new(Behind::new(config.max_behind)),
+            holds: RefCell::new(HashMap::new()),
             ops: RefCell::new(std::collections::BTreeMap::new()),
+            replication_short: std::cell::Cell::new(0),
             degraded: RefCell::new(std::collections::HashSet::new()),
             writer_conflicts: RefCell::new(None),
         }
@@ -166,7 +209,7 @@ impl ValkeyTier {
         self.degraded.borrow_mut().insert(topic.to_owned());
         tracing::error!(
             topic,
-            instance = crate::instance_id(),
+            instance = %self.instance_id,
             why,
             "another writer on a topic this relay publishes with ack: buffered: its ids would \
              collide, so the topic is published with ack: persisted from now on"
@@ -212,22 +255,31 @@ impl ValkeyTier {
             ("tls", stats.tls_failures),
             ("buffered_retry", self.behind.borrow().retries),
             ("buffered_lost", self.behind.borrow().lost),
+            ("not_master", stats.not_master_replies),
+            ("replication_short", self.replication_short.get()),
+            ("sentinel", stats.sentinel_errors),
             ("buffered_reassigned", self.behind.borrow().reassigned),
             ("buffered_other_writer", self.degraded.borrow().len() as u64),
         ] {
             errors.insert(kind.to_owned(), n);
         }
+        let mut operations: std::collections::BTreeMap<String, u64> = self
+            .ops
+            .borrow()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        if stats.waits > 0 {
+            // Appended by the client to replicated batches, not issued here.
+            operations.insert("wait".to_owned(), stats.waits);
+        }
         crate::metrics::ValkeySnapshot {
-            operations: self
-                .ops
-                .borrow()
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            operations,
             errors,
             batch_sizes: self.client.batch_histogram(),
             pending: self.client.pending(),
             connected: self.client.is_connected(),
+            failovers: stats.failovers,
         }
     }
 
@@ -325,21 +377,48 @@ mod test_support {
         }
     }
 
+    /// A client config for a port nobody listens on: for tests that only encode commands.
+    pub(super) fn offline() -> crate::valkey::ClientConfig {
+        crate::valkey::ClientConfig {
+            connect: crate::valkey::ConnectConfig {
+                port: crate::valkey::testing::free_port(),
+                ..crate::valkey::ConnectConfig::default()
+            },
+            ..crate::valkey::ClientConfig::default()
+        }
+    }
+
     pub(super) fn new_tier(
         config: crate::valkey::ClientConfig,
         retention_ms: u64,
     ) -> Rc<ValkeyTier> {
+        new_tier_with(config, retention_ms, AckMode::Persisted, 600_000)
+    }
+
+    /// A single-shard tier with the given ack mode and idempotency window.
+    pub(super) fn new_tier_with(
+        mut config: crate::valkey::ClientConfig,
+        retention_ms: u64,
+        ack: AckMode,
+        idempotency_window_ms: u64,
+    ) -> Rc<ValkeyTier> {
+        config.connect.library = Some(LIBRARY);
         let client = Client::start(config).expect("client");
         Rc::new(ValkeyTier::new(
             client,
-            KeyTemplate::parse("s:{topic}").expect("template"),
-            KeyTemplate::parse("m:{topic}").expect("template"),
-            1_000_000,
-            retention_ms,
-            AckMode::Persisted,
-            0,
-            1,
-            1000,
+            TierConfig {
+                stream_key: KeyTemplate::parse("s:{topic}").expect("template"),
+                meta_key: KeyTemplate::parse("m:{topic}").expect("template"),
+                idempotency_key: KeyTemplate::parse("i:{topic}:").expect("template"),
+                max_len: 1_000_000,
+                retention_ms,
+                idempotency_window_ms,
+                ack,
+                shard: 0,
+                shards: 1,
+                max_behind: 1000,
+                instance_id: "0123456789abcdef".to_owned(),
+            },
         ))
     }
 
@@ -349,6 +428,15 @@ mod test_support {
             payload: Bytes::from(format!("\"{}\"", "x".repeat(payload_len))),
             metadata: None,
             ttl_ms,
+            idempotency_key: None,
+        }
+    }
+
+    /// [`item`] with an idempotency key.
+    pub(super) fn keyed(topic: &str, payload_len: usize, key: &str) -> PublishItem {
+        PublishItem {
+            idempotency_key: Some(key.to_owned()),
+            ..item(topic, payload_len, None)
         }
     }
 }

@@ -169,7 +169,9 @@ impl ValkeyTier {
         };
         let record = RemovalRecord::parse(&meta_reply.map_err(store_error)?);
         let deleted_to = info.last_generated.max(record.deleted_to).to_string();
-        let ttl_s = (self.retention_ms / 1000).max(1).to_string();
+        let ttl_s = (self.retention_ms / 1000)
+            .max(TOMBSTONE_MIN_TTL_S)
+            .to_string();
         let commands = [
             on(topic, &[b"MULTI"]),
             on(topic, &[b"DEL", stream.as_bytes()]),
@@ -211,6 +213,13 @@ impl ValkeyTier {
         Ok(existed)
     }
 }
+
+/// How long a deleted topic's tombstone (its meta hash with `deleted_to`) lives at least, if
+/// the topic is not written again: the retention alone is too short (with a retention of
+/// seconds, a consumer a little behind resumed into a recreated stream with no gap; model
+/// checker seed 8063). A consumer away longer than this after a delete and re-creation is
+/// not told of the delete.
+const TOMBSTONE_MIN_TTL_S: u64 = 7 * 24 * 3600;
 
 /// The `XINFO STREAM` fields gap detection needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
