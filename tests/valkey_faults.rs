@@ -670,10 +670,10 @@ fn valkey_replies_dropped_give_503_and_no_acknowledged_loss() {
         "drop replies",
         ValkeyOpts::default(),
         LASTING_FAULT_FAILURES,
-        // From the next publish (a `pulsar_publish` call) on: a pipeline in flight at that
+        // From the next publish (a `pulsar_append` call) on: a pipeline in flight at that
         // instant may hold only the relay's probes and reads, whose loss proves nothing about
         // appends.
-        |rig| rig.proxy.drop_replies_from_next(b"pulsar_publish"),
+        |rig| rig.proxy.drop_replies_from_next(b"pulsar_append"),
         |rig| rig.proxy.set(Fault::Pass),
     );
     assert!(total_unavailable(&observed) > 0, "no publish failed");

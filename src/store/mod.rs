@@ -328,7 +328,9 @@ impl Storage {
         items: Vec<PublishItem>,
         now_ms: u64,
     ) -> Vec<Result<PublishAck, StoreError>> {
-        let ingest = |topic: &str, message: Message| self.ingest_local(topic, message);
+        let ingest = |topic: &str, message: Message, after: Option<MessageId>| {
+            self.ingest_local(topic, message, after)
+        };
         tier.publish_persisted(items, now_ms, &ingest).await
     }
 
@@ -801,6 +803,10 @@ impl Storage {
                 (
                     "sync_probe_found_other_writer",
                     sync.probes_found_other_writer,
+                ),
+                (
+                    "sync_append_after_other_writer",
+                    sync.appends_after_another_writer,
                 ),
                 ("sync_resync", sync.resyncs),
                 ("sync_safety_net_find", sync.safety_net_finds),

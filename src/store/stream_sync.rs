@@ -16,10 +16,12 @@
 //!
 //! Messages enter three ways, one at a time per topic (a per-topic worker task serialises
 //! everything that awaits):
-//! - **local persisted publishes**, in reply order. A message whose id is the immediate
-//!   successor of `fed_to` (same millisecond, next sequence: nothing fits between) enters at
-//!   once; otherwise a *probe* (`XRANGE key (prev (id COUNT 1`, empty unless someone else wrote
-//!   in between) runs first, and if it finds something the topic is repaired instead.
+//! - **local persisted publishes**, in reply order. Each comes with the id of the entry it was
+//!   appended after (the `pulsar_append` Function returns it): a message appended right after
+//!   `fed_to`, or whose id is its immediate successor (same millisecond, next sequence:
+//!   nothing fits between), enters at once. Otherwise someone else appended in between, or
+//!   (without that id) a *probe* (`XRANGE key (prev (id COUNT 1`) must tell, and the topic is
+//!   repaired: the read brings the local message too, in stream order.
 //! - **local buffered publishes** (`ack: buffered`, ids chosen here): at acknowledgement. This
 //!   relay is then the topic's only writer, or about to learn otherwise (and degrade it).
 //! - **repairs**: `XRANGE` pages from `fed_to` on, after a notification of another relay
@@ -73,6 +75,8 @@ pub struct SyncStats {
     pub repaired_messages: u64,
     pub probes: u64,
     pub probes_found_other_writer: u64,
+    /// Local messages Valkey appended after another writer's entries (no probe needed).
+    pub appends_after_another_writer: u64,
     pub resyncs: u64,
     pub safety_net_finds: u64,
 }
@@ -129,8 +133,9 @@ struct TopicSync {
     /// `fed_to` may be an id the stream does not hold (yet): one chosen here with
     /// `ack: buffered`. The next repair reads after it without asking whether it was removed.
     start_unwritten: bool,
-    /// Local persisted messages waiting for the worker (in id order).
-    local: VecDeque<Message>,
+    /// Local persisted messages waiting for the worker (in id order), each with the entry it
+    /// was appended after when known.
+    local: VecDeque<(Message, Option<MessageId>)>,
     /// A worker task runs for this topic.
     worker: bool,
     /// Followers waiting for the topic's position (a seed read).
@@ -141,7 +146,7 @@ struct TopicSync {
 enum Job {
     Seed,
     Repair,
-    Local(Vec<Message>),
+    Local(Vec<(Message, Option<MessageId>)>),
 }
 
 /// The id right after `id` in stream order: nothing can sit between the two.
@@ -227,8 +232,9 @@ impl Storage {
             .and_then(as_position))
     }
 
-    /// A local persisted message (in reply order per topic) for the hot tier and the feed.
-    pub(super) fn ingest_local(&self, topic: &str, message: Message) {
+    /// A local persisted message (in reply order per topic) for the hot tier and the feed;
+    /// `after`: the stream entry it was appended after, if Valkey said.
+    pub(super) fn ingest_local(&self, topic: &str, message: Message, after: Option<MessageId>) {
         let Some(sync) = &self.sync else {
             return self.accept(topic, message);
         };
@@ -239,11 +245,11 @@ impl Storage {
             return;
         }
         let idle = !state.worker && state.local.is_empty();
-        // Unknown predecessor and nobody following yet: the run starts here. The immediate
-        // successor: nothing can sit between.
+        // Unknown predecessor and nobody following yet: the run starts here. Appended right
+        // after the run's end, or its immediate successor: nothing sits between.
         let follows = match state.fed_to {
             None => true,
-            Some(fed) => message.id == successor(fed),
+            Some(fed) => after == Some(fed) || message.id == successor(fed),
         };
         if idle && follows {
             state.fed_to = Some(message.id);
@@ -251,7 +257,7 @@ impl Storage {
             self.accept(topic, message);
             return;
         }
-        state.local.push_back(message);
+        state.local.push_back((message, after));
         self.ensure_worker(topic, state);
     }
 
@@ -444,7 +450,16 @@ impl Storage {
             };
             let outcome = match job {
                 Job::Seed => self.seed(sync, &tier, topic).await,
-                Job::Repair => self.repair(sync, &tier, topic).await,
+                Job::Repair => {
+                    let repaired = self.repair(sync, &tier, topic).await;
+                    if repaired.is_err() {
+                        // Read again after the pause (what is already fed stays fed).
+                        if let Some(state) = sync.topics.borrow_mut().get_mut(topic) {
+                            state.repair_wanted = true;
+                        }
+                    }
+                    repaired
+                }
                 Job::Local(messages) => self.ingest_local_batch(sync, &tier, topic, messages).await,
             };
             self.feed.flush();
@@ -551,6 +566,12 @@ impl Storage {
                     }
                 }
             }
+            if !entries.is_empty() {
+                // `ack: replicated`: only what the replicas have is handed out.
+                if let Err(e) = tier.replication_fence(topic).await {
+                    break Err(e);
+                }
+            }
             if !entries.is_empty() && tier.writes_buffered(topic) {
                 tier.degrade_buffered(topic, "its stream holds entries after this relay's own");
             }
@@ -606,25 +627,38 @@ impl Storage {
         sync: &StreamSync,
         tier: &ValkeyTier,
         topic: &str,
-        messages: Vec<Message>,
+        messages: Vec<(Message, Option<MessageId>)>,
     ) -> Result<(), StoreError> {
         let fed_to = sync.topics.borrow().get(topic).and_then(|s| s.fed_to);
-        let messages: Vec<Message> = messages
+        let messages: Vec<(Message, Option<MessageId>)> = messages
             .into_iter()
-            .filter(|m| fed_to.is_none_or(|fed| m.id > fed))
+            .filter(|(m, _)| fed_to.is_none_or(|fed| m.id > fed))
             .collect();
         if messages.is_empty() {
             return Ok(());
         }
+        // Where Valkey named a message's predecessor, it says whether anything sits between;
+        // the others are probed.
         let mut pairs = Vec::new();
+        let mut interleaved = false;
         if let Some(fed) = fed_to {
             let mut before = fed;
-            for m in &messages {
-                if m.id != successor(before) {
-                    pairs.push((before, m.id));
+            for (m, after) in &messages {
+                match after {
+                    _ if m.id == successor(before) => {}
+                    Some(after) if *after == before => {}
+                    Some(_) => interleaved = true,
+                    None => pairs.push((before, m.id)),
                 }
                 before = m.id;
             }
+        }
+        if interleaved {
+            sync.bump(|s| s.appends_after_another_writer += 1);
+            if let Some(state) = sync.topics.borrow_mut().get_mut(topic) {
+                state.repair_wanted = true;
+            }
+            return Ok(());
         }
         if !pairs.is_empty() {
             sync.bump(|s| s.probes += 1);
@@ -658,11 +692,11 @@ impl Storage {
             }
             return Ok(());
         }
-        if let Some(last) = messages.last() {
+        if let Some((last, _)) = messages.last() {
             state.fed_to = Some(last.id);
         }
         drop(topics);
-        for message in messages {
+        for (message, _) in messages {
             self.accept(topic, message);
         }
         Ok(())

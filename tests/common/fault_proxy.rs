@@ -145,7 +145,7 @@ impl FaultProxy {
     }
 
     /// Turns [`Fault::DropReplies`] on (every connection) just before the next request chunk
-    /// that holds `command` (e.g. `b"pulsar_publish"`) is forwarded: that command reaches Valkey, its
+    /// that holds `command` (e.g. `b"pulsar_append"`) is forwarded: that command reaches Valkey, its
     /// reply does not.
     pub fn drop_replies_from_next(&self, command: &'static [u8]) {
         *self.shared.drop_replies_from.lock().expect("drop lock") = Some(command);

@@ -434,7 +434,7 @@ impl ValkeyTier {
         for (group, reply) in groups.iter().zip(replies) {
             for (&i, outcome) in group.iter().zip(parse_publish_reply(reply, group.len())) {
                 outcomes[i] = match outcome {
-                    Outcome::Stored(id) => BehindOutcome::Stored(Some(id)),
+                    Outcome::Stored { id, .. } => BehindOutcome::Stored(Some(id)),
                     // Its own earlier attempt (a reply lost with its connection): stored.
                     Outcome::Duplicate(ack) if ack.id == batch[i].id => BehindOutcome::Stored(None),
                     Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
