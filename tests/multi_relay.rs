@@ -1135,3 +1135,47 @@ fn messages_trimmed_before_another_relay_read_them_reach_its_consumers_as_gaps()
         .copied();
     assert!(resyncs.is_some_and(|n| n >= 1), "{resyncs:?}");
 }
+
+/// Epochs (issue 12, item 5): a stream that loses its end behind the relays' back (here
+/// `FLUSHALL`; a failover to a replica that missed the newest entries is the same for the
+/// relays, see `valkey_sentinel.rs`) is never a silent rewind. The relay whose consumer saw the
+/// lost messages cuts it off (4009); resumed, on either relay, from an id that vanished, the
+/// consumer gets a gap with reason `rewound` and then what was published since, and new ids
+/// never reuse the lost ones.
+#[test]
+fn a_stream_that_lost_its_end_is_reported_as_rewound_on_every_relay() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let fleet = RelayFleet::start(&valkey, 2, "", &[]);
+    let (a, b) = (fleet.relay(0), fleet.relay(1));
+    let topic = "rewound";
+    let mut ws = WsClient::connect(a.addr);
+    ws.subscribe(&[topic], Some(json!("last")));
+    let old: Vec<String> = (0..5)
+        .map(|n| common::id_of(&a.publish(topic, &format!(r#"{{"tag":"old-{n}"}}"#))))
+        .collect();
+    let seen: Vec<String> = ws
+        .recv_messages(5)
+        .iter()
+        .map(|m| m["message_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(seen, old);
+    assert_eq!(valkey.cli(&["FLUSHALL"]).trim(), "OK");
+    // The next publish (through the other relay) lands in a stream that does not hold what
+    // the consumer saw.
+    let fresh = common::id_of(&b.publish(topic, r#"{"tag":"new-0"}"#));
+    let (code, _) = ws.expect_close(Duration::from_secs(20), 1000);
+    assert_eq!(code, 4009, "the consumer of relay A must resume");
+    for relay in [a, b] {
+        let mut ws = WsClient::connect(relay.addr);
+        ws.subscribe(&[topic], Some(json!({ topic: old[4] })));
+        let gap = ws.recv_type("gap");
+        assert_eq!(gap["reason"], "rewound", "{gap}");
+        assert_eq!(gap["requested"], old[4].as_str(), "{gap}");
+        let next = ws.recv_type("message");
+        assert_eq!(next["message_id"], fresh.as_str(), "{gap} then {next}");
+    }
+    // History from before the loss tells the same; ids after it never go back.
+    let later = common::id_of(&a.publish(topic, r#"{"tag":"new-1"}"#));
+    assert!(common::parse_id(&later) > common::parse_id(&old[4]));
+    assert!(common::parse_id(&fresh) > common::parse_id(&old[4]));
+}

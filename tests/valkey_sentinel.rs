@@ -36,11 +36,10 @@ use serde_json::{json, Value};
 /// Bounds every await of these tests; a failover takes seconds.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Whether the relay tells consumers, with a `gap`, about acknowledged messages a failover
-/// took with it (issue 12, item 5, "Epochs": not done yet; until then that loss is documented
-/// in `docs/scaling.md`). Once it is, set this and every scenario that lost acknowledged
-/// messages must have signalled a gap.
-const FAILOVER_LOSS_IS_SIGNALLED: bool = false;
+/// Whether the relay tells consumers, with a `gap` (reason `rewound`), about acknowledged
+/// messages a failover took with it (issue 12, item 5, "Epochs"): every scenario that lost
+/// acknowledged messages must have signalled a gap.
+const FAILOVER_LOSS_IS_SIGNALLED: bool = true;
 
 /// Short Valkey timeouts so a publish caught in the failover is answered within seconds.
 const PERSISTED: &str = "\

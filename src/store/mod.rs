@@ -97,6 +97,11 @@ pub enum GapReason {
     Deleted,
     /// Removed, but storage cannot tell how (e.g. another client's `XDEL`).
     Unknown,
+    /// The stream lost entries at its end that had been stored (and maybe delivered): a
+    /// Valkey failover that promoted a replica the newest entries had not reached, a flush, or
+    /// the stream recreated behind the relay's back. What the consumer saw after the point it
+    /// resumes from may no longer exist, and what it did not see of that range never will.
+    Rewound,
 }
 
 impl GapReason {
@@ -108,6 +113,7 @@ impl GapReason {
             GapReason::Evicted => "evicted",
             GapReason::Deleted => "deleted",
             GapReason::Unknown => "unknown",
+            GapReason::Rewound => "rewound",
         }
     }
 }
@@ -809,6 +815,7 @@ impl Storage {
                     sync.appends_after_another_writer,
                 ),
                 ("sync_resync", sync.resyncs),
+                ("sync_rewind", sync.rewinds),
                 ("sync_safety_net_find", sync.safety_net_finds),
                 ("pubsub_message", subscriber.messages),
                 ("pubsub_connect", subscriber.connects),

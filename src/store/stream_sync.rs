@@ -43,7 +43,7 @@ use futures::channel::{mpsc, oneshot};
 
 use super::message::{Message, MessageId};
 use super::valkey::{parse_notification, Notification, ValkeyTier};
-use super::{Storage, StoreError};
+use super::{GapReason, Storage, StoreError};
 use crate::valkey::subscriber::{PushEvent, Subscriber, SubscriberStats};
 
 /// How often the safety net asks Valkey whether tracked topics have entries no notification
@@ -79,6 +79,8 @@ pub struct SyncStats {
     pub appends_after_another_writer: u64,
     pub resyncs: u64,
     pub safety_net_finds: u64,
+    /// Streams found rewound (an id seen stored vanished unexplained).
+    pub rewinds: u64,
 }
 
 /// One shard's sync state (Valkey backend only).
@@ -124,6 +126,10 @@ struct TopicSync {
     /// The last id handed to the append feed; `None`: nothing yet and no follower has asked
     /// where the topic is (the first local message starts the run).
     fed_to: Option<MessageId>,
+    /// `fed_to` names an entry the stream stored (a local persisted publish, a repaired entry,
+    /// a seed on the newest entry), not an emptied stream's last id: if it vanishes with no
+    /// removal to explain it, the stream was rewound.
+    fed_entry: bool,
     /// The connection epoch on which the subscription was confirmed; `None`: not (yet).
     confirmed: Option<u64>,
     /// Confirmed and repaired since: memory may serve reads.
@@ -154,6 +160,15 @@ fn successor(id: MessageId) -> MessageId {
     match id.seq.checked_add(1) {
         Some(seq) => MessageId::new(id.ms, seq),
         None => MessageId::new(id.ms.saturating_add(1), 0),
+    }
+}
+
+/// The id right before `id` in stream order (`0-0` stays `0-0`).
+fn id_before(id: MessageId) -> MessageId {
+    match id.seq.checked_sub(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
+        None => id,
     }
 }
 
@@ -253,6 +268,7 @@ impl Storage {
         };
         if idle && follows {
             state.fed_to = Some(message.id);
+            state.fed_entry = true;
             drop(topics);
             self.accept(topic, message);
             return;
@@ -270,6 +286,7 @@ impl Storage {
                 return;
             }
             state.fed_to = Some(message.id);
+            state.fed_entry = false;
             state.start_unwritten = true;
         }
         self.accept(topic, message);
@@ -491,9 +508,10 @@ impl Storage {
         };
         let waiters = std::mem::take(&mut state.seed_waiters);
         match position {
-            Ok(position) => {
+            Ok((position, is_entry)) => {
                 if state.fed_to.is_none() {
                     state.fed_to = Some(position);
+                    state.fed_entry = is_entry;
                 }
                 // Subscribed before the read: every later entry is notified.
                 if confirmed.is_some() && state.confirmed == confirmed {
@@ -526,7 +544,7 @@ impl Storage {
         tier: &ValkeyTier,
         topic: &str,
     ) -> Result<(), StoreError> {
-        let (confirmed, mut from, mut exclusive) = {
+        let (confirmed, mut from, mut exclusive, mut from_is_entry) = {
             let topics = sync.topics.borrow();
             let Some(state) = topics.get(topic) else {
                 return Ok(());
@@ -538,6 +556,7 @@ impl Storage {
                 state.confirmed,
                 from,
                 state.start_unwritten || tier.writes_buffered(topic),
+                state.fed_entry,
             )
         };
         sync.bump(|s| s.repairs += 1);
@@ -560,7 +579,25 @@ impl Storage {
                 } else {
                     // `from` left the stream: did entries after it go before this shard read
                     // them? (Asked after the read, so a removal between the two is seen.)
-                    match tier.gap_after(topic, from).await {
+                    // And was `from` itself removed (a removal reaching it, asked as a gap
+                    // after the id just before it), or did it vanish?
+                    let removed = if from_is_entry {
+                        tier.gap_after(topic, id_before(from)).await
+                    } else {
+                        tier.gap_after(topic, from).await
+                    };
+                    match removed {
+                        Ok(Some(gap)) if gap.reason != GapReason::Rewound => removed_after = true,
+                        Ok(_) if from_is_entry => {
+                            // Gone with nothing to explain it: the stream lost its end (a
+                            // failover, a flush, a recreation). Recorded for every relay's
+                            // consumers, and this relay's resume from their last ids.
+                            if let Err(e) = tier.record_rewind(topic, from).await {
+                                break Err(e);
+                            }
+                            sync.bump(|s| s.rewinds += 1);
+                            removed_after = true;
+                        }
                         Ok(gap) => removed_after = gap.is_some(),
                         Err(e) => break Err(e),
                     }
@@ -592,6 +629,7 @@ impl Storage {
                         continue;
                     }
                     state.fed_to = Some(id);
+                    state.fed_entry = true;
                     if tier.is_due(&message, now) {
                         // Never handed out: reads never return it either.
                         continue;
@@ -605,6 +643,7 @@ impl Storage {
             match (more, last_read) {
                 (true, Some(last)) => {
                     from = last;
+                    from_is_entry = true;
                     exclusive = false;
                 }
                 _ => break Ok(()),
@@ -694,6 +733,7 @@ impl Storage {
         }
         if let Some((last, _)) = messages.last() {
             state.fed_to = Some(last.id);
+            state.fed_entry = true;
         }
         drop(topics);
         for (message, _) in messages {
@@ -787,6 +827,9 @@ mod tests {
     fn the_successor_leaves_no_room_between() {
         assert_eq!(successor(MessageId::new(5, 1)), MessageId::new(5, 2));
         assert_eq!(successor(MessageId::new(5, u64::MAX)), MessageId::new(6, 0));
+        assert_eq!(id_before(MessageId::new(5, 2)), MessageId::new(5, 1));
+        assert_eq!(id_before(MessageId::new(5, 0)), MessageId::new(4, u64::MAX));
+        assert_eq!(id_before(MessageId::MIN), MessageId::MIN);
         assert_eq!(as_position(MessageId::MIN), None);
         assert_eq!(
             as_position(MessageId::new(1, 0)),

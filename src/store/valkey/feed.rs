@@ -114,7 +114,8 @@ impl ValkeyTier {
 
     /// Where `topic`'s stream is now: its newest entry's id, else (emptied) its last
     /// generated id, else (no stream) `0-0`. What a topic followed from now starts after.
-    pub async fn stream_position(&self, topic: &str) -> Result<MessageId, StoreError> {
+    /// Also says whether the id is an entry's (`false`: an emptied or missing stream).
+    pub async fn stream_position(&self, topic: &str) -> Result<(MessageId, bool), StoreError> {
         let key = self.stream_key.render(topic);
         self.count("xrevrange", 1);
         let reply = self
@@ -126,7 +127,7 @@ impl ValkeyTier {
             .await
             .map_err(store_error)?;
         if let Some((id, _)) = parse_entries(&reply).first() {
-            return Ok(*id);
+            return Ok((*id, true));
         }
         self.count("xinfo", 1);
         match self
@@ -134,15 +135,20 @@ impl ValkeyTier {
             .call_routed(topic.as_bytes(), &[b"XINFO", b"STREAM", key.as_bytes()])
             .await
         {
-            Ok(Reply::Array(fields)) => Ok(fields
-                .chunks(2)
-                .find(|pair| pair.first().and_then(Reply::as_bytes) == Some(b"last-generated-id"))
-                .and_then(|pair| pair.get(1))
-                .and_then(Reply::as_str)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(MessageId::MIN)),
-            Ok(_) => Ok(MessageId::MIN),
-            Err(e) if is_no_such_key(&e) => Ok(MessageId::MIN),
+            Ok(Reply::Array(fields)) => Ok((
+                fields
+                    .chunks(2)
+                    .find(|pair| {
+                        pair.first().and_then(Reply::as_bytes) == Some(b"last-generated-id")
+                    })
+                    .and_then(|pair| pair.get(1))
+                    .and_then(Reply::as_str)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(MessageId::MIN),
+                false,
+            )),
+            Ok(_) => Ok((MessageId::MIN, false)),
+            Err(e) if is_no_such_key(&e) => Ok((MessageId::MIN, false)),
             Err(e) => Err(store_error(e)),
         }
     }
