@@ -634,6 +634,89 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
     );
 }
 
+#[test]
+fn two_relays_on_a_cluster_deliver_each_others_publishes_across_a_slot_migration() {
+    let cluster = ValkeyCluster::start(ClusterOpts::default());
+    let publisher = relay_on(&cluster, 0, PERSISTED);
+    let follower = relay_on(&cluster, 1, PERSISTED);
+    let names = topics_on_every_master(&cluster, "cross", 2);
+    // The consumer follows the topics on the relay that publishes none of them: everything
+    // it gets came through the cluster (SPUBLISH on the slot's master, SSUBSCRIBE there).
+    let consumer = Consumer::start(follower.addr, &names);
+    let load = PublishLoad::start(publisher.addr, &names, 1_000_000, Duration::from_secs(60));
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= 30),
+        "load did not get going\nstderr:\n{}",
+        publisher.stderr()
+    );
+    let delivered_before = consumer.received_len();
+    assert!(
+        eventually(PATIENCE, || consumer.received_len()
+            >= delivered_before + 50),
+        "the follower relay delivers nothing published on the other\nstderr:\n{}",
+        follower.stderr()
+    );
+    // The follower subscribes every topic's feed channel on the master owning its slot.
+    for name in &names {
+        let channel = format!("{}:feed", stream_key(name));
+        let owner = cluster.key_owner(&channel);
+        assert!(
+            eventually(PATIENCE, || shard_subscribers(&cluster, owner, &channel)
+                >= 1),
+            "{channel} not subscribed on its master {owner}"
+        );
+    }
+    // A busy topic's slot moves: its feed channel moves with it (Valkey unsubscribes the
+    // follower on the old master; it subscribes again on the new one).
+    let busy = &names[1];
+    let slot = cluster.keyslot(&stream_key(busy));
+    let from = cluster.slot_owner(slot);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    cluster.migrate_slot(slot, to);
+    let acked = load.min_acked();
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= acked + 50),
+        "publishes stalled after the migration"
+    );
+    let outcomes = load.finish();
+    for out in &outcomes {
+        assert_answered(out);
+    }
+    let (lost, _) = audit(&cluster, &outcomes);
+    assert_eq!(lost, 0);
+    // Every acknowledged message reaches the follower's consumer, in order, once.
+    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let channel = format!("{}:feed", stream_key(busy));
+    eprintln!(
+        "CLUSTER cross-relay  acked {}  delivered-by-the-other-relay {delivered} \
+         ({delivered_unacked} unacknowledged)  subscribers-on-the-new-owner {}",
+        sum(&outcomes, |o| o.acked.len() as u64),
+        shard_subscribers(&cluster, to, &channel),
+    );
+    // The subscriptions moved with the slot.
+    assert!(
+        eventually(PATIENCE, || shard_subscribers(&cluster, to, &channel) >= 1),
+        "nobody subscribes {channel} on its new owner"
+    );
+    assert_eq!(shard_subscribers(&cluster, from, &channel), 0);
+}
+
+/// `PUBSUB SHARDNUMSUB channel` on node `i`: its subscribers there.
+fn shard_subscribers(cluster: &ValkeyCluster, i: usize, channel: &str) -> u64 {
+    let reply = cluster
+        .node(i)
+        .cli_json(&["PUBSUB", "SHARDNUMSUB", channel]);
+    reply
+        .as_array()
+        .and_then(|a| a.get(1))
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("PUBSUB SHARDNUMSUB {channel}: {reply}"))
+}
+
 /// Kills the master serving the first topic under load, awaits the promotion and the
 /// publishes' return, audits the new owners' streams; returns (acked lost, 503s). With
 /// `restart_old`, the killed node is restarted after the failover (it rejoins as the promoted

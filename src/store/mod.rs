@@ -240,8 +240,15 @@ impl Storage {
                 );
                 let mut connect = crate::valkey::client_config(config, shard).connect;
                 connect.client_name = format!("pulsar-relay-shard{shard}-pubsub");
-                let (subscriber, pushes) = crate::valkey::subscriber::Subscriber::start(connect)
-                    .map_err(|e| format!("valkey pub/sub: {e}"))?;
+                let subscribed = match tier.client.topology() {
+                    // Valkey Cluster: one connection per master, channels placed by slot.
+                    Some(topology) => {
+                        crate::valkey::subscriber::Subscriber::start_cluster(connect, topology)
+                    }
+                    None => crate::valkey::subscriber::Subscriber::start(connect),
+                };
+                let (subscriber, pushes) =
+                    subscribed.map_err(|e| format!("valkey pub/sub: {e}"))?;
                 let (work_tx, work) = futures::channel::mpsc::unbounded();
                 let (conflicts_tx, conflicts) = futures::channel::mpsc::unbounded();
                 tier.report_writer_conflicts(conflicts_tx);

@@ -754,6 +754,11 @@ impl Client {
         }
     }
 
+    /// The slot map, in cluster mode (the pub/sub connections place channels by it).
+    pub fn topology(&self) -> Option<Rc<Topology>> {
+        self.shared.cluster.clone()
+    }
+
     /// Slot-map counters in cluster mode.
     pub fn cluster_stats(&self) -> Option<TopologyStats> {
         self.shared.cluster.as_ref().map(|t| t.stats())

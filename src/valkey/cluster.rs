@@ -212,7 +212,7 @@ impl Topology {
     /// A `MOVED <slot> <addr>` reply: `slot` is served by `addr` now. Updates the map at once
     /// (so the next batches go there) and asks for a full refresh, as one moved slot usually
     /// comes with others (a resharding or a failover).
-    fn moved(&self, slot: u16, addr: &NodeAddr) {
+    pub(super) fn moved(&self, slot: u16, addr: &NodeAddr) {
         {
             let mut state = self.state.borrow_mut();
             state.stats.moved += 1;
@@ -484,13 +484,13 @@ fn is_named(command: &[u8], name: &[u8]) -> bool {
 }
 
 /// What a reply says about where its command must go.
-enum Redirect {
+pub(super) enum Redirect {
     Moved(u16, NodeAddr),
     Ask(NodeAddr),
     TryAgain,
 }
 
-fn redirect_of(reply: &Reply) -> Option<Redirect> {
+pub(super) fn redirect_of(reply: &Reply) -> Option<Redirect> {
     let message = reply.as_error()?;
     if message.starts_with("TRYAGAIN") {
         return Some(Redirect::TryAgain);

@@ -16,6 +16,12 @@
 //! they behave the same, and in a cluster a shard channel lives on the node that owns its
 //! slot, so the relay's notifications travel with the stream they are about instead of being
 //! broadcast to every node. One channel per `SSUBSCRIBE` so each command touches one slot.
+//!
+//! In Valkey Cluster mode ([`Subscriber::start_cluster`], `subscriber/cluster.rs`) there is
+//! one such connection per master, each channel subscribed on the master owning its slot,
+//! and channels move with their slots.
+
+mod cluster;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -61,6 +67,7 @@ pub struct SubscriberStats {
     pub messages: u64,
 }
 
+/// One connection's state (one node's, in cluster mode).
 struct Inner {
     /// Every channel the shard wants; subscribed again after each reconnect.
     wanted: HashSet<Bytes>,
@@ -72,10 +79,13 @@ struct Inner {
     stats: SubscriberStats,
 }
 
-/// One shard's pub/sub connection (see the module doc). `!Send`.
+/// One shard's pub/sub connection (see the module doc), or in cluster mode one per master.
+/// `!Send`.
 pub struct Subscriber {
     inner: Rc<RefCell<Inner>>,
     task: RefCell<Option<Task<()>>>,
+    /// Cluster mode: the per-master connections; `inner` and `task` are then unused.
+    cluster: Option<Rc<cluster::ClusterSubscriber>>,
 }
 
 impl Subscriber {
@@ -93,11 +103,35 @@ impl Subscriber {
             stats: SubscriberStats::default(),
         }));
         let (events, receiver) = mpsc::unbounded();
-        let task = glommio::spawn_local(run(inner.clone(), connector, events));
+        let task = glommio::spawn_local(run(
+            inner.clone(),
+            Rc::new(connector),
+            None,
+            Sink::Listener(events),
+        ));
         Ok((
             Subscriber {
                 inner,
                 task: RefCell::new(Some(task)),
+                cluster: None,
+            },
+            receiver,
+        ))
+    }
+
+    /// Like [`Subscriber::start`], in Valkey Cluster mode: each channel is subscribed on the
+    /// master that `topology` says owns its slot, over one connection per master (see
+    /// `subscriber/cluster.rs`).
+    pub fn start_cluster(
+        connect: ConnectConfig,
+        topology: Rc<super::cluster::Topology>,
+    ) -> Result<(Subscriber, mpsc::UnboundedReceiver<PushEvent>), ValkeyError> {
+        let (cluster, receiver) = cluster::ClusterSubscriber::start(connect, topology)?;
+        Ok((
+            Subscriber {
+                inner: Rc::new(RefCell::new(Inner::new())),
+                task: RefCell::new(None),
+                cluster: Some(cluster),
             },
             receiver,
         ))
@@ -105,6 +139,9 @@ impl Subscriber {
 
     /// Wants `channel` from now on; a no-op if it was wanted already.
     pub fn subscribe(&self, channel: Bytes) {
+        if let Some(cluster) = &self.cluster {
+            return cluster.subscribe(channel);
+        }
         let mut inner = self.inner.borrow_mut();
         if !inner.wanted.insert(channel.clone()) || !inner.connected {
             return;
@@ -115,6 +152,9 @@ impl Subscriber {
 
     /// No longer wants `channel`.
     pub fn unsubscribe(&self, channel: &[u8]) {
+        if let Some(cluster) = &self.cluster {
+            return cluster.unsubscribe(channel);
+        }
         let mut inner = self.inner.borrow_mut();
         if !inner.wanted.remove(channel) || !inner.connected {
             return;
@@ -124,24 +164,89 @@ impl Subscriber {
     }
 
     pub fn is_connected(&self) -> bool {
+        if let Some(cluster) = &self.cluster {
+            return cluster.is_connected();
+        }
         self.inner.borrow().connected
     }
 
     pub fn wanted(&self) -> usize {
+        if let Some(cluster) = &self.cluster {
+            return cluster.wanted();
+        }
         self.inner.borrow().wanted.len()
     }
 
     pub fn stats(&self) -> SubscriberStats {
+        if let Some(cluster) = &self.cluster {
+            return cluster.stats();
+        }
         self.inner.borrow().stats
     }
 
     /// Stops the task and closes the connection.
     pub async fn shutdown(&self) {
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         let task = self.task.borrow_mut().take();
         if let Some(task) = task {
             task.cancel().await;
         }
         self.inner.borrow_mut().connected = false;
+    }
+}
+
+impl Inner {
+    fn new() -> Inner {
+        Inner {
+            wanted: HashSet::new(),
+            outbox: BytesMut::new(),
+            connected: false,
+            waker: None,
+            stats: SubscriberStats::default(),
+        }
+    }
+}
+
+/// Where a connection's events go.
+enum Sink {
+    /// Straight to the listener (one node).
+    Listener(mpsc::UnboundedSender<PushEvent>),
+    /// Cluster mode: to the coordinator, which also hears of refusals (`MOVED`) and of
+    /// unsubscriptions Valkey made itself (a channel's slot moved away).
+    Node {
+        node: super::NodeAddr,
+        events: mpsc::UnboundedSender<cluster::NodeEvent>,
+    },
+}
+
+impl Sink {
+    /// False once nobody listens.
+    fn event(&self, event: PushEvent) -> bool {
+        match self {
+            Sink::Listener(events) => events.unbounded_send(event).is_ok(),
+            Sink::Node { node, events } => events
+                .unbounded_send(cluster::NodeEvent::Push(node.clone(), event))
+                .is_ok(),
+        }
+    }
+
+    fn refused(&self, message: String) {
+        match self {
+            Sink::Listener(_) => {
+                tracing::error!(error = %message, "Valkey refused a pub/sub command");
+            }
+            Sink::Node { node, events } => {
+                let _ = events.unbounded_send(cluster::NodeEvent::Refused(node.clone(), message));
+            }
+        }
+    }
+
+    fn unsubscribed(&self, channel: Bytes) {
+        if let Sink::Node { node, events } = self {
+            let _ = events.unbounded_send(cluster::NodeEvent::Unsubscribed(node.clone(), channel));
+        }
     }
 }
 
@@ -155,8 +260,9 @@ fn wake(inner: &mut Inner) {
 /// the loss, and starts over with capped exponential backoff.
 async fn run(
     inner: Rc<RefCell<Inner>>,
-    connector: Connector,
-    events: mpsc::UnboundedSender<PushEvent>,
+    connector: Rc<Connector>,
+    node: Option<super::NodeAddr>,
+    events: Sink,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -165,7 +271,11 @@ async fn run(
             let delay = BACKOFF.0.saturating_mul(1 << doublings).min(BACKOFF.1);
             glommio::timer::sleep(delay).await;
         }
-        let mut connection = match connector.connect().await {
+        let connected = match &node {
+            None => connector.connect().await,
+            Some(node) => connector.connect_to(&node.host, node.port).await,
+        };
+        let mut connection = match connected {
             Ok(connection) => connection,
             Err(error) => {
                 failures = failures.saturating_add(1);
@@ -193,7 +303,7 @@ async fn run(
             inner.stats.lost += 1;
         }
         tracing::warn!(error = %error, "pub/sub connection to Valkey lost: subscribing again");
-        if events.unbounded_send(PushEvent::Lost).is_err() {
+        if !events.event(PushEvent::Lost) {
             return;
         }
         failures = if connected_at.elapsed() >= Duration::from_secs(1) {
@@ -215,7 +325,7 @@ enum Step {
 async fn serve(
     inner: &Rc<RefCell<Inner>>,
     connection: &mut Connection,
-    events: &mpsc::UnboundedSender<PushEvent>,
+    events: &Sink,
     command_timeout: Duration,
 ) -> ValkeyError {
     let mut last_heard = Instant::now();
@@ -261,13 +371,12 @@ async fn serve(
                         if matches!(event, PushEvent::Message { .. }) {
                             inner.borrow_mut().stats.messages += 1;
                         }
-                        if events.unbounded_send(event).is_err() {
+                        if !events.event(event) {
                             return ValkeyError::Unavailable("nobody listens to the subscriber");
                         }
                     }
-                    Some(Push::Refused(message)) => {
-                        tracing::error!(error = %message, "Valkey refused a pub/sub command");
-                    }
+                    Some(Push::Refused(message)) => events.refused(message),
+                    Some(Push::Unsubscribed(channel)) => events.unsubscribed(channel),
                     None => {}
                 }
             }
@@ -290,11 +399,14 @@ enum Push {
     Event(PushEvent),
     /// An error reply to one of our commands (e.g. a Valkey without sharded pub/sub).
     Refused(String),
+    /// A channel is no longer subscribed on this connection: our `SUNSUBSCRIBE`, or Valkey's
+    /// own when the channel's slot left the node (cluster mode).
+    Unsubscribed(Bytes),
 }
 
 /// RESP2 subscribed mode: `["smessage", channel, payload]`, `["ssubscribe", channel, n]`,
 /// `["sunsubscribe", channel, n]`, `["pong", ""]`, or an error reply. `None`: nothing to
-/// report (an unsubscribe confirmation, a pong, a frame of another kind).
+/// report (a pong, a frame of another kind).
 fn classify(reply: Reply) -> Option<Push> {
     let items = match reply {
         Reply::Array(items) => items,
@@ -313,6 +425,7 @@ fn classify(reply: Reply) -> Option<Push> {
             let channel = items.next()?.into_bytes()?;
             Some(Push::Event(PushEvent::Subscribed(channel)))
         }
+        b"sunsubscribe" => Some(Push::Unsubscribed(items.next()?.into_bytes()?)),
         _ => None,
     }
 }
@@ -350,7 +463,7 @@ mod tests {
                 bulk("c"),
                 Reply::Integer(0)
             ])),
-            None
+            Some(Push::Unsubscribed(Bytes::from_static(b"c")))
         );
         assert_eq!(classify(Reply::Array(vec![bulk("pong"), bulk("")])), None);
         assert_eq!(
