@@ -323,14 +323,22 @@ impl Consumer {
     /// ids strictly increasing (none twice, none out of order) and every acknowledged one
     /// among them. Returns (delivered, of which not acknowledged).
     fn finish(mut self, outcomes: &[WorkerOutcome]) -> (usize, usize) {
-        let acked: HashSet<&str> = outcomes
+        // By topic and id: two streams can hand out the same id.
+        let acked: HashSet<(&str, &str)> = outcomes
             .iter()
-            .flat_map(|o| o.acked.iter().map(|(_, id)| id.as_str()))
+            .flat_map(|o| {
+                o.acked
+                    .iter()
+                    .map(|(_, id)| (o.topic.as_str(), id.as_str()))
+            })
             .collect();
         let all_in = eventually(PATIENCE, || {
             let received = self.state.received.lock().expect("lock");
-            let seen: HashSet<&str> = received.iter().map(|d| d.id.as_str()).collect();
-            acked.iter().all(|id| seen.contains(id))
+            let seen: HashSet<(&str, &str)> = received
+                .iter()
+                .map(|d| (d.topic.as_str(), d.id.as_str()))
+                .collect();
+            acked.iter().all(|pair| seen.contains(pair))
         });
         self.state.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
@@ -365,7 +373,7 @@ impl Consumer {
         }
         let unacked = received
             .iter()
-            .filter(|d| !acked.contains(d.id.as_str()))
+            .filter(|d| !acked.contains(&(d.topic.as_str(), d.id.as_str())))
             .count();
         (received.len(), unacked)
     }
