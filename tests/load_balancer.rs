@@ -3,9 +3,10 @@
 //! going through nginx.
 //!
 //! Owns: what a client of the load balancer sees on every transport (publish and history,
-//! WebSocket, Server-Sent Events, long-poll) and across a `kill -9` of a relay: requests keep
+//! WebSocket, Server-Sent Events, long-poll), across a `kill -9` of a relay (requests keep
 //! succeeding, a WebSocket consumer reconnects through nginx and resumes from its last id
-//! without loss. Does not own: the relays' multi-relay semantics (tests of their own), the
+//! without loss), and which publishes nginx resends to another relay (only keyed ones, once
+//! sent). Does not own: the relays' multi-relay semantics (tests of their own), the
 //! compose file (scripts/validate-deploy).
 //!
 //! One Valkey, not a Valkey Cluster: the compose stack puts the relays on a cluster
@@ -230,7 +231,8 @@ fn publish_history_websocket_sse_and_long_poll_through_nginx() {
         .collect();
     assert_eq!(sse_ids, first[1..]);
     // The relay's 1 s heartbeat comes through while the stream is quiet: nginx passes a
-    // streamed response on as it arrives (proxy_buffering off).
+    // streamed response on as it arrives (`proxy_buffering off`; the relay's
+    // `X-Accel-Buffering: no` asks nginx the same, so this holds with either alone).
     assert!(
         matches!(
             sse.next_item(Duration::from_secs(5)),
