@@ -68,6 +68,8 @@ struct Stack {
 /// Starts the stack. Valkey Cluster support (issue 12 item 3) switches this to a
 /// `ValkeyCluster` with `VALKEY_CLUSTER_NODES` for the relays, as the compose file has it.
 fn start_stack() -> Stack {
+    // No nginx fails here, before anything is started.
+    common::nginx::nginx_binary();
     let valkey = ValkeyServer::start(ValkeyOpts::default());
     let fleet = RelayFleet::start(&valkey, 3, relay_config(), &[]);
     let lb = Nginx::start(&fleet.addrs());
@@ -200,10 +202,11 @@ fn publish_history_websocket_sse_and_long_poll_through_nginx() {
     // request in flight it goes round), Valkey numbers them in one order.
     let first = stack.publish_n(topic, 0, 30);
     assert_strictly_increasing(&first);
-    let served = stack.upstreams_of("POST /api/v1/messages ");
-    assert_eq!(
-        served,
-        stack.fleet.addrs().into_iter().collect::<HashSet<_>>(),
+    // (nginx logs a request after answering it: awaited.)
+    let relays: HashSet<SocketAddr> = stack.fleet.addrs().into_iter().collect();
+    assert!(
+        eventually(PATIENCE, || stack.upstreams_of("POST /api/v1/messages ")
+            == relays),
         "nginx did not spread the publishes over all three relays\naccess log:\n{}",
         stack.lb.access_log()
     );
@@ -361,13 +364,26 @@ fn a_relay_killed_behind_nginx_fails_no_request_and_its_websocket_consumer_resum
     // Every publish after the kill was answered by a surviving relay (the last address of
     // `upstream=`; an earlier one is a relay nginx tried first).
     let survivors: HashSet<SocketAddr> = stack.fleet.running_addrs().into_iter().collect();
+    // nginx logs a request after answering it: await the last lines.
+    let publish_lines = |log: &str| {
+        log.lines()
+            .skip(log_lines_at_kill)
+            .filter(|l| l.contains("\"POST /api/v1/messages "))
+            .count()
+    };
+    assert!(
+        eventually(PATIENCE, || publish_lines(&stack.lb.access_log())
+            == after.len()),
+        "want {} publishes logged after the kill; access log:\n{}",
+        after.len(),
+        stack.lb.access_log()
+    );
     let log = stack.lb.access_log();
     let publishes_after: Vec<&str> = log
         .lines()
         .skip(log_lines_at_kill)
         .filter(|l| l.contains("\"POST /api/v1/messages "))
         .collect();
-    assert_eq!(publishes_after.len(), after.len(), "access log:\n{log}");
     let mut moved_on = 0;
     for line in &publishes_after {
         let upstreams: Vec<SocketAddr> = line
@@ -439,6 +455,7 @@ fn start_relay_that_dies_mid_request() -> (SocketAddr, Arc<AtomicUsize>) {
 
 #[test]
 fn nginx_resends_a_publish_to_another_relay_only_when_it_carries_an_idempotency_key() {
+    common::nginx::nginx_binary();
     let valkey = ValkeyServer::start(ValkeyOpts::default());
     let fleet = RelayFleet::start(&valkey, 2, relay_config(), &[]);
     let (dying, received) = start_relay_that_dies_mid_request();
