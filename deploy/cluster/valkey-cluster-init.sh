@@ -1,15 +1,16 @@
 #!/bin/sh
 # One-shot: joins six empty Valkey nodes into a cluster of three masters with one replica
 # each (`valkey-cli --cluster create ... --cluster-replicas 1`), then waits until every node
-# reports cluster_state:ok. Run by the valkey-cluster-init service of docker-compose.yml in
+# knows all six and reports cluster_state:ok. Run by the valkey-cluster-init service of docker-compose.yml in
 # this folder, after every node is healthy.
 #
 # Safe to run again (a `docker compose up` after a restart or a `down` without -v runs it
-# every time): a cluster that already knows all its nodes is left alone (after a failover
-# the masters are other nodes than at creation, which is fine); only when every node is
-# still empty is the cluster created. Anything in between (some nodes joined, others not)
-# stops with an error instead of guessing: repair it by hand with `valkey-cli --cluster fix`
-# / `--cluster add-node`.
+# every time): once any node is in a cluster nothing is created, the script only waits until
+# all nodes know each other and report cluster_state:ok (after a failover the masters are
+# other nodes than at creation, which is fine). Only when every node is alone and empty is
+# the cluster created. A partial cluster (a node left out, say on a fresh volume) ends the
+# wait with an error instead of a guess: repair it by hand with `valkey-cli --cluster fix` /
+# `--cluster add-node`.
 #
 # VALKEY_CLUSTER_INIT_NODES: the nodes as space-separated host:port (default: the six compose
 # services). VALKEY_CLUSTER_INIT_WAIT: seconds to wait for cluster_state:ok (default 60).
@@ -46,20 +47,20 @@ for node in $nodes; do
     { say "$node runs without --cluster-enabled yes"; exit 1; }
 done
 
-# How many nodes each node knows: 1 = itself only (empty), $count = fully joined.
-joined=0
+# How many nodes each node knows: 1 = itself only, more = it is part of a cluster.
+clustered=0
 empty=0
 for node in $nodes; do
   known=$(info_field "$node" cluster_known_nodes)
-  if [ "$known" = "$count" ]; then
-    joined=$((joined + 1))
-  elif [ "$known" = 1 ] && [ "$(cli "$node" dbsize | tr -d '\r')" = 0 ]; then
+  if [ "$known" -gt 1 ]; then
+    clustered=$((clustered + 1))
+  elif [ "$(cli "$node" dbsize | tr -d '\r')" = 0 ]; then
     empty=$((empty + 1))
   fi
 done
 
-if [ "$joined" = "$count" ]; then
-  say "the cluster already knows all $count nodes: not creating it again"
+if [ "$clustered" -gt 0 ]; then
+  say "$clustered of $count nodes are in a cluster already: not creating it again"
 elif [ "$empty" = "$count" ]; then
   # CLUSTER MEET takes addresses, not host names: resolve the compose service names. The
   # nodes announce their names (cluster-announce-hostname), so clients still see names.
@@ -67,24 +68,33 @@ elif [ "$empty" = "$count" ]; then
   for node in $nodes; do
     host=${node%:*}
     ip=$(getent hosts "$host" | awk '{ print $1; exit }')
-    [ -n "$ip" ] || { say "cannot resolve $host"; exit 1; }
+    [ -n "$ip" ] || { say "$host does not resolve"; exit 1; }
     addrs="$addrs $ip:${node##*:}"
   done
   say "creating the cluster:$addrs"
   # shellcheck disable=SC2086 # one argument per address
   valkey-cli --cluster create $addrs --cluster-replicas 1 --cluster-yes
 else
-  say "$joined of $count nodes know the whole cluster, $empty are empty: a partial cluster;" \
-    "repair it with valkey-cli --cluster fix / add-node (or start from empty volumes)"
+  say "no node is in a cluster but $((count - empty)) hold data: not creating a cluster over" \
+    "them (start from empty volumes, or join them by hand)"
   exit 1
 fi
 
+# Formed: every node knows every other one (gossip spreads that within seconds of a create)
+# and reports cluster_state:ok. A node left out (an empty one beside a formed cluster) never
+# gets there: the wait ends with a repair hint instead.
 for node in $nodes; do
   tries=0
-  until [ "$(info_field "$node" cluster_state)" = ok ]; do
+  until [ "$(info_field "$node" cluster_known_nodes)" = "$count" ] &&
+    [ "$(info_field "$node" cluster_state)" = ok ]; do
     tries=$((tries + 1))
-    [ "$tries" -lt "$wait_s" ] || { say "$node: cluster_state not ok after ${wait_s}s"; exit 1; }
+    [ "$tries" -lt "$wait_s" ] || {
+      say "$node: knows $(info_field "$node" cluster_known_nodes) of $count nodes," \
+        "cluster_state $(info_field "$node" cluster_state) after ${wait_s}s: a partial cluster;" \
+        "repair it with valkey-cli --cluster fix / add-node (or start from empty volumes)"
+      exit 1
+    }
     sleep 1
   done
 done
-say "cluster_state:ok on all $count nodes"
+say "all $count nodes know each other, cluster_state:ok"
