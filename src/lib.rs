@@ -60,7 +60,10 @@
 //! - [`topic`]: the topic-name rule.
 //! - [`clock`]: wall-clock milliseconds, read in one place.
 //! - [`instance`]: this process's random relay instance id (named in cross-relay
-//!   notifications).
+//!   notifications: which relay appended what).
+//! - [`replicate`]: per shard, what keeps the hot tier a cache of the Valkey streams when
+//!   other relays write them too: the pub/sub feed of each followed topic, repairs, the
+//!   periodic safety net (design: `docs/scaling.md`).
 
 pub mod clock;
 pub mod config;
@@ -69,6 +72,7 @@ pub mod http;
 pub mod instance;
 pub mod metrics;
 pub mod net;
+pub mod replicate;
 pub mod shard;
 pub mod sse;
 pub mod store;

@@ -215,6 +215,12 @@ pub struct CheckArgs {
     /// Only consumers of this transport.
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
+    /// Relays per history, all on the one Valkey (1 to 5; more than 1 implies
+    /// --backend valkey, and --ack persisted unless --ack buffered is given): publishes,
+    /// trims and deletes go to each in turn, and consumers resume on the next relay each
+    /// time.
+    #[arg(long, default_value_t = 1)]
+    pub relays: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,

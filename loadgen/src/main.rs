@@ -162,10 +162,21 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
     if a.steps == 0 {
         return Err(invalid("--steps must be at least 1"));
     }
+    if !(1..=5).contains(&a.relays) {
+        return Err(invalid("--relays must be 1 to 5"));
+    }
+    if a.relays > 1 && a.backend == Some(cli::CheckBackend::Memory) {
+        return Err(invalid(
+            "--relays above 1 needs the Valkey backend (memory relays share nothing)",
+        ));
+    }
     let mut backend = a.backend.map(|b| match b {
         cli::CheckBackend::Memory => Backend::Memory,
         cli::CheckBackend::Valkey => Backend::Valkey,
     });
+    if a.relays > 1 {
+        backend = Some(Backend::Valkey);
+    }
     if valkey.is_none() {
         if backend == Some(Backend::Valkey) {
             return Err(invalid(
@@ -184,15 +195,23 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
             runs: a.shrink_runs,
             time: a.shrink_time,
         },
-        bins: check::exec::Bins { relay, valkey },
+        bins: check::exec::Bins {
+            relay,
+            valkey,
+            relays: a.relays,
+        },
         pins: check::history::Pins {
             backend,
             shards: a.shards,
             connections: a.valkey_connections,
-            ack: a.ack.map(|k| match k {
-                cli::CheckAck::Persisted => Ack::Persisted,
-                cli::CheckAck::Buffered => Ack::Buffered,
-            }),
+            // `ack: buffered` is for one writer per topic: with several relays it degrades
+            // (docs/scaling.md) and ids acknowledged before that may move, which the oracle
+            // rightly reports. Only when asked for.
+            ack: match (a.ack, a.relays > 1) {
+                (Some(cli::CheckAck::Persisted), _) | (None, true) => Some(Ack::Persisted),
+                (Some(cli::CheckAck::Buffered), _) => Some(Ack::Buffered),
+                (None, false) => None,
+            },
             transport: a.transport,
         },
         quiet: a.quiet,

@@ -478,8 +478,8 @@ fn churn_returns_the_relay_to_its_baseline() {
 }
 
 /// The model checker's fixed CI set: one history per entry, together covering both backends,
-/// 1 and 2 shards, 1 and 4 Valkey connections per shard, both ack modes and all three
-/// transports. Each entry is `loadgen check` with pins; a failure names the seed and the
+/// 1 and 2 shards, 1 and 4 Valkey connections per shard, both ack modes, all three
+/// transports, and three relays on one Valkey. Each entry is `loadgen check` with pins; a failure names the seed and the
 /// flags that replay it (`loadgen check --seed S --histories 1 <pins>`), with the
 /// violations. Shrinking is off here (it re-runs histories); run the printed command to shrink.
 const CHECK_SET: &[(u64, &[&str])] = &[
@@ -621,6 +621,10 @@ const CHECK_SET: &[(u64, &[&str])] = &[
     // checker found resumes skipping messages trimmed mid-read (seeds 7006, 7015, 7061).
     (27, &["--backend", "valkey", "--ack", "buffered"]),
     (31, &["--backend", "valkey", "--ack", "buffered"]),
+    // Three relays on one Valkey (issue 12): publishes of a topic through different relays,
+    // consumers resuming on another relay each time, Valkey outages, trims and deletes.
+    (202, &["--relays", "3"]),
+    (210, &["--relays", "3"]),
 ];
 
 #[test]

@@ -126,6 +126,7 @@ pub async fn poll(shard: &Shard, request: PollRequest) -> Result<PollAnswer, Pol
                         limit,
                         max_bytes: POLL_PAGE_BYTES,
                         check_gap: after.is_some(),
+                        locate: true,
                     },
                 )
                 .await?;

@@ -108,9 +108,14 @@ pub async fn register(
         sink.seen_up_to(topic, id);
     }
     shard.delivery.attach(topic, sink);
-    shard
-        .subscribe_read(topic, ReplayQuery::register_only())
-        .await?;
+    // A follow from now has no catch-up to place it: the owner must know where the topic is
+    // before anything counts as "published after the registration".
+    let query = if start == StartAt::Last {
+        ReplayQuery::register_and_locate()
+    } else {
+        ReplayQuery::register_only()
+    };
+    shard.subscribe_read(topic, query).await?;
     Ok(generation)
 }
 
@@ -149,6 +154,7 @@ pub async fn catch_up(
                     limit: REPLAY_PAGE,
                     max_bytes: room,
                     check_gap: after.is_some(),
+                    locate: true,
                 },
             )
             .await?;
@@ -176,14 +182,14 @@ pub async fn catch_up(
 }
 
 /// The position of `topic` "now", for a consumer that registered its interest just before:
-/// every message after the returned id reaches it live. The owner's memory answers in the
-/// registering step; a Valkey topic it does not know (not written since start) is asked of
-/// Valkey (its newest retained entry). The consumer must then ignore live messages at or
-/// before the answer ([`Sink::seen_up_to`](sink::Sink::seen_up_to)): those count as
-/// published before it came. `None`: the topic holds nothing.
+/// every message after the returned id reaches it live. The owner answers in the registering
+/// step, from memory or (a Valkey topic it does not follow yet) from the stream's newest
+/// entry. The consumer must then ignore live messages at or before the answer
+/// ([`Sink::seen_up_to`](sink::Sink::seen_up_to)): those count as published before it came.
+/// `None`: the topic holds nothing.
 pub async fn position_now(shard: &Shard, topic: &str) -> Result<Option<MessageId>, ShardError> {
     let page = shard
-        .subscribe_read(topic, crate::shard::ReplayQuery::register_only())
+        .subscribe_read(topic, crate::shard::ReplayQuery::register_and_locate())
         .await?;
     position_from(shard, topic, page.last_id).await
 }

@@ -127,6 +127,20 @@ impl Registry {
         queued
     }
 
+    /// Cuts off every consumer of `topic` on this shard so it resumes from its last id (its
+    /// transport ends the stream; the resume reports what was removed meanwhile). Returns how
+    /// many.
+    pub fn resync_local(&self, topic: &str) -> usize {
+        let sinks: Vec<Rc<Sink>> = match self.local.borrow().get(topic) {
+            Some(sinks) => sinks.clone(),
+            None => return 0,
+        };
+        for sink in &sinks {
+            sink.resync();
+        }
+        sinks.len()
+    }
+
     /// Counts a parked long-poll if under `max`; false when the shard is at its limit.
     pub fn try_park(&self, max: usize) -> bool {
         let n = self.parked.get();

@@ -152,6 +152,9 @@ pub enum SinkState {
     Overflowed,
     /// The consumer went away or the shard is shutting down.
     Closed,
+    /// Messages of a followed topic were removed before this relay could pass them on: the
+    /// consumer must resume from its last id, where the resume reports the gap.
+    Resync,
 }
 
 struct Inner {
@@ -452,6 +455,19 @@ impl Sink {
         if inner.state == SinkState::Open {
             inner.state = SinkState::Closed;
         }
+        Self::wake(&mut inner);
+        Self::wake_room(&mut inner);
+    }
+
+    /// Ends the stream so the consumer resumes from its last id ([`SinkState::Resync`]).
+    /// What is queued still goes out first: the consumer's last id is then its real one.
+    pub fn resync(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.state == SinkState::Open {
+            inner.state = SinkState::Resync;
+        }
+        inner.cursors.values_mut().for_each(|c| c.pending.clear());
+        inner.pending_bytes = 0;
         Self::wake(&mut inner);
         Self::wake_room(&mut inner);
     }

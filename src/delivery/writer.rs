@@ -38,6 +38,9 @@ pub enum Ending {
     SlowConsumer,
     /// The shard is shutting down.
     Shutdown,
+    /// Messages were removed from storage before this relay could pass them on: the consumer
+    /// resumes from its last id, and the resume reports the gap.
+    Resync,
 }
 
 /// What the loop does while nothing is queued.
@@ -87,9 +90,12 @@ where
             framing.message(d, &mut out);
         }
         let state = sink.state();
-        if state != SinkState::Open {
+        // A resync lets what was queued before it go out first.
+        let draining = state == SinkState::Resync && sink.has_queued();
+        if state != SinkState::Open && !draining {
             let why = match state {
                 SinkState::Overflowed => Ending::SlowConsumer,
+                SinkState::Resync => Ending::Resync,
                 _ if shutting_down => Ending::Shutdown,
                 _ => Ending::Closed,
             };

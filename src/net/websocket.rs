@@ -38,6 +38,11 @@ use crate::http::handlers::websocket::WsUpgrade;
 use crate::metrics::Egress;
 use crate::shard::Shard;
 use crate::store::message::{write_rfc3339_millis, MessageId};
+
+/// The close code of a session whose topics lost messages before this relay could pass them
+/// on (another relay's publishes trimmed away before this one read them): like 4008, the
+/// client reconnects and resumes from its last ids, and the resume reports the gap.
+pub const RESUME_CLOSE_CODE: u16 = 4009;
 use crate::ws::codec::{self, CloseReason, CodecLimits, Decoder, Incoming};
 use crate::ws::protocol::{self, ClientMessage, Offset};
 
@@ -85,6 +90,7 @@ impl Framing for WsFraming<'_> {
         let reason = match (*self.closing.borrow(), why) {
             (Some(reason), _) => reason,
             (None, Ending::SlowConsumer) => Some(CloseReason::SlowConsumer),
+            (None, Ending::Resync) => Some(CloseReason::Policy(RESUME_CLOSE_CODE, "resume")),
             (None, _) => Some(CloseReason::GoingAway),
         };
         if let Some(reason) = reason {

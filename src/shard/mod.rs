@@ -202,6 +202,26 @@ impl Shard {
                     shard.deliver_batch(topic, messages);
                 }
             }));
+        let shard = Rc::downgrade(self);
+        self.storage.feed().subscribe_resync(Box::new(move |topic| {
+            if let Some(shard) = shard.upgrade() {
+                shard.resync_followers(topic);
+            }
+        }));
+    }
+
+    /// Every consumer of `topic` on this relay must resume from its last id (see
+    /// [`crate::store::feed::AppendFeed::resync`]): this shard's, and those of the shards
+    /// that registered interest.
+    fn resync_followers(&self, topic: &str) {
+        self.delivery.resync_local(topic);
+        for shard in self.delivery.interested_shards(topic) {
+            let topic = topic.to_owned();
+            // No reply: a shard that stopped has no consumer left to cut off.
+            let _ = self.post(shard, async move |consumers: &Shard| {
+                consumers.delivery.resync_local(&topic);
+            });
+        }
     }
 
     fn deliver_batch(&self, topic: &str, messages: Vec<crate::store::message::Message>) {
@@ -226,7 +246,7 @@ impl Shard {
         snap.connections = self.connection_count();
         snap.consumers = self.delivery.consumer_count();
         snap.storage = self.storage.summary();
-        snap.valkey = self.storage.valkey().map(|tier| tier.snapshot());
+        snap.valkey = self.storage.valkey_snapshot();
         snap
     }
 

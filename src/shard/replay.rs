@@ -50,16 +50,31 @@ pub struct ReplayQuery {
     pub max_bytes: usize,
     /// Also report whether messages after `after` were already removed.
     pub check_gap: bool,
+    /// The owner must know where the topic is before it answers (`ReplayPage::last_id`: every
+    /// later message reaches the consumer live). With Valkey it may have to ask the stream
+    /// (another relay may write it), and a failure is then an error. Without it a
+    /// registration answers from memory at once and the position is learnt in the background
+    /// (for a follow that catches up: its pages locate).
+    pub locate: bool,
 }
 
 impl ReplayQuery {
-    /// Registers interest, reads nothing.
+    /// Registers interest, reads nothing, answers at once (a follow that catches up next).
     pub fn register_only() -> ReplayQuery {
         ReplayQuery {
             after: None,
             limit: 0,
             max_bytes: 0,
             check_gap: false,
+            locate: false,
+        }
+    }
+
+    /// Registers interest and learns where the topic is, reads nothing (a follow from now).
+    pub fn register_and_locate() -> ReplayQuery {
+        ReplayQuery {
+            locate: true,
+            ..ReplayQuery::register_only()
         }
     }
 }
@@ -85,9 +100,9 @@ async fn replay_page(
     topic: &str,
     query: ReplayQuery,
 ) -> Result<ReplayPage, StoreError> {
-    // Before the first await: the caller registered the interest just now, so everything
-    // appended after this id is forwarded to the consumer.
-    let last_id = shard.storage.last_id(topic);
+    // The caller registered the interest just now, so everything the feed hands out after
+    // this id is forwarded to the consumer (memory backend: read before any await).
+    let last_id = shard.storage.follow_position(topic, query.locate).await?;
     let page = if query.limit == 0 {
         None
     } else {

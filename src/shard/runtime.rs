@@ -104,7 +104,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    tracing::info!(%addr, shards, backend = ?config.storage.backend, "relay ready");
+    tracing::info!(
+        %addr,
+        shards,
+        backend = ?config.storage.backend,
+        instance = crate::instance::id(),
+        "relay ready"
+    );
     if let Some(metrics) = metrics_addr {
         println!("pulsar-relay metrics: http://{metrics}/metrics");
     }
@@ -211,6 +217,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     glommio::spawn_local(sweeper(shard.clone())).detach();
     if shard.storage.valkey().is_some() {
         glommio::spawn_local(valkey_maintenance(shard.clone())).detach();
+        glommio::spawn_local(crate::replicate::run(shard.clone())).detach();
     }
     let inbox_task = glommio::spawn_local(serve_inbox(shard.clone(), inbox));
     runtime.mark_started();
@@ -254,6 +261,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
     // sweeper's last commands) before the shard goes.
     if let Some(tier) = shard.storage.valkey() {
         tier.flush_behind(shutdown_timeout).await;
+        shard.storage.stop_sync().await;
         tier.client.shutdown().await;
     }
     tracing::debug!(shard = id, "shard stopped");

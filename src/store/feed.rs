@@ -7,7 +7,12 @@
 //! ([`AppendFeed::flush`]), grouped into runs of one topic, so a bulk publish is one delivery
 //! per topic and interested shard, not one per message.
 //!
-//! The same seam is where messages appended elsewhere (another relay instance) will enter.
+//! The same seam is where messages appended elsewhere (another relay instance) enter: the
+//! stream sync (`store::stream_sync`) appends what it reads from Valkey here, in stream order
+//! with the local ones. When it finds that messages after what the feed has handed out were
+//! removed from the stream before it could read them, it raises a *resync*
+//! ([`AppendFeed::resync`]): the listener makes the topic's consumers resume from their last
+//! id, so the resume tells them of the gap.
 
 use std::cell::RefCell;
 
@@ -16,6 +21,9 @@ use super::message::Message;
 /// What receives a run of messages of one topic, in id order.
 pub type AppendListener = Box<dyn Fn(&str, Vec<Message>)>;
 
+/// What learns that a topic's consumers must resume from their last id (see the module doc).
+pub type ResyncListener = Box<dyn Fn(&str)>;
+
 #[derive(Default)]
 pub struct AppendFeed {
     /// Appended since the last flush, in append order.
@@ -23,6 +31,7 @@ pub struct AppendFeed {
     /// Set once, when the shard's delivery is wired up; appends before that (none in
     /// practice) are dropped at the next flush.
     listener: RefCell<Option<AppendListener>>,
+    resync_listener: RefCell<Option<ResyncListener>>,
 }
 
 impl AppendFeed {
@@ -33,6 +42,21 @@ impl AppendFeed {
     /// Makes `listener` the receiver of every run of appended messages from now on.
     pub fn subscribe(&self, listener: AppendListener) {
         *self.listener.borrow_mut() = Some(listener);
+    }
+
+    /// Makes `listener` the receiver of every resync from now on.
+    pub fn subscribe_resync(&self, listener: ResyncListener) {
+        *self.resync_listener.borrow_mut() = Some(listener);
+    }
+
+    /// The consumers of `topic` must resume from their last id: messages after what the feed
+    /// handed out were removed before it could (see the module doc). Whatever was appended
+    /// before goes out first.
+    pub fn resync(&self, topic: &str) {
+        self.flush();
+        if let Some(listener) = self.resync_listener.borrow().as_ref() {
+            listener(topic);
+        }
     }
 
     /// Records one appended message (in id order for its topic). Takes the topic owned: the

@@ -16,6 +16,9 @@
 //! - [`idempotency`]: what an idempotency key is, and the memory backend's record of keys
 //!   (the Valkey backend keeps its record in Valkey, beside the topic's stream).
 //! - [`hot_tier`]: per-topic ordered logs with count, age and byte-budget retention.
+//! - [`stream_sync`]: with Valkey, what keeps the hot tier a cache of the streams and the feed
+//!   in stream order when other relays write the same streams (repairs from Valkey, the
+//!   pub/sub feed, the contiguity probe of local publishes).
 //! - [`valkey`]: the Valkey Streams tier, split by concern: the entry format, persisted
 //!   publishes and their reorder queue, the buffered write-behind, page reads, removals and
 //!   gap verdicts, retention (trim, sweep), topic discovery, server checks.
@@ -24,6 +27,7 @@ pub mod feed;
 pub mod hot_tier;
 pub mod idempotency;
 pub mod message;
+pub mod stream_sync;
 pub mod valkey;
 
 use std::cell::RefCell;
@@ -93,6 +97,11 @@ pub enum GapReason {
     Deleted,
     /// Removed, but storage cannot tell how (e.g. another client's `XDEL`).
     Unknown,
+    /// The stream lost entries at its end that had been stored (and maybe delivered): a
+    /// Valkey failover that promoted a replica the newest entries had not reached, a flush, or
+    /// the stream recreated behind the relay's back. What the consumer saw after the point it
+    /// resumes from may no longer exist, and what it did not see of that range never will.
+    Rewound,
 }
 
 impl GapReason {
@@ -104,6 +113,7 @@ impl GapReason {
             GapReason::Evicted => "evicted",
             GapReason::Deleted => "deleted",
             GapReason::Unknown => "unknown",
+            GapReason::Rewound => "rewound",
         }
     }
 }
@@ -178,6 +188,8 @@ pub struct Storage {
     hot: RefCell<HotTier>,
     /// Every acknowledged message, in id order per topic, for real-time delivery.
     feed: feed::AppendFeed,
+    /// With Valkey: which topics memory mirrors, how far, and whether reads may trust it.
+    sync: Option<stream_sync::StreamSync>,
 }
 
 impl Storage {
@@ -196,6 +208,7 @@ impl Storage {
                     (config.idempotency.max_keys / shards.max(1)).max(1),
                 ))),
                 feed: feed::AppendFeed::new(),
+                sync: None,
                 hot: RefCell::new(HotTier::new(HotTierLimits {
                     max_messages_per_topic: config.storage.max_messages_per_topic,
                     retention_ms: duration_ms(config.storage.persistent_tier_retention),
@@ -225,9 +238,26 @@ impl Storage {
                         instance_id: crate::instance::id().to_owned(),
                     },
                 );
+                let mut connect = crate::valkey::client_config(config, shard).connect;
+                connect.client_name = format!("pulsar-relay-shard{shard}-pubsub");
+                let (subscriber, pushes) = crate::valkey::subscriber::Subscriber::start(connect)
+                    .map_err(|e| format!("valkey pub/sub: {e}"))?;
+                let (work_tx, work) = futures::channel::mpsc::unbounded();
+                let (conflicts_tx, conflicts) = futures::channel::mpsc::unbounded();
+                tier.report_writer_conflicts(conflicts_tx);
+                let sync = stream_sync::StreamSync::new(
+                    subscriber,
+                    work_tx,
+                    stream_sync::SyncInputs {
+                        pushes,
+                        work,
+                        conflicts,
+                    },
+                );
                 Ok(Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
                     feed: feed::AppendFeed::new(),
+                    sync: Some(sync),
                     hot: RefCell::new(HotTier::new(HotTierLimits {
                         max_messages_per_topic: config
                             .hot_tier
@@ -288,12 +318,26 @@ impl Storage {
             Backend::Memory(keys) => self.append_in_memory(keys, items, now_ms),
             Backend::Valkey(tier) => match tier.ack {
                 AckMode::Persisted | AckMode::Replicated => {
-                    let cache = |topic: &str, message: Message| self.cache(topic, message);
-                    tier.publish_persisted(items, now_ms, &cache).await
+                    self.publish_persisted(tier, items, now_ms).await
                 }
                 AckMode::Buffered => self.publish_buffered(tier, items, now_ms).await,
             },
         }
+    }
+
+    /// `ack = persisted`/`replicated` (and topics degraded from `buffered`): a result is `Ok`
+    /// once Valkey stored the message; stored messages reach the hot tier and the feed in id
+    /// order.
+    async fn publish_persisted(
+        &self,
+        tier: &Rc<ValkeyTier>,
+        items: Vec<PublishItem>,
+        now_ms: u64,
+    ) -> Vec<Result<PublishAck, StoreError>> {
+        let ingest = |topic: &str, message: Message, after: Option<MessageId>| {
+            self.ingest_local(topic, message, after)
+        };
+        tier.publish_persisted(items, now_ms, &ingest).await
     }
 
     /// The memory backend: each item is checked against the idempotency record and appended
@@ -340,7 +384,8 @@ impl Storage {
     /// `ack = buffered`: ids are chosen here, the messages enter the hot tier and the
     /// producer is answered; Valkey is written behind, retried until stored. Trade-off
     /// (documented): a message acknowledged this way is lost if the relay dies before Valkey
-    /// stored it.
+    /// stored it. Topics another writer was seen on go through the persisted path instead
+    /// (see [`ValkeyTier::degrade_buffered`]).
     ///
     /// Items with an idempotency key are the exception: whether they are stored at all is
     /// Valkey's decision (the key may have been used through another relay), so they are
@@ -356,10 +401,20 @@ impl Storage {
         items: Vec<PublishItem>,
         now_ms: u64,
     ) -> Vec<Result<PublishAck, StoreError>> {
-        let (ids, hold) = match tier.assign_buffered_ids(&items, now_ms).await {
+        if items.iter().any(|item| tier.is_degraded(&item.topic)) {
+            return self.publish_split(tier, items, now_ms).await;
+        }
+        let (ids, hold, stream_lasts) = match tier.assign_buffered_ids(&items, now_ms).await {
             Ok(assigned) => assigned,
             Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
+        for (topic, stream_last) in &stream_lasts {
+            self.check_buffered_start(tier, topic, *stream_last);
+        }
+        if items.iter().any(|item| tier.is_degraded(&item.topic)) {
+            // Degraded just now: nothing was acknowledged yet, publish it the safe way.
+            return self.publish_split(tier, items, now_ms).await;
+        }
         let messages: Vec<(String, Message)> = items
             .iter()
             .zip(&ids)
@@ -392,7 +447,7 @@ impl Storage {
             .collect();
         let Some(hold) = hold else {
             for (topic, message) in messages {
-                self.cache(&topic, message);
+                self.ingest_buffered(&topic, message);
             }
             return results;
         };
@@ -403,7 +458,7 @@ impl Storage {
             if hold.holds(&topic) {
                 held.push((index, topic, message));
             } else {
-                self.cache(&topic, message);
+                self.ingest_buffered(&topic, message);
             }
         }
         let mut stored = vec![true; results.len()];
@@ -428,26 +483,66 @@ impl Storage {
         }
         for (index, topic, message) in held {
             if stored[index] {
-                self.cache(&topic, message);
+                self.ingest_buffered(&topic, message);
             }
         }
         drop(hold);
         results
     }
 
-    /// Puts a persisted message in the hot tier. A message that would break the topic's id
-    /// order (possible only with several connections per shard racing) evicts the topic from
-    /// memory instead, so its reads go to Valkey rather than miss a message.
-    fn cache(&self, topic: &str, message: Message) {
-        self.feed.append(topic.to_owned(), message.clone());
-        let mut hot = self.hot.borrow_mut();
-        if hot.insert(topic, message).is_err() {
-            tracing::warn!(
-                topic,
-                "out-of-order persisted message: serving the topic from Valkey"
-            );
-            hot.delete(topic);
+    /// A buffered publish with items of degraded topics: those go through the persisted path
+    /// (once none of their own is left in the write-behind backlog, so Valkey's ids come
+    /// after them), the others are buffered as usual; results in item order.
+    async fn publish_split(
+        &self,
+        tier: &Rc<ValkeyTier>,
+        items: Vec<PublishItem>,
+        now_ms: u64,
+    ) -> Vec<Result<PublishAck, StoreError>> {
+        let (persisted, buffered): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .enumerate()
+            .partition(|(_, item)| tier.is_degraded(&item.topic));
+        let mut results: Vec<Option<Result<PublishAck, StoreError>>> =
+            vec![None; persisted.len() + buffered.len()];
+        let deadline = std::time::Instant::now() + tier.client.command_timeout();
+        while persisted
+            .iter()
+            .any(|(_, item)| tier.behind_holds(&item.topic))
+        {
+            if std::time::Instant::now() >= deadline {
+                let refused = StoreError::Unavailable(
+                    "the write-behind still holds messages of a topic degraded to persisted".into(),
+                );
+                for (i, _) in &persisted {
+                    results[*i] = Some(Err(refused.clone()));
+                }
+                break;
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(2)).await;
         }
+        let (persisted_at, persisted_items): (Vec<usize>, Vec<PublishItem>) = persisted
+            .into_iter()
+            .filter(|(i, _)| results[*i].is_none())
+            .unzip();
+        let (buffered_at, buffered_items): (Vec<usize>, Vec<PublishItem>) =
+            buffered.into_iter().unzip();
+        if !persisted_items.is_empty() {
+            let done = self.publish_persisted(tier, persisted_items, now_ms).await;
+            for (i, r) in persisted_at.into_iter().zip(done) {
+                results[i] = Some(r);
+            }
+        }
+        if !buffered_items.is_empty() {
+            let done = Box::pin(self.publish_buffered(tier, buffered_items, now_ms)).await;
+            for (i, r) in buffered_at.into_iter().zip(done) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("not published".into()))))
+            .collect()
     }
 
     /// A page of a topic's history; `None` for a topic this store does not hold. With Valkey,
@@ -461,8 +556,10 @@ impl Storage {
         match &self.backend {
             Backend::Memory(_) => Ok(self.hot.borrow().read(topic, query, now_ms)),
             Backend::Valkey(tier) => {
-                if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
-                    return Ok(Some(page));
+                if self.hot_trusted(topic) {
+                    if let Some(page) = self.read_hot(tier, topic, query, now_ms) {
+                        return Ok(Some(page));
+                    }
                 }
                 // The sizes of the topic's recent messages size Valkey's first range read.
                 let size_hint = self
@@ -556,8 +653,8 @@ impl Storage {
         }
     }
 
-    /// The hot tier holds every message of a topic newer than its oldest held message (it has
-    /// seen every publish since it first cached the topic, losing only its oldest). So:
+    /// While the topic is in sync (see [`stream_sync`]) the hot tier holds a contiguous run of
+    /// the stream up to the last entry announced to this relay, losing only its oldest. So:
     /// - ascending after a cursor at or past the oldest held id: fully covered;
     /// - descending: covered when memory alone fills the page (older pages go to Valkey).
     fn read_hot(
@@ -622,6 +719,9 @@ impl Storage {
             Backend::Valkey(tier) => {
                 let removed = tier.trim(topic, keep_count).await?;
                 self.hot.borrow_mut().trim(topic, keep_count, now);
+                if removed.is_some_and(|n| n > 0) {
+                    self.notify_removed(topic);
+                }
                 Ok(removed)
             }
         }
@@ -634,6 +734,9 @@ impl Storage {
             Backend::Valkey(tier) => {
                 let existed = tier.delete(topic).await?;
                 let cached = self.hot.borrow_mut().delete(topic);
+                if existed {
+                    self.notify_removed(topic);
+                }
                 Ok(existed || cached)
             }
         }
@@ -690,9 +793,39 @@ impl Storage {
 
     /// The last id this shard's memory knows for `topic` (issued, or cached from Valkey), even
     /// if that message is gone; no round trip. With Valkey, `None` for a topic not written
-    /// through this shard since start.
+    /// through this shard since start. (A follower's position: [`Storage::follow_position`].)
     pub fn last_id(&self, topic: &str) -> Option<MessageId> {
         self.hot.borrow().last_id(topic)
+    }
+
+    /// The Valkey tier's metrics, with the stream sync's and its pub/sub connection's.
+    pub fn valkey_snapshot(&self) -> Option<crate::metrics::ValkeySnapshot> {
+        let mut snap = self.valkey()?.snapshot();
+        if let Some((sync, subscriber)) = self.sync_stats() {
+            for (name, n) in [
+                ("sync_repair", sync.repairs),
+                ("sync_repaired_message", sync.repaired_messages),
+                ("sync_probe", sync.probes),
+                (
+                    "sync_probe_found_other_writer",
+                    sync.probes_found_other_writer,
+                ),
+                (
+                    "sync_append_after_other_writer",
+                    sync.appends_after_another_writer,
+                ),
+                ("sync_resync", sync.resyncs),
+                ("sync_rewind", sync.rewinds),
+                ("sync_safety_net_find", sync.safety_net_finds),
+                ("pubsub_message", subscriber.messages),
+                ("pubsub_connect", subscriber.connects),
+            ] {
+                snap.operations.insert(name.to_owned(), n);
+            }
+            snap.errors
+                .insert("pubsub_lost".to_owned(), subscriber.lost);
+        }
+        Some(snap)
     }
 }
 

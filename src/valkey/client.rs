@@ -753,6 +753,11 @@ impl Client {
         self.shared.state.borrow().batch_sizes.clone()
     }
 
+    /// How long one command may wait in the queue, and then for its reply.
+    pub fn command_timeout(&self) -> Duration {
+        self.shared.config.connect.command_timeout
+    }
+
     /// Whether at least one connection is up.
     pub fn is_connected(&self) -> bool {
         self.shared.state.borrow().connected > 0

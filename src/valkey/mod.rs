@@ -15,6 +15,9 @@
 //!   with backoff, the replication `WAIT` of `ack: replicated`. Commands routed by a key (a
 //!   topic) always take that key's lane, so they run in submission order however many
 //!   connections there are.
+//! - [`subscriber`]: the shard's one pub/sub connection (`SSUBSCRIBE`), kept apart from the
+//!   pipelined ones: the channels it wants, subscribed again after every reconnect, and the
+//!   messages pushed on them.
 //!
 //! Not owned here: which commands the relay sends (stream keys, XADD/XRANGE shapes) and how
 //! errors map to HTTP statuses; that is the storage layer's business.
@@ -26,6 +29,7 @@ pub mod codec;
 pub mod connection;
 pub mod library;
 pub mod sentinel;
+pub mod subscriber;
 
 use std::time::Duration;
 

@@ -15,9 +15,11 @@
 //!   heals: bytes held in the kernel's buffers flow again after [`Fault::Pass`]).
 //! - [`Fault::DropReplies`]: requests reach Valkey; its replies are read and thrown away.
 //!
-//! and two one-off actions: [`FaultProxy::cut`] closes every current connection at once, and
+//! and three one-off actions: [`FaultProxy::cut`] closes every current connection at once,
 //! [`FaultProxy::cut_mid_reply`] forwards the first half of the next reply chunk and then
-//! closes that connection (a cut in the middle of a pipeline's replies, deterministically).
+//! closes that connection (a cut in the middle of a pipeline's replies, deterministically), and
+//! [`FaultProxy::drop_replies_from_next`] turns [`Fault::DropReplies`] on just before the next
+//! request holding a given command is forwarded (so that command's reply is surely dropped).
 //!
 //! Threads: one acceptor plus two per connection, all polling a stop flag every few
 //! milliseconds; dropping the proxy stops and joins them all.
@@ -72,6 +74,9 @@ struct Shared {
     stop: AtomicBool,
     /// Armed by [`FaultProxy::cut_mid_reply`]; the next reply pump to read a chunk takes it.
     cut_mid_reply: AtomicBool,
+    /// Armed by [`FaultProxy::drop_replies_from_next`]: the command whose next request turns
+    /// [`Fault::DropReplies`] on.
+    drop_replies_from: Mutex<Option<&'static [u8]>>,
     links: Mutex<Vec<Arc<Link>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
     accepted: AtomicU64,
@@ -109,6 +114,7 @@ impl FaultProxy {
             fault: Mutex::new(Fault::Pass),
             stop: AtomicBool::new(false),
             cut_mid_reply: AtomicBool::new(false),
+            drop_replies_from: Mutex::new(None),
             links: Mutex::new(Vec::new()),
             pumps: Mutex::new(Vec::new()),
             accepted: AtomicU64::new(0),
@@ -136,6 +142,13 @@ impl FaultProxy {
     /// Applies `fault` to every connection from now on.
     pub fn set(&self, fault: Fault) {
         *self.shared.fault.lock().expect("fault lock") = fault;
+    }
+
+    /// Turns [`Fault::DropReplies`] on (every connection) just before the next request chunk
+    /// that holds `command` (e.g. `b"pulsar_append"`) is forwarded: that command reaches Valkey, its
+    /// reply does not.
+    pub fn drop_replies_from_next(&self, command: &'static [u8]) {
+        *self.shared.drop_replies_from.lock().expect("drop lock") = Some(command);
     }
 
     pub fn fault(&self) -> Fault {
@@ -313,6 +326,13 @@ fn pump(shared: &Shared, link: &Link, mut from: TcpStream, direction: Direction)
             Err(_) => return,
         };
         let chunk = &buf[..n];
+        if direction == Direction::Requests {
+            let mut armed = shared.drop_replies_from.lock().expect("drop lock");
+            if armed.is_some_and(|command| chunk.windows(command.len()).any(|w| w == command)) {
+                *armed = None;
+                *shared.fault.lock().expect("fault lock") = Fault::DropReplies;
+            }
+        }
         // The fault as it is now: it may have changed while the read waited.
         let fault = shared.fault();
         if direction == Direction::Replies {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::valkey::{await_ready, ValkeyServer};
-use super::Server;
+use super::{RelayOpts, Server};
 
 /// A relay starts and connects to Valkey in milliseconds; 20 s absorbs a loaded CI machine.
 const RELAY_READY_DEADLINE: Duration = Duration::from_secs(20);
@@ -34,6 +34,32 @@ impl RelayFleet {
     ) -> RelayFleet {
         let relays = (0..count)
             .map(|_| valkey.start_relay(config_yaml, extra_env))
+            .collect();
+        RelayFleet { relays }
+    }
+
+    /// Like [`RelayFleet::start`] with `shards` shards per relay.
+    pub fn start_with_shards(
+        valkey: &ValkeyServer,
+        count: usize,
+        shards: usize,
+        config_yaml: &str,
+        extra_env: &[(&str, &str)],
+    ) -> RelayFleet {
+        let relays = (0..count)
+            .map(|_| {
+                let mut opts = RelayOpts {
+                    shards,
+                    ..RelayOpts::new(config_yaml)
+                }
+                .envs(&valkey.relay_env());
+                for (k, v) in extra_env {
+                    opts = opts.env(k, v);
+                }
+                let relay = Server::start_opts(opts);
+                await_ready(&relay, RELAY_READY_DEADLINE);
+                relay
+            })
             .collect();
         RelayFleet { relays }
     }

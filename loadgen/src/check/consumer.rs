@@ -226,7 +226,10 @@ pub struct Consumer {
     pub transport: Transport,
     pub topics: Vec<u16>,
     pub sh: Arc<Shared>,
-    endpoint: Endpoint,
+    /// Every relay's; each session opens on the next one (see `exec`'s module doc).
+    endpoints: Vec<Endpoint>,
+    /// The relay of the current session.
+    current: usize,
     /// Where the current SSE stream would resume: its last event's id, or until it has
     /// one, the id it was opened with.
     sse_start: Option<String>,
@@ -237,15 +240,22 @@ impl Consumer {
         transport: Transport,
         topics: Vec<u16>,
         sh: Arc<Shared>,
-        endpoint: Endpoint,
+        endpoints: Vec<Endpoint>,
     ) -> Consumer {
         Consumer {
             transport,
             topics,
             sh,
-            endpoint,
+            // The first session opens on relay 0 (the turn moves before each open).
+            current: endpoints.len().saturating_sub(1),
+            endpoints,
             sse_start: None,
         }
+    }
+
+    /// The relay of the current session.
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoints[self.current]
     }
 
     fn multi_sse(&self) -> bool {
@@ -385,6 +395,7 @@ impl Consumer {
     }
 
     async fn open(&mut self, wire: &[Wire], sse_id: Option<&str>) -> Result<Conn, String> {
+        self.current = (self.current + 1) % self.endpoints.len().max(1);
         match tokio::time::timeout(OPEN_TIMEOUT, self.open_inner(wire, sse_id)).await {
             Ok(r) => r,
             Err(_) => Err("open timed out".into()),
@@ -412,11 +423,11 @@ impl Consumer {
     }
 
     async fn open_ws(&mut self, wire: &[Wire]) -> Result<Conn, String> {
-        let tcp = connect_tcp(&self.endpoint)
+        let tcp = connect_tcp(self.endpoint())
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let request = self
-            .endpoint
+            .endpoint()
             .ws_url("/ws")
             .into_client_request()
             .map_err(|e| e.to_string())?;
@@ -508,7 +519,7 @@ impl Consumer {
     }
 
     async fn open_sse(&mut self, wire: &[Wire], sse_id: Option<&str>) -> Result<Conn, String> {
-        let mut conn = HttpConn::connect(&self.endpoint)
+        let mut conn = HttpConn::connect(self.endpoint())
             .await
             .map_err(|e| e.to_string())?;
         let (path, last_id) = if self.topics.len() == 1 {
@@ -536,7 +547,7 @@ impl Consumer {
             ));
         }
         let response = conn
-            .send(&self.endpoint, Method::GET, &path, None, None, &headers)
+            .send(self.endpoint(), Method::GET, &path, None, None, &headers)
             .await
             .map_err(|e| e.to_string())?;
         if response.status() != 200 {
@@ -640,7 +651,7 @@ impl Consumer {
         since: &mut HashMap<u16, String>,
     ) -> Read {
         if http.as_ref().is_none_or(|c| !c.is_open()) {
-            match HttpConn::connect(&self.endpoint).await {
+            match HttpConn::connect(self.endpoint()).await {
                 Ok(c) => *http = Some(c),
                 Err(e) => {
                     tokio::time::sleep(RESUME_PAUSE).await;
@@ -675,7 +686,7 @@ impl Consumer {
         let answer = tokio::time::timeout(
             Duration::from_secs(POLL_WAIT_S + 10),
             c.request(
-                &self.endpoint,
+                self.endpoint(),
                 Method::POST,
                 "/messages/poll",
                 Some(Bytes::from(body)),

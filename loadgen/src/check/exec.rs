@@ -1,6 +1,15 @@
-//! Executes one history against fresh processes: starts Valkey (if used) and the relay, runs
-//! the steps in order (publishes, trims and deletes are awaited before the next step;
-//! consumers run alongside as tasks), then lets the consumers settle and asks the oracle.
+//! Executes one history against fresh processes: starts Valkey (if used) and the relay (or,
+//! with `--relays N`, N relays on the one Valkey), runs the steps in order (publishes, trims
+//! and deletes are awaited before the next step; consumers run alongside as tasks), then lets
+//! the consumers settle and asks the oracle.
+//!
+//! Several relays: every publish, trim and delete step goes to the next relay in turn, and
+//! the parallel connections of one publish step each to a different relay (so publishes of
+//! one topic through different relays interleave); a consumer opens each session (its
+//! first, and every resume) on the next relay in its own turn, so it resumes on another
+//! relay than it left. A WebSocket consumer "from now" starts after the newest acknowledged
+//! id instead (as SSE and long-poll do): on another relay than the publisher's, "now" may
+//! still be before it.
 //!
 //! Settling: the history is over when every consumer's open session has everything it is
 //! owed. A consumer that makes no progress for [`STALL_AFTER`] while owed messages is a stall
@@ -34,11 +43,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A consumer's connect must be confirmed within this.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The binaries a history needs.
+/// The binaries a history needs, and how many relays to run.
 #[derive(Debug, Clone)]
 pub struct Bins {
     pub relay: PathBuf,
     pub valkey: Option<PathBuf>,
+    /// Relay processes on the one Valkey (1 unless `--relays`; always 1 with the memory
+    /// backend, whose relays share nothing).
+    pub relays: usize,
 }
 
 /// What one history did and found.
@@ -73,12 +85,15 @@ impl Drop for ConsumerHandle {
 }
 
 struct Exec {
-    endpoint: Endpoint,
+    /// One per relay.
+    endpoints: Vec<Endpoint>,
     ledger: Arc<Mutex<Ledger>>,
     consumers: BTreeMap<u8, ConsumerHandle>,
     epoch: Instant,
-    /// Keep-alive connections for publishes and admin requests.
-    conns: Vec<Option<HttpConn>>,
+    /// Keep-alive connections for publishes and admin requests, per relay and lane.
+    conns: Vec<Vec<Option<HttpConn>>>,
+    /// Which relay the next request goes to (turns over the relays).
+    turn: usize,
     restarts: u64,
     events: BTreeMap<String, u64>,
 }
@@ -98,14 +113,36 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
         Backend::Memory => None,
     };
     let yaml = config_yaml(&history.setup, valkey.as_ref().map(|v| v.port));
-    let relay = Relay::start(&bins.relay, &scratch.0, &yaml)?;
-    let endpoint = Endpoint::parse(&relay.url).map_err(|e| e.to_string())?;
+    let count = match history.setup.backend {
+        Backend::Valkey => bins.relays.max(1),
+        Backend::Memory => 1,
+    };
+    let mut relays = Vec::with_capacity(count);
+    for i in 0..count {
+        // One relay keeps the scratch directory's layout of a single-relay run.
+        let dir = if count == 1 {
+            scratch.0.clone()
+        } else {
+            let dir = scratch.0.join(format!("relay{i}"));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("relay dir: {e}"))?;
+            dir
+        };
+        relays.push(Relay::start(&bins.relay, &dir, &yaml)?);
+    }
+    let endpoints = relays
+        .iter()
+        .map(|r| Endpoint::parse(&r.url).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut exec = Exec {
-        endpoint,
+        conns: endpoints
+            .iter()
+            .map(|_| (0..4).map(|_| None).collect())
+            .collect(),
+        endpoints,
         ledger: Arc::new(Mutex::new(Ledger::default())),
         consumers: BTreeMap::new(),
         epoch: Instant::now(),
-        conns: (0..4).map(|_| None).collect(),
+        turn: 0,
         restarts: 0,
         events: BTreeMap::new(),
     };
@@ -113,28 +150,29 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
         exec.step(step, &history.setup, valkey.as_mut()).await;
     }
     let mut outcome = exec.settle(&history.setup).await;
-    let mut relay = relay;
-    if let Ok(Some(status)) = relay.try_wait() {
-        outcome.violations.push(Violation {
-            kind: oracle::Kind::Relay,
-            consumer: 0,
-            transport: "-",
-            topic: 0,
-            session: 0,
-            detail: format!(
-                "the relay exited ({status}); log {}",
-                std::fs::read_to_string(&relay.log)
-                    .unwrap_or_default()
-                    .lines()
-                    .rev()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            ),
-        });
+    for (i, relay) in relays.iter_mut().enumerate() {
+        if let Ok(Some(status)) = relay.try_wait() {
+            outcome.violations.push(Violation {
+                kind: oracle::Kind::Relay,
+                consumer: 0,
+                transport: "-",
+                topic: 0,
+                session: 0,
+                detail: format!(
+                    "relay {i} exited ({status}); log {}",
+                    std::fs::read_to_string(&relay.log)
+                        .unwrap_or_default()
+                        .lines()
+                        .rev()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ),
+            });
+        }
     }
     exec.consumers.clear();
-    drop(relay);
+    drop(relays);
     drop(valkey);
     drop(scratch);
     outcome.elapsed = started.elapsed();
@@ -176,6 +214,12 @@ impl Exec {
         *self.events.entry(kind.into()).or_default() += 1;
     }
 
+    /// The relay the next step's request goes to.
+    fn next_relay(&mut self) -> usize {
+        self.turn = self.turn.wrapping_add(1);
+        self.turn % self.endpoints.len()
+    }
+
     async fn request(
         &mut self,
         conn: usize,
@@ -183,7 +227,20 @@ impl Exec {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), String> {
-        request(&self.endpoint, &mut self.conns[conn], method, path, body).await
+        let relay = self.next_relay();
+        self.request_to(relay, conn, method, path, body).await
+    }
+
+    async fn request_to(
+        &mut self,
+        relay: usize,
+        conn: usize,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), String> {
+        let endpoint = &self.endpoints[relay];
+        request(endpoint, &mut self.conns[relay][conn], method, path, body).await
     }
 
     async fn step(&mut self, step: &Step, setup: &Setup, valkey: Option<&mut Valkey>) {
@@ -241,7 +298,7 @@ impl Exec {
                         *transport,
                         topics.clone(),
                         sh.clone(),
-                        self.endpoint.clone(),
+                        self.endpoints.clone(),
                     )
                     .run(rx),
                 );
@@ -311,16 +368,21 @@ impl Exec {
         }
     }
 
-    /// Waits (bounded) until the relay says it is ready again after an outage.
+    /// Waits (bounded) until every relay says it is ready again after an outage.
     async fn await_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok((200, _)) = self.request(1, Method::GET, "/ready", None).await {
-                return;
+        for relay in 0..self.endpoints.len() {
+            loop {
+                if let Ok((200, _)) = self.request_to(relay, 1, Method::GET, "/ready", None).await {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    self.event("relay not ready 20 s after a valkey outage");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.event("relay not ready 20 s after a valkey outage");
     }
 
     /// Resolves `from` for `consumer` and (re)connects it.
@@ -364,9 +426,11 @@ impl Exec {
                         From::Live => {
                             let p = ledger.newest_acked(t).map_or(Pos::Earliest, Pos::After);
                             // Only WebSocket has a confirmed "live" start (`subscribed`);
-                            // the others start after the newest acknowledged id.
+                            // the others start after the newest acknowledged id. With
+                            // several relays so does WebSocket: a relay's "now" may be
+                            // before what another relay acknowledged (see the module doc).
                             match (c.transport, p) {
-                                (Transport::Ws, _) => (p, Wire::Live),
+                                (Transport::Ws, _) if self.endpoints.len() == 1 => (p, Wire::Live),
                                 (_, Pos::After(id)) => (p, Wire::After(id)),
                                 (_, Pos::Earliest) => (p, Wire::Earliest),
                             }
@@ -460,16 +524,19 @@ impl Exec {
             }
             return;
         }
-        // Single publishes over `parallel` connections, each sending its share in order.
+        // Single publishes over `parallel` connections, each sending its share in order (each
+        // to another relay, with several).
         let lanes = usize::from(parallel.clamp(1, 4));
         let mut shares: Vec<Vec<Pending>> = (0..lanes).map(|_| Vec::new()).collect();
         for (i, p) in pending.into_iter().enumerate() {
             shares[i % lanes].push(p);
         }
+        let first_relay = self.next_relay();
         let mut tasks = Vec::new();
         for (lane, share) in shares.into_iter().enumerate() {
-            let mut conn = self.conns[lane].take();
-            let endpoint = self.endpoint.clone();
+            let relay = (first_relay + lane) % self.endpoints.len();
+            let mut conn = self.conns[relay][lane].take();
+            let endpoint = self.endpoints[relay].clone();
             let ledger = self.ledger.clone();
             tasks.push(tokio::spawn(async move {
                 for p in share {
@@ -492,12 +559,12 @@ impl Exec {
                     };
                     lock(&ledger).settle(p.seq, fate);
                 }
-                (lane, conn)
+                (relay, lane, conn)
             }));
         }
         for t in tasks {
-            if let Ok((lane, conn)) = t.await {
-                self.conns[lane] = conn;
+            if let Ok((relay, lane, conn)) = t.await {
+                self.conns[relay][lane] = conn;
             }
         }
     }

@@ -156,7 +156,12 @@ pub async fn run(spec: &CheckSpec) -> Summary {
         i += 1;
         let history = history::generate(seed, spec.steps, spec.pins);
         if !spec.quiet {
-            eprintln!("check: seed {seed}: {}", history.setup);
+            let relays = if spec.bins.relays > 1 {
+                format!(", {} relays", spec.bins.relays)
+            } else {
+                String::new()
+            };
+            eprintln!("check: seed {seed}: {}{relays}", history.setup);
         }
         let outcome = match exec::run(&history, &spec.bins).await {
             Ok(o) => o,

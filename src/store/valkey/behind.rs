@@ -27,7 +27,7 @@ use super::publish::group_by_topic;
 use super::{on, store_error, ValkeyTier};
 use crate::store::message::MessageId;
 use crate::store::{PublishAck, PublishItem, StoreError};
-use crate::valkey::{Command, ValkeyError};
+use crate::valkey::{Command, Reply, ValkeyError};
 
 /// The write-behind backlog of `ack = buffered`: every acknowledged message stays here until
 /// Valkey stored it (or refused it for good), and one writer task sends it, one batch at a
@@ -49,9 +49,26 @@ pub(super) struct Behind {
     pub(super) retries: u64,
     /// Acknowledged messages Valkey refused for good (not retryable): lost.
     pub(super) lost: u64,
+    /// Acknowledged messages whose id another writer took first: stored with a new id
+    /// (see [`BehindItem::reassign`]).
+    pub(super) reassigned: u64,
+    /// Messages in `queue` per topic: a topic degraded to persisted publishes waits until
+    /// none of its own is left, so Valkey's ids stay above them.
+    per_topic: std::collections::HashMap<String, usize>,
 }
 
 impl Behind {
+    /// Accounts for `item` leaving the backlog (stored, a duplicate, decided or lost).
+    fn remove(&mut self, item: &PublishItem) {
+        self.bytes = self.bytes.saturating_sub(item_bytes(item));
+        if let Some(n) = self.per_topic.get_mut(&item.topic) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_topic.remove(&item.topic);
+            }
+        }
+    }
+
     /// An empty backlog holding at most `max_behind` messages (never fewer than one batch).
     pub(super) fn new(max_behind: usize) -> Behind {
         Behind {
@@ -62,6 +79,8 @@ impl Behind {
             busy: false,
             retries: 0,
             lost: 0,
+            reassigned: 0,
+            per_topic: std::collections::HashMap::new(),
         }
     }
 }
@@ -76,6 +95,20 @@ struct BehindItem {
     new_topic: bool,
     /// Keyed publishes only: where Valkey's decision goes (the publisher waits for it).
     decision: Option<oneshot::Sender<BehindDecision>>,
+    /// Another writer stored an id at least as high first (`ack: buffered` with several
+    /// writers): the message is sent with `*` instead, so it is stored after all, under the
+    /// id Valkey gives it. Logged and counted (`buffered_reassigned`): the producer was told
+    /// the other id.
+    reassign: bool,
+}
+
+/// How the write-behind sends one backlog item this time (copied out of the backlog).
+struct Attempt {
+    id: MessageId,
+    timestamp_ms: u64,
+    new_topic: bool,
+    /// Sent with `*`: see [`BehindItem::reassign`].
+    reassign: bool,
 }
 
 /// What became of a keyed publish written behind (see the module doc).
@@ -92,14 +125,17 @@ pub enum BehindDecision {
 
 /// How one write-behind entry ended.
 enum BehindOutcome {
-    Stored,
+    /// Stored (under this id when Valkey picked it: a reassigned message).
+    Stored(Option<MessageId>),
     /// Keyed only: a duplicate of an earlier publish.
     Duplicate(PublishAck),
     /// Worth sending again (connection lost, timeout, queue full, `-OOM`).
     Retry,
     /// Refused because the stream already holds an id at least as high: stored already (a
-    /// reply lost with its connection) or lost; the stream is asked.
+    /// reply lost with its connection) or taken by another writer; the stream is asked.
     Check,
+    /// Another writer took the id first: send it again with `*`.
+    Reassign,
     /// Refused for good.
     Lost(String),
 }
@@ -143,9 +179,10 @@ impl ValkeyTier {
         self: &Rc<Self>,
         items: &[PublishItem],
         now_ms: u64,
-    ) -> Result<(Vec<MessageId>, Option<TopicHold>), StoreError> {
+    ) -> Result<(Vec<MessageId>, Option<TopicHold>, Vec<(String, MessageId)>), StoreError> {
+        let mut stream_lasts = Vec::new();
         loop {
-            self.refresh_buffered_last(items).await?;
+            stream_lasts.extend(self.refresh_buffered_last(items).await?);
             // From here to the return: no await.
             let waiting = {
                 let mut holds = self.holds.borrow_mut();
@@ -173,7 +210,7 @@ impl ValkeyTier {
                     id
                 })
                 .collect();
-            return Ok((ids, hold));
+            return Ok((ids, hold, stream_lasts));
         }
     }
 
@@ -199,8 +236,14 @@ impl ValkeyTier {
     }
 
     /// Reads the stream's last id for each topic of `items` whose cached last id is not
-    /// known to be current (see [`ValkeyTier::assign_buffered_ids`]).
-    async fn refresh_buffered_last(&self, items: &[PublishItem]) -> Result<(), StoreError> {
+    /// known to be current (see [`ValkeyTier::assign_buffered_ids`]); returns what it read,
+    /// per topic: the caller compares it with what its memory has seen of the topic (another
+    /// writer's entries there are a reason to degrade, see [`ValkeyTier::degrade_buffered`]).
+    async fn refresh_buffered_last(
+        &self,
+        items: &[PublishItem],
+    ) -> Result<Vec<(String, MessageId)>, StoreError> {
+        let mut read = Vec::new();
         for item in items {
             if matches!(
                 self.buffered_last.borrow().get(&item.topic),
@@ -222,6 +265,7 @@ impl ValkeyTier {
                 .first()
                 .map(|(id, _)| *id)
                 .unwrap_or(MessageId::MIN);
+            read.push((item.topic.clone(), last));
             let mut cached = self.buffered_last.borrow_mut();
             match cached.get_mut(&item.topic) {
                 Some(entry) => *entry = (entry.0.max(last), true),
@@ -230,7 +274,7 @@ impl ValkeyTier {
                 }
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     /// Queues messages about to be acknowledged for the write-behind, or refuses them all at
@@ -287,12 +331,14 @@ impl ValkeyTier {
                 None => (None, None),
             };
             decisions.push(receiver);
+            *behind.per_topic.entry(item.topic.clone()).or_insert(0) += 1;
             behind.queue.push_back(BehindItem {
                 item,
                 id: *id,
                 timestamp_ms: now_ms,
                 new_topic,
                 decision,
+                reassign: false,
             });
         }
         let start = behind.doorbell.is_none();
@@ -311,6 +357,11 @@ impl ValkeyTier {
             let _ = doorbell.try_send(());
         }
         Ok(decisions)
+    }
+
+    /// Whether acknowledged messages of `topic` still wait in the write-behind backlog.
+    pub fn behind_holds(&self, topic: &str) -> bool {
+        self.behind.borrow().per_topic.contains_key(topic)
     }
 
     /// Waits (at most `within`) until the write-behind backlog is empty: at shutdown, before
@@ -337,15 +388,23 @@ impl ValkeyTier {
 
     /// Sends the oldest part of the backlog once; returns whether something must be retried.
     async fn send_behind_batch(&self) -> bool {
-        // The items, and beside them their ids, times and new-topic flags.
-        let (items, batch): (Vec<PublishItem>, Vec<(MessageId, u64, bool)>) = {
+        // The items, and beside them how each is sent.
+        let (items, batch): (Vec<PublishItem>, Vec<Attempt>) = {
             let mut behind = self.behind.borrow_mut();
             behind.busy = true;
             behind
                 .queue
                 .iter()
                 .take(BEHIND_BATCH)
-                .map(|b| (b.item.clone(), (b.id, b.timestamp_ms, b.new_topic)))
+                .map(|b| {
+                    let attempt = Attempt {
+                        id: b.id,
+                        timestamp_ms: b.timestamp_ms,
+                        new_topic: b.new_topic,
+                        reassign: b.reassign,
+                    };
+                    (b.item.clone(), attempt)
+                })
                 .unzip()
         };
         let groups = group_by_topic(&items);
@@ -356,11 +415,14 @@ impl ValkeyTier {
                     .iter()
                     .map(|&i| Entry {
                         item: &items[i],
-                        id: Some(batch[i].0),
-                        timestamp_ms: batch[i].1,
+                        id: (!batch[i].reassign).then_some(batch[i].id),
+                        timestamp_ms: batch[i].timestamp_ms,
                     })
                     .collect();
-                let created = group.iter().find(|&&i| batch[i].2).map(|&i| batch[i].1);
+                let created = group
+                    .iter()
+                    .find(|&&i| batch[i].new_topic)
+                    .map(|&i| batch[i].timestamp_ms);
                 self.encode_publish(&items[group[0]].topic, &entries, created)
             })
             .collect();
@@ -372,9 +434,9 @@ impl ValkeyTier {
         for (group, reply) in groups.iter().zip(replies) {
             for (&i, outcome) in group.iter().zip(parse_publish_reply(reply, group.len())) {
                 outcomes[i] = match outcome {
-                    Outcome::Stored(_) => BehindOutcome::Stored,
+                    Outcome::Stored { id, .. } => BehindOutcome::Stored(Some(id)),
                     // Its own earlier attempt (a reply lost with its connection): stored.
-                    Outcome::Duplicate(ack) if ack.id == batch[i].0 => BehindOutcome::Stored,
+                    Outcome::Duplicate(ack) if ack.id == batch[i].id => BehindOutcome::Stored(None),
                     Outcome::Duplicate(ack) => BehindOutcome::Duplicate(ack),
                     // Transient refusals, of the whole call (refused before it ran: OOM,
                     // LOADING, BUSY, MASTERDOWN, NOREPLICAS) or of one entry's XADD.
@@ -406,7 +468,7 @@ impl ValkeyTier {
                 .iter()
                 .map(|&i| {
                     let key = self.stream_key.render(&items[i].topic);
-                    let id = batch[i].0.to_string();
+                    let id = batch[i].id.to_string();
                     on(
                         &items[i].topic,
                         &[b"XRANGE", key.as_bytes(), id.as_bytes(), id.as_bytes()],
@@ -415,11 +477,23 @@ impl ValkeyTier {
                 .collect();
             self.count("xrange", commands.len());
             for (&i, reply) in checks.iter().zip(self.client.call_many(&commands).await) {
+                // There, and ours (another writer may have stored its own message under the
+                // same id): stored already, its reply lost with a connection.
+                let ours = |r: &Reply| {
+                    parse_entries(r).first().is_some_and(|(_, m)| {
+                        m.payload == items[i].payload && m.timestamp_ms == batch[i].timestamp_ms
+                    })
+                };
                 outcomes[i] = match reply {
-                    Ok(r) if !parse_entries(&r).is_empty() => BehindOutcome::Stored,
-                    Ok(_) => BehindOutcome::Lost(
-                        "the stream already holds a higher id (written by someone else?)".into(),
-                    ),
+                    Ok(r) if ours(&r) => BehindOutcome::Stored(None),
+                    Ok(_) => {
+                        // Not there, and the stream is past it: someone else wrote the topic.
+                        self.degrade_buffered(
+                            &items[i].topic,
+                            "an acknowledged id was refused: the stream already holds a higher one",
+                        );
+                        BehindOutcome::Reassign
+                    }
                     Err(_) => BehindOutcome::Retry,
                 };
             }
@@ -438,12 +512,12 @@ impl ValkeyTier {
             if let Some(decision) = done.decision.take() {
                 // A keyed publish: its producer is waiting for this attempt, the only one.
                 let answer = match outcome {
-                    BehindOutcome::Stored => {
+                    BehindOutcome::Stored(_) => {
                         decided.push(done.item.topic.clone());
                         BehindDecision::Stored
                     }
                     BehindOutcome::Duplicate(ack) => BehindDecision::Duplicate(ack),
-                    BehindOutcome::Retry | BehindOutcome::Check => {
+                    BehindOutcome::Retry | BehindOutcome::Check | BehindOutcome::Reassign => {
                         recheck = true;
                         BehindDecision::Failed(StoreError::Unavailable(
                             "write-behind attempt failed; the message may or may not be stored"
@@ -453,12 +527,25 @@ impl ValkeyTier {
                     BehindOutcome::Lost(why) => BehindDecision::Failed(StoreError::Rejected(why)),
                 };
                 let _ = decision.send(answer);
-                behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
+                behind.remove(&done.item);
                 continue;
             }
             match outcome {
-                BehindOutcome::Stored | BehindOutcome::Duplicate(_) => {}
-                BehindOutcome::Retry | BehindOutcome::Check => {
+                BehindOutcome::Stored(stored_as) => {
+                    if done.reassign {
+                        behind.reassigned += 1;
+                        tracing::error!(
+                            topic = %done.item.topic,
+                            acknowledged_as = %done.id,
+                            stored_as = ?stored_as,
+                            "acknowledged buffered message stored under a new id: another \
+                             writer took its id first"
+                        );
+                    }
+                }
+                BehindOutcome::Duplicate(_) => {}
+                BehindOutcome::Retry | BehindOutcome::Check | BehindOutcome::Reassign => {
+                    done.reassign |= matches!(outcome, BehindOutcome::Reassign);
                     retry = true;
                     kept.push_back(done);
                     continue;
@@ -473,7 +560,7 @@ impl ValkeyTier {
                     );
                 }
             }
-            behind.bytes = behind.bytes.saturating_sub(item_bytes(&done.item));
+            behind.remove(&done.item);
         }
         // What is to be retried goes first again, in its order.
         while let Some(item) = kept.pop_back() {

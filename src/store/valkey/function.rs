@@ -1,6 +1,9 @@
 //! The `pulsar` Valkey Function library (`publish.lua`) and the one call both publish paths
-//! make with it: `FCALL pulsar_publish`, a batch of entries of one topic, each appended
-//! atomically with its idempotency check, then the topic's feed notified.
+//! make with it: `FCALL pulsar_append`, a batch of entries of one topic, each appended
+//! atomically with its idempotency check, then the topic's feed notified. The reply also names
+//! the entry that preceded the batch in the stream, so each stored entry's predecessor is
+//! known (`pulsar_publish`, the same call without it, stays in the library for relays of
+//! version 1).
 //!
 //! Owns: the library's version, encoding a call (keys and arguments in the order
 //! `publish.lua` documents) and reading its reply back into per-entry outcomes. Does not own:
@@ -20,7 +23,7 @@ use crate::store::{PublishAck, PublishItem};
 use crate::valkey::{Command, FunctionLibrary, ProtocolError, Reply, ValkeyError};
 
 /// Bumped with every change to `publish.lua` (see its header for the compatibility rule).
-pub const LIBRARY_VERSION: u32 = 1;
+pub const LIBRARY_VERSION: u32 = 2;
 
 /// The library every relay connection makes sure is loaded.
 pub const LIBRARY: FunctionLibrary = FunctionLibrary {
@@ -29,7 +32,7 @@ pub const LIBRARY: FunctionLibrary = FunctionLibrary {
     source: include_str!("publish.lua"),
 };
 
-/// One entry of a `pulsar_publish` call.
+/// One entry of a `pulsar_append` call.
 pub(super) struct Entry<'a> {
     pub(super) item: &'a PublishItem,
     /// `None`: Valkey picks the id (`*`, `ack: persisted`); `Some`: the write-behind's id.
@@ -40,8 +43,12 @@ pub(super) struct Entry<'a> {
 /// How one entry of a call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Outcome {
-    /// Appended with this id.
-    Stored(MessageId),
+    /// Appended with this id, right after `after` in the stream (the entry that preceded it
+    /// when it was appended; `None` when the reply did not say).
+    Stored {
+        id: MessageId,
+        after: Option<MessageId>,
+    },
     /// Its idempotency key was used before: nothing appended; the first publish's answer.
     Duplicate(PublishAck),
     /// Not appended, or not known to be (the whole call failed).
@@ -49,7 +56,7 @@ pub(super) enum Outcome {
 }
 
 impl ValkeyTier {
-    /// `FCALL pulsar_publish <numkeys> <stream> <meta> <idempotency keys...> <maxlen>
+    /// `FCALL pulsar_append <numkeys> <stream> <meta> <idempotency keys...> <maxlen>
     /// <window ms> <created|''> <instance id> [<id|*> <key index> <payload> <timestamp>
     /// <metadata|''> <ttl|''>]...` for `entries` of `topic` (at least one), routed by the
     /// topic. `created_ms`: the topic is new to this tier, so the call sets its meta hash's
@@ -81,7 +88,7 @@ impl ValkeyTier {
         let mut digits = itoa::Buffer::new();
         let built = Command::build(args, capacity, |w| {
             w.arg(b"FCALL");
-            w.arg(b"pulsar_publish");
+            w.arg(b"pulsar_append");
             w.arg(digits.format(2 + keys).as_bytes());
             w.arg_concat(&self.stream_key.parts(topic));
             w.arg_concat(&self.meta_key.parts(topic));
@@ -127,31 +134,45 @@ impl ValkeyTier {
             }
         });
         built
-            .expect("pulsar_publish's argument count is computed from the entries it writes")
+            .expect("pulsar_append's argument count is computed from the entries it writes")
             .routed(topic.as_bytes())
     }
 }
 
-/// Arguments per entry of a `pulsar_publish` call (`ENTRY_ARGS` in `publish.lua`).
+/// Arguments per entry of a `pulsar_append` call (`ENTRY_ARGS` in `publish.lua`).
 const ENTRY_ARGS: usize = 6;
 
-/// The outcomes of the `n` entries of one `pulsar_publish` call, in entry order.
+/// The outcomes of the `n` entries of one `pulsar_append` call, in entry order.
 pub(super) fn parse_publish_reply(reply: Result<Reply, ValkeyError>, n: usize) -> Vec<Outcome> {
-    let items = match reply {
-        Ok(Reply::Array(items)) if items.len() == n => items,
+    let mut items = match reply {
+        Ok(Reply::Array(items)) if items.len() == n + 1 => items.into_iter(),
         Ok(other) => {
-            let error = malformed(format!("unexpected pulsar_publish reply: {other:?}"));
+            let error = malformed(format!("unexpected pulsar_append reply: {other:?}"));
             return vec![Outcome::Failed(error); n];
         }
         Err(error) => return vec![Outcome::Failed(error); n],
     };
-    items.into_iter().map(parse_entry_reply).collect()
+    // The stream's newest entry before the call, then each stored entry in turn.
+    let mut after = items
+        .next()
+        .as_ref()
+        .and_then(Reply::as_str)
+        .and_then(|s| s.parse().ok());
+    items
+        .map(|reply| {
+            let outcome = parse_entry_reply(reply, after);
+            if let Outcome::Stored { id, .. } = outcome {
+                after = Some(id);
+            }
+            outcome
+        })
+        .collect()
 }
 
-fn parse_entry_reply(reply: Reply) -> Outcome {
+fn parse_entry_reply(reply: Reply, after: Option<MessageId>) -> Outcome {
     match reply {
         Reply::Bulk(id) => match std::str::from_utf8(&id).ok().and_then(|s| s.parse().ok()) {
-            Some(id) => Outcome::Stored(id),
+            Some(id) => Outcome::Stored { id, after },
             None => Outcome::Failed(malformed(format!("unexpected XADD id {id:?}"))),
         },
         Reply::Array(seen) => match seen.first().and_then(Reply::as_str).and_then(parse_seen) {
@@ -220,7 +241,7 @@ mod tests {
             let command = tier.encode_publish("t", &entries, Some(1_700_000_000_000));
             let expected: &[&[u8]] = &[
                 b"FCALL",
-                b"pulsar_publish",
+                b"pulsar_append",
                 b"3",
                 b"s:t",
                 b"m:t",
@@ -260,12 +281,29 @@ mod tests {
     #[test]
     fn replies_become_outcomes_in_entry_order() {
         let reply = Reply::Array(vec![
+            bulk("5-0"),
             bulk("5-1"),
             Reply::Array(vec![bulk("4-0 2023-11-14T22:13:20.000Z")]),
             Reply::Error("ERR The ID specified in XADD is equal or smaller".into()),
+            bulk("6-0"),
         ]);
-        let outcomes = parse_publish_reply(Ok(reply), 3);
-        assert_eq!(outcomes[0], Outcome::Stored(MessageId::new(5, 1)));
+        let outcomes = parse_publish_reply(Ok(reply), 4);
+        // Each stored entry follows the newest entry before the call, or the call's previous
+        // stored entry (a duplicate or a failure stored nothing between).
+        assert_eq!(
+            outcomes[0],
+            Outcome::Stored {
+                id: MessageId::new(5, 1),
+                after: Some(MessageId::new(5, 0)),
+            }
+        );
+        assert_eq!(
+            outcomes[3],
+            Outcome::Stored {
+                id: MessageId::new(6, 0),
+                after: Some(MessageId::new(5, 1)),
+            }
+        );
         assert_eq!(
             outcomes[1],
             Outcome::Duplicate(PublishAck {
@@ -277,12 +315,17 @@ mod tests {
             matches!(&outcomes[2], Outcome::Failed(ValkeyError::Server(m)) if m.contains("equal or smaller"))
         );
         // A reply of the wrong length or shape fails every entry; so does a failed call.
-        let short = parse_publish_reply(Ok(Reply::Array(vec![bulk("1-0")])), 2);
+        let short = parse_publish_reply(Ok(Reply::Array(vec![bulk("0-0"), bulk("1-0")])), 2);
         assert!(short.iter().all(|o| matches!(o, Outcome::Failed(_))));
         let lost = parse_publish_reply(Err(ValkeyError::ConnectionLost("x".into())), 2);
         assert_eq!(lost.len(), 2);
-        let unreadable =
-            parse_publish_reply(Ok(Reply::Array(vec![Reply::Array(vec![bulk("junk")])])), 1);
+        let unreadable = parse_publish_reply(
+            Ok(Reply::Array(vec![
+                bulk("0-0"),
+                Reply::Array(vec![bulk("junk")]),
+            ])),
+            1,
+        );
         assert!(matches!(
             unreadable[0],
             Outcome::Failed(ValkeyError::Protocol(_))

@@ -31,6 +31,8 @@
 //! - `retention.rs`: count, age and ttl retention: the trim endpoint and the sweep.
 //! - `discovery.rs`: which of this shard's topics exist (`SCAN`) and their stats (`XINFO`).
 //! - `server.rs`: `INFO`, and the server settings that could lose acknowledged messages.
+//! - `feed.rs`: the cross-relay feed: the notification after each publish batch, and the
+//!   reads that keep a hot tier a cache of the stream (seed, probe, repair, safety net).
 //!
 //! Ordering: every command touching a topic's keys is [routed](crate::valkey::Command::routed)
 //! by the topic, so all of them travel over one connection of the shard's client (however
@@ -53,6 +55,7 @@
 mod behind;
 mod discovery;
 mod entry;
+mod feed;
 mod function;
 mod publish;
 mod read;
@@ -63,6 +66,7 @@ mod server;
 
 pub use behind::{BehindDecision, TopicHold};
 pub use entry::{parse_entries, parse_entry};
+pub use feed::{parse_notification, Notification};
 pub use function::LIBRARY;
 pub use read::ReadSource;
 pub use retention::sweep_period;
@@ -146,6 +150,13 @@ pub struct ValkeyTier {
     /// Replicated mode only: stored messages answered 503 because their batch's `WAIT`
     /// counted too few replicas (`relay_valkey_errors_total{kind="replication_short"}`).
     replication_short: std::cell::Cell<u64>,
+    /// Buffered mode only: topics another writer was seen on. Their ids can no longer be
+    /// chosen here, so they are published with `ack: persisted` for the rest of the
+    /// process's life (see [`ValkeyTier::degrade_buffered`]).
+    degraded: RefCell<std::collections::HashSet<String>>,
+    /// Where [`ValkeyTier::degrade_buffered`] reports a topic it degrades, so storage can
+    /// drop what its memory holds of it (set once by [`super::Storage`]).
+    writer_conflicts: RefCell<Option<futures::channel::mpsc::UnboundedSender<String>>>,
 }
 
 impl ValkeyTier {
@@ -173,7 +184,53 @@ impl ValkeyTier {
             holds: RefCell::new(HashMap::new()),
             ops: RefCell::new(std::collections::BTreeMap::new()),
             replication_short: std::cell::Cell::new(0),
+            degraded: RefCell::new(std::collections::HashSet::new()),
+            writer_conflicts: RefCell::new(None),
         }
+    }
+
+    /// Makes `listener` the receiver of every topic [`ValkeyTier::degrade_buffered`] degrades.
+    pub fn report_writer_conflicts(
+        &self,
+        listener: futures::channel::mpsc::UnboundedSender<String>,
+    ) {
+        *self.writer_conflicts.borrow_mut() = Some(listener);
+    }
+
+    /// `ack: buffered` with another writer on `topic` (seen as `why`): ids chosen here would
+    /// collide with the other writer's, so from now on the topic is published through the
+    /// persisted path (Valkey picks the ids; a 201 means stored). Logged as an error once per
+    /// topic and counted (`relay_valkey_errors_total{kind="buffered_other_writer"}`). Returns
+    /// whether this call degraded it (false: it already was, or the mode is persisted).
+    pub fn degrade_buffered(&self, topic: &str, why: &str) -> bool {
+        if self.ack != AckMode::Buffered || self.degraded.borrow().contains(topic) {
+            return false;
+        }
+        self.degraded.borrow_mut().insert(topic.to_owned());
+        tracing::error!(
+            topic,
+            instance = %self.instance_id,
+            why,
+            "another writer on a topic this relay publishes with ack: buffered: its ids would \
+             collide, so the topic is published with ack: persisted from now on"
+        );
+        if let Some(listener) = self.writer_conflicts.borrow().as_ref() {
+            let _ = listener.unbounded_send(topic.to_owned());
+        }
+        true
+    }
+
+    /// Whether `topic` was degraded from `ack: buffered` (see [`ValkeyTier::degrade_buffered`]).
+    pub fn is_degraded(&self, topic: &str) -> bool {
+        !self.degraded.borrow().is_empty() && self.degraded.borrow().contains(topic)
+    }
+
+    /// Whether this relay chose ids for `topic` (`ack: buffered`, not degraded): its memory is
+    /// ahead of the stream until the write-behind catches up.
+    pub fn writes_buffered(&self, topic: &str) -> bool {
+        self.ack == AckMode::Buffered
+            && !self.is_degraded(topic)
+            && self.buffered_last.borrow().contains_key(topic)
     }
 
     fn count(&self, op: &'static str, n: usize) {
@@ -201,6 +258,8 @@ impl ValkeyTier {
             ("not_master", stats.not_master_replies),
             ("replication_short", self.replication_short.get()),
             ("sentinel", stats.sentinel_errors),
+            ("buffered_reassigned", self.behind.borrow().reassigned),
+            ("buffered_other_writer", self.degraded.borrow().len() as u64),
         ] {
             errors.insert(kind.to_owned(), n);
         }
@@ -241,6 +300,20 @@ impl ValkeyTier {
     /// The stream length last seen plus appends since (no round trip).
     pub fn cached_length(&self, topic: &str) -> Option<usize> {
         self.lengths.borrow().get(topic).copied()
+    }
+
+    /// Whether `message` is due for removal (its ttl or the age retention ran out): never
+    /// handed out.
+    pub fn is_due(&self, message: &super::message::Message, now_ms: u64) -> bool {
+        retention::is_due(message, now_ms, self.retention_ms)
+    }
+
+    /// `topic` exists in Valkey (another relay wrote it): listed without waiting for the
+    /// next `SCAN`.
+    pub fn note_known(&self, topic: &str) {
+        if !self.known.borrow().contains(topic) {
+            self.known.borrow_mut().insert(topic.to_owned());
+        }
     }
 
     /// Drops what this tier caches about a topic that no longer exists.

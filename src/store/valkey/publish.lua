@@ -47,17 +47,32 @@ idempotency check of each, and notifies the topic's feed channel.
 
   Reads of idempotency keys and the XADDs use pcall: a key of the wrong type (written by
   something else) fails its entry, never the entries already written in this call.
+
+pulsar_append (version 2): the same call, keys and arguments as pulsar_publish, and the same
+per-entry replies after one more leading element: the id of the stream's newest entry before
+the call appended anything ('0-0' for an empty or missing stream). With it a relay knows, for
+each entry it stored, which entry precedes it in the stream, so it can tell without another
+round trip whether anyone else appended between its own entries (`store/stream_sync.rs`).
 ]]
 
-local VERSION = 1
+local VERSION = 2
 
 local ENTRY_ARGS = 6
 local HEADER_ARGS = 4
 
-local function publish(keys, args)
+local function append(keys, args, with_tip)
   local stream, meta = keys[1], keys[2]
   local maxlen, window, created, instance = args[1], args[2], args[3], args[4]
   local replies = {}
+  if with_tip then
+    -- pcall: a key of the wrong type fails each entry's XADD below, as with pulsar_publish.
+    local newest = redis.pcall('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if type(newest) == 'table' and not newest.err and newest[1] then
+      replies[1] = newest[1][1]
+    else
+      replies[1] = '0-0'
+    end
+  end
   local last = nil
   local n = (#args - HEADER_ARGS) / ENTRY_ARGS
   for i = 0, n - 1 do
@@ -112,6 +127,12 @@ end
 
 redis.register_function {
   function_name = 'pulsar_publish',
-  callback = publish,
+  callback = function(keys, args) return append(keys, args, false) end,
+  description = 'version ' .. VERSION,
+}
+
+redis.register_function {
+  function_name = 'pulsar_append',
+  callback = function(keys, args) return append(keys, args, true) end,
   description = 'version ' .. VERSION,
 }

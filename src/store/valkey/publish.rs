@@ -21,15 +21,16 @@ use std::rc::Rc;
 
 use super::function::{parse_publish_reply, Entry, Outcome};
 use super::{store_error, ValkeyTier};
-use crate::store::message::Message;
+use crate::store::message::{Message, MessageId};
 use crate::store::{PublishAck, PublishItem, StoreError};
 use crate::valkey::Command;
 
 /// One in-flight entry's outcome, filled when its reply arrives.
 pub(super) enum Slot {
     Waiting,
-    /// The stored message, or `None` (failed, or a duplicate: nothing new to cache).
-    Done(Option<Message>),
+    /// The stored message and the stream entry it was appended after (if known), or `None`
+    /// (failed, or a duplicate: nothing new to cache).
+    Done(Option<(Message, Option<MessageId>)>),
 }
 
 /// The positions of `items` grouped by topic: groups in order of each topic's first item,
@@ -56,12 +57,13 @@ pub(super) fn group_by_topic(items: &[PublishItem]) -> Vec<Vec<usize>> {
 impl ValkeyTier {
     /// Persists `items` and returns, per item, what the producer is told: the stored
     /// message's id (from Valkey), the first publish's answer for a key seen before, or why
-    /// it failed. Stored messages reach `on_persisted` in id order per topic (see module doc).
+    /// it failed. Stored messages reach `on_persisted` in id order per topic (see module doc),
+    /// each with the id of the stream entry it was appended after, when Valkey said.
     pub async fn publish_persisted(
         &self,
         mut items: Vec<PublishItem>,
         now_ms: u64,
-        on_persisted: &dyn Fn(&str, Message),
+        on_persisted: &dyn Fn(&str, Message, Option<MessageId>),
     ) -> Vec<Result<PublishAck, StoreError>> {
         if items.is_empty() {
             return Vec::new();
@@ -132,7 +134,7 @@ impl ValkeyTier {
         let mut results = Vec::with_capacity(items.len());
         for ((item, slot), outcome) in items.iter_mut().zip(slots).zip(outcomes) {
             let (cached, result) = match outcome {
-                Some((Outcome::Stored(id), call)) => {
+                Some((Outcome::Stored { id, after }, call)) => {
                     self.note_written(&item.topic);
                     // Taken, not cloned: the item's topic is still needed below.
                     let message = Message {
@@ -151,7 +153,7 @@ impl ValkeyTier {
                                 id,
                                 timestamp_ms: now_ms,
                             };
-                            (Some(message), Ok(ack))
+                            (Some((message, after)), Ok(ack))
                         }
                         Err(e) => (None, Err(e)),
                     }
@@ -189,7 +191,11 @@ impl ValkeyTier {
         results
     }
 
-    fn drain_in_flight(&self, topic: &str, on_persisted: &dyn Fn(&str, Message)) {
+    fn drain_in_flight(
+        &self,
+        topic: &str,
+        on_persisted: &dyn Fn(&str, Message, Option<MessageId>),
+    ) {
         let mut ready = Vec::new();
         {
             let mut in_flight = self.in_flight.borrow_mut();
@@ -213,8 +219,8 @@ impl ValkeyTier {
                 in_flight.remove(topic);
             }
         }
-        for message in ready {
-            on_persisted(topic, message);
+        for (message, after) in ready {
+            on_persisted(topic, message, after);
         }
     }
 }
@@ -241,7 +247,7 @@ mod tests {
             let tier = new_tier(config, 3_600_000);
             let cached = RefCell::new(Vec::new());
             let cache =
-                |topic: &str, m: Message| cached.borrow_mut().push((topic.to_owned(), m.id));
+                |topic: &str, m: Message, _| cached.borrow_mut().push((topic.to_owned(), m.id));
             let first = tier
                 .publish_persisted(vec![keyed("t", 5, "k1")], 1_000, &cache)
                 .await;

@@ -252,7 +252,7 @@ mod tests {
             let tier = new_tier(config, 3_600_000);
             let now = crate::clock::now_ms();
             let items: Vec<PublishItem> = (0..20).map(|_| item("big", 100_000, None)).collect();
-            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            let stored = tier.publish_persisted(items, now, &|_, _, _| {}).await;
             let ids: Vec<MessageId> = stored
                 .iter()
                 .map(|r| r.as_ref().expect("stored").id)
@@ -302,7 +302,7 @@ mod tests {
             // More messages than `MAX_READ_ROUNDS` rounds of 1 MiB replies can carry.
             let n = FIRST_ROUND_ENTRIES + 2 * MAX_READ_ROUNDS + 5;
             let items: Vec<PublishItem> = (0..n).map(|_| item("huge", 1 << 20, None)).collect();
-            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            let stored = tier.publish_persisted(items, now, &|_, _, _| {}).await;
             assert!(stored.iter().all(Result::is_ok));
             let query = PageQuery::new(None, Order::Asc, n);
             let page = tier

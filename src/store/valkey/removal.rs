@@ -34,6 +34,10 @@ pub(super) const FIELD_AGED_BELOW: &str = "aged_below";
 pub(super) const FIELD_TRIMMED_BULK: &str = "trimmed_bulk";
 /// The last id of the stream the relay deleted (a tombstone; survives re-creation).
 const FIELD_DELETED_TO: &str = "deleted_to";
+/// The newest id a relay had seen stored that later vanished from the stream without any
+/// removal to explain it: the stream was rewound (failover, flush, recreation). See
+/// [`ValkeyTier::record_rewind`].
+const FIELD_REWOUND_TO: &str = "rewound_to";
 
 /// One exact head cut (see [`ValkeyTier::cut_heads`]).
 pub(super) struct Cut<'a> {
@@ -79,7 +83,72 @@ impl ValkeyTier {
             Err(e) if is_no_such_key(&e) => None,
             Err(e) => return Err(store_error(e)),
         };
-        Ok(gap_verdict(stream.as_ref(), &meta, after, self.max_len_n))
+        // `ack: buffered`: ids this relay issued may not be stored yet; a position among them
+        // is not past the stream's end.
+        let issued_here = self.buffered_last.borrow().get(topic).map(|(id, _)| *id);
+        Ok(gap_verdict(
+            stream.as_ref(),
+            &meta,
+            after,
+            self.max_len_n,
+            issued_here,
+        ))
+    }
+
+    /// `topic`'s stream lost `vanished`, an id a relay had seen stored, with no removal to
+    /// explain it (see the module doc): records it (`rewound_to`, only ever raised), so every
+    /// consumer resuming from before it is told (reason `rewound`), on any relay; and moves
+    /// the stream's last id up to it (`XSETID`, where the stream is not past it yet), so new
+    /// entries never reuse the ids of the lost ones, which a consumer may have seen.
+    pub async fn record_rewind(&self, topic: &str, vanished: MessageId) -> Result<(), StoreError> {
+        let key = self.stream_key.render(topic);
+        let meta = self.meta_key.render(topic);
+        let id = vanished.to_string();
+        self.count("hget", 1);
+        let recorded = self
+            .client
+            .call_routed(
+                topic.as_bytes(),
+                &[b"HGET", meta.as_bytes(), FIELD_REWOUND_TO.as_bytes()],
+            )
+            .await
+            .map_err(store_error)?;
+        let recorded = recorded
+            .as_str()
+            .and_then(|s| s.parse::<MessageId>().ok())
+            .unwrap_or(MessageId::MIN);
+        if recorded < vanished {
+            self.count("hset", 1);
+            self.client
+                .call_routed(
+                    topic.as_bytes(),
+                    &[
+                        b"HSET",
+                        meta.as_bytes(),
+                        FIELD_REWOUND_TO.as_bytes(),
+                        id.as_bytes(),
+                    ],
+                )
+                .await
+                .map_err(store_error)?;
+        }
+        self.count("xsetid", 1);
+        // Refused when the stream is already past `vanished` or does not exist (new ids then
+        // start from the clock, after it): nothing to do either way.
+        let _ = self
+            .client
+            .call_routed(
+                topic.as_bytes(),
+                &[b"XSETID", key.as_bytes(), id.as_bytes()],
+            )
+            .await;
+        tracing::warn!(
+            topic,
+            vanished = %vanished,
+            "the stream lost entries it had stored (a failover, a flush or a recreation): \
+             consumers resuming from before them are told (gap reason `rewound`)"
+        );
+        Ok(())
     }
 
     /// Removes each stream's head up to and including `last` (an id the caller just saw at
@@ -276,6 +345,7 @@ struct RemovalRecord {
     aged_below: MessageId,
     trimmed_bulk: bool,
     deleted_to: MessageId,
+    rewound_to: MessageId,
 }
 
 impl RemovalRecord {
@@ -287,6 +357,7 @@ impl RemovalRecord {
         aged_below: MessageId::MIN,
         trimmed_bulk: false,
         deleted_to: MessageId::MIN,
+        rewound_to: MessageId::MIN,
     };
 
     fn parse(reply: &Reply) -> RemovalRecord {
@@ -308,6 +379,7 @@ impl RemovalRecord {
                 FIELD_AGED_BELOW => record.aged_below = id(),
                 FIELD_TRIMMED_BULK => record.trimmed_bulk = true,
                 FIELD_DELETED_TO => record.deleted_to = id(),
+                FIELD_REWOUND_TO => record.rewound_to = id(),
                 _ => {}
             }
         }
@@ -328,17 +400,30 @@ impl RemovalRecord {
 ///   bulk age or trim fallback, another client's XTRIM, or a stream deleted and recreated
 ///   behind the relay's back. They remove the stream's head, so every such id is below the
 ///   first entry, but which ids is unknown: a resume from below the first entry is reported
-///   as a gap, also from the very last removed id (where nothing is missing after all).
+///   as a gap, also from the very last removed id (where nothing is missing after all);
+/// - for a stream that lost its end (reason `rewound`): a relay that finds an id it had seen
+///   stored gone with nothing to explain it records it (`rewound_to`, see
+///   [`ValkeyTier::record_rewind`]), and a position past every id the stream ever generated
+///   (`last-generated-id`) is itself the evidence, unless the position is an id this relay
+///   issued and has not written yet (`issued_here`, `ack: buffered`).
 fn gap_verdict(
     stream: Option<&StreamInfo>,
     record: &RemovalRecord,
     after: MessageId,
     max_len: u64,
+    issued_here: Option<MessageId>,
 ) -> Option<GapInfo> {
     let Some(stream) = stream else {
-        // No stream: deleted by the relay (the tombstone says up to where), or behind its
-        // back (the meta hash of a topic it wrote is still there: cannot tell what is gone,
-        // so report it), or never written (nothing to miss).
+        // No stream: rewound (a relay recorded ids it had seen stored that vanished), deleted
+        // by the relay (the tombstone says up to where), or behind its back (the meta hash of
+        // a topic it wrote is still there: cannot tell what is gone, so report it), or never
+        // written (nothing to miss).
+        if record.rewound_to != MessageId::MIN && record.rewound_to >= after {
+            return Some(GapInfo {
+                oldest_available: None,
+                reason: GapReason::Rewound,
+            });
+        }
         if record.deleted_to > after || (record.created && record.deleted_to == MessageId::MIN) {
             return Some(GapInfo {
                 oldest_available: None,
@@ -358,6 +443,15 @@ fn gap_verdict(
     consider(record.expired_to, GapReason::Expired);
     consider(record.trimmed_to, GapReason::Trimmed);
     consider(stream.max_deleted, GapReason::Unknown);
+    if record.rewound_to != MessageId::MIN {
+        // Also for a consumer at the vanished id itself: what it saw is gone.
+        consider(id_after(record.rewound_to), GapReason::Rewound);
+    }
+    if after > stream.last_generated && issued_here.is_none_or(|issued| after > issued) {
+        // The consumer's position is past every id this stream ever generated: it saw
+        // entries that are gone with the stream's end (a failover, a flush, a recreation).
+        consider(MessageId::MAX, GapReason::Rewound);
+    }
     let explained = stream.length.saturating_add(record.removed);
     if stream.entries_added != explained {
         // Unrecorded head removals: every removed id is below the first entry, or, emptied,
@@ -412,36 +506,91 @@ mod tests {
             expired_to: id(4),
             ..RemovalRecord::NONE
         };
-        let gap = gap_verdict(Some(&s), &record, id(2), 1000).expect("gap");
+        let gap = gap_verdict(Some(&s), &record, id(2), 1000, None).expect("gap");
         assert_eq!(gap.reason, GapReason::Expired);
         assert_eq!(gap.oldest_available, Some(id(5)));
         // Resuming from the last removed id (or later) misses nothing.
         for after in [4, 5, 9, 10] {
             assert_eq!(
-                gap_verdict(Some(&s), &record, id(after), 1000),
+                gap_verdict(Some(&s), &record, id(after), 1000, None),
                 None,
                 "{after}"
             );
         }
     }
 
+    /// Epochs: a stream that lost its end. Ids 1..=10 were stored and seen; a failover
+    /// promoted a replica that had 1..=7, which then stored 20..=22.
+    #[test]
+    fn a_rewound_stream_is_a_gap_for_every_position_up_to_what_vanished() {
+        let after_failover = stream(3 + 7, 10, Some(1), 22);
+        let record = RemovalRecord {
+            rewound_to: id(10),
+            ..RemovalRecord::NONE
+        };
+        // Before the lost ids (they will never come), and at them (what it saw is gone).
+        for after in [5, 7, 8, 10] {
+            let gap = gap_verdict(Some(&after_failover), &record, id(after), 1000, None)
+                .unwrap_or_else(|| panic!("no gap after {after}"));
+            assert_eq!(gap.reason, GapReason::Rewound, "{after}");
+        }
+        // Past them: nothing missed.
+        assert_eq!(
+            gap_verdict(Some(&after_failover), &record, id(20), 1000, None),
+            None
+        );
+        // Nobody recorded it yet (every relay restarted): the failover left the stream
+        // behind the consumer's position, which is itself the evidence.
+        let just_failed_over = stream(7, 7, Some(1), 7);
+        let gap = gap_verdict(
+            Some(&just_failed_over),
+            &RemovalRecord::NONE,
+            id(9),
+            1000,
+            None,
+        )
+        .expect("gap");
+        assert_eq!(gap.reason, GapReason::Rewound);
+        // ... unless the position is an id this relay issued and has not written yet
+        // (`ack: buffered`).
+        assert_eq!(
+            gap_verdict(
+                Some(&just_failed_over),
+                &RemovalRecord::NONE,
+                id(9),
+                1000,
+                Some(id(9))
+            ),
+            None
+        );
+        // Flushed: no stream and no meta hash but the record a relay wrote since.
+        assert_eq!(
+            gap_verdict(None, &record, id(3), 1000, None).map(|g| g.reason),
+            Some(GapReason::Rewound)
+        );
+        assert_eq!(gap_verdict(None, &record, id(11), 1000, None), None);
+    }
+
     #[test]
     fn unrecorded_head_trims_are_reported_conservatively() {
         // Ids 1..=10 added, MAXLEN ~ 5 took 1..=3 (nothing recorded).
         let s = stream(7, 10, Some(4), 10);
-        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 5).expect("gap");
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 5, None).expect("gap");
         assert_eq!(gap.reason, GapReason::Trimmed);
         // Conservative: from the last trimmed id a gap is reported although none is missing.
-        assert!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(3), 5).is_some());
-        assert_eq!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(4), 5), None);
+        assert!(gap_verdict(Some(&s), &RemovalRecord::NONE, id(3), 5, None).is_some());
+        assert_eq!(
+            gap_verdict(Some(&s), &RemovalRecord::NONE, id(4), 5, None),
+            None
+        );
         // Below the count cap an unrecorded removal has no known cause.
-        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 100).expect("gap");
+        let gap = gap_verdict(Some(&s), &RemovalRecord::NONE, id(1), 100, None).expect("gap");
         assert_eq!(gap.reason, GapReason::Unknown);
         // Emptied: everything up to the last id is gone.
         let empty = stream(0, 10, None, 10);
-        assert!(gap_verdict(Some(&empty), &RemovalRecord::NONE, id(9), 5).is_some());
+        assert!(gap_verdict(Some(&empty), &RemovalRecord::NONE, id(9), 5, None).is_some());
         assert_eq!(
-            gap_verdict(Some(&empty), &RemovalRecord::NONE, id(10), 5),
+            gap_verdict(Some(&empty), &RemovalRecord::NONE, id(10), 5, None),
             None
         );
     }
@@ -453,17 +602,20 @@ mod tests {
             ..RemovalRecord::NONE
         };
         assert_eq!(
-            gap_verdict(None, &tomb, id(3), 5).map(|g| g.reason),
+            gap_verdict(None, &tomb, id(3), 5, None).map(|g| g.reason),
             Some(GapReason::Deleted)
         );
-        assert_eq!(gap_verdict(None, &tomb, id(10), 5), None);
+        assert_eq!(gap_verdict(None, &tomb, id(10), 5, None), None);
         // Never written: nothing to miss.
-        assert_eq!(gap_verdict(None, &RemovalRecord::NONE, id(3), 5), None);
+        assert_eq!(
+            gap_verdict(None, &RemovalRecord::NONE, id(3), 5, None),
+            None
+        );
         // Recreated since: the old stream's messages after the resume point are gone.
         let again = stream(2, 2, Some(20), 21);
-        let gap = gap_verdict(Some(&again), &tomb, id(3), 5).expect("gap");
+        let gap = gap_verdict(Some(&again), &tomb, id(3), 5, None).expect("gap");
         assert_eq!(gap.reason, GapReason::Deleted);
         assert_eq!(gap.oldest_available, Some(id(20)));
-        assert_eq!(gap_verdict(Some(&again), &tomb, id(10), 5), None);
+        assert_eq!(gap_verdict(Some(&again), &tomb, id(10), 5, None), None);
     }
 }

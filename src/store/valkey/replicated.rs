@@ -24,6 +24,14 @@
 //! The buffered write-behind (`behind.rs`) is not affected: `ack: buffered` answers before
 //! Valkey is written at all.
 //!
+//! Entries read from the stream for live delivery (the stream sync's repairs: other relays'
+//! publishes, or this relay's own answered 503) are held to the same rule: before they are
+//! handed out, [`ValkeyTier::replication_fence`] makes sure the replicas have them. `WAIT`
+//! counts only the waiting connection's own writes, so the fence writes first (one
+//! `HINCRBY` of a counter in the topic's meta hash, on the connection that read the entries,
+//! after the read): replication is one ordered stream, so replicas that acknowledged that
+//! write have every entry the read returned.
+//!
 //! Kept apart from `publish.rs` so the persisted path stays one function with two small hooks:
 //! [`ValkeyTier::submit_publish`] and [`ValkeyTier::replicated_or_unavailable`].
 
@@ -91,6 +99,36 @@ impl ValkeyTier {
              within {:?}: it may be lost in a failover, or stored (a retry may duplicate it)",
             message.id, required.replicas, required.timeout
         )))
+    }
+
+    /// `ack: replicated`: resolves once `durability.replicas` replicas have everything read
+    /// from `topic`'s stream so far on its connection (see the module doc); an error when too
+    /// few acknowledged in time (the caller reads again later). Other modes: at once.
+    pub async fn replication_fence(&self, topic: &str) -> Result<(), StoreError> {
+        if self.ack != AckMode::Replicated {
+            return Ok(());
+        }
+        let meta = self.meta_key.render(topic);
+        let fence = super::on(topic, &[b"HINCRBY", meta.as_bytes(), b"sync_fence", b"1"]);
+        self.count("fence", 1);
+        let (replies, waits) = self
+            .client
+            .try_submit_replicated(std::slice::from_ref(&fence))
+            .map_err(super::store_error)?
+            .await;
+        if let Some(Err(e)) = replies.into_iter().next() {
+            return Err(super::store_error(e));
+        }
+        let Some(required) = self.client.wait_for() else {
+            return Ok(());
+        };
+        match waits.first() {
+            Some(Ok(Reply::Integer(n))) if *n >= i64::from(required.replicas) => Ok(()),
+            other => Err(StoreError::Unavailable(format!(
+                "entries read for delivery not yet on {} replicas ({other:?})",
+                required.replicas
+            ))),
+        }
     }
 
     fn not_replicated(&self, why: String) -> StoreError {

@@ -310,7 +310,7 @@ mod tests {
                 }
                 items.push(item(&format!("t{t}"), 10, None));
             }
-            let stored = tier.publish_persisted(items, now, &|_, _| {}).await;
+            let stored = tier.publish_persisted(items, now, &|_, _, _| {}).await;
             assert!(stored.iter().all(Result::is_ok));
             let removed = tier.sweep(now + 10).await.expect("sweep");
             assert_eq!(removed, topics * (FIRST_ROUND_ENTRIES + 5));
