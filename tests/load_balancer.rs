@@ -13,12 +13,11 @@
 //! (`VALKEY_CLUSTER_NODES`), which the relay does not support yet (issue 12 item 3). When it
 //! does, [`start_stack`] is where the relays switch to a `common::cluster::ValkeyCluster`.
 //!
-//! Before multi-relay delivery (issue 12 item 1, branch `crossrelay`) is merged, a relay
-//! delivers live only what it accepted itself, and its hot tier answers reads from memory as
-//! if it had seen every publish. So until then, messages cross relays only through Valkey:
-//! history and resumes, read after every relay's hot tier has let the test's messages go
-//! (`hot_tier.retention: 1s`, awaited on `/metrics`). [`CROSS_RELAY_DELIVERY`] turns on the
-//! live-delivery assertions, and lets resumes read the hot tier, once it is merged.
+//! Messages cross relays (issue 12 item 1): nginx spreads the publishes over all three relays,
+//! and while the WebSocket and SSE consumers hold two of them, `least_conn` sends the live
+//! publishes to the third, so what the consumers get live was accepted by another relay (the
+//! access log shows which); a resume after a `kill -9` lands on a relay the consumer never
+//! used.
 
 mod common;
 
@@ -37,21 +36,9 @@ use common::ws::{WsClient, WsEvent};
 use common::{assert_strictly_increasing, build_request, eventually, id_of, Conn, Server};
 use serde_json::{json, Value};
 
-/// Issue 12 item 1 (several relays on one Valkey behave as one). `false` until branch
-/// `crossrelay` is merged into main: then set it to `true`, which checks that consumers get
-/// live the messages another relay accepted, and drops the hot-tier workaround.
-const CROSS_RELAY_DELIVERY: bool = false;
-
-/// The relays' configuration. The 1 s hot-tier retention exists only for the time before
-/// [`CROSS_RELAY_DELIVERY`] (see the module doc); the 1 s SSE heartbeat shows that nginx
-/// passes a quiet stream's bytes on at once (no buffering).
-fn relay_config() -> &'static str {
-    if CROSS_RELAY_DELIVERY {
-        "sse:\n  heartbeat_interval: 1s\n"
-    } else {
-        "sse:\n  heartbeat_interval: 1s\nhot_tier:\n  retention: 1s\n"
-    }
-}
+/// The relays' configuration: a 1 s SSE heartbeat, to show that nginx passes a quiet stream's
+/// bytes on at once (no buffering).
+const RELAY_CONFIG: &str = "sse:\n  heartbeat_interval: 1s\n";
 
 /// Bounds every wait on something the relays or nginx must do; far above the normal
 /// milliseconds, for a loaded 2-core CI machine.
@@ -71,7 +58,7 @@ fn start_stack() -> Stack {
     // No nginx fails here, before anything is started.
     common::nginx::nginx_binary();
     let valkey = ValkeyServer::start(ValkeyOpts::default());
-    let fleet = RelayFleet::start(&valkey, 3, relay_config(), &[]);
+    let fleet = RelayFleet::start(&valkey, 3, RELAY_CONFIG, &[]);
     let lb = Nginx::start(&fleet.addrs());
     Stack {
         lb,
@@ -114,47 +101,64 @@ impl Stack {
             .collect()
     }
 
-    /// Before [`CROSS_RELAY_DELIVERY`]: waits until no running relay holds a message in its
-    /// hot tier, so that the next read of any relay goes to Valkey, which has every relay's
-    /// publishes. A no-op after.
-    fn await_reads_from_valkey(&self) {
-        if CROSS_RELAY_DELIVERY {
-            return;
-        }
-        for i in 0..self.fleet.len() {
-            let relay = self.fleet.relay(i);
-            if !relay.is_running() {
-                continue;
-            }
-            let emptied = eventually(PATIENCE, || {
-                metric(relay, "relay_hot_tier_messages") == Some(0.0)
-            });
-            assert!(
-                emptied,
-                "relay {i}: the hot tier kept messages past its 1 s retention"
-            );
-        }
-    }
-
-    /// The relay (by fleet index) holding the one open WebSocket connection.
-    fn relay_with_websocket(&self) -> usize {
+    /// The relay (by fleet index) holding the one open consumer connection of `transport`
+    /// (`websocket`, `sse`).
+    fn relay_holding(&self, transport: &str) -> usize {
+        let series = format!("relay_connections{{transport=\"{transport}\"}}");
         let mut holders = Vec::new();
         let found = eventually(PATIENCE, || {
             holders = (0..self.fleet.len())
                 .filter(|&i| self.fleet.relay(i).is_running())
-                .filter(|&i| {
-                    metric(
-                        self.fleet.relay(i),
-                        "relay_connections{transport=\"websocket\"}",
-                    )
-                    .unwrap_or(0.0)
-                        >= 1.0
-                })
+                .filter(|&i| metric(self.fleet.relay(i), &series).unwrap_or(0.0) >= 1.0)
                 .collect();
             holders.len() == 1
         });
-        assert!(found, "want one relay with a WebSocket, got {holders:?}");
+        assert!(
+            found,
+            "want one relay with a {transport} consumer, got {holders:?}"
+        );
         holders[0]
+    }
+
+    /// For each of the `n` publishes logged after the first `skip` access-log lines (awaited:
+    /// nginx logs a request after answering it), the relays nginx tried, in order: the last
+    /// one answered.
+    fn publishes_tried(&self, skip: usize, n: usize) -> Vec<Vec<SocketAddr>> {
+        let publishes = |log: &str| -> Vec<Vec<SocketAddr>> {
+            log.lines()
+                .skip(skip)
+                .filter(|l| l.contains("\"POST /api/v1/messages "))
+                .map(|l| {
+                    l.split(" upstream=")
+                        .nth(1)
+                        .and_then(|rest| rest.split(" upstream_status=").next())
+                        .unwrap_or_default()
+                        .split(", ")
+                        .filter_map(|a| a.parse().ok())
+                        .collect()
+                })
+                .collect()
+        };
+        assert!(
+            eventually(PATIENCE, || publishes(&self.lb.access_log()).len() == n),
+            "want {n} publishes logged after line {skip}; access log:\n{}",
+            self.lb.access_log()
+        );
+        let tried = publishes(&self.lb.access_log());
+        assert!(
+            tried.iter().all(|t| !t.is_empty()),
+            "a publish without upstream: {tried:?}"
+        );
+        tried
+    }
+
+    /// The relay that answered each of the `n` publishes logged after the first `skip`
+    /// access-log lines.
+    fn publishes_answered_by(&self, skip: usize, n: usize) -> Vec<SocketAddr> {
+        self.publishes_tried(skip, n)
+            .into_iter()
+            .filter_map(|t| t.last().copied())
+            .collect()
     }
 
     /// The relays' addresses that served requests of the access log whose request line
@@ -213,8 +217,6 @@ fn publish_history_websocket_sse_and_long_poll_through_nginx() {
     // An ascending page from the start always reads Valkey.
     assert_eq!(stack.history_ids(topic), first);
 
-    stack.await_reads_from_valkey();
-
     // WebSocket through nginx: the upgrade, the subscription, a catch-up of every message
     // (whichever relay accepted it), and the client's frames (ping → pong) on the same
     // proxied connection.
@@ -272,33 +274,46 @@ fn publish_history_websocket_sse_and_long_poll_through_nginx() {
     );
     assert_eq!(resp.json()["messages"], json!([]), "{resp:?}");
 
-    // Live delivery of what any relay accepted: the WebSocket and SSE consumers (on two of
-    // the relays; least_conn sends the publishes to the third while they are connected) and
-    // a parked long-poll.
-    if CROSS_RELAY_DELIVERY {
-        let parked = std::thread::spawn({
-            let lb = stack.lb.addr;
-            let body = json!({"topics": [topic], "since": {topic: first[29]}, "timeout": 30});
-            move || {
-                Conn::connect(lb).request(
-                    "POST",
-                    "/messages/poll",
-                    Some(body.to_string().as_bytes()),
-                )
-            }
-        });
-        let live = stack.publish_n(topic, 30, 10);
-        assert_eq!(ws_ids(&mut ws, live.len()), live);
-        let sse_live: Vec<String> = (0..live.len())
-            .map(|_| id_of(&sse.next_message()))
-            .collect();
-        assert_eq!(sse_live, live);
-        let resp = parked.join().expect("poll thread");
-        assert_eq!(resp.status, 200, "{resp:?}");
-        assert_eq!(
-            id_of(&resp.json()["messages"][0]),
-            live[0],
-            "parked poll: {resp:?}"
+    // Live delivery of what another relay accepted: the WebSocket and SSE consumers, and a
+    // parked long-poll, each on its relay; the publishes go to whichever relay nginx picks.
+    let relay_addrs = stack.fleet.addrs();
+    let ws_relay = relay_addrs[stack.relay_holding("websocket")];
+    let sse_relay = relay_addrs[stack.relay_holding("sse")];
+    let parked = std::thread::spawn({
+        let lb = stack.lb.addr;
+        let body = json!({"topics": [topic], "since": {topic: first[29]}, "timeout": 30});
+        move || {
+            Conn::connect(lb).request("POST", "/messages/poll", Some(body.to_string().as_bytes()))
+        }
+    });
+    let parked_on = |i: usize| {
+        let stats = stack.fleet.relay(i).get("/messages/poll/stats").json();
+        stats["active_polls"].as_u64().unwrap_or(0)
+    };
+    assert!(
+        eventually(PATIENCE, || (0..3).map(parked_on).sum::<u64>() == 1),
+        "the long-poll through nginx never parked"
+    );
+    let log_lines_before_live = stack.lb.access_log().lines().count();
+    let live = stack.publish_n(topic, 30, 10);
+    assert_eq!(ws_ids(&mut ws, live.len()), live);
+    let sse_live: Vec<String> = (0..live.len())
+        .map(|_| id_of(&sse.next_message()))
+        .collect();
+    assert_eq!(sse_live, live);
+    let resp = parked.join().expect("poll thread");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(
+        id_of(&resp.json()["messages"][0]),
+        live[0],
+        "parked poll: {resp:?}"
+    );
+    // Those deliveries crossed relays: some live publishes were accepted elsewhere.
+    let accepted_by = stack.publishes_answered_by(log_lines_before_live, live.len());
+    for (consumer, relay) in [("WebSocket", ws_relay), ("SSE", sse_relay)] {
+        assert!(
+            accepted_by.iter().any(|a| *a != relay),
+            "every live publish went to the {consumer} consumer's relay {relay}: {accepted_by:?}"
         );
     }
 }
@@ -309,13 +324,12 @@ fn a_relay_killed_behind_nginx_fails_no_request_and_its_websocket_consumer_resum
     let topic = "lb-kill";
 
     let before = stack.publish_n(topic, 0, 20);
-    stack.await_reads_from_valkey();
     let mut ws = ws_subscribe(stack.lb.addr, topic, json!("earliest"));
     let mut seen = ws_ids(&mut ws, before.len());
     assert_eq!(seen, before);
 
     // kill -9 the relay this consumer is on, as a crash would.
-    let victim = stack.relay_with_websocket();
+    let victim = stack.relay_holding("websocket");
     let victim_addr = stack.fleet.relay(victim).addr;
     let log_lines_at_kill = stack.lb.access_log().lines().count();
     stack.fleet.kill9(victim);
@@ -364,51 +378,24 @@ fn a_relay_killed_behind_nginx_fails_no_request_and_its_websocket_consumer_resum
     // Every publish after the kill was answered by a surviving relay (the last address of
     // `upstream=`; an earlier one is a relay nginx tried first).
     let survivors: HashSet<SocketAddr> = stack.fleet.running_addrs().into_iter().collect();
-    // nginx logs a request after answering it: await the last lines.
-    let publish_lines = |log: &str| {
-        log.lines()
-            .skip(log_lines_at_kill)
-            .filter(|l| l.contains("\"POST /api/v1/messages "))
-            .count()
-    };
-    assert!(
-        eventually(PATIENCE, || publish_lines(&stack.lb.access_log())
-            == after.len()),
-        "want {} publishes logged after the kill; access log:\n{}",
-        after.len(),
-        stack.lb.access_log()
-    );
-    let log = stack.lb.access_log();
-    let publishes_after: Vec<&str> = log
-        .lines()
-        .skip(log_lines_at_kill)
-        .filter(|l| l.contains("\"POST /api/v1/messages "))
-        .collect();
+    let tried = stack.publishes_tried(log_lines_at_kill, after.len());
     let mut moved_on = 0;
-    for line in &publishes_after {
-        let upstreams: Vec<SocketAddr> = line
-            .split(" upstream=")
-            .nth(1)
-            .and_then(|rest| rest.split(" upstream_status=").next())
-            .unwrap_or_default()
-            .split(", ")
-            .filter_map(|a| a.parse().ok())
-            .collect();
-        let answered_by = upstreams
-            .last()
-            .unwrap_or_else(|| panic!("no upstream: {line}"));
-        assert!(survivors.contains(answered_by), "{line}");
+    for upstreams in &tried {
+        let answered_by = upstreams.last().expect("an upstream per publish");
+        assert!(
+            survivors.contains(answered_by),
+            "answered by {answered_by}: {tried:?}"
+        );
         moved_on += usize::from(upstreams.len() > 1);
     }
     // How often nginx tried the dead relay first (max_fails=2 takes it out after two).
     eprintln!(
         "LB publishes after kill -9: {} answered, {moved_on} moved on from the dead relay",
-        publishes_after.len()
+        tried.len()
     );
 
     // The consumer reconnects through nginx (which may try the dead relay first: refused,
     // the GET moves on) and resumes from its last id: everything after it, once, in order.
-    stack.await_reads_from_valkey();
     let last = seen.last().cloned().expect("saw messages");
     let mut ws = ws_subscribe(stack.lb.addr, topic, json!({ topic: last }));
     seen.extend(ws_ids(&mut ws, after.len()));
@@ -418,11 +405,9 @@ fn a_relay_killed_behind_nginx_fails_no_request_and_its_websocket_consumer_resum
         "a frame beyond the resumed messages"
     );
 
-    if CROSS_RELAY_DELIVERY {
-        // Live after the resume, whichever surviving relay accepts the publishes.
-        let live = stack.publish_n(topic, 45, 10);
-        assert_eq!(ws_ids(&mut ws, live.len()), live);
-    }
+    // Live after the resume, whichever surviving relay accepts the publishes.
+    let live = stack.publish_n(topic, 45, 10);
+    assert_eq!(ws_ids(&mut ws, live.len()), live);
 }
 
 /// A relay that dies with a request in flight: accepts a connection, reads one request head,
@@ -457,7 +442,7 @@ fn start_relay_that_dies_mid_request() -> (SocketAddr, Arc<AtomicUsize>) {
 fn nginx_resends_a_publish_to_another_relay_only_when_it_carries_an_idempotency_key() {
     common::nginx::nginx_binary();
     let valkey = ValkeyServer::start(ValkeyOpts::default());
-    let fleet = RelayFleet::start(&valkey, 2, relay_config(), &[]);
+    let fleet = RelayFleet::start(&valkey, 2, RELAY_CONFIG, &[]);
     let (dying, received) = start_relay_that_dies_mid_request();
     let mut upstreams = vec![dying];
     upstreams.extend(fleet.addrs());
