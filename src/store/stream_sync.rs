@@ -618,6 +618,10 @@ impl Storage {
             if removed_after {
                 self.resync_followers(sync, topic);
             }
+            // What to do with each new entry, decided while the sync state is borrowed:
+            // `Some` feeds it, `None` is an entry due for removal (its ttl or the age
+            // retention ran out while this relay had not read it yet).
+            let mut steps: Vec<Option<Message>> = Vec::with_capacity(entries.len());
             {
                 let mut topics = sync.topics.borrow_mut();
                 let Some(state) = topics.get_mut(topic) else {
@@ -630,12 +634,26 @@ impl Storage {
                     }
                     state.fed_to = Some(id);
                     state.fed_entry = true;
-                    if tier.is_due(&message, now) {
-                        // Never handed out: reads never return it either.
-                        continue;
+                    steps.push((!tier.is_due(&message, now)).then_some(message));
+                }
+            }
+            let mut in_hole = false;
+            for step in steps {
+                match step {
+                    Some(message) => {
+                        in_hole = false;
+                        fed += 1;
+                        self.accept(topic, message);
                     }
-                    fed += 1;
-                    self.accept(topic, message);
+                    None if !in_hole => {
+                        // Never handed out (reads never return it either), and never skipped
+                        // in silence: what came before goes out, the followers resume from
+                        // their last id, where the catch-up reports the expired gap, and
+                        // memory's run starts again after it.
+                        in_hole = true;
+                        self.resync_followers(sync, topic);
+                    }
+                    None => {}
                 }
             }
             self.feed.flush();

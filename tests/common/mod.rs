@@ -9,7 +9,8 @@
 //! not own: any knowledge of the server's internals — everything here goes through the
 //! documented CLI, config file, environment and wire protocol. Valkey for the tests of the
 //! Valkey backend is in [`valkey`]; a Valkey Cluster in [`cluster`], a Sentinel-watched master
-//! and replica in [`sentinel`], several relays on one Valkey in [`fleet`].
+//! and replica in [`sentinel`], several relays on one Valkey in [`fleet`], the real nginx with
+//! the shipped load-balancer configuration in [`nginx`].
 //!
 //! Every socket read has a timeout, so a hung server fails the test with a message instead of
 //! hanging the suite.
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod fault_proxy;
 pub mod fleet;
 pub mod hostile;
+pub mod nginx;
 pub mod sentinel;
 pub mod sse;
 pub mod valkey;

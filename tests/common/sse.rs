@@ -1,5 +1,7 @@
 //! A Server-Sent Events client for the delivery tests: sends the GET, reads the response head,
-//! then parses the `text/event-stream` body block by block (`retry:`, comments, events).
+//! then parses the `text/event-stream` body block by block (`retry:`, comments, events). The
+//! relay sends the body close-delimited; a proxy in between (nginx) may re-frame it with
+//! `Transfer-Encoding: chunked`, which is decoded here.
 //!
 //! Owns: the event-stream wire format from the client side. Does not own: what events mean
 //! (the tests assert that). Every read has a deadline.
@@ -41,6 +43,68 @@ pub struct SseClient {
     pub stream: TcpStream,
     /// Body bytes read but not yet parsed.
     buf: Vec<u8>,
+    /// `Some` when the response came `Transfer-Encoding: chunked`: its decoder, which turns
+    /// what is read into body bytes for `buf`.
+    chunked: Option<Dechunker>,
+}
+
+/// Incremental `Transfer-Encoding: chunked` decoding of a body that arrives in pieces.
+#[derive(Default)]
+struct Dechunker {
+    /// Bytes read but not yet decoded (an incomplete size line or chunk end).
+    raw: Vec<u8>,
+    /// Data bytes of the current chunk still to come; then its CRLF.
+    left_in_chunk: usize,
+    /// The current chunk's data is complete and its CRLF is still to be consumed.
+    crlf_due: bool,
+    /// The last (size 0) chunk was seen.
+    done: bool,
+}
+
+impl Dechunker {
+    /// Decodes what it can of `raw` (plus `input`) into `out`.
+    fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.raw.extend_from_slice(input);
+        loop {
+            if self.done {
+                return;
+            }
+            if self.left_in_chunk > 0 {
+                let n = self.left_in_chunk.min(self.raw.len());
+                if n == 0 {
+                    return;
+                }
+                out.extend(self.raw.drain(..n));
+                self.left_in_chunk -= n;
+                if self.left_in_chunk == 0 {
+                    self.crlf_due = true;
+                }
+                continue;
+            }
+            if self.crlf_due {
+                if self.raw.len() < 2 {
+                    return;
+                }
+                assert_eq!(&self.raw[..2], b"\r\n", "chunk not followed by CRLF");
+                self.raw.drain(..2);
+                self.crlf_due = false;
+                continue;
+            }
+            let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let line = String::from_utf8_lossy(&self.raw[..end]).into_owned();
+            self.raw.drain(..end + 2);
+            let size_hex = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_hex, 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {line:?}"));
+            if size == 0 {
+                self.done = true;
+            } else {
+                self.left_in_chunk = size;
+            }
+        }
+    }
 }
 
 impl SseClient {
@@ -74,11 +138,24 @@ impl SseClient {
             return Err(resp);
         }
         // `Conn` may have read body bytes past the head; they belong to the stream.
-        let buf = conn.take_buffered();
+        let read = conn.take_buffered();
+        let mut chunked = head
+            .header("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+            .then(Dechunker::default);
+        let buf = match chunked.as_mut() {
+            Some(decoder) => {
+                let mut buf = Vec::new();
+                decoder.feed(&read, &mut buf);
+                buf
+            }
+            None => read,
+        };
         Ok((
             SseClient {
                 stream: conn.stream,
                 buf,
+                chunked,
             },
             head,
         ))
@@ -116,7 +193,15 @@ impl SseClient {
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return SseRead::Eof,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => match self.chunked.as_mut() {
+                    Some(decoder) => {
+                        decoder.feed(&chunk[..n], &mut self.buf);
+                        if decoder.done && !self.buf.windows(2).any(|w| w == b"\n\n") {
+                            return SseRead::Eof;
+                        }
+                    }
+                    None => self.buf.extend_from_slice(&chunk[..n]),
+                },
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     continue
                 }
