@@ -713,6 +713,65 @@ fn two_relays_on_a_cluster_deliver_each_others_publishes_across_a_slot_migration
     assert_eq!(shard_subscribers(&cluster, from, &channel), 0);
 }
 
+#[test]
+fn two_relays_on_a_cluster_keep_delivering_across_kill9_of_a_master() {
+    let mut cluster = ValkeyCluster::start(ClusterOpts::default());
+    let names = topics_on_every_master(&cluster, "crosskill", 2);
+    let victim = cluster.key_owner(&stream_key(&names[0]));
+    let seeds: Vec<usize> = cluster
+        .masters()
+        .into_iter()
+        .filter(|&m| m != victim)
+        .collect();
+    // `ack: replicated`: nothing acknowledged may be lost, so the follower must deliver every
+    // 201 the publisher gave.
+    let publisher = relay_on(&cluster, seeds[0], REPLICATED);
+    let follower = relay_on(&cluster, seeds[1], REPLICATED);
+    let consumer = Consumer::start(follower.addr, &names);
+    let load = PublishLoad::start(publisher.addr, &names, 1_000_000, Duration::from_secs(60));
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= 30),
+        "load did not get going\nstderr:\n{}",
+        publisher.stderr()
+    );
+    let channel = format!("{}:feed", stream_key(&names[0]));
+    assert!(
+        eventually(PATIENCE, || shard_subscribers(&cluster, victim, &channel)
+            >= 1),
+        "{channel} not subscribed on its master {victim}"
+    );
+    let promoted = cluster.kill9_master_and_await_failover(victim);
+    // The promoted master has no replica until the old one rejoins: 503s until then.
+    cluster.restart(victim);
+    let acked = load.min_acked();
+    assert!(
+        eventually(PATIENCE, || load.min_acked() >= acked + 30),
+        "publishes did not resume after the failover\nstderr:\n{}",
+        publisher.stderr()
+    );
+    // The follower's subscription followed the slot to the promoted master.
+    assert!(
+        eventually(PATIENCE, || shard_subscribers(&cluster, promoted, &channel)
+            >= 1),
+        "{channel} not subscribed on the promoted master {promoted}\nstderr:\n{}",
+        follower.stderr()
+    );
+    let outcomes = load.finish();
+    for out in &outcomes {
+        assert_answered(out);
+    }
+    let (lost, stored_unacked) = audit(&cluster, &outcomes);
+    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    eprintln!(
+        "CLUSTER cross-relay-kill9  acked {}  503 {}  acked-lost {lost}  stored-unacked \
+         {stored_unacked}  delivered-by-the-other-relay {delivered} ({delivered_unacked} \
+         unacknowledged)",
+        sum(&outcomes, |o| o.acked.len() as u64),
+        sum(&outcomes, |o| o.unavailable),
+    );
+    assert_eq!(lost, 0, "acknowledged messages lost with ack: replicated");
+}
+
 /// `PUBSUB SHARDNUMSUB channel` on node `i`: its subscribers there.
 fn shard_subscribers(cluster: &ValkeyCluster, i: usize, channel: &str) -> u64 {
     let reply = cluster
