@@ -278,6 +278,62 @@ fn a_dead_first_seed_is_skipped_and_a_replica_seed_finds_every_master() {
     );
 }
 
+#[test]
+fn nodes_announcing_host_names_are_reached_by_name_also_after_moved() {
+    // As deploy/cluster runs them: `CLUSTER SHARDS` endpoints and `MOVED`/`ASK` name hosts.
+    let cluster = ValkeyCluster::start(ClusterOpts {
+        extra_args: [
+            "--cluster-announce-hostname",
+            "localhost",
+            "--cluster-preferred-endpoint-type",
+            "hostname",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOpts::default()
+    });
+    let owner = cluster.key_owner("{probe}");
+    let other = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != owner)
+        .expect("another master");
+    let moved = cluster.node(other).cli(&["SET", "{probe}", "x"]);
+    let expected = format!("localhost:{}", cluster.node(owner).port);
+    assert!(
+        moved.contains("MOVED") && moved.contains(&expected),
+        "redirections name hosts: {moved}"
+    );
+    let relay = Server::start_opts(
+        RelayOpts::new(PERSISTED)
+            .env("STORAGE_BACKEND", "valkey")
+            .env(
+                "VALKEY_CLUSTER_NODES",
+                &format!("localhost:{}", cluster.node(0).port),
+            ),
+    );
+    await_ready(&relay, PATIENCE);
+    let names = topics_on_every_master(&cluster, "named", 1);
+    for name in &names {
+        relay.publish(name, "1");
+    }
+    // A slot moves: the relay learns the new owner from a MOVED naming `localhost:<port>`.
+    let slot = cluster.keyslot(&stream_key(&names[0]));
+    let from = cluster.slot_owner(slot);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    cluster.migrate_slot(slot, to);
+    relay.publish(&names[0], "2");
+    for name in &names {
+        let expected = if *name == names[0] { 2 } else { 1 };
+        assert_eq!(stored_ids(&cluster, name).len(), expected, "{name}");
+    }
+    assert!(operations(&relay, "cluster_moved") >= 1.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // A WebSocket consumer that resumes from the last ids it saw whenever its connection ends.
 
