@@ -221,6 +221,12 @@ pub struct CheckArgs {
     /// time.
     #[arg(long, default_value_t = 1)]
     pub relays: usize,
+    /// Run against a Valkey Cluster of three masters (started with `valkey-server
+    /// --cluster-enabled yes` and joined with `valkey-cli --cluster create`; implies
+    /// --backend valkey): the relays are given the nodes as `valkey.cluster_nodes`, and each
+    /// Valkey outage takes one master in turn.
+    #[arg(long)]
+    pub cluster: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -170,11 +170,14 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
             "--relays above 1 needs the Valkey backend (memory relays share nothing)",
         ));
     }
+    if a.cluster && a.backend == Some(cli::CheckBackend::Memory) {
+        return Err(invalid("--cluster needs the Valkey backend"));
+    }
     let mut backend = a.backend.map(|b| match b {
         cli::CheckBackend::Memory => Backend::Memory,
         cli::CheckBackend::Valkey => Backend::Valkey,
     });
-    if a.relays > 1 {
+    if a.relays > 1 || a.cluster {
         backend = Some(Backend::Valkey);
     }
     if valkey.is_none() {
@@ -199,6 +202,7 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
             relay,
             valkey,
             relays: a.relays,
+            cluster: a.cluster,
         },
         pins: check::history::Pins {
             backend,

@@ -51,6 +51,9 @@ pub struct Bins {
     /// Relay processes on the one Valkey (1 unless `--relays`; always 1 with the memory
     /// backend, whose relays share nothing).
     pub relays: usize,
+    /// `--cluster`: the Valkey is a cluster of [`procs::CLUSTER_MASTERS`] masters; each Valkey
+    /// outage takes one of them (in turn).
+    pub cluster: bool,
 }
 
 /// What one history did and found.
@@ -108,11 +111,16 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
                 .valkey
                 .as_ref()
                 .ok_or("the history uses Valkey and no valkey-server was found")?;
-            Some(Valkey::start(bin, &scratch.0)?)
+            if bins.cluster {
+                Valkey::start_cluster(bin, &scratch.0)?
+            } else {
+                vec![Valkey::start(bin, &scratch.0)?]
+            }
         }
-        Backend::Memory => None,
+        Backend::Memory => Vec::new(),
     };
-    let yaml = config_yaml(&history.setup, valkey.as_ref().map(|v| v.port));
+    let ports: Vec<u16> = valkey.iter().map(|v| v.port).collect();
+    let yaml = config_yaml(&history.setup, &ports, bins.cluster);
     let count = match history.setup.backend {
         Backend::Valkey => bins.relays.max(1),
         Backend::Memory => 1,
@@ -147,7 +155,7 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
         events: BTreeMap::new(),
     };
     for step in &history.steps {
-        exec.step(step, &history.setup, valkey.as_mut()).await;
+        exec.step(step, &history.setup, &mut valkey).await;
     }
     let mut outcome = exec.settle(&history.setup).await;
     for (i, relay) in relays.iter_mut().enumerate() {
@@ -243,7 +251,7 @@ impl Exec {
         request(endpoint, &mut self.conns[relay][conn], method, path, body).await
     }
 
-    async fn step(&mut self, step: &Step, setup: &Setup, valkey: Option<&mut Valkey>) {
+    async fn step(&mut self, step: &Step, setup: &Setup, valkey: &mut [Valkey]) {
         match step {
             Step::Publish {
                 topic,
@@ -338,7 +346,12 @@ impl Exec {
             }
             Step::Sleep { ms } => tokio::time::sleep(Duration::from_millis(u64::from(*ms))).await,
             Step::Valkey { outage, down_ms } => {
-                let Some(v) = valkey else { return };
+                if valkey.is_empty() {
+                    return;
+                }
+                // A cluster's nodes take the outages in turn.
+                let node = (self.restarts % valkey.len() as u64) as usize;
+                let v = &mut valkey[node];
                 let down = Duration::from_millis(u64::from(*down_ms));
                 self.restarts += 1;
                 // Publishes while Valkey is away: answered 503 (ambiguous: maybe stored) or

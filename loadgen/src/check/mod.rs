@@ -156,11 +156,17 @@ pub async fn run(spec: &CheckSpec) -> Summary {
         i += 1;
         let history = history::generate(seed, spec.steps, spec.pins);
         if !spec.quiet {
-            let relays = if spec.bins.relays > 1 {
+            let mut relays = if spec.bins.relays > 1 {
                 format!(", {} relays", spec.bins.relays)
             } else {
                 String::new()
             };
+            if spec.bins.cluster {
+                relays.push_str(&format!(
+                    ", a Valkey Cluster of {} masters",
+                    procs::CLUSTER_MASTERS
+                ));
+            }
             eprintln!("check: seed {seed}: {}{relays}", history.setup);
         }
         let outcome = match exec::run(&history, &spec.bins).await {

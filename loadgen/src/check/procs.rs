@@ -1,6 +1,7 @@
 //! The processes one history runs against: a `valkey-server` (when the history uses the
-//! Valkey backend) on a free port with its own temporary directory, and a `pulsar-relay`
-//! configured by a YAML file written for the history, listening on a free loopback port.
+//! Valkey backend; with `--cluster`, three joined into a Valkey Cluster) on a free port with
+//! its own temporary directory, and a `pulsar-relay` configured by a YAML file written for the
+//! history, listening on a free loopback port.
 //!
 //! Both are killed (by their own PID, through [`std::process::Child`]) when their guard is
 //! dropped, which happens on every exit path of a history, panics included; the temporary
@@ -59,20 +60,82 @@ pub struct Valkey {
     child: Option<Child>,
     /// Frozen with SIGSTOP: must be continued before it can be killed cleanly.
     frozen: bool,
+    /// A node of a Valkey Cluster (its `nodes.conf` in `dir` survives restarts).
+    cluster: bool,
 }
+
+/// Masters of the cluster `--cluster` runs against (no replicas: a node's outage is then the
+/// same fault as a single Valkey's, and `appendfsync always` keeps the oracle exact).
+pub const CLUSTER_MASTERS: usize = 3;
 
 impl Valkey {
     pub fn start(bin: &Path, dir: &Path) -> Result<Valkey, String> {
+        Valkey::start_node(bin, &dir.join("valkey"), false)
+    }
+
+    fn start_node(bin: &Path, dir: &Path, cluster: bool) -> Result<Valkey, String> {
         let mut v = Valkey {
             bin: bin.to_owned(),
             port: free_port().map_err(|e| format!("no free port: {e}"))?,
-            dir: dir.join("valkey"),
+            dir: dir.to_owned(),
             child: None,
             frozen: false,
+            cluster,
         };
         std::fs::create_dir_all(&v.dir).map_err(|e| format!("valkey dir: {e}"))?;
         v.spawn()?;
         Ok(v)
+    }
+
+    /// [`CLUSTER_MASTERS`] nodes joined with `valkey-cli --cluster create` (the `valkey-cli`
+    /// beside `bin`, else on `$PATH`); returns once every node reports `cluster_state:ok`.
+    pub fn start_cluster(bin: &Path, dir: &Path) -> Result<Vec<Valkey>, String> {
+        let nodes = (0..CLUSTER_MASTERS)
+            .map(|i| Valkey::start_node(bin, &dir.join(format!("valkey-{i}")), true))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cli = bin
+            .parent()
+            .map(|d| d.join("valkey-cli"))
+            .filter(|p| p.is_file())
+            .or_else(|| on_path("valkey-cli"))
+            .ok_or("--cluster needs valkey-cli beside valkey-server or on $PATH")?;
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "valkey-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        let deadline = Instant::now() + START_DEADLINE;
+        for node in &nodes {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &node.port.to_string(), "CLUSTER", "INFO"])
+                    .output()
+                    .map_err(|e| format!("valkey-cli: {e}"))?;
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "cluster node {} never reached cluster_state:ok",
+                        node.port
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(nodes)
     }
 
     /// Starts the server on this guard's port and directory; waits until it answers PING.
@@ -98,6 +161,20 @@ impl Valkey {
                 "--loglevel",
                 "warning",
             ])
+            .args(if self.cluster {
+                // A node away longer than this is marked failed by the others (and the
+                // cluster refuses writes until it is back: no replica to promote).
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "3000",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -188,8 +265,9 @@ impl Drop for Relay {
     }
 }
 
-/// The YAML configuration of `setup` (Valkey on `valkey_port` when the backend is Valkey).
-pub fn config_yaml(setup: &Setup, valkey_port: Option<u16>) -> String {
+/// The YAML configuration of `setup` (Valkey on `valkey_ports` when the backend is Valkey: one
+/// port, or with `cluster` the cluster's nodes).
+pub fn config_yaml(setup: &Setup, valkey_ports: &[u16], cluster: bool) -> String {
     let mut y = String::new();
     // `LOADGEN_CHECK_RELAY_LOG=debug` (with `LOADGEN_CHECK_KEEP`) for post-mortems.
     let log_level = std::env::var("LOADGEN_CHECK_RELAY_LOG").unwrap_or_else(|_| "warn".into());
@@ -217,10 +295,21 @@ pub fn config_yaml(setup: &Setup, valkey_port: Option<u16>) -> String {
     if let Some(b) = setup.memory_bytes {
         y.push_str(&format!("memory:\n  max_bytes: {b}\n"));
     }
-    if let (Backend::Valkey, Some(port)) = (setup.backend, valkey_port) {
+    if let (Backend::Valkey, Some(port)) = (setup.backend, valkey_ports.first()) {
+        if cluster {
+            let nodes: Vec<String> = valkey_ports
+                .iter()
+                .map(|p| format!("\"127.0.0.1:{p}\""))
+                .collect();
+            y.push_str(&format!(
+                "valkey:\n  cluster_nodes: [{}]\n",
+                nodes.join(", ")
+            ));
+        } else {
+            y.push_str(&format!("valkey:\n  host: 127.0.0.1\n  port: {port}\n"));
+        }
         y.push_str(&format!(
-            "valkey:\n  host: 127.0.0.1\n  port: {port}\n  connections_per_shard: {}\n  \
-             command_timeout: 2s\n  connect_timeout: 1s\n",
+            "  connections_per_shard: {}\n  command_timeout: 2s\n  connect_timeout: 1s\n",
             setup.connections
         ));
         y.push_str(match setup.ack {
@@ -245,6 +334,7 @@ impl Relay {
             .env_remove("STORAGE_BACKEND")
             .env_remove("VALKEY_HOST")
             .env_remove("VALKEY_PORT")
+            .env_remove("VALKEY_CLUSTER_NODES")
             .env_remove("MAX_MESSAGES_PER_TOPIC")
             .env_remove("PERSISTENT_TIER_RETENTION")
             .env_remove("MEMORY_MAX_BYTES")
@@ -306,7 +396,7 @@ mod tests {
         setup.connections = 4;
         setup.ack = Ack::Buffered;
         setup.max_messages = Some(50);
-        let y = config_yaml(&setup, Some(7000));
+        let y = config_yaml(&setup, &[7000], false);
         for want in [
             "backend: valkey",
             "port: 7000",
@@ -317,5 +407,13 @@ mod tests {
         ] {
             assert!(y.contains(want), "{want} missing in\n{y}");
         }
+        let y = config_yaml(&setup, &[7000, 7001, 7002], true);
+        assert!(
+            y.contains(
+                "cluster_nodes: [\"127.0.0.1:7000\", \"127.0.0.1:7001\", \"127.0.0.1:7002\"]"
+            ),
+            "{y}"
+        );
+        assert!(!y.contains("port: 7000"), "{y}");
     }
 }
