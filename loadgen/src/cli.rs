@@ -253,6 +253,13 @@ pub struct Common {
     /// The relay's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Publish through these relays instead of --url (repeat the flag or separate with
+    /// commas); subscribers stay on --url. Closed loop: publishing connection i goes to the
+    /// (i mod n)-th; open loop: message k goes out through the (k mod n)-th, so publishes
+    /// alternate. With several, each payload names its publish URL and delivery latency is
+    /// also reported per publish URL (same relay as the subscribers, or another one).
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub publish_url: Vec<String>,
     /// Length of the measured phase (after the warm-up).
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "messages")]
     pub duration: Option<Duration>,
@@ -372,6 +379,37 @@ mod tests {
                 assert_eq!(batch, 10);
                 assert_eq!(common.warmup, Duration::from_secs(1));
             }
+            other => panic!("wrong scenario {other:?}"),
+        }
+    }
+
+    #[test]
+    fn publish_urls_repeat_or_take_commas_and_default_to_none() {
+        let parsed = Cli::try_parse_from([
+            "loadgen",
+            "e2e",
+            "--url",
+            "http://127.0.0.1:1",
+            "--publish-url",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--publish-url",
+            "http://127.0.0.1:3",
+        ])
+        .expect("parses");
+        match parsed.scenario {
+            Scenario::E2e { common, .. } => assert_eq!(
+                common.publish_url,
+                [
+                    "http://127.0.0.1:1",
+                    "http://127.0.0.1:2",
+                    "http://127.0.0.1:3"
+                ]
+            ),
+            other => panic!("wrong scenario {other:?}"),
+        }
+        let plain = Cli::try_parse_from(["loadgen", "publish"]).expect("parses");
+        match plain.scenario {
+            Scenario::Publish { common, .. } => assert!(common.publish_url.is_empty()),
             other => panic!("wrong scenario {other:?}"),
         }
     }

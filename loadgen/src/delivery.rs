@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cli::Transport;
 use crate::publish::{publish, PublishResult, PublishSpec};
-use crate::report::DeliveryReport;
+use crate::report::{DeliveryReport, UrlLatency};
 use crate::run::{Phase, RunCtx};
 use crate::stats::LatencyHub;
 use crate::subscribe::{self, Progress, SubShared};
@@ -46,6 +46,8 @@ const DELIVERY_STRIPES: usize = 16;
 
 pub struct DeliverySpec {
     pub transport: Transport,
+    /// `--publish-url`s as given, for the per-URL latency rows.
+    pub publish_urls: Vec<String>,
     pub subscribers: usize,
     pub drain_timeout: Duration,
 }
@@ -60,6 +62,7 @@ pub async fn run(
     publish_spec: PublishSpec,
 ) -> Result<(PublishResult, DeliveryReport), NoSubscribers> {
     let latency = LatencyHub::new(DELIVERY_STRIPES);
+    let publish_urls = spec.publish_urls.clone();
     let sh = SubShared::new(ctx.clone(), spec.transport, latency.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<(usize, bool)>(spec.subscribers.max(1));
@@ -151,6 +154,15 @@ pub async fn run(
             0.0
         },
         latency: latency.summary(),
+        latency_by_publish_url: sh
+            .latency_by_publish_url
+            .iter()
+            .zip(&publish_urls)
+            .map(|(hub, url)| UrlLatency {
+                publish_url: url.clone(),
+                latency: hub.summary(),
+            })
+            .collect(),
         drained,
         missed: check.lost > 0,
         check,

@@ -241,10 +241,16 @@ fn setup(common: &Common, topics: usize) -> Result<Arc<RunCtx>, SetupError> {
         return Err(invalid("--token is for --target python"));
     }
     let endpoint = Endpoint::parse(&common.url)?;
+    let publish_endpoints = common
+        .publish_url
+        .iter()
+        .map(|url| Endpoint::parse(url))
+        .collect::<Result<Vec<_>, _>>()?;
     let target = Target::new(common.target, common.token.as_deref(), common.nchan_store)?;
     let names = run::topic_names(common.topic_prefix.as_deref(), topics);
     Ok(RunCtx::new(
         endpoint,
+        publish_endpoints,
         target,
         names,
         common.payload_bytes,
@@ -318,6 +324,7 @@ fn base_report(
         scenario,
         target: ctx.target.name(),
         url: common.url.clone(),
+        publish_urls: common.publish_url.clone(),
         mode: if plan.rate.is_some() {
             "open"
         } else {
@@ -597,6 +604,7 @@ async fn deliveries(
         ctx.clone(),
         delivery::DeliverySpec {
             transport,
+            publish_urls: common.publish_url.clone(),
             subscribers,
             drain_timeout,
         },

@@ -4,6 +4,9 @@
 //! topic (for `verify`), `sent_ns` is the *intended* send time in ns since the run's epoch (a
 //! monotonic clock shared by publishers and subscribers of this one process), and `pad` fills
 //! the payload up to `--payload-bytes`. Delivery latency is receive time minus `sent_ns`.
+//! With several `--publish-url`s a payload also names the relay it was published through,
+//! `{"seq":N,"sent_ns":T,"via":K,"pad":…}` (K: index into the publish URLs), so a subscriber
+//! can tell a delivery from its own relay from one that crossed to it from another.
 //!
 //! Received messages (a WebSocket `message` frame, a long-poll `messages[]` item, an SSE
 //! `data:` line) are all the relay's message object; [`Incoming`] borrows from the frame and
@@ -40,21 +43,41 @@ impl BodyBuilder {
 
     /// Appends the payload object.
     pub fn write_payload(&self, out: &mut Vec<u8>, seq: u64, sent_ns: u64) {
+        self.write_payload_via(out, seq, sent_ns, None);
+    }
+
+    /// Appends the payload object; `via`: the index of the publish URL it goes through, when
+    /// there are several.
+    pub fn write_payload_via(&self, out: &mut Vec<u8>, seq: u64, sent_ns: u64, via: Option<usize>) {
         // Writing into a Vec cannot fail.
-        let _ = write!(
-            out,
-            r#"{{"seq":{seq},"sent_ns":{sent_ns},"pad":"{}"}}"#,
-            self.pad
-        );
+        let _ = match via {
+            None => write!(
+                out,
+                r#"{{"seq":{seq},"sent_ns":{sent_ns},"pad":"{}"}}"#,
+                self.pad
+            ),
+            Some(via) => write!(
+                out,
+                r#"{{"seq":{seq},"sent_ns":{sent_ns},"via":{via},"pad":"{}"}}"#,
+                self.pad
+            ),
+        };
     }
 
     /// Appends one message object `{"topic":..,"payload":..}`.
-    pub fn write_message(&self, out: &mut Vec<u8>, topic: &str, seq: u64, sent_ns: u64) {
+    pub fn write_message(
+        &self,
+        out: &mut Vec<u8>,
+        topic: &str,
+        seq: u64,
+        sent_ns: u64,
+        via: Option<usize>,
+    ) {
         out.extend_from_slice(br#"{"topic":""#);
         // Topic names are ours ([A-Za-z0-9._-]): no escaping needed.
         out.extend_from_slice(topic.as_bytes());
         out.extend_from_slice(br#"","payload":"#);
-        self.write_payload(out, seq, sent_ns);
+        self.write_payload_via(out, seq, sent_ns, via);
         out.push(b'}');
     }
 }
@@ -107,12 +130,16 @@ fn fast_path(text: &[u8]) -> Option<Incoming<'_>> {
     let (message_id, rest) = quoted(rest.strip_prefix(br#""message_id":"#)?)?;
     let (topic, rest) = quoted(rest.strip_prefix(br#","topic":"#)?)?;
     let (seq, rest) = number(rest.strip_prefix(br#","payload":{"seq":"#)?)?;
-    let (sent_ns, _) = number(rest.strip_prefix(br#","sent_ns":"#)?)?;
+    let (sent_ns, rest) = number(rest.strip_prefix(br#","sent_ns":"#)?)?;
+    let via = match rest.strip_prefix(br#","via":"#) {
+        Some(rest) => Some(u32::try_from(number(rest)?.0).ok()?),
+        None => None,
+    };
     Some(Incoming {
         kind,
         message_id: Some(Cow::Borrowed(message_id)),
         topic: Some(Cow::Borrowed(topic)),
-        payload: Some(Probe { seq, sent_ns }),
+        payload: Some(Probe { seq, sent_ns, via }),
     })
 }
 
@@ -144,6 +171,9 @@ fn number(s: &[u8]) -> Option<(u64, &[u8])> {
 pub struct Probe {
     pub seq: u64,
     pub sent_ns: u64,
+    /// Which publish URL the message went through (several `--publish-url`s only).
+    #[serde(default)]
+    pub via: Option<u32>,
 }
 
 /// A bulk publish's answer: only the summary is read.
@@ -191,7 +221,9 @@ mod tests {
     fn message_and_bulk_bodies_are_valid_json() {
         let b = BodyBuilder::new(50);
         let mut out = Vec::new();
-        write_bulk(&mut out, 3, |o, i| b.write_message(o, "t-1", i as u64, 7));
+        write_bulk(&mut out, 3, |o, i| {
+            b.write_message(o, "t-1", i as u64, 7, None)
+        });
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         assert_eq!(v["messages"].as_array().map(Vec::len), Some(3));
         assert_eq!(v["messages"][2]["payload"]["seq"], 2);
@@ -208,7 +240,8 @@ mod tests {
             m.payload,
             Some(Probe {
                 seq: 4,
-                sent_ns: 99
+                sent_ns: 99,
+                via: None
             })
         );
 
@@ -246,7 +279,8 @@ mod tests {
                 m.payload,
                 Some(Probe {
                     seq: 4,
-                    sent_ns: 99
+                    sent_ns: 99,
+                    via: None
                 })
             );
         }
@@ -260,6 +294,33 @@ mod tests {
                 .is_none()
         );
         assert!(fast_path(br#"{"message_id":"1-0","topic":"t","payload":{"seq":123456789012345678901,"sent_ns":1}}"#).is_none());
+    }
+
+    #[test]
+    fn the_publish_url_index_rides_in_the_payload_and_is_read_back() {
+        let b = BodyBuilder::new(100);
+        let mut payload = Vec::new();
+        b.write_payload_via(&mut payload, 4, 99, Some(2));
+        let mut frame =
+            br#"{"type":"message","message_id":"17-3","topic":"t-0","payload":"#.to_vec();
+        frame.extend_from_slice(&payload);
+        frame.extend_from_slice(br#","timestamp":"x","metadata":{}}"#);
+        let want = Some(Probe {
+            seq: 4,
+            sent_ns: 99,
+            via: Some(2),
+        });
+        assert_eq!(fast_path(&frame).and_then(|m| m.payload), want);
+        let m: Incoming = serde_json::from_slice(&frame).expect("parses");
+        assert_eq!(m.payload, want);
+        // Without it, nothing is guessed.
+        payload.clear();
+        b.write_payload(&mut payload, 4, 99);
+        assert!(!String::from_utf8_lossy(&payload).contains("via"));
+        let mut message = Vec::new();
+        b.write_message(&mut message, "t-0", 4, 99, Some(1));
+        let v: serde_json::Value = serde_json::from_slice(&message).expect("valid JSON");
+        assert_eq!(v["payload"]["via"], 1);
     }
 
     #[test]

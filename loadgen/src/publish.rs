@@ -11,6 +11,11 @@
 //! `std::thread::sleep` (~60 µs precision on Linux) rather than a tokio timer, whose 1 ms
 //! granularity would add up to 1 ms of fake latency to every request of a fast relay.
 //!
+//! Several publish URLs (`--publish-url`): each sender keeps a connection per URL it uses.
+//! Closed loop, sender `i` publishes through URL `i mod n` only (connections spread over the
+//! relays); open loop, ticket `k` goes through URL `k mod n` whichever sender takes it, so
+//! consecutive messages alternate between the relays exactly ([`route`]).
+//!
 //! Accounting: a measured send adds its messages to `sent` before the request goes out and,
 //! once its outcome is known, exactly that many to `acked` or `failed` (bulk: `accepted` to
 //! acked, the rest as "rejected"). Every request has a deadline, so every measured send ends.
@@ -26,7 +31,7 @@ use bytes::Bytes;
 use hyper::Method;
 use tokio::sync::Semaphore;
 
-use crate::http::HttpConn;
+use crate::http::{Endpoint, HttpConn};
 use crate::payload::{write_bulk, BulkAnswer};
 use crate::run::RunCtx;
 use crate::schedule::{Pacer, PacerStep, Plan, Slot};
@@ -186,32 +191,48 @@ struct Send {
     measured: bool,
     /// Plan time, for latency and `sent_ns`.
     intended: Duration,
+    /// The open loop's ticket number; `None` in a closed loop.
+    ticket: Option<u64>,
+}
+
+/// Which of `urls` publish URLs a send goes through: an open loop's ticket `k` through
+/// `k mod urls` (consecutive messages alternate, whichever sender is free), a closed loop's
+/// sender `id` through `id mod urls` (connections spread evenly).
+fn route(ticket: Option<u64>, sender: usize, urls: usize) -> usize {
+    let urls = urls.max(1);
+    match ticket {
+        Some(k) => (k % urls as u64) as usize,
+        None => sender % urls,
+    }
 }
 
 async fn next_send(sh: &Shared) -> Option<Send> {
     let plan = &sh.spec.plan;
-    let slot = match (&sh.permits, plan.rate) {
+    let (slot, ticket) = match (&sh.permits, plan.rate) {
         (Some(permits), Some(rate)) => {
             permits.acquire().await.ok()?.forget();
             let now = sh.ctx.elapsed().saturating_sub(sh.start);
             if plan.end().is_some_and(|end| now >= end + CATCH_UP_GRACE) {
                 return None;
             }
-            plan.open_slot(rate, sh.next_ticket.fetch_add(1, Ordering::Relaxed))
+            let ticket = sh.next_ticket.fetch_add(1, Ordering::Relaxed);
+            (plan.open_slot(rate, ticket), Some(ticket))
         }
         _ => {
             let now = sh.ctx.elapsed().saturating_sub(sh.start);
-            plan.closed_slot(now, &sh.measured_taken)
+            (plan.closed_slot(now, &sh.measured_taken), None)
         }
     };
     match slot {
         Slot::Warmup { intended } => Some(Send {
             measured: false,
             intended,
+            ticket,
         }),
         Slot::Measured { intended, .. } => Some(Send {
             measured: true,
             intended,
+            ticket,
         }),
         Slot::Done => None,
     }
@@ -224,12 +245,15 @@ async fn sender(sh: Arc<Shared>, id: usize) -> LedgerEntries {
     let mut ledger: LedgerEntries = Vec::new();
     let mut latency = sh.latency.recorder();
     let mut service = sh.service.recorder();
-    let mut conn: Option<HttpConn> = None;
+    // One per publish URL, opened when first used.
+    let mut conns: Vec<Option<HttpConn>> = ctx.publish_endpoints.iter().map(|_| None).collect();
     let mut round_robin = id;
     let mut numbered: Vec<(usize, u64)> = Vec::with_capacity(per_request);
 
     while let Some(send) = next_send(&sh).await {
         let sent_ns = (sh.start + send.intended).as_nanos() as u64;
+        let via = route(send.ticket, id, conns.len());
+        let tag = ctx.tags_publish_url().then_some(via);
         numbered.clear();
         for _ in 0..per_request {
             let topic = round_robin % ctx.topics.len();
@@ -242,13 +266,14 @@ async fn sender(sh: Arc<Shared>, id: usize) -> LedgerEntries {
                 let (t, seq) = numbered[0];
                 let topic = &ctx.topics[t];
                 ctx.target
-                    .write_publish_body(&ctx.body, &mut body, topic, seq, sent_ns);
+                    .write_publish_body(&ctx.body, &mut body, topic, seq, sent_ns, tag);
                 ctx.target.publish_path(topic)
             }
             Some(n) => {
                 write_bulk(&mut body, n, |out, i| {
                     let (t, seq) = numbered[i];
-                    ctx.body.write_message(out, &ctx.topics[t], seq, sent_ns);
+                    ctx.body
+                        .write_message(out, &ctx.topics[t], seq, sent_ns, tag);
                 });
                 Cow::Borrowed(BULK_PATH)
             }
@@ -259,7 +284,9 @@ async fn sender(sh: Arc<Shared>, id: usize) -> LedgerEntries {
             sh.measured_requests.fetch_add(1, Ordering::Relaxed);
         }
 
-        let (result, sent_at) = exchange(ctx, &mut conn, &path, Bytes::from(body)).await;
+        let endpoint = &ctx.publish_endpoints[via];
+        let conn = &mut conns[via];
+        let (result, sent_at) = exchange(ctx, endpoint, conn, &path, Bytes::from(body)).await;
         let answered = Instant::now();
         let (acked, failure) = match result {
             Ok((status, answer)) if (200..300).contains(&status) => match sh.spec.batch {
@@ -334,6 +361,7 @@ fn status_kind(status: u16) -> &'static str {
 /// unknown.
 async fn exchange(
     ctx: &RunCtx,
+    endpoint: &Endpoint,
     conn: &mut Option<HttpConn>,
     path: &str,
     body: Bytes,
@@ -341,7 +369,7 @@ async fn exchange(
     let deadline = Instant::now() + ctx.timeout;
     if !conn.as_ref().is_some_and(HttpConn::is_open) {
         *conn = None;
-        match tokio::time::timeout_at(deadline.into(), HttpConn::connect(&ctx.endpoint)).await {
+        match tokio::time::timeout_at(deadline.into(), HttpConn::connect(endpoint)).await {
             Ok(Ok(c)) => *conn = Some(c),
             Ok(Err(e)) => return (Err(e.kind()), None),
             Err(_) => return (Err("timeout"), None),
@@ -353,7 +381,7 @@ async fn exchange(
     };
     let sent_at = Instant::now();
     let request = c.request(
-        &ctx.endpoint,
+        endpoint,
         Method::POST,
         path,
         Some(body),
@@ -368,4 +396,22 @@ async fn exchange(
         *conn = None;
     }
     (result, Some(sent_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route;
+
+    #[test]
+    fn open_loop_messages_alternate_and_closed_loop_connections_spread() {
+        // Open loop: consecutive tickets alternate whichever sender takes them.
+        let open: Vec<usize> = (0..6).map(|k| route(Some(k), 5, 2)).collect();
+        assert_eq!(open, [0, 1, 0, 1, 0, 1]);
+        // Closed loop: 6 connections over 3 relays, two each.
+        let closed: Vec<usize> = (0..6).map(|id| route(None, id, 3)).collect();
+        assert_eq!(closed, [0, 1, 2, 0, 1, 2]);
+        // One URL (the default): everything through it.
+        assert!((0..4).all(|k| route(Some(k), k as usize, 1) == 0));
+        assert_eq!(route(Some(3), 3, 0), 0, "no URL list is taken as one");
+    }
 }

@@ -19,6 +19,9 @@ pub struct Report {
     pub scenario: &'static str,
     pub target: &'static str,
     pub url: String,
+    /// `--publish-url`s, when publishes went elsewhere than `url`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub publish_urls: Vec<String>,
     /// `closed` (each connection sends when answered) or `open` (fixed rate).
     pub mode: &'static str,
     pub rate: Option<f64>,
@@ -65,6 +68,11 @@ pub struct DeliveryReport {
     pub deliveries_per_s: f64,
     /// Receive time minus intended send time.
     pub latency: LatencySummary,
+    /// With several `--publish-url`s: the same, split by the URL each message was published
+    /// through, in their order (subscribers are on `url`: the entry for the same relay is
+    /// same-relay latency, the others cross-relay).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latency_by_publish_url: Vec<UrlLatency>,
     /// Whether every subscriber had everything before `--drain-timeout`.
     pub drained: bool,
     /// Over the whole run (warm-up included): see `verify::Verdict`.
@@ -74,6 +82,12 @@ pub struct DeliveryReport {
     pub reconnects: u64,
     /// Subscriber-side events by kind (close codes, disconnects, gap signals, errors).
     pub events: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UrlLatency {
+    pub publish_url: String,
+    pub latency: LatencySummary,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,6 +175,13 @@ impl Report {
             self.measured_s,
             self.warmup_s
         );
+        if !self.publish_urls.is_empty() {
+            let _ = writeln!(
+                head,
+                "  publishing through {}",
+                self.publish_urls.join(", ")
+            );
+        }
         if self.held.is_some() {
             head = format!(
                 "loadgen {} -> {} ({})\n",
@@ -219,6 +240,12 @@ impl Report {
             row("deliveries", d.deliveries.to_string());
             row("deliveries/s", fmt_rate(d.deliveries_per_s));
             row("delivery latency", fmt_latency(&d.latency));
+            for by_url in &d.latency_by_publish_url {
+                row(
+                    &format!("  via {}", by_url.publish_url),
+                    fmt_latency(&by_url.latency),
+                );
+            }
             let c = &d.check;
             row(
                 "lost",

@@ -38,7 +38,10 @@ impl Phase {
 }
 
 pub struct RunCtx {
+    /// Where subscribers (and, without `--publish-url`, publishers) go.
     pub endpoint: Endpoint,
+    /// Where publishers go (`--publish-url`, else `endpoint` alone); never empty.
+    pub publish_endpoints: Vec<Endpoint>,
     pub target: Target,
     /// Time zero of `sent_ns` and of every `now_ns`.
     pub epoch: Instant,
@@ -54,13 +57,20 @@ pub struct RunCtx {
 impl RunCtx {
     pub fn new(
         endpoint: Endpoint,
+        publish_endpoints: Vec<Endpoint>,
         target: Target,
         topics: Vec<String>,
         payload_bytes: usize,
         timeout: Duration,
     ) -> Arc<RunCtx> {
+        let publish_endpoints = if publish_endpoints.is_empty() {
+            vec![endpoint.clone()]
+        } else {
+            publish_endpoints
+        };
         Arc::new(RunCtx {
             endpoint,
+            publish_endpoints,
             target,
             epoch: Instant::now(),
             topics,
@@ -69,6 +79,12 @@ impl RunCtx {
             counters: Counters::new(),
             phase: AtomicU8::new(Phase::Setup as u8),
         })
+    }
+
+    /// Whether payloads name their publish URL (more than one): what lets subscribers split
+    /// delivery latency by the relay a message was published through.
+    pub fn tags_publish_url(&self) -> bool {
+        self.publish_endpoints.len() > 1
     }
 
     pub fn elapsed(&self) -> Duration {

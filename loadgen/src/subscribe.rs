@@ -56,6 +56,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// Deliveries a subscriber counts locally before adding them to the shared counters; the
 /// progress line may lag by this much per subscriber.
 const SHARED_FLUSH: u64 = 32;
+/// Stripes of each per-publish-URL latency hub (a split of the main one: fewer writers).
+const LATENCY_BY_URL_STRIPES: usize = 4;
 /// How long a subscriber's closing handshake may take at the end of a run.
 const CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// An SSE start point before any id the relay issues: on a fresh topic, "everything", which
@@ -71,6 +73,9 @@ pub struct SubShared {
     /// Topic name -> index into the run's topics.
     pub topic_index: HashMap<String, usize>,
     pub latency: Arc<LatencyHub>,
+    /// With several publish URLs: delivery latency per URL the message was published
+    /// through (index as in `ctx.publish_endpoints`); empty otherwise.
+    pub latency_by_publish_url: Vec<Arc<LatencyHub>>,
     /// Deliveries of messages intended at or after this (ns since the epoch) are measured;
     /// `u64::MAX` until publishing starts.
     pub measure_from_ns: AtomicU64,
@@ -99,8 +104,16 @@ impl SubShared {
         latency: Arc<LatencyHub>,
         reconnect_every: Option<Duration>,
     ) -> Arc<Self> {
+        let by_url = if ctx.tags_publish_url() {
+            ctx.publish_endpoints.len()
+        } else {
+            0
+        };
         Arc::new(SubShared {
             reconnect_every,
+            latency_by_publish_url: (0..by_url)
+                .map(|_| LatencyHub::new(LATENCY_BY_URL_STRIPES))
+                .collect(),
             topic_index: ctx
                 .topics
                 .iter()
@@ -152,6 +165,8 @@ struct Subscriber {
     sh: Arc<SubShared>,
     progress: Arc<Progress>,
     latency: LatencyRecorder,
+    /// One per publish URL, when payloads name theirs.
+    latency_by_publish_url: Vec<LatencyRecorder>,
     /// Per topic, the last id received: the resume point.
     last_ids: Vec<Option<String>>,
     ready: Option<mpsc::Sender<bool>>,
@@ -193,7 +208,14 @@ impl Subscriber {
             }
         }
         if probe.sent_ns >= sh.measure_from_ns.load(Ordering::Relaxed) {
-            self.latency.record_ns(now_ns.saturating_sub(probe.sent_ns));
+            let took = now_ns.saturating_sub(probe.sent_ns);
+            self.latency.record_ns(took);
+            if let Some(by_url) = probe
+                .via
+                .and_then(|v| self.latency_by_publish_url.get_mut(v as usize))
+            {
+                by_url.record_ns(took);
+            }
             self.unflushed += 1;
             self.unflushed_last_ns = now_ns;
             if self.unflushed >= SHARED_FLUSH {
@@ -296,6 +318,11 @@ pub async fn run(
     let topics = sh.ctx.topics.len();
     let mut sub = Subscriber {
         latency: sh.latency.recorder(),
+        latency_by_publish_url: sh
+            .latency_by_publish_url
+            .iter()
+            .map(|hub| hub.recorder())
+            .collect(),
         sh: sh.clone(),
         progress,
         last_ids: vec![None; topics],

@@ -125,10 +125,11 @@ impl Target {
         topic: &str,
         seq: u64,
         sent_ns: u64,
+        via: Option<usize>,
     ) {
         match self {
-            Target::Nchan { .. } => body.write_payload(out, seq, sent_ns),
-            _ => body.write_message(out, topic, seq, sent_ns),
+            Target::Nchan { .. } => body.write_payload_via(out, seq, sent_ns, via),
+            _ => body.write_message(out, topic, seq, sent_ns, via),
         }
     }
 
@@ -316,14 +317,14 @@ mod tests {
 
         let builder = BodyBuilder::new(100);
         let mut bare = Vec::new();
-        t.write_publish_body(&builder, &mut bare, "orders", 7, 9);
+        t.write_publish_body(&builder, &mut bare, "orders", 7, 9, None);
         let bare = json(&bare);
         assert_eq!(
             (bare["seq"].as_u64(), bare["sent_ns"].as_u64()),
             (Some(7), Some(9))
         );
         let mut wrapped = Vec::new();
-        Target::Pulsar.write_publish_body(&builder, &mut wrapped, "orders", 7, 9);
+        Target::Pulsar.write_publish_body(&builder, &mut wrapped, "orders", 7, 9, None);
         assert_eq!(json(&wrapped)["payload"], bare);
         assert_eq!(Target::Pulsar.publish_path("orders"), "/api/v1/messages");
 

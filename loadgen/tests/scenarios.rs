@@ -680,3 +680,101 @@ fn model_checker_fixed_seeds_find_no_violation() {
         failures.join("\n")
     );
 }
+
+/// `length` of a topic on a relay (`GET /api/v1/topics/{topic}`), 0 if it has none.
+fn topic_length(url: &str, topic: &str) -> u64 {
+    use std::io::{Read, Write};
+    let authority = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = std::net::TcpStream::connect(authority).expect("connect to the relay");
+    write!(
+        conn,
+        "GET /api/v1/topics/{topic} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).expect("read");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["length"].as_u64())
+        .unwrap_or(0)
+}
+
+/// `--publish-url`: publishes go to those relays (closed loop: connections spread over
+/// them), subscribers stay on `--url`, and with several, delivery latency is split by the URL
+/// each message was published through (open loop: messages alternate between them).
+#[test]
+fn publish_urls_spread_publishes_and_split_delivery_latency() {
+    let (a, b) = (test_relay(), test_relay());
+    let topic_prefix = format!("spread-{}", std::process::id());
+    let both = format!("{},{}", a.url, b.url);
+    let short = ["--duration", "1s", "--warmup", "300ms"];
+    let (code, r) = loadgen(
+        &a.url,
+        &[
+            &[
+                "publish",
+                "--publish-url",
+                &both,
+                "--connections",
+                "4",
+                "--topic-prefix",
+                &topic_prefix,
+            ][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "publish over two relays: {r}");
+    assert_accounting("publish over two relays", &r);
+    assert_eq!(r["publish_urls"].as_array().map(Vec::len), Some(2), "{r}");
+    let topic = format!("{topic_prefix}-0");
+    let (on_a, on_b) = (topic_length(&a.url, &topic), topic_length(&b.url, &topic));
+    assert!(
+        on_a > 0 && on_b > 0,
+        "both relays got publishes: {on_a}, {on_b}"
+    );
+    assert!(on_a + on_b >= n(&r, "acknowledged"), "{on_a} + {on_b}: {r}");
+
+    // Delivery split by publish URL: the same relay under two spellings, so every message
+    // reaches the subscriber (memory relays share nothing).
+    let same_relay_twice = format!("{0},{0}/", a.url);
+    let (code, r) = loadgen(
+        &a.url,
+        &[
+            &[
+                "e2e",
+                "--publish-url",
+                &same_relay_twice,
+                "--subscribers",
+                "2",
+                "--rate",
+                "400",
+                "--connections",
+                "4",
+                "--verify",
+            ][..],
+            &short,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "e2e over two publish URLs: {r}");
+    assert_accounting("e2e over two publish URLs", &r);
+    assert_clean_delivery("e2e over two publish URLs", &r);
+    let d = &r["delivery"];
+    let by_url = d["latency_by_publish_url"]
+        .as_array()
+        .unwrap_or_else(|| panic!("per-URL latency: {d}"));
+    assert_eq!(by_url.len(), 2, "{d}");
+    let counts: Vec<u64> = by_url.iter().map(|u| n(&u["latency"], "count")).collect();
+    // Messages alternate exactly, so the two halves differ by at most one per subscriber.
+    assert!(
+        counts[0].abs_diff(counts[1]) <= 2 && counts[0] > 0,
+        "{counts:?}: {d}"
+    );
+    assert_eq!(
+        counts[0] + counts[1],
+        n(&d["latency"], "count"),
+        "the split covers every measured delivery: {d}"
+    );
+}
