@@ -1,5 +1,5 @@
 //! Black-box tests of the shipped load-balancer configuration (`deploy/cluster/nginx.conf`):
-//! the real nginx in front of three real relays on one real Valkey, every client request
+//! the real nginx in front of three real relays on a real Valkey Cluster, every client request
 //! going through nginx.
 //!
 //! Owns: what a client of the load balancer sees on every transport (publish and history,
@@ -9,9 +9,10 @@
 //! sent). Does not own: the relays' multi-relay semantics (tests of their own), the
 //! compose file (scripts/validate-deploy).
 //!
-//! One Valkey, not a Valkey Cluster: the compose stack puts the relays on a cluster
-//! (`VALKEY_CLUSTER_NODES`), which the relay does not support yet (issue 12 item 3). When it
-//! does, [`start_stack`] is where the relays switch to a `common::cluster::ValkeyCluster`.
+//! The relays run on a Valkey Cluster of three masters, every node a seed
+//! (`VALKEY_CLUSTER_NODES`), as in the compose stack; without its replicas, which this test
+//! does not exercise (`tests/valkey_cluster.rs` owns failover) and which would only load a
+//! two-core CI machine.
 //!
 //! Messages cross relays (issue 12 item 1): nginx spreads the publishes over all three relays,
 //! and while the WebSocket and SSE consumers hold two of them, `least_conn` sends the live
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::cluster::{ClusterOpts, ValkeyCluster};
 use common::fleet::RelayFleet;
 use common::nginx::Nginx;
 use common::sse::SseClient;
@@ -44,26 +46,28 @@ const RELAY_CONFIG: &str = "sse:\n  heartbeat_interval: 1s\n";
 /// milliseconds, for a loaded 2-core CI machine.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Valkey, three relays on it, nginx in front of them.
+/// A Valkey Cluster, three relays on it, nginx in front of them.
 struct Stack {
-    // Field order is drop order: nginx first, then the relays, then Valkey.
+    // Field order is drop order: nginx first, then the relays, then the cluster.
     lb: Nginx,
     fleet: RelayFleet,
-    _valkey: ValkeyServer,
+    _cluster: ValkeyCluster,
 }
 
-/// Starts the stack. Valkey Cluster support (issue 12 item 3) switches this to a
-/// `ValkeyCluster` with `VALKEY_CLUSTER_NODES` for the relays, as the compose file has it.
+/// Starts the stack.
 fn start_stack() -> Stack {
     // No nginx fails here, before anything is started.
     common::nginx::nginx_binary();
-    let valkey = ValkeyServer::start(ValkeyOpts::default());
-    let fleet = RelayFleet::start(&valkey, 3, RELAY_CONFIG, &[]);
+    let cluster = ValkeyCluster::start(ClusterOpts {
+        replicas_per_master: 0,
+        ..ClusterOpts::default()
+    });
+    let fleet = RelayFleet::start_on_cluster(&cluster, 3, RELAY_CONFIG, &[]);
     let lb = Nginx::start(&fleet.addrs());
     Stack {
         lb,
         fleet,
-        _valkey: valkey,
+        _cluster: cluster,
     }
 }
 

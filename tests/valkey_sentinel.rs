@@ -240,16 +240,24 @@ impl Consumer {
     fn finish(
         mut self,
         outcomes: &[WorkerOutcome],
-        stored: &HashSet<String>,
+        stored: &HashSet<(String, String)>,
     ) -> (usize, usize, usize, usize, u64) {
-        let acked: HashSet<&str> = outcomes
+        // Keyed by (topic, id): ids repeat across streams.
+        let acked: HashSet<(&str, &str)> = outcomes
             .iter()
-            .flat_map(|o| o.acked.iter().map(|(_, id)| id.as_str()))
+            .flat_map(|o| {
+                o.acked
+                    .iter()
+                    .map(|(_, id)| (o.topic.as_str(), id.as_str()))
+            })
             .collect();
         let all_in = eventually(PATIENCE, || {
             let received = self.state.received.lock().expect("lock");
-            let seen: HashSet<&str> = received.iter().map(|d| d.id.as_str()).collect();
-            acked.iter().all(|id| seen.contains(id))
+            let seen: HashSet<(&str, &str)> = received
+                .iter()
+                .map(|d| (d.topic.as_str(), d.id.as_str()))
+                .collect();
+            acked.iter().all(|key| seen.contains(key))
         });
         self.state.stop.store(true, Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
@@ -284,11 +292,11 @@ impl Consumer {
         }
         let unacked = received
             .iter()
-            .filter(|d| !acked.contains(d.id.as_str()))
+            .filter(|d| !acked.contains(&(d.topic.as_str(), d.id.as_str())))
             .count();
         let vanished = received
             .iter()
-            .filter(|d| !stored.contains(d.id.as_str()))
+            .filter(|d| !stored.contains(&(d.topic.clone(), d.id.clone())))
             .count();
         let gaps = self.state.gaps.lock().expect("lock").len();
         let resumes = *self.state.resumes.lock().expect("lock");
@@ -497,7 +505,7 @@ fn failover_under_load(scenario: &'static str, yaml: &str, fault: Fault) -> (Rep
             .into_iter()
             .map(|e| e.id)
             .collect();
-        stored_anywhere.extend(stored.iter().cloned());
+        stored_anywhere.extend(stored.iter().map(|id| (out.topic.clone(), id.clone())));
         let acked: HashSet<&str> = out.acked.iter().map(|(_, id)| id.as_str()).collect();
         lost += acked.iter().filter(|id| !stored.contains(**id)).count();
         stored_unacked += stored

@@ -236,6 +236,16 @@ impl ValkeyCluster {
     }
 
     /// Every node's address, running or not (seed addresses for a cluster client).
+    /// The environment pointing a relay at this cluster, every node a seed (as the compose
+    /// stack's `VALKEY_CLUSTER_NODES`).
+    pub fn relay_env(&self) -> Vec<(String, String)> {
+        let nodes: Vec<String> = self.addrs().iter().map(|a| a.to_string()).collect();
+        vec![
+            ("STORAGE_BACKEND".to_string(), "valkey".to_string()),
+            ("VALKEY_CLUSTER_NODES".to_string(), nodes.join(",")),
+        ]
+    }
+
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(ValkeyServer::addr).collect()
     }

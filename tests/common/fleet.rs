@@ -1,6 +1,6 @@
 //! Several relays on one Valkey for the black-box tests: K `pulsar-relay` processes (each a
 //! [`Server`] with its own ephemeral port and temp directory) pointed at the same
-//! [`ValkeyServer`].
+//! [`ValkeyServer`] (or the same [`ValkeyCluster`]).
 //!
 //! Owns: starting the fleet and waiting until every relay is ready, their addresses, and the
 //! faults a test injects on one relay (kill -9 by PID, SIGTERM, start it again on its port).
@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::cluster::ValkeyCluster;
 use super::valkey::{await_ready, ValkeyServer};
 use super::{RelayOpts, Server};
 
@@ -46,13 +47,33 @@ impl RelayFleet {
         config_yaml: &str,
         extra_env: &[(&str, &str)],
     ) -> RelayFleet {
+        RelayFleet::start_with_env(&valkey.relay_env(), count, shards, config_yaml, extra_env)
+    }
+
+    /// `count` 2-shard relays on a Valkey Cluster, every node given as a seed.
+    pub fn start_on_cluster(
+        cluster: &ValkeyCluster,
+        count: usize,
+        config_yaml: &str,
+        extra_env: &[(&str, &str)],
+    ) -> RelayFleet {
+        RelayFleet::start_with_env(&cluster.relay_env(), count, 2, config_yaml, extra_env)
+    }
+
+    fn start_with_env(
+        valkey_env: &[(String, String)],
+        count: usize,
+        shards: usize,
+        config_yaml: &str,
+        extra_env: &[(&str, &str)],
+    ) -> RelayFleet {
         let relays = (0..count)
             .map(|_| {
                 let mut opts = RelayOpts {
                     shards,
                     ..RelayOpts::new(config_yaml)
                 }
-                .envs(&valkey.relay_env());
+                .envs(valkey_env);
                 for (k, v) in extra_env {
                     opts = opts.env(k, v);
                 }
