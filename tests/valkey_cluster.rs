@@ -19,14 +19,15 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::cluster::{ClusterOpts, ValkeyCluster};
+use common::resuming_consumer::ResumingConsumer;
 use common::valkey::{assert_answered, await_ready, PublishLoad, WorkerOutcome};
-use common::ws::{WsClient, WsEvent};
-use common::{eventually, parse_id, RelayOpts, Server};
+use common::ws::WsClient;
+use common::{eventually, RelayOpts, Server};
 use serde_json::{json, Value};
 
 /// Bounds every await of these tests; a failover takes seconds.
@@ -334,163 +335,6 @@ fn nodes_announcing_host_names_are_reached_by_name_also_after_moved() {
     assert!(operations(&relay, "cluster_moved") >= 1.0);
 }
 
-// ---------------------------------------------------------------------------------------------
-// A WebSocket consumer that resumes from the last ids it saw whenever its connection ends.
-
-#[derive(Clone, Debug)]
-struct Delivered {
-    topic: String,
-    id: String,
-}
-
-#[derive(Default)]
-struct ConsumerState {
-    received: Mutex<Vec<Delivered>>,
-    subscribed: AtomicBool,
-    stop: AtomicBool,
-}
-
-struct Consumer {
-    state: Arc<ConsumerState>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Consumer {
-    fn start(addr: SocketAddr, topics: &[String]) -> Consumer {
-        let state = Arc::new(ConsumerState::default());
-        let shared = state.clone();
-        let topics = topics.to_vec();
-        let handle = std::thread::spawn(move || consume(addr, &topics, &shared));
-        assert!(
-            eventually(PATIENCE, || state.subscribed.load(Ordering::Relaxed)),
-            "the WebSocket consumer did not subscribe"
-        );
-        Consumer {
-            state,
-            handle: Some(handle),
-        }
-    }
-
-    fn received_len(&self) -> usize {
-        self.state.received.lock().expect("lock").len()
-    }
-
-    /// Waits until every acknowledged message was delivered, stops, and asserts per topic:
-    /// ids strictly increasing (none twice, none out of order) and every acknowledged one
-    /// among them. Returns (delivered, of which not acknowledged).
-    fn finish(mut self, outcomes: &[WorkerOutcome]) -> (usize, usize) {
-        // By topic and id: two streams can hand out the same id.
-        let acked: HashSet<(&str, &str)> = outcomes
-            .iter()
-            .flat_map(|o| {
-                o.acked
-                    .iter()
-                    .map(|(_, id)| (o.topic.as_str(), id.as_str()))
-            })
-            .collect();
-        let all_in = eventually(PATIENCE, || {
-            let received = self.state.received.lock().expect("lock");
-            let seen: HashSet<(&str, &str)> = received
-                .iter()
-                .map(|d| (d.topic.as_str(), d.id.as_str()))
-                .collect();
-            acked.iter().all(|pair| seen.contains(pair))
-        });
-        self.state.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        let received = self.state.received.lock().expect("lock").clone();
-        for out in outcomes {
-            let mine: Vec<&Delivered> = received.iter().filter(|d| d.topic == out.topic).collect();
-            for pair in mine.windows(2) {
-                assert!(
-                    parse_id(&pair[0].id) < parse_id(&pair[1].id),
-                    "{}: delivered {} then {} (duplicate or out of order)",
-                    out.topic,
-                    pair[0].id,
-                    pair[1].id
-                );
-            }
-            let ids: HashSet<&str> = mine.iter().map(|d| d.id.as_str()).collect();
-            let missing = out
-                .acked
-                .iter()
-                .filter(|(_, id)| !ids.contains(id.as_str()))
-                .count();
-            assert!(
-                all_in && missing == 0,
-                "{}: {missing} of {} acknowledged messages never delivered",
-                out.topic,
-                out.acked.len()
-            );
-        }
-        let unacked = received
-            .iter()
-            .filter(|d| !acked.contains(&(d.topic.as_str(), d.id.as_str())))
-            .count();
-        (received.len(), unacked)
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn consume(addr: SocketAddr, topics: &[String], state: &ConsumerState) {
-    while !state.stop.load(Ordering::Relaxed) {
-        let Ok(mut ws) = WsClient::try_connect_with(addr, &[], None) else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        let last: HashMap<String, String> = state
-            .received
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|d| (d.topic.clone(), d.id.clone()))
-            .collect();
-        let offset: serde_json::Map<String, Value> = topics
-            .iter()
-            .map(|t| {
-                (
-                    t.clone(),
-                    json!(last.get(t).map_or("earliest", String::as_str)),
-                )
-            })
-            .collect();
-        let subscribe = json!({"type": "subscribe", "topics": topics, "offset": offset});
-        if ws
-            .socket
-            .send(tungstenite::Message::text(subscribe.to_string()))
-            .is_err()
-        {
-            continue;
-        }
-        while !state.stop.load(Ordering::Relaxed) {
-            match ws.next_event(Duration::from_millis(50)) {
-                WsEvent::Json(v) => match v["type"].as_str() {
-                    Some("message") => state.received.lock().expect("lock").push(Delivered {
-                        topic: v["topic"].as_str().expect("topic").to_string(),
-                        id: v["message_id"].as_str().expect("id").to_string(),
-                    }),
-                    Some("subscribed") => state.subscribed.store(true, Ordering::Relaxed),
-                    Some("gap") => {}
-                    // A resume storage could not serve mid-fault: resume again.
-                    Some("error") => break,
-                    _ => panic!("unexpected frame {v}"),
-                },
-                WsEvent::Ping | WsEvent::Timeout => {}
-                WsEvent::Close(_) | WsEvent::Gone(_) => break,
-            }
-        }
-    }
-}
-
 /// Acknowledged messages missing from the cluster, and stored messages never acknowledged.
 fn audit(cluster: &ValkeyCluster, outcomes: &[WorkerOutcome]) -> (usize, usize) {
     let mut lost = 0;
@@ -590,7 +434,7 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
     let cluster = ValkeyCluster::start(ClusterOpts::default());
     let relay = relay_on(&cluster, 0, PERSISTED);
     let names = topics_on_every_master(&cluster, "migrate", 2);
-    let consumer = Consumer::start(relay.addr, &names);
+    let consumer = ResumingConsumer::start(relay.addr, &names, PATIENCE);
     let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(60));
     // Keyed publishes on a migrating topic: their idempotency keys are new keys, which a
     // half-migrated slot answers with TRYAGAIN (the relay retries, then 503; the producer
@@ -667,7 +511,8 @@ fn slot_migration_under_publish_and_ws_load_loses_reorders_and_duplicates_nothin
         .acked
         .extend(keyed_acked.iter().map(|id| (u64::MAX, id.clone())));
     let (lost, stored_unacked) = audit(&cluster, &outcomes);
-    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let finished = consumer.finish(&outcomes);
+    let (delivered, delivered_unacked) = (finished.received.len(), finished.unacked);
     eprintln!(
         "CLUSTER keyed-during-migration  acked {}  retried {keyed_retries}  \
          tryagain-followed {tryagain}",
@@ -706,7 +551,7 @@ fn two_relays_on_a_cluster_deliver_each_others_publishes_across_a_slot_migration
     let names = topics_on_every_master(&cluster, "cross", 2);
     // The consumer follows the topics on the relay that publishes none of them: everything
     // it gets came through the cluster (SPUBLISH on the slot's master, SSUBSCRIBE there).
-    let consumer = Consumer::start(follower.addr, &names);
+    let consumer = ResumingConsumer::start(follower.addr, &names, PATIENCE);
     let load = PublishLoad::start(publisher.addr, &names, 1_000_000, Duration::from_secs(60));
     assert!(
         eventually(PATIENCE, || load.min_acked() >= 30),
@@ -753,7 +598,8 @@ fn two_relays_on_a_cluster_deliver_each_others_publishes_across_a_slot_migration
     let (lost, _) = audit(&cluster, &outcomes);
     assert_eq!(lost, 0);
     // Every acknowledged message reaches the follower's consumer, in order, once.
-    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let finished = consumer.finish(&outcomes);
+    let (delivered, delivered_unacked) = (finished.received.len(), finished.unacked);
     let channel = format!("{}:feed", stream_key(busy));
     eprintln!(
         "CLUSTER cross-relay  acked {}  delivered-by-the-other-relay {delivered} \
@@ -783,7 +629,7 @@ fn two_relays_on_a_cluster_keep_delivering_across_kill9_of_a_master() {
     // 201 the publisher gave.
     let publisher = relay_on(&cluster, seeds[0], REPLICATED);
     let follower = relay_on(&cluster, seeds[1], REPLICATED);
-    let consumer = Consumer::start(follower.addr, &names);
+    let consumer = ResumingConsumer::start(follower.addr, &names, PATIENCE);
     let load = PublishLoad::start(publisher.addr, &names, 1_000_000, Duration::from_secs(60));
     assert!(
         eventually(PATIENCE, || load.min_acked() >= 30),
@@ -817,7 +663,8 @@ fn two_relays_on_a_cluster_keep_delivering_across_kill9_of_a_master() {
         assert_answered(out);
     }
     let (lost, stored_unacked) = audit(&cluster, &outcomes);
-    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let finished = consumer.finish(&outcomes);
+    let (delivered, delivered_unacked) = (finished.received.len(), finished.unacked);
     eprintln!(
         "CLUSTER cross-relay-kill9  acked {}  503 {}  acked-lost {lost}  stored-unacked \
          {stored_unacked}  delivered-by-the-other-relay {delivered} ({delivered_unacked} \
@@ -870,7 +717,7 @@ fn master_fault_under_load(scenario: &str, yaml: &str, fault: Fault) -> (usize, 
         .find(|&m| m != victim)
         .expect("another master");
     let relay = relay_on(&cluster, seed, yaml);
-    let consumer = Consumer::start(relay.addr, &names);
+    let consumer = ResumingConsumer::start(relay.addr, &names, PATIENCE);
     let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(60));
     assert!(
         eventually(PATIENCE, || load.min_acked() >= 30),
@@ -928,7 +775,8 @@ fn master_fault_under_load(scenario: &str, yaml: &str, fault: Fault) -> (usize, 
     }
     assert_eq!(cluster.key_owner(&stream_key(&names[0])), promoted);
     let (lost, stored_unacked) = audit(&cluster, &outcomes);
-    let (delivered, delivered_unacked) = consumer.finish(&outcomes);
+    let finished = consumer.finish(&outcomes);
+    let (delivered, delivered_unacked) = (finished.received.len(), finished.unacked);
     let unavailable = sum(&outcomes, |o| o.unavailable);
     eprintln!(
         "CLUSTER {scenario:<22} acked {}  503 {unavailable}  conn-errors {}  max-latency {} ms  \

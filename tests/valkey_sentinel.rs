@@ -19,19 +19,18 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::resuming_consumer::ResumingConsumer;
 use common::sentinel::{SentinelOpts, SentinelSet};
 use common::valkey::{assert_answered, await_ready, stream_key, PublishLoad, WorkerOutcome};
-use common::ws::{WsClient, WsEvent};
-use common::{eventually, parse_id, topics_per_shard, RelayOpts, Server};
-use serde_json::{json, Value};
+use common::{eventually, topics_per_shard, RelayOpts, Server};
+use serde_json::json;
 
 /// Bounds every await of these tests; a failover takes seconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -183,190 +182,6 @@ fn serve_stale(stream: TcpStream, names: SocketAddr, asked: &AtomicU64) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A WebSocket consumer that records what it is given and resumes from its last ids if its
-// connection ever drops.
-
-#[derive(Clone, Debug)]
-struct Delivered {
-    topic: String,
-    id: String,
-}
-
-#[derive(Default)]
-struct ConsumerState {
-    received: Mutex<Vec<Delivered>>,
-    gaps: Mutex<Vec<Value>>,
-    /// Connections after the first (each resumed from the last ids seen).
-    resumes: Mutex<u64>,
-    subscribed: AtomicBool,
-    stop: AtomicBool,
-}
-
-struct Consumer {
-    state: Arc<ConsumerState>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Consumer {
-    fn start(addr: SocketAddr, topics: &[String]) -> Consumer {
-        let state = Arc::new(ConsumerState::default());
-        let shared = state.clone();
-        let topics = topics.to_vec();
-        let handle = std::thread::spawn(move || consume(addr, &topics, &shared));
-        assert!(
-            eventually(PATIENCE, || state.subscribed.load(Ordering::Relaxed)),
-            "the WebSocket consumer did not subscribe"
-        );
-        Consumer {
-            state,
-            handle: Some(handle),
-        }
-    }
-
-    fn received_since(&self, since: usize) -> usize {
-        self.state.received.lock().expect("lock").len() - since
-    }
-
-    fn received_len(&self) -> usize {
-        self.state.received.lock().expect("lock").len()
-    }
-
-    /// Waits until every acknowledged message was delivered, stops, and asserts per topic:
-    /// ids strictly increasing (none twice, none out of order) and every acknowledged one
-    /// among them. Returns (messages delivered, of which not acknowledged, gap signals,
-    /// resumes).
-    /// Awaits every acknowledged message, checks order; returns (delivered, delivered but not
-    /// acknowledged, delivered but not in `stored`, gaps, resumes).
-    fn finish(
-        mut self,
-        outcomes: &[WorkerOutcome],
-        stored: &HashSet<(String, String)>,
-    ) -> (usize, usize, usize, usize, u64) {
-        // Keyed by (topic, id): ids repeat across streams.
-        let acked: HashSet<(&str, &str)> = outcomes
-            .iter()
-            .flat_map(|o| {
-                o.acked
-                    .iter()
-                    .map(|(_, id)| (o.topic.as_str(), id.as_str()))
-            })
-            .collect();
-        let all_in = eventually(PATIENCE, || {
-            let received = self.state.received.lock().expect("lock");
-            let seen: HashSet<(&str, &str)> = received
-                .iter()
-                .map(|d| (d.topic.as_str(), d.id.as_str()))
-                .collect();
-            acked.iter().all(|key| seen.contains(key))
-        });
-        self.state.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        let received = self.state.received.lock().expect("lock").clone();
-        for out in outcomes {
-            let mine: Vec<&Delivered> = received.iter().filter(|d| d.topic == out.topic).collect();
-            for pair in mine.windows(2) {
-                assert!(
-                    parse_id(&pair[0].id) < parse_id(&pair[1].id),
-                    "{}: delivered {} then {} (duplicate or out of order)",
-                    out.topic,
-                    pair[0].id,
-                    pair[1].id
-                );
-            }
-            let ids: HashSet<&str> = mine.iter().map(|d| d.id.as_str()).collect();
-            let missing = out
-                .acked
-                .iter()
-                .filter(|(_, id)| !ids.contains(id.as_str()))
-                .count();
-            assert!(
-                all_in && missing == 0,
-                "{}: {missing} of {} acknowledged messages never delivered",
-                out.topic,
-                out.acked.len()
-            );
-        }
-        let unacked = received
-            .iter()
-            .filter(|d| !acked.contains(&(d.topic.as_str(), d.id.as_str())))
-            .count();
-        let vanished = received
-            .iter()
-            .filter(|d| !stored.contains(&(d.topic.clone(), d.id.clone())))
-            .count();
-        let gaps = self.state.gaps.lock().expect("lock").len();
-        let resumes = *self.state.resumes.lock().expect("lock");
-        (received.len(), unacked, vanished, gaps, resumes)
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn consume(addr: SocketAddr, topics: &[String], state: &ConsumerState) {
-    let mut first = true;
-    while !state.stop.load(Ordering::Relaxed) {
-        let Ok(mut ws) = WsClient::try_connect_with(addr, &[], None) else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
-        if !first {
-            *state.resumes.lock().expect("lock") += 1;
-        }
-        first = false;
-        let last: HashMap<String, String> = state
-            .received
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|d| (d.topic.clone(), d.id.clone()))
-            .collect();
-        let offset: serde_json::Map<String, Value> = topics
-            .iter()
-            .map(|t| {
-                (
-                    t.clone(),
-                    json!(last.get(t).map_or("earliest", String::as_str)),
-                )
-            })
-            .collect();
-        let subscribe = json!({"type": "subscribe", "topics": topics, "offset": offset});
-        if ws
-            .socket
-            .send(tungstenite::Message::text(subscribe.to_string()))
-            .is_err()
-        {
-            continue;
-        }
-        while !state.stop.load(Ordering::Relaxed) {
-            match ws.next_event(Duration::from_millis(50)) {
-                WsEvent::Json(v) => match v["type"].as_str() {
-                    Some("message") => state.received.lock().expect("lock").push(Delivered {
-                        topic: v["topic"].as_str().expect("topic").to_string(),
-                        id: v["message_id"].as_str().expect("id").to_string(),
-                    }),
-                    Some("subscribed") => state.subscribed.store(true, Ordering::Relaxed),
-                    Some("gap") => state.gaps.lock().expect("lock").push(v),
-                    // A resume that storage could not serve during the failover: the next
-                    // connection resumes again from the last ids.
-                    Some("error") => break,
-                    _ => panic!("unexpected frame {v}"),
-                },
-                WsEvent::Ping | WsEvent::Timeout => {}
-                WsEvent::Close(_) | WsEvent::Gone(_) => break,
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The failover scenario.
 
 /// What one failover scenario observed.
@@ -445,7 +260,7 @@ fn failover_under_load(scenario: &'static str, yaml: &str, fault: Fault) -> (Rep
     let relay = relay_on(&set, yaml);
     let old = set.current_master();
     let names = four_topics(scenario);
-    let consumer = Consumer::start(relay.addr, &names);
+    let consumer = ResumingConsumer::start(relay.addr, &names, PATIENCE);
     let load = PublishLoad::start(relay.addr, &names, 1_000_000, Duration::from_secs(50));
     assert!(
         eventually(PATIENCE, || load.min_acked() >= 30),
@@ -493,7 +308,7 @@ fn failover_under_load(scenario: &'static str, yaml: &str, fault: Fault) -> (Rep
     for out in &outcomes {
         assert_answered(out);
     }
-    let delivered_after_failover = consumer.received_since(delivered_before);
+    let delivered_after_failover = consumer.received_len() - delivered_before;
 
     let mut lost = 0;
     let mut stored_unacked = 0;
@@ -513,8 +328,19 @@ fn failover_under_load(scenario: &'static str, yaml: &str, fault: Fault) -> (Rep
             .filter(|id| !acked.contains(id.as_str()))
             .count();
     }
-    let (delivered, delivered_unacked, delivered_vanished, gaps, resumes) =
-        consumer.finish(&outcomes, &stored_anywhere);
+    let finished = consumer.finish(&outcomes);
+    // Delivered but not in the new master's streams: taken back by the failover.
+    let delivered_vanished = finished
+        .received
+        .iter()
+        .filter(|d| !stored_anywhere.contains(&(d.topic.clone(), d.id.clone())))
+        .count();
+    let (delivered, delivered_unacked, gaps, resumes) = (
+        finished.received.len(),
+        finished.unacked,
+        finished.gaps,
+        finished.resumes,
+    );
     let report = Report {
         scenario,
         lost,
