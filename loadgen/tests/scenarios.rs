@@ -479,9 +479,9 @@ fn churn_returns_the_relay_to_its_baseline() {
 
 /// The model checker's fixed CI set: one history per entry, together covering both backends,
 /// 1 and 2 shards, 1 and 4 Valkey connections per shard, both ack modes, all three
-/// transports, and three relays on one Valkey. Each entry is `loadgen check` with pins; a failure names the seed and the
-/// flags that replay it (`loadgen check --seed S --histories 1 <pins>`), with the
-/// violations. Shrinking is off here (it re-runs histories); run the printed command to shrink.
+/// transports, three relays on one Valkey, and a Valkey Cluster (one relay and three). Each
+/// entry is `loadgen check` with pins; a failure names the seed and the flags that replay it
+/// (`loadgen check --seed S --histories 1 <pins>`), with the violations. Shrinking is off here (it re-runs histories); run the printed command to shrink.
 const CHECK_SET: &[(u64, &[&str])] = &[
     (
         11,
@@ -628,6 +628,12 @@ const CHECK_SET: &[(u64, &[&str])] = &[
     // Three relays, count retention 50 and age retention 2 s: where a relay's stream sync
     // skipped entries already due when it read them, with no gap (seed 12019 at 40 steps).
     (12019, &["--relays", "3"]),
+    // A Valkey Cluster of three masters (issue 12), each Valkey outage taking one master:
+    // `ack: buffered` with count retention 50, `ack: persisted` with 4 connections per shard
+    // over 2 shards, and three relays on the cluster.
+    (15000, &["--cluster"]),
+    (15002, &["--cluster"]),
+    (16024, &["--cluster", "--relays", "3"]),
 ];
 
 #[test]
