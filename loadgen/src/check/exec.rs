@@ -51,7 +51,7 @@ pub struct Bins {
     /// Relay processes on the one Valkey (1 unless `--relays`; always 1 with the memory
     /// backend, whose relays share nothing).
     pub relays: usize,
-    /// `--cluster`: the Valkey is a cluster of [`procs::CLUSTER_MASTERS`] masters; each Valkey
+    /// `--cluster`: the Valkey is a cluster of [`super::procs::CLUSTER_MASTERS`] masters; each Valkey
     /// outage takes one of them (in turn).
     pub cluster: bool,
 }
