@@ -7,9 +7,13 @@
 //! offending value and its source (file position, env var or flag) — the way ripgrep turns
 //! `LowArgs` into `HiArgs`.
 //!
-//! Owns: the CLI definition ([`Cli`]), the environment variable names, the YAML schema, every
-//! default (module `defaults`) and every limit (module `limits`), the validation rules and the
-//! machine probes that size the defaults (CPU count, memory available to the process).
+//! Every setting is declared once, in module `settings` (path, environment variables, kind,
+//! default, range, secrecy, help note); the environment layer, the defaults, the range checks
+//! and their messages and `--help` are derived from those declarations.
+//!
+//! Owns: the CLI definition ([`Cli`]), the YAML schema, the validation rules (within one key
+//! and between keys) and the machine probes that size the defaults (CPU count, memory
+//! available to the process).
 //!
 //! Does not own: acting on the values (logging setup, sockets, Valkey connections) and the
 //! search for `./config.yaml`, which only [`load_from_process`] does; [`load`] reads no file
@@ -27,261 +31,11 @@ use clap::Parser;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-// ---------------------------------------------------------------------------------------------
-// Defaults and limits: the one place to change a number.
-// ---------------------------------------------------------------------------------------------
+mod settings;
 
-/// Built-in defaults, the lowest layer. `config.yaml.example` shows the same values; a unit
-/// test keeps the two equal.
-mod defaults {
-    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-    use std::time::Duration;
-
-    use super::{AckMode, LogFormat, LogLevel, StorageBackend, KIB, MIB};
-
-    /// Loopback: exposing the relay beyond the host must be an explicit choice.
-    pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
-    /// 0 = one shard per CPU available to the process.
-    pub const SHARDS: u64 = 0;
-    pub const LOG_LEVEL: LogLevel = LogLevel::Info;
-    pub const LOG_FORMAT: LogFormat = LogFormat::Text;
-
-    pub const HTTP_MAX_HEADER_BYTES: u64 = 16 * KIB;
-    pub const HTTP_MAX_HEADERS: u64 = 64;
-    pub const HTTP_MAX_BODY_BYTES: u64 = 16 * MIB;
-    pub const HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-    pub const HTTP_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: u64 = 10_000;
-
-    pub const API_MAX_BULK_MESSAGES: u64 = 1000;
-    pub const API_DEFAULT_PAGE_LIMIT: u64 = 10;
-    pub const API_MAX_PAGE_LIMIT: u64 = 1000;
-    pub const API_MAX_PAYLOAD_BYTES: u64 = MIB;
-    pub const API_MAX_TOPIC_NAME_LEN: u64 = 255;
-
-    /// Well inside the 60 s idle timeouts of common load balancers (AWS ALB, nginx
-    /// `proxy_read_timeout`), so an idle subscription is never cut by the path in between.
-    pub const WS_PING_INTERVAL: Duration = Duration::from_secs(30);
-    /// Three ping intervals: two lost pongs are tolerated before a dead peer is dropped; one
-    /// interval was rejected because a single delayed pong would close a healthy client.
-    pub const WS_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-    /// Same as `api.max_payload_bytes`: a client frame is a subscribe/ack command, never larger
-    /// than the biggest message it could publish.
-    pub const WS_MAX_MESSAGE_BYTES: u64 = MIB;
-    /// One maximum-size message (1 MiB payload) fits, so the default never closes a consumer
-    /// for a single large message.
-    pub const WS_MAX_QUEUED_BYTES: u64 = MIB;
-    pub const WS_MAX_TOPICS: u64 = 1000;
-
-    pub const LONGPOLL_MAX_TOPICS: u64 = 100;
-    /// Equal to `http.max_connections_per_shard`: every open connection may be a parked poll.
-    pub const LONGPOLL_MAX_PARKED_PER_SHARD: u64 = 10_000;
-    /// Half of the 60 s proxy idle timeouts, so an empty poll returns before a proxy gives up.
-    pub const LONGPOLL_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-    pub const LONGPOLL_MAX_TIMEOUT: Duration = Duration::from_secs(60);
-    /// Larger than a history page (10): a poll that returns after a burst should drain it in
-    /// one round trip, not ten.
-    pub const LONGPOLL_DEFAULT_LIMIT: u64 = 100;
-    pub const LONGPOLL_MAX_LIMIT: u64 = 1000;
-
-    /// Half the ping interval: browsers' `EventSource` cannot answer pings, so the heartbeat
-    /// alone keeps proxies from closing the stream.
-    pub const SSE_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
-    /// As for WebSockets: one maximum-size message fits.
-    pub const SSE_MAX_QUEUED_BYTES: u64 = MIB;
-
-    pub const STORAGE_BACKEND: StorageBackend = StorageBackend::Memory;
-    pub const STORAGE_PERSISTENT_TIER_RETENTION: Duration = Duration::from_secs(24 * 3600);
-    pub const STORAGE_MAX_MESSAGES_PER_TOPIC: u64 = 1_000_000;
-
-    /// `memory.max_bytes` is a quarter of the memory available to the process; this is used
-    /// when neither /proc/meminfo nor the cgroup limit can be read.
-    pub const MEMORY_MAX_BYTES_FALLBACK: u64 = super::GIB;
-    /// A quarter leaves room for connection buffers, the allocator's slack and, on a shared
-    /// host, for Valkey itself; half was rejected because a full hot tier plus in-flight
-    /// 16 MiB bodies on every shard could then reach the cgroup limit and get OOM-killed.
-    pub const MEMORY_SHARE_DIVISOR: u64 = 4;
-
-    pub const HOT_TIER_MAX_MESSAGES: u64 = 10_000;
-    pub const HOT_TIER_RETENTION: Duration = Duration::from_secs(3600);
-
-    pub const VALKEY_HOST: &str = "localhost";
-    pub const VALKEY_PORT: u64 = 6379;
-    pub const VALKEY_DB: u64 = 0;
-    pub const VALKEY_USE_TLS: bool = false;
-    pub const VALKEY_CONNECTIONS_PER_SHARD: u64 = 1;
-    pub const VALKEY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-    pub const VALKEY_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-    pub const VALKEY_MAX_PENDING: u64 = 10_000;
-    pub const VALKEY_STREAM_KEY: &str = "topic:{topic}:stream";
-    pub const VALKEY_META_KEY: &str = "topic:{topic}:meta";
-    /// Beside the topic's stream and meta keys (one template family, so a hash tag added to
-    /// the topic part later puts all of a topic's keys in one Cluster slot); the client's key
-    /// follows the last `:`.
-    pub const VALKEY_IDEMPOTENCY_KEY: &str = "topic:{topic}:idem:";
-    /// The defaults in Valkey Cluster mode: the same layout with the topic as every key's
-    /// hash tag (`{{topic}}` renders `{<topic>}`), so all of a topic's keys share a slot.
-    pub const VALKEY_CLUSTER_STREAM_KEY: &str = "topic:{{topic}}:stream";
-    pub const VALKEY_CLUSTER_META_KEY: &str = "topic:{{topic}}:meta";
-    pub const VALKEY_CLUSTER_IDEMPOTENCY_KEY: &str = "topic:{{topic}}:idem:";
-
-    pub const DURABILITY_ACK: AckMode = AckMode::Persisted;
-    /// With `ack: replicated`: one replica, the usual Sentinel deployment (a master, one
-    /// replica, three sentinels). With more replicas than this, a failover keeps what was
-    /// acknowledged only if Sentinel promotes a replica that had it (it prefers the most
-    /// up-to-date one); `docs/scaling.md` says when to raise it.
-    pub const DURABILITY_REPLICAS: u64 = 1;
-    /// A replica on the same network acknowledges in well under a millisecond; a second
-    /// covers a replica catching up after a short stall, and keeps producers from waiting
-    /// long for their 503 while no replica is reachable (every batch then waits this long).
-    /// Below `valkey.command_timeout` (5 s), which bounds the batch the `WAIT` ends.
-    pub const DURABILITY_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
-
-    /// The Python relay's window: far longer than `pulsar-relay-client`'s worst-case retry
-    /// envelope (~127 s), so a retry at the end of its backoff still finds the key.
-    pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
-    /// Memory backend only: about 100 bytes plus the key and topic each, so ~150 MiB at the
-    /// bound with the client's 32-character keys; that is 1,666 keyed publishes a second
-    /// sustained over the 10-minute window before new keys get 503.
-    pub const IDEMPOTENCY_MAX_KEYS: u64 = 1_000_000;
-
-    /// Kubernetes' default `terminationGracePeriodSeconds`: the orchestrator SIGKILLs the
-    /// process then anyway, so a longer default would only be cut short there; shorter was
-    /// rejected because a long poll parked at `longpoll.default_timeout` (30 s) or a Valkey
-    /// flush after a reconnect should get the chance to finish.
-    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
-    /// `/metrics` stays on the API port unless asked: a second open port is one more thing to
-    /// firewall, and most deployments scrape the port they already route to.
-    pub const METRICS_LISTEN: Option<SocketAddr> = None;
-    /// Off: one series per topic per counter makes a relay with 10^5 topics emit 10^5-line
-    /// scrapes and fills Prometheus with series nobody asked for.
-    pub const METRICS_PER_TOPIC: bool = false;
-    /// 1000 topics × a handful of counters × a few shards keeps a scrape at tens of thousands
-    /// of lines (a few MiB), well inside Prometheus' default 10 s scrape timeout; the busiest
-    /// topics show up first, the long tail is summed under `_other`.
-    pub const METRICS_MAX_TOPIC_SERIES: u64 = 1000;
-}
-
-/// Accepted ranges. Lower bounds catch unit mistakes (a size meant in KiB written as bytes);
-/// upper bounds keep arithmetic safe (`Instant + Duration` panics on overflow, so no timeout
-/// may be near `u64::MAX` seconds) and catch a saturated parse (`99999EiB`).
-mod limits {
-    use std::ops::RangeInclusive;
-    use std::time::Duration;
-
-    use super::{GIB, KIB, MIB, TIB};
-
-    const MS: Duration = Duration::from_millis(1);
-    const SEC: Duration = Duration::from_secs(1);
-    const HOUR: Duration = Duration::from_secs(3600);
-    const DAY: Duration = Duration::from_secs(24 * 3600);
-
-    /// 1024 shards is far beyond today's largest single hosts (384 cores); a larger value is a
-    /// typo, and each shard costs a thread, a listener and a channel to every other shard.
-    pub const SHARDS: RangeInclusive<u64> = 0..=1024;
-    /// A request head is at least its request line plus `Host`; below 1 KiB ordinary clients
-    /// (browsers send ~500 bytes of headers) fail. Above 1 MiB a slowloris client can pin that
-    /// much per connection.
-    pub const HTTP_MAX_HEADER_BYTES: RangeInclusive<u64> = KIB..=MIB;
-    /// Curl sends 3 headers, browsers ~15; 8 leaves room for Host, Content-Type,
-    /// Content-Length and a proxy's additions.
-    pub const HTTP_MAX_HEADERS: RangeInclusive<u64> = 8..=1024;
-    /// Bodies are buffered whole before parsing, so one request may hold this much memory.
-    pub const HTTP_MAX_BODY_BYTES: RangeInclusive<u64> = KIB..=GIB;
-    pub const HTTP_HEADER_READ_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
-    pub const HTTP_KEEPALIVE_TIMEOUT: RangeInclusive<Duration> = MS..=DAY;
-    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: RangeInclusive<u64> = 1..=1_000_000;
-
-    pub const API_MAX_BULK_MESSAGES: RangeInclusive<u64> = 1..=1_000_000;
-    pub const API_PAGE_LIMIT: RangeInclusive<u64> = 1..=1_000_000;
-    /// 64 bytes: the smallest useful JSON message is tens of bytes, so a smaller cap is a
-    /// unit mistake rather than a policy.
-    pub const API_MAX_PAYLOAD_BYTES: RangeInclusive<u64> = 64..=GIB;
-    /// Topic names travel in URL paths, which many proxies cap at 4–8 KiB.
-    pub const API_MAX_TOPIC_NAME_LEN: RangeInclusive<u64> = 1..=4096;
-
-    /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and would make
-    /// pings most of an idle connection's traffic; above an hour every NAT and load balancer
-    /// on the path (idle timeouts of 60–350 s) has long dropped the connection the
-    /// keep-alive was meant to protect.
-    pub const KEEPALIVE_INTERVAL: RangeInclusive<Duration> = SEC..=HOUR;
-    /// A day, like `http.keepalive_timeout`: a silent peer that long is gone.
-    pub const WS_IDLE_TIMEOUT: RangeInclusive<Duration> = SEC..=DAY;
-    /// A subscribe frame naming a few topics is hundreds of bytes, so below 1 KiB is a unit
-    /// mistake; fragments are reassembled in memory, so each connection may hold this much.
-    pub const WS_MAX_MESSAGE_BYTES: RangeInclusive<u64> = KIB..=64 * MIB;
-    /// Below 64 KiB (a socket send buffer) a consumer would be closed on an ordinary burst
-    /// it was about to drain; above 1 GiB per connection a few slow consumers exhaust the
-    /// store's budget.
-    pub const OUTBOUND_QUEUE_BYTES: RangeInclusive<u64> = 64 * KIB..=GIB;
-    /// Every subscription is an entry in an owning shard's subscriber map; 100 000 per
-    /// session keeps one client from filling those maps.
-    pub const WS_MAX_TOPICS: RangeInclusive<u64> = 1..=100_000;
-    /// The topics travel in one request; 10 000 names of 255 bytes already exceed any sane
-    /// request head.
-    pub const LONGPOLL_MAX_TOPICS: RangeInclusive<u64> = 1..=10_000;
-    /// As `http.max_connections_per_shard`: a parked poll holds a connection.
-    pub const LONGPOLL_MAX_PARKED_PER_SHARD: RangeInclusive<u64> = 1..=1_000_000;
-    /// Below a second long polling degenerates into busy polling; above 60 s a default
-    /// nginx (`proxy_read_timeout 60s`) cuts the request before the relay answers it.
-    pub const LONGPOLL_DEFAULT_TIMEOUT: RangeInclusive<Duration> = SEC..=Duration::from_secs(60);
-    /// A client may ask for longer than the default when it knows its path allows it.
-    pub const LONGPOLL_MAX_TIMEOUT: RangeInclusive<Duration> = SEC..=HOUR;
-    /// A response is built whole in memory; 100 000 messages of a few hundred bytes is
-    /// already tens of MiB for one poll.
-    pub const LONGPOLL_LIMIT: RangeInclusive<u64> = 1..=100_000;
-
-    /// Valkey trims by stream-ID milliseconds; below a second retention is a mistake, and
-    /// above ten years the `now - retention` arithmetic is still exact in milliseconds.
-    pub const RETENTION: RangeInclusive<Duration> = SEC..=Duration::from_secs(3650 * 24 * 3600);
-    pub const MAX_MESSAGES: RangeInclusive<u64> = 1..=u64::MAX;
-
-    /// Below 1 MiB not even one maximum-size default payload fits; 1 PiB catches a
-    /// saturated size parse.
-    pub const MEMORY_MAX_BYTES: RangeInclusive<u64> = MIB..=1024 * TIB;
-
-    pub const VALKEY_PORT: RangeInclusive<u64> = 1..=65535;
-    /// `SELECT` takes a C `int`.
-    pub const VALKEY_DB: RangeInclusive<u64> = 0..=(i32::MAX as u64);
-    /// 256 so that the seeds' `pool_size: 100` (an alias) still loads.
-    pub const VALKEY_CONNECTIONS_PER_SHARD: RangeInclusive<u64> = 1..=256;
-    pub const VALKEY_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
-    /// 0 = refuse publishes at once while Valkey is unreachable.
-    pub const VALKEY_MAX_PENDING: RangeInclusive<u64> = 0..=10_000_000;
-    /// Sentinel deployments run 3 or 5; each address may be asked in turn within one connect
-    /// timeout, so a long list of dead ones delays finding the master.
-    pub const VALKEY_SENTINELS: RangeInclusive<usize> = 1..=16;
-    /// Seeds are asked in turn only until one answers; a handful is plenty, 64 catches a
-    /// pasted node list gone wrong.
-    pub const VALKEY_CLUSTER_NODES: RangeInclusive<usize> = 1..=64;
-    /// `WAIT` takes an int; more than a few replicas per master is unusual, 1000 catches a typo.
-    pub const DURABILITY_REPLICAS: RangeInclusive<u64> = 1..=1000;
-    /// `WAIT` takes milliseconds (0 would block forever); it must stay below
-    /// `valkey.command_timeout` (checked as a cross-key rule).
-    pub const DURABILITY_REPLICA_TIMEOUT: RangeInclusive<Duration> = MS..=HOUR;
-
-    /// A retry comes after at least a round trip and the client's backoff (1 s first), so a
-    /// window below a second deduplicates nothing; a week of keys in Valkey or memory is
-    /// already far beyond any retry loop.
-    pub const IDEMPOTENCY_WINDOW: RangeInclusive<Duration> =
-        SEC..=Duration::from_secs(7 * 24 * 3600);
-    /// 10^8 keys is ~15 GiB of memory: beyond that a typo.
-    pub const IDEMPOTENCY_MAX_KEYS: RangeInclusive<u64> = 1..=100_000_000;
-
-    /// Below a second is a unit mistake (`30` meant as seconds written `30ms`) and leaves no
-    /// time to flush queued publishes to Valkey; above an hour every supervisor (systemd's
-    /// `TimeoutStopSec` 90 s, Kubernetes' 30 s grace period) has long SIGKILLed the process.
-    pub const SHUTDOWN_TIMEOUT: RangeInclusive<Duration> = SEC..=HOUR;
-    /// Per shard and counter; at 100 000 a scrape line of ~100 bytes makes each counter
-    /// family ~10 MiB per shard, beyond which a scrape times out rather than informs.
-    pub const METRICS_MAX_TOPIC_SERIES: RangeInclusive<u64> = 1..=100_000;
-}
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-const GIB: u64 = 1024 * MIB;
-const TIB: u64 = 1024 * GIB;
+use settings::{Kind, Setting, GIB, KIB, MIB, TIB};
+// Short, because the loading code below names a declaration on nearly every line.
+use settings as s;
 
 /// The file [`load_from_process`] reads when no `--config` is given, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config.yaml";
@@ -290,301 +44,187 @@ pub const DEFAULT_CONFIG_PATH: &str = "config.yaml";
 pub const TOPIC_PLACEHOLDER: &str = "{topic}";
 
 // ---------------------------------------------------------------------------------------------
-// Keys and their environment variables.
-// ---------------------------------------------------------------------------------------------
-
-/// Canonical dotted key paths. Constants rather than literals so a typo between the YAML
-/// flattening and the resolution is a compile error instead of a silently ignored setting.
-mod key {
-    pub const LISTEN: &str = "listen";
-    pub const SHARDS: &str = "shards";
-    pub const LOG_LEVEL: &str = "log_level";
-    pub const LOG_FORMAT: &str = "log_format";
-    pub const HTTP_MAX_HEADER_BYTES: &str = "http.max_header_bytes";
-    pub const HTTP_MAX_HEADERS: &str = "http.max_headers";
-    pub const HTTP_MAX_BODY_BYTES: &str = "http.max_body_bytes";
-    pub const HTTP_HEADER_READ_TIMEOUT: &str = "http.header_read_timeout";
-    pub const HTTP_KEEPALIVE_TIMEOUT: &str = "http.keepalive_timeout";
-    pub const HTTP_MAX_CONNECTIONS_PER_SHARD: &str = "http.max_connections_per_shard";
-    pub const API_MAX_BULK_MESSAGES: &str = "api.max_bulk_messages";
-    pub const API_DEFAULT_PAGE_LIMIT: &str = "api.default_page_limit";
-    pub const API_MAX_PAGE_LIMIT: &str = "api.max_page_limit";
-    pub const API_MAX_PAYLOAD_BYTES: &str = "api.max_payload_bytes";
-    pub const API_MAX_TOPIC_NAME_LEN: &str = "api.max_topic_name_len";
-    pub const WS_PING_INTERVAL: &str = "ws.ping_interval";
-    pub const WS_IDLE_TIMEOUT: &str = "ws.idle_timeout";
-    pub const WS_MAX_MESSAGE_BYTES: &str = "ws.max_message_bytes";
-    pub const WS_MAX_QUEUED_BYTES: &str = "ws.max_queued_bytes";
-    pub const WS_MAX_TOPICS: &str = "ws.max_topics";
-    pub const LONGPOLL_MAX_TOPICS: &str = "longpoll.max_topics";
-    pub const LONGPOLL_MAX_PARKED_PER_SHARD: &str = "longpoll.max_parked_per_shard";
-    pub const LONGPOLL_DEFAULT_TIMEOUT: &str = "longpoll.default_timeout";
-    pub const LONGPOLL_MAX_TIMEOUT: &str = "longpoll.max_timeout";
-    pub const LONGPOLL_DEFAULT_LIMIT: &str = "longpoll.default_limit";
-    pub const LONGPOLL_MAX_LIMIT: &str = "longpoll.max_limit";
-    pub const SSE_HEARTBEAT_INTERVAL: &str = "sse.heartbeat_interval";
-    pub const SSE_MAX_QUEUED_BYTES: &str = "sse.max_queued_bytes";
-    pub const STORAGE_BACKEND: &str = "storage.backend";
-    pub const STORAGE_PERSISTENT_TIER_RETENTION: &str = "storage.persistent_tier_retention";
-    pub const STORAGE_MAX_MESSAGES_PER_TOPIC: &str = "storage.max_messages_per_topic";
-    pub const MEMORY_MAX_BYTES: &str = "memory.max_bytes";
-    pub const HOT_TIER_MAX_MESSAGES: &str = "hot_tier.max_messages";
-    pub const HOT_TIER_RETENTION: &str = "hot_tier.retention";
-    pub const VALKEY_HOST: &str = "valkey.host";
-    pub const VALKEY_PORT: &str = "valkey.port";
-    pub const VALKEY_USERNAME: &str = "valkey.username";
-    pub const VALKEY_PASSWORD: &str = "valkey.password";
-    pub const VALKEY_DB: &str = "valkey.db";
-    pub const VALKEY_USE_TLS: &str = "valkey.use_tls";
-    pub const VALKEY_TLS_CA_FILE: &str = "valkey.tls_ca_file";
-    pub const VALKEY_CONNECTIONS_PER_SHARD: &str = "valkey.connections_per_shard";
-    /// Written form only: the seeds' quick start uses it; it sets `connections_per_shard`.
-    pub const VALKEY_POOL_SIZE: &str = "valkey.pool_size";
-    pub const VALKEY_CONNECT_TIMEOUT: &str = "valkey.connect_timeout";
-    pub const VALKEY_COMMAND_TIMEOUT: &str = "valkey.command_timeout";
-    pub const VALKEY_MAX_PENDING: &str = "valkey.max_pending";
-    pub const VALKEY_STREAM_KEY: &str = "valkey.stream_key";
-    pub const VALKEY_META_KEY: &str = "valkey.meta_key";
-    pub const VALKEY_IDEMPOTENCY_KEY: &str = "valkey.idempotency_key";
-    pub const VALKEY_SENTINELS: &str = "valkey.sentinels";
-    pub const VALKEY_CLUSTER_NODES: &str = "valkey.cluster_nodes";
-    pub const VALKEY_SENTINEL_MASTER: &str = "valkey.sentinel_master";
-    pub const VALKEY_SENTINEL_USERNAME: &str = "valkey.sentinel_username";
-    pub const VALKEY_SENTINEL_PASSWORD: &str = "valkey.sentinel_password";
-    pub const DURABILITY_ACK: &str = "durability.ack";
-    pub const DURABILITY_REPLICAS: &str = "durability.replicas";
-    pub const DURABILITY_REPLICA_TIMEOUT: &str = "durability.replica_timeout";
-    pub const IDEMPOTENCY_WINDOW: &str = "idempotency.window";
-    pub const IDEMPOTENCY_MAX_KEYS: &str = "idempotency.max_keys";
-    pub const SHUTDOWN_TIMEOUT: &str = "shutdown.timeout";
-    pub const METRICS_LISTEN: &str = "metrics.listen";
-    pub const METRICS_PER_TOPIC: &str = "metrics.per_topic";
-    pub const METRICS_MAX_TOPIC_SERIES: &str = "metrics.max_topic_series";
-}
-
-/// One settable leaf.
-struct KeySpec {
-    /// Canonical dotted YAML path, used in every error message.
-    path: &'static str,
-    /// Environment variables that set it, lowest priority first: the unprefixed name the
-    /// Python relay read, then the `PULSAR_` form its deployments used, which therefore wins.
-    env: &'static [&'static str],
-    /// Never echoed: errors show `<redacted>` instead of the value.
-    secret: bool,
-}
-
-const fn spec(path: &'static str, env: &'static [&'static str]) -> KeySpec {
-    KeySpec {
-        path,
-        env,
-        secret: false,
-    }
-}
-
-/// Every key, in YAML order. `--help` and `config.yaml.example` list the same set (tested).
-const KEYS: &[KeySpec] = &[
-    // Unprefixed LISTEN/SHARDS are too generic (other software sets them), hence PULSAR_ only.
-    spec(key::LISTEN, &["PULSAR_LISTEN"]),
-    spec(key::SHARDS, &["PULSAR_SHARDS"]),
-    spec(key::LOG_LEVEL, &["LOG_LEVEL", "PULSAR_LOG_LEVEL"]),
-    spec(key::LOG_FORMAT, &["LOG_FORMAT", "PULSAR_LOG_FORMAT"]),
-    spec(key::HTTP_MAX_HEADER_BYTES, &[]),
-    spec(key::HTTP_MAX_HEADERS, &[]),
-    spec(key::HTTP_MAX_BODY_BYTES, &[]),
-    spec(key::HTTP_HEADER_READ_TIMEOUT, &[]),
-    spec(key::HTTP_KEEPALIVE_TIMEOUT, &[]),
-    spec(key::HTTP_MAX_CONNECTIONS_PER_SHARD, &[]),
-    spec(key::API_MAX_BULK_MESSAGES, &[]),
-    spec(key::API_DEFAULT_PAGE_LIMIT, &[]),
-    spec(key::API_MAX_PAGE_LIMIT, &[]),
-    spec(key::API_MAX_PAYLOAD_BYTES, &[]),
-    spec(key::API_MAX_TOPIC_NAME_LEN, &[]),
-    spec(key::WS_PING_INTERVAL, &[]),
-    spec(key::WS_IDLE_TIMEOUT, &[]),
-    spec(key::WS_MAX_MESSAGE_BYTES, &[]),
-    spec(key::WS_MAX_QUEUED_BYTES, &[]),
-    spec(key::WS_MAX_TOPICS, &[]),
-    spec(key::LONGPOLL_MAX_TOPICS, &[]),
-    spec(key::LONGPOLL_MAX_PARKED_PER_SHARD, &[]),
-    spec(key::LONGPOLL_DEFAULT_TIMEOUT, &[]),
-    spec(key::LONGPOLL_MAX_TIMEOUT, &[]),
-    spec(key::LONGPOLL_DEFAULT_LIMIT, &[]),
-    spec(key::LONGPOLL_MAX_LIMIT, &[]),
-    spec(key::SSE_HEARTBEAT_INTERVAL, &[]),
-    spec(key::SSE_MAX_QUEUED_BYTES, &[]),
-    spec(
-        key::STORAGE_BACKEND,
-        &["STORAGE_BACKEND", "PULSAR_STORAGE_BACKEND"],
-    ),
-    spec(
-        key::STORAGE_PERSISTENT_TIER_RETENTION,
-        &[
-            "PERSISTENT_TIER_RETENTION",
-            "PULSAR_PERSISTENT_TIER_RETENTION",
-        ],
-    ),
-    spec(
-        key::STORAGE_MAX_MESSAGES_PER_TOPIC,
-        &["MAX_MESSAGES_PER_TOPIC", "PULSAR_MAX_MESSAGES_PER_TOPIC"],
-    ),
-    spec(
-        key::MEMORY_MAX_BYTES,
-        &["MEMORY_MAX_BYTES", "PULSAR_MEMORY_MAX_BYTES"],
-    ),
-    spec(key::HOT_TIER_MAX_MESSAGES, &[]),
-    spec(key::HOT_TIER_RETENTION, &[]),
-    spec(key::VALKEY_HOST, &["VALKEY_HOST", "PULSAR_VALKEY_HOST"]),
-    spec(key::VALKEY_PORT, &["VALKEY_PORT", "PULSAR_VALKEY_PORT"]),
-    spec(
-        key::VALKEY_USERNAME,
-        &["VALKEY_USERNAME", "PULSAR_VALKEY_USERNAME"],
-    ),
-    KeySpec {
-        path: key::VALKEY_PASSWORD,
-        env: &["VALKEY_PASSWORD", "PULSAR_VALKEY_PASSWORD"],
-        secret: true,
-    },
-    spec(key::VALKEY_DB, &["VALKEY_DB", "PULSAR_VALKEY_DB"]),
-    spec(
-        key::VALKEY_USE_TLS,
-        &["VALKEY_USE_TLS", "PULSAR_VALKEY_USE_TLS"],
-    ),
-    spec(
-        key::VALKEY_TLS_CA_FILE,
-        &["VALKEY_TLS_CA_FILE", "PULSAR_VALKEY_TLS_CA_FILE"],
-    ),
-    spec(key::VALKEY_CONNECTIONS_PER_SHARD, &[]),
-    spec(key::VALKEY_CONNECT_TIMEOUT, &[]),
-    spec(key::VALKEY_COMMAND_TIMEOUT, &[]),
-    spec(key::VALKEY_MAX_PENDING, &[]),
-    spec(key::VALKEY_STREAM_KEY, &[]),
-    spec(key::VALKEY_META_KEY, &[]),
-    spec(key::VALKEY_IDEMPOTENCY_KEY, &[]),
-    spec(
-        key::VALKEY_SENTINELS,
-        &["VALKEY_SENTINELS", "PULSAR_VALKEY_SENTINELS"],
-    ),
-    spec(
-        key::VALKEY_SENTINEL_MASTER,
-        &["VALKEY_SENTINEL_MASTER", "PULSAR_VALKEY_SENTINEL_MASTER"],
-    ),
-    spec(
-        key::VALKEY_SENTINEL_USERNAME,
-        &[
-            "VALKEY_SENTINEL_USERNAME",
-            "PULSAR_VALKEY_SENTINEL_USERNAME",
-        ],
-    ),
-    KeySpec {
-        path: key::VALKEY_SENTINEL_PASSWORD,
-        env: &[
-            "VALKEY_SENTINEL_PASSWORD",
-            "PULSAR_VALKEY_SENTINEL_PASSWORD",
-        ],
-        secret: true,
-    },
-    spec(
-        key::VALKEY_CLUSTER_NODES,
-        &["VALKEY_CLUSTER_NODES", "PULSAR_VALKEY_CLUSTER_NODES"],
-    ),
-    spec(key::DURABILITY_ACK, &[]),
-    spec(key::DURABILITY_REPLICAS, &[]),
-    spec(key::DURABILITY_REPLICA_TIMEOUT, &[]),
-    // PULSAR_ only: the Python relay had a fixed window.
-    spec(key::IDEMPOTENCY_WINDOW, &["PULSAR_IDEMPOTENCY_WINDOW"]),
-    spec(key::IDEMPOTENCY_MAX_KEYS, &["PULSAR_IDEMPOTENCY_MAX_KEYS"]),
-    spec(key::SHUTDOWN_TIMEOUT, &[]),
-    // PULSAR_ only, like PULSAR_LISTEN: the Python relay had no such setting.
-    spec(key::METRICS_LISTEN, &["PULSAR_METRICS_LISTEN"]),
-    spec(key::METRICS_PER_TOPIC, &[]),
-    spec(key::METRICS_MAX_TOPIC_SERIES, &[]),
-];
-
-fn is_secret(path: &str) -> bool {
-    KEYS.iter().any(|spec| spec.path == path && spec.secret)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Command line.
 // ---------------------------------------------------------------------------------------------
-
-const AFTER_HELP: &str = "\
-Settings are layered, later layers winning key by key:
-  built-in defaults < config file < environment variables < command-line flags
-
-Environment variables (each also accepted as PULSAR_<NAME>, which wins when both are set;
-an empty value counts as unset):
-  STORAGE_BACKEND            storage.backend: memory | valkey
-  VALKEY_HOST                valkey.host
-  VALKEY_PORT                valkey.port
-  VALKEY_USERNAME            valkey.username (ACL user; a password alone means user `default`)
-  VALKEY_PASSWORD            valkey.password
-  VALKEY_DB                  valkey.db
-  VALKEY_USE_TLS             valkey.use_tls: true|false|1|0|yes|no
-  VALKEY_TLS_CA_FILE         valkey.tls_ca_file
-  VALKEY_SENTINELS           valkey.sentinels: host:port,host:port (find the master through
-                             Sentinel; then VALKEY_HOST/VALKEY_PORT must not be set)
-  VALKEY_SENTINEL_MASTER     valkey.sentinel_master (the name the sentinels monitor)
-  VALKEY_SENTINEL_USERNAME   valkey.sentinel_username
-  VALKEY_SENTINEL_PASSWORD   valkey.sentinel_password (the sentinels' own, not the data nodes')
-  VALKEY_CLUSTER_NODES       valkey.cluster_nodes: host:port,host:port (Valkey Cluster seed
-                             nodes: turns cluster mode on; not with sentinels or a db)
-  PERSISTENT_TIER_RETENTION  storage.persistent_tier_retention: integer seconds or 24h
-  MAX_MESSAGES_PER_TOPIC     storage.max_messages_per_topic
-  MEMORY_MAX_BYTES           memory.max_bytes
-  LOG_LEVEL                  log_level: trace|debug|info|warn|error
-  LOG_FORMAT                 log_format: text|json
-  PULSAR_LISTEN              listen (PULSAR_ form only)
-  PULSAR_SHARDS              shards (PULSAR_ form only)
-  PULSAR_METRICS_LISTEN      metrics.listen (PULSAR_ form only)
-  PULSAR_IDEMPOTENCY_WINDOW  idempotency.window (PULSAR_ form only)
-  PULSAR_IDEMPOTENCY_MAX_KEYS  idempotency.max_keys (PULSAR_ form only)
-
-Config file keys (YAML, all optional, unknown keys are errors; defaults in config.yaml.example):
-  listen  shards  log_level  log_format
-  http:        max_header_bytes  max_headers  max_body_bytes  header_read_timeout
-               keepalive_timeout  max_connections_per_shard
-  api:         max_bulk_messages  default_page_limit  max_page_limit  max_payload_bytes
-               max_topic_name_len
-  ws:          ping_interval  idle_timeout  max_message_bytes  max_queued_bytes  max_topics
-  longpoll:    max_topics  max_parked_per_shard  default_timeout  max_timeout  default_limit
-               max_limit
-  sse:         heartbeat_interval  max_queued_bytes
-  storage:     backend  persistent_tier_retention  max_messages_per_topic
-  memory:      max_bytes
-  hot_tier:    max_messages  retention
-  valkey:      host  port  username  password  db  use_tls  tls_ca_file  stream_key  meta_key
-               connections_per_shard (alias pool_size)  connect_timeout  command_timeout
-               max_pending  idempotency_key
-               sentinels  sentinel_master  sentinel_username  sentinel_password
-               cluster_nodes
-  durability:  ack: persisted | buffered | replicated  replicas  replica_timeout
-  idempotency: window  max_keys (memory backend)
-  shutdown:    timeout
-  metrics:     listen (second address serving only /metrics)  per_topic  max_topic_series
-
-Sizes: 16KiB, 64MiB, 1GiB (KB/MB/GB are powers of 1000) or integer bytes.
-Durations: 500ms, 30s, 24h, or integer seconds.";
 
 /// Pulsar Relay: a thread-per-core message relay (HTTP publish, in-memory hot tier, Valkey
 /// Streams persistence).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Parser)]
-#[command(name = "pulsar-relay", bin_name = "pulsar-relay", version, about, long_about = None, after_help = AFTER_HELP)]
+#[command(name = "pulsar-relay", bin_name = "pulsar-relay", version, about, long_about = None, after_help = after_help())]
 pub struct Cli {
-    /// Address and port to listen on, e.g. 0.0.0.0:8080 (default 127.0.0.1:8080;
-    /// env PULSAR_LISTEN; config key `listen`)
-    #[arg(long, value_name = "ADDR")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        help = flag_help("Address and port to listen on, e.g. 0.0.0.0:8080", &s::LISTEN)
+    )]
     pub listen: Option<SocketAddr>,
 
-    /// Number of shards (threads, one per core), 1..=1024; 0 = one per available CPU
-    /// (default 0; env PULSAR_SHARDS; config key `shards`)
-    #[arg(long, value_name = "N")]
+    #[arg(
+        long,
+        value_name = "N",
+        help = flag_help(
+            "Number of shards (threads, one per core), 1..=1024; 0 = one per available CPU",
+            &s::SHARDS
+        )
+    )]
     pub shards: Option<u64>,
 
     /// YAML config file to read (it must exist); without this flag ./config.yaml is read
     /// if present
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+}
+
+/// Lines of the generated help stay within this many columns: clap wraps its own part at 100
+/// and leaves this text alone, and 96 is what the hand-written text used.
+const HELP_WIDTH: usize = 96;
+
+/// A flag's help: what it does, then its default, variable and key from the declaration.
+fn flag_help(what: &str, setting: &Setting) -> String {
+    let default = default_text(&setting.kind).unwrap_or_else(|| "none".to_owned());
+    format!(
+        "{what} (default {default}; env {}; config key `{}`)",
+        setting.env.join(", "),
+        setting.path
+    )
+}
+
+/// `--help`'s text after the options: how the layers combine, every environment variable and
+/// every file key, all from [`settings::ALL`].
+fn after_help() -> String {
+    let mut out = String::from(
+        "Settings are layered, later layers winning key by key:\n  \
+         built-in defaults < config file < environment variables < command-line flags\n\n\
+         Environment variables (each also accepted as PULSAR_<NAME>, which wins when both are \
+         set;\nan empty value counts as unset):\n",
+    );
+    // The Python relay's names first (which deployments of it already set), then this
+    // relay's own PULSAR_-only ones.
+    let (python, own): (Vec<&Setting>, Vec<&Setting>) = settings::ALL
+        .iter()
+        .copied()
+        .filter(|setting| !setting.env.is_empty())
+        .partition(|setting| setting.env.len() > 1);
+    for setting in python.into_iter().chain(own) {
+        let mut notes: Vec<&str> = Vec::new();
+        if !setting.help.is_empty() {
+            notes.push(setting.help);
+        }
+        if setting.env.len() == 1 {
+            notes.push("PULSAR_ form only");
+        }
+        let mut text = setting.path.to_owned();
+        if let Some(syntax) = env_syntax(&setting.kind) {
+            text.push_str(": ");
+            text.push_str(&syntax);
+        }
+        if !notes.is_empty() {
+            text.push_str(&format!(" ({})", notes.join("; ")));
+        }
+        let lead = format!("  {:<25}  ", setting.env[0]);
+        push_wrapped(&mut out, &lead, text.split(' ').map(str::to_owned), " ");
+    }
+
+    out.push_str(
+        "\nConfig file keys (YAML, all optional, unknown keys are errors; defaults in \
+         config.yaml.example):\n",
+    );
+    let mut sections: Vec<&str> = Vec::new();
+    for setting in settings::ALL {
+        if !sections.contains(&setting.section()) {
+            sections.push(setting.section());
+        }
+    }
+    let label_width = sections.iter().map(|s| s.len() + 2).max().unwrap_or(0);
+    for section in sections {
+        let items = settings::ALL
+            .iter()
+            .filter(|setting| setting.section() == section)
+            .map(|setting| file_key_item(setting));
+        let lead = if section.is_empty() {
+            "  ".to_owned()
+        } else {
+            format!("  {:<label_width$}", format!("{section}:"))
+        };
+        push_wrapped(&mut out, &lead, items, "  ");
+    }
+    out.push_str(
+        "\nSizes: 16KiB, 64MiB, 1GiB (KB/MB/GB are powers of 1000) or integer bytes.\n\
+         Durations: 500ms, 30s, 24h, or integer seconds.",
+    );
+    out
+}
+
+/// A key as `--help` lists it under its section: the leaf name, its alias, and for a
+/// setting no environment variable sets (whose line above carries them) its choices and
+/// note.
+fn file_key_item(setting: &Setting) -> String {
+    let leaf = |path: &'static str| path.rsplit('.').next().unwrap_or(path);
+    let mut item = leaf(setting.path).to_owned();
+    if let Some(alias) = setting.alias {
+        item.push_str(&format!(" (alias {})", leaf(alias)));
+    }
+    if setting.env.is_empty() {
+        // Booleans and lists are YAML's own there; choices are not guessable.
+        if let Kind::Choice { names, .. } = &setting.kind {
+            item.push_str(&format!(": {}", names.join(" | ")));
+        }
+        if !setting.help.is_empty() {
+            item.push_str(&format!(" ({})", setting.help));
+        }
+    }
+    item
+}
+
+/// How a value is written where the kind alone does not tell (an environment variable).
+/// Sizes and durations are explained once, at the end of the help.
+fn env_syntax(kind: &Kind) -> Option<String> {
+    match kind {
+        Kind::Choice { names, .. } => Some(names.join(" | ")),
+        Kind::Bool { .. } => Some("true|false|1|0|yes|no".to_owned()),
+        Kind::AddrList { .. } => Some("host:port,host:port".to_owned()),
+        _ => None,
+    }
+}
+
+/// The declared default as the loader would print it; `None` for a setting that is unset
+/// by default.
+fn default_text(kind: &Kind) -> Option<String> {
+    match kind {
+        Kind::Addr { default } => Some(default.to_string()),
+        Kind::Uint { default, .. } => Some(default.to_string()),
+        Kind::Size { default, .. } => Some(format_size(*default)),
+        Kind::Duration { default, .. } => Some(format_duration(*default)),
+        Kind::Bool { default } => Some(default.to_string()),
+        Kind::Choice { default, .. } => Some((*default).to_owned()),
+        Kind::Name { default, .. } => default.map(str::to_owned),
+        Kind::Template { default, .. } => Some((*default).to_owned()),
+        Kind::OptionalAddr { .. } | Kind::Text | Kind::AddrList { .. } => None,
+    }
+}
+
+/// Appends `lead` and `items` separated by `sep`, starting a new line (indented to `lead`'s
+/// width) before an item that would pass [`HELP_WIDTH`]; an item is never split.
+fn push_wrapped(out: &mut String, lead: &str, items: impl Iterator<Item = String>, sep: &str) {
+    let indent = " ".repeat(lead.chars().count());
+    let mut line = lead.to_owned();
+    let mut line_is_empty = true;
+    for item in items {
+        let width = line.chars().count() + sep.len() + item.chars().count();
+        if !line_is_empty && width > HELP_WIDTH {
+            out.push_str(line.trim_end());
+            out.push('\n');
+            line.clone_from(&indent);
+            line_is_empty = true;
+        }
+        if !line_is_empty {
+            line.push_str(sep);
+        }
+        line.push_str(&item);
+        line_is_empty = false;
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1329,78 +969,48 @@ impl Layers {
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
-        for spec in KEYS {
+        for setting in settings::ALL {
             // Highest priority first; an empty value counts as unset (`VALKEY_PASSWORD=` in
             // the seeds means "no password"), so it falls through to the next name.
-            let found = spec.env.iter().rev().find_map(|name| {
+            let found = setting.env.iter().rev().find_map(|name| {
                 let value = env(name)?;
                 (!value.trim().is_empty()).then_some((*name, value))
             });
             if let Some((name, value)) = found {
                 // Whitespace around a password may be part of it; anywhere else it is noise
                 // from shell quoting.
-                let value = if spec.secret {
+                let value = if setting.secret {
                     value
                 } else {
                     value.trim().to_owned()
                 };
-                self.set(spec.path, value, Origin::Env(name));
+                self.set(setting.path, value, Origin::Env(name));
             }
         }
     }
 
     fn apply_cli(&mut self, cli: &Cli) {
         if let Some(listen) = cli.listen {
-            self.set(key::LISTEN, listen.to_string(), Origin::Flag("--listen"));
+            self.set(s::LISTEN.path, listen.to_string(), Origin::Flag("--listen"));
         }
         if let Some(shards) = cli.shards {
-            self.set(key::SHARDS, shards.to_string(), Origin::Flag("--shards"));
+            self.set(s::SHARDS.path, shards.to_string(), Origin::Flag("--shards"));
         }
     }
 
     /// Parses and checks every key; the first failure is returned.
     fn resolve(&self, machine: &Machine) -> Result<Config, ConfigError> {
-        let listen = self.get(
-            key::LISTEN,
-            defaults::LISTEN,
-            |text| text.parse().ok(),
-            SocketAddr::to_string,
-            "an IP address and port such as `127.0.0.1:8080` or `[::]:8080`",
-        )?;
+        let listen = self.addr(&s::LISTEN)?;
 
-        let shards = self.uint(key::SHARDS, defaults::SHARDS, limits::SHARDS)?;
+        let shards = self.uint(&s::SHARDS)?;
         let shards = match shards.value {
             // More CPUs than the shard limit is possible only on exotic hosts; use the limit.
-            0 => machine.cpus.clamp(1, *limits::SHARDS.end() as usize),
+            0 => machine.cpus.clamp(1, s::MAX_SHARDS as usize),
             _ => shards.to_usize()?,
         };
 
-        let log_level = self
-            .choice(
-                key::LOG_LEVEL,
-                defaults::LOG_LEVEL,
-                &[
-                    ("trace", LogLevel::Trace),
-                    ("debug", LogLevel::Debug),
-                    ("info", LogLevel::Info),
-                    ("warn", LogLevel::Warn),
-                    // The Python relay's spelling.
-                    ("warning", LogLevel::Warn),
-                    ("error", LogLevel::Error),
-                ],
-                "one of `trace`, `debug`, `info`, `warn`, `error` (case-insensitive)",
-                |l| l.as_filter_str(),
-            )?
-            .value;
-        let log_format = self
-            .choice(
-                key::LOG_FORMAT,
-                defaults::LOG_FORMAT,
-                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-                "`text` or `json`",
-                LogFormat::as_str,
-            )?
-            .value;
+        let log_level = self.choice(&s::LOG_LEVEL)?.value;
+        let log_format = self.choice(&s::LOG_FORMAT)?.value;
 
         let (http, api) = self.resolve_http_and_api()?;
         let ws = self.resolve_ws()?;
@@ -1409,48 +1019,18 @@ impl Layers {
         let storage = self.resolve_storage()?;
         let memory = self.resolve_memory(machine, &api)?;
         let hot_tier = HotTierConfig {
-            max_messages: self
-                .uint(
-                    key::HOT_TIER_MAX_MESSAGES,
-                    defaults::HOT_TIER_MAX_MESSAGES,
-                    limits::MAX_MESSAGES,
-                )?
-                .to_usize()?,
-            retention: self
-                .duration(
-                    key::HOT_TIER_RETENTION,
-                    defaults::HOT_TIER_RETENTION,
-                    limits::RETENTION,
-                )?
-                .value,
+            max_messages: self.uint(&s::HOT_TIER_MAX_MESSAGES)?.to_usize()?,
+            retention: self.duration(&s::HOT_TIER_RETENTION)?.value,
         };
         let valkey = self.resolve_valkey()?;
         let durability = self.resolve_durability()?;
         let shutdown = ShutdownConfig {
-            timeout: self
-                .duration(
-                    key::SHUTDOWN_TIMEOUT,
-                    defaults::SHUTDOWN_TIMEOUT,
-                    limits::SHUTDOWN_TIMEOUT,
-                )?
-                .value,
+            timeout: self.duration(&s::SHUTDOWN_TIMEOUT)?.value,
         };
         let metrics = self.resolve_metrics(&listen)?;
         let idempotency = IdempotencyConfig {
-            window: self
-                .duration(
-                    key::IDEMPOTENCY_WINDOW,
-                    defaults::IDEMPOTENCY_WINDOW,
-                    limits::IDEMPOTENCY_WINDOW,
-                )?
-                .value,
-            max_keys: self
-                .uint(
-                    key::IDEMPOTENCY_MAX_KEYS,
-                    defaults::IDEMPOTENCY_MAX_KEYS,
-                    limits::IDEMPOTENCY_MAX_KEYS,
-                )?
-                .to_usize()?,
+            window: self.duration(&s::IDEMPOTENCY_WINDOW)?.value,
+            max_keys: self.uint(&s::IDEMPOTENCY_MAX_KEYS)?.to_usize()?,
         };
 
         Ok(Config {
@@ -1476,168 +1056,56 @@ impl Layers {
     }
 
     fn resolve_http_and_api(&self) -> Result<(HttpConfig, ApiConfig), ConfigError> {
-        let max_body = self.size(
-            key::HTTP_MAX_BODY_BYTES,
-            defaults::HTTP_MAX_BODY_BYTES,
-            limits::HTTP_MAX_BODY_BYTES,
-        )?;
-        let max_payload = self.size(
-            key::API_MAX_PAYLOAD_BYTES,
-            defaults::API_MAX_PAYLOAD_BYTES,
-            limits::API_MAX_PAYLOAD_BYTES,
-        )?;
+        let max_body = self.size(&s::HTTP_MAX_BODY_BYTES)?;
+        let max_payload = self.size(&s::API_MAX_PAYLOAD_BYTES)?;
         require_le(&max_payload, &max_body, format_size)?;
-        let default_page = self.uint(
-            key::API_DEFAULT_PAGE_LIMIT,
-            defaults::API_DEFAULT_PAGE_LIMIT,
-            limits::API_PAGE_LIMIT,
-        )?;
-        let max_page = self.uint(
-            key::API_MAX_PAGE_LIMIT,
-            defaults::API_MAX_PAGE_LIMIT,
-            limits::API_PAGE_LIMIT,
-        )?;
+        let default_page = self.uint(&s::API_DEFAULT_PAGE_LIMIT)?;
+        let max_page = self.uint(&s::API_MAX_PAGE_LIMIT)?;
         require_le(&default_page, &max_page, |v| v.to_string())?;
 
         let http = HttpConfig {
-            max_header_bytes: self
-                .size(
-                    key::HTTP_MAX_HEADER_BYTES,
-                    defaults::HTTP_MAX_HEADER_BYTES,
-                    limits::HTTP_MAX_HEADER_BYTES,
-                )?
-                .to_usize()?,
-            max_headers: self
-                .uint(
-                    key::HTTP_MAX_HEADERS,
-                    defaults::HTTP_MAX_HEADERS,
-                    limits::HTTP_MAX_HEADERS,
-                )?
-                .to_usize()?,
+            max_header_bytes: self.size(&s::HTTP_MAX_HEADER_BYTES)?.to_usize()?,
+            max_headers: self.uint(&s::HTTP_MAX_HEADERS)?.to_usize()?,
             max_body_bytes: max_body.to_usize()?,
-            header_read_timeout: self
-                .duration(
-                    key::HTTP_HEADER_READ_TIMEOUT,
-                    defaults::HTTP_HEADER_READ_TIMEOUT,
-                    limits::HTTP_HEADER_READ_TIMEOUT,
-                )?
-                .value,
-            keepalive_timeout: self
-                .duration(
-                    key::HTTP_KEEPALIVE_TIMEOUT,
-                    defaults::HTTP_KEEPALIVE_TIMEOUT,
-                    limits::HTTP_KEEPALIVE_TIMEOUT,
-                )?
-                .value,
-            max_connections_per_shard: self
-                .uint(
-                    key::HTTP_MAX_CONNECTIONS_PER_SHARD,
-                    defaults::HTTP_MAX_CONNECTIONS_PER_SHARD,
-                    limits::HTTP_MAX_CONNECTIONS_PER_SHARD,
-                )?
-                .to_usize()?,
+            header_read_timeout: self.duration(&s::HTTP_HEADER_READ_TIMEOUT)?.value,
+            keepalive_timeout: self.duration(&s::HTTP_KEEPALIVE_TIMEOUT)?.value,
+            max_connections_per_shard: self.uint(&s::HTTP_MAX_CONNECTIONS_PER_SHARD)?.to_usize()?,
         };
         let api = ApiConfig {
-            max_bulk_messages: self
-                .uint(
-                    key::API_MAX_BULK_MESSAGES,
-                    defaults::API_MAX_BULK_MESSAGES,
-                    limits::API_MAX_BULK_MESSAGES,
-                )?
-                .to_usize()?,
+            max_bulk_messages: self.uint(&s::API_MAX_BULK_MESSAGES)?.to_usize()?,
             default_page_limit: default_page.to_usize()?,
             max_page_limit: max_page.to_usize()?,
             max_payload_bytes: max_payload.to_usize()?,
-            max_topic_name_len: self
-                .uint(
-                    key::API_MAX_TOPIC_NAME_LEN,
-                    defaults::API_MAX_TOPIC_NAME_LEN,
-                    limits::API_MAX_TOPIC_NAME_LEN,
-                )?
-                .to_usize()?,
+            max_topic_name_len: self.uint(&s::API_MAX_TOPIC_NAME_LEN)?.to_usize()?,
         };
         Ok((http, api))
     }
 
     fn resolve_ws(&self) -> Result<WsConfig, ConfigError> {
-        let ping_interval = self.duration(
-            key::WS_PING_INTERVAL,
-            defaults::WS_PING_INTERVAL,
-            limits::KEEPALIVE_INTERVAL,
-        )?;
-        let idle_timeout = self.duration(
-            key::WS_IDLE_TIMEOUT,
-            defaults::WS_IDLE_TIMEOUT,
-            limits::WS_IDLE_TIMEOUT,
-        )?;
+        let ping_interval = self.duration(&s::WS_PING_INTERVAL)?;
+        let idle_timeout = self.duration(&s::WS_IDLE_TIMEOUT)?;
         // At or below the ping interval, a quiet but healthy client is closed before its
         // pong to the first ping can arrive.
         require_lt(&ping_interval, &idle_timeout, format_duration)?;
         Ok(WsConfig {
             ping_interval: ping_interval.value,
             idle_timeout: idle_timeout.value,
-            max_message_bytes: self
-                .size(
-                    key::WS_MAX_MESSAGE_BYTES,
-                    defaults::WS_MAX_MESSAGE_BYTES,
-                    limits::WS_MAX_MESSAGE_BYTES,
-                )?
-                .to_usize()?,
-            max_queued_bytes: self
-                .size(
-                    key::WS_MAX_QUEUED_BYTES,
-                    defaults::WS_MAX_QUEUED_BYTES,
-                    limits::OUTBOUND_QUEUE_BYTES,
-                )?
-                .to_usize()?,
-            max_topics: self
-                .uint(
-                    key::WS_MAX_TOPICS,
-                    defaults::WS_MAX_TOPICS,
-                    limits::WS_MAX_TOPICS,
-                )?
-                .to_usize()?,
+            max_message_bytes: self.size(&s::WS_MAX_MESSAGE_BYTES)?.to_usize()?,
+            max_queued_bytes: self.size(&s::WS_MAX_QUEUED_BYTES)?.to_usize()?,
+            max_topics: self.uint(&s::WS_MAX_TOPICS)?.to_usize()?,
         })
     }
 
     fn resolve_longpoll(&self) -> Result<LongPollConfig, ConfigError> {
-        let default_timeout = self.duration(
-            key::LONGPOLL_DEFAULT_TIMEOUT,
-            defaults::LONGPOLL_DEFAULT_TIMEOUT,
-            limits::LONGPOLL_DEFAULT_TIMEOUT,
-        )?;
-        let max_timeout = self.duration(
-            key::LONGPOLL_MAX_TIMEOUT,
-            defaults::LONGPOLL_MAX_TIMEOUT,
-            limits::LONGPOLL_MAX_TIMEOUT,
-        )?;
+        let default_timeout = self.duration(&s::LONGPOLL_DEFAULT_TIMEOUT)?;
+        let max_timeout = self.duration(&s::LONGPOLL_MAX_TIMEOUT)?;
         require_le(&default_timeout, &max_timeout, format_duration)?;
-        let default_limit = self.uint(
-            key::LONGPOLL_DEFAULT_LIMIT,
-            defaults::LONGPOLL_DEFAULT_LIMIT,
-            limits::LONGPOLL_LIMIT,
-        )?;
-        let max_limit = self.uint(
-            key::LONGPOLL_MAX_LIMIT,
-            defaults::LONGPOLL_MAX_LIMIT,
-            limits::LONGPOLL_LIMIT,
-        )?;
+        let default_limit = self.uint(&s::LONGPOLL_DEFAULT_LIMIT)?;
+        let max_limit = self.uint(&s::LONGPOLL_MAX_LIMIT)?;
         require_le(&default_limit, &max_limit, |v| v.to_string())?;
         Ok(LongPollConfig {
-            max_topics: self
-                .uint(
-                    key::LONGPOLL_MAX_TOPICS,
-                    defaults::LONGPOLL_MAX_TOPICS,
-                    limits::LONGPOLL_MAX_TOPICS,
-                )?
-                .to_usize()?,
-            max_parked_per_shard: self
-                .uint(
-                    key::LONGPOLL_MAX_PARKED_PER_SHARD,
-                    defaults::LONGPOLL_MAX_PARKED_PER_SHARD,
-                    limits::LONGPOLL_MAX_PARKED_PER_SHARD,
-                )?
-                .to_usize()?,
+            max_topics: self.uint(&s::LONGPOLL_MAX_TOPICS)?.to_usize()?,
+            max_parked_per_shard: self.uint(&s::LONGPOLL_MAX_PARKED_PER_SHARD)?.to_usize()?,
             default_timeout: default_timeout.value,
             max_timeout: max_timeout.value,
             default_limit: default_limit.to_usize()?,
@@ -1647,40 +1115,13 @@ impl Layers {
 
     fn resolve_sse(&self) -> Result<SseConfig, ConfigError> {
         Ok(SseConfig {
-            heartbeat_interval: self
-                .duration(
-                    key::SSE_HEARTBEAT_INTERVAL,
-                    defaults::SSE_HEARTBEAT_INTERVAL,
-                    limits::KEEPALIVE_INTERVAL,
-                )?
-                .value,
-            max_queued_bytes: self
-                .size(
-                    key::SSE_MAX_QUEUED_BYTES,
-                    defaults::SSE_MAX_QUEUED_BYTES,
-                    limits::OUTBOUND_QUEUE_BYTES,
-                )?
-                .to_usize()?,
+            heartbeat_interval: self.duration(&s::SSE_HEARTBEAT_INTERVAL)?.value,
+            max_queued_bytes: self.size(&s::SSE_MAX_QUEUED_BYTES)?.to_usize()?,
         })
     }
 
     fn resolve_metrics(&self, api_listen: &Got<SocketAddr>) -> Result<MetricsConfig, ConfigError> {
-        let listen = match self.optional_text(key::METRICS_LISTEN) {
-            None => None,
-            Some(text) => {
-                let value: SocketAddr = text.value.parse().map_err(|_| {
-                    text.invalid(
-                        "an IP address and port such as `0.0.0.0:9100` or `[::]:9100`, or null",
-                    )
-                })?;
-                Some(Got {
-                    value,
-                    key: text.key,
-                    text: text.text,
-                    origin: text.origin,
-                })
-            }
-        };
+        let listen = self.optional_addr(&s::METRICS_LISTEN)?;
         if let Some(listen) = &listen {
             if addresses_overlap(listen.value, api_listen.value) {
                 let (blamed, other) = if listen.origin.rank() >= api_listen.origin.rank() {
@@ -1691,53 +1132,22 @@ impl Layers {
                 return Err(blamed.invalid(format!(
                     "an address not overlapping `{}` = {} ({}): the same port on the same or a \
                      wildcard address would take the other listener's connections",
-                    other.key, other.value, other.origin
+                    other.setting.path, other.value, other.origin
                 )));
             }
         }
         Ok(MetricsConfig {
-            listen: listen.map(|l| l.value).or(defaults::METRICS_LISTEN),
-            per_topic: self
-                .boolean(key::METRICS_PER_TOPIC, defaults::METRICS_PER_TOPIC)?
-                .value,
-            max_topic_series: self
-                .uint(
-                    key::METRICS_MAX_TOPIC_SERIES,
-                    defaults::METRICS_MAX_TOPIC_SERIES,
-                    limits::METRICS_MAX_TOPIC_SERIES,
-                )?
-                .to_usize()?,
+            listen: listen.map(|l| l.value),
+            per_topic: self.boolean(&s::METRICS_PER_TOPIC)?.value,
+            max_topic_series: self.uint(&s::METRICS_MAX_TOPIC_SERIES)?.to_usize()?,
         })
     }
 
     fn resolve_storage(&self) -> Result<StorageConfig, ConfigError> {
         Ok(StorageConfig {
-            backend: self
-                .choice(
-                    key::STORAGE_BACKEND,
-                    defaults::STORAGE_BACKEND,
-                    &[
-                        ("memory", StorageBackend::Memory),
-                        ("valkey", StorageBackend::Valkey),
-                    ],
-                    "`memory` or `valkey`",
-                    StorageBackend::as_str,
-                )?
-                .value,
-            persistent_tier_retention: self
-                .duration(
-                    key::STORAGE_PERSISTENT_TIER_RETENTION,
-                    defaults::STORAGE_PERSISTENT_TIER_RETENTION,
-                    limits::RETENTION,
-                )?
-                .value,
-            max_messages_per_topic: self
-                .uint(
-                    key::STORAGE_MAX_MESSAGES_PER_TOPIC,
-                    defaults::STORAGE_MAX_MESSAGES_PER_TOPIC,
-                    limits::MAX_MESSAGES,
-                )?
-                .to_usize()?,
+            backend: self.choice(&s::STORAGE_BACKEND)?.value,
+            persistent_tier_retention: self.duration(&s::STORAGE_PERSISTENT_TIER_RETENTION)?.value,
+            max_messages_per_topic: self.uint(&s::STORAGE_MAX_MESSAGES_PER_TOPIC)?.to_usize()?,
         })
     }
 
@@ -1748,24 +1158,15 @@ impl Layers {
     ) -> Result<MemoryConfig, ConfigError> {
         let machine_default = machine
             .memory_bytes
-            .map_or(defaults::MEMORY_MAX_BYTES_FALLBACK, |m| {
-                m / defaults::MEMORY_SHARE_DIVISOR
-            })
+            .map_or(s::MEMORY_FALLBACK_BYTES, |m| m / s::MEMORY_SHARE_DIVISOR)
             // A tiny cgroup must not make the *default* invalid; the store then simply evicts
             // early.
-            .clamp(
-                *limits::MEMORY_MAX_BYTES.start(),
-                *limits::MEMORY_MAX_BYTES.end(),
-            );
-        let max_bytes = self.size(
-            key::MEMORY_MAX_BYTES,
-            machine_default,
-            limits::MEMORY_MAX_BYTES,
-        )?;
+            .clamp(*s::MEMORY_BYTES.start(), *s::MEMORY_BYTES.end());
+        let max_bytes = self.size_or(&s::MEMORY_MAX_BYTES, machine_default)?;
         if max_bytes.value < api.max_payload_bytes as u64 {
             return Err(max_bytes.invalid(format!(
                 "at least `{}` = {}, so one message fits",
-                key::API_MAX_PAYLOAD_BYTES,
+                s::API_MAX_PAYLOAD_BYTES.path,
                 format_size(api.max_payload_bytes as u64)
             )));
         }
@@ -1775,37 +1176,13 @@ impl Layers {
     }
 
     fn resolve_durability(&self) -> Result<DurabilityConfig, ConfigError> {
-        let ack = self
-            .choice(
-                key::DURABILITY_ACK,
-                defaults::DURABILITY_ACK,
-                &[
-                    ("persisted", AckMode::Persisted),
-                    ("buffered", AckMode::Buffered),
-                    ("replicated", AckMode::Replicated),
-                ],
-                "`persisted`, `buffered` or `replicated`",
-                AckMode::as_str,
-            )?
-            .value;
-        let replicas = self.uint(
-            key::DURABILITY_REPLICAS,
-            defaults::DURABILITY_REPLICAS,
-            limits::DURABILITY_REPLICAS,
-        )?;
-        let replica_timeout = self.duration(
-            key::DURABILITY_REPLICA_TIMEOUT,
-            defaults::DURABILITY_REPLICA_TIMEOUT,
-            limits::DURABILITY_REPLICA_TIMEOUT,
-        )?;
+        let ack = self.choice(&s::DURABILITY_ACK)?.value;
+        let replicas = self.uint(&s::DURABILITY_REPLICAS)?;
+        let replica_timeout = self.duration(&s::DURABILITY_REPLICA_TIMEOUT)?;
         // The WAIT blocks the connection it ends: its batch must still be answered within
         // the command timeout, or every publish of it fails as a timeout instead of a 503
         // naming the replicas.
-        let command_timeout = self.duration(
-            key::VALKEY_COMMAND_TIMEOUT,
-            defaults::VALKEY_COMMAND_TIMEOUT,
-            limits::VALKEY_TIMEOUT,
-        )?;
+        let command_timeout = self.duration(&s::VALKEY_COMMAND_TIMEOUT)?;
         if ack == AckMode::Replicated {
             require_lt(&replica_timeout, &command_timeout, format_duration)?;
         }
@@ -1821,29 +1198,23 @@ impl Layers {
     /// `valkey.host`/`valkey.port` beside it (which address would the data go to?) and the
     /// other sentinel keys without it.
     fn resolve_sentinel(&self) -> Result<Option<SentinelSettings>, ConfigError> {
-        let sentinels = self.optional_text(key::VALKEY_SENTINELS);
-        let master = self.optional_text(key::VALKEY_SENTINEL_MASTER);
-        let username = self.optional_text(key::VALKEY_SENTINEL_USERNAME);
-        let password = self.optional_text(key::VALKEY_SENTINEL_PASSWORD);
+        let sentinels = self.optional_text(&s::VALKEY_SENTINELS);
+        let master = self.optional_text(&s::VALKEY_SENTINEL_MASTER);
+        let username = self.optional_text(&s::VALKEY_SENTINEL_USERNAME);
+        let password = self.optional_text(&s::VALKEY_SENTINEL_PASSWORD);
         let Some(sentinels) = sentinels else {
             if let Some(lone) = [&master, &username, &password].into_iter().flatten().next() {
                 return Err(lone.invalid(format!(
                     "no value: it is only used with `{}` (the sentinels' addresses), which is \
                      not set",
-                    key::VALKEY_SENTINELS
+                    s::VALKEY_SENTINELS.path
                 )));
             }
             return Ok(None);
         };
-        let addrs = parse_sentinel_addrs(&sentinels.value).map_err(|why| {
-            sentinels.invalid(format!(
-                "a comma-separated list of 1 to {} sentinel addresses `host:port` (IPv6 as \
-                 `[addr]:port`), e.g. `10.0.0.1:26379,10.0.0.2:26379`: {why}",
-                limits::VALKEY_SENTINELS.end()
-            ))
-        })?;
-        for (conflict, what) in [(key::VALKEY_HOST, "host"), (key::VALKEY_PORT, "port")] {
-            if let Some(raw) = self.values.get(conflict) {
+        let addrs = addr_list(&sentinels)?;
+        for (conflict, what) in [(&s::VALKEY_HOST, "host"), (&s::VALKEY_PORT, "port")] {
+            if let Some(raw) = self.values.get(conflict.path) {
                 return Err(invalid(
                     conflict,
                     &raw.text,
@@ -1851,7 +1222,7 @@ impl Layers {
                     format!(
                         "no value while `{}` is set ({}): the sentinels name the master's {what}; \
                          remove one of the two",
-                        key::VALKEY_SENTINELS,
+                        s::VALKEY_SENTINELS.path,
                         sentinels.origin
                     ),
                 ));
@@ -1860,20 +1231,16 @@ impl Layers {
         let Some(master) = master else {
             return Err(sentinels.invalid(format!(
                 "`{}` too: the name the sentinels monitor the master under",
-                key::VALKEY_SENTINEL_MASTER
+                s::VALKEY_SENTINEL_MASTER.path
             )));
         };
-        if has_space_or_control(&master.value) {
-            return Err(master.invalid("a master name without spaces"));
-        }
+        check_name(&master)?;
         if let Some(user) = &username {
-            if has_space_or_control(&user.value) {
-                return Err(user.invalid("an ACL user name without spaces"));
-            }
+            check_name(user)?;
             if password.is_none() {
                 return Err(user.invalid(format!(
                     "`{}` too: a sentinel user needs a password",
-                    key::VALKEY_SENTINEL_PASSWORD
+                    s::VALKEY_SENTINEL_PASSWORD.path
                 )));
             }
         }
@@ -1886,44 +1253,23 @@ impl Layers {
     }
 
     fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
-        let host = self.get(
-            key::VALKEY_HOST,
-            defaults::VALKEY_HOST.to_owned(),
-            |text| (!text.is_empty() && !has_space_or_control(text)).then(|| text.to_owned()),
-            String::clone,
-            "a host name or IP address without spaces",
-        )?;
-        let port = self.uint(key::VALKEY_PORT, defaults::VALKEY_PORT, limits::VALKEY_PORT)?;
+        let host = self.name(&s::VALKEY_HOST)?;
+        let port = self.uint(&s::VALKEY_PORT)?;
         let port = u16::try_from(port.value).map_err(|_| port.invalid("a port from 1 to 65535"))?;
 
-        let username = self.optional_text(key::VALKEY_USERNAME);
+        let username = self.optional_text(&s::VALKEY_USERNAME);
         if let Some(user) = &username {
-            if has_space_or_control(&user.value) {
-                return Err(user.invalid("an ACL user name without spaces"));
-            }
+            check_name(user)?;
         }
-        let password = self.optional_text(key::VALKEY_PASSWORD);
-        let db = self.uint(key::VALKEY_DB, defaults::VALKEY_DB, limits::VALKEY_DB)?;
+        let password = self.optional_text(&s::VALKEY_PASSWORD);
+        let db = self.uint(&s::VALKEY_DB)?;
         let db = u32::try_from(db.value).map_err(|_| db.invalid("a database index"))?;
 
         let sentinel = self.resolve_sentinel()?;
         let cluster_nodes = self.resolve_cluster_nodes(sentinel.is_some(), db)?;
         let cluster = cluster_nodes.is_some();
-        let (stream_default, meta_default, idempotency_default) = if cluster {
-            (
-                defaults::VALKEY_CLUSTER_STREAM_KEY,
-                defaults::VALKEY_CLUSTER_META_KEY,
-                defaults::VALKEY_CLUSTER_IDEMPOTENCY_KEY,
-            )
-        } else {
-            (
-                defaults::VALKEY_STREAM_KEY,
-                defaults::VALKEY_META_KEY,
-                defaults::VALKEY_IDEMPOTENCY_KEY,
-            )
-        };
-        let stream_key = self.template(key::VALKEY_STREAM_KEY, stream_default)?;
-        let meta_key = self.template(key::VALKEY_META_KEY, meta_default)?;
+        let stream_key = self.template(&s::VALKEY_STREAM_KEY, cluster)?;
+        let meta_key = self.template(&s::VALKEY_META_KEY, cluster)?;
         if stream_key.value.may_share_key(&meta_key.value) {
             // A key that is one topic's stream and another's (or the same topic's) hash: its
             // publishes or metadata writes would fail with WRONGTYPE.
@@ -1936,12 +1282,12 @@ impl Layers {
                 "`{}` and `{}` to differ so that no topic's stream key is any topic's meta \
                  key (a stream and a hash cannot share a key; e.g. `s:{{topic}}` and \
                  `s:{{topic}}.m` clash on `s:a.m`)",
-                key::VALKEY_STREAM_KEY,
-                key::VALKEY_META_KEY
+                s::VALKEY_STREAM_KEY.path,
+                s::VALKEY_META_KEY.path
             )));
         }
 
-        let idempotency_key = self.template(key::VALKEY_IDEMPOTENCY_KEY, idempotency_default)?;
+        let idempotency_key = self.template(&s::VALKEY_IDEMPOTENCY_KEY, cluster)?;
         if cluster {
             for template in [&stream_key, &meta_key, &idempotency_key] {
                 if !template.value.hash_tag_is_topic() {
@@ -1952,8 +1298,8 @@ impl Layers {
                         "in Valkey Cluster mode (`{}` set), a template whose first `{{` opens \
                          the hash tag `{{{{topic}}}}` (the topic in braces), so that all of a \
                          topic's keys share one slot, e.g. `{}`",
-                        key::VALKEY_CLUSTER_NODES,
-                        defaults::VALKEY_CLUSTER_STREAM_KEY
+                        s::VALKEY_CLUSTER_NODES.path,
+                        template_default(&s::VALKEY_STREAM_KEY, true)
                     )));
                 }
             }
@@ -1964,7 +1310,7 @@ impl Layers {
             return Err(idempotency_key.invalid(format!(
                 "a template whose `{{topic}}` is followed by a character no topic name has \
                  (such as `:`), so that each key names one topic, e.g. `{}`",
-                defaults::VALKEY_IDEMPOTENCY_KEY
+                template_default(&s::VALKEY_IDEMPOTENCY_KEY, false)
             )));
         }
         for other in [&stream_key, &meta_key] {
@@ -1978,9 +1324,9 @@ impl Layers {
                 return Err(blamed.invalid(format!(
                     "`{}` and `{}` to differ so that no topic's idempotency key (the template \
                      followed by the client's key) is any topic's {} key",
-                    key::VALKEY_IDEMPOTENCY_KEY,
-                    other.key,
-                    if other.key == key::VALKEY_STREAM_KEY {
+                    s::VALKEY_IDEMPOTENCY_KEY.path,
+                    other.setting.path,
+                    if other.setting.path == s::VALKEY_STREAM_KEY.path {
                         "stream"
                     } else {
                         "meta"
@@ -1995,40 +1341,14 @@ impl Layers {
             username: username.map(|u| u.value),
             password: password.map(|p| Secret(p.value)),
             db,
-            use_tls: self
-                .boolean(key::VALKEY_USE_TLS, defaults::VALKEY_USE_TLS)?
-                .value,
+            use_tls: self.boolean(&s::VALKEY_USE_TLS)?.value,
             tls_ca_file: self
-                .optional_text(key::VALKEY_TLS_CA_FILE)
+                .optional_text(&s::VALKEY_TLS_CA_FILE)
                 .map(|f| PathBuf::from(f.value)),
-            connections_per_shard: self
-                .uint(
-                    key::VALKEY_CONNECTIONS_PER_SHARD,
-                    defaults::VALKEY_CONNECTIONS_PER_SHARD,
-                    limits::VALKEY_CONNECTIONS_PER_SHARD,
-                )?
-                .to_usize()?,
-            connect_timeout: self
-                .duration(
-                    key::VALKEY_CONNECT_TIMEOUT,
-                    defaults::VALKEY_CONNECT_TIMEOUT,
-                    limits::VALKEY_TIMEOUT,
-                )?
-                .value,
-            command_timeout: self
-                .duration(
-                    key::VALKEY_COMMAND_TIMEOUT,
-                    defaults::VALKEY_COMMAND_TIMEOUT,
-                    limits::VALKEY_TIMEOUT,
-                )?
-                .value,
-            max_pending: self
-                .uint(
-                    key::VALKEY_MAX_PENDING,
-                    defaults::VALKEY_MAX_PENDING,
-                    limits::VALKEY_MAX_PENDING,
-                )?
-                .to_usize()?,
+            connections_per_shard: self.uint(&s::VALKEY_CONNECTIONS_PER_SHARD)?.to_usize()?,
+            connect_timeout: self.duration(&s::VALKEY_CONNECT_TIMEOUT)?.value,
+            command_timeout: self.duration(&s::VALKEY_COMMAND_TIMEOUT)?.value,
+            max_pending: self.uint(&s::VALKEY_MAX_PENDING)?.to_usize()?,
             stream_key: stream_key.value,
             meta_key: meta_key.value,
             idempotency_key: idempotency_key.value,
@@ -2044,112 +1364,117 @@ impl Layers {
         sentinel: bool,
         db: u32,
     ) -> Result<Option<Vec<(String, u16)>>, ConfigError> {
-        let Some(nodes) = self.optional_text(key::VALKEY_CLUSTER_NODES) else {
+        let Some(nodes) = self.optional_text(&s::VALKEY_CLUSTER_NODES) else {
             return Ok(None);
         };
-        let addrs = parse_addrs(&nodes.value, limits::VALKEY_CLUSTER_NODES).map_err(|why| {
-            nodes.invalid(format!(
-                "a comma-separated list of 1 to {} Valkey Cluster node addresses `host:port` \
-                 (IPv6 as `[addr]:port`), e.g. `10.0.0.1:6379,10.0.0.2:6379`: {why}",
-                limits::VALKEY_CLUSTER_NODES.end()
-            ))
-        })?;
+        let addrs = addr_list(&nodes)?;
         if sentinel {
             return Err(nodes.invalid(format!(
                 "no value while `{}` is set: Valkey Cluster and Sentinel exclude each other \
                  (a cluster fails over by itself); remove one of the two",
-                key::VALKEY_SENTINELS
+                s::VALKEY_SENTINELS.path
             )));
         }
         if db != 0 {
             return Err(nodes.invalid(format!(
                 "no value while `{}` is not 0: Valkey Cluster has only database 0",
-                key::VALKEY_DB
+                s::VALKEY_DB.path
             )));
         }
         Ok(Some(addrs))
     }
 
-    // --- typed getters -------------------------------------------------------------------
+    // --- typed getters: the setting's kind gives the default, parser, range and message ---
 
-    /// The value of `key` from the highest layer that set it, parsed; or `default`.
+    /// The value of `setting` from the highest layer that set it, parsed; or `default`.
     /// `expected` goes into the error when `parse` fails.
     fn get<T>(
         &self,
-        key: &'static str,
+        setting: &'static Setting,
         default: T,
         parse: impl FnOnce(&str) -> Option<T>,
         show_default: impl FnOnce(&T) -> String,
         expected: &str,
     ) -> Result<Got<T>, ConfigError> {
-        match self.values.get(key) {
+        match self.values.get(setting.path) {
             None => Ok(Got {
-                key,
+                setting,
                 text: show_default(&default),
                 origin: Origin::Default,
                 value: default,
             }),
             Some(raw) => match parse(&raw.text) {
                 Some(value) => Ok(Got {
-                    key,
+                    setting,
                     text: raw.text.clone(),
                     origin: raw.origin.clone(),
                     value,
                 }),
-                None => Err(invalid(key, &raw.text, &raw.origin, expected.to_owned())),
+                None => Err(invalid(
+                    setting,
+                    &raw.text,
+                    &raw.origin,
+                    expected.to_owned(),
+                )),
             },
         }
     }
 
-    fn uint(
-        &self,
-        key: &'static str,
-        default: u64,
-        range: RangeInclusive<u64>,
-    ) -> Result<Got<u64>, ConfigError> {
+    /// A [`Kind::Uint`] setting.
+    fn uint(&self, setting: &'static Setting) -> Result<Got<u64>, ConfigError> {
+        let Kind::Uint { default, range } = &setting.kind else {
+            kind_mismatch(setting)
+        };
         let expected = match (*range.start(), *range.end()) {
             (start, u64::MAX) => format!("an integer of at least {start}"),
             (start, end) => format!("an integer from {start} to {end}"),
         };
-        let got = self.get(key, default, parse_uint, u64::to_string, &expected)?;
+        let got = self.get(setting, *default, parse_uint, u64::to_string, &expected)?;
         if !range.contains(&got.value) {
             return Err(got.invalid(expected));
         }
         Ok(got)
     }
 
-    fn size(
-        &self,
-        key: &'static str,
-        default: u64,
-        range: RangeInclusive<u64>,
-    ) -> Result<Got<u64>, ConfigError> {
+    /// A [`Kind::Size`] setting.
+    fn size(&self, setting: &'static Setting) -> Result<Got<u64>, ConfigError> {
+        let Kind::Size { default, .. } = &setting.kind else {
+            kind_mismatch(setting)
+        };
+        self.size_or(setting, *default)
+    }
+
+    /// A [`Kind::Size`] setting whose default is computed (from the machine) rather than
+    /// the declared one.
+    fn size_or(&self, setting: &'static Setting, default: u64) -> Result<Got<u64>, ConfigError> {
+        let Kind::Size { range, .. } = &setting.kind else {
+            kind_mismatch(setting)
+        };
         let expected = format!(
             "a size such as `16KiB`, `64MiB` or integer bytes, from {} to {}",
             format_size(*range.start()),
             format_size(*range.end())
         );
-        let got = self.get(key, default, parse_size, |v| format_size(*v), &expected)?;
+        let got = self.get(setting, default, parse_size, |v| format_size(*v), &expected)?;
         if !range.contains(&got.value) {
             return Err(got.invalid(expected));
         }
         Ok(got)
     }
 
-    fn duration(
-        &self,
-        key: &'static str,
-        default: Duration,
-        range: RangeInclusive<Duration>,
-    ) -> Result<Got<Duration>, ConfigError> {
+    /// A [`Kind::Duration`] setting.
+    fn duration(&self, setting: &'static Setting) -> Result<Got<Duration>, ConfigError> {
+        let Kind::Duration { default, range } = &setting.kind else {
+            kind_mismatch(setting)
+        };
         let expected = format!(
             "a duration such as `24h` or integer seconds, from {} to {}",
             format_duration(*range.start()),
             format_duration(*range.end())
         );
         let got = self.get(
-            key,
-            default,
+            setting,
+            *default,
             parse_duration,
             |d| format_duration(*d),
             &expected,
@@ -2160,50 +1485,129 @@ impl Layers {
         Ok(got)
     }
 
-    fn boolean(&self, key: &'static str, default: bool) -> Result<Got<bool>, ConfigError> {
+    /// A [`Kind::Bool`] setting.
+    fn boolean(&self, setting: &'static Setting) -> Result<Got<bool>, ConfigError> {
+        let Kind::Bool { default } = &setting.kind else {
+            kind_mismatch(setting)
+        };
         self.get(
-            key,
-            default,
+            setting,
+            *default,
             parse_bool,
             bool::to_string,
             "`true` or `false` (also `1`/`0`, `yes`/`no`)",
         )
     }
 
-    fn choice<T: Copy>(
-        &self,
-        key: &'static str,
-        default: T,
-        names: &[(&str, T)],
-        expected: &str,
-        name_of: impl Fn(T) -> &'static str,
-    ) -> Result<Got<T>, ConfigError> {
-        let parse = |text: &str| {
-            names
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(text))
-                .map(|(_, value)| *value)
+    /// A [`Kind::Choice`] setting, as the enum whose names it declares.
+    fn choice<T: Named>(&self, setting: &'static Setting) -> Result<Got<T>, ConfigError> {
+        let Kind::Choice {
+            default,
+            names,
+            aliases,
+            expected,
+        } = &setting.kind
+        else {
+            kind_mismatch(setting)
         };
-        self.get(key, default, parse, |v| name_of(*v).to_owned(), expected)
+        let variant = |name: &str| T::ALL.iter().copied().find(|v| v.name() == name);
+        let parse = |text: &str| {
+            let name = names
+                .iter()
+                .copied()
+                .find(|name| name.eq_ignore_ascii_case(text))
+                .or_else(|| {
+                    aliases
+                        .iter()
+                        .find(|(alias, _)| alias.eq_ignore_ascii_case(text))
+                        .map(|(_, name)| *name)
+                })?;
+            variant(name)
+        };
+        let default = variant(default).unwrap_or_else(|| kind_mismatch(setting));
+        let expected = expected.map_or_else(|| choice_expected(names), str::to_owned);
+        self.get(setting, default, parse, |v| v.name().to_owned(), &expected)
     }
 
-    /// Unset, null and empty are all `None`: an empty value means "none" in the seeds.
-    fn optional_text(&self, key: &'static str) -> Option<Got<String>> {
-        let raw = self.values.get(key)?;
+    /// A [`Kind::Addr`] setting.
+    fn addr(&self, setting: &'static Setting) -> Result<Got<SocketAddr>, ConfigError> {
+        let Kind::Addr { default } = &setting.kind else {
+            kind_mismatch(setting)
+        };
+        self.get(
+            setting,
+            *default,
+            |text| text.parse().ok(),
+            SocketAddr::to_string,
+            &addr_expected(*default),
+        )
+    }
+
+    /// A [`Kind::OptionalAddr`] setting; `None` when unset, null or empty.
+    fn optional_addr(
+        &self,
+        setting: &'static Setting,
+    ) -> Result<Option<Got<SocketAddr>>, ConfigError> {
+        let Kind::OptionalAddr { example } = &setting.kind else {
+            kind_mismatch(setting)
+        };
+        let Some(text) = self.optional_text(setting) else {
+            return Ok(None);
+        };
+        let value = text
+            .value
+            .parse()
+            .map_err(|_| text.invalid(format!("{}, or null", addr_expected(*example))))?;
+        Ok(Some(Got {
+            value,
+            setting,
+            text: text.text,
+            origin: text.origin,
+        }))
+    }
+
+    /// A [`Kind::Name`] setting with a default (an optional one is read with
+    /// [`Layers::optional_text`] and checked with [`check_name`]).
+    fn name(&self, setting: &'static Setting) -> Result<Got<String>, ConfigError> {
+        let Kind::Name {
+            default: Some(default),
+            what,
+        } = &setting.kind
+        else {
+            kind_mismatch(setting)
+        };
+        self.get(
+            setting,
+            (*default).to_owned(),
+            |text| (!text.is_empty() && !has_space_or_control(text)).then(|| text.to_owned()),
+            String::clone,
+            &format!("{what} without spaces"),
+        )
+    }
+
+    /// The raw text of an optional setting of any kind. Unset, null and empty are all
+    /// `None`: an empty value means "none" in the seeds.
+    fn optional_text(&self, setting: &'static Setting) -> Option<Got<String>> {
+        let raw = self.values.get(setting.path)?;
         (!raw.text.trim().is_empty()).then(|| Got {
-            key,
+            setting,
             value: raw.text.clone(),
             text: raw.text.clone(),
             origin: raw.origin.clone(),
         })
     }
 
-    fn template(&self, key: &'static str, default: &str) -> Result<Got<KeyTemplate>, ConfigError> {
-        let default = KeyTemplate::parse(default)
-            // The defaults are constants containing `{topic}` once (tested).
+    /// A [`Kind::Template`] setting, with its Valkey Cluster default in cluster mode.
+    fn template(
+        &self,
+        setting: &'static Setting,
+        cluster: bool,
+    ) -> Result<Got<KeyTemplate>, ConfigError> {
+        let default = KeyTemplate::parse(template_default(setting, cluster))
+            // The declared defaults contain `{topic}` once (tested).
             .expect("default key template contains {topic} exactly once");
         self.get(
-            key,
+            setting,
             default,
             KeyTemplate::parse,
             KeyTemplate::to_string,
@@ -2212,10 +1616,119 @@ impl Layers {
     }
 }
 
+/// An enum a [`Kind::Choice`] setting resolves to: the declaration lists the names of
+/// `ALL`'s variants (tested).
+trait Named: Copy + 'static {
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+}
+
+impl Named for LogLevel {
+    const ALL: &'static [Self] = &[
+        LogLevel::Trace,
+        LogLevel::Debug,
+        LogLevel::Info,
+        LogLevel::Warn,
+        LogLevel::Error,
+    ];
+    fn name(self) -> &'static str {
+        self.as_filter_str()
+    }
+}
+
+impl Named for LogFormat {
+    const ALL: &'static [Self] = &[LogFormat::Text, LogFormat::Json];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Named for StorageBackend {
+    const ALL: &'static [Self] = &[StorageBackend::Memory, StorageBackend::Valkey];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Named for AckMode {
+    const ALL: &'static [Self] = &[AckMode::Persisted, AckMode::Buffered, AckMode::Replicated];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// A getter was asked for a setting declared with another kind (or a choice whose names
+/// are not its enum's): a mistake in this module, which every load hits, so the first unit
+/// test that loads a configuration reports it.
+fn kind_mismatch(setting: &Setting) -> ! {
+    panic!(
+        "setting `{}` is read as another kind than its declaration {:?}",
+        setting.path, setting.kind
+    )
+}
+
+/// "`a` or `b`", "`a`, `b` or `c`".
+fn choice_expected(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
+
+fn addr_expected(example: SocketAddr) -> String {
+    format!(
+        "an IP address and port such as `{example}` or `[::]:{}`",
+        example.port()
+    )
+}
+
+/// The default of a [`Kind::Template`] setting, in Valkey Cluster mode or not.
+fn template_default(setting: &Setting, cluster: bool) -> &'static str {
+    match setting.kind {
+        Kind::Template {
+            cluster_default, ..
+        } if cluster => cluster_default,
+        Kind::Template { default, .. } => default,
+        _ => kind_mismatch(setting),
+    }
+}
+
+/// A [`Kind::AddrList`] setting's value as `(host, port)` pairs.
+fn addr_list(got: &Got<String>) -> Result<Vec<(String, u16)>, ConfigError> {
+    let Kind::AddrList {
+        count,
+        what,
+        example,
+    } = &got.setting.kind
+    else {
+        kind_mismatch(got.setting)
+    };
+    parse_addrs(&got.value, count.clone()).map_err(|why| {
+        got.invalid(format!(
+            "a comma-separated list of {} to {} {what} addresses `host:port` (IPv6 as \
+             `[addr]:port`), e.g. `{example}`: {why}",
+            count.start(),
+            count.end()
+        ))
+    })
+}
+
+/// A [`Kind::Name`] setting's value has no spaces or control characters.
+fn check_name(got: &Got<String>) -> Result<(), ConfigError> {
+    let Kind::Name { what, .. } = &got.setting.kind else {
+        kind_mismatch(got.setting)
+    };
+    if has_space_or_control(&got.value) {
+        return Err(got.invalid(format!("{what} without spaces")));
+    }
+    Ok(())
+}
+
 /// A resolved value with what is needed to complain about it later (cross-key checks).
 struct Got<T> {
     value: T,
-    key: &'static str,
+    setting: &'static Setting,
     /// The value as written (or the default, formatted).
     text: String,
     origin: Origin,
@@ -2223,7 +1736,7 @@ struct Got<T> {
 
 impl<T> Got<T> {
     fn invalid(&self, expected: impl Into<String>) -> ConfigError {
-        invalid(self.key, &self.text, &self.origin, expected.into())
+        invalid(self.setting, &self.text, &self.origin, expected.into())
     }
 }
 
@@ -2249,13 +1762,8 @@ fn has_space_or_control(text: &str) -> bool {
     text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// `host:port[,host:port...]` (spaces around entries allowed, IPv6 as `[addr]:port`); what
-/// is wrong otherwise.
-fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
-    parse_addrs(text, limits::VALKEY_SENTINELS)
-}
-
-/// Like [`parse_sentinel_addrs`], with `count` addresses allowed.
+/// `host:port[,host:port...]` (spaces around entries allowed, IPv6 as `[addr]:port`) with
+/// `count` addresses; what is wrong otherwise.
 fn parse_addrs(text: &str, count: RangeInclusive<usize>) -> Result<Vec<(String, u16)>, String> {
     let mut addrs: Vec<(String, u16)> = Vec::new();
     for entry in text.split(',').map(str::trim) {
@@ -2281,7 +1789,7 @@ fn parse_addrs(text: &str, count: RangeInclusive<usize>) -> Result<Vec<(String, 
             return Err(format!("`{shown}` has no valid host"));
         }
         let port = parse_uint(port)
-            .filter(|p| limits::VALKEY_PORT.contains(p))
+            .filter(|p| s::PORTS.contains(p))
             .and_then(|p| u16::try_from(p).ok())
             .ok_or_else(|| format!("`{shown}` has no port from 1 to 65535"))?;
         let addr = (host.to_owned(), port);
@@ -2296,14 +1804,14 @@ fn parse_addrs(text: &str, count: RangeInclusive<usize>) -> Result<Vec<(String, 
     Ok(addrs)
 }
 
-fn invalid(key: &'static str, text: &str, origin: &Origin, expected: String) -> ConfigError {
-    let value = if is_secret(key) {
+fn invalid(setting: &Setting, text: &str, origin: &Origin, expected: String) -> ConfigError {
+    let value = if setting.secret {
         "<redacted>".to_owned()
     } else {
         shown_value(text)
     };
     ConfigError::Invalid {
-        key,
+        key: setting.path,
         value,
         origin: origin.clone(),
         expected,
@@ -2360,14 +1868,14 @@ fn require_ordered<T: PartialOrd + Copy>(
     Err(if lower.origin.rank() >= upper.origin.rank() {
         lower.invalid(format!(
             "{below} `{}` = {} ({})",
-            upper.key,
+            upper.setting.path,
             render(upper.value),
             upper.origin
         ))
     } else {
         upper.invalid(format!(
             "{above} `{}` = {} ({})",
-            lower.key,
+            lower.setting.path,
             render(lower.value),
             lower.origin
         ))
@@ -2669,124 +2177,128 @@ impl RawFile {
                 });
             }
         };
-        put(key::LISTEN, self.listen);
-        put(key::SHARDS, self.shards);
-        put(key::LOG_LEVEL, self.log_level);
-        put(key::LOG_FORMAT, self.log_format);
+        put(s::LISTEN.path, self.listen);
+        put(s::SHARDS.path, self.shards);
+        put(s::LOG_LEVEL.path, self.log_level);
+        put(s::LOG_FORMAT.path, self.log_format);
         let h = self.http.unwrap_or_default();
-        put(key::HTTP_MAX_HEADER_BYTES, h.max_header_bytes);
-        put(key::HTTP_MAX_HEADERS, h.max_headers);
-        put(key::HTTP_MAX_BODY_BYTES, h.max_body_bytes);
-        put(key::HTTP_HEADER_READ_TIMEOUT, h.header_read_timeout);
-        put(key::HTTP_KEEPALIVE_TIMEOUT, h.keepalive_timeout);
+        put(s::HTTP_MAX_HEADER_BYTES.path, h.max_header_bytes);
+        put(s::HTTP_MAX_HEADERS.path, h.max_headers);
+        put(s::HTTP_MAX_BODY_BYTES.path, h.max_body_bytes);
+        put(s::HTTP_HEADER_READ_TIMEOUT.path, h.header_read_timeout);
+        put(s::HTTP_KEEPALIVE_TIMEOUT.path, h.keepalive_timeout);
         put(
-            key::HTTP_MAX_CONNECTIONS_PER_SHARD,
+            s::HTTP_MAX_CONNECTIONS_PER_SHARD.path,
             h.max_connections_per_shard,
         );
         let a = self.api.unwrap_or_default();
-        put(key::API_MAX_BULK_MESSAGES, a.max_bulk_messages);
-        put(key::API_DEFAULT_PAGE_LIMIT, a.default_page_limit);
-        put(key::API_MAX_PAGE_LIMIT, a.max_page_limit);
-        put(key::API_MAX_PAYLOAD_BYTES, a.max_payload_bytes);
-        put(key::API_MAX_TOPIC_NAME_LEN, a.max_topic_name_len);
+        put(s::API_MAX_BULK_MESSAGES.path, a.max_bulk_messages);
+        put(s::API_DEFAULT_PAGE_LIMIT.path, a.default_page_limit);
+        put(s::API_MAX_PAGE_LIMIT.path, a.max_page_limit);
+        put(s::API_MAX_PAYLOAD_BYTES.path, a.max_payload_bytes);
+        put(s::API_MAX_TOPIC_NAME_LEN.path, a.max_topic_name_len);
         let w = self.ws.unwrap_or_default();
-        put(key::WS_PING_INTERVAL, w.ping_interval);
-        put(key::WS_IDLE_TIMEOUT, w.idle_timeout);
-        put(key::WS_MAX_MESSAGE_BYTES, w.max_message_bytes);
-        put(key::WS_MAX_QUEUED_BYTES, w.max_queued_bytes);
-        put(key::WS_MAX_TOPICS, w.max_topics);
+        put(s::WS_PING_INTERVAL.path, w.ping_interval);
+        put(s::WS_IDLE_TIMEOUT.path, w.idle_timeout);
+        put(s::WS_MAX_MESSAGE_BYTES.path, w.max_message_bytes);
+        put(s::WS_MAX_QUEUED_BYTES.path, w.max_queued_bytes);
+        put(s::WS_MAX_TOPICS.path, w.max_topics);
         let l = self.longpoll.unwrap_or_default();
-        put(key::LONGPOLL_MAX_TOPICS, l.max_topics);
-        put(key::LONGPOLL_MAX_PARKED_PER_SHARD, l.max_parked_per_shard);
-        put(key::LONGPOLL_DEFAULT_TIMEOUT, l.default_timeout);
-        put(key::LONGPOLL_MAX_TIMEOUT, l.max_timeout);
-        put(key::LONGPOLL_DEFAULT_LIMIT, l.default_limit);
-        put(key::LONGPOLL_MAX_LIMIT, l.max_limit);
-        let e = self.sse.unwrap_or_default();
-        put(key::SSE_HEARTBEAT_INTERVAL, e.heartbeat_interval);
-        put(key::SSE_MAX_QUEUED_BYTES, e.max_queued_bytes);
-        let s = self.storage.unwrap_or_default();
-        put(key::STORAGE_BACKEND, s.backend);
+        put(s::LONGPOLL_MAX_TOPICS.path, l.max_topics);
         put(
-            key::STORAGE_PERSISTENT_TIER_RETENTION,
+            s::LONGPOLL_MAX_PARKED_PER_SHARD.path,
+            l.max_parked_per_shard,
+        );
+        put(s::LONGPOLL_DEFAULT_TIMEOUT.path, l.default_timeout);
+        put(s::LONGPOLL_MAX_TIMEOUT.path, l.max_timeout);
+        put(s::LONGPOLL_DEFAULT_LIMIT.path, l.default_limit);
+        put(s::LONGPOLL_MAX_LIMIT.path, l.max_limit);
+        let e = self.sse.unwrap_or_default();
+        put(s::SSE_HEARTBEAT_INTERVAL.path, e.heartbeat_interval);
+        put(s::SSE_MAX_QUEUED_BYTES.path, e.max_queued_bytes);
+        let s = self.storage.unwrap_or_default();
+        put(s::STORAGE_BACKEND.path, s.backend);
+        put(
+            s::STORAGE_PERSISTENT_TIER_RETENTION.path,
             s.persistent_tier_retention,
         );
         put(
-            key::STORAGE_MAX_MESSAGES_PER_TOPIC,
+            s::STORAGE_MAX_MESSAGES_PER_TOPIC.path,
             s.max_messages_per_topic,
         );
         let m = self.memory.unwrap_or_default();
-        put(key::MEMORY_MAX_BYTES, m.max_bytes);
+        put(s::MEMORY_MAX_BYTES.path, m.max_bytes);
         let t = self.hot_tier.unwrap_or_default();
-        put(key::HOT_TIER_MAX_MESSAGES, t.max_messages);
-        put(key::HOT_TIER_RETENTION, t.retention);
+        put(s::HOT_TIER_MAX_MESSAGES.path, t.max_messages);
+        put(s::HOT_TIER_RETENTION.path, t.retention);
         let v = self.valkey.unwrap_or_default();
-        put(key::VALKEY_HOST, v.host);
-        put(key::VALKEY_PORT, v.port);
-        put(key::VALKEY_USERNAME, v.username);
-        put(key::VALKEY_PASSWORD, v.password);
-        put(key::VALKEY_DB, v.db);
-        put(key::VALKEY_USE_TLS, v.use_tls);
-        put(key::VALKEY_TLS_CA_FILE, v.tls_ca_file);
-        put(key::VALKEY_CONNECT_TIMEOUT, v.connect_timeout);
-        put(key::VALKEY_COMMAND_TIMEOUT, v.command_timeout);
-        put(key::VALKEY_MAX_PENDING, v.max_pending);
-        put(key::VALKEY_STREAM_KEY, v.stream_key);
-        put(key::VALKEY_META_KEY, v.meta_key);
-        put(key::VALKEY_IDEMPOTENCY_KEY, v.idempotency_key);
+        put(s::VALKEY_HOST.path, v.host);
+        put(s::VALKEY_PORT.path, v.port);
+        put(s::VALKEY_USERNAME.path, v.username);
+        put(s::VALKEY_PASSWORD.path, v.password);
+        put(s::VALKEY_DB.path, v.db);
+        put(s::VALKEY_USE_TLS.path, v.use_tls);
+        put(s::VALKEY_TLS_CA_FILE.path, v.tls_ca_file);
+        put(s::VALKEY_CONNECT_TIMEOUT.path, v.connect_timeout);
+        put(s::VALKEY_COMMAND_TIMEOUT.path, v.command_timeout);
+        put(s::VALKEY_MAX_PENDING.path, v.max_pending);
+        put(s::VALKEY_STREAM_KEY.path, v.stream_key);
+        put(s::VALKEY_META_KEY.path, v.meta_key);
+        put(s::VALKEY_IDEMPOTENCY_KEY.path, v.idempotency_key);
         put(
-            key::VALKEY_SENTINELS,
+            s::VALKEY_SENTINELS.path,
             v.sentinels
                 .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
         );
-        put(key::VALKEY_SENTINEL_MASTER, v.sentinel_master);
-        put(key::VALKEY_SENTINEL_USERNAME, v.sentinel_username);
-        put(key::VALKEY_SENTINEL_PASSWORD, v.sentinel_password);
+        put(s::VALKEY_SENTINEL_MASTER.path, v.sentinel_master);
+        put(s::VALKEY_SENTINEL_USERNAME.path, v.sentinel_username);
+        put(s::VALKEY_SENTINEL_PASSWORD.path, v.sentinel_password);
         put(
-            key::VALKEY_CLUSTER_NODES,
+            s::VALKEY_CLUSTER_NODES.path,
             v.cluster_nodes
                 .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
         );
         let d = self.durability.unwrap_or_default();
-        put(key::DURABILITY_ACK, d.ack);
-        put(key::DURABILITY_REPLICAS, d.replicas);
-        put(key::DURABILITY_REPLICA_TIMEOUT, d.replica_timeout);
+        put(s::DURABILITY_ACK.path, d.ack);
+        put(s::DURABILITY_REPLICAS.path, d.replicas);
+        put(s::DURABILITY_REPLICA_TIMEOUT.path, d.replica_timeout);
         let i = self.idempotency.unwrap_or_default();
-        put(key::IDEMPOTENCY_WINDOW, i.window);
-        put(key::IDEMPOTENCY_MAX_KEYS, i.max_keys);
+        put(s::IDEMPOTENCY_WINDOW.path, i.window);
+        put(s::IDEMPOTENCY_MAX_KEYS.path, i.max_keys);
         let sd = self.shutdown.unwrap_or_default();
-        put(key::SHUTDOWN_TIMEOUT, sd.timeout);
+        put(s::SHUTDOWN_TIMEOUT.path, sd.timeout);
         let mt = self.metrics.unwrap_or_default();
-        put(key::METRICS_LISTEN, mt.listen);
-        put(key::METRICS_PER_TOPIC, mt.per_topic);
-        put(key::METRICS_MAX_TOPIC_SERIES, mt.max_topic_series);
+        put(s::METRICS_LISTEN.path, mt.listen);
+        put(s::METRICS_PER_TOPIC.path, mt.per_topic);
+        put(s::METRICS_MAX_TOPIC_SERIES.path, mt.max_topic_series);
+        let pool_size = s::VALKEY_CONNECTIONS_PER_SHARD.alias.unwrap_or_default();
         match (v.connections_per_shard, v.pool_size) {
             (Some(_), Some(alias)) => {
                 let origin = Origin::File {
                     path: path.to_owned(),
-                    alias: Some(key::VALKEY_POOL_SIZE),
+                    alias: Some(pool_size),
                     line: alias.referenced.line(),
                     column: alias.referenced.column(),
                 };
                 return Err(invalid(
-                    key::VALKEY_CONNECTIONS_PER_SHARD,
+                    &s::VALKEY_CONNECTIONS_PER_SHARD,
                     &alias.value,
                     &origin,
                     format!(
                         "only one of `{}` and its alias `{}`",
-                        key::VALKEY_CONNECTIONS_PER_SHARD,
-                        key::VALKEY_POOL_SIZE
+                        s::VALKEY_CONNECTIONS_PER_SHARD.path,
+                        pool_size
                     ),
                 ));
             }
             (Some(value), None) => out.push(RawEntry {
-                key: key::VALKEY_CONNECTIONS_PER_SHARD,
-                written: key::VALKEY_CONNECTIONS_PER_SHARD,
+                key: s::VALKEY_CONNECTIONS_PER_SHARD.path,
+                written: s::VALKEY_CONNECTIONS_PER_SHARD.path,
                 value,
             }),
             (None, Some(value)) => out.push(RawEntry {
-                key: key::VALKEY_CONNECTIONS_PER_SHARD,
-                written: key::VALKEY_POOL_SIZE,
+                key: s::VALKEY_CONNECTIONS_PER_SHARD.path,
+                written: pool_size,
                 value,
             }),
             (None, None) => {}
@@ -2934,6 +2446,13 @@ mod tests {
 
     fn template(text: &str) -> KeyTemplate {
         KeyTemplate::parse(text).expect("valid template")
+    }
+
+    fn parse_sentinel_addrs(text: &str) -> Result<Vec<(String, u16)>, String> {
+        let Kind::AddrList { count, .. } = &s::VALKEY_SENTINELS.kind else {
+            panic!("valkey.sentinels is an address list");
+        };
+        parse_addrs(text, count.clone())
     }
 
     #[test]
@@ -3092,9 +2611,9 @@ mod tests {
     #[test]
     fn example_file_shows_every_key() {
         let shown = flattened(EXAMPLE);
-        for spec in KEYS {
+        for spec in settings::ALL {
             // Machine-dependent, shown commented out.
-            if spec.path == key::MEMORY_MAX_BYTES {
+            if spec.path == s::MEMORY_MAX_BYTES.path {
                 assert!(EXAMPLE.contains("# max_bytes:"));
                 continue;
             }
@@ -3105,6 +2624,116 @@ mod tests {
                 "{} missing from config.yaml.example",
                 spec.path
             );
+        }
+    }
+
+    /// The line of `config.yaml.example` that sets `path` or shows it commented out.
+    fn example_line(path: &str) -> Option<&'static str> {
+        let (section, leaf) = path.rsplit_once('.').unwrap_or(("", path));
+        let mut current = "";
+        for line in EXAMPLE.lines() {
+            if !line.starts_with([' ', '#']) {
+                let Some((name, rest)) = line.split_once(':') else {
+                    continue;
+                };
+                // `http:` (maybe with a comment) opens a section; `listen: ...` is a key.
+                let value = rest.split('#').next().unwrap_or("").trim();
+                current = if value.is_empty() { name } else { "" };
+                if section.is_empty() && name == leaf {
+                    return Some(line);
+                }
+            } else if !section.is_empty() && current == section {
+                let key = line.trim_start().trim_start_matches('#').trim_start();
+                if key.strip_prefix(leaf).is_some_and(|r| r.starts_with(':')) {
+                    return Some(line);
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn example_file_names_each_key_with_its_environment_variable() {
+        for setting in settings::ALL {
+            let line = example_line(setting.path);
+            let line = line.unwrap_or_else(|| panic!("{} not in the example", setting.path));
+            if let Some(var) = setting.env.first() {
+                assert!(
+                    line.contains(var),
+                    "{var} missing from the example's `{line}`"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn declarations_are_unique_and_env_names_have_the_documented_shape() {
+        let mut paths: Vec<&str> = settings::ALL.iter().map(|s| s.path).collect();
+        paths.extend(settings::ALL.iter().filter_map(|s| s.alias));
+        let mut vars: Vec<&str> = settings::ALL.iter().flat_map(|s| s.env).copied().collect();
+        for list in [&mut paths, &mut vars] {
+            let count = list.len();
+            list.sort_unstable();
+            list.dedup();
+            assert_eq!(list.len(), count, "a path or variable is declared twice");
+        }
+        // `--help` promises: each name also as PULSAR_<NAME>, which wins; or PULSAR_ only.
+        for setting in settings::ALL {
+            match setting.env {
+                [] => {}
+                [only] => assert!(only.starts_with("PULSAR_"), "{only}"),
+                [plain, prefixed] => assert_eq!(*prefixed, format!("PULSAR_{plain}")),
+                more => panic!("{}: {more:?}", setting.path),
+            }
+            if let Some(alias) = setting.alias {
+                let (section, _) = alias.rsplit_once('.').unwrap_or(("", alias));
+                assert_eq!(section, setting.section(), "{alias} outside its section");
+            }
+        }
+    }
+
+    #[test]
+    fn choice_declarations_name_their_enums_variants() {
+        fn names<T: Named>() -> Vec<&'static str> {
+            T::ALL.iter().map(|v| v.name()).collect()
+        }
+        for (setting, variants) in [
+            (&s::LOG_LEVEL, names::<LogLevel>()),
+            (&s::LOG_FORMAT, names::<LogFormat>()),
+            (&s::STORAGE_BACKEND, names::<StorageBackend>()),
+            (&s::DURABILITY_ACK, names::<AckMode>()),
+        ] {
+            let Kind::Choice {
+                default,
+                names,
+                aliases,
+                expected,
+            } = &setting.kind
+            else {
+                panic!("{} is a choice", setting.path);
+            };
+            assert_eq!(*names, variants.as_slice(), "{}", setting.path);
+            assert!(names.contains(default), "{}", setting.path);
+            for (_, name) in *aliases {
+                assert!(names.contains(name), "{}: alias of {name}", setting.path);
+            }
+            for name in names.iter().filter(|_| expected.is_some()) {
+                assert!(expected.is_some_and(|e| e.contains(&format!("`{name}`"))));
+            }
+        }
+        for setting in settings::ALL {
+            if let Kind::Template {
+                default,
+                cluster_default,
+            } = setting.kind
+            {
+                assert!(KeyTemplate::parse(default).is_some(), "{default}");
+                let cluster = KeyTemplate::parse(cluster_default);
+                assert!(
+                    cluster.is_some_and(|t| t.hash_tag_is_topic()),
+                    "{cluster_default}"
+                );
+            }
         }
     }
 
@@ -3529,7 +3158,7 @@ valkey:
                 from_yaml.push(key);
             }
         }
-        let mut table: Vec<&str> = KEYS.iter().map(|k| k.path).collect();
+        let mut table: Vec<&str> = settings::ALL.iter().map(|k| k.path).collect();
         from_yaml.sort_unstable();
         table.sort_unstable();
         assert_eq!(from_yaml, table);
@@ -3637,7 +3266,7 @@ valkey:
     #[test]
     fn generic_listen_and_shards_variables_are_ignored() {
         let config = from_env(&[("LISTEN", "0.0.0.0:1"), ("SHARDS", "9")]).expect("valid");
-        assert_eq!(config.listen, defaults::LISTEN);
+        assert_eq!(config.listen, defaults().listen);
         assert_eq!(config.shards, MACHINE.cpus);
     }
 
@@ -4220,7 +3849,7 @@ valkey:
         assert!(!message.contains("hunter2"), "{message}");
         // Should a rule ever reject a password, the value is not echoed.
         let error = invalid(
-            key::VALKEY_PASSWORD,
+            &s::VALKEY_PASSWORD,
             "hunter2",
             &Origin::Env("VALKEY_PASSWORD"),
             "anything".to_owned(),
@@ -4295,7 +3924,7 @@ valkey:
         ] {
             assert!(help.contains(option), "{option} missing from --help");
         }
-        for spec in KEYS {
+        for spec in settings::ALL {
             for var in spec.env {
                 // The prefixed forms are documented once, as PULSAR_<NAME>.
                 let unprefixed = var.strip_prefix("PULSAR_").unwrap_or(var);
