@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::Parser;
@@ -944,26 +945,14 @@ impl Layers {
     }
 
     fn apply_yaml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
-        // No source snippets in errors: a snippet around a syntax error near `password:`
-        // would print the password.
-        let options = serde_saphyr::options! { with_snippet: false };
-        let raw: RawFile = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-            let location = e.location();
-            ConfigError::Yaml {
-                path: path.to_owned(),
-                message: e.to_string(),
-                line: location.map(|l| l.line()),
-                column: location.map(|l| l.column()),
-            }
-        })?;
-        for entry in raw.into_entries(path)? {
+        for entry in read_file(path, text)? {
             let origin = Origin::File {
                 path: path.to_owned(),
-                alias: (entry.written != entry.key).then_some(entry.written),
+                alias: (entry.written != entry.setting.path).then_some(entry.written),
                 line: entry.value.referenced.line(),
                 column: entry.value.referenced.column(),
             };
-            self.set(entry.key, entry.value.value, origin);
+            self.set(entry.setting.path, entry.value.value, origin);
         }
         Ok(())
     }
@@ -1964,133 +1953,266 @@ fn format_duration(duration: Duration) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// YAML schema (raw layer).
+// YAML file layer: the schema is the settings table.
 // ---------------------------------------------------------------------------------------------
 
-/// Every leaf is read as its text (serde-saphyr keeps a plain scalar's spelling when asked
-/// for a string: `007` stays `007`, `yes` stays `yes`), so the file goes through the same
-/// parsers as env vars and flags and a bad value gets our message, not serde's.
-type RawValue = Option<Spanned<String>>;
-
-/// Sections are `Option` so that a section whose keys are all commented out (`memory:`
-/// followed by comments only, as in the example file) is a null and still loads.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawFile {
-    listen: RawValue,
-    shards: RawValue,
-    log_level: RawValue,
-    log_format: RawValue,
-    http: Option<RawHttp>,
-    api: Option<RawApi>,
-    ws: Option<RawWs>,
-    longpoll: Option<RawLongPoll>,
-    sse: Option<RawSse>,
-    storage: Option<RawStorage>,
-    memory: Option<RawMemory>,
-    hot_tier: Option<RawHotTier>,
-    valkey: Option<RawValkey>,
-    durability: Option<RawDurability>,
-    idempotency: Option<RawIdempotency>,
-    shutdown: Option<RawShutdown>,
-    metrics: Option<RawMetrics>,
+/// One value set in the file.
+struct FileEntry {
+    setting: &'static Setting,
+    /// The path as written: the setting's, or its alias when that was used.
+    written: &'static str,
+    value: Spanned<String>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawHttp {
-    max_header_bytes: RawValue,
-    max_headers: RawValue,
-    max_body_bytes: RawValue,
-    header_read_timeout: RawValue,
-    keepalive_timeout: RawValue,
-    max_connections_per_shard: RawValue,
+/// Reads the config file into its values. Keys are checked against [`settings::ALL`]: a
+/// section or key nobody declared is an error naming it and the keys its section has, as
+/// serde's `deny_unknown_fields` words it. Every leaf is read as its text (serde-saphyr keeps
+/// a plain scalar's spelling when asked for a string: `007` stays `007`, `yes` stays `yes`),
+/// so the file goes through the same parsers as env vars and flags and a bad value gets our
+/// message, not serde's. A section is a mapping or null, so a section whose keys are all
+/// commented out (`memory:` followed by comments only, as in the example file) still loads.
+fn read_file(path: &Path, text: &str) -> Result<Vec<FileEntry>, ConfigError> {
+    // No source snippets in errors: a snippet around a syntax error near `password:` would
+    // print the password.
+    let options = serde_saphyr::options! { with_snippet: false };
+    let FileEntries(entries) = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let location = e.location();
+        ConfigError::Yaml {
+            path: path.to_owned(),
+            message: e.to_string(),
+            line: location.map(|l| l.line()),
+            column: location.map(|l| l.column()),
+        }
+    })?;
+    for setting in settings::ALL {
+        let Some(alias) = setting.alias else {
+            continue;
+        };
+        let written = |as_written: &str| {
+            entries
+                .iter()
+                .find(|e| e.setting.path == setting.path && e.written == as_written)
+        };
+        if let (Some(_), Some(aliased)) = (written(setting.path), written(alias)) {
+            let origin = Origin::File {
+                path: path.to_owned(),
+                alias: Some(alias),
+                line: aliased.value.referenced.line(),
+                column: aliased.value.referenced.column(),
+            };
+            return Err(invalid(
+                setting,
+                &aliased.value.value,
+                &origin,
+                format!("only one of `{}` and its alias `{alias}`", setting.path),
+            ));
+        }
+    }
+    Ok(entries)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawApi {
-    max_bulk_messages: RawValue,
-    default_page_limit: RawValue,
-    max_page_limit: RawValue,
-    max_payload_bytes: RawValue,
-    max_topic_name_len: RawValue,
+/// The sections and keys the file may contain, derived once from [`settings::ALL`]: for each
+/// section path (`""` for the top level) the names it holds, subsections and aliases
+/// included, in declaration order (the order an unknown-key error lists them in).
+fn file_schema() -> &'static [(&'static str, Vec<&'static str>)] {
+    static SCHEMA: OnceLock<Vec<(&'static str, Vec<&'static str>)>> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let mut schema: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+        let mut add = |section: &'static str, name: &'static str| {
+            let at = match schema.iter().position(|(s, _)| *s == section) {
+                Some(at) => at,
+                None => {
+                    schema.push((section, Vec::new()));
+                    schema.len() - 1
+                }
+            };
+            if !schema[at].1.contains(&name) {
+                schema[at].1.push(name);
+            }
+        };
+        for setting in settings::ALL {
+            for path in std::iter::once(setting.path).chain(setting.alias) {
+                // `a.b.c` adds `a` to "", `b` to `a` and `c` to `a.b`.
+                let mut section = "";
+                let mut rest = path;
+                while let Some((name, tail)) = rest.split_once('.') {
+                    add(section, name);
+                    section = &path[..path.len() - tail.len() - 1];
+                    rest = tail;
+                }
+                add(section, rest);
+            }
+        }
+        schema
+    })
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawWs {
-    ping_interval: RawValue,
-    idle_timeout: RawValue,
-    max_message_bytes: RawValue,
-    max_queued_bytes: RawValue,
-    max_topics: RawValue,
+/// The names `section` may contain.
+fn file_keys(section: &str) -> &'static [&'static str] {
+    file_schema()
+        .iter()
+        .find(|(s, _)| *s == section)
+        .map_or(&[], |(_, names)| names.as_slice())
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawLongPoll {
-    max_topics: RawValue,
-    max_parked_per_shard: RawValue,
-    default_timeout: RawValue,
-    max_timeout: RawValue,
-    default_limit: RawValue,
-    max_limit: RawValue,
+/// What a key of the file is.
+enum FileKey {
+    Setting {
+        setting: &'static Setting,
+        written: &'static str,
+    },
+    Section(&'static str),
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawSse {
-    heartbeat_interval: RawValue,
-    max_queued_bytes: RawValue,
+/// The file's values, in document order.
+struct FileEntries(Vec<FileEntry>);
+
+impl<'de> Deserialize<'de> for FileEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut entries = Vec::new();
+        deserializer.deserialize_struct(
+            "config",
+            file_keys(""),
+            SectionVisitor {
+                section: "",
+                out: &mut entries,
+            },
+        )?;
+        Ok(FileEntries(entries))
+    }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawStorage {
-    backend: RawValue,
-    persistent_tier_retention: RawValue,
-    max_messages_per_topic: RawValue,
+/// Reads the mapping of `section` into `out`.
+struct SectionVisitor<'a> {
+    section: &'static str,
+    out: &'a mut Vec<FileEntry>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawMemory {
-    max_bytes: RawValue,
+impl<'de> serde::de::Visitor<'de> for SectionVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.section {
+            "" => f.write_str("a mapping of configuration keys"),
+            section => write!(f, "a mapping of `{section}` keys, or null"),
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.out;
+        while let Some(key) = map.next_key_seed(KeySeed {
+            section: self.section,
+        })? {
+            match key {
+                FileKey::Setting { setting, written } => {
+                    let value = if matches!(setting.kind, Kind::AddrList { .. }) {
+                        map.next_value::<Option<Spanned<CommaList>>>()?
+                            .map(|list| Spanned::new(list.value.0, list.referenced, list.defined))
+                    } else {
+                        map.next_value::<Option<Spanned<String>>>()?
+                    };
+                    if let Some(value) = value {
+                        out.push(FileEntry {
+                            setting,
+                            written,
+                            value,
+                        });
+                    }
+                }
+                FileKey::Section(section) => map.next_value_seed(SectionSeed {
+                    section,
+                    out: &mut *out,
+                })?,
+            }
+        }
+        Ok(())
+    }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawHotTier {
-    max_messages: RawValue,
-    retention: RawValue,
+/// A nested section: a mapping, or null for one whose keys are all commented out.
+struct SectionSeed<'a> {
+    section: &'static str,
+    out: &'a mut Vec<FileEntry>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawValkey {
-    host: RawValue,
-    port: RawValue,
-    username: RawValue,
-    password: RawValue,
-    db: RawValue,
-    use_tls: RawValue,
-    tls_ca_file: RawValue,
-    connections_per_shard: RawValue,
-    /// The seeds' name (`valkey: pool_size: 100`); an alias of `connections_per_shard`, kept
-    /// as its own field so errors name the key the user wrote.
-    pool_size: RawValue,
-    connect_timeout: RawValue,
-    command_timeout: RawValue,
-    max_pending: RawValue,
-    stream_key: RawValue,
-    meta_key: RawValue,
-    idempotency_key: RawValue,
-    sentinels: Option<Spanned<CommaList>>,
-    sentinel_master: RawValue,
-    sentinel_username: RawValue,
-    sentinel_password: RawValue,
-    cluster_nodes: Option<Spanned<CommaList>>,
+impl<'de> serde::de::DeserializeSeed<'de> for SectionSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SectionSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a mapping of `{}` keys, or null", self.section)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_struct(
+            "section",
+            file_keys(self.section),
+            SectionVisitor {
+                section: self.section,
+                out: self.out,
+            },
+        )
+    }
+}
+
+/// A key of `section`, rejected while it is read (as a derived struct's field name is) so the
+/// error carries the key's position.
+struct KeySeed {
+    section: &'static str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = FileKey;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<FileKey, D::Error> {
+        deserializer.deserialize_identifier(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = FileKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a configuration key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<FileKey, E> {
+        let path = match self.section {
+            "" => key.to_owned(),
+            section => format!("{section}.{key}"),
+        };
+        for setting in settings::ALL {
+            if setting.path == path {
+                let written = setting.path;
+                return Ok(FileKey::Setting { setting, written });
+            }
+            if let Some(written) = setting.alias.filter(|alias| *alias == path) {
+                return Ok(FileKey::Setting { setting, written });
+            }
+        }
+        match file_schema().iter().find(|(section, _)| *section == path) {
+            Some((section, _)) => Ok(FileKey::Section(section)),
+            None => Err(E::unknown_field(key, file_keys(self.section))),
+        }
+    }
 }
 
 /// A leaf written either as a YAML list of scalars or as one comma-separated string (the
@@ -2124,186 +2246,6 @@ impl<'de> Deserialize<'de> for CommaList {
             }
         }
         deserializer.deserialize_any(Visitor)
-    }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawDurability {
-    ack: RawValue,
-    replicas: RawValue,
-    replica_timeout: RawValue,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawIdempotency {
-    window: RawValue,
-    max_keys: RawValue,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawShutdown {
-    timeout: RawValue,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawMetrics {
-    listen: RawValue,
-    per_topic: RawValue,
-    max_topic_series: RawValue,
-}
-
-/// One value set in the file.
-struct RawEntry {
-    /// Canonical key.
-    key: &'static str,
-    /// The key as written (differs for an alias).
-    written: &'static str,
-    value: Spanned<String>,
-}
-
-impl RawFile {
-    fn into_entries(self, path: &Path) -> Result<Vec<RawEntry>, ConfigError> {
-        let mut out = Vec::new();
-        let mut put = |key: &'static str, value: RawValue| {
-            if let Some(value) = value {
-                out.push(RawEntry {
-                    key,
-                    written: key,
-                    value,
-                });
-            }
-        };
-        put(s::LISTEN.path, self.listen);
-        put(s::SHARDS.path, self.shards);
-        put(s::LOG_LEVEL.path, self.log_level);
-        put(s::LOG_FORMAT.path, self.log_format);
-        let h = self.http.unwrap_or_default();
-        put(s::HTTP_MAX_HEADER_BYTES.path, h.max_header_bytes);
-        put(s::HTTP_MAX_HEADERS.path, h.max_headers);
-        put(s::HTTP_MAX_BODY_BYTES.path, h.max_body_bytes);
-        put(s::HTTP_HEADER_READ_TIMEOUT.path, h.header_read_timeout);
-        put(s::HTTP_KEEPALIVE_TIMEOUT.path, h.keepalive_timeout);
-        put(
-            s::HTTP_MAX_CONNECTIONS_PER_SHARD.path,
-            h.max_connections_per_shard,
-        );
-        let a = self.api.unwrap_or_default();
-        put(s::API_MAX_BULK_MESSAGES.path, a.max_bulk_messages);
-        put(s::API_DEFAULT_PAGE_LIMIT.path, a.default_page_limit);
-        put(s::API_MAX_PAGE_LIMIT.path, a.max_page_limit);
-        put(s::API_MAX_PAYLOAD_BYTES.path, a.max_payload_bytes);
-        put(s::API_MAX_TOPIC_NAME_LEN.path, a.max_topic_name_len);
-        let w = self.ws.unwrap_or_default();
-        put(s::WS_PING_INTERVAL.path, w.ping_interval);
-        put(s::WS_IDLE_TIMEOUT.path, w.idle_timeout);
-        put(s::WS_MAX_MESSAGE_BYTES.path, w.max_message_bytes);
-        put(s::WS_MAX_QUEUED_BYTES.path, w.max_queued_bytes);
-        put(s::WS_MAX_TOPICS.path, w.max_topics);
-        let l = self.longpoll.unwrap_or_default();
-        put(s::LONGPOLL_MAX_TOPICS.path, l.max_topics);
-        put(
-            s::LONGPOLL_MAX_PARKED_PER_SHARD.path,
-            l.max_parked_per_shard,
-        );
-        put(s::LONGPOLL_DEFAULT_TIMEOUT.path, l.default_timeout);
-        put(s::LONGPOLL_MAX_TIMEOUT.path, l.max_timeout);
-        put(s::LONGPOLL_DEFAULT_LIMIT.path, l.default_limit);
-        put(s::LONGPOLL_MAX_LIMIT.path, l.max_limit);
-        let e = self.sse.unwrap_or_default();
-        put(s::SSE_HEARTBEAT_INTERVAL.path, e.heartbeat_interval);
-        put(s::SSE_MAX_QUEUED_BYTES.path, e.max_queued_bytes);
-        let s = self.storage.unwrap_or_default();
-        put(s::STORAGE_BACKEND.path, s.backend);
-        put(
-            s::STORAGE_PERSISTENT_TIER_RETENTION.path,
-            s.persistent_tier_retention,
-        );
-        put(
-            s::STORAGE_MAX_MESSAGES_PER_TOPIC.path,
-            s.max_messages_per_topic,
-        );
-        let m = self.memory.unwrap_or_default();
-        put(s::MEMORY_MAX_BYTES.path, m.max_bytes);
-        let t = self.hot_tier.unwrap_or_default();
-        put(s::HOT_TIER_MAX_MESSAGES.path, t.max_messages);
-        put(s::HOT_TIER_RETENTION.path, t.retention);
-        let v = self.valkey.unwrap_or_default();
-        put(s::VALKEY_HOST.path, v.host);
-        put(s::VALKEY_PORT.path, v.port);
-        put(s::VALKEY_USERNAME.path, v.username);
-        put(s::VALKEY_PASSWORD.path, v.password);
-        put(s::VALKEY_DB.path, v.db);
-        put(s::VALKEY_USE_TLS.path, v.use_tls);
-        put(s::VALKEY_TLS_CA_FILE.path, v.tls_ca_file);
-        put(s::VALKEY_CONNECT_TIMEOUT.path, v.connect_timeout);
-        put(s::VALKEY_COMMAND_TIMEOUT.path, v.command_timeout);
-        put(s::VALKEY_MAX_PENDING.path, v.max_pending);
-        put(s::VALKEY_STREAM_KEY.path, v.stream_key);
-        put(s::VALKEY_META_KEY.path, v.meta_key);
-        put(s::VALKEY_IDEMPOTENCY_KEY.path, v.idempotency_key);
-        put(
-            s::VALKEY_SENTINELS.path,
-            v.sentinels
-                .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
-        );
-        put(s::VALKEY_SENTINEL_MASTER.path, v.sentinel_master);
-        put(s::VALKEY_SENTINEL_USERNAME.path, v.sentinel_username);
-        put(s::VALKEY_SENTINEL_PASSWORD.path, v.sentinel_password);
-        put(
-            s::VALKEY_CLUSTER_NODES.path,
-            v.cluster_nodes
-                .map(|list| Spanned::new(list.value.0, list.referenced, list.defined)),
-        );
-        let d = self.durability.unwrap_or_default();
-        put(s::DURABILITY_ACK.path, d.ack);
-        put(s::DURABILITY_REPLICAS.path, d.replicas);
-        put(s::DURABILITY_REPLICA_TIMEOUT.path, d.replica_timeout);
-        let i = self.idempotency.unwrap_or_default();
-        put(s::IDEMPOTENCY_WINDOW.path, i.window);
-        put(s::IDEMPOTENCY_MAX_KEYS.path, i.max_keys);
-        let sd = self.shutdown.unwrap_or_default();
-        put(s::SHUTDOWN_TIMEOUT.path, sd.timeout);
-        let mt = self.metrics.unwrap_or_default();
-        put(s::METRICS_LISTEN.path, mt.listen);
-        put(s::METRICS_PER_TOPIC.path, mt.per_topic);
-        put(s::METRICS_MAX_TOPIC_SERIES.path, mt.max_topic_series);
-        let pool_size = s::VALKEY_CONNECTIONS_PER_SHARD.alias.unwrap_or_default();
-        match (v.connections_per_shard, v.pool_size) {
-            (Some(_), Some(alias)) => {
-                let origin = Origin::File {
-                    path: path.to_owned(),
-                    alias: Some(pool_size),
-                    line: alias.referenced.line(),
-                    column: alias.referenced.column(),
-                };
-                return Err(invalid(
-                    &s::VALKEY_CONNECTIONS_PER_SHARD,
-                    &alias.value,
-                    &origin,
-                    format!(
-                        "only one of `{}` and its alias `{}`",
-                        s::VALKEY_CONNECTIONS_PER_SHARD.path,
-                        pool_size
-                    ),
-                ));
-            }
-            (Some(value), None) => out.push(RawEntry {
-                key: s::VALKEY_CONNECTIONS_PER_SHARD.path,
-                written: s::VALKEY_CONNECTIONS_PER_SHARD.path,
-                value,
-            }),
-            (None, Some(value)) => out.push(RawEntry {
-                key: s::VALKEY_CONNECTIONS_PER_SHARD.path,
-                written: pool_size,
-                value,
-            }),
-            (None, None) => {}
-        }
-        Ok(out)
     }
 }
 
@@ -2603,9 +2545,8 @@ mod tests {
     }
 
     fn flattened(yaml: &str) -> Vec<&'static str> {
-        let raw: RawFile = serde_saphyr::from_str(yaml).expect("parses");
-        let entries = raw.into_entries(Path::new("x")).expect("flattens");
-        entries.iter().map(|e| e.key).collect()
+        let entries = read_file(Path::new("x"), yaml).expect("reads");
+        entries.iter().map(|e| e.setting.path).collect()
     }
 
     #[test]
@@ -3813,6 +3754,29 @@ valkey:
             Err(ConfigError::Yaml { line, .. }) => assert_eq!(line, Some(3)),
             other => panic!("expected a YAML error, got {other:?}"),
         }
+    }
+
+    /// The schema comes from the settings table; the message keeps serde's
+    /// `deny_unknown_fields` wording, with the section's keys (aliases included) in
+    /// declaration order.
+    #[test]
+    fn unknown_keys_list_the_keys_their_section_declares() {
+        let message = error_text(from_yaml("valkey:\n  pool: 1\n"));
+        assert_mentions(
+            &message,
+            &[
+                "unknown field `pool`, expected one of host, port,",
+                "tls_ca_file, connections_per_shard, pool_size, connect_timeout,",
+                "sentinel_password, cluster_nodes at line 2, column 3",
+            ],
+        );
+        let message = error_text(from_yaml("cluster: 1\n"));
+        assert_mentions(
+            &message,
+            &["expected one of listen, shards, log_level, log_format, http, api, ws,"],
+        );
+        assert_eq!(file_keys("memory"), ["max_bytes"]);
+        assert!(file_keys("nothing").is_empty());
     }
 
     #[test]
