@@ -615,3 +615,82 @@ settings! {
     /// out rather than informs.
     METRICS_MAX_TOPIC_SERIES = Setting::uint("metrics.max_topic_series", 1000, 1..=100_000);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::key_template::KeyTemplate;
+    use crate::config::resolve::Named;
+    use crate::config::{AckMode, LogFormat, LogLevel, StorageBackend};
+
+    #[test]
+    fn declarations_are_unique_and_env_names_have_the_documented_shape() {
+        let mut paths: Vec<&str> = ALL.iter().map(|s| s.path).collect();
+        paths.extend(ALL.iter().filter_map(|s| s.alias));
+        let mut vars: Vec<&str> = ALL.iter().flat_map(|s| s.env).copied().collect();
+        for list in [&mut paths, &mut vars] {
+            let count = list.len();
+            list.sort_unstable();
+            list.dedup();
+            assert_eq!(list.len(), count, "a path or variable is declared twice");
+        }
+        // `--help` promises: each name also as PULSAR_<NAME>, which wins; or PULSAR_ only.
+        for setting in ALL {
+            match setting.env {
+                [] => {}
+                [only] => assert!(only.starts_with("PULSAR_"), "{only}"),
+                [plain, prefixed] => assert_eq!(*prefixed, format!("PULSAR_{plain}")),
+                more => panic!("{}: {more:?}", setting.path),
+            }
+            if let Some(alias) = setting.alias {
+                let (section, _) = alias.rsplit_once('.').unwrap_or(("", alias));
+                assert_eq!(section, setting.section(), "{alias} outside its section");
+            }
+        }
+    }
+
+    #[test]
+    fn choice_declarations_name_their_enums_variants() {
+        fn names<T: Named>() -> Vec<&'static str> {
+            T::ALL.iter().map(|v| v.name()).collect()
+        }
+        for (setting, variants) in [
+            (&LOG_LEVEL, names::<LogLevel>()),
+            (&LOG_FORMAT, names::<LogFormat>()),
+            (&STORAGE_BACKEND, names::<StorageBackend>()),
+            (&DURABILITY_ACK, names::<AckMode>()),
+        ] {
+            let Kind::Choice {
+                default,
+                names,
+                aliases,
+                expected,
+            } = &setting.kind
+            else {
+                panic!("{} is a choice", setting.path);
+            };
+            assert_eq!(*names, variants.as_slice(), "{}", setting.path);
+            assert!(names.contains(default), "{}", setting.path);
+            for (_, name) in *aliases {
+                assert!(names.contains(name), "{}: alias of {name}", setting.path);
+            }
+            for name in names.iter().filter(|_| expected.is_some()) {
+                assert!(expected.is_some_and(|e| e.contains(&format!("`{name}`"))));
+            }
+        }
+        for setting in ALL {
+            if let Kind::Template {
+                default,
+                cluster_default,
+            } = setting.kind
+            {
+                assert!(KeyTemplate::parse(default).is_some(), "{default}");
+                let cluster = KeyTemplate::parse(cluster_default);
+                assert!(
+                    cluster.is_some_and(|t| t.hash_tag_is_topic()),
+                    "{cluster_default}"
+                );
+            }
+        }
+    }
+}
