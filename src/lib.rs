@@ -34,7 +34,8 @@
 //!
 //! # Module map
 //!
-//! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`].
+//! - [`config`]: raw layers (defaults, YAML, environment, flags) → one validated [`config::Config`];
+//!   every setting declared once, in `config/settings.rs`.
 //! - [`shard`]: per-core state, the owner-call between shards, topic→shard routing, executor
 //!   start-up and the shutdown gate.
 //! - [`net`]: the per-shard listener, the HTTP connection loop (timeouts, batching),
