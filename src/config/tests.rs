@@ -244,26 +244,39 @@ fn example_file_shows_every_key() {
     }
 }
 
-/// The line of `config.yaml.example` that sets `path` or shows it commented out.
-fn example_line(path: &str) -> Option<&'static str> {
-    let (section, leaf) = path.rsplit_once('.').unwrap_or(("", path));
-    let mut current = "";
-    for line in EXAMPLE.lines() {
-        if !line.starts_with([' ', '#']) {
-            let Some((name, rest)) = line.split_once(':') else {
-                continue;
-            };
-            // `http:` (maybe with a comment) opens a section; `listen: ...` is a key.
-            let value = rest.split('#').next().unwrap_or("").trim();
-            current = if value.is_empty() { name } else { "" };
-            if section.is_empty() && name == leaf {
-                return Some(line);
-            }
-        } else if !section.is_empty() && current == section {
-            let key = line.trim_start().trim_start_matches('#').trim_start();
-            if key.strip_prefix(leaf).is_some_and(|r| r.starts_with(':')) {
-                return Some(line);
-            }
+/// The line of `config.yaml.example` that sets `path` or shows it commented out, with its
+/// index. Sections nest by indentation, as in YAML.
+fn example_line(path: &str) -> Option<(usize, &'static str)> {
+    // Open sections: (indentation, name).
+    let mut open: Vec<(usize, &str)> = Vec::new();
+    for (index, line) in EXAMPLE.lines().enumerate() {
+        let text = line.trim_start();
+        let indent = line.len() - text.len();
+        let commented = text.starts_with('#');
+        let Some((name, rest)) = text.trim_start_matches('#').trim_start().split_once(':') else {
+            continue;
+        };
+        let is_key = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !is_key {
+            continue; // prose in a comment
+        }
+        while open.last().is_some_and(|(at, _)| *at >= indent) {
+            open.pop();
+        }
+        let mut full: String = open
+            .iter()
+            .map(|(_, section)| format!("{section}."))
+            .collect();
+        full.push_str(name);
+        if full == path {
+            return Some((index, line));
+        }
+        // `http:` (maybe followed by a comment) opens a section; `listen: ...` is a key.
+        if !commented && rest.split('#').next().unwrap_or("").trim().is_empty() {
+            open.push((indent, name));
         }
     }
     None
@@ -272,7 +285,7 @@ fn example_line(path: &str) -> Option<&'static str> {
 #[test]
 fn example_file_names_each_key_with_its_environment_variable() {
     for setting in settings::ALL {
-        let line = example_line(setting.path);
+        let line = example_line(setting.path).map(|(_, line)| line);
         let line = line.unwrap_or_else(|| panic!("{} not in the example", setting.path));
         if let Some(var) = setting.env.first() {
             assert!(
@@ -280,6 +293,24 @@ fn example_file_names_each_key_with_its_environment_variable() {
                 "{var} missing from the example's `{line}`"
             );
         }
+    }
+}
+
+#[test]
+fn example_file_lists_keys_in_declaration_order() {
+    let mut previous: Option<(usize, &str)> = None;
+    for setting in settings::ALL {
+        let Some((index, _)) = example_line(setting.path) else {
+            panic!("{} not in the example", setting.path);
+        };
+        if let Some((before, path)) = previous {
+            assert!(
+                index > before,
+                "{} comes before {path} in the example",
+                setting.path
+            );
+        }
+        previous = Some((index, setting.path));
     }
 }
 
