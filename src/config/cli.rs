@@ -28,7 +28,10 @@ pub struct Cli {
         long,
         value_name = "N",
         help = flag_help(
-            "Number of shards (threads, one per core), 1..=1024; 0 = one per available CPU",
+            &format!(
+                "Number of shards (threads, one per core), 1..={}; 0 = one per available CPU",
+                s::MAX_SHARDS
+            ),
             &s::SHARDS
         )
     )]
