@@ -838,7 +838,8 @@ fn bulk_publish_cut_mid_reply_accepts_only_what_is_stored() {
             .collect();
         let body = json!({ "messages": messages }).to_string();
         if round % 2 == 1 {
-            rig.proxy.cut_mid_reply();
+            // On the connection carrying this bulk's appends, not whichever reads a reply first.
+            rig.proxy.cut_mid_reply_after_next(b"pulsar_append");
         }
         let resp = conn.request("POST", "/api/v1/messages/bulk", Some(body.as_bytes()));
         assert_eq!(resp.status, 207, "{resp:?}");

@@ -17,7 +17,9 @@
 //!
 //! and three one-off actions: [`FaultProxy::cut`] closes every current connection at once,
 //! [`FaultProxy::cut_mid_reply`] forwards the first half of the next reply chunk and then
-//! closes that connection (a cut in the middle of a pipeline's replies, deterministically), and
+//! closes that connection (a cut in the middle of a pipeline's replies, deterministically),
+//! [`FaultProxy::cut_mid_reply_after_next`] does the same on the connection that next carries a
+//! given command (so the cut surely lands on a reply that command is waiting behind), and
 //! [`FaultProxy::drop_replies_from_next`] turns [`Fault::DropReplies`] on just before the next
 //! request holding a given command is forwarded (so that command's reply is surely dropped).
 //!
@@ -58,6 +60,9 @@ enum Direction {
 struct Link {
     client: TcpStream,
     upstream: TcpStream,
+    /// Set by the request pump when it forwards the command armed by
+    /// [`FaultProxy::cut_mid_reply_after_next`]; this link's reply pump takes it.
+    cut_next_reply: AtomicBool,
 }
 
 impl Link {
@@ -77,6 +82,9 @@ struct Shared {
     /// Armed by [`FaultProxy::drop_replies_from_next`]: the command whose next request turns
     /// [`Fault::DropReplies`] on.
     drop_replies_from: Mutex<Option<&'static [u8]>>,
+    /// Armed by [`FaultProxy::cut_mid_reply_after_next`]: the command whose next request arms
+    /// a mid-reply cut on its own connection.
+    cut_mid_reply_after: Mutex<Option<&'static [u8]>>,
     links: Mutex<Vec<Arc<Link>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
     accepted: AtomicU64,
@@ -115,6 +123,7 @@ impl FaultProxy {
             stop: AtomicBool::new(false),
             cut_mid_reply: AtomicBool::new(false),
             drop_replies_from: Mutex::new(None),
+            cut_mid_reply_after: Mutex::new(None),
             links: Mutex::new(Vec::new()),
             pumps: Mutex::new(Vec::new()),
             accepted: AtomicU64::new(0),
@@ -173,6 +182,16 @@ impl FaultProxy {
     /// closed. [`FaultProxy::cuts`] goes up when it happened.
     pub fn cut_mid_reply(&self) {
         self.shared.cut_mid_reply.store(true, Ordering::Relaxed);
+    }
+
+    /// Arms a one-off cut on the connection that next forwards a request chunk holding
+    /// `command` (e.g. `b"pulsar_append"`): that connection's next chunk of replies, read after
+    /// the request went up, is forwarded only in part and the connection is closed. The
+    /// command's own reply is either in that chunk or behind it, so it never arrives whole —
+    /// unlike [`FaultProxy::cut_mid_reply`], whose cut any connection's background reply (a
+    /// probe, a feed read) may take first.
+    pub fn cut_mid_reply_after_next(&self, command: &'static [u8]) {
+        *self.shared.cut_mid_reply_after.lock().expect("cut lock") = Some(command);
     }
 
     /// Connections accepted so far.
@@ -249,7 +268,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         let (Ok(client_r), Ok(upstream_r)) = (client.try_clone(), upstream.try_clone()) else {
             continue;
         };
-        let link = Arc::new(Link { client, upstream });
+        let link = Arc::new(Link {
+            client,
+            upstream,
+            cut_next_reply: AtomicBool::new(false),
+        });
         shared.links.lock().expect("links lock").push(link.clone());
         let mut pumps = shared.pumps.lock().expect("pumps lock");
         // Finished pumps of earlier connections are reaped here so the list stays short.
@@ -332,11 +355,20 @@ fn pump(shared: &Shared, link: &Link, mut from: TcpStream, direction: Direction)
                 *armed = None;
                 *shared.fault.lock().expect("fault lock") = Fault::DropReplies;
             }
+            drop(armed);
+            let mut armed = shared.cut_mid_reply_after.lock().expect("cut lock");
+            if armed.is_some_and(|command| chunk.windows(command.len()).any(|w| w == command)) {
+                *armed = None;
+                // Before the request goes up, so no reply to it can be read ahead of the flag.
+                link.cut_next_reply.store(true, Ordering::Relaxed);
+            }
         }
         // The fault as it is now: it may have changed while the read waited.
         let fault = shared.fault();
         if direction == Direction::Replies {
-            if shared.cut_mid_reply.swap(false, Ordering::Relaxed) {
+            if shared.cut_mid_reply.swap(false, Ordering::Relaxed)
+                || link.cut_next_reply.swap(false, Ordering::Relaxed)
+            {
                 let part = (n / 2).min(n - 1);
                 if to.write_all(&chunk[..part]).is_ok() {
                     forwarded.fetch_add(part as u64, Ordering::Relaxed);
