@@ -82,6 +82,7 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
+    pub auth: AuthConfig,
     /// The YAML file that was read, if any, so start-up can log which one was used.
     pub source_file: Option<PathBuf>,
 }
@@ -288,6 +289,62 @@ pub struct MetricsConfig {
     /// With `per_topic`: distinct `topic` label values a shard emits; later topics are
     /// counted under `topic="_other"`, so cardinality stays bounded.
     pub max_topic_series: usize,
+}
+
+/// Who may do what: the built-in tokens or nobody checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// `auto` already resolved.
+    pub mode: AuthMode,
+    /// The HS256 key of access tokens; set (at least 32 bytes) whenever `mode` is `Builtin`.
+    pub jwt_secret: Option<Secret>,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    /// Created (or its password reset) at start-up.
+    pub bootstrap_admin: Option<BootstrapAdmin>,
+    /// `mode: none` may listen beyond loopback.
+    pub allow_unauthenticated_network: bool,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.mode == AuthMode::Builtin
+    }
+}
+
+/// The user the relay makes sure exists, with every permission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapAdmin {
+    pub username: String,
+    pub password: Secret,
+    pub email: Option<String>,
+}
+
+/// `auth.mode` as written (`auto` included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthModeSetting {
+    Auto,
+    None,
+    Builtin,
+}
+
+impl AuthModeSetting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthModeSetting::Auto => "auto",
+            AuthModeSetting::None => "none",
+            AuthModeSetting::Builtin => "builtin",
+        }
+    }
+}
+
+/// `auth.mode` resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every request is allowed everything (loopback unless told otherwise).
+    None,
+    /// Users, passwords and tokens of the relay's own, as the Python relay's.
+    Builtin,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -40,9 +40,11 @@ pub(super) fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// Integer seconds (the seeds' `PERSISTENT_TIER_RETENTION=86400`) or a humantime duration.
-pub(super) fn parse_duration(text: &str) -> Option<Duration> {
-    if let Some(secs) = parse_uint(text) {
-        return Some(Duration::from_secs(secs));
+/// A humantime duration, or a bare integer counting `unit`s.
+pub(super) fn parse_duration(text: &str, unit: Duration) -> Option<Duration> {
+    if let Some(count) = parse_uint(text) {
+        // Units are whole seconds (declared in `settings`).
+        return count.checked_mul(unit.as_secs()).map(Duration::from_secs);
     }
     humantime::parse_duration(text).ok()
 }
@@ -140,6 +142,18 @@ pub(super) fn parse_addrs(
 mod tests {
     use super::*;
 
+    fn parse_duration_s(text: &str) -> Option<Duration> {
+        parse_duration(text, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn bare_durations_count_their_unit() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(parse_duration("10", minute), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("10s", minute), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration(&u64::MAX.to_string(), minute), None);
+    }
+
     #[test]
     fn value_parsers_at_their_edges() {
         assert_eq!(parse_uint("0"), Some(0));
@@ -148,11 +162,11 @@ mod tests {
         assert_eq!(parse_uint("+5"), None);
         assert_eq!(parse_uint("1_0"), Some(10));
         assert_eq!(parse_uint("1_"), None);
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("86400"), Some(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("-5s"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(parse_duration_s("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration_s("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration_s("86400"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration_s("-5s"), None);
+        assert_eq!(parse_duration_s("5 parsecs"), None);
         for (text, value) in [
             ("true", true),
             ("YES", true),
@@ -182,7 +196,7 @@ mod tests {
             Duration::from_secs(86_400),
             Duration::from_secs(3650 * 86_400),
         ] {
-            assert_eq!(parse_duration(&format_duration(d)), Some(d), "{d:?}");
+            assert_eq!(parse_duration_s(&format_duration(d)), Some(d), "{d:?}");
         }
         assert_eq!(format_duration(Duration::from_secs(86_400)), "24h");
         assert_eq!(format_size(16 * MIB), "16MiB");

@@ -24,9 +24,10 @@ use super::parse::{
 use super::settings::{self as s, Kind, Setting};
 use super::yaml::read_file;
 use super::{
-    AckMode, ApiConfig, Config, DurabilityConfig, HotTierConfig, HttpConfig, IdempotencyConfig,
-    LogFormat, LogLevel, LongPollConfig, MemoryConfig, MetricsConfig, Secret, SentinelSettings,
-    ShutdownConfig, SseConfig, StorageBackend, StorageConfig, ValkeyConfig, WsConfig,
+    AckMode, ApiConfig, AuthConfig, AuthMode, AuthModeSetting, BootstrapAdmin, Config,
+    DurabilityConfig, HotTierConfig, HttpConfig, IdempotencyConfig, LogFormat, LogLevel,
+    LongPollConfig, MemoryConfig, MetricsConfig, Secret, SentinelSettings, ShutdownConfig,
+    SseConfig, StorageBackend, StorageConfig, ValkeyConfig, WsConfig,
 };
 
 /// One raw value: text as written, and its source.
@@ -120,6 +121,7 @@ impl Layers {
             timeout: self.duration(&s::SHUTDOWN_TIMEOUT)?.value,
         };
         let metrics = self.resolve_metrics(&listen)?;
+        let auth = self.resolve_auth(&listen)?;
         let idempotency = IdempotencyConfig {
             window: self.duration(&s::IDEMPOTENCY_WINDOW)?.value,
             max_keys: self.uint(&s::IDEMPOTENCY_MAX_KEYS)?.to_usize()?,
@@ -143,6 +145,7 @@ impl Layers {
             idempotency,
             shutdown,
             metrics,
+            auth,
             source_file: None,
         })
     }
@@ -342,6 +345,86 @@ impl Layers {
             username: username.map(|u| u.value),
             password: password.map(|p| Secret(p.value)),
         }))
+    }
+
+    fn resolve_auth(&self, listen: &Got<SocketAddr>) -> Result<AuthConfig, ConfigError> {
+        let mode = self.choice::<AuthModeSetting>(&s::AUTH_MODE)?;
+        let secret = self.optional_text(&s::AUTH_JWT_SECRET);
+        let mode_value = match mode.value {
+            AuthModeSetting::Auto if secret.is_some() => AuthMode::Builtin,
+            AuthModeSetting::Auto | AuthModeSetting::None => AuthMode::None,
+            AuthModeSetting::Builtin => AuthMode::Builtin,
+        };
+        if mode_value == AuthMode::Builtin {
+            match &secret {
+                None => {
+                    return Err(mode.invalid(format!(
+                        "`auto` or `none` unless `{}` (env PULSAR_JWT_SECRET_KEY) is set: the \
+                         built-in tokens are signed with it",
+                        s::AUTH_JWT_SECRET.path
+                    )))
+                }
+                Some(secret) if secret.value.len() < 32 => {
+                    return Err(secret.invalid(
+                        "at least 32 bytes (HS256 needs a key as long as its hash; e.g. the \
+                         output of `openssl rand -base64 48`)",
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let allow_network = self.boolean(&s::AUTH_ALLOW_UNAUTHENTICATED_NETWORK)?.value;
+        if mode_value == AuthMode::None && !listen.value.ip().is_loopback() && !allow_network {
+            return Err(listen.invalid(format!(
+                "a loopback address while authentication is off: anyone reaching this port \
+                 could publish, read and delete every topic. Set `{}` (env \
+                 PULSAR_JWT_SECRET_KEY) to turn the built-in tokens on, or \
+                 `{}: true` (env PULSAR_ALLOW_UNAUTHENTICATED_NETWORK) if a proxy in front \
+                 authenticates",
+                s::AUTH_JWT_SECRET.path,
+                s::AUTH_ALLOW_UNAUTHENTICATED_NETWORK.path
+            )));
+        }
+        let username = self.optional_text(&s::AUTH_BOOTSTRAP_ADMIN_USERNAME);
+        let password = self.optional_text(&s::AUTH_BOOTSTRAP_ADMIN_PASSWORD);
+        let email = self.optional_text(&s::AUTH_BOOTSTRAP_ADMIN_EMAIL);
+        let bootstrap_admin = match (username, password) {
+            (None, None) => None,
+            (Some(user), None) => {
+                return Err(user.invalid(format!(
+                    "no bootstrap admin, or `{}` set as well",
+                    s::AUTH_BOOTSTRAP_ADMIN_PASSWORD.path
+                )))
+            }
+            (None, Some(pass)) => {
+                return Err(pass.invalid(format!(
+                    "no bootstrap admin password, or `{}` set as well",
+                    s::AUTH_BOOTSTRAP_ADMIN_USERNAME.path
+                )))
+            }
+            (Some(user), Some(pass)) => {
+                check_name(&user)?;
+                if !(3..=50).contains(&user.value.chars().count()) {
+                    return Err(user.invalid("3 to 50 characters, as every user name"));
+                }
+                if pass.value.chars().count() < 8 {
+                    return Err(pass.invalid("at least 8 characters, as every password"));
+                }
+                Some(BootstrapAdmin {
+                    username: user.value,
+                    password: Secret(pass.value),
+                    email: email.map(|e| e.value),
+                })
+            }
+        };
+        Ok(AuthConfig {
+            mode: mode_value,
+            jwt_secret: secret.map(|s| Secret(s.value)),
+            access_token_ttl: self.duration(&s::AUTH_ACCESS_TOKEN_TTL)?.value,
+            refresh_token_ttl: self.duration(&s::AUTH_REFRESH_TOKEN_TTL)?.value,
+            bootstrap_admin,
+            allow_unauthenticated_network: allow_network,
+        })
     }
 
     fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
@@ -556,18 +639,24 @@ impl Layers {
 
     /// A [`Kind::Duration`] setting.
     fn duration(&self, setting: &'static Setting) -> Result<Got<Duration>, ConfigError> {
-        let Kind::Duration { default, range } = &setting.kind else {
+        let Kind::Duration {
+            default,
+            range,
+            unit,
+        } = &setting.kind
+        else {
             kind_mismatch(setting)
         };
         let expected = format!(
-            "a duration such as `24h` or integer seconds, from {} to {}",
+            "a duration such as `24h` or integer {}, from {} to {}",
+            unit_name(*unit),
             format_duration(*range.start()),
             format_duration(*range.end())
         );
         let got = self.get(
             setting,
             *default,
-            parse_duration,
+            |text| parse_duration(text, *unit),
             |d| format_duration(*d),
             &expected,
         )?;
@@ -708,6 +797,16 @@ impl Layers {
     }
 }
 
+/// What a bare integer counts in a [`Kind::Duration`] setting, for its error message.
+fn unit_name(unit: Duration) -> &'static str {
+    match unit.as_secs() {
+        60 => "minutes",
+        3600 => "hours",
+        86_400 => "days",
+        _ => "seconds",
+    }
+}
+
 /// An enum a [`Kind::Choice`] setting resolves to: the declaration lists the names of
 /// `ALL`'s variants (tested).
 pub(super) trait Named: Copy + 'static {
@@ -737,6 +836,17 @@ impl Named for LogFormat {
 
 impl Named for StorageBackend {
     const ALL: &'static [Self] = &[StorageBackend::Memory, StorageBackend::Valkey];
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Named for AuthModeSetting {
+    const ALL: &'static [Self] = &[
+        AuthModeSetting::Auto,
+        AuthModeSetting::None,
+        AuthModeSetting::Builtin,
+    ];
     fn name(self) -> &'static str {
         self.as_str()
     }

@@ -22,6 +22,7 @@ pub(super) const TIB: u64 = 1024 * GIB;
 
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -65,10 +66,13 @@ pub enum Kind {
         default: u64,
         range: RangeInclusive<u64>,
     },
-    /// Integer seconds or a humantime duration (`500ms`, `24h`).
+    /// A bare integer in `unit`s (seconds for most) or a humantime duration (`500ms`,
+    /// `24h`). Another unit serves the Python relay's names that carry one
+    /// (`PULSAR_ACCESS_TOKEN_EXPIRE_MINUTES=10`).
     Duration {
         default: Duration,
         range: RangeInclusive<Duration>,
+        unit: Duration,
     },
     /// `true`/`false`, `1`/`0`, `yes`/`no`.
     Bool { default: bool },
@@ -130,7 +134,24 @@ impl Setting {
         default: Duration,
         range: RangeInclusive<Duration>,
     ) -> Self {
-        Setting::new(path, Kind::Duration { default, range })
+        Setting::duration_in(path, SEC, default, range)
+    }
+
+    /// A duration whose bare integers count `unit`s rather than seconds.
+    const fn duration_in(
+        path: &'static str,
+        unit: Duration,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Self {
+        Setting::new(
+            path,
+            Kind::Duration {
+                default,
+                range,
+                unit,
+            },
+        )
     }
 
     const fn boolean(path: &'static str, default: bool) -> Self {
@@ -614,6 +635,68 @@ settings! {
     /// of ~100 bytes makes each counter family ~10 MiB per shard, beyond which a scrape times
     /// out rather than informs.
     METRICS_MAX_TOPIC_SERIES = Setting::uint("metrics.max_topic_series", 1000, 1..=100_000);
+
+    // --- auth --------------------------------------------------------------------------------
+
+    /// `auto` turns the built-in tokens on exactly when a JWT secret is configured, so a Python
+    /// relay's environment (which always sets `PULSAR_JWT_SECRET_KEY`) gets authentication
+    /// without a setting of ours, and the two-command quick start (loopback, no secret) stays
+    /// open.
+    AUTH_MODE = Setting::choice("auth.mode", "auto", &["auto", "none", "builtin"])
+        .env(&["PULSAR_AUTH_MODE"])
+        .help("auto = builtin when a JWT secret is set");
+
+    /// HS256 signs and verifies the access tokens; at least 32 bytes (256 bits, the hash's
+    /// size, as RFC 7518 §3.2 requires and the Python relay checks).
+    AUTH_JWT_SECRET = Setting::new("auth.jwt_secret", Kind::Text)
+        .env(&["PULSAR_JWT_SECRET_KEY"])
+        .secret()
+        .help("HS256 key for access tokens, at least 32 characters");
+
+    /// The Python relay's 10 minutes. At least 6: `pulsar-relay-client` renews a token with
+    /// 5 minutes or less left, so a shorter lifetime makes it log in again on every request
+    /// (the Python relay accepts 1–5 and has that failure). Two hours bounds how long a stolen
+    /// token stays useful. Bare integers are minutes, as in the Python relay's variable.
+    AUTH_ACCESS_TOKEN_TTL = Setting::duration_in(
+        "auth.access_token_ttl",
+        MINUTE,
+        Duration::from_secs(600),
+        Duration::from_secs(360)..=Duration::from_secs(2 * 3600),
+    )
+    .env(&["PULSAR_ACCESS_TOKEN_EXPIRE_MINUTES"])
+    .help("integer minutes or 10m");
+
+    /// The Python relay's 90 days and 1–365 range; each refresh starts a new lifetime (bare
+    /// integers are days, as in its variable).
+    AUTH_REFRESH_TOKEN_TTL = Setting::duration_in(
+        "auth.refresh_token_ttl",
+        DAY,
+        Duration::from_secs(90 * 24 * 3600),
+        DAY..=Duration::from_secs(365 * 24 * 3600),
+    )
+    .env(&["PULSAR_REFRESH_TOKEN_TTL_DAYS"])
+    .help("integer days or 90d");
+
+    /// Created at start-up (with `admin`, `read`, `write`) when missing; its password is reset
+    /// to this one when it no longer verifies, so a lost admin password is recovered by
+    /// restarting with a new one.
+    AUTH_BOOTSTRAP_ADMIN_USERNAME =
+        Setting::optional_name("auth.bootstrap_admin_username", "a user name")
+            .env(&["PULSAR_BOOTSTRAP_ADMIN_USERNAME"]);
+
+    AUTH_BOOTSTRAP_ADMIN_PASSWORD = Setting::new("auth.bootstrap_admin_password", Kind::Text)
+        .env(&["PULSAR_BOOTSTRAP_ADMIN_PASSWORD"])
+        .secret();
+
+    AUTH_BOOTSTRAP_ADMIN_EMAIL = Setting::new("auth.bootstrap_admin_email", Kind::Text)
+        .env(&["PULSAR_BOOTSTRAP_ADMIN_EMAIL"]);
+
+    /// Without authentication anyone who reaches the port may publish, read and delete every
+    /// topic, so listening beyond loopback without it must be said explicitly.
+    AUTH_ALLOW_UNAUTHENTICATED_NETWORK =
+        Setting::boolean("auth.allow_unauthenticated_network", false)
+            .env(&["PULSAR_ALLOW_UNAUTHENTICATED_NETWORK"])
+            .help("listen beyond loopback with auth.mode none");
 }
 
 #[cfg(test)]
@@ -621,7 +704,7 @@ mod tests {
     use super::*;
     use crate::config::key_template::KeyTemplate;
     use crate::config::resolve::Named;
-    use crate::config::{AckMode, LogFormat, LogLevel, StorageBackend};
+    use crate::config::{AckMode, AuthModeSetting, LogFormat, LogLevel, StorageBackend};
 
     #[test]
     fn declarations_are_unique_and_env_names_have_the_documented_shape() {
@@ -659,6 +742,7 @@ mod tests {
             (&LOG_FORMAT, names::<LogFormat>()),
             (&STORAGE_BACKEND, names::<StorageBackend>()),
             (&DURABILITY_ACK, names::<AckMode>()),
+            (&AUTH_MODE, names::<AuthModeSetting>()),
         ] {
             let Kind::Choice {
                 default,

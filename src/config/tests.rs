@@ -161,6 +161,14 @@ fn defaults_are_the_documented_values() {
             per_topic: false,
             max_topic_series: 1000,
         },
+        auth: AuthConfig {
+            mode: AuthMode::None,
+            jwt_secret: None,
+            access_token_ttl: Duration::from_secs(600),
+            refresh_token_ttl: Duration::from_secs(90 * 24 * 3600),
+            bootstrap_admin: None,
+            allow_unauthenticated_network: false,
+        },
         source_file: None,
     };
     assert_eq!(defaults(), expected);
@@ -385,6 +393,15 @@ metrics:
   listen: "0.0.0.0:9100"
   per_topic: true
   max_topic_series: 500
+auth:
+  mode: builtin
+  jwt_secret: "0123456789abcdef0123456789abcdef"
+  access_token_ttl: 15
+  refresh_token_ttl: 30
+  bootstrap_admin_username: root
+  bootstrap_admin_password: "correct horse"
+  bootstrap_admin_email: root@example.org
+  allow_unauthenticated_network: true
 "#;
 
 #[test]
@@ -475,6 +492,18 @@ fn yaml_overrides_every_key() {
             listen: Some("0.0.0.0:9100".parse().expect("literal")),
             per_topic: true,
             max_topic_series: 500,
+        },
+        auth: AuthConfig {
+            mode: AuthMode::Builtin,
+            jwt_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            bootstrap_admin: Some(BootstrapAdmin {
+                username: "root".to_owned(),
+                password: Secret::new("correct horse"),
+                email: Some("root@example.org".to_owned()),
+            }),
+            allow_unauthenticated_network: true,
         },
         source_file: Some(PathBuf::from("test.yaml")),
     };
@@ -839,7 +868,11 @@ fn generic_listen_and_shards_variables_are_ignored() {
 fn cli_overrides_env_and_file() {
     let cli = Cli::try_parse_from(["pulsar-relay", "--listen", "0.0.0.0:7777", "--shards", "6"])
         .expect("valid flags");
-    let env = env_of(&[("PULSAR_LISTEN", "127.0.0.1:1"), ("PULSAR_SHARDS", "2")]);
+    let env = env_of(&[
+        ("PULSAR_LISTEN", "127.0.0.1:1"),
+        ("PULSAR_SHARDS", "2"),
+        ("PULSAR_ALLOW_UNAUTHENTICATED_NETWORK", "true"),
+    ]);
     let yaml = "listen: 127.0.0.1:2\nshards: 3\n";
     let config =
         load_from_parts(&cli, &env, Some((Path::new("c.yaml"), yaml)), &MACHINE).expect("valid");
@@ -1287,6 +1320,7 @@ fn metrics_listen_must_not_overlap_the_api_listener() {
         from_env(&[
             ("PULSAR_LISTEN", listen),
             ("PULSAR_METRICS_LISTEN", metrics),
+            ("PULSAR_ALLOW_UNAUTHENTICATED_NETWORK", "true"),
         ])
         .map(|c| c.metrics.listen)
     };
@@ -1447,5 +1481,90 @@ fn implicit_file_is_used_only_without_explicit_config() {
     assert_eq!(port(&cli), 7003);
     for path in [implicit, explicit] {
         std::fs::remove_file(path).expect("remove temp file");
+    }
+}
+
+/// `auth.mode`: `auto` follows the secret; the built-in tokens need a long enough one; no
+/// authentication beyond loopback only when said; the bootstrap admin comes whole.
+#[test]
+fn auth_mode_secret_listen_and_bootstrap_rules() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    let auth = |pairs: &[(&str, &str)]| from_env(pairs).map(|c| c.auth);
+    assert_eq!(auth(&[]).expect("valid").mode, AuthMode::None);
+    let on = auth(&[("PULSAR_JWT_SECRET_KEY", SECRET)]).expect("valid");
+    assert_eq!(on.mode, AuthMode::Builtin);
+    assert_eq!(on.jwt_secret, Some(Secret::new(SECRET)));
+    let off = auth(&[
+        ("PULSAR_JWT_SECRET_KEY", SECRET),
+        ("PULSAR_AUTH_MODE", "none"),
+    ]);
+    assert_eq!(off.expect("valid").mode, AuthMode::None);
+
+    let message = error_text(auth(&[("PULSAR_AUTH_MODE", "builtin")]));
+    assert_mentions(&message, &["auth.mode", "PULSAR_JWT_SECRET_KEY"]);
+    let short = &SECRET[..31];
+    let message = error_text(auth(&[("PULSAR_JWT_SECRET_KEY", short)]));
+    assert_mentions(
+        &message,
+        &["auth.jwt_secret", "<redacted>", "at least 32 bytes"],
+    );
+    assert!(!message.contains(short), "{message}");
+
+    // Beyond loopback: refused without authentication, unless said; fine with it.
+    let wide = [("PULSAR_LISTEN", "0.0.0.0:8080")];
+    let message = error_text(auth(&wide));
+    assert_mentions(
+        &message,
+        &["listen", "PULSAR_ALLOW_UNAUTHENTICATED_NETWORK"],
+    );
+    assert!(auth(&[wide[0], ("PULSAR_ALLOW_UNAUTHENTICATED_NETWORK", "1")]).is_ok());
+    assert!(auth(&[wide[0], ("PULSAR_JWT_SECRET_KEY", SECRET)]).is_ok());
+    assert!(auth(&[("PULSAR_LISTEN", "[::1]:8080")]).is_ok());
+
+    // Token lifetimes: bare integers in the Python relay's units, and the client's floor.
+    let ttl = auth(&[
+        ("PULSAR_ACCESS_TOKEN_EXPIRE_MINUTES", "30"),
+        ("PULSAR_REFRESH_TOKEN_TTL_DAYS", "7"),
+    ])
+    .expect("valid");
+    assert_eq!(ttl.access_token_ttl, Duration::from_secs(1800));
+    assert_eq!(ttl.refresh_token_ttl, Duration::from_secs(7 * 86_400));
+    let message = error_text(auth(&[("PULSAR_ACCESS_TOKEN_EXPIRE_MINUTES", "5")]));
+    assert_mentions(&message, &["integer minutes", "6m"]);
+
+    let admin = auth(&[
+        ("PULSAR_BOOTSTRAP_ADMIN_USERNAME", "root"),
+        ("PULSAR_BOOTSTRAP_ADMIN_PASSWORD", "long enough"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        admin.bootstrap_admin.map(|a| (a.username, a.password)),
+        Some(("root".to_owned(), Secret::new("long enough")))
+    );
+    for (pairs, mentions) in [
+        (
+            &[("PULSAR_BOOTSTRAP_ADMIN_USERNAME", "root")][..],
+            "bootstrap_admin_password",
+        ),
+        (
+            &[("PULSAR_BOOTSTRAP_ADMIN_PASSWORD", "long enough")][..],
+            "bootstrap_admin_username",
+        ),
+        (
+            &[
+                ("PULSAR_BOOTSTRAP_ADMIN_USERNAME", "ro"),
+                ("PULSAR_BOOTSTRAP_ADMIN_PASSWORD", "long enough"),
+            ][..],
+            "3 to 50",
+        ),
+        (
+            &[
+                ("PULSAR_BOOTSTRAP_ADMIN_USERNAME", "root"),
+                ("PULSAR_BOOTSTRAP_ADMIN_PASSWORD", "short"),
+            ][..],
+            "at least 8",
+        ),
+    ] {
+        assert_mentions(&error_text(auth(pairs)), &[mentions]);
     }
 }
