@@ -67,6 +67,7 @@
 //!   other relays write them too: the pub/sub feed of each followed topic, repairs, the
 //!   periodic safety net (design: `docs/scaling.md`).
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;

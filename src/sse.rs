@@ -39,6 +39,14 @@ pub struct SseRequest {
 }
 
 impl SseRequest {
+    /// The same stream on the principal's stored topic names (its namespace).
+    pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> SseRequest {
+        for (topic, _) in &mut self.topics {
+            *topic = principal.topic(topic);
+        }
+        self
+    }
+
     /// Several topics: event ids carry every topic's position.
     pub fn per_topic_ids(&self) -> bool {
         self.topics.len() > 1
@@ -111,7 +119,7 @@ pub fn write_positions<'a>(
             out.push(b',');
         }
         first = false;
-        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(crate::topic::public_name(topic).as_bytes());
         out.push(b'=');
         id.write_to(out);
     }

@@ -20,6 +20,34 @@ pub fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
+/// The name a client knows a stored topic by: a namespaced topic (`<owner id>/<name>`, see
+/// [`crate::auth::Principal::topic`]) without its namespace; other names as they are. Every
+/// frame and response that names a topic writes this.
+pub fn public_name(stored: &str) -> &str {
+    stored.rsplit_once('/').map_or(stored, |(_, name)| name)
+}
+
+/// The namespace (owner id) of a stored topic name, if it has one.
+pub fn owner_of(stored: &str) -> Option<&str> {
+    stored.rsplit_once('/').map(|(owner, _)| owner)
+}
+
+/// Whether `stored` is a name the relay itself stores: a valid topic name, or one in a user's
+/// namespace (`<owner id>/<name>`, the owner id of letters, digits and `-`). For names found
+/// in storage (discovery), never for names from a client.
+pub fn is_stored_name(stored: &str) -> bool {
+    match stored.split_once('/') {
+        None => validate(stored, usize::MAX).is_ok(),
+        Some((owner, name)) => {
+            !owner.is_empty()
+                && owner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && validate(name, usize::MAX).is_ok()
+        }
+    }
+}
+
 pub fn validate(name: &str, max_len: usize) -> Result<(), InvalidTopic> {
     if name.is_empty() {
         return Err(InvalidTopic::Empty);
@@ -36,6 +64,18 @@ pub fn validate(name: &str, max_len: usize) -> Result<(), InvalidTopic> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_names_drop_the_namespace() {
+        assert_eq!(public_name("orders"), "orders");
+        assert_eq!(public_name("0b1c-9/orders"), "orders");
+        assert_eq!(owner_of("0b1c-9/orders"), Some("0b1c-9"));
+        assert_eq!(owner_of("orders"), None);
+        assert!(is_stored_name("orders") && is_stored_name("0b1c-9/orders"));
+        for bad in ["/orders", "a/b/c", "a b/c", "u/", "u/a:b"] {
+            assert!(!is_stored_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn accepts_the_alphabet() {

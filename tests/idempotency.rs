@@ -9,8 +9,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -498,50 +496,17 @@ fn the_memory_record_refuses_new_keys_at_its_bound() {
     );
 }
 
-/// The venv `scripts/install-deps` puts the Python client in.
-fn client_python() -> PathBuf {
-    let venv = std::env::var_os("PULSAR_CLIENT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
-                });
-            cache.join("pulsar-relay/client-venv")
-        });
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/install-deps (it installs pulsar-relay-client in a venv)",
-        python.display()
-    );
-    python
-}
-
 /// Runs tests/python/client_retry.py; returns its JSON report.
 fn run_client(relay: &Server, topic: &str, mode: &str, lose: usize) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/client_retry.py");
-    let output = Command::new(client_python())
-        .arg(script)
-        .arg(format!("http://{}", relay.addr))
-        .arg(topic)
-        .arg(mode)
-        .arg(lose.to_string())
-        .output()
-        .expect("run the Python client");
-    assert!(
-        output.status.success(),
-        "client_retry.py {mode}: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client_retry.py printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+    common::python::run_script(
+        "client_retry.py",
+        &[
+            &format!("http://{}", relay.addr),
+            topic,
+            mode,
+            &lose.to_string(),
+        ],
+    )
 }
 
 /// The real `pulsar-relay-client`: its retry loop resends a publish whose response it never

@@ -30,6 +30,16 @@ pub struct PollRequest {
     pub limit: usize,
 }
 
+impl PollRequest {
+    /// The same poll on the principal's stored topic names (its namespace).
+    pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> PollRequest {
+        for (topic, _) in &mut self.topics {
+            *topic = principal.topic(topic);
+        }
+        self
+    }
+}
+
 /// Why a poll could not be answered with messages or a timeout.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {

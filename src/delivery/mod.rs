@@ -64,7 +64,7 @@ impl Gap {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         // Topic names are `[A-Za-z0-9._-]` (crate::topic), so they need no escaping.
         out.extend_from_slice(b"{\"type\":\"gap\",\"topic\":\"");
-        out.extend_from_slice(self.topic.as_bytes());
+        out.extend_from_slice(crate::topic::public_name(&self.topic).as_bytes());
         out.extend_from_slice(b"\",\"requested\":\"");
         self.requested.write_to(out);
         out.extend_from_slice(b"\",\"oldest_available\":");

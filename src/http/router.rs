@@ -35,6 +35,37 @@ pub enum Route {
     Stats,
     /// `GET /messages/poll/stats` (the Python relay's long-poll stats).
     PollStats,
+    /// `POST /api/v1/topics`: create a topic in the caller's namespace.
+    CreateTopic,
+    /// The Python relay's `/auth/*` endpoints.
+    Auth(AuthRoute),
+}
+
+/// `/auth/...`: tokens, sessions and user management.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthRoute {
+    Login,
+    Refresh,
+    Revoke,
+    Logout,
+    Me,
+    Sessions,
+    DeleteSession(String),
+    Register,
+    Users,
+    UserStats,
+    UpdateUser(String),
+    DeleteUser(String),
+}
+
+impl AuthRoute {
+    /// Reachable without an access token (the credential is in the body).
+    pub fn is_public(&self) -> bool {
+        matches!(
+            self,
+            AuthRoute::Login | AuthRoute::Refresh | AuthRoute::Revoke
+        )
+    }
 }
 
 impl Route {
@@ -57,6 +88,20 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Stats => "stats",
             Route::PollStats => "poll_stats",
+            Route::CreateTopic => "topic_create",
+            Route::Auth(route) => match route {
+                AuthRoute::Login => "auth_login",
+                AuthRoute::Refresh => "auth_refresh",
+                AuthRoute::Revoke => "auth_revoke",
+                AuthRoute::Logout => "auth_logout",
+                AuthRoute::Me => "auth_me",
+                AuthRoute::Sessions | AuthRoute::DeleteSession(_) => "auth_sessions",
+                AuthRoute::Register => "auth_register",
+                AuthRoute::Users
+                | AuthRoute::UserStats
+                | AuthRoute::UpdateUser(_)
+                | AuthRoute::DeleteUser(_) => "auth_users",
+            },
         }
     }
 }
@@ -85,7 +130,50 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
         ["api", "v1", "messages", "bulk"] => {
             allowed(method == Method::Post, "POST", Route::PublishBulk)
         }
-        ["api", "v1", "topics"] => allowed(get, "GET, HEAD", Route::ListTopics),
+        ["api", "v1", "topics"] if method == Method::Post => Ok(Route::CreateTopic),
+        ["api", "v1", "topics"] => allowed(get, "GET, HEAD, POST", Route::ListTopics),
+        ["auth", "login"] => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::Login),
+        ),
+        ["auth", "token", "refresh"] => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::Refresh),
+        ),
+        ["auth", "token", "revoke"] => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::Revoke),
+        ),
+        ["auth", "logout"] => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::Logout),
+        ),
+        ["auth", "me"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::Me)),
+        ["auth", "sessions"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::Sessions)),
+        ["auth", "sessions", jti] if !jti.is_empty() => allowed(
+            method == Method::Delete,
+            "DELETE",
+            Route::Auth(AuthRoute::DeleteSession(decode_segment(jti)?)),
+        ),
+        ["auth", "register"] => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::Register),
+        ),
+        ["auth", "users"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::Users)),
+        ["auth", "users", "stats"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::UserStats)),
+        ["auth", "users", id] if !id.is_empty() => {
+            let id = decode_segment(id)?;
+            match method {
+                Method::Patch => Ok(Route::Auth(AuthRoute::UpdateUser(id))),
+                Method::Delete => Ok(Route::Auth(AuthRoute::DeleteUser(id))),
+                _ => allowed(false, "PATCH, DELETE", Route::Health),
+            }
+        }
         ["messages", "poll"] => allowed(method == Method::Post, "POST", Route::Poll),
         ["api", "v1", "poll"] => allowed(method == Method::Get, "GET", Route::PollGet),
         ["api", "v1", "events"] => allowed(method == Method::Get, "GET", Route::Events(None)),
@@ -125,6 +213,13 @@ pub fn allow_header(path: &str) -> &'static str {
         ["api", "v1", "messages"] | ["api", "v1", "messages", "bulk"] | ["messages", "poll"] => {
             "POST"
         }
+        ["api", "v1", "topics"] => "GET, HEAD, POST",
+        ["auth", "login"] | ["auth", "token", _] | ["auth", "logout"] | ["auth", "register"] => {
+            "POST"
+        }
+        ["auth", "sessions", _] => "DELETE",
+        ["auth", "users", "stats"] => "GET, HEAD",
+        ["auth", "users", _] => "PATCH, DELETE",
         ["api", "v1", "poll"] | ["api", "v1", "events"] | ["ws"] => "GET",
         ["api", "v1", "topics", _, "events"] => "GET",
         ["api", "v1", "topics", _, "trim"] => "POST",

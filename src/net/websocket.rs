@@ -29,6 +29,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::collections::HashMap;
 
+use crate::auth::Principal;
 use crate::clock::now_ms;
 use crate::delivery::sink::{Delivered, Sink};
 use crate::delivery::writer::{self, Ending, Framing, Idle};
@@ -115,7 +116,7 @@ type CatchUps = RefCell<HashMap<Arc<str>, (u64, AbortHandle)>>;
 
 /// Drives one session until it closes. `input` holds bytes the client sent after the upgrade
 /// request (its first frames, possibly).
-pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: WsUpgrade) {
+pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsUpgrade) {
     let config = &shard.config.ws;
     shard.metrics.websocket_opened(1);
     let _open = OnDrop(|| shard.metrics.websocket_opened(-1));
@@ -155,16 +156,14 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, _upgrade: Ws
                         last_heard.set(Instant::now());
                         match frame {
                             Incoming::Text(text) => {
-                                handle_text(
-                                    shard,
-                                    &sink,
-                                    &text,
-                                    &session_id,
-                                    &jobs_tx,
-                                    &catch_ups,
-                                    &acks,
-                                )
-                                .await
+                                let session = Session {
+                                    principal: &upgrade.principal,
+                                    id: &session_id,
+                                    jobs: &jobs_tx,
+                                    catch_ups: &catch_ups,
+                                    acks: &acks,
+                                };
+                                handle_text(shard, &sink, &text, &session).await
                             }
                             Incoming::Binary(_) => sink.push_control(error_frame(
                                 "UNSUPPORTED_FRAME",
@@ -312,22 +311,32 @@ async fn follow_job(shard: &Shard, sink: &Rc<Sink>, catch_ups: &CatchUps, job: J
             &format!(
                 "could not replay `{}`; no longer subscribed to it: subscribe again from the \
                  last id seen to retry",
-                job.topic
+                crate::topic::public_name(&job.topic)
             ),
         ));
     }
 }
 
+/// What a session's commands act on besides the shard and the sink.
+struct Session<'a> {
+    /// Who opened the session: its topics are in its namespace.
+    principal: &'a Principal,
+    id: &'a str,
+    /// Catch-ups to start.
+    jobs: &'a mpsc::UnboundedSender<Vec<Job>>,
+    catch_ups: &'a CatchUps,
+    acks: &'a Cell<u64>,
+}
+
 /// Acts on one JSON command.
-async fn handle_text(
-    shard: &Shard,
-    sink: &Rc<Sink>,
-    text: &str,
-    session_id: &str,
-    jobs: &mpsc::UnboundedSender<Vec<Job>>,
-    catch_ups: &CatchUps,
-    acks: &Cell<u64>,
-) {
+async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Session<'_>) {
+    let Session {
+        principal,
+        id: session_id,
+        jobs,
+        catch_ups,
+        acks,
+    } = *session;
     let config = &shard.config;
     match protocol::parse_client_message(text, config.ws.max_topics) {
         Err(e) => sink.push_control(error_frame(e.code(), &e.message())),
@@ -341,8 +350,9 @@ async fn handle_text(
         Ok(ClientMessage::Ack { .. }) => acks.set(acks.get() + 1),
         Ok(ClientMessage::Unsubscribe { topics }) => {
             for topic in &topics {
-                unfollow(shard, sink, topic);
-                if let Some((_, running)) = catch_ups.borrow_mut().remove(topic.as_str()) {
+                let stored = principal.topic(topic);
+                unfollow(shard, sink, &stored);
+                if let Some((_, running)) = catch_ups.borrow_mut().remove(stored.as_str()) {
                     running.abort();
                 }
             }
@@ -368,8 +378,10 @@ async fn handle_text(
                         return;
                     }
                 };
-                if !sink.follows(topic) {
-                    plan.push((Arc::from(topic.as_str()), start));
+                // Followed by its stored name: the caller's namespace.
+                let stored = principal.topic(topic);
+                if !sink.follows(&stored) {
+                    plan.push((Arc::from(stored.as_str()), start));
                 }
             }
             if sink.topics().len() + plan.len() > config.ws.max_topics {

@@ -226,7 +226,12 @@ mod tests {
         let config = Arc::new(crate::config::built_in());
         let runtime = Arc::new(RuntimeState::new(peers.len()));
         let storage = Storage::new(&config, id, peers.len()).expect("memory storage");
-        Rc::new(Shard::new(id, config, runtime, storage, peers))
+        let auth = crate::auth::Auth::new(
+            config.auth.clone(),
+            crate::auth::store::AuthStore::Memory(Default::default()),
+        )
+        .expect("authentication off");
+        Rc::new(Shard::new(id, config, runtime, storage, auth, peers))
     }
 
     /// Runs `make()`'s future on a new executor thread; join the handle for its end.

@@ -92,6 +92,8 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub runtime: Arc<RuntimeState>,
     pub storage: Storage,
+    /// Who a request is: the entrance every transport calls, with this shard's cache.
+    pub auth: crate::auth::Auth,
     /// This shard's consumers and, for the topics it owns, the shards that have consumers.
     pub delivery: Registry,
     /// Plain counters and histograms, read only when a scrape gathers them.
@@ -115,6 +117,7 @@ impl Shard {
         config: Arc<Config>,
         runtime: Arc<RuntimeState>,
         storage: Storage,
+        auth: crate::auth::Auth,
         peers: Vec<ShardSender>,
     ) -> Shard {
         let per_topic_cap = config
@@ -126,6 +129,7 @@ impl Shard {
             config,
             runtime,
             storage,
+            auth,
             delivery: Registry::new(),
             metrics: crate::metrics::ShardMetrics::new(per_topic_cap),
             peers,

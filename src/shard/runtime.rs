@@ -21,6 +21,9 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{serve_inbox, InboxMessage, RuntimeState, Shard, ShardInbox, ShardSender};
+use crate::auth::store::memory::MemoryAuthDb;
+use crate::auth::store::AuthStore;
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::net::listener;
 use crate::net::Surface;
@@ -37,6 +40,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let shards = config.shards;
     let runtime = Arc::new(RuntimeState::new(shards));
     let drained = Arc::new(AtomicUsize::new(0));
+    // Users and tokens of the memory backend: one set for every shard.
+    let memory_auth = Arc::new(MemoryAuthDb::new());
 
     let (senders, inboxes): (Vec<ShardSender>, Vec<ShardInbox>) = (0..shards)
         .map(|_| {
@@ -63,6 +68,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             inbox,
             bound: bound_tx,
             drained: drained.clone(),
+            memory_auth: memory_auth.clone(),
         };
         let placement = match cpus.get(id % cpus.len().max(1)) {
             Some(&cpu) => Placement::Fixed(cpu),
@@ -138,6 +144,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// What a shard's executor needs to start.
 struct ShardBoot {
     id: usize,
+    /// The memory backend's user and token state, shared by every shard.
+    memory_auth: Arc<MemoryAuthDb>,
     addr: SocketAddr,
     /// The separate metrics address, if configured (resolved by shard 0 like `addr`).
     metrics_addr: Option<SocketAddr>,
@@ -168,9 +176,21 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         inbox,
         bound,
         drained,
+        memory_auth,
     } = boot;
     let storage = match Storage::new(&config, id, peers.len()) {
         Ok(s) => s,
+        Err(e) => {
+            let _ = bound.send(Err(anyhow!("shard {id}: {e}")));
+            return Err(anyhow!("{e}"));
+        }
+    };
+    let auth_store = match storage.valkey() {
+        Some(valkey) => AuthStore::valkey(valkey.client.clone()),
+        None => AuthStore::Memory(memory_auth),
+    };
+    let auth = match Auth::new(config.auth.clone(), auth_store) {
+        Ok(a) => a,
         Err(e) => {
             let _ = bound.send(Err(anyhow!("shard {id}: {e}")));
             return Err(anyhow!("{e}"));
@@ -206,6 +226,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         config.clone(),
         runtime.clone(),
         storage,
+        auth,
         peers,
     ));
     shard.wire_delivery();
@@ -220,7 +241,18 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         glommio::spawn_local(crate::replicate::run(shard.clone())).detach();
     }
     let inbox_task = glommio::spawn_local(serve_inbox(shard.clone(), inbox));
-    runtime.mark_started();
+    if id == 0 && shard.auth.enabled() && config.auth.bootstrap_admin.is_some() {
+        // Ready once the bootstrap admin can log in (it waits for Valkey if it must); the
+        // listener serves meanwhile.
+        let (shard, runtime) = (shard.clone(), runtime.clone());
+        glommio::spawn_local(async move {
+            crate::auth::bootstrap::ensure_admin(shard).await;
+            runtime.mark_started();
+        })
+        .detach();
+    } else {
+        runtime.mark_started();
+    }
     tracing::debug!(shard = id, %local, "shard serving");
 
     let metrics_task = metrics_listener.map(|l| {

@@ -193,15 +193,16 @@ impl Message {
 ///
 /// `{"message_id":"<id>","topic":<topic>,"payload":<raw>,"timestamp":"<rfc3339>","metadata":<raw>|null}`
 ///
-/// The topic is JSON-escaped by serde_json; payload and metadata are already JSON and are
-/// copied verbatim.
+/// The topic is written as its client knows it ([`crate::topic::public_name`]: no namespace)
+/// and JSON-escaped by serde_json; payload and metadata are already JSON and are copied
+/// verbatim.
 pub fn write_message_json(out: &mut Vec<u8>, topic: &str, msg: &Message) {
     out.extend_from_slice(b"{\"message_id\":\"");
     msg.id.write_to(out);
     out.extend_from_slice(b"\",\"topic\":");
     // `Vec<u8>`'s `io::Write` never fails and a `str` always serializes, so this cannot
     // return an error; asserting in debug documents that rather than silently ignoring it.
-    let written = serde_json::to_writer(&mut *out, topic);
+    let written = serde_json::to_writer(&mut *out, crate::topic::public_name(topic));
     debug_assert!(written.is_ok(), "serializing a str into a Vec cannot fail");
     out.extend_from_slice(b",\"payload\":");
     out.extend_from_slice(&msg.payload);

@@ -23,6 +23,7 @@ pub mod fault_proxy;
 pub mod fleet;
 pub mod hostile;
 pub mod nginx;
+pub mod python;
 pub mod resuming_consumer;
 pub mod sentinel;
 pub mod sse;

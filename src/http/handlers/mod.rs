@@ -9,6 +9,7 @@
 //! - [`events`]: the event-stream request (the stream runs in [`crate::net::sse`]);
 //! - [`websocket`]: the `GET /ws` upgrade (the session runs in [`crate::net::websocket`]).
 
+pub mod auth;
 pub mod events;
 pub mod health;
 pub mod poll;
@@ -18,6 +19,7 @@ pub mod websocket;
 
 use bytes::BytesMut;
 
+use crate::auth::{Permission, Principal};
 use crate::sse::SseRequest;
 use websocket::WsUpgrade;
 
@@ -75,14 +77,35 @@ pub async fn handle(
         other => other,
     };
     let label = route.as_ref().map_or("unknown", Route::label);
+    // Who is asking, once per request, for every route that needs to know (all but health,
+    // readiness, metrics and the endpoints whose credential is in the body).
+    let principal = match &route {
+        Ok(route) if needs_principal(route) => {
+            let token = crate::auth::credential::find(|name| request.header(name));
+            match shard.auth.authenticate(token).await {
+                Ok(principal) => Some(principal),
+                Err(e) => {
+                    let error = ApiError::from(e);
+                    shard.metrics.http_request(label, error.status);
+                    return respond(shard, &request, Err(error), out);
+                }
+            }
+        }
+        _ => None,
+    };
     let result = match route {
         Ok(Route::Events(topic)) => {
+            let principal = principal.unwrap_or_else(Principal::open);
             match events::parse(
                 &request,
                 topic,
                 shard.config.longpoll.max_topics,
                 shard.config.api.max_topic_name_len,
-            ) {
+            )
+            .and_then(|sse| {
+                principal.require(Permission::Read)?;
+                Ok(sse.in_namespace_of(&principal))
+            }) {
                 Ok(sse) => {
                     shard.metrics.http_request(label, 200);
                     return Outcome::EventStream(sse);
@@ -90,15 +113,22 @@ pub async fn handle(
                 Err(e) => Err(e),
             }
         }
-        Ok(Route::WebSocket) => match websocket::accept(shard, &request) {
-            Ok((upgrade, response)) => {
-                shard.metrics.http_request(label, 101);
-                out.extend_from_slice(&response);
-                return Outcome::WebSocket(upgrade);
+        Ok(Route::WebSocket) => {
+            let principal = principal.unwrap_or_else(Principal::open);
+            match principal
+                .require(Permission::Read)
+                .map_err(ApiError::from)
+                .and_then(|()| websocket::accept(shard, &request, principal))
+            {
+                Ok((upgrade, response)) => {
+                    shard.metrics.http_request(label, 101);
+                    out.extend_from_slice(&response);
+                    return Outcome::WebSocket(upgrade);
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
-        Ok(route) => dispatch(shard, route, &request).await,
+        }
+        Ok(route) => dispatch(shard, route, &request, principal.as_ref()).await,
         Err(e) => Err(e),
     };
     shard.metrics.http_request(
@@ -167,33 +197,55 @@ fn respond(
     Outcome::Respond { keep_alive }
 }
 
-async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Reply, ApiError> {
+/// Whether `route` acts for someone (and so needs [`Auth::authenticate`]'s answer).
+///
+/// [`Auth::authenticate`]: crate::auth::Auth::authenticate
+fn needs_principal(route: &Route) -> bool {
     match route {
-        Route::Publish => publish::publish_one(shard, request).await,
-        Route::PublishBulk => publish::publish_bulk(shard, request).await,
-        Route::ListTopics => topics::list(shard).await,
-        Route::TopicStats(topic) => topics::stats(shard, topic).await,
-        Route::DeleteTopic(topic) => topics::delete(shard, topic).await,
-        Route::History(topic) => topics::history(shard, topic, request.query()).await,
-        Route::Trim(topic) => topics::trim(shard, topic, request).await,
+        Route::Health | Route::Ready | Route::Metrics => false,
+        Route::Auth(route) => !route.is_public(),
+        _ => true,
+    }
+}
+
+async fn dispatch(
+    shard: &Shard,
+    route: Route,
+    request: &Request,
+    principal: Option<&Principal>,
+) -> Result<Reply, ApiError> {
+    let open = Principal::open();
+    let who = principal.unwrap_or(&open);
+    match route {
+        Route::Publish => publish::publish_one(shard, request, who).await,
+        Route::PublishBulk => publish::publish_bulk(shard, request, who).await,
+        Route::ListTopics => topics::list(shard, who).await,
+        Route::CreateTopic => topics::create(shard, request, who).await,
+        Route::TopicStats(topic) => topics::stats(shard, &topic, request.query(), who).await,
+        Route::DeleteTopic(topic) => topics::delete(shard, &topic, request.query(), who).await,
+        Route::History(topic) => topics::history(shard, &topic, request.query(), who).await,
+        Route::Trim(topic) => topics::trim(shard, &topic, request, who).await,
         Route::Health => health::health(shard).await,
         Route::Ready => Ok(health::ready(shard).await),
+        Route::Auth(route) => auth::handle(shard, route, request, principal).await,
         Route::Poll => {
+            who.require(Permission::Read)?;
             require_json(request)?;
             let poll = poll::parse_poll_body(
                 request.body(),
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            poll::poll(shard, poll).await
+            poll::poll(shard, poll.in_namespace_of(who)).await
         }
         Route::PollGet => {
+            who.require(Permission::Read)?;
             let poll = poll::parse_poll_query(
                 request.query(),
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            poll::poll(shard, poll).await
+            poll::poll(shard, poll.in_namespace_of(who)).await
         }
         Route::Metrics => {
             let snapshots = shard.gather_snapshots().await;
@@ -204,8 +256,14 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
                 body: text.into_bytes(),
             })
         }
-        Route::Stats => health::stats(shard).await,
-        Route::PollStats => health::poll_stats(shard).await,
+        Route::Stats => {
+            who.require(Permission::Admin)?;
+            health::stats(shard).await
+        }
+        Route::PollStats => {
+            who.require(Permission::Admin)?;
+            health::poll_stats(shard).await
+        }
         // Answered in `handle` before dispatch.
         Route::Events(_) | Route::WebSocket => Err(ApiError::internal()),
     }

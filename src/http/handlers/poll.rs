@@ -229,7 +229,7 @@ fn write_next_offset(
             first_left_out.get(name).copied(),
         );
         body.push(b'"');
-        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(crate::topic::public_name(name).as_bytes());
         body.extend_from_slice(b"\":\"");
         id.write_to(body);
         body.push(b'"');

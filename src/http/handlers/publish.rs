@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{bad_json, require_json, Reply};
+use crate::auth::{Permission, Principal};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -241,10 +242,14 @@ pub fn idempotency_header(request: &Request) -> Result<Option<String>, ApiError>
 /// The header producers name a publish with.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 
-pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+pub async fn publish_one(
+    shard: &Shard,
+    request: &Request,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
     shard.metrics.received(Ingress::HttpSingle, 1);
-    let result = publish_one_inner(shard, request).await;
+    let result = publish_one_inner(shard, request, principal).await;
     match &result {
         Ok(_) => shard.metrics.publish_duration(started.elapsed()),
         Err(e) => shard.metrics.rejected(e.code, 1),
@@ -252,7 +257,12 @@ pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiE
     result
 }
 
-async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+async fn publish_one_inner(
+    shard: &Shard,
+    request: &Request,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    principal.require(Permission::Write)?;
     require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut item = parse_publish(request.body(), &shard.config.api)?;
@@ -265,9 +275,11 @@ async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, Ap
         (Some(header), None) => item.idempotency_key = Some(header),
         _ => {}
     }
+    // The response names the topic as the client did; it is stored in the client's namespace.
+    let topic = std::mem::take(&mut item.topic);
+    item.topic = principal.topic(&topic);
     shard.metrics.per_topic(&item.topic, 0, 1);
     let owner = shard.owner_of(&item.topic);
-    let topic = item.topic.clone();
     let mut results = shard.publish_on(owner, vec![item]).await?;
     let ack = match results.pop() {
         Some(result) => result?,
@@ -291,8 +303,13 @@ enum Outcome {
     Rejected(Option<String>, ApiError),
 }
 
-pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+pub async fn publish_bulk(
+    shard: &Shard,
+    request: &Request,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
+    principal.require(Permission::Write)?;
     require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut items = parse_bulk(request.body(), &shard.config.api)?;
@@ -316,7 +333,8 @@ pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, Api
         .collect();
     for (index, item) in items.into_iter().enumerate() {
         match item {
-            Ok(item) => {
+            Ok(mut item) => {
+                item.topic = principal.topic(&item.topic);
                 shard.metrics.per_topic(&item.topic, 0, 1);
                 let group = &mut groups[shard.owner_of(&item.topic)];
                 group.0.push(index);
@@ -390,7 +408,7 @@ fn write_accepted(body: &mut Vec<u8>, topic: &str, id: MessageId, timestamp_ms: 
     body.extend_from_slice(b"{\"message_id\":\"");
     id.write_to(body);
     body.extend_from_slice(b"\",\"topic\":\"");
-    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(crate::topic::public_name(topic).as_bytes());
     body.extend_from_slice(b"\",\"timestamp\":\"");
     write_rfc3339_millis(body, timestamp_ms);
     body.extend_from_slice(b"\",\"status\":\"accepted\"}");
@@ -399,7 +417,7 @@ fn write_accepted(body: &mut Vec<u8>, topic: &str, id: MessageId, timestamp_ms: 
 fn write_rejected(body: &mut Vec<u8>, topic: Option<String>, error: &ApiError) {
     // A rejected item's topic may be anything the client sent: escape it.
     let value = serde_json::json!({
-        "topic": topic,
+        "topic": topic.as_deref().map(crate::topic::public_name),
         "status": "rejected",
         "error": error.code,
         "message": error.message,

@@ -1,8 +1,14 @@
-//! Topic resources: history pages, stats, listing, trim, delete.
+//! Topic resources: history pages, stats, listing, creation, trim, delete.
+//!
+//! With authentication on, every name is the caller's (`<user id>/<name>` once stored, see
+//! [`Principal::topic`]); an admin reaches another user's topic with `?owner=<user id>`.
 
 use serde::Deserialize;
 
 use super::{bad_json, require_json, Reply};
+use crate::auth::store::{iso8601, TopicRecord};
+use crate::auth::{Permission, Principal};
+use crate::clock::now_ms;
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -14,6 +20,25 @@ use crate::topic;
 
 fn checked_topic(name: &str, limits: &ApiConfig) -> Result<(), ApiError> {
     Ok(topic::validate(name, limits.max_topic_name_len)?)
+}
+
+/// The stored name of the path's topic `name`, validated: the caller's own, or with
+/// `?owner=` another user's (admins only).
+fn stored_topic(
+    name: &str,
+    query: Option<&str>,
+    principal: &Principal,
+    limits: &ApiConfig,
+) -> Result<String, ApiError> {
+    checked_topic(name, limits)?;
+    let owner = query_pairs(query)
+        .find(|(k, _)| k == "owner")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty());
+    if owner.as_deref().is_some_and(|o| o.contains('/')) {
+        return Err(ApiError::invalid_request("`owner` must be a user id"));
+    }
+    Ok(principal.topic_of(owner.as_deref(), name)?)
 }
 
 /// The query of a history read, validated.
@@ -73,8 +98,14 @@ pub fn parse_history_query(
 /// `next_cursor` (a single larger message still comes, alone).
 const HISTORY_PAGE_BYTES: usize = 8 << 20;
 
-pub async fn history(shard: &Shard, topic: String, query: Option<&str>) -> Result<Reply, ApiError> {
-    checked_topic(&topic, &shard.config.api)?;
+pub async fn history(
+    shard: &Shard,
+    name: &str,
+    query: Option<&str>,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    principal.require(Permission::Read)?;
+    let topic = stored_topic(name, query, principal, &shard.config.api)?;
     let q = parse_history_query(query, &shard.config.api)?;
     let mut page_query = PageQuery::new(q.cursor, q.order, q.limit);
     page_query.max_bytes = HISTORY_PAGE_BYTES;
@@ -136,7 +167,14 @@ fn write_optional_time(body: &mut Vec<u8>, ms: Option<u64>) {
 /// `{"topic", "length", "first_id", "last_id"}`, and with `detail` also timestamps and bytes.
 fn write_topic(body: &mut Vec<u8>, stats: &TopicStats, detail: bool) {
     body.extend_from_slice(b"{\"topic\":\"");
-    body.extend_from_slice(stats.name.as_bytes());
+    body.extend_from_slice(topic::public_name(&stats.name).as_bytes());
+    if let Some(owner) = topic::owner_of(&stats.name) {
+        // The Python relay's `TopicPublic` keys, which `pulsar-relay-client` checks.
+        body.extend_from_slice(b"\",\"topic_name\":\"");
+        body.extend_from_slice(topic::public_name(&stats.name).as_bytes());
+        body.extend_from_slice(b"\",\"owner_id\":\"");
+        body.extend_from_slice(owner.as_bytes());
+    }
     body.extend_from_slice(b"\",\"length\":");
     body.extend_from_slice(itoa::Buffer::new().format(stats.length).as_bytes());
     body.extend_from_slice(b",\"first_id\":");
@@ -154,8 +192,10 @@ fn write_topic(body: &mut Vec<u8>, stats: &TopicStats, detail: bool) {
     body.push(b'}');
 }
 
-pub async fn list(shard: &Shard) -> Result<Reply, ApiError> {
-    let topics = shard.all_topics().await?;
+pub async fn list(shard: &Shard, principal: &Principal) -> Result<Reply, ApiError> {
+    let mut topics = shard.all_topics().await?;
+    // The caller's own topics (the Python relay's rule, for admins too).
+    topics.retain(|t| topic::owner_of(&t.name) == principal.user_id());
     let mut body = Vec::with_capacity(32 + topics.len() * 96);
     body.extend_from_slice(b"{\"topics\":[");
     for (i, stats) in topics.iter().enumerate() {
@@ -170,15 +210,107 @@ pub async fn list(shard: &Shard) -> Result<Reply, ApiError> {
     Ok(Reply::json(200, body))
 }
 
-pub async fn stats(shard: &Shard, topic: String) -> Result<Reply, ApiError> {
-    checked_topic(&topic, &shard.config.api)?;
-    let stats = shard
-        .stats(topic.clone())
-        .await?
-        .ok_or_else(|| unknown_topic(&topic))?;
+pub async fn stats(
+    shard: &Shard,
+    name: &str,
+    query: Option<&str>,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    let topic = stored_topic(name, query, principal, &shard.config.api)?;
+    let stats = match shard.stats(topic.clone()).await? {
+        Some(stats) => stats,
+        // Created through `POST /api/v1/topics` and not yet published to: it exists.
+        None => match record_of(shard, &topic).await? {
+            Some(_) => TopicStats {
+                name: topic.as_str().into(),
+                length: 0,
+                first_id: None,
+                last_id: None,
+                oldest_timestamp_ms: None,
+                newest_timestamp_ms: None,
+                bytes: 0,
+            },
+            None => return Err(unknown_topic(name)),
+        },
+    };
     let mut body = Vec::with_capacity(256);
     write_topic(&mut body, &stats, true);
     Ok(Reply::json(200, body))
+}
+
+/// The creation record of a stored topic name, if it has one.
+async fn record_of(shard: &Shard, stored: &str) -> Result<Option<TopicRecord>, ApiError> {
+    let owner = topic::owner_of(stored).unwrap_or("");
+    Ok(shard
+        .auth
+        .store
+        .topic(owner, topic::public_name(stored))
+        .await?)
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    topic_name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// `POST /api/v1/topics` `{"topic_name", "description"?}`: 201 with the Python relay's
+/// `TopicPublic`; 409 when the caller already has the topic (created or published to);
+/// 422 for an invalid name (never 400: `pulsar-relay-client` takes 400 as "exists").
+pub async fn create(
+    shard: &Shard,
+    request: &Request,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    principal.require(Permission::Write)?;
+    require_json(request)?;
+    let body: CreateBody = serde_json::from_slice(request.body())
+        .map_err(|e| ApiError::new(422, "VALIDATION_ERROR", format!("invalid JSON body: {e}")))?;
+    topic::validate(&body.topic_name, shard.config.api.max_topic_name_len)
+        .map_err(|e| ApiError::new(422, "INVALID_TOPIC", e.to_string()))?;
+    let description = body.description.unwrap_or_default();
+    if description.chars().count() > 500 {
+        return Err(ApiError::new(
+            422,
+            "VALIDATION_ERROR",
+            "`description` is at most 500 characters",
+        ));
+    }
+    let stored = principal.topic(&body.topic_name);
+    let owner = principal.user_id().unwrap_or("").to_owned();
+    let exists = || {
+        ApiError::new(
+            409,
+            "TOPIC_EXISTS",
+            format!(
+                "Topic '{}' already exists for owner {owner}",
+                body.topic_name
+            ),
+        )
+    };
+    if shard.stats(stored.clone()).await?.is_some() {
+        return Err(exists());
+    }
+    let record = TopicRecord {
+        topic_id: uuid::Uuid::new_v4().to_string(),
+        name: body.topic_name.clone(),
+        owner_id: owner.clone(),
+        description,
+        created_at: iso8601(now_ms() / 1000),
+    };
+    if !shard.auth.store.create_topic(&record).await? {
+        return Err(exists());
+    }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "topic_id": record.topic_id,
+        "topic_name": record.name,
+        "owner_id": record.owner_id,
+        "created_at": record.created_at,
+        "description": record.description,
+    }))
+    .map_err(|_| ApiError::internal())?;
+    Ok(Reply::json(201, body))
 }
 
 #[derive(Deserialize)]
@@ -186,8 +318,14 @@ struct TrimBody {
     keep_count: Option<u64>,
 }
 
-pub async fn trim(shard: &Shard, topic: String, request: &Request) -> Result<Reply, ApiError> {
-    checked_topic(&topic, &shard.config.api)?;
+pub async fn trim(
+    shard: &Shard,
+    name: &str,
+    request: &Request,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    principal.require(Permission::Write)?;
+    let topic = stored_topic(name, request.query(), principal, &shard.config.api)?;
     require_json(request)?;
     let body: TrimBody = serde_json::from_slice(request.body()).map_err(bad_json)?;
     let keep_count = body
@@ -197,18 +335,32 @@ pub async fn trim(shard: &Shard, topic: String, request: &Request) -> Result<Rep
     let removed = shard
         .trim(topic.clone(), keep_count)
         .await?
-        .ok_or_else(|| unknown_topic(&topic))?;
-    let body = serde_json::to_vec(&serde_json::json!({ "topic": topic, "removed": removed }))
+        .ok_or_else(|| unknown_topic(name))?;
+    let body = serde_json::to_vec(&serde_json::json!({ "topic": name, "removed": removed }))
         .map_err(|_| ApiError::internal())?;
     Ok(Reply::json(200, body))
 }
 
-pub async fn delete(shard: &Shard, topic: String) -> Result<Reply, ApiError> {
-    checked_topic(&topic, &shard.config.api)?;
-    if shard.delete(topic.clone()).await? {
+pub async fn delete(
+    shard: &Shard,
+    name: &str,
+    query: Option<&str>,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    principal.require(Permission::Write)?;
+    let topic = stored_topic(name, query, principal, &shard.config.api)?;
+    let record = record_of(shard, &topic).await?;
+    if let Some(record) = &record {
+        shard
+            .auth
+            .store
+            .delete_topic(&record.owner_id, &record.name)
+            .await?;
+    }
+    if shard.delete(topic.clone()).await? || record.is_some() {
         Ok(Reply::no_content())
     } else {
-        Err(unknown_topic(&topic))
+        Err(unknown_topic(name))
     }
 }
 

@@ -4,6 +4,7 @@
 //! produces the 101 response, choosing the `bearer` subprotocol when offered, as the Python
 //! relay's clients expect. The session itself runs in [`crate::net::websocket`].
 
+use crate::auth::Principal;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
 use crate::shard::Shard;
@@ -13,14 +14,21 @@ use crate::ws::handshake::{self, UpgradeRequest};
 #[derive(Debug, Clone)]
 pub struct WsUpgrade {
     pub protocol: Option<&'static str>,
+    /// Who opened the session (checked before the 101): its topics are in its namespace.
+    pub principal: Principal,
 }
 
 /// Validates an upgrade request; returns the session parameters and the 101 response.
-pub fn accept(_shard: &Shard, request: &Request) -> Result<(WsUpgrade, Vec<u8>), ApiError> {
+pub fn accept(
+    _shard: &Shard,
+    request: &Request,
+    principal: Principal,
+) -> Result<(WsUpgrade, Vec<u8>), ApiError> {
     match handshake::accept(&upgrade_request(request)) {
         Ok(accepted) => Ok((
             WsUpgrade {
                 protocol: accepted.protocol,
+                principal,
             },
             accepted.response,
         )),

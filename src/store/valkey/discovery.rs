@@ -65,7 +65,7 @@ impl ValkeyTier {
                         continue;
                     };
                     if let Some(topic) = self.stream_key.topic_of(key) {
-                        if crate::topic::validate(topic, usize::MAX).is_ok()
+                        if crate::topic::is_stored_name(topic)
                             && self.owns(topic)
                             && known.insert(topic.to_owned())
                         {
