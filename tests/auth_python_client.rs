@@ -80,7 +80,11 @@ fn check(report: &Value) {
     assert_eq!(report["poll1_topics"], serde_json::json!(["jobs"]));
     // The second resumes from the cursor: only what came after.
     let after = report["after"].as_str().expect("id").to_owned();
-    assert_eq!(ids(&report["poll2"]), std::slice::from_ref(&after), "{report}");
+    assert_eq!(
+        ids(&report["poll2"]),
+        std::slice::from_ref(&after),
+        "{report}"
+    );
     published.push(after);
 
     let paged: Vec<String> = report["history_pages"]

@@ -440,7 +440,7 @@ fn wrong_method_is_405_with_allow() {
         ("GET", "/api/v1/messages/bulk", "POST"),
         ("PUT", "/health", "GET"),
         ("POST", "/ready", "GET"),
-        ("POST", "/api/v1/topics", "GET"),
+        ("DELETE", "/api/v1/topics", "POST"),
         ("POST", "/api/v1/topics/x/messages", "GET"),
         ("GET", "/api/v1/topics/x/trim", "POST"),
         ("PATCH", "/api/v1/topics/x", "DELETE"),

@@ -66,7 +66,17 @@ impl Signer {
 
     /// A token for `user_id`/`username` valid for the configured lifetime from now.
     pub fn issue(&self, user_id: &str, username: &str, permissions: Vec<String>) -> Issued {
-        let now = now_ms() / 1000;
+        self.issue_at(user_id, username, permissions, now_ms() / 1000)
+    }
+
+    /// [`Signer::issue`] as if it were Unix second `now` (tests mint expired tokens with it).
+    pub fn issue_at(
+        &self,
+        user_id: &str,
+        username: &str,
+        permissions: Vec<String>,
+        now: u64,
+    ) -> Issued {
         let jti = uuid::Uuid::new_v4().simple().to_string();
         let claims = AccessClaims {
             sub: user_id.to_owned(),

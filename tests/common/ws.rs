@@ -66,6 +66,17 @@ impl WsClient {
         protocols: &[&str],
         config: Option<WebSocketConfig>,
     ) -> Result<WsClient, String> {
+        WsClient::try_connect_headers(addr, protocols, &[], config)
+    }
+
+    /// Like [`WsClient::try_connect_with`] with extra request headers (`Authorization`,
+    /// `Origin`, `Cookie`).
+    pub fn try_connect_headers(
+        addr: SocketAddr,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+        config: Option<WebSocketConfig>,
+    ) -> Result<WsClient, String> {
         let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT)
             .map_err(|e| format!("connect to {addr}/ws: {e}"))?;
         stream
@@ -79,6 +90,9 @@ impl WsClient {
         let mut request = ClientRequestBuilder::new(uri);
         for p in protocols {
             request = request.with_sub_protocol(*p);
+        }
+        for (name, value) in headers {
+            request = request.with_header(*name, *value);
         }
         let (socket, response) =
             tungstenite::client::client_with_config(request, stream, config)

@@ -1,0 +1,585 @@
+//! Every entrance checks the principal, over real sockets: publish, bulk, history, topic
+//! stats, listing, trim, delete, both long-polls, SSE, the WebSocket handshake, the admin
+//! endpoints. Each refuses a missing, malformed, foreign-signed, expired or logged-out token
+//! (401 with `WWW-Authenticate: Bearer`, before any upgrade) and a principal without the
+//! permission (403); topics are private to their owner's namespace; the WebSocket subprotocol
+//! pair and the `EventSource` cookie carry tokens; a deactivation or logout applies to the next
+//! request on every shard; concurrent refreshes of one token never both succeed.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use common::sse::SseClient;
+use common::ws::WsClient;
+use common::{Conn, Response, Server};
+use pulsar_relay::auth::token::Signer;
+
+const SECRET: &str = "entrance-test-secret-0123456789abcdef";
+const ADMIN_PASSWORD: &str = "admin-password";
+
+fn start() -> Server {
+    Server::start_with_shards(
+        &format!(
+            "auth:\n  jwt_secret: \"{SECRET}\"\n  bootstrap_admin_username: admin\n  \
+             bootstrap_admin_password: {ADMIN_PASSWORD}\n"
+        ),
+        2,
+    )
+}
+
+fn login(relay: &Server, user: &str, password: &str) -> Value {
+    let body = format!("username={user}&password={password}");
+    let resp = relay.connect().request_with(
+        "POST",
+        "/auth/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(resp.status, 200, "login {user}: {resp:?}");
+    resp.json()
+}
+
+fn token(relay: &Server, user: &str, password: &str) -> String {
+    login(relay, user, password)["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+fn call(
+    relay: &Server,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Response {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| vec![("Authorization", b)])
+        .unwrap_or_default();
+    relay
+        .connect()
+        .request_with(method, path, &headers, body.map(str::as_bytes))
+}
+
+/// Registers `user` with `permissions` (as admin); returns its user id.
+fn register(relay: &Server, admin: &str, user: &str, permissions: &[&str]) -> String {
+    let body = json!({"username": user, "password": format!("{user}-password"), "permissions": permissions});
+    let resp = call(
+        relay,
+        Some(admin),
+        "POST",
+        "/auth/register",
+        Some(&body.to_string()),
+    );
+    assert_eq!(resp.status, 201, "{resp:?}");
+    resp.json()["user_id"].as_str().expect("user_id").to_owned()
+}
+
+/// Every entrance that acts for someone, as (method, path, body).
+fn entrances() -> Vec<(&'static str, String, Option<String>)> {
+    let publish = r#"{"topic":"t","payload":{"a":1}}"#.to_owned();
+    vec![
+        ("POST", "/api/v1/messages".into(), Some(publish)),
+        (
+            "POST",
+            "/api/v1/messages/bulk".into(),
+            Some(r#"{"messages":[{"topic":"t","payload":{}}]}"#.into()),
+        ),
+        ("GET", "/api/v1/topics".into(), None),
+        (
+            "POST",
+            "/api/v1/topics".into(),
+            Some(r#"{"topic_name":"t"}"#.into()),
+        ),
+        ("GET", "/api/v1/topics/t".into(), None),
+        ("GET", "/api/v1/topics/t/messages".into(), None),
+        (
+            "POST",
+            "/api/v1/topics/t/trim".into(),
+            Some(r#"{"keep_count":0}"#.into()),
+        ),
+        ("DELETE", "/api/v1/topics/t".into(), None),
+        (
+            "POST",
+            "/messages/poll".into(),
+            Some(r#"{"topics":["t"],"timeout":1}"#.into()),
+        ),
+        ("GET", "/api/v1/poll?topics=t&timeout=1".into(), None),
+        ("GET", "/api/v1/events?topics=t".into(), None),
+        ("GET", "/api/v1/topics/t/events".into(), None),
+        ("GET", "/api/v1/stats".into(), None),
+        ("GET", "/messages/poll/stats".into(), None),
+        ("GET", "/auth/me".into(), None),
+        ("GET", "/auth/sessions".into(), None),
+        ("POST", "/auth/logout".into(), None),
+        ("GET", "/auth/users".into(), None),
+        (
+            "POST",
+            "/auth/register".into(),
+            Some(r#"{"username":"x","password":"y"}"#.into()),
+        ),
+    ]
+}
+
+fn assert_unauthenticated(resp: &Response, what: &str) {
+    assert_eq!(resp.status, 401, "{what}: {resp:?}");
+    assert_eq!(resp.header("www-authenticate"), Some("Bearer"), "{what}");
+    assert_eq!(resp.json()["error"], "UNAUTHORIZED", "{what}");
+}
+
+#[test]
+fn every_entrance_refuses_a_missing_malformed_foreign_or_expired_token() {
+    let relay = start();
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    let claims = Signer::new(SECRET.as_bytes(), Duration::from_secs(600)).expect("key");
+    let me = call(&relay, Some(&admin), "GET", "/auth/me", None).json();
+    let admin_id = me["user_id"].as_str().expect("id");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // Expired one second ago; valid in every other respect.
+    let expired = claims.issue_at(admin_id, "admin", vec![], now - 601).token;
+    let foreign = Signer::new(
+        b"another-secret-0123456789abcdef-0123",
+        Duration::from_secs(600),
+    )
+    .expect("key")
+    .issue(admin_id, "admin", vec![])
+    .token;
+    // An intact token whose signature is cut.
+    let truncated = admin[..admin.len() - 4].to_owned();
+    let bad_tokens: [(&str, Option<&str>); 5] = [
+        ("none", None),
+        ("garbage", Some("not-a-token")),
+        ("expired", Some(&expired)),
+        ("foreign", Some(&foreign)),
+        ("truncated", Some(&truncated)),
+    ];
+    for (method, path, body) in entrances() {
+        for (label, bad) in bad_tokens {
+            let resp = call(&relay, bad, method, &path, body.as_deref());
+            assert_unauthenticated(&resp, &format!("{method} {path} with {label} token"));
+        }
+    }
+    // The WebSocket: refused before the upgrade, by header or subprotocol pair.
+    for (label, bad) in bad_tokens {
+        let pair = bad.map(|t| format!("bearer.{t}"));
+        let protocols: Vec<&str> = match &pair {
+            Some(p) => vec!["bearer", p],
+            None => vec![],
+        };
+        let refused = WsClient::try_connect_headers(relay.addr, &protocols, &[], None);
+        let error = refused
+            .err()
+            .unwrap_or_else(|| panic!("ws with {label} token upgraded"));
+        assert!(error.contains("401"), "ws with {label} token: {error}");
+    }
+    // Nothing reached a topic.
+    let list = call(&relay, Some(&admin), "GET", "/api/v1/topics", None);
+    assert_eq!(list.json()["total"], 0, "{list:?}");
+    // Health, readiness and metrics need no token.
+    for path in ["/health", "/ready", "/metrics"] {
+        assert_eq!(call(&relay, None, "GET", path, None).status, 200, "{path}");
+    }
+}
+
+#[test]
+fn each_entrance_needs_its_permission() {
+    let relay = start();
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    register(&relay, &admin, "writer", &["write"]);
+    register(&relay, &admin, "reader", &["read"]);
+    let writer = token(&relay, "writer", "writer-password");
+    let reader = token(&relay, "reader", "reader-password");
+    let forbidden = |token: &str, method: &str, path: &str, body: Option<&str>| {
+        let resp = call(&relay, Some(token), method, path, body);
+        assert_eq!(resp.status, 403, "{method} {path}: {resp:?}");
+        assert_eq!(resp.json()["error"], "FORBIDDEN");
+    };
+    // Publishing needs `write`.
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/messages",
+        Some(r#"{"topic":"t","payload":1}"#),
+    );
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/messages/bulk",
+        Some(r#"{"messages":[]}"#),
+    );
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/topics",
+        Some(r#"{"topic_name":"t"}"#),
+    );
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/topics/t/trim",
+        Some(r#"{"keep_count":0}"#),
+    );
+    forbidden(&reader, "DELETE", "/api/v1/topics/t", None);
+    // Reading needs `read`.
+    forbidden(&writer, "GET", "/api/v1/topics/t/messages", None);
+    forbidden(
+        &writer,
+        "POST",
+        "/messages/poll",
+        Some(r#"{"topics":["t"],"timeout":1}"#),
+    );
+    forbidden(&writer, "GET", "/api/v1/poll?topics=t&timeout=1", None);
+    forbidden(&writer, "GET", "/api/v1/topics/t/events", None);
+    let ws = WsClient::try_connect_headers(
+        relay.addr,
+        &[],
+        &[("Authorization", &format!("Bearer {writer}"))],
+        None,
+    );
+    assert!(
+        ws.err().is_some_and(|e| e.contains("403")),
+        "ws without read"
+    );
+    // Operating the relay and its users needs `admin`.
+    for (method, path) in [
+        ("GET", "/api/v1/stats"),
+        ("GET", "/messages/poll/stats"),
+        ("GET", "/auth/users"),
+        ("GET", "/auth/users/stats"),
+    ] {
+        forbidden(&writer, method, path, None);
+    }
+    forbidden(
+        &writer,
+        "POST",
+        "/auth/register",
+        Some(r#"{"username":"zed","password":"12345678"}"#),
+    );
+    // With the permission, the same calls pass.
+    let published = call(
+        &relay,
+        Some(&writer),
+        "POST",
+        "/api/v1/messages",
+        Some(r#"{"topic":"t","payload":1}"#),
+    );
+    assert_eq!(published.status, 201, "{published:?}");
+    for path in [
+        "/api/v1/stats",
+        "/messages/poll/stats",
+        "/auth/users",
+        "/auth/users/stats",
+    ] {
+        assert_eq!(
+            call(&relay, Some(&admin), "GET", path, None).status,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn topics_live_in_their_owners_namespace() {
+    let relay = start();
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    let alice_id = register(&relay, &admin, "alice", &["read", "write"]);
+    register(&relay, &admin, "bob", &["read", "write"]);
+    let alice = token(&relay, "alice", "alice-password");
+    let bob = token(&relay, "bob", "bob-password");
+
+    // Bob follows his `orders` by WebSocket (subprotocol pair) and SSE (cookie) before anyone
+    // publishes.
+    let pair = format!("bearer.{bob}");
+    let mut bob_ws = WsClient::connect_with(relay.addr, &["bearer", &pair], None);
+    assert_eq!(
+        bob_ws.protocol.as_deref(),
+        Some("bearer"),
+        "the server selects `bearer`"
+    );
+    bob_ws.subscribe(&["orders"], None);
+    let cookie = format!("pulsar_token={bob}");
+    let mut bob_sse = SseClient::open_ok(
+        relay.addr,
+        "/api/v1/topics/orders/events",
+        &[("Cookie", &cookie)],
+    );
+
+    let a = call(
+        &relay,
+        Some(&alice),
+        "POST",
+        "/api/v1/messages",
+        Some(r#"{"topic":"orders","payload":{"by":"alice"}}"#),
+    );
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.json()["topic"], "orders");
+    let b = call(
+        &relay,
+        Some(&bob),
+        "POST",
+        "/api/v1/messages",
+        Some(r#"{"topic":"orders","payload":{"by":"bob"}}"#),
+    );
+    let b_id = b.json()["message_id"].as_str().expect("id").to_owned();
+
+    // Bob's consumers get Bob's message only, named as he named the topic.
+    let frame = bob_ws.recv_type("message");
+    assert_eq!(
+        (frame["message_id"].as_str(), frame["topic"].as_str()),
+        (Some(b_id.as_str()), Some("orders"))
+    );
+    assert_eq!(frame["payload"]["by"], "bob");
+    let event = bob_sse.next_message();
+    assert_eq!(event["message_id"], b_id.as_str());
+    assert_eq!(event["topic"], "orders");
+
+    // Histories, stats and listings are per owner.
+    let history = |token: &str, query: &str| {
+        call(
+            &relay,
+            Some(token),
+            "GET",
+            &format!("/api/v1/topics/orders/messages?order=asc{query}"),
+            None,
+        )
+    };
+    let by = |resp: Response| -> Vec<String> {
+        assert_eq!(resp.status, 200, "{resp:?}");
+        resp.json()["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["payload"]["by"].as_str().expect("by").to_owned())
+            .collect()
+    };
+    assert_eq!(by(history(&alice, "")), ["alice"]);
+    assert_eq!(by(history(&bob, "")), ["bob"]);
+    let stats = call(&relay, Some(&alice), "GET", "/api/v1/topics/orders", None).json();
+    assert_eq!(stats["owner_id"], alice_id.as_str());
+    assert_eq!(stats["topic"], "orders");
+    let listed = call(&relay, Some(&bob), "GET", "/api/v1/topics", None).json();
+    assert_eq!(listed["total"], 1, "{listed}");
+    // Alice may not reach Bob's namespace; an admin may, with `?owner=`.
+    let denied = history(&bob, &format!("&owner={alice_id}"));
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(
+        by(history(&admin, &format!("&owner={alice_id}"))),
+        ["alice"]
+    );
+    // A topic another user has is no conflict: Bob creates his own `invoices`, Alice too.
+    for who in [&alice, &bob] {
+        let created = call(
+            &relay,
+            Some(who),
+            "POST",
+            "/api/v1/topics",
+            Some(r#"{"topic_name":"invoices"}"#),
+        );
+        assert_eq!(created.status, 201, "{created:?}");
+        let again = call(
+            &relay,
+            Some(who),
+            "POST",
+            "/api/v1/topics",
+            Some(r#"{"topic_name":"invoices"}"#),
+        );
+        assert_eq!(again.status, 409, "{again:?}");
+    }
+    // An invalid name is 422, never 400 (the Python client takes 400 for "exists").
+    let invalid = call(
+        &relay,
+        Some(&bob),
+        "POST",
+        "/api/v1/topics",
+        Some(r#"{"topic_name":"a/b"}"#),
+    );
+    assert_eq!(invalid.status, 422, "{invalid:?}");
+}
+
+#[test]
+fn logout_deactivation_and_deletion_apply_to_the_next_request_on_every_shard() {
+    let relay = start();
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    let carol_id = register(&relay, &admin, "carol", &["read", "write"]);
+    let carol = token(&relay, "carol", "carol-password");
+    // Enough connections that both shards cache Carol's record.
+    let me_on_many = |token: &str| -> Vec<u16> {
+        (0..8)
+            .map(|_| call(&relay, Some(token), "GET", "/auth/me", None).status)
+            .collect()
+    };
+    assert!(me_on_many(&carol).iter().all(|s| *s == 200));
+    let patch = call(
+        &relay,
+        Some(&admin),
+        "PATCH",
+        &format!("/auth/users/{carol_id}"),
+        Some(r#"{"is_active":false}"#),
+    );
+    assert_eq!(patch.status, 200, "{patch:?}");
+    assert!(
+        me_on_many(&carol).iter().all(|s| *s == 403),
+        "inactive on every shard"
+    );
+    let patch = call(
+        &relay,
+        Some(&admin),
+        "PATCH",
+        &format!("/auth/users/{carol_id}"),
+        Some(r#"{"is_active":true}"#),
+    );
+    assert_eq!(patch.status, 200);
+    assert!(me_on_many(&carol).iter().all(|s| *s == 200));
+    // An explicit null is refused, not stored.
+    let null = call(
+        &relay,
+        Some(&admin),
+        "PATCH",
+        &format!("/auth/users/{carol_id}"),
+        Some(r#"{"permissions":null}"#),
+    );
+    assert_eq!(null.status, 422, "{null:?}");
+
+    let logout = call(&relay, Some(&carol), "POST", "/auth/logout", None);
+    assert_eq!(logout.status, 204);
+    for _ in 0..8 {
+        let resp = call(&relay, Some(&carol), "GET", "/auth/me", None);
+        assert_unauthenticated(&resp, "after logout");
+        assert_eq!(resp.json()["message"], "Token has been revoked");
+    }
+    let fresh = token(&relay, "carol", "carol-password");
+    let deleted = call(
+        &relay,
+        Some(&admin),
+        "DELETE",
+        &format!("/auth/users/{carol_id}"),
+        None,
+    );
+    assert_eq!(deleted.status, 204);
+    for _ in 0..8 {
+        assert_unauthenticated(
+            &call(&relay, Some(&fresh), "GET", "/auth/me", None),
+            "deleted",
+        );
+    }
+    // An admin cannot lock themselves out.
+    let me = call(&relay, Some(&admin), "GET", "/auth/me", None).json();
+    let own = format!("/auth/users/{}", me["user_id"].as_str().expect("id"));
+    assert_eq!(call(&relay, Some(&admin), "DELETE", &own, None).status, 400);
+    assert_eq!(
+        call(
+            &relay,
+            Some(&admin),
+            "PATCH",
+            &own,
+            Some(r#"{"permissions":["read"]}"#)
+        )
+        .status,
+        400
+    );
+}
+
+#[test]
+fn login_and_refresh_answer_as_the_python_relay() {
+    let relay = start();
+    let wrong = relay.connect().request_with(
+        "POST",
+        "/auth/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(b"username=admin&password=nope"),
+    );
+    assert_unauthenticated(&wrong, "wrong password");
+    assert_eq!(wrong.json()["detail"], "Incorrect username or password");
+    let unknown = relay.connect().request_with(
+        "POST",
+        "/auth/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(b"username=nobody&password=nope"),
+    );
+    assert_eq!(unknown.json()["detail"], "Incorrect username or password");
+    let json_body = relay.connect().request(
+        "POST",
+        "/auth/login",
+        Some(br#"{"username":"admin","password":"admin-password"}"#),
+    );
+    assert_eq!(
+        json_body.status, 422,
+        "a JSON login is not a form: {json_body:?}"
+    );
+
+    let tokens = login(&relay, "admin", ADMIN_PASSWORD);
+    assert_eq!(tokens["token_type"], "bearer");
+    assert_eq!(tokens["expires_in"], 600);
+    assert!(tokens
+        .get("refresh_token_secondary")
+        .is_some_and(Value::is_null));
+    let refresh = tokens["refresh_token"]
+        .as_str()
+        .expect("refresh")
+        .to_owned();
+
+    // Eight concurrent refreshes of one token: at most one wins (and a loser, being a
+    // replay, may revoke the winner's chain); never two live successors.
+    let barrier = Arc::new(Barrier::new(8));
+    let results: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let barrier = barrier.clone();
+                let relay = &relay;
+                let refresh = refresh.clone();
+                s.spawn(move || {
+                    let mut conn: Conn = relay.connect();
+                    let body = json!({ "refresh_token": refresh }).to_string();
+                    barrier.wait();
+                    let resp = conn.request("POST", "/auth/token/refresh", Some(body.as_bytes()));
+                    let next = (resp.status == 200)
+                        .then(|| resp.json()["refresh_token"].as_str().map(str::to_owned))
+                        .flatten();
+                    (resp.status, next)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let winners: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, next)| next.as_ref())
+        .collect();
+    assert!(
+        winners.len() <= 1,
+        "two refreshes of one token succeeded: {results:?}"
+    );
+    assert!(
+        results.iter().all(|(s, _)| *s == 200 || *s == 401),
+        "{results:?}"
+    );
+    // The chain is gone after the replays: the winner's token is refused too.
+    for next in winners {
+        let body = json!({ "refresh_token": next }).to_string();
+        let resp = relay
+            .connect()
+            .request("POST", "/auth/token/refresh", Some(body.as_bytes()));
+        assert_unauthenticated(&resp, "the winner's token after its chain was revoked");
+    }
+    // Revoking answers 204 whatever the token (no oracle), 400 only when malformed.
+    let revoke = |body: &str| {
+        relay
+            .connect()
+            .request("POST", "/auth/token/revoke", Some(body.as_bytes()))
+            .status
+    };
+    assert_eq!(revoke(r#"{"refresh_token":"unknown.secret"}"#), 204);
+    assert_eq!(revoke(r#"{"refresh_token":"nodot"}"#), 400);
+}
