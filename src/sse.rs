@@ -36,6 +36,9 @@ use crate::store::message::MessageId;
 pub struct SseRequest {
     /// Each topic (named once, in request order) with where the stream starts it.
     pub topics: Vec<(String, StartAt)>,
+    /// Who opened the stream, when authentication is on: its token's expiry or revocation
+    /// ends the stream.
+    pub principal: Option<crate::auth::Principal>,
 }
 
 impl SseRequest {
@@ -44,6 +47,7 @@ impl SseRequest {
         for (topic, _) in &mut self.topics {
             *topic = principal.topic(topic);
         }
+        self.principal = Some(principal.clone());
         self
     }
 
@@ -285,6 +289,7 @@ mod tests {
     #[test]
     fn a_multi_topic_stream_writes_its_own_id_line_and_shares_the_rest() {
         let request = SseRequest {
+            principal: None,
             topics: vec![
                 ("a".into(), StartAt::After(id(1, 0))),
                 ("b".into(), StartAt::Last),
@@ -305,6 +310,7 @@ mod tests {
         assert_eq!(without_id_line(shared), b"event: message\ndata: {}\n\n");
         assert_eq!(without_id_line(b"event: x\n\n"), b"event: x\n\n");
         let none = SseRequest {
+            principal: None,
             topics: vec![("a".into(), StartAt::Earliest)],
         };
         out.clear();

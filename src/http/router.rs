@@ -56,6 +56,8 @@ pub enum AuthRoute {
     UserStats,
     UpdateUser(String),
     DeleteUser(String),
+    /// `POST /auth/users/{id}/disconnect`: end the user's sessions now.
+    DisconnectUser(String),
 }
 
 impl AuthRoute {
@@ -100,7 +102,8 @@ impl Route {
                 AuthRoute::Users
                 | AuthRoute::UserStats
                 | AuthRoute::UpdateUser(_)
-                | AuthRoute::DeleteUser(_) => "auth_users",
+                | AuthRoute::DeleteUser(_)
+                | AuthRoute::DisconnectUser(_) => "auth_users",
             },
         }
     }
@@ -166,6 +169,11 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
         ),
         ["auth", "users"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::Users)),
         ["auth", "users", "stats"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::UserStats)),
+        ["auth", "users", id, "disconnect"] if !id.is_empty() => allowed(
+            method == Method::Post,
+            "POST",
+            Route::Auth(AuthRoute::DisconnectUser(decode_segment(id)?)),
+        ),
         ["auth", "users", id] if !id.is_empty() => {
             let id = decode_segment(id)?;
             match method {
@@ -218,6 +226,7 @@ pub fn allow_header(path: &str) -> &'static str {
             "POST"
         }
         ["auth", "sessions", _] => "DELETE",
+        ["auth", "users", _, "disconnect"] => "POST",
         ["auth", "users", "stats"] => "GET, HEAD",
         ["auth", "users", _] => "PATCH, DELETE",
         ["api", "v1", "poll"] | ["api", "v1", "events"] | ["ws"] => "GET",

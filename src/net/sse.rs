@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use futures::future::join;
+use futures::future::{join, select, Either};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
+use crate::auth::{Principal, StreamEnd};
 use crate::delivery::sink::Delivered;
 use crate::delivery::writer::{self, Ending, Framing, Idle};
 use crate::delivery::{catch_up, position_now, register, unfollow_all, Gap, OnDrop, StartAt};
@@ -132,12 +133,39 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
         heartbeat: config.heartbeat_interval,
         next_heartbeat: Instant::now() + config.heartbeat_interval,
     };
+    let principal = RefCell::new(request.principal.clone().unwrap_or_else(Principal::open));
     // The writer closes the sink when it ends, which stops the catch-ups too.
-    join(
+    let streaming = join(
         catch_ups,
         writer::run(shard, &sink, &mut stream, &mut framing),
+    );
+    let ended_by = match select(
+        std::pin::pin!(streaming),
+        std::pin::pin!(shard.auth.watch(&principal)),
     )
-    .await;
+    .await
+    {
+        Either::Left(_) => None,
+        Either::Right((end, streaming)) => {
+            // The writer ends after the event it is writing; then the last word.
+            sink.close();
+            streaming.await;
+            Some(end)
+        }
+    };
+    if let Some(end) = ended_by {
+        // `EventSource` reconnects by itself; with an expired cookie that reconnect is a 401,
+        // which ends it for good: the event says why before that.
+        let event = format!(
+            "event: error\ndata: {{\"type\":\"error\",\"code\":\"{}\",\"message\":\"{}\"}}\n\n",
+            match end {
+                StreamEnd::Expired => "TOKEN_EXPIRED",
+                StreamEnd::Revoked => "TOKEN_REVOKED",
+            },
+            end.reason()
+        );
+        let _ = stream.write_all(event.as_bytes()).await;
+    }
     unfollow_all(shard, &sink);
     let _ = stream.close().await;
 }

@@ -129,6 +129,8 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
     let acks = Cell::new(0u64);
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded::<Vec<Job>>();
     let catch_ups: CatchUps = RefCell::new(HashMap::new());
+    // Replaced by an in-band refresh (`{"type":"auth"}`).
+    let principal = RefCell::new(upgrade.principal);
 
     let close_with = |reason: Option<CloseReason>| {
         let mut c = closing.borrow_mut();
@@ -157,7 +159,7 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
                         match frame {
                             Incoming::Text(text) => {
                                 let session = Session {
-                                    principal: &upgrade.principal,
+                                    principal: &principal,
                                     id: &session_id,
                                     jobs: &jobs_tx,
                                     catch_ups: &catch_ups,
@@ -243,6 +245,14 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
         }
     };
 
+    // The session's token: its expiry (unless refreshed in band) or revocation ends it.
+    let credential = async {
+        let end = shard.auth.watch(&principal).await;
+        close_with(Some(CloseReason::Policy(end.close_code(), end.reason())));
+        // The writer sends the close frame and ends the session.
+        futures::future::pending::<()>().await;
+    };
+
     let writer_loop = async {
         let mut framing = WsFraming {
             closing: &closing,
@@ -260,7 +270,11 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
     // Followers never finish on their own (they wait for more subscriptions): the session is
     // over when the writer is, and unfinished catch-ups are dropped with it.
     let session = async {
-        select(std::pin::pin!(writer_loop), std::pin::pin!(followers)).await;
+        select(
+            std::pin::pin!(writer_loop),
+            select(std::pin::pin!(followers), std::pin::pin!(credential)),
+        )
+        .await;
     };
     match select(std::pin::pin!(session), reader_loop).await {
         Either::Left((_, reader)) => {
@@ -319,8 +333,9 @@ async fn follow_job(shard: &Shard, sink: &Rc<Sink>, catch_ups: &CatchUps, job: J
 
 /// What a session's commands act on besides the shard and the sink.
 struct Session<'a> {
-    /// Who opened the session: its topics are in its namespace.
-    principal: &'a Principal,
+    /// Who opened the session (or refreshed its token since): its topics are in its
+    /// namespace.
+    principal: &'a RefCell<Principal>,
     id: &'a str,
     /// Catch-ups to start.
     jobs: &'a mpsc::UnboundedSender<Vec<Job>>,
@@ -348,9 +363,35 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
             sink.push_control(codec::text_frame(&out));
         }
         Ok(ClientMessage::Ack { .. }) => acks.set(acks.get() + 1),
+        Ok(ClientMessage::Auth { token }) => {
+            let current = principal.borrow().user_id().map(str::to_owned);
+            match shard.auth.authenticate(Some(&token)).await {
+                Ok(fresh) if current.is_some() && fresh.user_id() == current.as_deref() => {
+                    let expires = fresh.user.as_ref().map_or(0, |u| u.expires_at);
+                    *principal.borrow_mut() = fresh;
+                    let mut ts = Vec::with_capacity(24);
+                    write_rfc3339_millis(&mut ts, expires.saturating_mul(1000));
+                    let mut out = Vec::with_capacity(64);
+                    protocol::write_auth_ok(&mut out, &String::from_utf8_lossy(&ts));
+                    sink.push_control(codec::text_frame(&out));
+                }
+                Ok(_) if current.is_none() => sink.push_control(error_frame(
+                    "AUTH_FAILED",
+                    "authentication is off on this relay",
+                )),
+                Ok(_) => sink.push_control(error_frame(
+                    "AUTH_FAILED",
+                    "the token is another user's; the session keeps its own",
+                )),
+                Err(e) => sink.push_control(error_frame(
+                    "AUTH_FAILED",
+                    &format!("{e}; the session keeps its current token until it expires"),
+                )),
+            }
+        }
         Ok(ClientMessage::Unsubscribe { topics }) => {
             for topic in &topics {
-                let stored = principal.topic(topic);
+                let stored = principal.borrow().topic(topic);
                 unfollow(shard, sink, &stored);
                 if let Some((_, running)) = catch_ups.borrow_mut().remove(stored.as_str()) {
                     running.abort();
@@ -379,7 +420,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                     }
                 };
                 // Followed by its stored name: the caller's namespace.
-                let stored = principal.topic(topic);
+                let stored = principal.borrow().topic(topic);
                 if !sink.follows(&stored) {
                     plan.push((Arc::from(stored.as_str()), start));
                 }

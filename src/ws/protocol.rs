@@ -12,6 +12,7 @@
 //! - `{"type":"unsubscribe","topics":[..]}`
 //! - `{"type":"ack","message_id":str}`
 //! - `{"type":"ping"}`
+//! - `{"type":"auth","token":str}`: a fresh access token for the session (authentication on)
 
 use std::fmt;
 
@@ -33,6 +34,11 @@ pub enum ClientMessage {
         message_id: String,
     },
     Ping,
+    /// `{"type":"auth","token":"<access token>"}`: a fresh token for the session, before the
+    /// one it opened with expires.
+    Auth {
+        token: String,
+    },
 }
 
 /// Where a subscription starts, as the client asked. Use [`Offset::for_topic`] to resolve it
@@ -161,6 +167,13 @@ pub fn parse_client_message(text: &str, max_topics: usize) -> Result<ClientMessa
             Ok(ClientMessage::Ack { message_id })
         }
         Some(TypeField::Known(Kind::Ping)) => Ok(ClientMessage::Ping),
+        Some(TypeField::Known(Kind::Auth)) => {
+            let wire: AuthWire = serde_json::from_str(text).map_err(shape_error)?;
+            let token = wire.token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                ProtocolError::InvalidRequest("auth needs \"token\", a string".into())
+            })?;
+            Ok(ClientMessage::Auth { token })
+        }
         Some(TypeField::Known(Kind::Unknown) | TypeField::Other(_)) | None => {
             Err(ProtocolError::UnknownType)
         }
@@ -217,8 +230,14 @@ enum Kind {
     Unsubscribe,
     Ack,
     Ping,
+    Auth,
     #[serde(other)]
     Unknown,
+}
+
+#[derive(Deserialize)]
+struct AuthWire {
+    token: Option<String>,
 }
 
 /// Fields are `Option` so a missing one gets our message instead of serde's.
@@ -324,6 +343,13 @@ pub fn write_unsubscribed(out: &mut Vec<u8>, topics: &[&str]) {
 }
 
 /// `{"type":"pong","timestamp":".."}`
+/// `{"type":"auth","expires_at":"<rfc3339>"}`: an in-band refresh was taken.
+pub fn write_auth_ok(out: &mut Vec<u8>, expires_at_rfc3339: &str) {
+    out.extend_from_slice(b"{\"type\":\"auth\",\"expires_at\":");
+    write_str(out, expires_at_rfc3339);
+    out.push(b'}');
+}
+
 pub fn write_pong(out: &mut Vec<u8>, timestamp_rfc3339: &str) {
     out.extend_from_slice(b"{\"type\":\"pong\",\"timestamp\":");
     write_str(out, timestamp_rfc3339);

@@ -25,6 +25,8 @@ struct Db {
     denied: HashMap<String, u64>,
     /// `<owner>/<name>` → record.
     topics: HashMap<String, TopicRecord>,
+    /// user id → tokens issued before this Unix second are refused.
+    disconnects: HashMap<String, u64>,
 }
 
 /// Refresh rows are kept an hour past their expiry (as the Python relay's TTL), so a replay
@@ -149,6 +151,15 @@ impl MemoryAuthDb {
 
     pub fn is_denied(&self, jti: &str) -> bool {
         self.with(|db| db.denied.contains_key(jti))
+    }
+
+    pub fn disconnect(&self, user_id: &str, at: u64) {
+        self.with(|db| db.disconnects.insert(user_id.to_owned(), at));
+        self.changed();
+    }
+
+    pub fn disconnected_at(&self, user_id: &str) -> Option<u64> {
+        self.with(|db| db.disconnects.get(user_id).copied())
     }
 
     pub fn create_topic(&self, topic: &TopicRecord) -> bool {

@@ -230,6 +230,30 @@ impl AuthStore {
         }
     }
 
+    /// Records that `user_id`'s tokens issued before `at` (Unix seconds) no longer count;
+    /// kept for `keep` (the longest an access token lives), after which none are left.
+    pub async fn disconnect(
+        &self,
+        user_id: &str,
+        at: u64,
+        keep: std::time::Duration,
+    ) -> Result<(), AuthError> {
+        match self {
+            AuthStore::Memory(db) => {
+                db.disconnect(user_id, at);
+                Ok(())
+            }
+            AuthStore::Valkey(v) => v.disconnect(user_id, at, keep).await,
+        }
+    }
+
+    pub async fn disconnected_at(&self, user_id: &str) -> Result<Option<u64>, AuthError> {
+        match self {
+            AuthStore::Memory(db) => Ok(db.disconnected_at(user_id)),
+            AuthStore::Valkey(v) => v.disconnected_at(user_id).await,
+        }
+    }
+
     /// Creates a topic record; `false` when the owner already has one of that name.
     pub async fn create_topic(&self, topic: &TopicRecord) -> Result<bool, AuthError> {
         match self {

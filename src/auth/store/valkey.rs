@@ -11,6 +11,7 @@
 //! | `topic:<owner>/<name>` | hash | `topic_id` (claimed with `HSETNX`), `topic_name, owner_id, description, created_at` |
 //! | `user:<owner>:owned_topics` | set | topic names |
 //! | `pulsar:auth:generation` | string | ours: incremented on every change, for the shards' caches |
+//! | `pulsar:auth:disconnect:<user id>` | string | ours: tokens issued before this Unix second are refused (an admin disconnect) |
 //!
 //! Each command is routed by its key (Cluster-safe: no command spans two keys). The one
 //! compare-and-set, rotating a refresh token, is a short script as the Python relay's.
@@ -375,6 +376,35 @@ impl ValkeyAuthStore {
         let key = format!("denylist:jti:{jti}");
         let reply = self.call(&key, &[b"EXISTS", key.as_bytes()]).await?;
         Ok(reply.as_int() == Some(1))
+    }
+
+    pub async fn disconnect(
+        &self,
+        user_id: &str,
+        at: u64,
+        keep: std::time::Duration,
+    ) -> Result<(), AuthError> {
+        let key = format!("pulsar:auth:disconnect:{user_id}");
+        let at = at.to_string();
+        let keep = keep.as_secs().max(1).to_string();
+        self.call(
+            &key,
+            &[
+                b"SET",
+                key.as_bytes(),
+                at.as_bytes(),
+                b"EX",
+                keep.as_bytes(),
+            ],
+        )
+        .await?;
+        self.changed().await
+    }
+
+    pub async fn disconnected_at(&self, user_id: &str) -> Result<Option<u64>, AuthError> {
+        let key = format!("pulsar:auth:disconnect:{user_id}");
+        let reply = self.call(&key, &[b"GET", key.as_bytes()]).await?;
+        Ok(reply.as_str().and_then(|s| s.parse().ok()))
     }
 
     pub async fn create_topic(&self, topic: &TopicRecord) -> Result<bool, AuthError> {

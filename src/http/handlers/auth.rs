@@ -8,7 +8,9 @@
 //! - `POST /auth/logout` → 204, the access token deny-listed;
 //! - `GET /auth/me`; `GET /auth/sessions`, `DELETE /auth/sessions/{jti}`;
 //! - admin: `POST /auth/register` (201), `GET /auth/users`, `GET /auth/users/stats`,
-//!   `PATCH /auth/users/{id}`, `DELETE /auth/users/{id}`.
+//!   `PATCH /auth/users/{id}`, `DELETE /auth/users/{id}`, and ours,
+//!   `POST /auth/users/{id}/disconnect` (the user's tokens so far stop working; open streams
+//!   close within [`crate::auth::STREAM_RECHECK_EVERY`]).
 //!
 //! The logic lives in [`crate::auth`]; this module parses and renders.
 
@@ -166,6 +168,16 @@ pub async fn handle(
         AuthRoute::UpdateUser(id) => {
             require_admin(principal)?;
             update_user(shard, request, &id, user_id()?).await
+        }
+        AuthRoute::DisconnectUser(id) => {
+            require_admin(principal)?;
+            if shard.auth.store.user_by_id(&id).await?.is_none() {
+                return Err(ApiError::not_found(format!(
+                    "User with ID '{id}' not found"
+                )));
+            }
+            shard.auth.disconnect(&id).await?;
+            Ok(Reply::no_content())
         }
         AuthRoute::DeleteUser(id) => {
             require_admin(principal)?;

@@ -53,5 +53,8 @@ pub fn parse(
             (topic, start)
         })
         .collect();
-    Ok(SseRequest { topics })
+    Ok(SseRequest {
+        topics,
+        principal: None,
+    })
 }
