@@ -75,6 +75,8 @@ pub struct ShardMetrics {
     received: [Cell<u64>; 2],
     delivered: [Cell<u64>; 3],
     rejected: RefCell<BTreeMap<&'static str, u64>>,
+    /// Requests refused by authentication or authorization, by reason.
+    auth_failures: RefCell<BTreeMap<&'static str, u64>>,
     slow_consumer_disconnects: Cell<u64>,
     http_requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
     publish_duration: RefCell<LatencyHistogram>,
@@ -108,6 +110,7 @@ impl ShardMetrics {
             received: Default::default(),
             delivered: Default::default(),
             rejected: RefCell::new(BTreeMap::new()),
+            auth_failures: RefCell::new(BTreeMap::new()),
             slow_consumer_disconnects: Cell::new(0),
             http_requests: RefCell::new(BTreeMap::new()),
             publish_duration: RefCell::new(LatencyHistogram::new()),
@@ -156,6 +159,10 @@ impl ShardMetrics {
     /// A message not accepted, by error code (`INVALID_TOPIC`, `SERVICE_UNAVAILABLE`, ...).
     pub fn rejected(&self, reason: &'static str, n: u64) {
         *self.rejected.borrow_mut().entry(reason).or_insert(0) += n;
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        *self.auth_failures.borrow_mut().entry(reason).or_insert(0) += 1;
     }
 
     pub fn slow_consumer_disconnect(&self) {
@@ -214,6 +221,12 @@ impl ShardMetrics {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
+            auth_failures: self
+                .auth_failures
+                .borrow()
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
             slow_consumer_disconnects: self.slow_consumer_disconnects.get(),
             http_requests: self
                 .http_requests
@@ -243,6 +256,7 @@ pub struct Snapshot {
     pub received: [u64; 2],
     pub delivered: [u64; 3],
     pub rejected: BTreeMap<String, u64>,
+    pub auth_failures: BTreeMap<String, u64>,
     pub slow_consumer_disconnects: u64,
     pub http_requests: BTreeMap<(String, u16), u64>,
     pub publish_duration: LatencyHistogram,
@@ -279,6 +293,7 @@ impl Snapshot {
             received: [0; 2],
             delivered: [0; 3],
             rejected: BTreeMap::new(),
+            auth_failures: BTreeMap::new(),
             slow_consumer_disconnects: 0,
             http_requests: BTreeMap::new(),
             publish_duration: LatencyHistogram::new(),
@@ -351,6 +366,9 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         }
         for (k, v) in &s.rejected {
             *total.rejected.entry(k.clone()).or_insert(0) += v;
+        }
+        for (k, v) in &s.auth_failures {
+            *total.auth_failures.entry(k.clone()).or_insert(0) += v;
         }
         for (k, v) in &s.http_requests {
             *total.http_requests.entry(k.clone()).or_insert(0) += v;
@@ -427,6 +445,21 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         let _ = writeln!(
             out,
             "relay_messages_rejected_total{{reason=\"{}\"}} {n}",
+            escape_label(reason)
+        );
+    }
+
+    header(
+        &mut out,
+        "relay_auth_failures_total",
+        "counter",
+        "Requests refused by authentication or authorization, by reason (missing, invalid, \
+         revoked, unknown_user, inactive, forbidden, login_failed, unavailable).",
+    );
+    for (reason, n) in &total.auth_failures {
+        let _ = writeln!(
+            out,
+            "relay_auth_failures_total{{reason=\"{}\"}} {n}",
             escape_label(reason)
         );
     }

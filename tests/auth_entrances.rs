@@ -188,6 +188,19 @@ fn every_entrance_refuses_a_missing_malformed_foreign_or_expired_token() {
     for path in ["/health", "/ready", "/metrics"] {
         assert_eq!(call(&relay, None, "GET", path, None).status, 200, "{path}");
     }
+    // Every refusal is counted by reason.
+    let metrics = call(&relay, None, "GET", "/metrics", None).text();
+    let count = |reason: &str| -> u64 {
+        let prefix = format!("relay_auth_failures_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let entrances = entrances().len() as u64;
+    assert!(count("missing") >= entrances + 1, "{metrics}");
+    assert!(count("invalid") >= 4 * (entrances + 1), "{metrics}");
 }
 
 #[test]

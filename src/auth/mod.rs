@@ -198,6 +198,21 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+impl AuthError {
+    /// The `reason` label of `relay_auth_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Unauthenticated("Not authenticated") => "missing",
+            AuthError::Unauthenticated("Token has been revoked") => "revoked",
+            AuthError::Unauthenticated("User not found") => "unknown_user",
+            AuthError::Unauthenticated(_) => "invalid",
+            AuthError::Forbidden(message) if message == "User is inactive" => "inactive",
+            AuthError::Forbidden(_) => "forbidden",
+            AuthError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {

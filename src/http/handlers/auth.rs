@@ -149,7 +149,7 @@ pub async fn handle(
         }
         AuthRoute::Register => {
             require_admin(principal)?;
-            register(shard, request).await
+            register(shard, request, principal).await
         }
         AuthRoute::Users => {
             require_admin(principal)?;
@@ -167,7 +167,9 @@ pub async fn handle(
         }
         AuthRoute::UpdateUser(id) => {
             require_admin(principal)?;
-            update_user(shard, request, &id, user_id()?).await
+            let reply = update_user(shard, request, &id, user_id()?).await?;
+            admin_action(principal, "update_user", &id);
+            Ok(reply)
         }
         AuthRoute::DisconnectUser(id) => {
             require_admin(principal)?;
@@ -193,9 +195,18 @@ pub async fn handle(
                 .await?
                 .ok_or_else(|| ApiError::not_found(format!("User with ID '{id}' not found")))?;
             shard.auth.delete_user(&user).await?;
+            admin_action(principal, "delete_user", &id);
             Ok(Reply::no_content())
         }
     }
+}
+
+/// One log line per admin action: who did what to whom (never a password or token).
+fn admin_action(principal: Option<&Principal>, action: &'static str, target: &str) {
+    let admin = principal
+        .and_then(|p| p.user.as_ref())
+        .map_or("", |u| u.username.as_str());
+    tracing::info!(admin, action, target = %target.escape_debug(), "admin action");
 }
 
 fn require_admin(principal: Option<&Principal>) -> Result<(), ApiError> {
@@ -301,7 +312,11 @@ fn parse_permissions(names: &[String]) -> Result<Permissions, ApiError> {
     })
 }
 
-async fn register(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
+async fn register(
+    shard: &Shard,
+    request: &Request,
+    principal: Option<&Principal>,
+) -> Result<Reply, ApiError> {
     let body: RegisterBody = parse_json(request)?;
     let length = body.username.chars().count();
     if !(3..=50).contains(&length) || body.username.chars().any(char::is_control) {
@@ -321,7 +336,10 @@ async fn register(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
         )
         .await?;
     match created {
-        Some(user) => json_reply(201, &user_public(&user)),
+        Some(user) => {
+            admin_action(principal, "register", &user.username);
+            json_reply(201, &user_public(&user))
+        }
         None => Err(ApiError::invalid_request(format!(
             "Username '{}' already exists",
             body.username

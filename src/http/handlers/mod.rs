@@ -85,6 +85,7 @@ pub async fn handle(
             match shard.auth.authenticate(token).await {
                 Ok(principal) => Some(principal),
                 Err(e) => {
+                    shard.metrics.auth_failure(e.reason());
                     let error = ApiError::from(e);
                     shard.metrics.http_request(label, error.status);
                     return respond(shard, &request, Err(error), out);
@@ -138,6 +139,17 @@ pub async fn handle(
             Err(e) => e.status,
         },
     );
+    if let Err(e) = &result {
+        // A principal without the permission (the entrance already counted bad tokens), or a
+        // failed login.
+        match (e.code, label) {
+            ("FORBIDDEN", _) => shard.metrics.auth_failure("forbidden"),
+            ("UNAUTHORIZED", "auth_login" | "auth_refresh") => {
+                shard.metrics.auth_failure("login_failed")
+            }
+            _ => {}
+        }
+    }
     respond(shard, &request, result, out)
 }
 
