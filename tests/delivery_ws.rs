@@ -432,10 +432,16 @@ fn json_commands_ping_errors_and_recovery() {
     let pong = c.recv_type("pong");
     assert_rfc3339_utc(&pong["timestamp"]);
 
+    // `code`, or `SUBSCRIPTION_ERROR/<reason>` for a failed subscribe (the Python relay's
+    // code, with ours as `reason`).
     let expect_error = |c: &mut WsClient, sent: &str, code: &str| {
         c.send_text(sent);
         let e = c.recv_type("error");
-        assert_eq!(e["code"], code, "after {sent:?}: {e}");
+        let got = match e["reason"].as_str() {
+            Some(reason) => format!("{}/{reason}", e["code"].as_str().unwrap_or_default()),
+            None => e["code"].as_str().unwrap_or_default().to_owned(),
+        };
+        assert_eq!(got, code, "after {sent:?}: {e}");
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
     };
     expect_error(&mut c, "this is not json", "INVALID_JSON");
@@ -444,21 +450,21 @@ fn json_commands_ping_errors_and_recovery() {
         r#"{"type":"subscribe","topics":["a""#,
         "INVALID_JSON",
     );
-    expect_error(&mut c, r#"{"type":"dance"}"#, "UNKNOWN_TYPE");
+    expect_error(&mut c, r#"{"type":"dance"}"#, "UNKNOWN_MESSAGE_TYPE");
     expect_error(
         &mut c,
         r#"{"type":"subscribe","topics":["bad topic!"]}"#,
-        "INVALID_TOPIC",
+        "SUBSCRIPTION_ERROR/INVALID_TOPIC",
     );
     expect_error(
         &mut c,
         r#"{"type":"subscribe","topics":["fine"],"offset":"not-an-id"}"#,
-        "INVALID_OFFSET",
+        "SUBSCRIPTION_ERROR/INVALID_OFFSET",
     );
     expect_error(
         &mut c,
         r#"{"type":"subscribe","topics":["fine"],"offset":{"fine":"nope"}}"#,
-        "INVALID_OFFSET",
+        "SUBSCRIPTION_ERROR/INVALID_OFFSET",
     );
 
     // The socket is still fully usable: nothing was subscribed by the failed commands, and a

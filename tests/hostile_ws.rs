@@ -298,7 +298,7 @@ fn hostile_commands_get_error_frames() {
         (
             "a type of a million characters".into(),
             json!({"type": "x".repeat(1_000_000)}).to_string(),
-            "UNKNOWN_TYPE",
+            "UNKNOWN_MESSAGE_TYPE",
         ),
         (
             "ack without an id".into(),
@@ -356,8 +356,13 @@ fn hostile_commands_get_error_frames() {
         for (what, text, code) in &cases {
             client.send_text(text);
             let v = client.recv();
+            // Every failed subscribe answers SUBSCRIPTION_ERROR (the Python relay's code), with
+            // the specific code as `reason`.
+            let subscribe = text.contains(r#""type":"subscribe""#);
             let ok = if *code == "PONG" {
                 v["type"] == "pong"
+            } else if subscribe {
+                v["type"] == "error" && v["code"] == "SUBSCRIPTION_ERROR" && v["reason"] == *code
             } else {
                 v["type"] == "error" && v["code"] == *code
             };

@@ -354,7 +354,10 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
     } = *session;
     let config = &shard.config;
     match protocol::parse_client_message(text, config.ws.max_topics) {
-        Err(e) => sink.push_control(error_frame(e.code(), &e.message())),
+        Err(e) => sink.push_control(match e.reason() {
+            Some(reason) => subscription_error_frame(reason, &e.message()),
+            None => error_frame(e.code(), &e.message()),
+        }),
         Ok(ClientMessage::Ping) => {
             let mut out = Vec::with_capacity(64);
             let mut ts = Vec::with_capacity(24);
@@ -406,7 +409,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
             let mut plan: Vec<(Arc<str>, StartAt)> = Vec::with_capacity(topics.len());
             for topic in &topics {
                 if let Err(e) = crate::topic::validate(topic, config.api.max_topic_name_len) {
-                    sink.push_control(error_frame(
+                    sink.push_control(subscription_error_frame(
                         "INVALID_TOPIC",
                         &format!("`{}`: {e}", topic.escape_debug()),
                     ));
@@ -415,7 +418,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                 let start = match start_for(&offset, topic) {
                     Ok(start) => start,
                     Err(message) => {
-                        sink.push_control(error_frame("INVALID_OFFSET", &message));
+                        sink.push_control(subscription_error_frame("INVALID_OFFSET", &message));
                         return;
                     }
                 };
@@ -426,7 +429,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                 }
             }
             if sink.topics().len() + plan.len() > config.ws.max_topics {
-                sink.push_control(error_frame(
+                sink.push_control(subscription_error_frame(
                     "TOO_MANY_TOPICS",
                     &format!(
                         "a session may follow at most {} topics",
@@ -445,7 +448,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                         for (t, _) in &plan {
                             unfollow(shard, sink, t);
                         }
-                        sink.push_control(error_frame(
+                        sink.push_control(subscription_error_frame(
                             "SERVICE_UNAVAILABLE",
                             "could not subscribe now; retry shortly",
                         ));
@@ -491,6 +494,13 @@ pub fn start_for(offset: &Offset, topic: &str) -> Result<StartAt, String> {
             )
         }),
     }
+}
+
+/// A failed `subscribe`: `SUBSCRIPTION_ERROR` with the specific code as `reason`.
+fn subscription_error_frame(reason: &str, message: &str) -> Bytes {
+    let mut out = Vec::with_capacity(96 + message.len());
+    protocol::write_subscription_error(&mut out, reason, message);
+    codec::text_frame(&out)
 }
 
 fn error_frame(code: &str, message: &str) -> Bytes {

@@ -107,15 +107,29 @@ pub enum ProtocolError {
     InvalidRequest(String),
     #[error("{count} topics in one request; at most {max} are allowed")]
     TooManyTopics { count: usize, max: usize },
+    /// Any failure of a `subscribe` command: code `SUBSCRIPTION_ERROR` (what clients of the
+    /// Python relay look for), the specific code as its `reason`.
+    #[error("{0}")]
+    Subscription(Box<ProtocolError>),
 }
 
 impl ProtocolError {
     pub fn code(&self) -> &'static str {
         match self {
             ProtocolError::InvalidJson(_) => "INVALID_JSON",
-            ProtocolError::UnknownType => "UNKNOWN_TYPE",
+            // The Python relay's code for it, which its clients match.
+            ProtocolError::UnknownType => "UNKNOWN_MESSAGE_TYPE",
             ProtocolError::InvalidRequest(_) => "INVALID_REQUEST",
             ProtocolError::TooManyTopics { .. } => "TOO_MANY_TOPICS",
+            ProtocolError::Subscription(_) => SUBSCRIPTION_ERROR,
+        }
+    }
+
+    /// The specific code behind a [`ProtocolError::Subscription`].
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            ProtocolError::Subscription(inner) => Some(inner.code()),
+            _ => None,
         }
     }
 
@@ -127,7 +141,7 @@ impl ProtocolError {
 /// Parses one client text message. `max_topics` bounds `topics` of subscribe and unsubscribe.
 ///
 /// Two passes over the (small) text: the first reads only `type`, wherever it sits in the
-/// object, so an unknown type is reported as `UNKNOWN_TYPE` whatever its other fields hold;
+/// object, so an unknown type is reported as `UNKNOWN_MESSAGE_TYPE` whatever its other fields hold;
 /// the second reads the fields of that type. The alternative, a serde internally tagged enum,
 /// buffers the whole object into an intermediate tree and reports an unknown type only as an
 /// error string we would have to pattern-match.
@@ -146,9 +160,12 @@ pub fn parse_client_message(text: &str, max_topics: usize) -> Result<ClientMessa
     let probe: TypeProbe = serde_json::from_str(text).map_err(shape_error)?;
     match probe.kind {
         Some(TypeField::Known(Kind::Subscribe)) => {
-            let wire: SubscribeWire = serde_json::from_str(text).map_err(shape_error)?;
+            let subscription = |e: ProtocolError| ProtocolError::Subscription(Box::new(e));
+            let wire: SubscribeWire = serde_json::from_str(text)
+                .map_err(shape_error)
+                .map_err(subscription)?;
             Ok(ClientMessage::Subscribe {
-                topics: check_topics(wire.topics, max_topics)?,
+                topics: check_topics(wire.topics, max_topics).map_err(subscription)?,
                 client_id: wire.client_id,
                 offset: wire.offset.unwrap_or_default(),
             })
@@ -215,7 +232,7 @@ struct TypeProbe {
     kind: Option<TypeField>,
 }
 
-/// Accepts any JSON value for `type`, so a non-string one is `UNKNOWN_TYPE`, not a type error.
+/// Accepts any JSON value for `type`, so a non-string one is `UNKNOWN_MESSAGE_TYPE`, not a type error.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum TypeField {
@@ -365,6 +382,18 @@ pub fn write_error(out: &mut Vec<u8>, code: &str, message: &str) {
     out.push(b'}');
 }
 
+/// The code of every failed `subscribe` (the Python relay's, which its clients match).
+pub const SUBSCRIPTION_ERROR: &str = "SUBSCRIPTION_ERROR";
+
+/// `{"type":"error","code":"SUBSCRIPTION_ERROR","reason":"<specific code>","message":…}`.
+pub fn write_subscription_error(out: &mut Vec<u8>, reason: &str, message: &str) {
+    out.extend_from_slice(b"{\"type\":\"error\",\"code\":\"SUBSCRIPTION_ERROR\",\"reason\":");
+    write_str(out, reason);
+    out.extend_from_slice(b",\"message\":");
+    write_str(out, message);
+    out.push(b'}');
+}
+
 fn write_str_array(out: &mut Vec<u8>, items: &[&str]) {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
@@ -496,8 +525,14 @@ mod tests {
     fn topic_count_limit_is_inclusive() {
         assert!(parse_client_message(r#"{"type":"subscribe","topics":["a","b","c"]}"#, 3).is_ok());
         match parse_client_message(r#"{"type":"subscribe","topics":["a","b","c","d"]}"#, 3) {
-            Err(e @ ProtocolError::TooManyTopics { count: 4, max: 3 }) => {
-                assert_eq!(e.code(), "TOO_MANY_TOPICS");
+            Err(e @ ProtocolError::Subscription(_)) => {
+                assert!(matches!(
+                    &e,
+                    ProtocolError::Subscription(inner)
+                        if matches!(**inner, ProtocolError::TooManyTopics { count: 4, max: 3 })
+                ));
+                assert_eq!(e.code(), "SUBSCRIPTION_ERROR");
+                assert_eq!(e.reason(), Some("TOO_MANY_TOPICS"));
                 assert_eq!(
                     e.message(),
                     "4 topics in one request; at most 3 are allowed"
@@ -542,7 +577,7 @@ mod tests {
             // An unknown type is reported as such even when other fields are malformed.
             r#"{"type":"nope","topics":7,"message_id":[]}"#,
         ] {
-            assert_eq!(code(text), "UNKNOWN_TYPE", "{text}");
+            assert_eq!(code(text), "UNKNOWN_MESSAGE_TYPE", "{text}");
         }
     }
 
@@ -579,7 +614,18 @@ mod tests {
             r#"{"type":"ack","message_id":null}"#,
             r#"{"type":"ack","message_id":12}"#,
         ] {
-            assert_eq!(code(text), "INVALID_REQUEST", "{text}");
+            assert_eq!(specific_code(text), "INVALID_REQUEST", "{text}");
+            if text.contains("subscribe\"") && !text.contains("unsubscribe") {
+                assert_eq!(code(text), "SUBSCRIPTION_ERROR", "{text}");
+            }
+        }
+    }
+
+    /// The code, or for a failed subscribe its `reason`.
+    fn specific_code(text: &str) -> &'static str {
+        match parse_client_message(text, 10) {
+            Err(e) => e.reason().unwrap_or(e.code()),
+            Ok(m) => panic!("{text} parsed: {m:?}"),
         }
     }
 
@@ -664,6 +710,6 @@ mod tests {
         let out = written(|o| write_error(o, e.code(), &e.message()));
         let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
         assert_eq!(value["type"], "error");
-        assert_eq!(value["code"], "UNKNOWN_TYPE");
+        assert_eq!(value["code"], "UNKNOWN_MESSAGE_TYPE");
     }
 }
