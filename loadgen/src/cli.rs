@@ -293,7 +293,8 @@ pub struct Common {
     /// Which relay is driven.
     #[arg(long, value_enum, default_value_t = TargetKind::Pulsar)]
     pub target: TargetKind,
-    /// Bearer token (required with --target python).
+    /// Bearer token: required with --target python; with --target pulsar for a relay with
+    /// authentication on.
     #[arg(long)]
     pub token: Option<String>,
     /// With --target nchan: which nginx locations to use, `/pub` + `/sub` (memory store) or

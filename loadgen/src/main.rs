@@ -237,8 +237,8 @@ fn setup(common: &Common, topics: usize) -> Result<Arc<RunCtx>, SetupError> {
     if common.duration.is_some_and(|d| d.is_zero()) {
         return Err(invalid("--duration must be positive"));
     }
-    if common.token.is_some() && common.target != cli::TargetKind::Python {
-        return Err(invalid("--token is for --target python"));
+    if common.token.is_some() && common.target == cli::TargetKind::Nchan {
+        return Err(invalid("--token is for the relays (--target pulsar or python)"));
     }
     let endpoint = Endpoint::parse(&common.url)?;
     let publish_endpoints = common

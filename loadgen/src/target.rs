@@ -33,18 +33,38 @@ use crate::payload::BodyBuilder;
 
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// This repository's relay.
-    Pulsar,
-    /// The Python relay; `authorization` is the ready `Bearer <token>` header value.
-    Python {
-        token: String,
-        authorization: HeaderValue,
-    },
+    /// This repository's relay, with a token when its authentication is on.
+    Pulsar { credential: Option<Credential> },
+    /// The Python relay (always authenticated).
+    Python { credential: Credential },
     /// nginx + Nchan; the locations of the chosen store.
     Nchan {
         publish: &'static str,
         subscribe: &'static str,
     },
+}
+
+/// An access token and its ready `Bearer <token>` header value.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    token: String,
+    authorization: HeaderValue,
+}
+
+impl Credential {
+    fn new(token: &str) -> Result<Credential, TargetError> {
+        // A subprotocol is an RFC 7230 token: no spaces, commas or separators.
+        let token_chars = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+        if token.is_empty() || !token.chars().all(token_chars) {
+            return Err(TargetError::BadToken);
+        }
+        let authorization =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| TargetError::BadToken)?;
+        Ok(Credential {
+            token: token.to_owned(),
+            authorization,
+        })
+    }
 }
 
 /// The relay's bulk cap (`api.max_bulk_messages` default).
@@ -72,7 +92,9 @@ impl Target {
         nchan_store: NchanStore,
     ) -> Result<Target, TargetError> {
         match kind {
-            TargetKind::Pulsar => Ok(Target::Pulsar),
+            TargetKind::Pulsar => Ok(Target::Pulsar {
+                credential: token.map(Credential::new).transpose()?,
+            }),
             TargetKind::Nchan => Ok(match nchan_store {
                 NchanStore::Memory => Target::Nchan {
                     publish: "/pub",
@@ -83,26 +105,15 @@ impl Target {
                     subscribe: "/rsub",
                 },
             }),
-            TargetKind::Python => {
-                let token = token.ok_or(TargetError::MissingToken)?;
-                // A subprotocol is an RFC 7230 token: no spaces, commas or separators.
-                let token_chars = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
-                if token.is_empty() || !token.chars().all(token_chars) {
-                    return Err(TargetError::BadToken);
-                }
-                let authorization = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| TargetError::BadToken)?;
-                Ok(Target::Python {
-                    token: token.to_owned(),
-                    authorization,
-                })
-            }
+            TargetKind::Python => Ok(Target::Python {
+                credential: Credential::new(token.ok_or(TargetError::MissingToken)?)?,
+            }),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Target::Pulsar => "pulsar",
+            Target::Pulsar { .. } => "pulsar",
             Target::Python { .. } => "python",
             Target::Nchan { .. } => "nchan",
         }
@@ -151,7 +162,7 @@ impl Target {
     /// Why a scenario part cannot run against this target, if it cannot.
     pub fn unsupported(&self, transport: Transport, topics: usize) -> Option<String> {
         match (self, transport) {
-            (Target::Pulsar, _) => None,
+            (Target::Pulsar { .. }, _) => None,
             (Target::Python { .. }, Transport::Sse) => {
                 Some("the python relay has no Server-Sent Events endpoint".to_owned())
             }
@@ -167,24 +178,27 @@ impl Target {
     }
 
     /// The `Authorization` header for every HTTP request, if any.
-    pub fn authorization(&self) -> Option<&HeaderValue> {
+    fn credential(&self) -> Option<&Credential> {
         match self {
-            Target::Pulsar | Target::Nchan { .. } => None,
-            Target::Python { authorization, .. } => Some(authorization),
+            Target::Pulsar { credential } => credential.as_ref(),
+            Target::Python { credential } => Some(credential),
+            Target::Nchan { .. } => None,
         }
+    }
+
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.credential().map(|c| &c.authorization)
     }
 
     /// The `Sec-WebSocket-Protocol` offer, if any.
     pub fn ws_protocols(&self) -> Option<String> {
-        match self {
-            Target::Pulsar | Target::Nchan { .. } => None,
-            Target::Python { token, .. } => Some(format!("bearer, bearer.{token}")),
-        }
+        self.credential()
+            .map(|c| format!("bearer, bearer.{}", c.token))
     }
 
     pub fn max_bulk(&self) -> usize {
         match self {
-            Target::Pulsar => PULSAR_MAX_BULK,
+            Target::Pulsar { .. } => PULSAR_MAX_BULK,
             Target::Python { .. } => PYTHON_MAX_BULK,
             Target::Nchan { .. } => 0,
         }
@@ -203,7 +217,7 @@ impl Target {
         }
         let mut out = String::from(r#"{"type":"subscribe","topics":"#);
         push_str_array(&mut out, topics);
-        if let (Target::Pulsar, Some(resume)) = (self, resume) {
+        if let (Target::Pulsar { .. }, Some(resume)) = (self, resume) {
             // Topics of a run are fresh, so "earliest" for a topic not yet seen replays
             // exactly what was missed.
             out.push_str(r#","offset":{"#);
@@ -238,7 +252,7 @@ impl Target {
         let mut out = String::from(r#"{"topics":"#);
         push_str_array(&mut out, topics);
         let any_known = since.iter().any(Option::is_some);
-        let with_since = matches!(self, Target::Pulsar) || any_known;
+        let with_since = matches!(self, Target::Pulsar { .. }) || any_known;
         if with_since {
             out.push_str(r#","since":{"#);
             let mut first = true;
@@ -254,7 +268,7 @@ impl Target {
             out.push('}');
         }
         let _ = write!(out, r#","timeout":{timeout_s}"#);
-        if matches!(self, Target::Pulsar) {
+        if matches!(self, Target::Pulsar { .. }) {
             let _ = write!(out, r#","limit":{limit}"#);
         }
         out.push('}');
@@ -313,7 +327,7 @@ mod tests {
             "/rsub?id=a"
         );
         assert!(t.ws_subscribe(&["a".to_owned()], None).is_none());
-        assert!(t.bare_frames() && !Target::Pulsar.bare_frames());
+        assert!(t.bare_frames() && !Target::Pulsar { credential: None }.bare_frames());
 
         let builder = BodyBuilder::new(100);
         let mut bare = Vec::new();
@@ -324,15 +338,15 @@ mod tests {
             (Some(7), Some(9))
         );
         let mut wrapped = Vec::new();
-        Target::Pulsar.write_publish_body(&builder, &mut wrapped, "orders", 7, 9, None);
+        Target::Pulsar { credential: None }.write_publish_body(&builder, &mut wrapped, "orders", 7, 9, None);
         assert_eq!(json(&wrapped)["payload"], bare);
-        assert_eq!(Target::Pulsar.publish_path("orders"), "/api/v1/messages");
+        assert_eq!(Target::Pulsar { credential: None }.publish_path("orders"), "/api/v1/messages");
 
         assert!(t.unsupported(Transport::Ws, 1).is_none());
         assert!(t.unsupported(Transport::Ws, 2).is_some());
         assert!(t.unsupported(Transport::Longpoll, 1).is_some());
         assert!(python().unsupported(Transport::Sse, 1).is_some());
-        assert!(Target::Pulsar.unsupported(Transport::Sse, 3).is_none());
+        assert!(Target::Pulsar { credential: None }.unsupported(Transport::Sse, 3).is_none());
     }
 
     #[test]
@@ -355,8 +369,8 @@ mod tests {
             Some("bearer, bearer.abc.DEF-1")
         );
         assert_eq!(t.max_bulk(), 100);
-        assert!(Target::Pulsar.authorization().is_none());
-        assert_eq!(Target::Pulsar.max_bulk(), 1000);
+        assert!(Target::Pulsar { credential: None }.authorization().is_none());
+        assert_eq!(Target::Pulsar { credential: None }.max_bulk(), 1000);
     }
 
     #[test]
@@ -365,14 +379,14 @@ mod tests {
         let none = vec![None, None];
         let some = vec![Some("5-0".to_owned()), None];
 
-        let first = json(&Target::Pulsar.poll_body(&topics, &none, 5, 1000));
+        let first = json(&Target::Pulsar { credential: None }.poll_body(&topics, &none, 5, 1000));
         assert_eq!(
             first["since"],
             serde_json::json!({}),
             "earliest for fresh topics"
         );
         assert_eq!(first["limit"], 1000);
-        let next = json(&Target::Pulsar.poll_body(&topics, &some, 5, 1000));
+        let next = json(&Target::Pulsar { credential: None }.poll_body(&topics, &some, 5, 1000));
         assert_eq!(next["since"], serde_json::json!({"a": "5-0"}));
 
         let first = json(&python().poll_body(&topics, &none, 5, 1000));
@@ -389,10 +403,10 @@ mod tests {
     #[test]
     fn subscribe_resumes_per_topic_on_this_relay_only() {
         let topics = vec!["a".to_owned(), "b".to_owned()];
-        let fresh = subscribe(&Target::Pulsar, &topics, None);
+        let fresh = subscribe(&Target::Pulsar { credential: None }, &topics, None);
         assert!(fresh.get("offset").is_none());
         let resume = vec![Some("9-1".to_owned()), None];
-        let again = subscribe(&Target::Pulsar, &topics, Some(&resume));
+        let again = subscribe(&Target::Pulsar { credential: None }, &topics, Some(&resume));
         assert_eq!(
             again["offset"],
             serde_json::json!({"a": "9-1", "b": "earliest"})
