@@ -196,7 +196,20 @@ impl Auth {
         }
         self.invalidate();
         let hint = row.client_hint.clone();
-        Ok(self.issue(&user, Some(&row), &hint).await?)
+        let tokens = self.issue(&user, Some(&row), &hint).await?;
+        // A concurrent replay of the same token marks it `replay` before it looks for the
+        // chain (see `revoke_chain`): either it finds the child stored above, or this read
+        // sees its mark and the child is revoked here. Without this, a replay that read the
+        // chain between the rotation and the child's storing missed the child.
+        let parent = self.store.refresh(&row.jti).await?;
+        if parent.is_none_or(|p| p.revoked != Some(RevokedReason::Rotated)) {
+            if let Some((child, _)) = split_refresh_token(&tokens.refresh_token) {
+                self.store.revoke(child, RevokedReason::Replay).await?;
+            }
+            self.invalidate();
+            return Err(RefreshError::Invalid);
+        }
+        Ok(tokens)
     }
 
     /// Revokes every row connected to `row` through `parent_jti` (up and down).
@@ -205,6 +218,9 @@ impl Auth {
         row: &RefreshRow,
         reason: RevokedReason,
     ) -> Result<(), AuthError> {
+        // The presented token first: a refresh that rotated it and is storing its child
+        // checks this mark after storing (see `refresh`), so no child escapes the walk below.
+        self.store.revoke(&row.jti, reason).await?;
         let rows = self.store.refresh_of_user(&row.user_id).await?;
         let mut chain: HashSet<String> = HashSet::new();
         let mut queue = VecDeque::from([row.jti.clone()]);
