@@ -238,7 +238,9 @@ fn setup(common: &Common, topics: usize) -> Result<Arc<RunCtx>, SetupError> {
         return Err(invalid("--duration must be positive"));
     }
     if common.token.is_some() && common.target == cli::TargetKind::Nchan {
-        return Err(invalid("--token is for the relays (--target pulsar or python)"));
+        return Err(invalid(
+            "--token is for the relays (--target pulsar or python)",
+        ));
     }
     let endpoint = Endpoint::parse(&common.url)?;
     let publish_endpoints = common

@@ -338,15 +338,27 @@ mod tests {
             (Some(7), Some(9))
         );
         let mut wrapped = Vec::new();
-        Target::Pulsar { credential: None }.write_publish_body(&builder, &mut wrapped, "orders", 7, 9, None);
+        Target::Pulsar { credential: None }.write_publish_body(
+            &builder,
+            &mut wrapped,
+            "orders",
+            7,
+            9,
+            None,
+        );
         assert_eq!(json(&wrapped)["payload"], bare);
-        assert_eq!(Target::Pulsar { credential: None }.publish_path("orders"), "/api/v1/messages");
+        assert_eq!(
+            Target::Pulsar { credential: None }.publish_path("orders"),
+            "/api/v1/messages"
+        );
 
         assert!(t.unsupported(Transport::Ws, 1).is_none());
         assert!(t.unsupported(Transport::Ws, 2).is_some());
         assert!(t.unsupported(Transport::Longpoll, 1).is_some());
         assert!(python().unsupported(Transport::Sse, 1).is_some());
-        assert!(Target::Pulsar { credential: None }.unsupported(Transport::Sse, 3).is_none());
+        assert!(Target::Pulsar { credential: None }
+            .unsupported(Transport::Sse, 3)
+            .is_none());
     }
 
     #[test]
@@ -369,7 +381,9 @@ mod tests {
             Some("bearer, bearer.abc.DEF-1")
         );
         assert_eq!(t.max_bulk(), 100);
-        assert!(Target::Pulsar { credential: None }.authorization().is_none());
+        assert!(Target::Pulsar { credential: None }
+            .authorization()
+            .is_none());
         assert_eq!(Target::Pulsar { credential: None }.max_bulk(), 1000);
     }
 

@@ -255,6 +255,9 @@ struct Cache {
     users: HashMap<String, Option<User>>,
     denied: HashMap<String, bool>,
     disconnects: HashMap<String, Option<u64>>,
+    /// Verified tokens → their principal: a keep-alive client pays the signature check and
+    /// the lookups once per token, not per request.
+    principals: HashMap<Box<str>, Principal>,
 }
 
 impl Auth {
@@ -286,10 +289,37 @@ impl Auth {
             return Ok(Principal::open());
         };
         let token = token.ok_or(AuthError::Unauthenticated("Not authenticated"))?;
+        self.refresh_cache().await?;
+        // A token seen since the shared state last changed: its principal as then (the cache
+        // is dropped on every logout, deactivation or permission change).
+        if let Some(principal) = self.cache.borrow().principals.get(token) {
+            if principal
+                .user
+                .as_ref()
+                .is_some_and(|u| u.expires_at > crate::clock::now_ms() / 1000)
+            {
+                return Ok(principal.clone());
+            }
+        }
+        let principal = self.authenticate_uncached(signer, token).await?;
+        let mut cache = self.cache.borrow_mut();
+        if cache.principals.len() >= CACHE_MAX_ENTRIES {
+            cache.principals.clear();
+        }
+        cache.principals.insert(token.into(), principal.clone());
+        Ok(principal)
+    }
+
+    /// [`Auth::authenticate`] without the per-token cache: the signature and claims checked,
+    /// the deny-list, the user and its disconnect cut-off read (through their caches).
+    async fn authenticate_uncached(
+        &self,
+        signer: &Signer,
+        token: &str,
+    ) -> Result<Principal, AuthError> {
         let claims = signer
             .verify(token)
             .map_err(|_| AuthError::Unauthenticated("Invalid or expired token"))?;
-        self.refresh_cache().await?;
         if let Some(jti) = &claims.jti {
             if self.is_denied(jti).await? {
                 return Err(AuthError::Unauthenticated("Token has been revoked"));
@@ -469,6 +499,7 @@ impl Auth {
             cache.users.clear();
             cache.denied.clear();
             cache.disconnects.clear();
+            cache.principals.clear();
             cache.generation = generation;
         }
         Ok(())
@@ -480,6 +511,7 @@ impl Auth {
         cache.users.clear();
         cache.denied.clear();
         cache.disconnects.clear();
+        cache.principals.clear();
         self.checked_at.set(None);
     }
 }
