@@ -74,9 +74,16 @@ const RELAY_ENV_VARS: &[&str] = &[
     "VALKEY_SENTINEL_PASSWORD",
     "VALKEY_CLUSTER_NODES",
     "LOG_FORMAT",
+    "ALLOWED_ORIGINS",
+    "TRUSTED_HOSTS",
     // Read only in their PULSAR_ form, which is removed too.
     "IDEMPOTENCY_WINDOW",
     "IDEMPOTENCY_MAX_KEYS",
+    "TRUSTED_PROXIES",
+    "RATE_LIMIT_ADDRESS_RATE",
+    "RATE_LIMIT_PRINCIPAL_RATE",
+    "RATE_LIMIT_LOGIN_RATE",
+    "RATE_LIMIT_EXEMPT",
 ];
 
 /// How to start a relay: configuration file, shard count, extra environment, listen address.
