@@ -46,10 +46,11 @@ pub(super) fn split_list(text: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// An allowed origin in its normal form: `*`, or `scheme://host[:port]` lower-cased, the
+/// An origin in its normal form (for an allowed-origins entry and for the `Origin` header it
+/// is compared with): `*`, or `scheme://host[:port]` lower-cased, the
 /// scheme's default port left out (`https://a.example:443` is `https://a.example`), as a
 /// browser serialises the `Origin` header, so that an exact comparison is right.
-pub(super) fn origin(entry: &str) -> Result<String, String> {
+pub fn normalize_origin(entry: &str) -> Result<String, String> {
     if entry == "*" {
         return Ok(entry.to_owned());
     }
@@ -259,7 +260,7 @@ mod tests {
 
     #[test]
     fn origins_take_their_serialised_form() {
-        let ok = |text: &str| origin(text).expect("valid origin");
+        let ok = |text: &str| normalize_origin(text).expect("valid origin");
         assert_eq!(ok("*"), "*");
         assert_eq!(ok("HTTPS://App.Example.com"), "https://app.example.com");
         assert_eq!(ok("https://a.example:443"), "https://a.example");
@@ -276,9 +277,9 @@ mod tests {
             "1http://a",
             "https://a b",
         ] {
-            assert!(origin(bad).is_err(), "{bad}");
+            assert!(normalize_origin(bad).is_err(), "{bad}");
         }
-        assert!(origin("https://a.example/").is_err_and(|e| e.contains("path")));
+        assert!(normalize_origin("https://a.example/").is_err_and(|e| e.contains("path")));
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod tests;
 pub use cli::Cli;
 pub use error::{ConfigError, Origin};
 pub use key_template::{KeyTemplate, TOPIC_PLACEHOLDER};
-pub use lists::IpNet;
+pub use lists::{default_port, normalize_origin, split_host_port, IpNet};
 pub use machine::Machine;
 
 /// The file [`load_from_process`] reads when no `--config` is given, if it exists.

@@ -127,7 +127,7 @@ impl Layers {
             max_keys: self.uint(&s::IDEMPOTENCY_MAX_KEYS)?.to_usize()?,
         };
         let security = SecurityConfig {
-            allowed_origins: self.list(&s::SECURITY_ALLOWED_ORIGINS, lists::origin)?,
+            allowed_origins: self.list(&s::SECURITY_ALLOWED_ORIGINS, lists::normalize_origin)?,
             trusted_hosts: self.list(&s::SECURITY_TRUSTED_HOSTS, lists::host_pattern)?,
             trusted_proxies: self.list(&s::SECURITY_TRUSTED_PROXIES, IpNet::parse)?,
         };

@@ -1041,7 +1041,7 @@ fn declared_list_defaults_are_valid_entries() {
         };
         for entry in default {
             let valid = match item {
-                settings::ListItem::Origin => lists::origin(entry).is_ok(),
+                settings::ListItem::Origin => lists::normalize_origin(entry).is_ok(),
                 settings::ListItem::HostPattern => lists::host_pattern(entry).is_ok(),
                 settings::ListItem::IpNet => IpNet::parse(entry).is_ok(),
             };

@@ -1,7 +1,7 @@
 //! The API endpoints: a decoded request in, a response appended to the connection's output.
 //!
-//! [`handle`] routes the request, runs the endpoint and renders either its [`Reply`] or its
-//! [`ApiError`]. Endpoints are grouped by resource:
+//! [`handle`] routes the request, has the [`guard`](crate::http::guard) screen it, runs the
+//! endpoint and renders either its [`Reply`] or its [`ApiError`]. Endpoints are grouped by resource:
 //! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
 //! - [`topics`]: history pages, topic stats and listing, trim, delete;
 //! - [`health`]: `/health` and `/ready`;
@@ -16,6 +16,9 @@ pub mod publish;
 pub mod topics;
 pub mod websocket;
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use bytes::BytesMut;
 
 use crate::sse::SseRequest;
@@ -23,6 +26,7 @@ use websocket::WsUpgrade;
 
 use super::codec::{Method, Request};
 use super::error::ApiError;
+use super::guard::{self, Cors, Verdict};
 use super::response::{write_json_error, write_response, ResponseHead};
 use super::router::{self, Route};
 use crate::shard::Shard;
@@ -54,18 +58,22 @@ pub enum Outcome {
     Respond {
         keep_alive: bool,
     },
-    /// The connection leaves HTTP request/response: it becomes an event stream or (the 101
-    /// response already in the output buffer) a WebSocket.
-    EventStream(SseRequest),
+    /// The connection leaves HTTP request/response: it becomes an event stream (whose head
+    /// carries the CORS headers) or (the 101 response already in the output buffer) a
+    /// WebSocket.
+    EventStream(SseRequest, Cors),
     WebSocket(WsUpgrade),
 }
 
-/// Handles one request, appending its response to `out`.
+/// Handles one request from `peer`, appending its response to `out`. On the API surface the
+/// [`guard`](crate::http::guard) screens it first (rate limits, `Host`, `Origin`, CORS
+/// preflights), and every state change must then be JSON.
 pub async fn handle(
     shard: &Shard,
     request: Request,
     out: &mut BytesMut,
     surface: crate::net::Surface,
+    peer: IpAddr,
 ) -> Outcome {
     // Streams and upgrades leave the request/response cycle; everything else answers below.
     let route = match router::route(request.method(), request.path()) {
@@ -75,6 +83,31 @@ pub async fn handle(
         other => other,
     };
     let label = route.as_ref().map_or("unknown", Route::label);
+    let cors = if surface == crate::net::Surface::Api {
+        // No request carries a principal before authentication names one.
+        let principal: Option<&str> = None;
+        let screened = shard
+            .guard
+            .screen(&request, peer, principal, Instant::now());
+        if let Some(scope) = screened.limited {
+            shard.metrics.rate_limited(scope);
+        }
+        match screened.verdict {
+            Verdict::Pass => screened.cors,
+            Verdict::Preflight => {
+                shard.metrics.http_request("cors_preflight", 204);
+                let headers = screened.cors.preflight_headers();
+                return respond(shard, &request, Ok(Reply::no_content()), &headers, out);
+            }
+            Verdict::Refuse(error) => {
+                shard.metrics.http_request(label, error.status);
+                let headers = screened.cors.response_headers();
+                return respond(shard, &request, Err(error), &headers, out);
+            }
+        }
+    } else {
+        Cors::none()
+    };
     let result = match route {
         Ok(Route::Events(topic)) => {
             match events::parse(
@@ -85,7 +118,7 @@ pub async fn handle(
             ) {
                 Ok(sse) => {
                     shard.metrics.http_request(label, 200);
-                    return Outcome::EventStream(sse);
+                    return Outcome::EventStream(sse, cors);
                 }
                 Err(e) => Err(e),
             }
@@ -98,7 +131,10 @@ pub async fn handle(
             }
             Err(e) => Err(e),
         },
-        Ok(route) => dispatch(shard, route, &request).await,
+        Ok(route) => match guard::require_json_body(&request) {
+            Ok(()) => dispatch(shard, route, &request).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     shard.metrics.http_request(
@@ -108,13 +144,16 @@ pub async fn handle(
             Err(e) => e.status,
         },
     );
-    respond(shard, &request, result, out)
+    respond(shard, &request, result, &cors.response_headers(), out)
 }
 
+/// Appends the answer to `out`, with `cors` (CORS headers, possibly none) after the fixed
+/// headers.
 fn respond(
     shard: &Shard,
     request: &Request,
     result: Result<Reply, ApiError>,
+    cors: &[(&str, &str)],
     out: &mut BytesMut,
 ) -> Outcome {
     let keep_alive = request.keep_alive();
@@ -126,18 +165,28 @@ fn respond(
         &[]
     };
     shard.with_date(|date| match result {
-        Ok(reply) => write_response(
-            out,
-            date,
-            &ResponseHead {
-                status: reply.status,
-                content_type: reply.content_type,
-                extra_headers: connection_header,
-                keep_alive,
-                head_only,
-            },
-            &reply.body,
-        ),
+        Ok(reply) => {
+            // Without CORS headers (every non-browser request) no list is built.
+            let joined: Vec<(&str, &str)>;
+            let extra_headers = if cors.is_empty() {
+                connection_header
+            } else {
+                joined = [connection_header, cors].concat();
+                &joined
+            };
+            write_response(
+                out,
+                date,
+                &ResponseHead {
+                    status: reply.status,
+                    content_type: reply.content_type,
+                    extra_headers,
+                    keep_alive,
+                    head_only,
+                },
+                &reply.body,
+            )
+        }
         Err(error) => {
             let retry_after;
             let mut extra: Vec<(&str, &str)> = connection_header.to_vec();
@@ -146,6 +195,7 @@ fn respond(
                 extra.push(("Retry-After", &retry_after));
             }
             extra.extend_from_slice(error.headers);
+            extra.extend_from_slice(cors);
             if error.status == 405 {
                 extra.push(("Allow", router::allow_header(request.path())));
             }
@@ -179,7 +229,6 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
         Route::Health => health::health(shard).await,
         Route::Ready => Ok(health::ready(shard).await),
         Route::Poll => {
-            require_json(request)?;
             let poll = poll::parse_poll_body(
                 request.body(),
                 &shard.config.longpoll,
@@ -208,26 +257,6 @@ async fn dispatch(shard: &Shard, route: Route, request: &Request) -> Result<Repl
         Route::PollStats => health::poll_stats(shard).await,
         // Answered in `handle` before dispatch.
         Route::Events(_) | Route::WebSocket => Err(ApiError::internal()),
-    }
-}
-
-/// Refuses a body that declares a media type other than JSON (`application/json` or any
-/// `+json` type, parameters ignored). A body without `Content-Type` is taken as JSON: the
-/// Python relay's clients do not all send one.
-pub fn require_json(request: &Request) -> Result<(), ApiError> {
-    let Some(value) = request.content_type() else {
-        return Ok(());
-    };
-    let media = value.split(|&b| b == b';').next().unwrap_or(&[]);
-    let media = media.trim_ascii();
-    let is_json = media.eq_ignore_ascii_case(b"application/json")
-        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::unsupported_media_type(
-            "the body must be JSON (Content-Type: application/json)",
-        ))
     }
 }
 

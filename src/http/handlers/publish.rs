@@ -18,7 +18,7 @@ use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{bad_json, require_json, Reply};
+use super::{bad_json, Reply};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -253,7 +253,6 @@ pub async fn publish_one(shard: &Shard, request: &Request) -> Result<Reply, ApiE
 }
 
 async fn publish_one_inner(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
-    require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut item = parse_publish(request.body(), &shard.config.api)?;
     match (header_key, &item.idempotency_key) {
@@ -293,7 +292,6 @@ enum Outcome {
 
 pub async fn publish_bulk(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
-    require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut items = parse_bulk(request.body(), &shard.config.api)?;
     if let Some(header) = &header_key {

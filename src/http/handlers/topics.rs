@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{bad_json, require_json, Reply};
+use super::{bad_json, Reply};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
@@ -188,7 +188,6 @@ struct TrimBody {
 
 pub async fn trim(shard: &Shard, topic: String, request: &Request) -> Result<Reply, ApiError> {
     checked_topic(&topic, &shard.config.api)?;
-    require_json(request)?;
     let body: TrimBody = serde_json::from_slice(request.body()).map_err(bad_json)?;
     let keep_count = body
         .keep_count
