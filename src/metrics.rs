@@ -267,9 +267,11 @@ pub struct Snapshot {
     pub websockets: i64,
     pub event_streams: i64,
     pub busy_ratio: f64,
-    /// Filled by the shard: parked long-polls, open connections, consumers, storage counts.
+    /// Filled by the shard: parked long-polls, open connections, rate-limit buckets held
+    /// (address, principal, login), consumers, storage counts.
     pub parked_polls: usize,
     pub connections: usize,
+    pub rate_limit_buckets: [usize; 3],
     pub consumers: usize,
     pub storage: StorageSummary,
     pub valkey: Option<ValkeySnapshot>,
@@ -306,6 +308,7 @@ impl Snapshot {
             busy_ratio: 0.0,
             parked_polls: 0,
             connections: 0,
+            rate_limit_buckets: [0; 3],
             consumers: 0,
             storage: StorageSummary::default(),
             valkey: None,

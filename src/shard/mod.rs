@@ -249,6 +249,7 @@ impl Shard {
         let mut snap = self.metrics.snapshot(self.id);
         snap.parked_polls = self.delivery.parked();
         snap.connections = self.connection_count();
+        snap.rate_limit_buckets = self.guard.tracked_buckets();
         snap.consumers = self.delivery.consumer_count();
         snap.storage = self.storage.summary();
         snap.valkey = self.storage.valkey_snapshot();
