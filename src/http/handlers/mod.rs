@@ -82,7 +82,13 @@ pub async fn handle(
         }
         other => other,
     };
-    let label = route.as_ref().map_or("unknown", Route::label);
+    let preflight = request.method() == Method::Options
+        && request.header("access-control-request-method").is_some();
+    let label = match &route {
+        _ if preflight => "cors_preflight",
+        Ok(route) => route.label(),
+        Err(_) => "unknown",
+    };
     let cors = if surface == crate::net::Surface::Api {
         // No request carries a principal before authentication names one.
         let principal: Option<&str> = None;
@@ -95,7 +101,7 @@ pub async fn handle(
         match screened.verdict {
             Verdict::Pass => screened.cors,
             Verdict::Preflight => {
-                shard.metrics.http_request("cors_preflight", 204);
+                shard.metrics.http_request(label, 204);
                 let headers = screened.cors.preflight_headers();
                 return respond(shard, &request, Ok(Reply::no_content()), &headers, out);
             }
