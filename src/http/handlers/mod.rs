@@ -1,6 +1,6 @@
 //! The API endpoints: a decoded request in, a response appended to the connection's output.
 //!
-//! [`handle`] routes the request, has the [`guard`](crate::http::guard) screen it, runs the
+//! [`handle`] routes the request, has the [`guard`] screen it, runs the
 //! endpoint and renders either its [`Reply`] or its [`ApiError`]. Endpoints are grouped by resource:
 //! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
 //! - [`topics`]: history pages, topic stats and listing, trim, delete;
@@ -66,7 +66,7 @@ pub enum Outcome {
 }
 
 /// Handles one request from `peer`, appending its response to `out`. On the API surface the
-/// [`guard`](crate::http::guard) screens it first (rate limits, `Host`, `Origin`, CORS
+/// [`guard`] screens it first (rate limits, `Host`, `Origin`, CORS
 /// preflights), and every state change must then be JSON.
 pub async fn handle(
     shard: &Shard,
