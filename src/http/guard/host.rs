@@ -12,7 +12,7 @@
 //!
 //! Owns: the matching. Does not own: the answer to a refused host (`guard`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::config::{split_host_port, Config};
 
@@ -115,9 +115,20 @@ impl HostPolicy {
 /// The host of a `Host` value; `None` for a value that is no host at all.
 fn parse_host(value: &[u8]) -> Option<Host<'_>> {
     let text = std::str::from_utf8(value).ok()?.trim();
+    let bracketed = text.starts_with('[');
     let (host, _port) = split_host_port(text)?;
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(Host::Ip(ip));
+    // `Host` writes an IPv6 address in brackets, and an IPv4 address starts with a digit: a
+    // name (the usual case) is not put through both address parsers.
+    if bracketed {
+        return host
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|ip| Host::Ip(IpAddr::V6(ip)));
+    }
+    if host.starts_with(|c: char| c.is_ascii_digit()) {
+        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            return Some(Host::Ip(IpAddr::V4(ip)));
+        }
     }
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {

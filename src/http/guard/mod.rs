@@ -98,14 +98,15 @@ impl Guard {
             cors,
             limited: None,
         };
-        if is_operational(request.path()) {
+        let path = request.path();
+        if is_operational(path) {
             return pass(Verdict::Pass, Cors::none());
         }
         let origin = self.origins.check(request);
         let cors = Cors::for_origin(&origin);
 
         let client = client::client_addr(peer, request, &self.trusted_proxies);
-        let login = request.method() == Method::Post && request.path() == LOGIN_PATH;
+        let login = request.method() == Method::Post && path == LOGIN_PATH;
         let limited = self
             .limiter
             .borrow_mut()
@@ -156,7 +157,7 @@ impl Guard {
         }
 
         if origin == OriginCheck::Foreign {
-            if opens_stream(request) {
+            if opens_stream(path) {
                 return pass(
                     Verdict::Refuse(origin::origin_not_allowed("a WebSocket or event stream")),
                     cors,
@@ -193,8 +194,8 @@ fn is_operational(path: &str) -> bool {
 /// `GET /ws` and the event streams: a browser opens them cross-origin without a preflight
 /// (WebSocket is not subject to CORS at all, and an `EventSource` request is a simple GET),
 /// and what they deliver would go to the page.
-fn opens_stream(request: &Request) -> bool {
-    let segments: Vec<&str> = request.path().split('/').collect();
+fn opens_stream(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').collect();
     matches!(
         segments.as_slice(),
         ["", "ws"] | ["", "api", "v1", "events"] | ["", "api", "v1", "topics", _, "events"]
