@@ -111,20 +111,9 @@ impl Guard {
             .limiter
             .borrow_mut()
             .check(client, login, principal, now);
-        if let Err((scope, RetryAfter(secs))) = limited {
-            let error = ApiError {
-                retry_after: Some(secs),
-                ..ApiError::new(
-                    429,
-                    "RATE_LIMITED",
-                    format!(
-                        "too many requests ({} limit); retry after {secs} s",
-                        scope.as_str()
-                    ),
-                )
-            };
+        if let Err((scope, retry_after)) = limited {
             return Screened {
-                verdict: Verdict::Refuse(error),
+                verdict: Verdict::Refuse(rate_limited(scope, retry_after)),
                 cors,
                 limited: Some(scope),
             };
@@ -174,7 +163,8 @@ impl Guard {
     }
 
     /// The principal scope alone, for a caller that learns the principal after screening (an
-    /// in-band token refresh on a stream).
+    /// in-band token refresh on a stream): on `Err`, answer [`rate_limited`] with
+    /// [`Scope::Principal`] and count it in `relay_rate_limited_total`, as `handle` does.
     pub fn check_principal(&self, principal_id: &str, now: Instant) -> Result<(), RetryAfter> {
         self.limiter.borrow_mut().check_principal(principal_id, now)
     }
@@ -182,6 +172,21 @@ impl Guard {
     /// Buckets held per scope (address, principal, login).
     pub fn tracked_buckets(&self) -> [usize; 3] {
         self.limiter.borrow().tracked()
+    }
+}
+
+/// The answer to a request over the `scope` limit: 429 `RATE_LIMITED` with `Retry-After`.
+pub fn rate_limited(scope: Scope, RetryAfter(secs): RetryAfter) -> ApiError {
+    ApiError {
+        retry_after: Some(secs),
+        ..ApiError::new(
+            429,
+            "RATE_LIMITED",
+            format!(
+                "too many requests ({} limit); retry after {secs} s",
+                scope.as_str()
+            ),
+        )
     }
 }
 
