@@ -19,7 +19,8 @@
 //! [`shard::RuntimeState`] that only start-up, shutdown and `/ready` touch.
 //!
 //! A request's life: [`net::listener`] accepts → [`net::connection`] reads bytes and feeds the
-//! sans-IO [`http::codec`] → [`http::router`] picks a route → a handler in [`http::handlers`]
+//! sans-IO [`http::codec`] → [`http::guard`] screens it (rate limits, `Host`, `Origin`, CORS)
+//! → [`http::router`] picks a route → a handler in [`http::handlers`]
 //! parses and validates the body and asks the owning shard via [`shard::Shard`] →
 //! [`store::Storage`] appends (with Valkey: queues a `pulsar_publish` call, the Valkey
 //! Function that checks idempotency keys and XADDs, on the shard's [`valkey::Client`],
@@ -40,7 +41,8 @@
 //!   start-up and the shutdown gate.
 //! - [`net`]: the per-shard listener, the HTTP connection loop (timeouts, batching),
 //!   WebSocket sessions and SSE streams; the only code that touches client sockets.
-//! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers.
+//! - [`http`]: sans-IO request decoding and response encoding, routing, error bodies, handlers,
+//!   and the guard every request passes first (rate limits, `Host`, `Origin` and CORS).
 //! - [`store`]: message ids and the wire form of a message, the hot tier, the storage seam
 //!   behind which backends live, idempotency keys ([`store::idempotency`]), and the Valkey
 //!   Streams tier ([`store::valkey`], one file a concern: the entry format, the `pulsar`

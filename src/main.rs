@@ -25,6 +25,14 @@ fn main() -> ExitCode {
         shards = config.shards,
         "starting"
     );
+    if config.security.trusted_hosts.is_empty() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "security.trusted_hosts (TRUSTED_HOSTS) is not set and the relay listens beyond \
+             loopback: every Host is answered, so a page using DNS rebinding can reach it \
+             through a browser on its network; list the names clients use (docs/security.md)"
+        );
+    }
     match pulsar_relay::shard::runtime::run(config) {
         Ok(()) => {
             tracing::info!("stopped");

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::http::guard::Scope;
 use crate::store::StorageSummary;
 
 /// Bucket bounds (seconds) for publish duration and delivery lag: 50 µs to 10 s, dense below
@@ -78,6 +79,8 @@ pub struct ShardMetrics {
     /// Requests refused by authentication or authorization, by reason.
     auth_failures: RefCell<BTreeMap<&'static str, u64>>,
     slow_consumer_disconnects: Cell<u64>,
+    /// Requests refused by a rate limit, by scope (address, principal, login).
+    rate_limited: [Cell<u64>; 3],
     http_requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
     publish_duration: RefCell<LatencyHistogram>,
     delivery_lag: RefCell<LatencyHistogram>,
@@ -112,6 +115,7 @@ impl ShardMetrics {
             rejected: RefCell::new(BTreeMap::new()),
             auth_failures: RefCell::new(BTreeMap::new()),
             slow_consumer_disconnects: Cell::new(0),
+            rate_limited: Default::default(),
             http_requests: RefCell::new(BTreeMap::new()),
             publish_duration: RefCell::new(LatencyHistogram::new()),
             delivery_lag: RefCell::new(LatencyHistogram::new()),
@@ -168,6 +172,12 @@ impl ShardMetrics {
     pub fn slow_consumer_disconnect(&self) {
         self.slow_consumer_disconnects
             .set(self.slow_consumer_disconnects.get() + 1);
+    }
+
+    /// A request refused with 429 by the limit of `scope`.
+    pub fn rate_limited(&self, scope: Scope) {
+        let c = &self.rate_limited[scope as usize];
+        c.set(c.get() + 1);
     }
 
     pub fn http_request(&self, route: &'static str, status: u16) {
@@ -228,6 +238,11 @@ impl ShardMetrics {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             slow_consumer_disconnects: self.slow_consumer_disconnects.get(),
+            rate_limited: [
+                self.rate_limited[0].get(),
+                self.rate_limited[1].get(),
+                self.rate_limited[2].get(),
+            ],
             http_requests: self
                 .http_requests
                 .borrow()
@@ -258,15 +273,19 @@ pub struct Snapshot {
     pub rejected: BTreeMap<String, u64>,
     pub auth_failures: BTreeMap<String, u64>,
     pub slow_consumer_disconnects: u64,
+    /// Requests refused with 429, by [`Scope`] (address, principal, login).
+    pub rate_limited: [u64; 3],
     pub http_requests: BTreeMap<(String, u16), u64>,
     pub publish_duration: LatencyHistogram,
     pub delivery_lag: LatencyHistogram,
     pub websockets: i64,
     pub event_streams: i64,
     pub busy_ratio: f64,
-    /// Filled by the shard: parked long-polls, open connections, consumers, storage counts.
+    /// Filled by the shard: parked long-polls, open connections, rate-limit buckets held
+    /// (address, principal, login), consumers, storage counts.
     pub parked_polls: usize,
     pub connections: usize,
+    pub rate_limit_buckets: [usize; 3],
     pub consumers: usize,
     pub storage: StorageSummary,
     pub valkey: Option<ValkeySnapshot>,
@@ -295,6 +314,7 @@ impl Snapshot {
             rejected: BTreeMap::new(),
             auth_failures: BTreeMap::new(),
             slow_consumer_disconnects: 0,
+            rate_limited: [0; 3],
             http_requests: BTreeMap::new(),
             publish_duration: LatencyHistogram::new(),
             delivery_lag: LatencyHistogram::new(),
@@ -303,6 +323,7 @@ impl Snapshot {
             busy_ratio: 0.0,
             parked_polls: 0,
             connections: 0,
+            rate_limit_buckets: [0; 3],
             consumers: 0,
             storage: StorageSummary::default(),
             valkey: None,
@@ -374,6 +395,9 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
             *total.http_requests.entry(k.clone()).or_insert(0) += v;
         }
         total.slow_consumer_disconnects += s.slow_consumer_disconnects;
+        for i in 0..3 {
+            total.rate_limited[i] += s.rate_limited[i];
+        }
         total.publish_duration.merge(&s.publish_duration);
         total.delivery_lag.merge(&s.delivery_lag);
         total.websockets += s.websockets;
@@ -489,6 +513,21 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         "relay_slow_consumer_disconnects_total {}",
         total.slow_consumer_disconnects
     );
+
+    header(
+        &mut out,
+        "relay_rate_limited_total",
+        "counter",
+        "Requests refused with 429 by a rate limit, by scope (address, principal, login).",
+    );
+    for scope in Scope::ALL {
+        let _ = writeln!(
+            out,
+            "relay_rate_limited_total{{scope=\"{}\"}} {}",
+            scope.as_str(),
+            total.rate_limited[scope as usize]
+        );
+    }
 
     latency_histogram(
         &mut out,

@@ -150,7 +150,8 @@ fn smuggling_shapes_are_refused_and_closed() {
     let n = body.len();
     let chunked = format!("{n:x}\r\n{body}\r\n0\r\n\r\n");
     let post = |headers: &str, rest: &str| {
-        format!("POST /api/v1/messages HTTP/1.1\r\nHost: x\r\n{headers}\r\n{rest}").into_bytes()
+        format!("POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n{rest}")
+            .into_bytes()
     };
     let bad = fatal(400, "INVALID_REQUEST");
     let cases = vec![
@@ -226,7 +227,7 @@ fn smuggling_shapes_are_refused_and_closed() {
         case(
             "Transfer-Encoding on HTTP/1.0",
             format!(
-                "POST /api/v1/messages HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
+                "POST /api/v1/messages HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
             ),
             bad,
         ),
@@ -251,24 +252,24 @@ fn smuggling_shapes_are_refused_and_closed() {
         case(
             "bare LF ending a header before Transfer-Encoding (read as two fields: CL+TE)",
             format!(
-                "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nX-A: a\nTransfer-Encoding: chunked\r\n\
+                "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nX-A: a\nTransfer-Encoding: chunked\r\n\
                  Content-Length: {n}\r\n\r\n{chunked}"
             ),
             bad,
         ),
         case(
             "bare CR inside the head",
-            "GET /health HTTP/1.1\rHost: x\r\n\r\n",
+            "GET /health HTTP/1.1\rHost: localhost\r\n\r\n",
             bad,
         ),
         case(
             "bare CR inside a header value",
-            "GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+            "GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: a\rb\r\n\r\n",
             bad,
         ),
         case(
             "NUL inside a header value",
-            "GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n",
+            "GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: a\0b\r\n\r\n",
             bad,
         ),
         case(
@@ -324,24 +325,24 @@ fn smuggling_shapes_are_refused_and_closed() {
         case("HTTP/1.1 without Host", "GET /health HTTP/1.1\r\n\r\n", bad),
         case(
             "absolute-form target",
-            "GET http://evil.example/health HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://evil.example/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
             bad,
         ),
         case(
             "HTTP/2.0 in the request line",
-            "GET /health HTTP/2.0\r\nHost: x\r\n\r\n",
+            "GET /health HTTP/2.0\r\nHost: localhost\r\n\r\n",
             fatal(505, "INVALID_REQUEST"),
         ),
         case(
             "an expectation other than 100-continue",
-            "GET /health HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n",
+            "GET /health HTTP/1.1\r\nHost: localhost\r\nExpect: 200-ok\r\n\r\n",
             fatal(417, "INVALID_REQUEST"),
         ),
         // Accepted by design (RFC 9112 §2.2 lets a server read a bare LF as a line end, as
         // nginx, hyper and Go do); the case above shows it cannot hide a second framing header.
         case(
             "bare LF line ends throughout",
-            "GET /health HTTP/1.1\nHost: x\n\n",
+            "GET /health HTTP/1.1\nHost: localhost\n\n",
             Expect::Ok(200),
         ),
     ];
@@ -361,19 +362,19 @@ fn oversize_and_overflowing_framing() {
     let long_path = format!("/api/v1/topics/{}/messages", "a".repeat(8 * 1024));
     let chunked_post = |sizes: &str| {
         format!(
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{sizes}"
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{sizes}"
         )
         .into_bytes()
     };
     let cases = vec![
         case(
             "start line longer than max_header_bytes",
-            format!("GET {long_path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+            format!("GET {long_path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             fatal(431, "HEADERS_TOO_LARGE"),
         ),
         case(
             "method token longer than max_header_bytes",
-            format!("{} / HTTP/1.1\r\nHost: x\r\n\r\n", "G".repeat(8 * 1024)),
+            format!("{} / HTTP/1.1\r\nHost: localhost\r\n\r\n", "G".repeat(8 * 1024)),
             fatal(431, "HEADERS_TOO_LARGE"),
         ),
         case(
@@ -383,18 +384,18 @@ fn oversize_and_overflowing_framing() {
         ),
         case(
             "Content-Length overflowing u64",
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999999999999999\r\n\r\n",
             fatal(400, "INVALID_REQUEST"),
         ),
         case(
             "Content-Length u64::MAX",
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 18446744073709551615\r\n\r\n",
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 18446744073709551615\r\n\r\n",
             fatal(413, "PAYLOAD_TOO_LARGE"),
         ),
         case(
             "Content-Length with 10,000 leading zeros",
             format!(
-                "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}1\r\n\r\n",
+                "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}1\r\n\r\n",
                 "0".repeat(10_000)
             ),
             fatal(431, "HEADERS_TOO_LARGE"),
@@ -819,7 +820,7 @@ fn hostile_topic_names_and_ids() {
     }
     cases.push(case(
         "Last-Event-ID with invalid UTF-8",
-        b"GET /api/v1/topics/names/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-\xff\r\n\r\n"
+        b"GET /api/v1/topics/names/events HTTP/1.1\r\nHost: localhost\r\nLast-Event-ID: 1-\xff\r\n\r\n"
             .to_vec(),
         bad_cursor,
     ));
@@ -890,12 +891,12 @@ fn slowloris_connections_are_cut() {
         let silent: Vec<Conn> = (0..50).map(|_| server.connect()).collect();
         let mut in_head: Vec<Conn> = (0..20).map(|_| server.connect()).collect();
         for c in &mut in_head {
-            c.send(b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Le");
+            c.send(b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Le");
         }
         let mut in_body: Vec<Conn> = (0..10).map(|_| server.connect()).collect();
         for c in &mut in_body {
             c.send(
-                b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"to",
+                b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"to",
             );
         }
         for (i, mut c) in silent.into_iter().enumerate() {
@@ -1031,12 +1032,12 @@ fn client_bytes_are_never_echoed_raw_into_headers_or_logs() {
                     Some(b"{}"),
                 ),
                 // Raw bytes in a header value (refused by the parser where they are illegal).
-                format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Evil: a{inj}b\r\n\r\n").into_bytes(),
+                format!("GET /health HTTP/1.1\r\nHost: localhost\r\nX-Evil: a{inj}b\r\n\r\n").into_bytes(),
                 format!(
-                    "GET /api/v1/topics/t/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {inj}\r\n\r\n"
+                    "GET /api/v1/topics/t/events HTTP/1.1\r\nHost: localhost\r\nLast-Event-ID: {inj}\r\n\r\n"
                 )
                 .into_bytes(),
-                format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {inj}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                format!("GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {inj}\r\nSec-WebSocket-Version: 13\r\n\r\n")
                     .into_bytes(),
             ];
             for bytes in requests {

@@ -188,7 +188,7 @@ fn chunked_request_bodies() {
     let bytes = body.as_bytes();
     // Several chunks of uneven sizes, upper- and lower-case hex, extensions and a trailer.
     let cuts = [0, 1, 17, 18, 40, bytes.len()];
-    let mut req = b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut req = b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for (k, w) in cuts.windows(2).enumerate() {
         let piece = &bytes[w[0]..w[1]];
         if k % 2 == 0 {
@@ -207,7 +207,7 @@ fn chunked_request_bodies() {
     // Followed by another chunked request on the same connection, zero-extension form.
     let body2 = publish_body("chunky", "2");
     let mut req2 =
-        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     req2.extend(format!("{:x}\r\n{body2}\r\n0\r\n\r\n", body2.len()).as_bytes());
     conn.send(&req2);
     let resp = conn.read_response(false);
@@ -230,7 +230,7 @@ fn expect_100_continue() {
     let body = publish_body("expecting", r#""after continue""#);
     conn.send(
         format!(
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
             body.len()
         )
@@ -247,7 +247,7 @@ fn expect_100_continue() {
     assert_eq!(resp.status, 201, "{resp:?}");
 
     // The same with a chunked body.
-    let mut head = b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n".to_vec();
+    let mut head = b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n".to_vec();
     conn.send(&head);
     let interim = conn.read_head();
     assert_eq!(interim.status, 100, "{interim:?}");
@@ -268,7 +268,7 @@ fn request_split_across_many_small_writes() {
         r#"{"msg":"split into tiny pieces","x":[1,2,3]}"#,
     );
     let mut bytes = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nhOsT: x\r\ncontent-type: application/json\r\n\
+        "POST /api/v1/messages HTTP/1.1\r\nhOsT: localhost\r\ncontent-type: application/json\r\n\
          CONTENT-LENGTH: {}\r\n\r\n{body}",
         body.len()
     )
@@ -326,7 +326,7 @@ fn content_length_with_transfer_encoding_is_rejected() {
     let server = Server::start("");
     let body = publish_body("smuggle", "1");
     let raw = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+        "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
          Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len(),
         body.len()
@@ -334,7 +334,7 @@ fn content_length_with_transfer_encoding_is_rejected() {
     assert_rejected_and_closed(&server, raw.as_bytes());
     // Order of the two headers does not matter.
     let raw = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+        "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\
          Content-Length: {}\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
         body.len(),
         body.len()
@@ -361,7 +361,7 @@ fn chunked_not_final_is_400_and_closes() {
         "chunked\r\nTransfer-Encoding: identity",
     ] {
         let raw = format!(
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
         );
         let mut conn = server.connect();
         conn.send(raw.as_bytes());
@@ -377,7 +377,7 @@ fn chunked_not_final_is_400_and_closes() {
     // connection still closes (the body cannot be decoded).
     for te in ["gzip, chunked", "identity, chunked"] {
         let raw = format!(
-            "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
+            "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: {te}\r\n\r\n{chunked}"
         );
         let mut conn = server.connect();
         conn.send(raw.as_bytes());
@@ -388,7 +388,8 @@ fn chunked_not_final_is_400_and_closes() {
     }
     // Plain chunked still works.
     let raw = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}"
+        "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{chunked}"
     );
     let mut conn = server.connect();
     conn.send(raw.as_bytes());
@@ -401,13 +402,13 @@ fn duplicate_content_length_is_rejected() {
     let server = Server::start("");
     let body = publish_body("dup", "1");
     let raw = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\
+        "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: {n}\r\n\
          Content-Length: {n}\r\n\r\n{body}",
         n = body.len()
     );
     assert_rejected_and_closed(&server, raw.as_bytes());
     let raw = format!(
-        "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\
+        "POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\
          Content-Length: 3\r\n\r\n{body}",
         body.len()
     );
@@ -437,7 +438,7 @@ fn framing_error_mid_pipeline_answers_earlier_requests_then_closes() {
     );
     bytes.extend(build_request("GET", "/ready", &[], None));
     bytes.extend(
-        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n",
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n",
     );
     bytes.extend(build_request(
         "POST",
@@ -462,10 +463,10 @@ fn malformed_heads_get_400_and_close() {
     for raw in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET /health\r\n\r\n",
-        b"GET /health HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n",
-        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-        b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nNoColonHere\r\n\r\n",
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
     ] {
         let mut conn = server.connect();
         conn.send(raw);

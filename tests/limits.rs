@@ -28,7 +28,7 @@ fn oversize_header_block_is_431() {
     let mut conn = server.connect();
     conn.send(
         format!(
-            "GET /ready HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "GET /ready HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
             "b".repeat(2000)
         )
         .as_bytes(),
@@ -96,14 +96,16 @@ fn oversize_body_is_413_without_reading_it() {
 
     // Declared too large: answered from the head alone, before any body byte is sent.
     let mut conn = server.connect();
-    conn.send(b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n");
+    conn.send(b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n");
     let resp = conn.read_response(false);
     assert_error_body(&resp, "PAYLOAD_TOO_LARGE");
     assert_serving(&server);
 
     // A chunked body that grows past the limit.
     let mut conn = server.connect();
-    conn.send(b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    conn.send(
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
     let chunk = format!("400\r\n{}\r\n", "c".repeat(0x400));
     // Writes may start failing once the server has answered and closed mid-stream.
     for _ in 0..4 {
@@ -123,7 +125,7 @@ fn slow_header_gets_408_then_close() {
     let server = Server::start("http:\n  header_read_timeout: 1s\n");
     let mut slow = server.connect();
     let started = Instant::now();
-    slow.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Partial: ab");
+    slow.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Partial: ab");
     // Meanwhile, others are served (and a complete request on another connection is not
     // affected by the slow one's timer).
     assert_serving(&server);
@@ -149,7 +151,7 @@ fn header_timeout_counts_from_first_byte_not_per_byte() {
     let mut slow = server.connect();
     let started = Instant::now();
     // A byte every 150 ms keeps the connection busy but never completes the head in time.
-    for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+    for b in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
         // Fails once the server has answered and closed.
         if slow.try_send(&[*b]).is_err() || started.elapsed() > Duration::from_secs(3) {
             break;

@@ -1,5 +1,7 @@
 //! Start-up failures: the relay must exit with a message naming the cause, never hang.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,4 +53,35 @@ fn invalid_config_value_names_key_and_value() {
         stderr.contains("lots") && stderr.contains("max_messages_per_topic"),
         "{stderr}"
     );
+}
+
+/// Without authentication the relay refuses to listen beyond loopback (anyone reaching the
+/// port could publish, read and delete every topic) unless told a proxy authenticates; with
+/// the built-in tokens on it starts there.
+#[test]
+fn no_authentication_beyond_loopback_unless_said() {
+    let refused = Command::new(env!("CARGO_BIN_EXE_pulsar-relay"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .expect("run relay");
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("PULSAR_JWT_SECRET_KEY")
+            && stderr.contains("PULSAR_ALLOW_UNAUTHENTICATED_NETWORK"),
+        "{stderr}"
+    );
+    for env in [
+        ("PULSAR_ALLOW_UNAUTHENTICATED_NETWORK", "true"),
+        (
+            "PULSAR_JWT_SECRET_KEY",
+            "startup-test-secret-0123456789abcdef",
+        ),
+    ] {
+        let server = common::Server::start_opts(common::RelayOpts {
+            listen: Some("0.0.0.0:0".parse().expect("literal")),
+            ..common::RelayOpts::new("").env(env.0, env.1)
+        });
+        assert_eq!(server.connect().request("GET", "/health", None).status, 200);
+    }
 }

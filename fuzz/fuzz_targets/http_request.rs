@@ -1,8 +1,9 @@
 //! HTTP/1.1 request decoding as a connection does it: bytes arrive in arbitrary reads and go
 //! through `http::codec::RequestDecoder` (heads, Content-Length and chunked bodies, pipelining,
 //! `Expect: 100-continue`), then each request through the sans-IO steps the server takes
-//! before touching shard state: routing, query/header parsing of history, long-poll GET and
-//! SSE, the WebSocket handshake, and the JSON error response it would write.
+//! before touching shard state: the guard (rate limits, `Host`, `Origin`, CORS preflights,
+//! `X-Forwarded-For`, the JSON-only rule), routing, query/header parsing of history, long-poll
+//! GET and SSE, the WebSocket handshake, and the JSON error response it would write.
 //!
 //! Input: see `pulsar_relay_fuzz` (`knob % 4` picks a row of `LIMITS`). The same stream is
 //! decoded twice, in one read and in the input's pieces, and must give the same requests and
@@ -10,13 +11,16 @@
 
 #![no_main]
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
+use pulsar_relay::config::{Config, IpNet};
 use pulsar_relay::http::error::ApiError;
+use pulsar_relay::http::guard::{self, Guard, Verdict};
 use pulsar_relay::http::handlers::events as sse;
 use pulsar_relay::http::handlers::poll as longpoll;
 use pulsar_relay::http::handlers::topics::parse_history_query;
@@ -132,9 +136,53 @@ fn check_json_body(response: &[u8]) {
     }
 }
 
+/// The built-in configuration with every list of the guard set, so each of its paths can be
+/// reached: allowed origins, trusted host names and wildcards, a trusted proxy range (the
+/// peer below is in it, so `X-Forwarded-For` is parsed).
+fn guarded_config() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let mut config = relay_config().clone();
+        config.security.allowed_origins = vec!["https://app.example".to_owned()];
+        config.security.trusted_hosts = vec![
+            "localhost".to_owned(),
+            "*.svc.example".to_owned(),
+            "::1".to_owned(),
+        ];
+        config.security.trusted_proxies =
+            vec![IpNet::parse("127.0.0.0/8").expect("literal network")];
+        config.rate_limit.exempt.clear();
+        config
+    })
+}
+
 /// The sans-IO part of what `http::handlers::handle` does with a request.
 fn serve(request: &Request) {
     let config = relay_config();
+    // A fresh guard per request: its buckets must not make the two decodings differ.
+    let guard = Guard::new(guarded_config());
+    let screened = guard.screen(
+        request,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        None,
+        Instant::now(),
+    );
+    if let Verdict::Refuse(error) = &screened.verdict {
+        assert!(matches!(error.status, 400 | 403 | 429), "{error:?}");
+        let mut out = BytesMut::new();
+        write_json_error(
+            &mut out,
+            date(),
+            error.status,
+            error.code,
+            &error.message,
+            request.keep_alive(),
+            false,
+            &screened.cors.response_headers(),
+        );
+        check_json_body(&out);
+    }
+    let _ = guard::require_json_body(request);
     let _ = (
         request.method_str(),
         request.keep_alive(),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use super::parse::{format_duration, format_size};
+use super::parse::{format_duration, format_rate, format_size};
 use super::settings::{self as s, Kind, Setting};
 
 /// Pulsar Relay: a thread-per-core message relay (HTTP publish, in-memory hot tier, Valkey
@@ -118,7 +118,8 @@ fn after_help() -> String {
     }
     out.push_str(
         "\nSizes: 16KiB, 64MiB, 1GiB (KB/MB/GB are powers of 1000) or integer bytes.\n\
-         Durations: 500ms, 30s, 24h, or integer seconds.",
+         Durations: 500ms, 30s, 24h, or integer seconds.\n\
+         Lists: comma-separated or a JSON array; in the file also a YAML list.",
     );
     out
 }
@@ -151,6 +152,8 @@ fn env_syntax(kind: &Kind) -> Option<String> {
         Kind::Choice { names, .. } => Some(names.join(" | ")),
         Kind::Bool { .. } => Some("true|false|1|0|yes|no".to_owned()),
         Kind::AddrList { .. } => Some("host:port,host:port".to_owned()),
+        Kind::List { .. } => Some(r#"a,b or ["a","b"]"#.to_owned()),
+        Kind::Rate { .. } => Some("N/s | N/min | N/h | off".to_owned()),
         _ => None,
     }
 }
@@ -167,7 +170,9 @@ fn default_text(kind: &Kind) -> Option<String> {
         Kind::Choice { default, .. } => Some((*default).to_owned()),
         Kind::Name { default, .. } => default.map(str::to_owned),
         Kind::Template { default, .. } => Some((*default).to_owned()),
-        Kind::OptionalAddr { .. } | Kind::Text | Kind::AddrList { .. } => None,
+        Kind::List { default, .. } if !default.is_empty() => Some(default.join(",")),
+        Kind::Rate { default } => Some(format_rate(*default)),
+        Kind::OptionalAddr { .. } | Kind::Text | Kind::AddrList { .. } | Kind::List { .. } => None,
     }
 }
 

@@ -19,6 +19,9 @@
 //!   formatting of values in messages.
 //! - `error`: [`ConfigError`] and [`Origin`]; secrets redacted, long values shortened.
 //! - `key_template`: [`KeyTemplate`], Valkey keys rendered per topic, and their overlap checks.
+//! - `lists`: list-valued settings (a JSON array or comma-separated, as the Python relay's
+//!   deployments write them) and what their entries may be: origins, host patterns, IP
+//!   networks ([`IpNet`]).
 //! - `machine`: [`Machine`], the host probes that size the shard count and memory budget.
 //! - this file: the public API: [`Config`] and its sections, the enums, the load functions.
 //!
@@ -38,6 +41,7 @@ use std::time::Duration;
 mod cli;
 mod error;
 mod key_template;
+mod lists;
 mod machine;
 mod parse;
 mod resolve;
@@ -50,6 +54,7 @@ mod tests;
 pub use cli::Cli;
 pub use error::{ConfigError, Origin};
 pub use key_template::{KeyTemplate, TOPIC_PLACEHOLDER};
+pub use lists::{default_port, normalize_origin, split_host_port, IpNet};
 pub use machine::Machine;
 
 /// The file [`load_from_process`] reads when no `--config` is given, if it exists.
@@ -83,6 +88,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub metrics: MetricsConfig,
     pub auth: AuthConfig,
+    pub security: SecurityConfig,
+    pub rate_limit: RateLimitConfig,
     /// The YAML file that was read, if any, so start-up can log which one was used.
     pub source_file: Option<PathBuf>,
 }
@@ -345,6 +352,72 @@ pub enum AuthMode {
     None,
     /// Users, passwords and tokens of the relay's own, as the Python relay's.
     Builtin,
+}
+
+/// Browser safety: which pages may use the relay cross-origin, which `Host` names it answers
+/// to, and which peers may name the client address (`X-Forwarded-For`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityConfig {
+    /// Origins (`scheme://host[:port]`, lower-case, default ports left out) whose pages may
+    /// call the API cross-origin, open `/ws` and event streams; `*` = any. Empty: none
+    /// (same-origin pages and non-browser clients only).
+    pub allowed_origins: Vec<String>,
+    /// `Host` names answered (lower-case, IPv6 without brackets): exact names, `*.suffix`
+    /// wildcards or `*`. Empty: on a loopback `listen`, loopback names only; else any.
+    pub trusted_hosts: Vec<String>,
+    /// Peers whose `X-Forwarded-For` names the client (a load balancer): the client address
+    /// is then the last entry that is not itself one of these.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Token-bucket rate limits, per shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Per client address (IPv4 address, IPv6 /64); `None` = off.
+    pub address: Option<BucketConfig>,
+    /// Per authenticated principal; `None` = off.
+    pub principal: Option<BucketConfig>,
+    /// `POST /auth/login` per client address, on top of the address bucket; `None` = off.
+    pub login: Option<BucketConfig>,
+    /// Client addresses no address or login bucket applies to.
+    pub exempt: Vec<IpNet>,
+    /// Buckets a shard keeps per scope; idle ones beyond it are forgotten.
+    pub max_tracked: usize,
+}
+
+/// One bucket's shape: refilled at `rate`, holding at most `burst` requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BucketConfig {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+/// `count` events per `per` (`1000/s`, `10/min`); a count of 0 means no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub const fn per_second(count: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(1),
+        }
+    }
+
+    pub const fn per_minute(count: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(60),
+        }
+    }
+
+    /// Events a second, as the bucket refills.
+    pub fn as_per_second(self) -> f64 {
+        self.count as f64 / self.per.as_secs_f64()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -8,7 +8,8 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::error::shown_value;
-use super::settings::{GIB, KIB, MIB, PORTS, TIB};
+use super::settings::{GIB, KIB, MAX_RATE_COUNT, MIB, PORTS, TIB};
+use super::Rate;
 
 /// Decimal digits, optionally grouped with `_` as YAML allows (`1_000_000`).
 pub(super) fn parse_uint(text: &str) -> Option<u64> {
@@ -47,6 +48,37 @@ pub(super) fn parse_duration(text: &str, unit: Duration) -> Option<Duration> {
         return count.checked_mul(unit.as_secs()).map(Duration::from_secs);
     }
     humantime::parse_duration(text).ok()
+}
+
+/// `N/s`, `N/min`, `N/h` (also `sec`, `second`, `m`, `minute`, `hour`; case-insensitive,
+/// spaces around `/` allowed), or `0`/`off` for no limit.
+pub(super) fn parse_rate(text: &str) -> Option<Rate> {
+    if text.eq_ignore_ascii_case("off") || text == "0" {
+        return Some(Rate::per_second(0));
+    }
+    let (count, unit) = text.split_once('/')?;
+    let count = parse_uint(count.trim()).filter(|c| (1..=MAX_RATE_COUNT).contains(c))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let per = match unit.as_str() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return None,
+    };
+    Some(Rate { count, per })
+}
+
+/// Re-parseable: `1000/s`, `10/min`, `5/h`, `off`.
+pub(super) fn format_rate(rate: Rate) -> String {
+    if rate.count == 0 {
+        return "off".to_owned();
+    }
+    let unit = match rate.per.as_secs() {
+        1 => "s",
+        60 => "min",
+        _ => "h",
+    };
+    format!("{}/{unit}", rate.count)
 }
 
 pub(super) fn parse_bool(text: &str) -> Option<bool> {
@@ -179,6 +211,36 @@ mod tests {
         }
         assert_eq!(parse_bool("on"), None);
         assert_eq!(parse_bool("maybe"), None);
+        assert_eq!(parse_rate("1000/s"), Some(Rate::per_second(1000)));
+        assert_eq!(parse_rate("10 / MIN"), Some(Rate::per_minute(10)));
+        assert_eq!(
+            parse_rate("5/hour"),
+            Some(Rate {
+                count: 5,
+                per: Duration::from_secs(3600)
+            })
+        );
+        assert_eq!(parse_rate("OFF"), Some(Rate::per_second(0)));
+        assert_eq!(parse_rate("0"), Some(Rate::per_second(0)));
+        for bad in [
+            "0/s",
+            "1000",
+            "10/day",
+            "-1/s",
+            "1000000001/s",
+            "/s",
+            "1.5/s",
+        ] {
+            assert_eq!(parse_rate(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn formatted_rates_parse_back_to_themselves() {
+        for text in ["1000/s", "10/min", "5/h", "off"] {
+            let rate = parse_rate(text).expect("valid");
+            assert_eq!(format_rate(rate), text);
+        }
     }
 
     #[test]

@@ -15,19 +15,21 @@ use std::time::Duration;
 use super::cli::Cli;
 use super::error::{invalid, ConfigError, Origin};
 use super::key_template::KeyTemplate;
+use super::lists::{self, split_list, IpNet};
 use super::machine::Machine;
 use super::parse::{
-    format_duration, format_size, has_space_or_control, parse_addrs, parse_bool, parse_duration,
-    parse_size, parse_uint,
+    format_duration, format_rate, format_size, has_space_or_control, parse_addrs, parse_bool,
+    parse_duration, parse_rate, parse_size, parse_uint,
 };
 // Short, because the code below names a declaration on nearly every line.
 use super::settings::{self as s, Kind, Setting};
 use super::yaml::read_file;
 use super::{
-    AckMode, ApiConfig, AuthConfig, AuthMode, AuthModeSetting, BootstrapAdmin, Config,
-    DurabilityConfig, HotTierConfig, HttpConfig, IdempotencyConfig, LogFormat, LogLevel,
-    LongPollConfig, MemoryConfig, MetricsConfig, Secret, SentinelSettings, ShutdownConfig,
-    SseConfig, StorageBackend, StorageConfig, ValkeyConfig, WsConfig,
+    AckMode, ApiConfig, AuthConfig, AuthMode, AuthModeSetting, BootstrapAdmin, BucketConfig,
+    Config, DurabilityConfig, HotTierConfig, HttpConfig, IdempotencyConfig, LogFormat, LogLevel,
+    LongPollConfig, MemoryConfig, MetricsConfig, Rate, RateLimitConfig, Secret, SecurityConfig,
+    SentinelSettings, ShutdownConfig, SseConfig, StorageBackend, StorageConfig, ValkeyConfig,
+    WsConfig,
 };
 
 /// One raw value: text as written, and its source.
@@ -126,6 +128,12 @@ impl Layers {
             window: self.duration(&s::IDEMPOTENCY_WINDOW)?.value,
             max_keys: self.uint(&s::IDEMPOTENCY_MAX_KEYS)?.to_usize()?,
         };
+        let security = SecurityConfig {
+            allowed_origins: self.list(&s::SECURITY_ALLOWED_ORIGINS, lists::normalize_origin)?,
+            trusted_hosts: self.list(&s::SECURITY_TRUSTED_HOSTS, lists::host_pattern)?,
+            trusted_proxies: self.list(&s::SECURITY_TRUSTED_PROXIES, IpNet::parse)?,
+        };
+        let rate_limit = self.resolve_rate_limit()?;
 
         Ok(Config {
             listen: listen.value,
@@ -146,7 +154,29 @@ impl Layers {
             shutdown,
             metrics,
             auth,
+            security,
+            rate_limit,
             source_file: None,
+        })
+    }
+
+    fn resolve_rate_limit(&self) -> Result<RateLimitConfig, ConfigError> {
+        let bucket = |rate: &'static Setting, burst: &'static Setting| {
+            let rate = self.rate(rate)?;
+            let burst = self.uint(burst)?;
+            let burst =
+                u32::try_from(burst.value).map_err(|_| burst.invalid("a count of requests"))?;
+            Ok::<_, ConfigError>((rate.count > 0).then_some(BucketConfig { rate, burst }))
+        };
+        Ok(RateLimitConfig {
+            address: bucket(&s::RATE_LIMIT_ADDRESS_RATE, &s::RATE_LIMIT_ADDRESS_BURST)?,
+            principal: bucket(
+                &s::RATE_LIMIT_PRINCIPAL_RATE,
+                &s::RATE_LIMIT_PRINCIPAL_BURST,
+            )?,
+            login: bucket(&s::RATE_LIMIT_LOGIN_RATE, &s::RATE_LIMIT_LOGIN_BURST)?,
+            exempt: self.list(&s::RATE_LIMIT_EXEMPT, IpNet::parse)?,
+            max_tracked: self.uint(&s::RATE_LIMIT_MAX_TRACKED)?.to_usize()?,
         })
     }
 
@@ -775,6 +805,66 @@ impl Layers {
             value: raw.text.clone(),
             text: raw.text.clone(),
             origin: raw.origin.clone(),
+        })
+    }
+
+    /// A [`Kind::Rate`] setting.
+    fn rate(&self, setting: &'static Setting) -> Result<Rate, ConfigError> {
+        let Kind::Rate { default } = &setting.kind else {
+            kind_mismatch(setting)
+        };
+        let expected = format!(
+            "a rate such as `1000/s`, `10/min` or `5/h` (at most {} per interval), or `off`",
+            s::MAX_RATE_COUNT
+        );
+        Ok(self
+            .get(
+                setting,
+                *default,
+                parse_rate,
+                |r| format_rate(*r),
+                &expected,
+            )?
+            .value)
+    }
+
+    /// A [`Kind::List`] setting, each entry read by `item` (which also gives its normal
+    /// form). Unset (or null in the file) is the declared default.
+    fn list<T>(
+        &self,
+        setting: &'static Setting,
+        item: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, ConfigError> {
+        let Kind::List {
+            default,
+            item: what,
+        } = &setting.kind
+        else {
+            kind_mismatch(setting)
+        };
+        let Some(raw) = self.values.get(setting.path) else {
+            // The declared defaults are entries of their kind (tested).
+            return Ok(default
+                .iter()
+                .filter_map(|entry| item(entry).ok())
+                .collect());
+        };
+        let entries = split_list(&raw.text).and_then(|entries| {
+            entries
+                .iter()
+                .map(|entry| item(entry))
+                .collect::<Result<Vec<T>, String>>()
+        });
+        entries.map_err(|why| {
+            invalid(
+                setting,
+                &raw.text,
+                &raw.origin,
+                format!(
+                    "a JSON array (`[\"a\",\"b\"]`) or a comma-separated list of {}: {why}",
+                    what.what()
+                ),
+            )
         })
     }
 

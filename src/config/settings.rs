@@ -15,6 +15,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use super::Rate;
+
 pub(super) const KIB: u64 = 1024;
 pub(super) const MIB: u64 = 1024 * KIB;
 pub(super) const GIB: u64 = 1024 * MIB;
@@ -107,7 +109,44 @@ pub enum Kind {
         what: &'static str,
         example: &'static str,
     },
+    /// A list: a JSON array of strings (the Python relay's form) or comma-separated, in YAML
+    /// also a list; `item` says what each entry must be. Unset or null = `default`.
+    List {
+        default: &'static [&'static str],
+        item: ListItem,
+    },
+    /// Events per interval, `1000/s`, `10/min`, `5/h`; `0` or `off` = no limit. At most
+    /// [`MAX_RATE_COUNT`] per interval.
+    Rate { default: Rate },
 }
+
+/// What the entries of a [`Kind::List`] are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListItem {
+    /// `scheme://host[:port]` or `*`.
+    Origin,
+    /// A host name, `*.domain` or `*` (no port).
+    HostPattern,
+    /// An IP address or network in CIDR form.
+    IpNet,
+}
+
+impl ListItem {
+    /// What an entry is, for `--help` and error messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            ListItem::Origin => "origins such as `https://app.example.com`, or `*`",
+            ListItem::HostPattern => {
+                "host names such as `relay.example.com`, `*.example.com` or `*`"
+            }
+            ListItem::IpNet => "IP addresses or networks such as `10.0.0.0/8`",
+        }
+    }
+}
+
+/// A rate above a billion per interval is a typo, not a limit; it also keeps the bucket's
+/// arithmetic in `f64` exact.
+pub(super) const MAX_RATE_COUNT: u64 = 1_000_000_000;
 
 impl Setting {
     const fn new(path: &'static str, kind: Kind) -> Self {
@@ -697,6 +736,121 @@ settings! {
         Setting::boolean("auth.allow_unauthenticated_network", false)
             .env(&["PULSAR_ALLOW_UNAUTHENTICATED_NETWORK"])
             .help("listen beyond loopback with auth.mode none");
+
+    // --- security ----------------------------------------------------------------------------
+
+    /// None by default: the relay cannot know which sites its users trust, and a page allowed
+    /// here can publish and read with the rights of whoever runs it. Same-origin pages (served
+    /// under the relay's own host and port) and non-browser clients (no `Origin` header) need
+    /// no entry. The Python relay's variables and JSON form work as they are.
+    SECURITY_ALLOWED_ORIGINS = Setting::new(
+        "security.allowed_origins",
+        Kind::List {
+            default: &[],
+            item: ListItem::Origin,
+        },
+    )
+    .env(&["ALLOWED_ORIGINS", "PULSAR_ALLOWED_ORIGINS"])
+    .help("pages that may use the relay cross-origin; `*` = any");
+
+    /// Empty: on a loopback `listen` only `localhost` and loopback addresses, which is what
+    /// stops a DNS-rebinding page from reaching the quick start's relay through a name of its
+    /// own; on any other address every host (a warning at start-up says so), because the
+    /// relay cannot guess the names it is reached by and refusing them all (the Python relay's
+    /// empty-list behaviour) only breaks the deployment.
+    SECURITY_TRUSTED_HOSTS = Setting::new(
+        "security.trusted_hosts",
+        Kind::List {
+            default: &[],
+            item: ListItem::HostPattern,
+        },
+    )
+    .env(&["TRUSTED_HOSTS", "PULSAR_TRUSTED_HOSTS"])
+    .help("Host names answered; empty = loopback names on a loopback listen, else any");
+
+    /// None: `X-Forwarded-For` is a header anyone can write, so it is believed only from
+    /// peers named here (the load balancer in front of the relay).
+    SECURITY_TRUSTED_PROXIES = Setting::new(
+        "security.trusted_proxies",
+        Kind::List {
+            default: &[],
+            item: ListItem::IpNet,
+        },
+    )
+    .env(&["PULSAR_TRUSTED_PROXIES"])
+    .help("peers whose X-Forwarded-For names the client, e.g. a load balancer");
+
+    // --- rate_limit --------------------------------------------------------------------------
+
+    /// `pulsar-relay-client` sends one request per message and waits for each answer, and
+    /// never retries a 429, so a limit it meets is a lost publish. Over a network (a round
+    /// trip of half a millisecond or more) one connection makes at most ~2000 requests a
+    /// second, a real producer (Pulsar's job updates) tens; 1000 a second per shard (a
+    /// relay of N shards allows about N times that per address) leaves room for several
+    /// producers behind one NAT while still stopping a flood. The Python relay's 120/min
+    /// broke high-volume producers; a bulk publish (up to 1000 messages) counts once.
+    RATE_LIMIT_ADDRESS_RATE = Setting::new(
+        "rate_limit.address_rate",
+        Kind::Rate {
+            default: Rate::per_second(1000),
+        },
+    )
+    .env(&["PULSAR_RATE_LIMIT_ADDRESS_RATE"]);
+
+    /// Two seconds at the rate: a producer flushing what it queued during an outage (the
+    /// client retries 5xx, then sends its backlog back to back) is not cut off. Below 1 no
+    /// request could ever pass.
+    RATE_LIMIT_ADDRESS_BURST =
+        Setting::uint("rate_limit.address_burst", 2000, 1..=MAX_RATE_COUNT);
+
+    /// As per address, for one authenticated user or key on any number of addresses: the
+    /// same producer patterns, counted where they come from rather than where they connect.
+    RATE_LIMIT_PRINCIPAL_RATE = Setting::new(
+        "rate_limit.principal_rate",
+        Kind::Rate {
+            default: Rate::per_second(1000),
+        },
+    )
+    .env(&["PULSAR_RATE_LIMIT_PRINCIPAL_RATE"]);
+
+    RATE_LIMIT_PRINCIPAL_BURST =
+        Setting::uint("rate_limit.principal_burst", 2000, 1..=MAX_RATE_COUNT);
+
+    /// `POST /auth/login`, per address, on top of the address bucket. The client logs in once
+    /// per process (later processes refresh instead) and again only after a 401; ten a
+    /// minute lets a pool of workers behind one address start together, where the Python
+    /// relay's 5/min failed the sixth, and still holds a password guesser to 14,400 tries a
+    /// day per address.
+    RATE_LIMIT_LOGIN_RATE = Setting::new(
+        "rate_limit.login_rate",
+        Kind::Rate {
+            default: Rate::per_minute(10),
+        },
+    )
+    .env(&["PULSAR_RATE_LIMIT_LOGIN_RATE"]);
+
+    RATE_LIMIT_LOGIN_BURST = Setting::uint("rate_limit.login_burst", 10, 1..=MAX_RATE_COUNT);
+
+    /// Loopback: a peer on the relay's own host is a local tool, a benchmark, or a reverse
+    /// proxy on the same host, whose address says nothing about the clients behind it (one
+    /// bucket for all of them would be a self-inflicted outage). A proxy's clients are
+    /// counted once it is in `security.trusted_proxies`; `[]` limits loopback peers too.
+    RATE_LIMIT_EXEMPT = Setting::new(
+        "rate_limit.exempt",
+        Kind::List {
+            default: &["127.0.0.0/8", "::1"],
+            item: ListItem::IpNet,
+        },
+    )
+    .env(&["PULSAR_RATE_LIMIT_EXEMPT"])
+    .help("client addresses no address or login bucket applies to");
+
+    /// Per scope per shard. A bucket is ~100 bytes with its map entry, so 100,000 are ~10 MiB
+    /// per scope per shard at worst, and cover 100,000 clients active at once per shard;
+    /// beyond it the least recently seen are forgotten (an attacker cycling source addresses
+    /// cannot grow memory). Below 100 ordinary traffic would keep evicting itself.
+    RATE_LIMIT_MAX_TRACKED =
+        Setting::uint("rate_limit.max_tracked", 100_000, 100..=10_000_000);
 }
 
 #[cfg(test)]

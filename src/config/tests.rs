@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::error::invalid;
+use super::lists;
 use super::parse::parse_addrs;
 use super::settings as s;
 use super::settings::{self, Kind, GIB, MIB};
@@ -60,6 +61,10 @@ fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
         assert!(message.contains(part), "`{part}` missing from: {message}");
     }
+}
+
+fn net(text: &str) -> IpNet {
+    IpNet::parse(text).expect("valid network")
 }
 
 fn template(text: &str) -> KeyTemplate {
@@ -168,6 +173,27 @@ fn defaults_are_the_documented_values() {
             refresh_token_ttl: Duration::from_secs(90 * 24 * 3600),
             bootstrap_admin: None,
             allow_unauthenticated_network: false,
+        },
+        security: SecurityConfig {
+            allowed_origins: Vec::new(),
+            trusted_hosts: Vec::new(),
+            trusted_proxies: Vec::new(),
+        },
+        rate_limit: RateLimitConfig {
+            address: Some(BucketConfig {
+                rate: Rate::per_second(1000),
+                burst: 2000,
+            }),
+            principal: Some(BucketConfig {
+                rate: Rate::per_second(1000),
+                burst: 2000,
+            }),
+            login: Some(BucketConfig {
+                rate: Rate::per_minute(10),
+                burst: 10,
+            }),
+            exempt: vec![net("127.0.0.0/8"), net("::1")],
+            max_tracked: 100_000,
         },
         source_file: None,
     };
@@ -402,6 +428,22 @@ auth:
   bootstrap_admin_password: "correct horse"
   bootstrap_admin_email: root@example.org
   allow_unauthenticated_network: true
+security:
+  allowed_origins: ["https://App.example.com:443", "http://localhost:5173"]
+  trusted_hosts:
+    - relay.example.com
+    - "*.relay.example.com"
+    - "[::1]"
+  trusted_proxies: 10.0.0.0/8, 192.168.1.7
+rate_limit:
+  address_rate: 50/s
+  address_burst: 100
+  principal_rate: 3000/min
+  principal_burst: 60
+  login_rate: off
+  login_burst: 3
+  exempt: []
+  max_tracked: 1000
 "#;
 
 #[test]
@@ -504,6 +546,31 @@ fn yaml_overrides_every_key() {
                 email: Some("root@example.org".to_owned()),
             }),
             allow_unauthenticated_network: true,
+        },
+        security: SecurityConfig {
+            allowed_origins: vec![
+                "https://app.example.com".to_owned(),
+                "http://localhost:5173".to_owned(),
+            ],
+            trusted_hosts: vec![
+                "relay.example.com".to_owned(),
+                "*.relay.example.com".to_owned(),
+                "::1".to_owned(),
+            ],
+            trusted_proxies: vec![net("10.0.0.0/8"), net("192.168.1.7")],
+        },
+        rate_limit: RateLimitConfig {
+            address: Some(BucketConfig {
+                rate: Rate::per_second(50),
+                burst: 100,
+            }),
+            principal: Some(BucketConfig {
+                rate: Rate::per_minute(3000),
+                burst: 60,
+            }),
+            login: None,
+            exempt: Vec::new(),
+            max_tracked: 1000,
         },
         source_file: Some(PathBuf::from("test.yaml")),
     };
@@ -858,6 +925,161 @@ fn every_environment_variable_is_applied() {
 }
 
 #[test]
+fn list_settings_take_json_arrays_and_comma_lists_from_the_environment() {
+    // The Python relay's form, its unprefixed and PULSAR_ names.
+    let config = from_env(&[
+        (
+            "PULSAR_ALLOWED_ORIGINS",
+            r#"["https://a.example","https://b.example:8443"]"#,
+        ),
+        ("TRUSTED_HOSTS", r#"["relay.example.com", "*.example.org"]"#),
+    ])
+    .expect("valid");
+    assert_eq!(
+        config.security.allowed_origins,
+        ["https://a.example", "https://b.example:8443"]
+    );
+    assert_eq!(
+        config.security.trusted_hosts,
+        ["relay.example.com", "*.example.org"]
+    );
+    // Comma-separated, which the Python relay could not read.
+    let config = from_env(&[
+        (
+            "ALLOWED_ORIGINS",
+            "https://a.example, http://localhost:5173",
+        ),
+        ("PULSAR_TRUSTED_HOSTS", "relay.example.com,127.0.0.1"),
+        ("PULSAR_TRUSTED_PROXIES", "10.0.0.0/8,fd00::/8"),
+        ("PULSAR_RATE_LIMIT_EXEMPT", "[]"),
+        ("PULSAR_RATE_LIMIT_ADDRESS_RATE", "5/s"),
+        ("PULSAR_RATE_LIMIT_PRINCIPAL_RATE", "off"),
+        ("PULSAR_RATE_LIMIT_LOGIN_RATE", "2/h"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        config.security.allowed_origins,
+        ["https://a.example", "http://localhost:5173"]
+    );
+    assert_eq!(
+        config.security.trusted_hosts,
+        ["relay.example.com", "127.0.0.1"]
+    );
+    assert_eq!(
+        config.security.trusted_proxies,
+        [net("10.0.0.0/8"), net("fd00::/8")]
+    );
+    assert!(
+        config.rate_limit.exempt.is_empty(),
+        "`[]` clears the default"
+    );
+    assert_eq!(
+        config.rate_limit.address.map(|b| b.rate),
+        Some(Rate::per_second(5))
+    );
+    assert_eq!(config.rate_limit.principal, None, "off");
+    assert_eq!(
+        config.rate_limit.login.map(|b| b.rate),
+        Some(Rate {
+            count: 2,
+            per: Duration::from_secs(3600)
+        })
+    );
+}
+
+#[test]
+fn list_settings_in_yaml_are_lists_or_strings() {
+    let origins = |yaml: &str| {
+        from_yaml(yaml)
+            .map(|c| c.security.allowed_origins)
+            .expect("valid")
+    };
+    let both = ["https://a.example", "https://b.example"];
+    assert_eq!(
+        origins(
+            "security:\n  allowed_origins:\n    - https://a.example\n    - https://b.example\n"
+        ),
+        both
+    );
+    assert_eq!(
+        origins("security:\n  allowed_origins: [https://a.example, https://b.example]\n"),
+        both
+    );
+    assert_eq!(
+        origins("security:\n  allowed_origins: 'https://a.example,https://b.example'\n"),
+        both
+    );
+    assert_eq!(
+        origins("security:\n  allowed_origins: '[\"https://a.example\",\"https://b.example\"]'\n"),
+        both
+    );
+    assert_eq!(origins("security:\n  allowed_origins: ['*']\n"), ["*"]);
+    assert!(origins("security:\n  allowed_origins: []\n").is_empty());
+    // null is unset: the default.
+    let config = from_yaml("rate_limit:\n  exempt: null\n").expect("valid");
+    assert_eq!(config.rate_limit.exempt, defaults().rate_limit.exempt);
+}
+
+#[test]
+fn bad_lists_name_the_key_the_source_and_what_is_wrong() {
+    let message = error_text(from_env(&[(
+        "PULSAR_ALLOWED_ORIGINS",
+        r#"["https://a.example","#,
+    )]));
+    assert_mentions(
+        &message,
+        &[
+            "`security.allowed_origins`",
+            "(from env PULSAR_ALLOWED_ORIGINS)",
+            "a JSON array",
+            "or a comma-separated list of origins",
+            "not a JSON array of strings (",
+        ],
+    );
+    let message = error_text(from_env(&[("ALLOWED_ORIGINS", "https://a.example/")]));
+    assert_mentions(
+        &message,
+        &["`https://a.example/` is not an origin", "a path"],
+    );
+    let message = error_text(from_yaml(
+        "security:\n  trusted_hosts: [relay.example.com:8080]\n",
+    ));
+    assert_mentions(
+        &message,
+        &[
+            "`security.trusted_hosts` (from test.yaml:2:",
+            "`relay.example.com:8080` is not a host name",
+        ],
+    );
+    let message = error_text(from_yaml("rate_limit:\n  exempt: 10.0.0.0/40\n"));
+    assert_mentions(
+        &message,
+        &["`rate_limit.exempt`", "prefix length must be 0 to 32"],
+    );
+    let message = error_text(from_yaml("security:\n  trusted_proxies: a,,b\n"));
+    assert_mentions(&message, &["an empty entry"]);
+    let message = error_text(from_yaml("security:\n  allowed_origins: {a: 1}\n"));
+    assert_mentions(&message, &["a list of strings, or one string"]);
+}
+
+#[test]
+fn declared_list_defaults_are_valid_entries() {
+    for setting in settings::ALL {
+        let Kind::List { default, item } = setting.kind else {
+            continue;
+        };
+        for entry in default {
+            let valid = match item {
+                settings::ListItem::Origin => lists::normalize_origin(entry).is_ok(),
+                settings::ListItem::HostPattern => lists::host_pattern(entry).is_ok(),
+                settings::ListItem::IpNet => IpNet::parse(entry).is_ok(),
+            };
+            assert!(valid, "{}: default entry {entry}", setting.path);
+        }
+    }
+}
+
+#[test]
 fn generic_listen_and_shards_variables_are_ignored() {
     let config = from_env(&[("LISTEN", "0.0.0.0:1"), ("SHARDS", "9")]).expect("valid");
     assert_eq!(config.listen, defaults().listen);
@@ -1131,6 +1353,28 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "from 1 to 100000"),
     ("metrics:\n  max_topic_series: 100001", "metrics.max_topic_series", "100001",
         "from 1 to 100000"),
+    ("security:\n  allowed_origins: app.example.com", "security.allowed_origins",
+        "app.example.com", "a comma-separated list of origins"),
+    ("security:\n  trusted_hosts: 'a b'", "security.trusted_hosts", "a b",
+        "a comma-separated list of host names"),
+    ("security:\n  trusted_proxies: proxy.internal", "security.trusted_proxies",
+        "proxy.internal", "a comma-separated list of IP addresses or networks"),
+    ("rate_limit:\n  address_rate: 1000", "rate_limit.address_rate", "1000",
+        "a rate such as `1000/s`"),
+    ("rate_limit:\n  principal_rate: 10/day", "rate_limit.principal_rate", "10/day",
+        "a rate such as `1000/s`"),
+    ("rate_limit:\n  login_rate: 0/min", "rate_limit.login_rate", "0/min",
+        "or `off`"),
+    ("rate_limit:\n  address_burst: 0", "rate_limit.address_burst", "0",
+        "from 1 to 1000000000"),
+    ("rate_limit:\n  principal_burst: 1000000001", "rate_limit.principal_burst",
+        "1000000001", "from 1 to 1000000000"),
+    ("rate_limit:\n  login_burst: -1", "rate_limit.login_burst", "-1",
+        "an integer"),
+    ("rate_limit:\n  exempt: '[10.0.0.1'", "rate_limit.exempt", "[10.0.0.1",
+        "not a JSON array of strings"),
+    ("rate_limit:\n  max_tracked: 99", "rate_limit.max_tracked", "99",
+        "from 100 to 10000000"),
 ];
 
 #[test]

@@ -1,7 +1,8 @@
 //! The file layer: the YAML document read into raw values, each with its position. The
 //! schema (which sections and keys exist) is the settings table.
 //!
-//! Owns: walking the document, unknown-key and alias errors, lists written as YAML lists.
+//! Owns: walking the document, unknown-key and alias errors, lists written as YAML lists
+//! (turned into the text form the environment uses, so one parser reads both).
 //! Does not own: parsing the values (every leaf is kept as text for `resolve`).
 
 use std::fmt;
@@ -166,6 +167,9 @@ impl<'de> serde::de::Visitor<'de> for SectionVisitor<'_> {
                     let value = if matches!(setting.kind, Kind::AddrList { .. }) {
                         map.next_value::<Option<Spanned<CommaList>>>()?
                             .map(|list| Spanned::new(list.value.0, list.referenced, list.defined))
+                    } else if matches!(setting.kind, Kind::List { .. }) {
+                        map.next_value::<Option<Spanned<JsonList>>>()?
+                            .map(|list| Spanned::new(list.value.0, list.referenced, list.defined))
                     } else {
                         map.next_value::<Option<Spanned<String>>>()?
                     };
@@ -301,6 +305,42 @@ impl<'de> Deserialize<'de> for CommaList {
                     all.push(item);
                 }
                 Ok(CommaList(all.join(",")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A [`Kind::List`] leaf: a YAML list of scalars, read as the JSON array of its entries (so an
+/// entry keeps any comma it has), or one string in either of the environment's forms.
+struct JsonList(String);
+
+impl<'de> Deserialize<'de> for JsonList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = JsonList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings, or one string (a JSON array or comma-separated)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<JsonList, E> {
+                Ok(JsonList(text.to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> Result<JsonList, A::Error> {
+                let mut all: Vec<String> = Vec::new();
+                while let Some(item) = items.next_element::<String>()? {
+                    all.push(item);
+                }
+                // A Vec<String> always serialises.
+                serde_json::to_string(&all)
+                    .map(JsonList)
+                    .map_err(serde::de::Error::custom)
             }
         }
         deserializer.deserialize_any(Visitor)

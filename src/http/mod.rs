@@ -9,11 +9,14 @@
 //! - [`response`]: status line, headers, `Date` cache, JSON error bodies.
 //! - [`router`]: method + path → [`router::Route`], 404/405, query strings.
 //! - [`error`]: [`error::ApiError`], the one type every client-visible error becomes.
+//! - [`guard`]: what every request passes before an endpoint: rate limits, the `Host`
+//!   allow-list, `Origin` rules and CORS, JSON-only state changes.
 //! - [`json`]: arrays and objects in request bodies, refused at the first entry past a limit.
 //! - [`handlers`]: the API endpoints.
 
 pub mod codec;
 pub mod error;
+pub mod guard;
 pub mod handlers;
 pub mod json;
 pub mod response;

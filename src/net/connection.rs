@@ -17,6 +17,7 @@
 //! waiting, no further pipelined request is handled until they are written, so a client that
 //! pipelines requests for large responses and reads slowly holds at most one batch.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -48,6 +49,11 @@ enum ReadOutcome {
 
 pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface) {
     let _ = stream.set_nodelay(true);
+    // Who is at the other end, for the per-address rate limits. A socket already reset has
+    // no peer; its requests (if any were buffered) count under the unspecified address.
+    let peer = stream
+        .peer_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |addr| addr.ip());
     let http = &shard.config.http;
     let mut decoder = RequestDecoder::new(Limits {
         max_header_bytes: http.max_header_bytes,
@@ -78,6 +84,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                         match handle_watching_peer(
                             shard,
                             request,
+                            peer,
                             &mut stream,
                             &mut input,
                             &mut output,
@@ -89,19 +96,19 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             None => return,
                         }
                     } else {
-                        handlers::handle(shard, request, &mut output, surface).await
+                        handlers::handle(shard, request, &mut output, surface, peer).await
                     };
                     match outcome {
                         Outcome::Respond { keep_alive } => {
                             keep_open = keep_alive && !shard.is_shutting_down();
                         }
-                        Outcome::EventStream(sse) => {
+                        Outcome::EventStream(sse, cors) => {
                             if !output.is_empty()
                                 && write_out(&mut stream, &mut output, stall).await.is_err()
                             {
                                 return;
                             }
-                            super::sse::run(shard, stream, sse).await;
+                            super::sse::run(shard, stream, sse, &cors).await;
                             return;
                         }
                         Outcome::WebSocket(upgrade) => {
@@ -225,6 +232,7 @@ fn parks(request: &crate::http::codec::Request) -> bool {
 async fn handle_watching_peer(
     shard: &Shard,
     request: crate::http::codec::Request,
+    peer: IpAddr,
     stream: &mut TcpStream,
     input: &mut BytesMut,
     output: &mut BytesMut,
@@ -233,7 +241,8 @@ async fn handle_watching_peer(
         shard,
         request,
         output,
-        super::Surface::Api
+        super::Surface::Api,
+        peer
     ));
     let mut peer_open = true;
     loop {

@@ -21,6 +21,7 @@ use crate::auth::{Principal, StreamEnd};
 use crate::delivery::sink::Delivered;
 use crate::delivery::writer::{self, Ending, Framing, Idle};
 use crate::delivery::{catch_up, position_now, register, unfollow_all, Gap, OnDrop, StartAt};
+use crate::http::guard::Cors;
 use crate::metrics::Egress;
 use crate::shard::Shard;
 use crate::sse::{without_id_line, write_gap, Positions, SseRequest};
@@ -61,7 +62,8 @@ impl Framing for SseFraming<'_> {
 }
 
 /// Streams events until the client goes away, falls too far behind, or the shard shuts down.
-pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
+/// `cors` goes into the response head (an `EventSource` on another allowed origin needs it).
+pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest, cors: &Cors) {
     let config = &shard.config.sse;
     let sink = shard.delivery.new_sink(config.max_queued_bytes);
     // Shared by the catch-ups (a gap event names the stream's position) and the writer
@@ -101,7 +103,15 @@ pub async fn run(shard: &Shard, mut stream: TcpStream, request: SseRequest) {
     let mut head = BytesMut::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nServer: pulsar-relay\r\nDate: ");
     shard.with_date(|date| head.extend_from_slice(date.header_value()));
-    head.extend_from_slice(b"\r\nConnection: close\r\n\r\nretry: 2000\n\n");
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in cors.response_headers() {
+        // The value is an `Origin` header as received: visible ASCII (checked by the guard).
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"Connection: close\r\n\r\nretry: 2000\n\n");
     if stream.write_all(&head).await.is_err() {
         unfollow_all(shard, &sink);
         return;

@@ -98,6 +98,9 @@ pub struct Shard {
     pub delivery: Registry,
     /// Plain counters and histograms, read only when a scrape gathers them.
     pub metrics: crate::metrics::ShardMetrics,
+    /// Browser-safety policies and this shard's rate-limit buckets, consulted for every
+    /// API request before it is routed.
+    pub guard: crate::http::guard::Guard,
     /// Inbox senders of every shard, indexed by shard id (this shard's own included, unused).
     peers: Vec<ShardSender>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
@@ -124,6 +127,7 @@ impl Shard {
             .metrics
             .per_topic
             .then_some(config.metrics.max_topic_series);
+        let guard = crate::http::guard::Guard::new(&config);
         Shard {
             id,
             config,
@@ -132,6 +136,7 @@ impl Shard {
             auth,
             delivery: Registry::new(),
             metrics: crate::metrics::ShardMetrics::new(per_topic_cap),
+            guard,
             peers,
             connections: Cell::new(0),
             gate: Gate::new(),
@@ -248,6 +253,7 @@ impl Shard {
         let mut snap = self.metrics.snapshot(self.id);
         snap.parked_polls = self.delivery.parked();
         snap.connections = self.connection_count();
+        snap.rate_limit_buckets = self.guard.tracked_buckets();
         snap.consumers = self.delivery.consumer_count();
         snap.storage = self.storage.summary();
         snap.valkey = self.storage.valkey_snapshot();

@@ -75,9 +75,16 @@ const RELAY_ENV_VARS: &[&str] = &[
     "VALKEY_SENTINEL_PASSWORD",
     "VALKEY_CLUSTER_NODES",
     "LOG_FORMAT",
+    "ALLOWED_ORIGINS",
+    "TRUSTED_HOSTS",
     // Read only in their PULSAR_ form, which is removed too.
     "IDEMPOTENCY_WINDOW",
     "IDEMPOTENCY_MAX_KEYS",
+    "TRUSTED_PROXIES",
+    "RATE_LIMIT_ADDRESS_RATE",
+    "RATE_LIMIT_PRINCIPAL_RATE",
+    "RATE_LIMIT_LOGIN_RATE",
+    "RATE_LIMIT_EXEMPT",
 ];
 
 /// How to start a relay: configuration file, shard count, extra environment, listen address.
@@ -524,6 +531,32 @@ pub struct Conn {
 impl Conn {
     pub fn connect(addr: SocketAddr) -> Conn {
         Conn::try_connect(addr).expect("connect to server")
+    }
+
+    /// A connection whose client end is bound to `source` (any of 127.0.0.0/8 reaches a
+    /// loopback relay), for tests that need several client addresses.
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Conn {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .expect("create client socket");
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .unwrap_or_else(|e| panic!("bind client socket to {source}: {e}"));
+        socket
+            .connect_timeout(&addr.into(), READ_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect from {source} to {addr}: {e}"));
+        let stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .expect("timeout");
+        stream
+            .set_write_timeout(Some(READ_TIMEOUT))
+            .expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Like [`Conn::connect`], reporting a refused connection (the server is down) instead of

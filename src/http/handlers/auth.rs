@@ -74,8 +74,8 @@ fn is_form(request: &Request) -> bool {
     })
 }
 
+/// A JSON body (its media type was checked before routing, `guard::require_json_body`).
 fn parse_json<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, ApiError> {
-    super::require_json(request)?;
     serde_json::from_slice(request.body())
         .map_err(|e| unprocessable(format!("invalid JSON body: {e}")))
 }

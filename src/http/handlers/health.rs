@@ -120,6 +120,11 @@ pub async fn stats(shard: &Shard) -> Result<Reply, ApiError> {
                 "valkey_pipeline_depth": s.valkey.as_ref().map(|v| v.pending),
                 "valkey_connected": s.valkey.as_ref().map(|v| v.connected),
                 "busy_ratio": s.busy_ratio,
+                "rate_limit_buckets": {
+                    "address": s.rate_limit_buckets[0],
+                    "principal": s.rate_limit_buckets[1],
+                    "login": s.rate_limit_buckets[2],
+                },
             })
         })
         .collect();

@@ -1,7 +1,7 @@
 //! The API endpoints: a decoded request in, a response appended to the connection's output.
 //!
-//! [`handle`] routes the request, runs the endpoint and renders either its [`Reply`] or its
-//! [`ApiError`]. Endpoints are grouped by resource:
+//! [`handle`] routes the request, has the [`guard`] screen it, runs the
+//! endpoint and renders either its [`Reply`] or its [`ApiError`]. Endpoints are grouped by resource:
 //! - [`publish`]: `POST /api/v1/messages`, `POST /api/v1/messages/bulk` and their body parsing;
 //! - [`topics`]: history pages, topic stats and listing, trim, delete;
 //! - [`health`]: `/health` and `/ready`;
@@ -17,6 +17,9 @@ pub mod publish;
 pub mod topics;
 pub mod websocket;
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use bytes::BytesMut;
 
 use crate::auth::{Permission, Principal};
@@ -25,6 +28,7 @@ use websocket::WsUpgrade;
 
 use super::codec::{Method, Request};
 use super::error::ApiError;
+use super::guard::{self, Cors, Verdict};
 use super::response::{write_json_error, write_response, ResponseHead};
 use super::router::{self, Route};
 use crate::shard::Shard;
@@ -56,18 +60,22 @@ pub enum Outcome {
     Respond {
         keep_alive: bool,
     },
-    /// The connection leaves HTTP request/response: it becomes an event stream or (the 101
-    /// response already in the output buffer) a WebSocket.
-    EventStream(SseRequest),
+    /// The connection leaves HTTP request/response: it becomes an event stream (whose head
+    /// carries the CORS headers) or (the 101 response already in the output buffer) a
+    /// WebSocket.
+    EventStream(SseRequest, Cors),
     WebSocket(WsUpgrade),
 }
 
-/// Handles one request, appending its response to `out`.
+/// Handles one request from `peer`, appending its response to `out`. On the API surface the
+/// [`guard`] screens it first (rate limits, `Host`, `Origin`, CORS
+/// preflights), and every state change must then be JSON.
 pub async fn handle(
     shard: &Shard,
     request: Request,
     out: &mut BytesMut,
     surface: crate::net::Surface,
+    peer: IpAddr,
 ) -> Outcome {
     // Streams and upgrades leave the request/response cycle; everything else answers below.
     let route = match router::route(request.method(), request.path()) {
@@ -76,19 +84,63 @@ pub async fn handle(
         }
         other => other,
     };
-    let label = route.as_ref().map_or("unknown", Route::label);
+    let preflight = request.method() == Method::Options
+        && request.header("access-control-request-method").is_some();
+    let label = match &route {
+        _ if preflight => "cors_preflight",
+        Ok(route) => route.label(),
+        Err(_) => "unknown",
+    };
+    let cors = if surface == crate::net::Surface::Api {
+        // The principal is not known yet: its bucket is checked once authentication names it.
+        let screened = shard.guard.screen(&request, peer, None, Instant::now());
+        if let Some(scope) = screened.limited {
+            shard.metrics.rate_limited(scope);
+        }
+        match screened.verdict {
+            Verdict::Pass => screened.cors,
+            Verdict::Preflight => {
+                shard.metrics.http_request(label, 204);
+                let headers = screened.cors.preflight_headers();
+                return respond(shard, &request, Ok(Reply::no_content()), &headers, out);
+            }
+            Verdict::Refuse(error) => {
+                shard.metrics.http_request(label, error.status);
+                let headers = screened.cors.response_headers();
+                return respond(shard, &request, Err(error), &headers, out);
+            }
+        }
+    } else {
+        Cors::none()
+    };
     // Who is asking, once per request, for every route that needs to know (all but health,
-    // readiness, metrics and the endpoints whose credential is in the body).
+    // readiness, metrics and the endpoints whose credential is in the body); then that
+    // principal's rate limit.
     let principal = match &route {
         Ok(route) if needs_principal(route) => {
             let token = crate::auth::credential::find(|name| request.header(name));
-            match shard.auth.authenticate(token).await {
-                Ok(principal) => Some(principal),
+            let refused = match shard.auth.authenticate(token).await {
+                Ok(principal) => match principal
+                    .user_id()
+                    .map(|id| shard.guard.check_principal(id, Instant::now()))
+                {
+                    Some(Err(wait)) => {
+                        shard.metrics.rate_limited(guard::Scope::Principal);
+                        Err(guard::rate_limited(guard::Scope::Principal, wait))
+                    }
+                    _ => Ok(principal),
+                },
                 Err(e) => {
                     shard.metrics.auth_failure(e.reason());
-                    let error = ApiError::from(e);
+                    Err(ApiError::from(e))
+                }
+            };
+            match refused {
+                Ok(principal) => Some(principal),
+                Err(error) => {
                     shard.metrics.http_request(label, error.status);
-                    return respond(shard, &request, Err(error), out);
+                    let headers = cors.response_headers();
+                    return respond(shard, &request, Err(error), &headers, out);
                 }
             }
         }
@@ -109,7 +161,7 @@ pub async fn handle(
             }) {
                 Ok(sse) => {
                     shard.metrics.http_request(label, 200);
-                    return Outcome::EventStream(sse);
+                    return Outcome::EventStream(sse, cors);
                 }
                 Err(e) => Err(e),
             }
@@ -129,7 +181,10 @@ pub async fn handle(
                 Err(e) => Err(e),
             }
         }
-        Ok(route) => dispatch(shard, route, &request, principal.as_ref()).await,
+        Ok(route) => match guard::require_json_body(&request) {
+            Ok(()) => dispatch(shard, route, &request, principal.as_ref()).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     shard.metrics.http_request(
@@ -150,13 +205,16 @@ pub async fn handle(
             _ => {}
         }
     }
-    respond(shard, &request, result, out)
+    respond(shard, &request, result, &cors.response_headers(), out)
 }
 
+/// Appends the answer to `out`, with `cors` (CORS headers, possibly none) after the fixed
+/// headers.
 fn respond(
     shard: &Shard,
     request: &Request,
     result: Result<Reply, ApiError>,
+    cors: &[(&str, &str)],
     out: &mut BytesMut,
 ) -> Outcome {
     let keep_alive = request.keep_alive();
@@ -168,18 +226,28 @@ fn respond(
         &[]
     };
     shard.with_date(|date| match result {
-        Ok(reply) => write_response(
-            out,
-            date,
-            &ResponseHead {
-                status: reply.status,
-                content_type: reply.content_type,
-                extra_headers: connection_header,
-                keep_alive,
-                head_only,
-            },
-            &reply.body,
-        ),
+        Ok(reply) => {
+            // Without CORS headers (every non-browser request) no list is built.
+            let joined: Vec<(&str, &str)>;
+            let extra_headers = if cors.is_empty() {
+                connection_header
+            } else {
+                joined = [connection_header, cors].concat();
+                &joined
+            };
+            write_response(
+                out,
+                date,
+                &ResponseHead {
+                    status: reply.status,
+                    content_type: reply.content_type,
+                    extra_headers,
+                    keep_alive,
+                    head_only,
+                },
+                &reply.body,
+            )
+        }
         Err(error) => {
             let retry_after;
             let mut extra: Vec<(&str, &str)> = connection_header.to_vec();
@@ -188,6 +256,7 @@ fn respond(
                 extra.push(("Retry-After", &retry_after));
             }
             extra.extend_from_slice(error.headers);
+            extra.extend_from_slice(cors);
             if error.status == 405 {
                 extra.push(("Allow", router::allow_header(request.path())));
             }
@@ -242,7 +311,6 @@ async fn dispatch(
         Route::Auth(route) => auth::handle(shard, route, request, principal).await,
         Route::Poll => {
             who.require(Permission::Read)?;
-            require_json(request)?;
             let poll = poll::parse_poll_body(
                 request.body(),
                 &shard.config.longpoll,
@@ -278,26 +346,6 @@ async fn dispatch(
         }
         // Answered in `handle` before dispatch.
         Route::Events(_) | Route::WebSocket => Err(ApiError::internal()),
-    }
-}
-
-/// Refuses a body that declares a media type other than JSON (`application/json` or any
-/// `+json` type, parameters ignored). A body without `Content-Type` is taken as JSON: the
-/// Python relay's clients do not all send one.
-pub fn require_json(request: &Request) -> Result<(), ApiError> {
-    let Some(value) = request.content_type() else {
-        return Ok(());
-    };
-    let media = value.split(|&b| b == b';').next().unwrap_or(&[]);
-    let media = media.trim_ascii();
-    let is_json = media.eq_ignore_ascii_case(b"application/json")
-        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::unsupported_media_type(
-            "the body must be JSON (Content-Type: application/json)",
-        ))
     }
 }
 

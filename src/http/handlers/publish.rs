@@ -18,7 +18,7 @@ use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{bad_json, require_json, Reply};
+use super::{bad_json, Reply};
 use crate::auth::{Permission, Principal};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
@@ -263,7 +263,6 @@ async fn publish_one_inner(
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Write)?;
-    require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut item = parse_publish(request.body(), &shard.config.api)?;
     match (header_key, &item.idempotency_key) {
@@ -310,7 +309,6 @@ pub async fn publish_bulk(
 ) -> Result<Reply, ApiError> {
     let started = std::time::Instant::now();
     principal.require(Permission::Write)?;
-    require_json(request)?;
     let header_key = idempotency_header(request)?;
     let mut items = parse_bulk(request.body(), &shard.config.api)?;
     if let Some(header) = &header_key {

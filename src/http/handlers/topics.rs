@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::{bad_json, require_json, Reply};
+use super::{bad_json, Reply};
 use crate::auth::store::{iso8601, TopicRecord};
 use crate::auth::{Permission, Principal};
 use crate::clock::now_ms;
@@ -264,7 +264,6 @@ pub async fn create(
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Write)?;
-    require_json(request)?;
     let body: CreateBody = serde_json::from_slice(request.body())
         .map_err(|e| ApiError::new(422, "VALIDATION_ERROR", format!("invalid JSON body: {e}")))?;
     topic::validate(&body.topic_name, shard.config.api.max_topic_name_len)
@@ -326,7 +325,6 @@ pub async fn trim(
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Write)?;
     let topic = stored_topic(name, request.query(), principal, &shard.config.api)?;
-    require_json(request)?;
     let body: TrimBody = serde_json::from_slice(request.body()).map_err(bad_json)?;
     let keep_count = body
         .keep_count
