@@ -618,3 +618,37 @@ fn concurrent_refreshes_of_one_token_leave_no_live_successor_in_valkey() {
     let relay = valkey.start_relay(&auth_yaml(), &[]);
     concurrent_refreshes_leave_no_live_successor(&relay);
 }
+
+/// The principal's bucket, checked once authentication names it: the burst passes, the next
+/// request is 429 with `Retry-After`, from an address the address bucket exempts (loopback),
+/// and another user's bucket is untouched.
+#[test]
+fn each_principal_has_its_own_rate_limit() {
+    let relay = Server::start_with_shards(
+        &format!(
+            "{}rate_limit:\n  principal_rate: 1/min\n  principal_burst: 5\n",
+            auth_yaml()
+        ),
+        1,
+    );
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    register(&relay, &admin, "erin", &["read"]);
+    let erin = token(&relay, "erin", "erin-password");
+    // Erin has five; the admin, who registered her, has its own.
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| call(&relay, Some(&erin), "GET", "/auth/me", None).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429], "{statuses:?}");
+    let limited = call(&relay, Some(&erin), "GET", "/auth/me", None);
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.json()["error"], "RATE_LIMITED");
+    let wait: u64 = limited
+        .header("retry-after")
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(
+        call(&relay, Some(&admin), "GET", "/auth/me", None).status,
+        200
+    );
+}
