@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
 use pulsar_relay::config::{Config, IpNet};
+use pulsar_relay::http::codec::{Event, HttpError, Limits, Request, RequestDecoder};
 use pulsar_relay::http::error::ApiError;
 use pulsar_relay::http::guard::{self, Guard, Verdict};
 use pulsar_relay::http::handlers::events as sse;

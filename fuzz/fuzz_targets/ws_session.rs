@@ -103,7 +103,12 @@ fn act_on(incoming: &Incoming) {
         Incoming::Text(text) => {
             let mut reply = Vec::new();
             match protocol::parse_client_message(text, config.ws.max_topics) {
-                Err(e) => protocol::write_error(&mut reply, e.code(), &e.message()),
+                Err(e) => match e.reason() {
+                    Some(reason) => {
+                        protocol::write_subscription_error(&mut reply, reason, &e.message())
+                    }
+                    None => protocol::write_error(&mut reply, e.code(), &e.message()),
+                },
                 Ok(ClientMessage::Subscribe { topics, offset, .. }) => {
                     assert!(topics.len() <= config.ws.max_topics);
                     for topic in &topics {
@@ -111,11 +116,19 @@ fn act_on(incoming: &Incoming) {
                             pulsar_relay::topic::validate(topic, config.api.max_topic_name_len)
                         {
                             let message = format!("`{}`: {e}", topic.escape_debug());
-                            protocol::write_error(&mut reply, "INVALID_TOPIC", &message);
+                            protocol::write_subscription_error(
+                                &mut reply,
+                                "INVALID_TOPIC",
+                                &message,
+                            );
                             break;
                         }
                         if let Err(message) = start_for(&offset, topic) {
-                            protocol::write_error(&mut reply, "INVALID_OFFSET", &message);
+                            protocol::write_subscription_error(
+                                &mut reply,
+                                "INVALID_OFFSET",
+                                &message,
+                            );
                             break;
                         }
                     }
@@ -126,6 +139,12 @@ fn act_on(incoming: &Incoming) {
                     protocol::write_unsubscribed(&mut reply, &names);
                 }
                 Ok(ClientMessage::Ack { .. }) => {}
+                // The token is checked by the shard's `Auth` (not reached here); the answers
+                // are `auth` or an `AUTH_FAILED` error.
+                Ok(ClientMessage::Auth { token }) => {
+                    assert!(!token.is_empty());
+                    protocol::write_auth_ok(&mut reply, "2023-11-14T22:13:20.000Z");
+                }
                 Ok(ClientMessage::Ping) => {
                     protocol::write_pong(&mut reply, "2023-11-14T22:13:20.000Z");
                 }
