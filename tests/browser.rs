@@ -61,6 +61,11 @@ fn check_prerequisites() -> PathBuf {
 
 /// Runs the page against `server` from `http://127.0.0.1:<page_port>`; what worked.
 fn run_page(server: &Server, page_port: u16) -> Value {
+    run_page_with(server, page_port, None)
+}
+
+/// [`run_page`] with an access token for the page to authenticate with.
+fn run_page_with(server: &Server, page_port: u16, token: Option<&str>) -> Value {
     let modules = check_prerequisites();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/cross_origin.js");
     let relay = format!("http://{}", server.addr);
@@ -69,6 +74,7 @@ fn run_page(server: &Server, page_port: u16) -> Value {
         .arg(&relay)
         .arg(page_port.to_string())
         .arg(CHROMIUM)
+        .args(token)
         .env("NODE_PATH", &modules)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -161,4 +167,53 @@ fn a_page_on_a_foreign_origin_gets_nothing_and_changes_nothing() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+}
+
+/// Authentication on: the README's WebSocket and EventSource snippets as docs/auth.md writes
+/// them for a token (the subprotocol pair; the `pulsar_token` cookie with `withCredentials`),
+/// and a publish with `Authorization: Bearer`, from an allowed origin: all work. The same page
+/// without a token gets nothing and stores nothing.
+#[test]
+fn a_page_with_a_token_subscribes_streams_and_publishes_and_without_one_gets_nothing() {
+    let page_port = free_port();
+    let page_origin = format!("http://127.0.0.1:{page_port}");
+    let server = Server::start(&format!(
+        "security:\n  allowed_origins: [\"{page_origin}\"]\nauth:\n  \
+         jwt_secret: \"browser-test-secret-0123456789abcdef\"\n  \
+         bootstrap_admin_username: admin\n  bootstrap_admin_password: admin-password\n"
+    ));
+    let login = server.connect().request_with(
+        "POST",
+        "/auth/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(b"username=admin&password=admin-password"),
+    );
+    assert_eq!(login.status, 200, "{login:?}");
+    let token = login.json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+
+    let result = run_page_with(&server, page_port, Some(&token));
+    assert_eq!(result["ws_subscribed"], true, "WebSocket: {result}");
+    assert_eq!(result["es_open"], true, "EventSource: {result}");
+    assert_eq!(result["publish_status"], 201, "fetch publish: {result}");
+    assert_eq!(result["ws_payload"]["from"], "browser", "{result}");
+    assert_eq!(result["es_payload"]["from"], "browser", "{result}");
+
+    let anonymous = run_page_with(&server, page_port, None);
+    assert_eq!(anonymous["ws_subscribed"], false, "WebSocket: {anonymous}");
+    assert_eq!(anonymous["es_open"], false, "EventSource: {anonymous}");
+    assert_eq!(
+        anonymous["publish_status"], 401,
+        "fetch publish: {anonymous}"
+    );
+    // One message stored: the authenticated page's.
+    let history = server.connect().request_with(
+        "GET",
+        "/api/v1/topics/browser/messages",
+        &[("Authorization", &format!("Bearer {token}"))],
+        None,
+    );
+    assert_eq!(history.json()["total"], 1, "{history:?}");
 }

@@ -5,10 +5,14 @@
 // cross-site simple request (`no-cors`, text/plain: no preflight). Whether each worked is
 // printed as one JSON line on stdout; tests/browser.rs decides what should have worked.
 //
-// Usage: node cross_origin.js RELAY_URL PAGE_PORT CHROMIUM_PATH
+// Usage: node cross_origin.js RELAY_URL PAGE_PORT CHROMIUM_PATH [TOKEN]
 //   RELAY_URL     http://127.0.0.1:<port> of a running relay
 //   PAGE_PORT     port for the page's server on 127.0.0.1 (its origin: http://127.0.0.1:PORT)
 //   CHROMIUM_PATH the browser binary (/usr/bin/chromium)
+//   TOKEN         an access token (authentication on): the WebSocket offers the subprotocol
+//                 pair `bearer, bearer.<token>`, the EventSource sends the `pulsar_token`
+//                 cookie (set by the page for the relay's host) with `withCredentials`, the
+//                 publish carries `Authorization: Bearer`, as docs/auth.md shows
 // playwright-core is found through NODE_PATH. Everything is bounded in time: the page gives
 // up after 15 s, the script after 60 s.
 
@@ -17,14 +21,14 @@
 const http = require("http");
 const { chromium } = require("playwright-core");
 
-const [relay, pagePort, chromiumPath] = process.argv.slice(2);
+const [relay, pagePort, chromiumPath, token] = process.argv.slice(2);
 if (!relay || !pagePort || !chromiumPath) {
   console.error("usage: node cross_origin.js RELAY_URL PAGE_PORT CHROMIUM_PATH");
   process.exit(2);
 }
 
 // Runs in the page. Resolves with what worked; never rejects.
-async function pageTest(relay) {
+async function pageTest([relay, token]) {
   const topic = "browser";
   const wait = (ms) => new Promise((r) => setTimeout(r, ms));
   const withTimeout = (promise, ms, fallback) =>
@@ -47,7 +51,8 @@ async function pageTest(relay) {
   const wsReady = new Promise((resolve) => {
     let ws;
     try {
-      ws = new WebSocket(relay.replace(/^http/, "ws") + "/ws");
+      const url = relay.replace(/^http/, "ws") + "/ws";
+      ws = token ? new WebSocket(url, ["bearer", `bearer.${token}`]) : new WebSocket(url);
     } catch (e) {
       result.ws_error = String(e);
       return resolve();
@@ -79,7 +84,12 @@ async function pageTest(relay) {
   let esMessage;
   const esGotMessage = new Promise((r) => (esMessage = r));
   const esReady = new Promise((resolve) => {
-    const es = new EventSource(relay + "/api/v1/events?topics=" + topic);
+    if (token) {
+      // Cookies ignore ports: set on this page's host, it goes to the relay's too.
+      document.cookie = `pulsar_token=${token}; path=/; SameSite=Strict`;
+    }
+    const es = new EventSource(relay + "/api/v1/events?topics=" + topic,
+                               token ? { withCredentials: true } : undefined);
     es.addEventListener("open", () => {
       result.es_open = true;
       resolve();
@@ -102,7 +112,10 @@ async function pageTest(relay) {
   try {
     const response = await fetch(relay + "/api/v1/messages", {
       method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": "browser-1" },
+      headers: Object.assign(
+        { "Content-Type": "application/json", "Idempotency-Key": "browser-1" },
+        token ? { Authorization: `Bearer ${token}` } : {},
+      ),
       body: JSON.stringify({ topic, payload: { from: "browser" } }),
     });
     result.publish_status = response.status;
@@ -156,7 +169,7 @@ async function main() {
     const console_lines = [];
     tab.on("console", (m) => console_lines.push(`${m.type()}: ${m.text()}`));
     await tab.goto(`http://127.0.0.1:${pagePort}/`);
-    const result = await tab.evaluate(pageTest, relay);
+    const result = await tab.evaluate(pageTest, [relay, token || null]);
     result.page_origin = await tab.evaluate(() => window.location.origin);
     result.browser_version = browser.version();
     result.console = console_lines;

@@ -34,8 +34,9 @@ const SAFELISTED_HEADERS: [&str; 3] = ["accept", "accept-language", "content-lan
 pub enum OriginCheck {
     /// No `Origin` header: not a browser (or a same-origin GET, which browsers send without).
     Absent,
-    /// In `security.allowed_origins` (or it lists `*`); the header's value, to echo.
-    Allowed(String),
+    /// In `security.allowed_origins` (`listed`), or allowed by its `*`; the header's value,
+    /// to echo.
+    Allowed { origin: String, listed: bool },
     /// Not listed, but the same host and port as `Host` (a port left out is the scheme's
     /// default); the header's value.
     SameOrigin(String),
@@ -77,8 +78,12 @@ impl OriginPolicy {
         if normal == "*" {
             return OriginCheck::Foreign;
         }
-        if self.any || self.allowed.contains(&normal) {
-            return OriginCheck::Allowed(origin.to_owned());
+        let listed = self.allowed.contains(&normal);
+        if self.any || listed {
+            return OriginCheck::Allowed {
+                origin: origin.to_owned(),
+                listed,
+            };
         }
         if same_origin(&normal, request.header("host")) {
             return OriginCheck::SameOrigin(origin.to_owned());
@@ -163,6 +168,11 @@ pub fn origin_not_allowed(what: &str) -> ApiError {
 pub struct Cors {
     /// The `Origin` value to echo in `Access-Control-Allow-Origin`.
     allow_origin: Option<String>,
+    /// `Access-Control-Allow-Credentials: true`: the page may send its cookies (an
+    /// `EventSource` authenticates with the `pulsar_token` cookie). Only for an origin listed
+    /// by name, never through `*`: a wildcard with credentials would let any site act with a
+    /// visitor's cookie.
+    credentials: bool,
 }
 
 impl Cors {
@@ -174,8 +184,9 @@ impl Cors {
     /// needs them (a same-origin page reads its answers without).
     pub fn for_origin(origin: &OriginCheck) -> Cors {
         match origin {
-            OriginCheck::Allowed(value) => Cors {
-                allow_origin: Some(value.clone()),
+            OriginCheck::Allowed { origin, listed } => Cors {
+                allow_origin: Some(origin.clone()),
+                credentials: *listed,
             },
             _ => Cors::none(),
         }
@@ -184,8 +195,13 @@ impl Cors {
     /// The headers for a preflight from `origin` (allowed or same-origin).
     pub fn for_preflight(origin: &OriginCheck) -> Cors {
         match origin {
-            OriginCheck::Allowed(value) | OriginCheck::SameOrigin(value) => Cors {
-                allow_origin: Some(value.clone()),
+            OriginCheck::Allowed { origin, listed } => Cors {
+                allow_origin: Some(origin.clone()),
+                credentials: *listed,
+            },
+            OriginCheck::SameOrigin(origin) => Cors {
+                allow_origin: Some(origin.clone()),
+                credentials: true,
             },
             _ => Cors::none(),
         }
@@ -198,11 +214,17 @@ impl Cors {
     /// The headers of an actual response (not a preflight).
     pub fn response_headers(&self) -> Vec<(&'static str, &str)> {
         match &self.allow_origin {
-            Some(origin) => vec![
-                ("Access-Control-Allow-Origin", origin.as_str()),
-                ("Access-Control-Expose-Headers", EXPOSE_HEADERS),
-                ("Vary", "Origin"),
-            ],
+            Some(origin) => {
+                let mut headers = vec![
+                    ("Access-Control-Allow-Origin", origin.as_str()),
+                    ("Access-Control-Expose-Headers", EXPOSE_HEADERS),
+                    ("Vary", "Origin"),
+                ];
+                if self.credentials {
+                    headers.push(("Access-Control-Allow-Credentials", "true"));
+                }
+                headers
+            }
             None => Vec::new(),
         }
     }
@@ -212,6 +234,9 @@ impl Cors {
         let mut headers = Vec::with_capacity(5);
         if let Some(origin) = &self.allow_origin {
             headers.push(("Access-Control-Allow-Origin", origin.as_str()));
+            if self.credentials {
+                headers.push(("Access-Control-Allow-Credentials", "true"));
+            }
         }
         headers.extend([
             ("Access-Control-Allow-Methods", ALLOW_METHODS),
