@@ -156,6 +156,21 @@ pub struct TopicStats {
     pub bytes: usize,
 }
 
+impl TopicStats {
+    /// A topic with nothing retained.
+    pub fn empty(name: &str) -> TopicStats {
+        TopicStats {
+            name: name.into(),
+            length: 0,
+            first_id: None,
+            last_id: None,
+            oldest_timestamp_ms: None,
+            newest_timestamp_ms: None,
+            bytes: 0,
+        }
+    }
+}
+
 /// [`HotTier::insert`] was given an id not greater than the topic's last id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("message id {attempted} is not greater than the topic's last id {last}")]

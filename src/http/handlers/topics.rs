@@ -221,15 +221,7 @@ pub async fn stats(
         Some(stats) => stats,
         // Created through `POST /api/v1/topics` and not yet published to: it exists.
         None => match record_of(shard, &topic).await? {
-            Some(_) => TopicStats {
-                name: topic.as_str().into(),
-                length: 0,
-                first_id: None,
-                last_id: None,
-                oldest_timestamp_ms: None,
-                newest_timestamp_ms: None,
-                bytes: 0,
-            },
+            Some(_) => TopicStats::empty(&topic),
             None => return Err(unknown_topic(name)),
         },
     };

@@ -142,15 +142,7 @@ impl ValkeyTier {
         let Reply::Array(fields) = reply else {
             return None;
         };
-        let mut stats = TopicStats {
-            name: topic.into(),
-            length: 0,
-            first_id: None,
-            last_id: None,
-            oldest_timestamp_ms: None,
-            newest_timestamp_ms: None,
-            bytes: 0,
-        };
+        let mut stats = TopicStats::empty(topic);
         for pair in fields.chunks(2) {
             let [name, value] = pair else { continue };
             match name.as_bytes() {
