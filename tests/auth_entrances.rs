@@ -652,3 +652,61 @@ fn each_principal_has_its_own_rate_limit() {
         200
     );
 }
+
+/// Two relays on one Valkey share users and tokens: a token issued by one works on the other,
+/// a refresh token issued by one rotates on the other, and a logout or a deactivation made
+/// through one is refused by the other once its cache sees the change (it reads the
+/// generation at most once a second).
+#[test]
+fn two_relays_on_one_valkey_share_users_tokens_and_revocations() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let a = valkey.start_relay(&auth_yaml(), &[]);
+    let b = valkey.start_relay(&auth_yaml(), &[]);
+    let admin = token(&a, "admin", ADMIN_PASSWORD);
+    let frank_id = register(&a, &admin, "frank", &["read", "write"]);
+    let tokens = login(&a, "frank", "frank-password");
+    let frank = tokens["access_token"].as_str().expect("token").to_owned();
+    // B has seen Frank's token and cached him as active before anything changes.
+    assert_eq!(call(&b, Some(&frank), "GET", "/auth/me", None).status, 200);
+    let body = json!({ "refresh_token": tokens["refresh_token"] }).to_string();
+    let rotated = b
+        .connect()
+        .request("POST", "/auth/token/refresh", Some(body.as_bytes()));
+    assert_eq!(rotated.status, 200, "A's refresh token on B: {rotated:?}");
+
+    let patch = call(
+        &a,
+        Some(&admin),
+        "PATCH",
+        &format!("/auth/users/{frank_id}"),
+        Some(r#"{"is_active":false}"#),
+    );
+    assert_eq!(patch.status, 200);
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            call(&b, Some(&frank), "GET", "/auth/me", None).status == 403
+        }),
+        "B still serves a user A deactivated"
+    );
+    let patch = call(
+        &a,
+        Some(&admin),
+        "PATCH",
+        &format!("/auth/users/{frank_id}"),
+        Some(r#"{"is_active":true}"#),
+    );
+    assert_eq!(patch.status, 200);
+    assert!(common::eventually(Duration::from_secs(5), || {
+        call(&b, Some(&frank), "GET", "/auth/me", None).status == 200
+    }));
+    assert_eq!(
+        call(&a, Some(&frank), "POST", "/auth/logout", None).status,
+        204
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            call(&b, Some(&frank), "GET", "/auth/me", None).status == 401
+        }),
+        "B still accepts a token logged out on A"
+    );
+}
