@@ -45,7 +45,7 @@ impl SseRequest {
     /// The same stream on the principal's stored topic names (its namespace).
     pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> SseRequest {
         for (topic, _) in &mut self.topics {
-            *topic = principal.topic(topic);
+            *topic = principal.into_topic(std::mem::take(topic));
         }
         self.principal = Some(principal.clone());
         self

@@ -163,6 +163,16 @@ impl Principal {
         }
     }
 
+    /// [`Principal::topic`] for a name the caller owns: with authentication off the same
+    /// `String` back, so the open relay's hot path (bulk items, poll topics) allocates
+    /// nothing more than before.
+    pub fn into_topic(&self, name: String) -> String {
+        match &self.user {
+            Some(user) => namespaced(&user.user_id, &name),
+            None => name,
+        }
+    }
+
     /// [`Principal::topic`] in another user's namespace, which only an admin may reach.
     pub fn topic_of(&self, owner: Option<&str>, name: &str) -> Result<String, AuthError> {
         match (owner, &self.user) {

@@ -34,7 +34,7 @@ impl PollRequest {
     /// The same poll on the principal's stored topic names (its namespace).
     pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> PollRequest {
         for (topic, _) in &mut self.topics {
-            *topic = principal.topic(topic);
+            *topic = principal.into_topic(std::mem::take(topic));
         }
         self
     }

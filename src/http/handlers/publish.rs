@@ -332,7 +332,7 @@ pub async fn publish_bulk(
     for (index, item) in items.into_iter().enumerate() {
         match item {
             Ok(mut item) => {
-                item.topic = principal.topic(&item.topic);
+                item.topic = principal.into_topic(std::mem::take(&mut item.topic));
                 shard.metrics.per_topic(&item.topic, 0, 1);
                 let group = &mut groups[shard.owner_of(&item.topic)];
                 group.0.push(index);
