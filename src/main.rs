@@ -33,6 +33,20 @@ fn main() -> ExitCode {
              through a browser on its network; list the names clients use (docs/security.md)"
         );
     }
+    if let Some(external) = &config.auth.external {
+        tracing::info!(
+            algorithm = ?external.algorithm,
+            issuer = external.issuer.as_deref().unwrap_or("(any)"),
+            "external tokens accepted"
+        );
+        if external.audience.is_none() {
+            tracing::warn!(
+                "auth.external.audience (PULSAR_EXTERNAL_JWT_AUDIENCE) is not set: a token the \
+                 issuer made for any other application is accepted here too; set the audience \
+                 the issuer puts in tokens meant for this relay (docs/auth.md#external-tokens)"
+            );
+        }
+    }
     match pulsar_relay::shard::runtime::run(config) {
         Ok(()) => {
             tracing::info!("stopped");

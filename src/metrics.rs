@@ -289,6 +289,8 @@ pub struct Snapshot {
     pub consumers: usize,
     pub storage: StorageSummary,
     pub valkey: Option<ValkeySnapshot>,
+    /// The external-token issuer's key set (process-wide: every shard reports the same).
+    pub jwks: Option<crate::auth::jwks::JwksStats>,
     /// Per-topic `[received, delivered]`, when `metrics.per_topic` is on.
     pub per_topic: BTreeMap<String, [u64; 2]>,
 }
@@ -327,6 +329,7 @@ impl Snapshot {
             consumers: 0,
             storage: StorageSummary::default(),
             valkey: None,
+            jwks: None,
             per_topic: BTreeMap::new(),
         }
     }
@@ -486,6 +489,34 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
             "relay_auth_failures_total{{reason=\"{}\"}} {n}",
             escape_label(reason)
         );
+    }
+
+    // One set of keys for the process: the first shard's report is everyone's.
+    if let Some(jwks) = shards.iter().find_map(|s| s.jwks) {
+        header(
+            &mut out,
+            "relay_jwks_refreshes_total",
+            "counter",
+            "Fetches of the external-token issuer's JWKS, by outcome (a failed one keeps the \
+             keys held).",
+        );
+        let _ = writeln!(
+            out,
+            "relay_jwks_refreshes_total{{outcome=\"ok\"}} {}",
+            jwks.refreshes_ok
+        );
+        let _ = writeln!(
+            out,
+            "relay_jwks_refreshes_total{{outcome=\"error\"}} {}",
+            jwks.refreshes_failed
+        );
+        header(
+            &mut out,
+            "relay_jwks_keys",
+            "gauge",
+            "Keys held from the issuer's JWKS that the configured algorithm can use.",
+        );
+        let _ = writeln!(out, "relay_jwks_keys {}", jwks.keys);
     }
 
     header(

@@ -43,12 +43,16 @@ pub struct SseRequest {
 
 impl SseRequest {
     /// The same stream on the principal's stored topic names (its namespace).
-    pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> SseRequest {
+    /// Refused when `read` is not granted on one of them.
+    pub fn in_namespace_of(
+        mut self,
+        principal: &crate::auth::Principal,
+    ) -> Result<SseRequest, crate::auth::AuthError> {
         for (topic, _) in &mut self.topics {
-            *topic = principal.into_topic(std::mem::take(topic));
+            *topic = principal.into_topic(crate::auth::Permission::Read, std::mem::take(topic))?;
         }
         self.principal = Some(principal.clone());
-        self
+        Ok(self)
     }
 
     /// Several topics: event ids carry every topic's position.

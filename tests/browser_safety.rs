@@ -291,7 +291,7 @@ fn preflights_are_answered_for_allowed_origins_methods_and_headers() {
     );
     assert_eq!(
         ok.header("access-control-allow-headers"),
-        Some("Authorization, Content-Type, Idempotency-Key, Last-Event-ID")
+        Some("Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key")
     );
     assert_eq!(ok.header("access-control-max-age"), Some("600"));
     assert_eq!(ok.header("vary"), Some("Origin"));

@@ -1,8 +1,10 @@
-//! Where a request carries its access token, in order of preference:
+//! Where a request carries its credential (an access token, an external token or an API
+//! key), in order of preference:
 //! 1. `Authorization: Bearer <token>` (the HTTP API, `pulsar-relay-client`, curl);
-//! 2. the WebSocket subprotocol pair `bearer, bearer.<token>` (the Python relay's clients:
+//! 2. `X-API-Key: <key>` (what producers configured with a static key commonly send);
+//! 3. the WebSocket subprotocol pair `bearer, bearer.<token>` (the Python relay's clients:
 //!    a browser cannot set headers on a WebSocket);
-//! 3. the cookie `pulsar_token=<token>` (`EventSource`, which can neither).
+//! 4. the cookie `pulsar_token=<token>` (`EventSource`, which can neither).
 //!
 //! Sans-IO: header values in, the token's text out. Tokens are never logged.
 
@@ -49,6 +51,13 @@ pub fn from_cookie(value: &[u8]) -> Option<&str> {
 pub fn find<'a>(header: impl Fn(&str) -> Option<&'a [u8]>) -> Option<&'a str> {
     if let Some(token) = header("authorization").and_then(from_authorization) {
         return Some(token);
+    }
+    if let Some(key) = header("x-api-key")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    {
+        return Some(key);
     }
     if let Some(token) = header("sec-websocket-protocol").and_then(from_subprotocols) {
         return Some(token);
@@ -105,5 +114,9 @@ mod tests {
             Some("c")
         );
         assert_eq!(find(|_| None), None);
+        assert_eq!(
+            find(|n| (n == "x-api-key").then_some(&b" prk_a.b "[..])),
+            Some("prk_a.b")
+        );
     }
 }

@@ -19,8 +19,12 @@
 //! changes ([`store::AuthStore::generation`]), so a deactivation, a logout or a permission
 //! change applies to the next request on every shard (within a second on other relays).
 
+pub mod api_key;
 pub mod bootstrap;
 pub mod credential;
+pub mod external;
+pub mod grant;
+pub mod jwks;
 pub mod password;
 pub mod session;
 pub mod store;
@@ -28,11 +32,14 @@ pub mod token;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::AuthConfig;
 use crate::http::error::ApiError;
-use store::{AuthStore, User};
+use external::ExternalVerifier;
+pub use grant::Grants;
+use store::{ApiKeyRecord, AuthStore, User};
 use token::Signer;
 
 /// One of the Python relay's three permissions. Literal, as there: `admin` does not imply
@@ -83,6 +90,14 @@ impl Permissions {
         Permissions(self.0 | p.bit())
     }
 
+    pub(crate) fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub(crate) fn from_bits(bits: u8) -> Permissions {
+        Permissions(bits & Permissions::EVERY.0)
+    }
+
     /// The names, in the Python relay's order (`admin`, `read`, `write`).
     pub fn names(self) -> Vec<&'static str> {
         Permission::ALL
@@ -109,21 +124,38 @@ impl Permissions {
 pub struct Principal {
     /// `None` when authentication is off: everything is allowed, topics are not namespaced.
     pub user: Option<UserPrincipal>,
-    pub permissions: Permissions,
+    /// What it may do: permissions on every topic it reaches, and on topics matching patterns
+    /// (external tokens and API keys may carry those; built-in tokens never do).
+    pub grants: Grants,
 }
 
-/// An authenticated user, as its access token and the stored record say.
+/// An authenticated caller, as its credential and the stored record say.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserPrincipal {
+    /// The built-in user (also for an API key: its owner), or `ext:<subject>` for an external
+    /// token's subject.
     pub user_id: String,
     pub username: String,
     /// The access token's id (`jti`), for logout.
     pub token_id: Option<String>,
-    /// Unix seconds.
+    /// Unix seconds (`u64::MAX` for an API key, which lasts until revoked).
     pub expires_at: u64,
     /// Unix seconds (the token's `iat`): tokens issued before an admin disconnected the user
     /// are refused.
     pub issued_at: u64,
+    pub credential: CredentialKind,
+}
+
+/// What authenticated a [`UserPrincipal`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// An access token this relay (or the Python relay) issued at login or refresh.
+    BuiltinToken,
+    /// A JWT from an external issuer: no user record, no namespace (its topic grants decide
+    /// which topics of the shared space it reaches), never revoked before it expires.
+    External,
+    /// A static API key of a built-in user: the owner's namespace, never more than the owner.
+    ApiKey { key_id: String },
 }
 
 impl Principal {
@@ -131,12 +163,17 @@ impl Principal {
     pub fn open() -> Principal {
         Principal {
             user: None,
-            permissions: Permissions::EVERY,
+            grants: Grants {
+                permissions: Permissions::EVERY,
+                topics: Vec::new(),
+            },
         }
     }
 
+    /// The permission somewhere (the gate of a publish, a stream or a poll, whose topics are
+    /// then each checked by [`Principal::topic`]); on everything for `admin`.
     pub fn require(&self, permission: Permission) -> Result<(), AuthError> {
-        if self.permissions.contains(permission) {
+        if self.grants.allows_any(permission) {
             Ok(())
         } else {
             Err(AuthError::Forbidden(format!(
@@ -151,36 +188,74 @@ impl Principal {
     }
 
     pub fn is_admin(&self) -> bool {
-        self.permissions.contains(Permission::Admin)
+        self.grants.permissions.contains(Permission::Admin)
     }
 
-    /// The stored (routed) name of the client's topic `name`: `<user id>/<name>` for a user,
-    /// `name` itself when authentication is off.
-    pub fn topic(&self, name: &str) -> String {
-        match &self.user {
-            Some(user) => namespaced(&user.user_id, name),
+    /// Whose namespace the principal's topic names are in: the user's (or the API key
+    /// owner's); none with authentication off or for an external token.
+    pub fn namespace(&self) -> Option<&str> {
+        self.user
+            .as_ref()
+            .filter(|u| u.credential != CredentialKind::External)
+            .map(|u| u.user_id.as_str())
+    }
+
+    /// Whether `permission` is granted on the client's topic `name`.
+    pub fn may(&self, permission: Permission, name: &str) -> bool {
+        self.grants.allows(permission, name)
+    }
+
+    /// The stored (routed) name of the client's topic `name`, once `permission` on it is
+    /// checked: `<user id>/<name>` in a namespace, `name` itself without one.
+    pub fn topic(&self, permission: Permission, name: &str) -> Result<String, AuthError> {
+        self.require_on(permission, name)?;
+        Ok(self.stored_name(name))
+    }
+
+    /// [`Principal::topic`] for a name the caller owns: without a namespace the same
+    /// `String` back, so the open relay's hot path (bulk items, poll topics) allocates
+    /// nothing more than before.
+    pub fn into_topic(&self, permission: Permission, name: String) -> Result<String, AuthError> {
+        self.require_on(permission, &name)?;
+        Ok(match self.namespace() {
+            Some(namespace) => namespaced(namespace, &name),
+            None => name,
+        })
+    }
+
+    /// The stored name of `name` without a permission check: for leaving what was joined.
+    pub fn stored_name(&self, name: &str) -> String {
+        match self.namespace() {
+            Some(namespace) => namespaced(namespace, name),
             None => name.to_owned(),
         }
     }
 
-    /// [`Principal::topic`] for a name the caller owns: with authentication off the same
-    /// `String` back, so the open relay's hot path (bulk items, poll topics) allocates
-    /// nothing more than before.
-    pub fn into_topic(&self, name: String) -> String {
-        match &self.user {
-            Some(user) => namespaced(&user.user_id, &name),
-            None => name,
-        }
-    }
-
     /// [`Principal::topic`] in another user's namespace, which only an admin may reach.
-    pub fn topic_of(&self, owner: Option<&str>, name: &str) -> Result<String, AuthError> {
-        match (owner, &self.user) {
-            (Some(owner), Some(user)) if owner != user.user_id => {
+    pub fn topic_of(
+        &self,
+        permission: Permission,
+        owner: Option<&str>,
+        name: &str,
+    ) -> Result<String, AuthError> {
+        match (owner, self.namespace()) {
+            (Some(owner), own) if Some(owner) != own => {
                 self.require(Permission::Admin)?;
                 Ok(namespaced(owner, name))
             }
-            _ => Ok(self.topic(name)),
+            _ => self.topic(permission, name),
+        }
+    }
+
+    fn require_on(&self, permission: Permission, name: &str) -> Result<(), AuthError> {
+        if self.grants.allows(permission, name) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
+                "Permission '{}' required on topic '{}'",
+                permission.name(),
+                name.escape_debug()
+            )))
         }
     }
 }
@@ -198,8 +273,11 @@ pub fn namespaced(owner: &str, name: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// 401 with `WWW-Authenticate: Bearer`: no usable credential.
-    #[error("{0}")]
-    Unauthenticated(&'static str),
+    #[error("{}", .0.message())]
+    Unauthenticated(Refusal),
+    /// 403: the user (or an API key's owner) is deactivated.
+    #[error("User is inactive")]
+    Inactive,
     /// 403: authenticated, not allowed.
     #[error("{0}")]
     Forbidden(String),
@@ -208,15 +286,47 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// Why a credential was not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// None was sent.
+    Missing,
+    /// Not ours, not intact, expired, or an unknown or forged API key (not told apart).
+    Invalid,
+    /// Logged out, revoked, or issued before an admin disconnect.
+    Revoked,
+    /// Its user no longer exists.
+    UnknownUser,
+    /// A login's name or password is wrong.
+    BadCredentials,
+    /// A refresh token that cannot be used (any reason, not told apart).
+    InvalidRefresh,
+}
+
+impl Refusal {
+    /// What the client is told (the Python relay's words).
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Missing => "Not authenticated",
+            Refusal::Invalid => "Invalid or expired token",
+            Refusal::Revoked => "Token has been revoked",
+            Refusal::UnknownUser => "User not found",
+            Refusal::BadCredentials => "Incorrect username or password",
+            Refusal::InvalidRefresh => "invalid refresh token",
+        }
+    }
+}
+
 impl AuthError {
     /// The `reason` label of `relay_auth_failures_total`.
     pub fn reason(&self) -> &'static str {
         match self {
-            AuthError::Unauthenticated("Not authenticated") => "missing",
-            AuthError::Unauthenticated("Token has been revoked") => "revoked",
-            AuthError::Unauthenticated("User not found") => "unknown_user",
-            AuthError::Unauthenticated(_) => "invalid",
-            AuthError::Forbidden(message) if message == "User is inactive" => "inactive",
+            AuthError::Unauthenticated(Refusal::Missing) => "missing",
+            AuthError::Unauthenticated(Refusal::Revoked) => "revoked",
+            AuthError::Unauthenticated(Refusal::UnknownUser) => "unknown_user",
+            AuthError::Unauthenticated(Refusal::BadCredentials) => "login_failed",
+            AuthError::Unauthenticated(Refusal::Invalid | Refusal::InvalidRefresh) => "invalid",
+            AuthError::Inactive => "inactive",
             AuthError::Forbidden(_) => "forbidden",
             AuthError::Unavailable(_) => "unavailable",
         }
@@ -226,10 +336,11 @@ impl AuthError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
         match e {
-            AuthError::Unauthenticated(message) => ApiError {
+            AuthError::Unauthenticated(refusal) => ApiError {
                 headers: &[("WWW-Authenticate", "Bearer")],
-                ..ApiError::new(401, "UNAUTHORIZED", message)
+                ..ApiError::new(401, "UNAUTHORIZED", refusal.message())
             },
+            AuthError::Inactive => ApiError::new(403, "FORBIDDEN", "User is inactive"),
             AuthError::Forbidden(message) => ApiError::new(403, "FORBIDDEN", message),
             AuthError::Unavailable(cause) => {
                 tracing::warn!(%cause, "user state unavailable");
@@ -252,8 +363,10 @@ const CACHE_MAX_ENTRIES: usize = 10_000;
 /// A shard's authentication: configuration, the shared state and its cache.
 pub struct Auth {
     pub config: AuthConfig,
-    /// `None` when authentication is off.
+    /// The built-in tokens' signer; `None` unless `auth.mode` is `builtin`.
     pub signer: Option<Signer>,
+    /// Tokens issued elsewhere; shared by every shard (one JWKS refresh thread).
+    pub external: Option<Arc<ExternalVerifier>>,
     pub store: AuthStore,
     cache: RefCell<Cache>,
     checked_at: Cell<Option<Instant>>,
@@ -262,17 +375,26 @@ pub struct Auth {
 #[derive(Default)]
 struct Cache {
     generation: u64,
+    /// [`ExternalVerifier::keys_version`] when the principals were verified.
+    external_keys: u64,
     users: HashMap<String, Option<User>>,
     denied: HashMap<String, bool>,
     disconnects: HashMap<String, Option<u64>>,
+    api_keys: HashMap<String, Option<ApiKeyRecord>>,
     /// Verified tokens → their principal: a keep-alive client pays the signature check and
     /// the lookups once per token, not per request.
     principals: HashMap<Box<str>, Principal>,
 }
 
 impl Auth {
-    pub fn new(config: AuthConfig, store: AuthStore) -> Result<Auth, String> {
-        let signer = match config.jwt_secret.as_ref().filter(|_| config.enabled()) {
+    /// `external` is the verifier built once for the process from `config.external`
+    /// ([`ExternalVerifier::new`]), `None` when that is unset.
+    pub fn new(
+        config: AuthConfig,
+        store: AuthStore,
+        external: Option<Arc<ExternalVerifier>>,
+    ) -> Result<Auth, String> {
+        let signer = match config.jwt_secret.as_ref().filter(|_| config.builtin()) {
             Some(secret) => Some(Signer::new(
                 secret.expose().as_bytes(),
                 config.access_token_ttl,
@@ -282,6 +404,7 @@ impl Auth {
         Ok(Auth {
             config,
             signer,
+            external,
             store,
             cache: RefCell::new(Cache::default()),
             checked_at: Cell::new(None),
@@ -289,16 +412,17 @@ impl Auth {
     }
 
     pub fn enabled(&self) -> bool {
-        self.signer.is_some()
+        self.config.enabled()
     }
 
-    /// The principal behind `token` (the access token as the request carried it, if any).
-    /// With authentication off every request is [`Principal::open`].
+    /// The principal behind `token` (the credential as the request carried it, if any: a
+    /// built-in access token, an external token or an API key). With authentication off every
+    /// request is [`Principal::open`].
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Principal, AuthError> {
-        let Some(signer) = &self.signer else {
+        if !self.enabled() {
             return Ok(Principal::open());
-        };
-        let token = token.ok_or(AuthError::Unauthenticated("Not authenticated"))?;
+        }
+        let token = token.ok_or(AuthError::Unauthenticated(Refusal::Missing))?;
         self.refresh_cache().await?;
         // A token seen since the shared state last changed: its principal as then (the cache
         // is dropped on every logout, deactivation or permission change).
@@ -311,7 +435,7 @@ impl Auth {
                 return Ok(principal.clone());
             }
         }
-        let principal = self.authenticate_uncached(signer, token).await?;
+        let principal = self.authenticate_uncached(token).await?;
         let mut cache = self.cache.borrow_mut();
         if cache.principals.len() >= CACHE_MAX_ENTRIES {
             cache.principals.clear();
@@ -320,43 +444,74 @@ impl Auth {
         Ok(principal)
     }
 
-    /// [`Auth::authenticate`] without the per-token cache: the signature and claims checked,
-    /// the deny-list, the user and its disconnect cut-off read (through their caches).
-    async fn authenticate_uncached(
-        &self,
-        signer: &Signer,
-        token: &str,
-    ) -> Result<Principal, AuthError> {
-        let claims = signer
-            .verify(token)
-            .map_err(|_| AuthError::Unauthenticated("Invalid or expired token"))?;
+    /// [`Auth::authenticate`] without the per-token cache, by the credential's kind: an API
+    /// key (`prk_…`, built-in users only), else a built-in token, else an external one.
+    async fn authenticate_uncached(&self, token: &str) -> Result<Principal, AuthError> {
+        let invalid = AuthError::Unauthenticated(Refusal::Invalid);
+        if token.starts_with(api_key::PREFIX) && self.config.builtin() {
+            return self.authenticate_api_key(token).await;
+        }
+        if let Some(signer) = &self.signer {
+            if let Ok(claims) = signer.verify(token) {
+                return self.builtin_principal(claims).await;
+            }
+        }
+        match &self.external {
+            Some(external) => match external.verify(token) {
+                Ok(claims) => Ok(Principal {
+                    grants: claims.grants,
+                    user: Some(UserPrincipal {
+                        user_id: format!("ext:{}", claims.subject),
+                        username: claims.subject,
+                        token_id: None,
+                        expires_at: claims.expires_at,
+                        issued_at: claims.issued_at,
+                        credential: CredentialKind::External,
+                    }),
+                }),
+                Err(refusal) => {
+                    tracing::debug!(%refusal, "external token refused");
+                    Err(invalid)
+                }
+            },
+            None => Err(invalid),
+        }
+    }
+
+    /// The principal of a verified built-in token: the deny-list, the user and its
+    /// disconnect cut-off read (through their caches).
+    async fn builtin_principal(&self, claims: token::AccessClaims) -> Result<Principal, AuthError> {
         if let Some(jti) = &claims.jti {
             if self.is_denied(jti).await? {
-                return Err(AuthError::Unauthenticated("Token has been revoked"));
+                return Err(AuthError::Unauthenticated(Refusal::Revoked));
             }
         }
         let user = self
             .user(&claims.sub)
             .await?
-            .ok_or(AuthError::Unauthenticated("User not found"))?;
+            .ok_or(AuthError::Unauthenticated(Refusal::UnknownUser))?;
         if !user.active {
-            return Err(AuthError::Forbidden("User is inactive".to_owned()));
+            return Err(AuthError::Inactive);
         }
         if self
             .disconnected_at(&user.id)
             .await?
             .is_some_and(|at| claims.iat < at)
         {
-            return Err(AuthError::Unauthenticated("Token has been revoked"));
+            return Err(AuthError::Unauthenticated(Refusal::Revoked));
         }
         Ok(Principal {
-            permissions: user.permissions,
+            grants: Grants {
+                permissions: user.permissions,
+                topics: Vec::new(),
+            },
             user: Some(UserPrincipal {
                 user_id: user.id,
                 username: user.username,
                 token_id: claims.jti,
                 expires_at: claims.exp,
                 issued_at: claims.iat,
+                credential: CredentialKind::BuiltinToken,
             }),
         })
     }
@@ -366,6 +521,17 @@ impl Auth {
     /// `Err` when the state cannot be read (the stream keeps going; asked again later).
     pub async fn still_valid(&self, user: &UserPrincipal) -> Result<bool, AuthError> {
         self.refresh_cache().await?;
+        match &user.credential {
+            // Nothing revokes an external token before it expires.
+            CredentialKind::External => return Ok(true),
+            CredentialKind::ApiKey { key_id } => {
+                if !self.api_key_still_valid(key_id).await? {
+                    return Ok(false);
+                }
+                return Ok(self.user(&user.user_id).await?.is_some_and(|u| u.active));
+            }
+            CredentialKind::BuiltinToken => {}
+        }
         if let Some(jti) = &user.token_id {
             if self.is_denied(jti).await? {
                 return Ok(false);
@@ -479,6 +645,20 @@ impl Auth {
         Ok(user)
     }
 
+    /// The stored API key `key_id`, through the cache.
+    async fn api_key_record(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, AuthError> {
+        if let Some(record) = self.cache.borrow().api_keys.get(key_id) {
+            return Ok(record.clone());
+        }
+        let record = self.store.api_key(key_id).await?;
+        let mut cache = self.cache.borrow_mut();
+        if cache.api_keys.len() >= CACHE_MAX_ENTRIES {
+            cache.api_keys.clear();
+        }
+        cache.api_keys.insert(key_id.to_owned(), record.clone());
+        Ok(record)
+    }
+
     async fn is_denied(&self, jti: &str) -> Result<bool, AuthError> {
         if let Some(denied) = self.cache.borrow().denied.get(jti) {
             return Ok(*denied);
@@ -494,6 +674,15 @@ impl Auth {
 
     /// Drops the cache when the shared state changed since it was filled.
     async fn refresh_cache(&self) -> Result<(), AuthError> {
+        // The external keys first: an atomic load, every request.
+        if let Some(external) = &self.external {
+            let version = external.keys_version();
+            let mut cache = self.cache.borrow_mut();
+            if cache.external_keys != version {
+                cache.principals.clear();
+                cache.external_keys = version;
+            }
+        }
         let due = self.store.generation_is_local()
             || self
                 .checked_at
@@ -509,6 +698,7 @@ impl Auth {
             cache.users.clear();
             cache.denied.clear();
             cache.disconnects.clear();
+            cache.api_keys.clear();
             cache.principals.clear();
             cache.generation = generation;
         }
@@ -521,6 +711,7 @@ impl Auth {
         cache.users.clear();
         cache.denied.clear();
         cache.disconnects.clear();
+        cache.api_keys.clear();
         cache.principals.clear();
         self.checked_at.set(None);
     }
@@ -539,29 +730,84 @@ mod tests {
         assert_eq!(Permissions::EVERY.names(), ["admin", "read", "write"]);
     }
 
-    #[test]
-    fn topics_are_namespaced_per_user_and_only_admins_reach_others() {
-        let user = |permissions| Principal {
+    fn principal(grants: Grants, credential: CredentialKind) -> Principal {
+        Principal {
             user: Some(UserPrincipal {
                 user_id: "u1".to_owned(),
                 username: "alice".to_owned(),
                 token_id: None,
                 expires_at: 0,
                 issued_at: 0,
+                credential,
             }),
-            permissions,
-        };
-        let plain = user(Permissions::default().with(Permission::Write));
-        assert_eq!(plain.topic("orders"), "u1/orders");
-        assert_eq!(plain.topic_of(Some("u1"), "orders"), Ok("u1/orders".into()));
+            grants,
+        }
+    }
+
+    fn grants(entries: &[&str]) -> Grants {
+        Grants::parse_strict(entries.iter().copied()).expect("known entries")
+    }
+
+    #[test]
+    fn topics_are_namespaced_per_user_and_only_admins_reach_others() {
+        let user = |entries: &[&str]| principal(grants(entries), CredentialKind::BuiltinToken);
+        let plain = user(&["write"]);
+        assert_eq!(
+            plain.topic(Permission::Write, "orders"),
+            Ok("u1/orders".into())
+        );
+        assert!(plain.topic(Permission::Read, "orders").is_err());
+        assert_eq!(
+            plain.topic_of(Permission::Write, Some("u1"), "orders"),
+            Ok("u1/orders".into())
+        );
         assert!(matches!(
-            plain.topic_of(Some("u2"), "orders"),
+            plain.topic_of(Permission::Write, Some("u2"), "orders"),
             Err(AuthError::Forbidden(_))
         ));
-        let admin = user(Permissions::EVERY);
-        assert_eq!(admin.topic_of(Some("u2"), "orders"), Ok("u2/orders".into()));
-        assert_eq!(Principal::open().topic("orders"), "orders");
+        let admin = user(&["admin", "read", "write"]);
+        assert_eq!(
+            admin.topic_of(Permission::Read, Some("u2"), "orders"),
+            Ok("u2/orders".into())
+        );
+        assert_eq!(
+            Principal::open().topic(Permission::Write, "orders"),
+            Ok("orders".into())
+        );
         assert!(Principal::open().require(Permission::Admin).is_ok());
         assert!(plain.require(Permission::Read).is_err());
+    }
+
+    #[test]
+    fn topic_grants_confine_external_tokens_and_api_keys() {
+        let external = principal(grants(&["read:jobs.*"]), CredentialKind::External);
+        // No namespace: the shared topic space, confined by the patterns.
+        assert_eq!(external.namespace(), None);
+        assert_eq!(
+            external.topic(Permission::Read, "jobs.1"),
+            Ok("jobs.1".into())
+        );
+        assert!(external.topic(Permission::Read, "other").is_err());
+        assert!(external.topic(Permission::Write, "jobs.1").is_err());
+        assert!(external.require(Permission::Read).is_ok());
+        assert!(external.require(Permission::Write).is_err());
+        assert!(external
+            .topic_of(Permission::Read, Some("u2"), "jobs.1")
+            .is_err());
+
+        let key = principal(
+            grants(&["write:jobs.*"]),
+            CredentialKind::ApiKey {
+                key_id: "k".to_owned(),
+            },
+        );
+        // The owner's namespace.
+        assert_eq!(key.namespace(), Some("u1"));
+        assert_eq!(
+            key.into_topic(Permission::Write, "jobs.9".to_owned()),
+            Ok("u1/jobs.9".into())
+        );
+        assert!(key.into_topic(Permission::Write, "x".to_owned()).is_err());
+        assert_eq!(key.stored_name("x"), "u1/x");
     }
 }

@@ -227,7 +227,7 @@ mod tests {
                     "{var} missing from --help"
                 );
             }
-            let (section, leaf) = spec.path.split_once('.').unwrap_or(("", spec.path));
+            let (section, leaf) = spec.path.rsplit_once('.').unwrap_or(("", spec.path));
             // The section's line and its continuation lines (indented past the section
             // names; `valkey` needs four since Sentinel and idempotency keys joined it).
             let mut section_lines = help

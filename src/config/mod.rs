@@ -311,12 +311,46 @@ pub struct AuthConfig {
     pub bootstrap_admin: Option<BootstrapAdmin>,
     /// `mode: none` may listen beyond loopback.
     pub allow_unauthenticated_network: bool,
+    /// Tokens issued elsewhere, accepted when a key for them is configured (in `builtin` and
+    /// `external` mode).
+    pub external: Option<ExternalJwtConfig>,
 }
 
 impl AuthConfig {
+    /// Whether requests must authenticate at all.
     pub fn enabled(&self) -> bool {
+        self.mode != AuthMode::None
+    }
+
+    /// Whether the relay has users of its own (login, refresh, API keys, user admin).
+    pub fn builtin(&self) -> bool {
         self.mode == AuthMode::Builtin
     }
+}
+
+/// How to verify JWTs issued elsewhere (an identity provider, a job scheduler).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalJwtConfig {
+    /// The only algorithm accepted.
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub key: ExternalKeySource,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Allowed clock difference on `exp` and `nbf`.
+    pub leeway: Duration,
+    pub permissions_claim: String,
+    pub subject_claim: String,
+}
+
+/// Where the keys of external tokens come from; exactly one is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExternalKeySource {
+    /// HS algorithms: the shared secret.
+    Secret(Secret),
+    /// A PEM public key, read at start-up.
+    PublicKeyPem(Vec<u8>),
+    /// A JWKS document, fetched at start-up and refreshed every `refresh`.
+    Jwks { url: String, refresh: Duration },
 }
 
 /// The user the relay makes sure exists, with every permission.
@@ -333,6 +367,7 @@ pub enum AuthModeSetting {
     Auto,
     None,
     Builtin,
+    External,
 }
 
 impl AuthModeSetting {
@@ -341,6 +376,7 @@ impl AuthModeSetting {
             AuthModeSetting::Auto => "auto",
             AuthModeSetting::None => "none",
             AuthModeSetting::Builtin => "builtin",
+            AuthModeSetting::External => "external",
         }
     }
 }
@@ -350,8 +386,11 @@ impl AuthModeSetting {
 pub enum AuthMode {
     /// Every request is allowed everything (loopback unless told otherwise).
     None,
-    /// Users, passwords and tokens of the relay's own, as the Python relay's.
+    /// Users, passwords and tokens of the relay's own, as the Python relay's (and external
+    /// tokens too when a key for them is configured).
     Builtin,
+    /// Only tokens issued elsewhere: no users, no login.
+    External,
 }
 
 /// Browser safety: which pages may use the relay cross-origin, which `Host` names it answers

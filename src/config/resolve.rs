@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use jsonwebtoken::Algorithm;
+
 use super::cli::Cli;
 use super::error::{invalid, ConfigError, Origin};
 use super::key_template::KeyTemplate;
@@ -26,10 +28,10 @@ use super::settings::{self as s, Kind, Setting};
 use super::yaml::read_file;
 use super::{
     AckMode, ApiConfig, AuthConfig, AuthMode, AuthModeSetting, BootstrapAdmin, BucketConfig,
-    Config, DurabilityConfig, HotTierConfig, HttpConfig, IdempotencyConfig, LogFormat, LogLevel,
-    LongPollConfig, MemoryConfig, MetricsConfig, Rate, RateLimitConfig, Secret, SecurityConfig,
-    SentinelSettings, ShutdownConfig, SseConfig, StorageBackend, StorageConfig, ValkeyConfig,
-    WsConfig,
+    Config, DurabilityConfig, ExternalJwtConfig, ExternalKeySource, HotTierConfig, HttpConfig,
+    IdempotencyConfig, LogFormat, LogLevel, LongPollConfig, MemoryConfig, MetricsConfig, Rate,
+    RateLimitConfig, Secret, SecurityConfig, SentinelSettings, ShutdownConfig, SseConfig,
+    StorageBackend, StorageConfig, ValkeyConfig, WsConfig,
 };
 
 /// One raw value: text as written, and its source.
@@ -380,11 +382,22 @@ impl Layers {
     fn resolve_auth(&self, listen: &Got<SocketAddr>) -> Result<AuthConfig, ConfigError> {
         let mode = self.choice::<AuthModeSetting>(&s::AUTH_MODE)?;
         let secret = self.optional_text(&s::AUTH_JWT_SECRET);
+        let external = self.resolve_external_jwt()?;
         let mode_value = match mode.value {
             AuthModeSetting::Auto if secret.is_some() => AuthMode::Builtin,
+            AuthModeSetting::Auto if external.is_some() => AuthMode::External,
             AuthModeSetting::Auto | AuthModeSetting::None => AuthMode::None,
             AuthModeSetting::Builtin => AuthMode::Builtin,
+            AuthModeSetting::External => AuthMode::External,
         };
+        if mode_value == AuthMode::External && external.is_none() {
+            return Err(mode.invalid(format!(
+                "`external` only with a key for external tokens: `{}`, `{}` or `{}`",
+                s::AUTH_EXTERNAL_SECRET.path,
+                s::AUTH_EXTERNAL_PUBLIC_KEY_FILE.path,
+                s::AUTH_EXTERNAL_JWKS_URL.path
+            )));
+        }
         if mode_value == AuthMode::Builtin {
             match &secret {
                 None => {
@@ -454,7 +467,93 @@ impl Layers {
             refresh_token_ttl: self.duration(&s::AUTH_REFRESH_TOKEN_TTL)?.value,
             bootstrap_admin,
             allow_unauthenticated_network: allow_network,
+            // `none` ignores the external key as it ignores the secret.
+            external: external.filter(|_| mode_value != AuthMode::None),
         })
+    }
+
+    /// `auth.external.*`: `None` when no key is configured.
+    fn resolve_external_jwt(&self) -> Result<Option<ExternalJwtConfig>, ConfigError> {
+        let algorithm = self.choice::<JwtAlgorithm>(&s::AUTH_EXTERNAL_ALGORITHM)?;
+        let secret = self.optional_text(&s::AUTH_EXTERNAL_SECRET);
+        let key_file = self.optional_text(&s::AUTH_EXTERNAL_PUBLIC_KEY_FILE);
+        let jwks_url = self.optional_text(&s::AUTH_EXTERNAL_JWKS_URL);
+        let hmac = matches!(
+            algorithm.value.0,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        );
+        let key = match (secret, key_file, jwks_url) {
+            (None, None, None) => return Ok(None),
+            (Some(secret), None, None) => {
+                if !hmac {
+                    return Err(secret.invalid(format!(
+                        "unset with `{}: {}`: a secret is for the HS algorithms (set                          `{}` or `{}` for public keys)",
+                        s::AUTH_EXTERNAL_ALGORITHM.path,
+                        algorithm.value.name(),
+                        s::AUTH_EXTERNAL_PUBLIC_KEY_FILE.path,
+                        s::AUTH_EXTERNAL_JWKS_URL.path
+                    )));
+                }
+                if secret.value.len() < 32 {
+                    return Err(secret.invalid("at least 32 bytes"));
+                }
+                ExternalKeySource::Secret(Secret(secret.value))
+            }
+            (None, Some(file), None) => {
+                if hmac {
+                    return Err(file.invalid(format!(
+                        "unset with `{}: {}`: HS algorithms take `{}`",
+                        s::AUTH_EXTERNAL_ALGORITHM.path,
+                        algorithm.value.name(),
+                        s::AUTH_EXTERNAL_SECRET.path
+                    )));
+                }
+                let pem = std::fs::read(&file.value)
+                    .map_err(|e| file.invalid(format!("a readable PEM file ({e})")))?;
+                ExternalKeySource::PublicKeyPem(pem)
+            }
+            (None, None, Some(url)) => {
+                if hmac {
+                    return Err(url.invalid(format!(
+                        "unset with `{}: {}`: HS algorithms take `{}`",
+                        s::AUTH_EXTERNAL_ALGORITHM.path,
+                        algorithm.value.name(),
+                        s::AUTH_EXTERNAL_SECRET.path
+                    )));
+                }
+                check_jwks_url(&url)?;
+                ExternalKeySource::Jwks {
+                    url: url.value,
+                    refresh: self.duration(&s::AUTH_EXTERNAL_JWKS_REFRESH)?.value,
+                }
+            }
+            (secret, file, url) => {
+                let second = [url, file, secret].into_iter().flatten().next();
+                return Err(second
+                    .map(|got| {
+                        got.invalid(format!(
+                            "one key source only: `{}`, `{}` or `{}`",
+                            s::AUTH_EXTERNAL_SECRET.path,
+                            s::AUTH_EXTERNAL_PUBLIC_KEY_FILE.path,
+                            s::AUTH_EXTERNAL_JWKS_URL.path
+                        ))
+                    })
+                    .unwrap_or_else(|| algorithm.invalid("one key source")));
+            }
+        };
+        Ok(Some(ExternalJwtConfig {
+            algorithm: algorithm.value.0,
+            key,
+            issuer: self
+                .optional_text(&s::AUTH_EXTERNAL_ISSUER)
+                .map(|g| g.value),
+            audience: self
+                .optional_text(&s::AUTH_EXTERNAL_AUDIENCE)
+                .map(|g| g.value),
+            leeway: self.duration(&s::AUTH_EXTERNAL_LEEWAY)?.value,
+            permissions_claim: self.name(&s::AUTH_EXTERNAL_PERMISSIONS_CLAIM)?.value,
+            subject_claim: self.name(&s::AUTH_EXTERNAL_SUBJECT_CLAIM)?.value,
+        }))
     }
 
     fn resolve_valkey(&self) -> Result<ValkeyConfig, ConfigError> {
@@ -936,10 +1035,78 @@ impl Named for AuthModeSetting {
         AuthModeSetting::Auto,
         AuthModeSetting::None,
         AuthModeSetting::Builtin,
+        AuthModeSetting::External,
     ];
     fn name(self) -> &'static str {
         self.as_str()
     }
+}
+
+/// `auth.external.algorithm`: jsonwebtoken's algorithms by their JOSE names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct JwtAlgorithm(Algorithm);
+
+impl Named for JwtAlgorithm {
+    const ALL: &'static [Self] = &[
+        JwtAlgorithm(Algorithm::HS256),
+        JwtAlgorithm(Algorithm::HS384),
+        JwtAlgorithm(Algorithm::HS512),
+        JwtAlgorithm(Algorithm::RS256),
+        JwtAlgorithm(Algorithm::RS384),
+        JwtAlgorithm(Algorithm::RS512),
+        JwtAlgorithm(Algorithm::PS256),
+        JwtAlgorithm(Algorithm::PS384),
+        JwtAlgorithm(Algorithm::PS512),
+        JwtAlgorithm(Algorithm::ES256),
+        JwtAlgorithm(Algorithm::ES384),
+        JwtAlgorithm(Algorithm::EdDSA),
+    ];
+    fn name(self) -> &'static str {
+        match self.0 {
+            Algorithm::HS256 => "HS256",
+            Algorithm::HS384 => "HS384",
+            Algorithm::HS512 => "HS512",
+            Algorithm::RS256 => "RS256",
+            Algorithm::RS384 => "RS384",
+            Algorithm::RS512 => "RS512",
+            Algorithm::PS256 => "PS256",
+            Algorithm::PS384 => "PS384",
+            Algorithm::PS512 => "PS512",
+            Algorithm::ES256 => "ES256",
+            Algorithm::ES384 => "ES384",
+            Algorithm::EdDSA => "EdDSA",
+            // Not offered (a newer jsonwebtoken's addition), so never chosen.
+            _ => "",
+        }
+    }
+}
+
+/// A JWKS address: `https://`, or `http://` to a loopback host (a sidecar, a test).
+fn check_jwks_url(url: &Got<String>) -> Result<(), ConfigError> {
+    let lower = url.value.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("https://") {
+        if !rest.is_empty() {
+            return Ok(());
+        }
+    }
+    if let Some(rest) = lower.strip_prefix("http://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return Ok(());
+        }
+    }
+    Err(url.invalid(
+        "an `https://` URL (`http://` only to localhost or a loopback address): keys fetched \
+         in clear could be replaced on the way",
+    ))
 }
 
 impl Named for AckMode {

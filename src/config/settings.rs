@@ -677,13 +677,14 @@ settings! {
 
     // --- auth --------------------------------------------------------------------------------
 
-    /// `auto` turns the built-in tokens on exactly when a JWT secret is configured, so a Python
-    /// relay's environment (which always sets `PULSAR_JWT_SECRET_KEY`) gets authentication
-    /// without a setting of ours, and the two-command quick start (loopback, no secret) stays
-    /// open.
-    AUTH_MODE = Setting::choice("auth.mode", "auto", &["auto", "none", "builtin"])
+    /// `auto` turns the built-in tokens on exactly when a JWT secret is configured (and
+    /// external tokens alone when only an external key is), so a Python relay's environment
+    /// (which always sets `PULSAR_JWT_SECRET_KEY`) gets authentication without a setting of
+    /// ours, and the two-command quick start (loopback, no secret) stays open. `builtin` also
+    /// accepts external tokens when an external key is configured; `external` has no users.
+    AUTH_MODE = Setting::choice("auth.mode", "auto", &["auto", "none", "builtin", "external"])
         .env(&["PULSAR_AUTH_MODE"])
-        .help("auto = builtin when a JWT secret is set");
+        .help("auto = builtin when a JWT secret is set, else external when a key is");
 
     /// HS256 signs and verifies the access tokens; at least 32 bytes (256 bits, the hash's
     /// size, as RFC 7518 §3.2 requires and the Python relay checks).
@@ -736,6 +737,92 @@ settings! {
         Setting::boolean("auth.allow_unauthenticated_network", false)
             .env(&["PULSAR_ALLOW_UNAUTHENTICATED_NETWORK"])
             .help("listen beyond loopback with auth.mode none");
+
+    /// Pinned: a token naming any other algorithm is refused, so a token cannot choose how it
+    /// is checked (`alg: none`, or HS256 keyed with an RSA public key). RS256 is what identity
+    /// providers sign with by default.
+    AUTH_EXTERNAL_ALGORITHM = Setting::choice(
+        "auth.external.algorithm",
+        "RS256",
+        &[
+            "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+            "ES256", "ES384", "EdDSA",
+        ],
+    )
+    .env(&["PULSAR_EXTERNAL_JWT_ALGORITHM"])
+    .help("the one algorithm external tokens may use");
+
+    /// The HMAC key shared with the issuer, for the HS algorithms; at least 32 bytes.
+    AUTH_EXTERNAL_SECRET = Setting::new("auth.external.secret", Kind::Text)
+        .env(&["PULSAR_EXTERNAL_JWT_SECRET"])
+        .secret()
+        .help("HS* key shared with the issuer");
+
+    /// The issuer's public key (PEM, SPKI or PKCS#1), for the RS, PS, ES and EdDSA algorithms.
+    AUTH_EXTERNAL_PUBLIC_KEY_FILE = Setting::new("auth.external.public_key_file", Kind::Text)
+        .env(&["PULSAR_EXTERNAL_JWT_PUBLIC_KEY_FILE"])
+        .help("PEM file of the issuer's public key");
+
+    /// The issuer's JSON Web Key Set (`https://`; `http://` only to a loopback host). Read at
+    /// start-up and every `jwks_refresh` on a thread of its own (never on a shard), and early
+    /// (at most every 30 s) when a token names a key id the set lacks, which is how a key
+    /// rotation shows first.
+    AUTH_EXTERNAL_JWKS_URL = Setting::new("auth.external.jwks_url", Kind::Text)
+        .env(&["PULSAR_EXTERNAL_JWKS_URL"])
+        .help("the issuer's JWKS, refreshed in the background");
+
+    /// Identity providers rotate keys over days and publish the new one well before using
+    /// it; five minutes keeps a revoked key's tokens out soon after it leaves the set.
+    AUTH_EXTERNAL_JWKS_REFRESH = Setting::duration(
+        "auth.external.jwks_refresh",
+        Duration::from_secs(300),
+        Duration::from_secs(10)..=DAY,
+    )
+    .env(&["PULSAR_EXTERNAL_JWKS_REFRESH"]);
+
+    /// Checked when set (`iss` must equal it). Without it any issuer trusted by the key is
+    /// accepted.
+    AUTH_EXTERNAL_ISSUER = Setting::new("auth.external.issuer", Kind::Text)
+        .env(&["PULSAR_EXTERNAL_JWT_ISSUER"])
+        .help("required `iss`");
+
+    /// Checked when set (`aud` must contain it). Without it a token the issuer made for any
+    /// other application is accepted here too, which start-up warns about.
+    AUTH_EXTERNAL_AUDIENCE = Setting::new("auth.external.audience", Kind::Text)
+        .env(&["PULSAR_EXTERNAL_JWT_AUDIENCE"])
+        .help("required `aud`");
+
+    /// Clock difference allowed with the issuer on `exp` and `nbf`: another machine's clock.
+    AUTH_EXTERNAL_LEEWAY = Setting::duration(
+        "auth.external.leeway",
+        Duration::from_secs(30),
+        Duration::ZERO..=Duration::from_secs(300),
+    )
+    .env(&["PULSAR_EXTERNAL_JWT_LEEWAY"]);
+
+    /// The claim listing what the token may do: a JSON list or a space-separated string (an
+    /// OAuth `scope`) of `read`, `write`, `admin`, `read:<pattern>`, `write:<pattern>`; other
+    /// entries are ignored.
+    AUTH_EXTERNAL_PERMISSIONS_CLAIM =
+        Setting::new(
+            "auth.external.permissions_claim",
+            Kind::Name {
+                default: Some("permissions"),
+                what: "a claim name",
+            },
+        )
+        .env(&["PULSAR_EXTERNAL_JWT_PERMISSIONS_CLAIM"]);
+
+    /// The claim naming who the token is for (rate limits, logs, `/auth/me`).
+    AUTH_EXTERNAL_SUBJECT_CLAIM =
+        Setting::new(
+            "auth.external.subject_claim",
+            Kind::Name {
+                default: Some("sub"),
+                what: "a claim name",
+            },
+        )
+        .env(&["PULSAR_EXTERNAL_JWT_SUBJECT_CLAIM"]);
 
     // --- security ----------------------------------------------------------------------------
 

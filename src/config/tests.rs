@@ -173,6 +173,7 @@ fn defaults_are_the_documented_values() {
             refresh_token_ttl: Duration::from_secs(90 * 24 * 3600),
             bootstrap_admin: None,
             allow_unauthenticated_network: false,
+            external: None,
         },
         security: SecurityConfig {
             allowed_origins: Vec::new(),
@@ -428,6 +429,15 @@ auth:
   bootstrap_admin_password: "correct horse"
   bootstrap_admin_email: root@example.org
   allow_unauthenticated_network: true
+  external:
+    algorithm: ES256
+    jwks_url: https://idp.example.com/.well-known/jwks.json
+    jwks_refresh: 10m
+    issuer: https://idp.example.com
+    audience: pulsar-relay
+    leeway: 10s
+    permissions_claim: scope
+    subject_claim: client_id
 security:
   allowed_origins: ["https://App.example.com:443", "http://localhost:5173"]
   trusted_hosts:
@@ -546,6 +556,18 @@ fn yaml_overrides_every_key() {
                 email: Some("root@example.org".to_owned()),
             }),
             allow_unauthenticated_network: true,
+            external: Some(ExternalJwtConfig {
+                algorithm: jsonwebtoken::Algorithm::ES256,
+                key: ExternalKeySource::Jwks {
+                    url: "https://idp.example.com/.well-known/jwks.json".to_owned(),
+                    refresh: Duration::from_secs(600),
+                },
+                issuer: Some("https://idp.example.com".to_owned()),
+                audience: Some("pulsar-relay".to_owned()),
+                leeway: Duration::from_secs(10),
+                permissions_claim: "scope".to_owned(),
+                subject_claim: "client_id".to_owned(),
+            }),
         },
         security: SecurityConfig {
             allowed_origins: vec![
@@ -815,6 +837,8 @@ fn the_yaml_schema_covers_exactly_the_key_table() {
     for key in flattened(SENTINEL_KEYS_YAML)
         .into_iter()
         .chain(flattened(CLUSTER_KEYS_YAML))
+        .chain(flattened(&external_secret_yaml()))
+        .chain(flattened(&external_pem_yaml()))
     {
         if !from_yaml.contains(&key) {
             from_yaml.push(key);
@@ -1811,4 +1835,92 @@ fn auth_mode_secret_listen_and_bootstrap_rules() {
     ] {
         assert_mentions(&error_text(auth(pairs)), &[mentions]);
     }
+}
+
+/// The external-token key sources `EVERY_KEY_YAML` cannot hold beside its JWKS URL (one
+/// source only).
+fn external_secret_yaml() -> String {
+    "auth:\n  external:\n    algorithm: HS384\n    secret: \"an issuer's shared secret, 32+ bytes\"\n"
+        .to_owned()
+}
+
+fn external_pem_yaml() -> String {
+    format!(
+        "auth:\n  external:\n    public_key_file: {}/tests/keys/rsa-public.pem\n",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn external_token_keys_one_source_matching_the_algorithm() {
+    let config = from_yaml(&external_secret_yaml()).expect("valid");
+    // `auto` with an external key and no built-in secret: external tokens only.
+    assert_eq!(config.auth.mode, AuthMode::External);
+    let external = config.auth.external.expect("configured");
+    assert_eq!(external.algorithm, jsonwebtoken::Algorithm::HS384);
+    assert!(matches!(external.key, ExternalKeySource::Secret(_)));
+    assert_eq!(external.permissions_claim, "permissions");
+    assert_eq!(external.subject_claim, "sub");
+    assert_eq!(external.leeway, Duration::from_secs(30));
+
+    let config = from_yaml(&external_pem_yaml()).expect("valid");
+    let external = config.auth.external.expect("configured");
+    assert_eq!(external.algorithm, jsonwebtoken::Algorithm::RS256);
+    assert!(
+        matches!(&external.key, ExternalKeySource::PublicKeyPem(pem) if pem.starts_with(b"-----BEGIN PUBLIC KEY"))
+    );
+
+    let refused = [
+        (
+            "auth:\n  external:\n    secret: \"an issuer's shared secret, 32+ bytes\"\n",
+            "a secret is for the HS algorithms",
+        ),
+        (
+            "auth:\n  external:\n    algorithm: HS256\n    secret: short\n",
+            "at least 32 bytes",
+        ),
+        (
+            "auth:\n  external:\n    algorithm: HS256\n    jwks_url: https://idp/jwks\n",
+            "HS algorithms take",
+        ),
+        (
+            "auth:\n  external:\n    jwks_url: http://idp.example.com/jwks\n",
+            "an `https://` URL",
+        ),
+        (
+            "auth:\n  external:\n    public_key_file: /nonexistent/key.pem\n",
+            "a readable PEM file",
+        ),
+        (
+            "auth:\n  external:\n    jwks_url: https://idp/jwks\n    public_key_file: /k.pem\n",
+            "one key source only",
+        ),
+        (
+            "auth:\n  mode: external\n",
+            "only with a key for external tokens",
+        ),
+        (
+            "auth:\n  external:\n    algorithm: none\n    jwks_url: https://idp/jwks\n",
+            "`EdDSA`",
+        ),
+    ];
+    for (yaml, expected) in refused {
+        let error = from_yaml(yaml).expect_err(yaml).to_string();
+        assert!(error.contains(expected), "{yaml}: {error}");
+    }
+    for url in [
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9/k",
+    ] {
+        let yaml = format!("auth:\n  external:\n    jwks_url: \"{url}\"\n");
+        assert!(from_yaml(&yaml).is_ok(), "{url}");
+    }
+    // `none` ignores an external key as it ignores the built-in secret.
+    let off = from_yaml(&format!(
+        "auth:\n  mode: none\n{}",
+        &external_secret_yaml()[6..]
+    ))
+    .expect("valid");
+    assert_eq!(off.auth.external, None);
 }

@@ -32,11 +32,15 @@ pub struct PollRequest {
 
 impl PollRequest {
     /// The same poll on the principal's stored topic names (its namespace).
-    pub fn in_namespace_of(mut self, principal: &crate::auth::Principal) -> PollRequest {
+    /// Refused when `read` is not granted on one of them.
+    pub fn in_namespace_of(
+        mut self,
+        principal: &crate::auth::Principal,
+    ) -> Result<PollRequest, crate::auth::AuthError> {
         for (topic, _) in &mut self.topics {
-            *topic = principal.into_topic(std::mem::take(topic));
+            *topic = principal.into_topic(crate::auth::Permission::Read, std::mem::take(topic))?;
         }
-        self
+        Ok(self)
     }
 }
 

@@ -58,9 +58,28 @@ pub enum AuthRoute {
     DeleteUser(String),
     /// `POST /auth/users/{id}/disconnect`: end the user's sessions now.
     DisconnectUser(String),
+    /// `POST /auth/api-keys`: a static key for a producer.
+    CreateApiKey,
+    /// `GET /auth/api-keys`: the caller's keys (an admin's: `?user_id=`'s).
+    ApiKeys,
+    /// `DELETE /auth/api-keys/{id}`.
+    RevokeApiKey(String),
 }
 
 impl AuthRoute {
+    /// Whether it changes users, tokens, sessions or keys (every shard's cache must go).
+    pub fn changes_state(&self) -> bool {
+        !matches!(
+            self,
+            AuthRoute::Login
+                | AuthRoute::Me
+                | AuthRoute::Sessions
+                | AuthRoute::Users
+                | AuthRoute::UserStats
+                | AuthRoute::ApiKeys
+        )
+    }
+
     /// Reachable without an access token (the credential is in the body).
     pub fn is_public(&self) -> bool {
         matches!(
@@ -104,6 +123,9 @@ impl Route {
                 | AuthRoute::UpdateUser(_)
                 | AuthRoute::DeleteUser(_)
                 | AuthRoute::DisconnectUser(_) => "auth_users",
+                AuthRoute::CreateApiKey | AuthRoute::ApiKeys | AuthRoute::RevokeApiKey(_) => {
+                    "auth_api_keys"
+                }
             },
         }
     }
@@ -168,6 +190,15 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
             Route::Auth(AuthRoute::Register),
         ),
         ["auth", "users"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::Users)),
+        ["auth", "api-keys"] => match method {
+            Method::Post => Ok(Route::Auth(AuthRoute::CreateApiKey)),
+            _ => allowed(get, "GET, HEAD, POST", Route::Auth(AuthRoute::ApiKeys)),
+        },
+        ["auth", "api-keys", id] if !id.is_empty() => allowed(
+            method == Method::Delete,
+            "DELETE",
+            Route::Auth(AuthRoute::RevokeApiKey(decode_segment(id)?)),
+        ),
         ["auth", "users", "stats"] => allowed(get, "GET, HEAD", Route::Auth(AuthRoute::UserStats)),
         ["auth", "users", id, "disconnect"] if !id.is_empty() => allowed(
             method == Method::Post,

@@ -29,7 +29,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::collections::HashMap;
 
-use crate::auth::Principal;
+use crate::auth::{Permission, Principal};
 use crate::clock::now_ms;
 use crate::delivery::sink::{Delivered, Sink};
 use crate::delivery::writer::{self, Ending, Framing, Idle};
@@ -394,7 +394,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
         }
         Ok(ClientMessage::Unsubscribe { topics }) => {
             for topic in &topics {
-                let stored = principal.borrow().topic(topic);
+                let stored = principal.borrow().stored_name(topic);
                 unfollow(shard, sink, &stored);
                 if let Some((_, running)) = catch_ups.borrow_mut().remove(stored.as_str()) {
                     running.abort();
@@ -423,7 +423,13 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                     }
                 };
                 // Followed by its stored name: the caller's namespace.
-                let stored = principal.borrow().topic(topic);
+                let stored = match principal.borrow().topic(Permission::Read, topic) {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        sink.push_control(subscription_error_frame("FORBIDDEN", &e.to_string()));
+                        return;
+                    }
+                };
                 if !sink.follows(&stored) {
                     plan.push((Arc::from(stored.as_str()), start));
                 }

@@ -229,6 +229,7 @@ mod tests {
         let auth = crate::auth::Auth::new(
             config.auth.clone(),
             crate::auth::store::AuthStore::Memory(Default::default()),
+            None,
         )
         .expect("authentication off");
         Rc::new(Shard::new(id, config, runtime, storage, auth, peers))

@@ -257,6 +257,12 @@ impl Shard {
         snap.consumers = self.delivery.consumer_count();
         snap.storage = self.storage.summary();
         snap.valkey = self.storage.valkey_snapshot();
+        snap.jwks = self
+            .auth
+            .external
+            .as_ref()
+            .and_then(|e| e.jwks())
+            .map(|j| j.stats());
         snap
     }
 

@@ -21,6 +21,7 @@ use futures::channel::mpsc;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use super::{serve_inbox, InboxMessage, RuntimeState, Shard, ShardInbox, ShardSender};
+use crate::auth::external::ExternalVerifier;
 use crate::auth::store::memory::MemoryAuthDb;
 use crate::auth::store::AuthStore;
 use crate::auth::Auth;
@@ -42,6 +43,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let drained = Arc::new(AtomicUsize::new(0));
     // Users and tokens of the memory backend: one set for every shard.
     let memory_auth = Arc::new(MemoryAuthDb::new());
+    // External tokens' keys: one verifier (and one JWKS refresh thread) for every shard.
+    let external = match &config.auth.external {
+        Some(external) => Some(Arc::new(
+            ExternalVerifier::new(external).map_err(|e| anyhow!("{e}"))?,
+        )),
+        None => None,
+    };
 
     let (senders, inboxes): (Vec<ShardSender>, Vec<ShardInbox>) = (0..shards)
         .map(|_| {
@@ -69,6 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             bound: bound_tx,
             drained: drained.clone(),
             memory_auth: memory_auth.clone(),
+            external: external.clone(),
         };
         let placement = match cpus.get(id % cpus.len().max(1)) {
             Some(&cpu) => Placement::Fixed(cpu),
@@ -146,6 +155,8 @@ struct ShardBoot {
     id: usize,
     /// The memory backend's user and token state, shared by every shard.
     memory_auth: Arc<MemoryAuthDb>,
+    /// The external tokens' verifier, shared by every shard.
+    external: Option<Arc<ExternalVerifier>>,
     addr: SocketAddr,
     /// The separate metrics address, if configured (resolved by shard 0 like `addr`).
     metrics_addr: Option<SocketAddr>,
@@ -177,6 +188,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         bound,
         drained,
         memory_auth,
+        external,
     } = boot;
     let storage = match Storage::new(&config, id, peers.len()) {
         Ok(s) => s,
@@ -189,7 +201,7 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         Some(valkey) => AuthStore::valkey(valkey.client.clone()),
         None => AuthStore::Memory(memory_auth),
     };
-    let auth = match Auth::new(config.auth.clone(), auth_store) {
+    let auth = match Auth::new(config.auth.clone(), auth_store, external) {
         Ok(a) => a,
         Err(e) => {
             let _ = bound.send(Err(anyhow!("shard {id}: {e}")));

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{RefreshRow, RevokedReason, TopicRecord, User};
+use super::{ApiKeyRecord, RefreshRow, RevokedReason, TopicRecord, User};
 use crate::clock::now_ms;
 
 #[derive(Default)]
@@ -27,6 +27,7 @@ struct Db {
     topics: HashMap<String, TopicRecord>,
     /// user id → tokens issued before this Unix second are refused.
     disconnects: HashMap<String, u64>,
+    api_keys: HashMap<String, ApiKeyRecord>,
 }
 
 /// Refresh rows are kept an hour past their expiry (as the Python relay's TTL), so a replay
@@ -51,6 +52,25 @@ impl MemoryAuthDb {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn put_api_key(&self, key: &ApiKeyRecord) {
+        self.with(|db| db.api_keys.insert(key.key_id.clone(), key.clone()));
+        self.changed();
+    }
+
+    pub fn api_key(&self, key_id: &str) -> Option<ApiKeyRecord> {
+        self.with(|db| db.api_keys.get(key_id).cloned())
+    }
+
+    pub fn api_keys_of(&self, user_id: &str) -> Vec<ApiKeyRecord> {
+        self.with(|db| {
+            db.api_keys
+                .values()
+                .filter(|k| k.user_id == user_id)
+                .cloned()
+                .collect()
+        })
     }
 
     pub fn user_by_id(&self, id: &str) -> Option<User> {

@@ -93,6 +93,21 @@ pub struct TopicRecord {
     pub created_at: String,
 }
 
+/// A static API key (its secret only as a SHA-256 hex digest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub key_id: String,
+    /// The owner: the key acts in this user's namespace, never beyond the user's permissions.
+    pub user_id: String,
+    pub name: String,
+    pub secret_hash: String,
+    /// [`crate::auth::grant`] entries (`write`, `read:jobs.*`).
+    pub grants: Vec<String>,
+    /// ISO 8601, UTC.
+    pub created_at: String,
+    pub revoked: bool,
+}
+
 /// The shared state, in memory or in Valkey.
 #[derive(Clone)]
 pub enum AuthStore {
@@ -255,6 +270,38 @@ impl AuthStore {
     }
 
     /// Creates a topic record; `false` when the owner already has one of that name.
+    /// Stores a key (new, or its revocation).
+    pub async fn put_api_key(&self, key: &ApiKeyRecord) -> Result<(), AuthError> {
+        match self {
+            AuthStore::Memory(db) => {
+                db.put_api_key(key);
+                Ok(())
+            }
+            AuthStore::Valkey(v) => v.put_api_key(key).await,
+        }
+    }
+
+    pub async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, AuthError> {
+        match self {
+            AuthStore::Memory(db) => Ok(db.api_key(key_id)),
+            AuthStore::Valkey(v) => v.api_key(key_id).await,
+        }
+    }
+
+    /// The keys `user_id` owns, revoked ones included, oldest first.
+    pub async fn api_keys_of(&self, user_id: &str) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        let mut keys = match self {
+            AuthStore::Memory(db) => db.api_keys_of(user_id),
+            AuthStore::Valkey(v) => v.api_keys_of(user_id).await?,
+        };
+        keys.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then(a.key_id.cmp(&b.key_id))
+        });
+        Ok(keys)
+    }
+
     pub async fn create_topic(&self, topic: &TopicRecord) -> Result<bool, AuthError> {
         match self {
             AuthStore::Memory(db) => Ok(db.create_topic(topic)),

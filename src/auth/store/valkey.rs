@@ -12,13 +12,15 @@
 //! | `user:<owner>:owned_topics` | set | topic names |
 //! | `pulsar:auth:generation` | string | ours: incremented on every change, for the shards' caches |
 //! | `pulsar:auth:disconnect:<user id>` | string | ours: tokens issued before this Unix second are refused (an admin disconnect) |
+//! | `pulsar:apikey:<key id>` | hash | ours: `key_id, user_id, name, secret_hash` (SHA-256 hex), `grants` (JSON list), `created_at, revoked` (`0`/`1`) |
+//! | `pulsar:apikey:user:<user id>` | set | ours: the user's key ids |
 //!
 //! Each command is routed by its key (Cluster-safe: no command spans two keys). The one
 //! compare-and-set, rotating a refresh token, is a short script as the Python relay's.
 
 use std::rc::Rc;
 
-use super::{iso8601, parse_iso8601, RefreshRow, RevokedReason, TopicRecord, User};
+use super::{iso8601, parse_iso8601, ApiKeyRecord, RefreshRow, RevokedReason, TopicRecord, User};
 use crate::auth::{AuthError, Permissions};
 use crate::clock::now_ms;
 use crate::valkey::client::Client;
@@ -405,6 +407,70 @@ impl ValkeyAuthStore {
         let key = format!("pulsar:auth:disconnect:{user_id}");
         let reply = self.call(&key, &[b"GET", key.as_bytes()]).await?;
         Ok(reply.as_str().and_then(|s| s.parse().ok()))
+    }
+
+    pub async fn put_api_key(&self, record: &ApiKeyRecord) -> Result<(), AuthError> {
+        let key = format!("pulsar:apikey:{}", record.key_id);
+        let grants = to_json_list(&record.grants);
+        let revoked = if record.revoked { "1" } else { "0" };
+        self.call(
+            &key,
+            &[
+                b"HSET",
+                key.as_bytes(),
+                b"key_id",
+                record.key_id.as_bytes(),
+                b"user_id",
+                record.user_id.as_bytes(),
+                b"name",
+                record.name.as_bytes(),
+                b"secret_hash",
+                record.secret_hash.as_bytes(),
+                b"grants",
+                grants.as_bytes(),
+                b"created_at",
+                record.created_at.as_bytes(),
+                b"revoked",
+                revoked.as_bytes(),
+            ],
+        )
+        .await?;
+        let set = format!("pulsar:apikey:user:{}", record.user_id);
+        self.call(&set, &[b"SADD", set.as_bytes(), record.key_id.as_bytes()])
+            .await?;
+        self.changed().await
+    }
+
+    pub async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, AuthError> {
+        let key = format!("pulsar:apikey:{key_id}");
+        let f = fields(self.call(&key, &[b"HGETALL", key.as_bytes()]).await?);
+        if f.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ApiKeyRecord {
+            key_id: get(&f, "key_id").to_owned(),
+            user_id: get(&f, "user_id").to_owned(),
+            name: get(&f, "name").to_owned(),
+            secret_hash: get(&f, "secret_hash").to_owned(),
+            grants: json_list(get(&f, "grants")),
+            created_at: get(&f, "created_at").to_owned(),
+            // Anything but an explicit `0` is revoked: an unreadable record grants nothing.
+            revoked: get(&f, "revoked") != "0",
+        }))
+    }
+
+    pub async fn api_keys_of(&self, user_id: &str) -> Result<Vec<ApiKeyRecord>, AuthError> {
+        let set = format!("pulsar:apikey:user:{user_id}");
+        let reply = self.call(&set, &[b"SMEMBERS", set.as_bytes()]).await?;
+        let mut keys = Vec::new();
+        for id in reply.into_array().unwrap_or_default() {
+            if let Some(id) = id.as_str() {
+                if let Some(record) = self.api_key(id).await? {
+                    keys.push(record);
+                }
+            }
+        }
+        Ok(keys)
     }
 
     pub async fn create_topic(&self, topic: &TopicRecord) -> Result<bool, AuthError> {

@@ -218,11 +218,14 @@ fn changes_state(method: Method) -> bool {
 /// a body or type it declares must be JSON.
 pub fn require_json_body(request: &Request) -> Result<(), ApiError> {
     let required = match request.method() {
-        // A bodiless POST with an `Authorization` header (`/auth/logout`, an admin's
-        // disconnect) cannot be a cross-site simple request: that header needs a preflight.
+        // A bodiless POST with an `Authorization` or `X-API-Key` header (`/auth/logout`, an
+        // admin's disconnect) cannot be a cross-site simple request: those headers need a
+        // preflight.
         Method::Post => {
             request.path() != LOGIN_PATH
-                && !(request.body().is_empty() && request.header("authorization").is_some())
+                && !(request.body().is_empty()
+                    && (request.header("authorization").is_some()
+                        || request.header("x-api-key").is_some()))
         }
         Method::Put | Method::Patch | Method::Delete => {
             !request.body().is_empty() || request.content_type().is_some()

@@ -19,7 +19,8 @@ pub const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 /// The request headers a cross-origin page may send: credentials, JSON bodies, idempotent
 /// publishes, and an event stream's resume point. The CORS-safelisted ones (`Accept`,
 /// `Accept-Language`, `Content-Language`) need no permission but are accepted if asked for.
-pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID";
+pub const ALLOW_HEADERS: &str =
+    "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-API-Key";
 /// Ten minutes, as the Python relay: a page does not repeat the preflight for every publish,
 /// and a narrowed allow-list reaches browsers soon. (Chromium caps it at two hours anyway.)
 pub const MAX_AGE: &str = "600";

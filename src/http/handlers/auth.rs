@@ -10,7 +10,12 @@
 //! - admin: `POST /auth/register` (201), `GET /auth/users`, `GET /auth/users/stats`,
 //!   `PATCH /auth/users/{id}`, `DELETE /auth/users/{id}`, and ours,
 //!   `POST /auth/users/{id}/disconnect` (the user's tokens so far stop working; open streams
-//!   close within [`crate::auth::STREAM_RECHECK_EVERY`]).
+//!   close within [`crate::auth::STREAM_RECHECK_EVERY`]);
+//! - ours: `POST /auth/api-keys` `{"name","permissions","user_id"?}` → 201 with the key, shown
+//!   once; `GET /auth/api-keys` (`?user_id=` for admins); `DELETE /auth/api-keys/{id}`.
+//!
+//! In `auth.mode: external` there are no users: only `GET /auth/me` answers (with what the
+//! external token grants); the rest are 404.
 //!
 //! The logic lives in [`crate::auth`]; this module parses and renders.
 
@@ -19,8 +24,8 @@ use serde_json::{json, Value};
 
 use super::Reply;
 use crate::auth::session::{split_refresh_token, LoginError, RefreshError, Tokens};
-use crate::auth::store::{iso8601, User};
-use crate::auth::{AuthError, Permission, Permissions, Principal};
+use crate::auth::store::{iso8601, ApiKeyRecord, User};
+use crate::auth::{AuthError, CredentialKind, Grants, Permission, Permissions, Principal, Refusal};
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
 use crate::http::router::AuthRoute;
@@ -81,7 +86,27 @@ fn parse_json<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, ApiErro
 }
 
 /// Dispatches an `/auth/*` request; `principal` is `None` only for the public routes.
+///
+/// After a change to users, tokens or keys every shard of this relay drops its cache at once
+/// (the one that made it already has), so the change applies to the next request on any
+/// shard; other relays see it when they next read the generation (within a second).
 pub async fn handle(
+    shard: &Shard,
+    route: AuthRoute,
+    request: &Request,
+    principal: Option<&Principal>,
+) -> Result<Reply, ApiError> {
+    let changes = route.changes_state();
+    let result = handle_route(shard, route, request, principal).await;
+    if changes && result.is_ok() && shard.shard_count() > 1 {
+        shard
+            .invoke_on_all(async |s: &Shard| s.auth.invalidate())
+            .await;
+    }
+    result
+}
+
+async fn handle_route(
     shard: &Shard,
     route: AuthRoute,
     request: &Request,
@@ -92,17 +117,30 @@ pub async fn handle(
             "authentication is off on this relay (auth.mode: none)",
         ));
     }
+    if !shard.auth.config.builtin() && route != AuthRoute::Me {
+        return Err(ApiError::not_found(
+            "this relay has no users of its own (auth.mode: external)",
+        ));
+    }
     let principal = match (route.is_public(), principal) {
         (true, _) => None,
         (false, Some(p)) => Some(p),
-        (false, None) => return Err(AuthError::Unauthenticated("Not authenticated").into()),
+        (false, None) => return Err(AuthError::Unauthenticated(Refusal::Missing).into()),
     };
-    let user_id =
-        || {
-            principal.and_then(Principal::user_id).ok_or(ApiError::from(
-                AuthError::Unauthenticated("Not authenticated"),
-            ))
-        };
+    let user_id = || {
+        principal
+            .and_then(Principal::user_id)
+            .ok_or(ApiError::from(AuthError::Unauthenticated(Refusal::Missing)))
+    };
+    // Routes about the caller's own user record, which external tokens do not have.
+    let own_user_id = || match principal.and_then(|p| p.user.as_ref()) {
+        Some(user) if user.credential == CredentialKind::External => Err(ApiError::new(
+            403,
+            "FORBIDDEN",
+            "an external token has no user on this relay",
+        )),
+        _ => user_id(),
+    };
     match route {
         AuthRoute::Login => login(shard, request).await,
         AuthRoute::Refresh => refresh(shard, request).await,
@@ -115,17 +153,28 @@ pub async fn handle(
             }
             Ok(Reply::no_content())
         }
-        AuthRoute::Me => {
-            let user = shard
-                .auth
-                .store
-                .user_by_id(user_id()?)
-                .await?
-                .ok_or(AuthError::Unauthenticated("User not found"))?;
-            json_reply(200, &user_public(&user))
-        }
+        AuthRoute::Me => match principal.and_then(|p| p.user.as_ref().map(|u| (p, u))) {
+            Some((p, user)) if user.credential == CredentialKind::External => json_reply(
+                200,
+                &json!({
+                    "user_id": user.user_id,
+                    "username": user.username,
+                    "permissions": p.grants.entries(),
+                    "external": true,
+                }),
+            ),
+            _ => {
+                let user = shard
+                    .auth
+                    .store
+                    .user_by_id(user_id()?)
+                    .await?
+                    .ok_or(AuthError::Unauthenticated(Refusal::UnknownUser))?;
+                json_reply(200, &user_public(&user))
+            }
+        },
         AuthRoute::Sessions => {
-            let rows = shard.auth.sessions(user_id()?).await?;
+            let rows = shard.auth.sessions(own_user_id()?).await?;
             let sessions: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -141,7 +190,7 @@ pub async fn handle(
             json_reply(200, &Value::Array(sessions))
         }
         AuthRoute::DeleteSession(jti) => {
-            if shard.auth.revoke_session(user_id()?, &jti).await? {
+            if shard.auth.revoke_session(own_user_id()?, &jti).await? {
                 Ok(Reply::no_content())
             } else {
                 Err(ApiError::not_found("session not found"))
@@ -198,7 +247,147 @@ pub async fn handle(
             admin_action(principal, "delete_user", &id);
             Ok(Reply::no_content())
         }
+        AuthRoute::CreateApiKey => {
+            let caller = key_manager(principal, own_user_id()?)?;
+            create_api_key(shard, request, caller).await
+        }
+        AuthRoute::ApiKeys => {
+            let caller = key_manager(principal, own_user_id()?)?;
+            let owner = query_value(request.query(), "user_id");
+            let owner = match owner.as_deref() {
+                Some(other) if other != caller.user_id => {
+                    caller.principal.require(Permission::Admin)?;
+                    other.to_owned()
+                }
+                _ => caller.user_id.to_owned(),
+            };
+            let keys = shard.auth.store.api_keys_of(&owner).await?;
+            json_reply(
+                200,
+                &Value::Array(keys.iter().map(api_key_public).collect()),
+            )
+        }
+        AuthRoute::RevokeApiKey(key_id) => {
+            let caller = key_manager(principal, own_user_id()?)?;
+            let record = shard.auth.store.api_key(&key_id).await?;
+            // Another user's key is a 404 to a non-admin, as another user's topic is.
+            let visible = record
+                .as_ref()
+                .is_some_and(|r| r.user_id == caller.user_id || caller.principal.is_admin());
+            if !visible || !shard.auth.revoke_api_key(&key_id).await? {
+                return Err(ApiError::not_found("API key not found"));
+            }
+            if record.is_some_and(|r| r.user_id != caller.user_id) {
+                admin_action(principal, "revoke_api_key", &key_id);
+            }
+            Ok(Reply::no_content())
+        }
     }
+}
+
+/// Who is managing API keys: a user logged in with a built-in token (a key cannot mint or
+/// revoke keys, so a leaked key cannot outlive its own revocation).
+struct KeyManager<'a> {
+    principal: &'a Principal,
+    user_id: &'a str,
+}
+
+fn key_manager<'a>(
+    principal: Option<&'a Principal>,
+    user_id: &'a str,
+) -> Result<KeyManager<'a>, ApiError> {
+    let principal = principal.ok_or(AuthError::Unauthenticated(Refusal::Missing))?;
+    match principal.user.as_ref().map(|u| &u.credential) {
+        Some(CredentialKind::BuiltinToken) => Ok(KeyManager { principal, user_id }),
+        _ => Err(ApiError::new(
+            403,
+            "FORBIDDEN",
+            "API keys are managed with a login token, not with an API key",
+        )),
+    }
+}
+
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn api_key_public(record: &ApiKeyRecord) -> Value {
+    json!({
+        "key_id": record.key_id,
+        "name": record.name,
+        "user_id": record.user_id,
+        "permissions": record.grants,
+        "created_at": record.created_at,
+        "revoked": record.revoked,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiKeyBody {
+    name: String,
+    permissions: Vec<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+}
+
+async fn create_api_key(
+    shard: &Shard,
+    request: &Request,
+    caller: KeyManager<'_>,
+) -> Result<Reply, ApiError> {
+    let body: CreateApiKeyBody = parse_json(request)?;
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(unprocessable("`name` is 1 to 100 characters"));
+    }
+    let grants =
+        Grants::parse_strict(body.permissions.iter().map(String::as_str)).map_err(|e| {
+            unprocessable(format!(
+                "unknown permission {:?}: use read, write, admin, read:<pattern> or \
+                 write:<pattern>",
+                e.0
+            ))
+        })?;
+    let owner_id = match body.user_id.as_deref() {
+        Some(other) if other != caller.user_id => {
+            caller.principal.require(Permission::Admin)?;
+            other.to_owned()
+        }
+        _ => caller.user_id.to_owned(),
+    };
+    let owner = shard
+        .auth
+        .store
+        .user_by_id(&owner_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("User with ID '{owner_id}' not found")))?;
+    // A key is never more than its owner; asking for more is refused rather than narrowed,
+    // so the caller is not surprised later.
+    if grants.clone().within(owner.permissions) != grants {
+        return Err(ApiError::new(
+            403,
+            "FORBIDDEN",
+            format!(
+                "a key cannot have permissions its owner lacks (the owner has {:?})",
+                owner.permissions.names()
+            ),
+        ));
+    }
+    let created = shard.auth.create_api_key(&owner.id, name, &grants).await?;
+    if owner.id != caller.user_id {
+        admin_action(
+            Some(caller.principal),
+            "create_api_key",
+            &created.record.key_id,
+        );
+    }
+    let mut public = api_key_public(&created.record);
+    public["api_key"] = Value::String(created.key);
+    json_reply(201, &public)
 }
 
 /// One log line per admin action: who did what to whom (never a password or token).
@@ -211,7 +400,7 @@ fn admin_action(principal: Option<&Principal>, action: &'static str, target: &st
 
 fn require_admin(principal: Option<&Principal>) -> Result<(), ApiError> {
     principal
-        .ok_or(AuthError::Unauthenticated("Not authenticated"))?
+        .ok_or(AuthError::Unauthenticated(Refusal::Missing))?
         .require(Permission::Admin)
         .map_err(ApiError::from)
 }
@@ -241,7 +430,7 @@ async fn login(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     match shard.auth.login(&username, &password).await {
         Ok(tokens) => tokens_reply(tokens),
         Err(LoginError::BadCredentials) => {
-            Err(AuthError::Unauthenticated("Incorrect username or password").into())
+            Err(AuthError::Unauthenticated(Refusal::BadCredentials).into())
         }
         Err(LoginError::Inactive) => {
             Err(ApiError::new(403, "FORBIDDEN", "User account is inactive"))
@@ -260,7 +449,7 @@ async fn refresh(shard: &Shard, request: &Request) -> Result<Reply, ApiError> {
     match shard.auth.refresh(&body.refresh_token).await {
         Ok(tokens) => tokens_reply(tokens),
         Err(RefreshError::Invalid) => {
-            Err(AuthError::Unauthenticated("invalid refresh token").into())
+            Err(AuthError::Unauthenticated(Refusal::InvalidRefresh).into())
         }
         Err(RefreshError::UserGone) => Err(ApiError::new(401, "UNAUTHORIZED", "user not found")),
         Err(RefreshError::Auth(e)) => Err(e.into()),

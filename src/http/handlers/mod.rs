@@ -157,7 +157,7 @@ pub async fn handle(
             )
             .and_then(|sse| {
                 principal.require(Permission::Read)?;
-                Ok(sse.in_namespace_of(&principal))
+                Ok(sse.in_namespace_of(&principal)?)
             }) {
                 Ok(sse) => {
                     shard.metrics.http_request(label, 200);
@@ -316,7 +316,7 @@ async fn dispatch(
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            poll::poll(shard, poll.in_namespace_of(who)).await
+            poll::poll(shard, poll.in_namespace_of(who)?).await
         }
         Route::PollGet => {
             who.require(Permission::Read)?;
@@ -325,7 +325,7 @@ async fn dispatch(
                 &shard.config.longpoll,
                 shard.config.api.max_topic_name_len,
             )?;
-            poll::poll(shard, poll.in_namespace_of(who)).await
+            poll::poll(shard, poll.in_namespace_of(who)?).await
         }
         Route::Metrics => {
             let snapshots = shard.gather_snapshots().await;

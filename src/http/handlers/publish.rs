@@ -276,7 +276,7 @@ async fn publish_one_inner(
     }
     // The response names the topic as the client did; it is stored in the client's namespace.
     let topic = std::mem::take(&mut item.topic);
-    item.topic = principal.topic(&topic);
+    item.topic = principal.topic(Permission::Write, &topic)?;
     shard.metrics.per_topic(&item.topic, 0, 1);
     let owner = shard.owner_of(&item.topic);
     let mut results = shard.publish_on(owner, vec![item]).await?;
@@ -332,7 +332,14 @@ pub async fn publish_bulk(
     for (index, item) in items.into_iter().enumerate() {
         match item {
             Ok(mut item) => {
-                item.topic = principal.into_topic(std::mem::take(&mut item.topic));
+                let topic = std::mem::take(&mut item.topic);
+                if !principal.may(Permission::Write, &topic) {
+                    let refused = principal.topic(Permission::Write, &topic).err();
+                    let error = refused.map_or_else(ApiError::internal, ApiError::from);
+                    outcomes[index] = Some(Outcome::Rejected(Some(topic), error));
+                    continue;
+                }
+                item.topic = principal.into_topic(Permission::Write, topic)?;
                 shard.metrics.per_topic(&item.topic, 0, 1);
                 let group = &mut groups[shard.owner_of(&item.topic)];
                 group.0.push(index);

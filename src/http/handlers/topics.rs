@@ -22,9 +22,10 @@ fn checked_topic(name: &str, limits: &ApiConfig) -> Result<(), ApiError> {
     Ok(topic::validate(name, limits.max_topic_name_len)?)
 }
 
-/// The stored name of the path's topic `name`, validated: the caller's own, or with
-/// `?owner=` another user's (admins only).
+/// The stored name of the path's topic `name`, validated and `permission` on it checked: the
+/// caller's own, or with `?owner=` another user's (admins only).
 fn stored_topic(
+    permission: Permission,
     name: &str,
     query: Option<&str>,
     principal: &Principal,
@@ -38,7 +39,7 @@ fn stored_topic(
     if owner.as_deref().is_some_and(|o| o.contains('/')) {
         return Err(ApiError::invalid_request("`owner` must be a user id"));
     }
-    Ok(principal.topic_of(owner.as_deref(), name)?)
+    Ok(principal.topic_of(permission, owner.as_deref(), name)?)
 }
 
 /// The query of a history read, validated.
@@ -105,7 +106,7 @@ pub async fn history(
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Read)?;
-    let topic = stored_topic(name, query, principal, &shard.config.api)?;
+    let topic = stored_topic(Permission::Read, name, query, principal, &shard.config.api)?;
     let q = parse_history_query(query, &shard.config.api)?;
     let mut page_query = PageQuery::new(q.cursor, q.order, q.limit);
     page_query.max_bytes = HISTORY_PAGE_BYTES;
@@ -194,8 +195,12 @@ fn write_topic(body: &mut Vec<u8>, stats: &TopicStats, detail: bool) {
 
 pub async fn list(shard: &Shard, principal: &Principal) -> Result<Reply, ApiError> {
     let mut topics = shard.all_topics().await?;
-    // The caller's own topics (the Python relay's rule, for admins too).
-    topics.retain(|t| topic::owner_of(&t.name) == principal.user_id());
+    // The caller's own topics (the Python relay's rule, for admins too), those its grants let
+    // it read when they name patterns.
+    topics.retain(|t| {
+        topic::owner_of(&t.name) == principal.namespace()
+            && principal.may(Permission::Read, topic::public_name(&t.name))
+    });
     let mut body = Vec::with_capacity(32 + topics.len() * 96);
     body.extend_from_slice(b"{\"topics\":[");
     for (i, stats) in topics.iter().enumerate() {
@@ -216,7 +221,7 @@ pub async fn stats(
     query: Option<&str>,
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
-    let topic = stored_topic(name, query, principal, &shard.config.api)?;
+    let topic = stored_topic(Permission::Read, name, query, principal, &shard.config.api)?;
     let stats = match shard.stats(topic.clone()).await? {
         Some(stats) => stats,
         // Created through `POST /api/v1/topics` and not yet published to: it exists.
@@ -268,8 +273,8 @@ pub async fn create(
             "`description` is at most 500 characters",
         ));
     }
-    let stored = principal.topic(&body.topic_name);
-    let owner = principal.user_id().unwrap_or("").to_owned();
+    let stored = principal.topic(Permission::Write, &body.topic_name)?;
+    let owner = principal.namespace().unwrap_or("").to_owned();
     let exists = || {
         ApiError::new(
             409,
@@ -316,7 +321,13 @@ pub async fn trim(
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Write)?;
-    let topic = stored_topic(name, request.query(), principal, &shard.config.api)?;
+    let topic = stored_topic(
+        Permission::Write,
+        name,
+        request.query(),
+        principal,
+        &shard.config.api,
+    )?;
     let body: TrimBody = serde_json::from_slice(request.body()).map_err(bad_json)?;
     let keep_count = body
         .keep_count
@@ -338,7 +349,7 @@ pub async fn delete(
     principal: &Principal,
 ) -> Result<Reply, ApiError> {
     principal.require(Permission::Write)?;
-    let topic = stored_topic(name, query, principal, &shard.config.api)?;
+    let topic = stored_topic(Permission::Write, name, query, principal, &shard.config.api)?;
     let record = record_of(shard, &topic).await?;
     if let Some(record) = &record {
         shard
