@@ -356,6 +356,13 @@ impl From<AuthError> for ApiError {
 /// applies within it.
 const GENERATION_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// While the generation cannot be read (Valkey restarting or failing over), principals cached
+/// before are still honoured for this long since the last good read, so a brief outage does
+/// not turn every request of an already-authenticated client into a 503; a credential not yet
+/// cached still needs the state and gets 503. Beyond it the relay fails closed: it could be
+/// missing a revocation.
+const STALE_CACHE_FOR: Duration = Duration::from_secs(30);
+
 /// Cached user records and deny-list answers beyond this are dropped wholesale: a bound on
 /// memory against a flood of distinct tokens.
 const CACHE_MAX_ENTRIES: usize = 10_000;
@@ -370,6 +377,8 @@ pub struct Auth {
     pub store: AuthStore,
     cache: RefCell<Cache>,
     checked_at: Cell<Option<Instant>>,
+    /// The last time the generation was read successfully.
+    confirmed_at: Cell<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -408,6 +417,7 @@ impl Auth {
             store,
             cache: RefCell::new(Cache::default()),
             checked_at: Cell::new(None),
+            confirmed_at: Cell::new(None),
         })
     }
 
@@ -691,8 +701,20 @@ impl Auth {
         if !due {
             return Ok(());
         }
-        let generation = self.store.generation().await?;
+        let generation = match self.store.generation().await {
+            Ok(generation) => generation,
+            Err(e) => {
+                // Asked again in a second, not on every request meanwhile.
+                self.checked_at.set(Some(Instant::now()));
+                let recent = self
+                    .confirmed_at
+                    .get()
+                    .is_some_and(|at| at.elapsed() < STALE_CACHE_FOR);
+                return if recent { Ok(()) } else { Err(e) };
+            }
+        };
         self.checked_at.set(Some(Instant::now()));
+        self.confirmed_at.set(Some(Instant::now()));
         let mut cache = self.cache.borrow_mut();
         if cache.generation != generation {
             cache.users.clear();
