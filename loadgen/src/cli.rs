@@ -215,6 +215,11 @@ pub struct CheckArgs {
     /// Only consumers of this transport.
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
+    /// Built-in authentication on (`on`) or off (`off`) in every history; unset, about one
+    /// history in three has it: a logged-in token on every request and stream, topics in the
+    /// user's namespace.
+    #[arg(long, value_enum)]
+    pub auth: Option<CheckAuth>,
     /// Relays per history, all on the one Valkey (1 to 5; more than 1 implies
     /// --backend valkey, and --ack persisted unless --ack buffered is given): publishes,
     /// trims and deletes go to each in turn, and consumers resume on the next relay each
@@ -239,6 +244,12 @@ pub struct CheckArgs {
 pub enum CheckBackend {
     Memory,
     Valkey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckAuth {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -163,7 +163,8 @@ impl HttpConn {
             .method(method)
             .uri(path)
             .header(HOST, endpoint.host.clone());
-        if body.is_some() {
+        // JSON unless the caller names another type (a login form).
+        if body.is_some() && !extra_headers.iter().any(|(n, _)| *n == "content-type") {
             builder = builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         if let Some(auth) = authorization {

@@ -217,6 +217,7 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
                 (None, false) => None,
             },
             transport: a.transport,
+            auth: a.auth.map(|a| a == cli::CheckAuth::On),
         },
         quiet: a.quiet,
     };

@@ -479,7 +479,8 @@ fn churn_returns_the_relay_to_its_baseline() {
 
 /// The model checker's fixed CI set: one history per entry, together covering both backends,
 /// 1 and 2 shards, 1 and 4 Valkey connections per shard, both ack modes, all three
-/// transports, three relays on one Valkey, and a Valkey Cluster (one relay and three). Each
+/// transports, three relays on one Valkey, a Valkey Cluster (one relay and three), and
+/// authentication on. Each
 /// entry is `loadgen check` with pins; a failure names the seed and the flags that replay it
 /// (`loadgen check --seed S --histories 1 <pins>`), with the violations. Shrinking is off here (it re-runs histories); run the printed command to shrink.
 const CHECK_SET: &[(u64, &[&str])] = &[
@@ -634,6 +635,19 @@ const CHECK_SET: &[(u64, &[&str])] = &[
     (15000, &["--cluster"]),
     (15002, &["--cluster"]),
     (16024, &["--cluster", "--relays", "3"]),
+    // Built-in authentication on (issue 13): every request and stream carries a token and the
+    // topics live in the user's namespace; memory, Valkey with buffered acks, three relays
+    // sharing the users on one Valkey. (Other entries draw authentication for about a third
+    // of their seeds too.)
+    (
+        1,
+        &["--auth", "on", "--backend", "memory", "--transport", "sse"],
+    ),
+    (
+        3,
+        &["--auth", "on", "--backend", "valkey", "--ack", "buffered"],
+    ),
+    (4001, &["--auth", "on", "--relays", "3"]),
 ];
 
 #[test]

@@ -233,6 +233,8 @@ pub struct Consumer {
     /// Where the current SSE stream would resume: its last event's id, or until it has
     /// one, the id it was opened with.
     sse_start: Option<String>,
+    /// `Bearer <token>` when the relay has authentication on.
+    authorization: Option<HeaderValue>,
 }
 
 impl Consumer {
@@ -241,11 +243,13 @@ impl Consumer {
         topics: Vec<u16>,
         sh: Arc<Shared>,
         endpoints: Vec<Endpoint>,
+        authorization: Option<HeaderValue>,
     ) -> Consumer {
         Consumer {
             transport,
             topics,
             sh,
+            authorization,
             // The first session opens on relay 0 (the turn moves before each open).
             current: endpoints.len().saturating_sub(1),
             endpoints,
@@ -426,11 +430,16 @@ impl Consumer {
         let tcp = connect_tcp(self.endpoint())
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let request = self
+        let mut request = self
             .endpoint()
             .ws_url("/ws")
             .into_client_request()
             .map_err(|e| e.to_string())?;
+        if let Some(auth) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(hyper::header::AUTHORIZATION, auth.clone());
+        }
         // Frames of hundreds of KB: the library's limits are well above the relay's.
         let config = WebSocketConfig::default();
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
@@ -547,7 +556,14 @@ impl Consumer {
             ));
         }
         let response = conn
-            .send(self.endpoint(), Method::GET, &path, None, None, &headers)
+            .send(
+                self.endpoint(),
+                Method::GET,
+                &path,
+                None,
+                self.authorization.as_ref(),
+                &headers,
+            )
             .await
             .map_err(|e| e.to_string())?;
         if response.status() != 200 {
@@ -690,7 +706,7 @@ impl Consumer {
                 Method::POST,
                 "/messages/poll",
                 Some(Bytes::from(body)),
-                None,
+                self.authorization.as_ref(),
             ),
         )
         .await;

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use hyper::Method;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -99,6 +100,8 @@ struct Exec {
     turn: usize,
     restarts: u64,
     events: BTreeMap<String, u64>,
+    /// `Bearer <token>` when the set-up has authentication on.
+    authorization: Option<HeaderValue>,
 }
 
 /// Runs `history`; `Err` when the processes could not be set up (not a verdict).
@@ -153,7 +156,11 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
         turn: 0,
         restarts: 0,
         events: BTreeMap::new(),
+        authorization: None,
     };
+    if history.setup.auth {
+        exec.authorization = Some(login(&exec.endpoints[0]).await?);
+    }
     for step in &history.steps {
         exec.step(step, &history.setup, &mut valkey).await;
     }
@@ -248,7 +255,16 @@ impl Exec {
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), String> {
         let endpoint = &self.endpoints[relay];
-        request(endpoint, &mut self.conns[relay][conn], method, path, body).await
+        let auth = self.authorization.as_ref();
+        request(
+            endpoint,
+            &mut self.conns[relay][conn],
+            method,
+            path,
+            body,
+            auth,
+        )
+        .await
     }
 
     async fn step(&mut self, step: &Step, setup: &Setup, valkey: &mut [Valkey]) {
@@ -307,6 +323,7 @@ impl Exec {
                         topics.clone(),
                         sh.clone(),
                         self.endpoints.clone(),
+                        self.authorization.clone(),
                     )
                     .run(rx),
                 );
@@ -551,6 +568,7 @@ impl Exec {
             let mut conn = self.conns[relay][lane].take();
             let endpoint = self.endpoints[relay].clone();
             let ledger = self.ledger.clone();
+            let auth = self.authorization.clone();
             tasks.push(tokio::spawn(async move {
                 for p in share {
                     let r = request(
@@ -559,6 +577,7 @@ impl Exec {
                         Method::POST,
                         "/api/v1/messages",
                         Some(p.body),
+                        auth.as_ref(),
                     )
                     .await;
                     let fate = match r {
@@ -734,6 +753,7 @@ async fn request(
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
+    authorization: Option<&HeaderValue>,
 ) -> Result<(u16, Bytes), String> {
     if conn.as_ref().is_none_or(|c| !c.is_open()) {
         *conn = Some(
@@ -747,7 +767,7 @@ async fn request(
     };
     let r = tokio::time::timeout(
         REQUEST_TIMEOUT,
-        c.request(endpoint, method, path, body.map(Bytes::from), None),
+        c.request(endpoint, method, path, body.map(Bytes::from), authorization),
     )
     .await;
     match r {
@@ -759,6 +779,61 @@ async fn request(
         Err(_) => {
             *conn = None;
             Err("timeout".into())
+        }
+    }
+}
+
+/// Logs in as the checker's user (the bootstrap admin of an authenticated set-up); the
+/// `Authorization` value every request and stream then carries.
+async fn login(endpoint: &Endpoint) -> Result<HeaderValue, String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = format!(
+        "username={}&password={}",
+        super::procs::CHECK_USER,
+        super::procs::CHECK_PASSWORD
+    );
+    loop {
+        let attempt = async {
+            let mut conn = HttpConn::connect(endpoint)
+                .await
+                .map_err(|e| e.kind().to_owned())?;
+            let form = HeaderValue::from_static("application/x-www-form-urlencoded");
+            let response = conn
+                .send(
+                    endpoint,
+                    Method::POST,
+                    "/auth/login",
+                    Some(Bytes::from(body.clone())),
+                    None,
+                    &[("content-type", form)],
+                )
+                .await
+                .map_err(|e| e.kind().to_owned())?;
+            let status = response.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if status != 200 {
+                return Err(format!(
+                    "login: {status} {}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            let reply: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| format!("login reply: {e}"))?;
+            let token = reply["access_token"]
+                .as_str()
+                .ok_or("login reply without access_token")?;
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(value) => return Ok(value),
+            // The bootstrap admin is created as the relay starts: retry briefly.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

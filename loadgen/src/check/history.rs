@@ -42,6 +42,9 @@ pub struct Setup {
     pub memory_bytes: Option<u64>,
     /// `ws.max_queued_bytes` and `sse.max_queued_bytes`: how far behind a slow reader may fall.
     pub queue_bytes: u32,
+    /// Built-in authentication on: every request and stream carries a logged-in token, and
+    /// topics live in that user's namespace.
+    pub auth: bool,
 }
 
 /// Where a (re)subscription starts, before the executor resolves it to ids.
@@ -155,6 +158,7 @@ pub struct Pins {
     pub connections: Option<u8>,
     pub ack: Option<Ack>,
     pub transport: Option<Transport>,
+    pub auth: Option<bool>,
 }
 
 fn pick<T: Copy>(rng: &mut fastrand::Rng, items: &[T]) -> T {
@@ -196,6 +200,11 @@ pub fn generate(seed: u64, steps: usize, pins: Pins) -> History {
         retention_s: (rng.u8(..4) == 0).then(|| rng.u32(2..=4)),
         memory_bytes: (!valkey && rng.u8(..3) == 0).then(|| pick(&mut rng, &[2u64 << 20, 8 << 20])),
         queue_bytes: pick(&mut rng, &[256 << 10, 1 << 20]),
+        // From a stream of its own, so a seed's other choices are those it had before
+        // authentication joined the set-up (seeds named in regression tests stay meaningful).
+        auth: pins
+            .auth
+            .unwrap_or_else(|| fastrand::Rng::with_seed(seed ^ 0xa07_0a07).u8(..3) == 0),
     };
     // Mostly a few topics, sometimes many.
     let topics = if rng.u8(..5) == 0 {
@@ -399,6 +408,9 @@ impl fmt::Display for Setup {
         if let Some(b) = self.memory_bytes {
             write!(f, ", memory budget {b} B")?;
         }
+        if self.auth {
+            f.write_str(", authentication on")?;
+        }
         Ok(())
     }
 }
@@ -446,6 +458,7 @@ mod tests {
             connections: Some(4),
             ack: Some(Ack::Buffered),
             transport: Some(Transport::Sse),
+            auth: Some(true),
         };
         for seed in 0..10 {
             let h = generate(seed, 60, pins);

@@ -317,8 +317,20 @@ pub fn config_yaml(setup: &Setup, valkey_ports: &[u16], cluster: bool) -> String
             Ack::Buffered => "durability:\n  ack: buffered\n",
         });
     }
+    if setup.auth {
+        y.push_str(&format!(
+            "auth:\n  mode: builtin\n  jwt_secret: \"{CHECK_JWT_SECRET}\"\n  \
+             bootstrap_admin_username: {CHECK_USER}\n  bootstrap_admin_password: \"{CHECK_PASSWORD}\"\n\
+             rate_limit:\n  principal_rate: \"off\"\n"
+        ));
+    }
     y
 }
+
+/// The checker's user when authentication is on (the bootstrap admin: every permission).
+pub const CHECK_USER: &str = "checker";
+pub const CHECK_PASSWORD: &str = "checker-password";
+const CHECK_JWT_SECRET: &str = "loadgen-check-secret-0123456789abcdef0123";
 
 impl Relay {
     /// Starts `bin` with `yaml` (written into `dir`); returns once it printed its address.
