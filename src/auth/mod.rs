@@ -832,4 +832,43 @@ mod tests {
         assert!(key.into_topic(Permission::Write, "x".to_owned()).is_err());
         assert_eq!(key.stored_name("x"), "u1/x");
     }
+
+    /// A flood of distinct valid tokens (each verified once) never grows a shard's cache of
+    /// verified principals beyond its bound; the tokens keep working.
+    #[test]
+    fn the_principal_cache_is_bounded() {
+        let mut config = crate::config::built_in().auth;
+        config.mode = crate::config::AuthMode::Builtin;
+        config.jwt_secret = Some(crate::config::Secret::new(
+            "cache-bound-secret-0123456789abcdef0123",
+        ));
+        let db = std::sync::Arc::new(store::memory::MemoryAuthDb::new());
+        let user = User {
+            id: "u1".to_owned(),
+            username: "alice".to_owned(),
+            email: String::new(),
+            password_hash: String::new(),
+            active: true,
+            created_at: String::new(),
+            permissions: Permissions::EVERY,
+            owned_topics: Vec::new(),
+        };
+        assert!(db.create_user(&user));
+        let auth = Auth::new(config, AuthStore::Memory(db), None).expect("auth");
+        let signer = auth.signer.as_ref().expect("builtin");
+        futures::executor::block_on(async {
+            for i in 0..CACHE_MAX_ENTRIES + 500 {
+                let token = signer.issue("u1", "alice", Vec::new()).token;
+                let principal = auth.authenticate(Some(&token)).await;
+                assert!(principal.is_ok(), "token {i}: {principal:?}");
+                assert!(auth.cache.borrow().principals.len() <= CACHE_MAX_ENTRIES);
+            }
+        });
+        let cache = auth.cache.borrow();
+        assert!(
+            cache.principals.len() < CACHE_MAX_ENTRIES,
+            "cleared once past the bound"
+        );
+        assert!(cache.denied.len() <= CACHE_MAX_ENTRIES);
+    }
 }
