@@ -19,10 +19,13 @@ use crate::clock::now_ms;
 /// What every key starts with, so the entrance (and a secret scanner) knows one at a glance.
 pub const PREFIX: &str = "prk_";
 
-/// `(key id, secret)` of a presented key; `None` when it is not shaped like one.
+/// `(key id, secret)` of a presented key; `None` when it is not shaped like one. The id is
+/// what the relay makes (32 lowercase hex digits), so nothing else a client writes reaches a
+/// storage key.
 pub fn split(key: &str) -> Option<(&str, &str)> {
     let (id, secret) = key.strip_prefix(PREFIX)?.split_once('.')?;
-    (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
+    let id_ok = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (id_ok && !secret.is_empty()).then_some((id, secret))
 }
 
 /// A key just created: the record and the one time its text is known.
@@ -51,8 +54,7 @@ impl Auth {
             created_at: iso8601(now_ms() / 1000),
             revoked: false,
         };
-        self.store.put_api_key(&record).await?;
-        self.invalidate();
+        self.store.create_api_key(&record).await?;
         Ok(CreatedKey {
             key: format!("{PREFIX}{key_id}.{secret}"),
             record,
@@ -61,12 +63,11 @@ impl Auth {
 
     /// Revokes a key; `false` when there is no such key.
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool, AuthError> {
-        let Some(mut record) = self.store.api_key(key_id).await? else {
+        let Some(record) = self.store.api_key(key_id).await? else {
             return Ok(false);
         };
         if !record.revoked {
-            record.revoked = true;
-            self.store.put_api_key(&record).await?;
+            self.store.revoke_api_key(&record).await?;
             self.invalidate();
         }
         Ok(true)
@@ -127,16 +128,21 @@ mod tests {
 
     #[test]
     fn keys_split_into_id_and_secret() {
-        assert_eq!(split("prk_abc.def"), Some(("abc", "def")));
-        assert_eq!(split("prk_abc.de.f"), Some(("abc", "de.f")));
+        const ID: &str = "0123456789abcdef0123456789abcdef";
+        assert_eq!(split(&format!("prk_{ID}.def")), Some((ID, "def")));
+        assert_eq!(split(&format!("prk_{ID}.de.f")), Some((ID, "de.f")));
+        let upper = ID.to_uppercase();
         for bad in [
-            "abc.def",
-            "prk_.def",
-            "prk_abc.",
-            "prk_abc",
-            "Bearer prk_a.b",
+            format!("{ID}.def"),
+            "prk_.def".to_owned(),
+            format!("prk_{ID}."),
+            format!("prk_{ID}"),
+            format!("Bearer prk_{ID}.b"),
+            "prk_user:u1.x".to_owned(),
+            format!("prk_{upper}.x"),
+            format!("prk_{ID}0.x"),
         ] {
-            assert_eq!(split(bad), None, "{bad:?}");
+            assert_eq!(split(&bad), None, "{bad:?}");
         }
     }
 }

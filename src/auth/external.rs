@@ -153,12 +153,20 @@ impl ExternalVerifier {
             Some(Value::String(scope)) => Grants::parse_lenient(scope.split_ascii_whitespace()),
             _ => Grants::default(),
         };
-        let seconds = |name: &str| claims.get(name).and_then(Value::as_u64);
+        // NumericDate may have a fraction (RFC 7519 §2); whole seconds are enough here.
+        let seconds = |name: &str| {
+            claims
+                .get(name)
+                .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)))
+        };
         Ok(ExternalClaims {
             subject,
             grants,
-            // Required and checked above.
-            expires_at: seconds("exp").unwrap_or(0),
+            // Required and checked above, with the leeway; a stream lives as long as the
+            // token would still be accepted.
+            expires_at: seconds("exp")
+                .unwrap_or(0)
+                .saturating_add(self.validation.leeway),
             issued_at: seconds("iat").unwrap_or(0),
         })
     }
@@ -232,6 +240,20 @@ mod tests {
         );
         let claims = verifier.verify(&scope).expect("valid");
         assert_eq!(claims.grants.entries(), ["read:jobs.*"]);
+    }
+
+    #[test]
+    fn a_fractional_exp_is_its_whole_seconds_plus_the_leeway() {
+        let verifier = ExternalVerifier::new(&config(None, None)).expect("verifier");
+        let iat = now();
+        let exp = iat + 60;
+        let token = sign(
+            Algorithm::HS256,
+            &json!({"sub": "s", "exp": exp as f64 + 0.5, "iat": iat as f64 + 0.25}),
+        );
+        let claims = verifier.verify(&token).expect("valid");
+        assert_eq!(claims.expires_at, exp + 30);
+        assert_eq!(claims.issued_at, iat);
     }
 
     #[test]

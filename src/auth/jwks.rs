@@ -60,19 +60,21 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// The key `kid` names; without a `kid`, the only key there is.
+    /// The key `kid` names; without a `kid` (or one the set does not name), the only key
+    /// there is when the set has a single key without an id (some issuers publish one key and
+    /// still put a `kid` in tokens).
     fn find(&self, kid: Option<&str>) -> Option<&DecodingKey> {
-        match kid {
-            Some(kid) => self
-                .keys
+        let named = kid.and_then(|kid| {
+            self.keys
                 .iter()
                 .find(|(id, _)| id.as_deref() == Some(kid))
-                .map(|(_, key)| key),
-            None => match self.keys.as_slice() {
-                [(_, key)] => Some(key),
-                _ => None,
-            },
-        }
+                .map(|(_, key)| key)
+        });
+        named.or_else(|| match self.keys.as_slice() {
+            [(None, key)] => Some(key),
+            [(_, key)] if kid.is_none() => Some(key),
+            _ => None,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -215,8 +217,12 @@ impl Jwks {
 
 /// The document at `url`.
 fn fetch(url: &str) -> Result<Vec<u8>, String> {
+    // No redirects: configuration checked this address (https, or http to loopback), not
+    // wherever it might send us; and never plain http once https was asked for.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
+        .max_redirects(0)
+        .https_only(url.starts_with("https://"))
         .build()
         .into();
     let mut response = agent.get(url).call().map_err(|e| e.to_string())?;

@@ -200,6 +200,17 @@ impl Principal {
             .map(|u| u.user_id.as_str())
     }
 
+    /// The same caller with the same kind of credential and the same grants (what an in-band
+    /// token refresh may change is the lifetime, nothing else).
+    pub fn same_rights(&self, other: &Principal) -> bool {
+        let kind = |p: &Principal| {
+            p.user
+                .as_ref()
+                .map(|u| (u.user_id.clone(), std::mem::discriminant(&u.credential)))
+        };
+        kind(self) == kind(other) && self.grants == other.grants
+    }
+
     /// Whether `permission` is granted on the client's topic `name`.
     pub fn may(&self, permission: Permission, name: &str) -> bool {
         self.grants.allows(permission, name)
@@ -231,7 +242,10 @@ impl Principal {
         }
     }
 
-    /// [`Principal::topic`] in another user's namespace, which only an admin may reach.
+    /// [`Principal::topic`] in another user's namespace, which only an admin may reach. An
+    /// admin logged in reaches it whole (as the Python relay's admins manage everything); an
+    /// API key or an external token only within what it grants on the topic, so `admin`
+    /// beside `read:jobs.*` reads another user's `jobs.1` but not their `billing`.
     pub fn topic_of(
         &self,
         permission: Permission,
@@ -241,13 +255,21 @@ impl Principal {
         match (owner, self.namespace()) {
             (Some(owner), own) if Some(owner) != own => {
                 self.require(Permission::Admin)?;
+                let logged_in = self
+                    .user
+                    .as_ref()
+                    .is_some_and(|u| u.credential == CredentialKind::BuiltinToken);
+                if !logged_in {
+                    self.require_on(permission, name)?;
+                }
                 Ok(namespaced(owner, name))
             }
             _ => self.topic(permission, name),
         }
     }
 
-    fn require_on(&self, permission: Permission, name: &str) -> Result<(), AuthError> {
+    /// `permission` on the client's topic `name`, or the 403 saying so.
+    pub fn require_on(&self, permission: Permission, name: &str) -> Result<(), AuthError> {
         if self.grants.allows(permission, name) {
             Ok(())
         } else {

@@ -382,7 +382,7 @@ impl Layers {
     fn resolve_auth(&self, listen: &Got<SocketAddr>) -> Result<AuthConfig, ConfigError> {
         let mode = self.choice::<AuthModeSetting>(&s::AUTH_MODE)?;
         let secret = self.optional_text(&s::AUTH_JWT_SECRET);
-        let external = self.resolve_external_jwt()?;
+        let external = self.resolve_external_jwt(secret.as_ref().map(|s| s.value.as_str()))?;
         let mode_value = match mode.value {
             AuthModeSetting::Auto if secret.is_some() => AuthMode::Builtin,
             AuthModeSetting::Auto if external.is_some() => AuthMode::External,
@@ -473,7 +473,10 @@ impl Layers {
     }
 
     /// `auth.external.*`: `None` when no key is configured.
-    fn resolve_external_jwt(&self) -> Result<Option<ExternalJwtConfig>, ConfigError> {
+    fn resolve_external_jwt(
+        &self,
+        builtin_secret: Option<&str>,
+    ) -> Result<Option<ExternalJwtConfig>, ConfigError> {
         let algorithm = self.choice::<JwtAlgorithm>(&s::AUTH_EXTERNAL_ALGORITHM)?;
         let secret = self.optional_text(&s::AUTH_EXTERNAL_SECRET);
         let key_file = self.optional_text(&s::AUTH_EXTERNAL_PUBLIC_KEY_FILE);
@@ -487,22 +490,41 @@ impl Layers {
             (Some(secret), None, None) => {
                 if !hmac {
                     return Err(secret.invalid(format!(
-                        "unset with `{}: {}`: a secret is for the HS algorithms (set                          `{}` or `{}` for public keys)",
+                        "no secret with `{}: {}`: a secret is for the HS algorithms; this one \
+                         takes `{}` or `{}`",
                         s::AUTH_EXTERNAL_ALGORITHM.path,
                         algorithm.value.name(),
                         s::AUTH_EXTERNAL_PUBLIC_KEY_FILE.path,
                         s::AUTH_EXTERNAL_JWKS_URL.path
                     )));
                 }
-                if secret.value.len() < 32 {
-                    return Err(secret.invalid("at least 32 bytes"));
+                // RFC 7518 §3.2: a key at least as long as the hash.
+                let min = match algorithm.value.0 {
+                    Algorithm::HS384 => 48,
+                    Algorithm::HS512 => 64,
+                    _ => 32,
+                };
+                if secret.value.len() < min {
+                    return Err(secret.invalid(format!(
+                        "at least {min} bytes for {}",
+                        algorithm.value.name()
+                    )));
+                }
+                // The built-in tokens' key would make every built-in token (an expired one
+                // included, within the leeway) an external one carrying its own claims.
+                if builtin_secret.is_some_and(|b| b == secret.value) {
+                    return Err(secret.invalid(format!(
+                        "a key of its own, not `{}`: external tokens must not be signed like \
+                         the relay's own",
+                        s::AUTH_JWT_SECRET.path
+                    )));
                 }
                 ExternalKeySource::Secret(Secret(secret.value))
             }
             (None, Some(file), None) => {
                 if hmac {
                     return Err(file.invalid(format!(
-                        "unset with `{}: {}`: HS algorithms take `{}`",
+                        "no public key with `{}: {}`: HS algorithms take `{}`",
                         s::AUTH_EXTERNAL_ALGORITHM.path,
                         algorithm.value.name(),
                         s::AUTH_EXTERNAL_SECRET.path
@@ -515,7 +537,7 @@ impl Layers {
             (None, None, Some(url)) => {
                 if hmac {
                     return Err(url.invalid(format!(
-                        "unset with `{}: {}`: HS algorithms take `{}`",
+                        "no public key with `{}: {}`: HS algorithms take `{}`",
                         s::AUTH_EXTERNAL_ALGORITHM.path,
                         algorithm.value.name(),
                         s::AUTH_EXTERNAL_SECRET.path
@@ -1081,9 +1103,16 @@ impl Named for JwtAlgorithm {
     }
 }
 
-/// A JWKS address: `https://`, or `http://` to a loopback host (a sidecar, a test).
+/// A JWKS address: `https://`, or `http://` to a loopback host (a sidecar, a test); never
+/// with user information (`http://127.0.0.1:80@elsewhere/` names `elsewhere`).
 fn check_jwks_url(url: &Got<String>) -> Result<(), ConfigError> {
     let lower = url.value.to_ascii_lowercase();
+    let authority = lower.split_once("://").map_or("", |(_, rest)| {
+        rest.split(['/', '?', '#']).next().unwrap_or("")
+    });
+    if authority.contains('@') {
+        return Err(url.invalid("a URL without user information (`user@`)"));
+    }
     if let Some(rest) = lower.strip_prefix("https://") {
         if !rest.is_empty() {
             return Ok(());

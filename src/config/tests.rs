@@ -1840,7 +1840,7 @@ fn auth_mode_secret_listen_and_bootstrap_rules() {
 /// The external-token key sources `EVERY_KEY_YAML` cannot hold beside its JWKS URL (one
 /// source only).
 fn external_secret_yaml() -> String {
-    "auth:\n  external:\n    algorithm: HS384\n    secret: \"an issuer's shared secret, 32+ bytes\"\n"
+    "auth:\n  external:\n    algorithm: HS384\n    secret: \"an issuer's shared secret, forty-eight bytes or more!!\"\n"
         .to_owned()
 }
 
@@ -1876,6 +1876,15 @@ fn external_token_keys_one_source_matching_the_algorithm() {
             "a secret is for the HS algorithms",
         ),
         (
+            "auth:\n  external:\n    algorithm: HS512\n    secret: \"an issuer's shared secret, 32+ bytes\"\n",
+            "at least 64 bytes for HS512",
+        ),
+        (
+            "auth:\n  jwt_secret: \"the one secret of 32 bytes or more!\"\n  external:\n    \
+             algorithm: HS256\n    secret: \"the one secret of 32 bytes or more!\"\n",
+            "a key of its own",
+        ),
+        (
             "auth:\n  external:\n    algorithm: HS256\n    secret: short\n",
             "at least 32 bytes",
         ),
@@ -1898,6 +1907,10 @@ fn external_token_keys_one_source_matching_the_algorithm() {
         (
             "auth:\n  mode: external\n",
             "only with a key for external tokens",
+        ),
+        (
+            "auth:\n  external:\n    jwks_url: \"http://127.0.0.1:80@evil.example/jwks\"\n",
+            "without user information",
         ),
         (
             "auth:\n  external:\n    algorithm: none\n    jwks_url: https://idp/jwks\n",

@@ -369,6 +369,15 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
         Ok(ClientMessage::Auth { token }) => {
             let current = principal.borrow().user_id().map(str::to_owned);
             match shard.auth.authenticate(Some(&token)).await {
+                // The same caller with the same rights: a fresh lifetime and nothing else. A
+                // credential of another kind or with other grants (an identity provider
+                // narrowing a subject's scope, an owner's API key) would leave the session's
+                // subscriptions checked against rights it no longer has: reconnect with it.
+                Ok(fresh) if current.is_some() && !principal.borrow().same_rights(&fresh) => sink
+                    .push_control(error_frame(
+                        "AUTH_FAILED",
+                        "the token grants other rights than the session's; reconnect with it",
+                    )),
                 Ok(fresh) if current.is_some() && fresh.user_id() == current.as_deref() => {
                     let expires = fresh.user.as_ref().map_or(0, |u| u.expires_at);
                     *principal.borrow_mut() = fresh;

@@ -54,9 +54,12 @@ impl MemoryAuthDb {
         self.generation.load(Ordering::Acquire)
     }
 
-    pub fn put_api_key(&self, key: &ApiKeyRecord) {
+    /// Stores `key`; `changed`: a change caches must see (a revocation).
+    pub fn put_api_key(&self, key: &ApiKeyRecord, changed: bool) {
         self.with(|db| db.api_keys.insert(key.key_id.clone(), key.clone()));
-        self.changed();
+        if changed {
+            self.changed();
+        }
     }
 
     pub fn api_key(&self, key_id: &str) -> Option<ApiKeyRecord> {

@@ -269,15 +269,29 @@ impl AuthStore {
         }
     }
 
-    /// Creates a topic record; `false` when the owner already has one of that name.
-    /// Stores a key (new, or its revocation).
-    pub async fn put_api_key(&self, key: &ApiKeyRecord) -> Result<(), AuthError> {
+    /// Stores a new key. The generation does not move: no cache holds a key not yet made.
+    pub async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), AuthError> {
         match self {
             AuthStore::Memory(db) => {
-                db.put_api_key(key);
+                db.put_api_key(key, false);
                 Ok(())
             }
-            AuthStore::Valkey(v) => v.put_api_key(key).await,
+            AuthStore::Valkey(v) => v.put_api_key(key, false).await,
+        }
+    }
+
+    /// Stores a key's revocation (the generation moves: caches drop it).
+    pub async fn revoke_api_key(&self, key: &ApiKeyRecord) -> Result<(), AuthError> {
+        let revoked = ApiKeyRecord {
+            revoked: true,
+            ..key.clone()
+        };
+        match self {
+            AuthStore::Memory(db) => {
+                db.put_api_key(&revoked, true);
+                Ok(())
+            }
+            AuthStore::Valkey(v) => v.put_api_key(&revoked, true).await,
         }
     }
 
@@ -302,6 +316,7 @@ impl AuthStore {
         Ok(keys)
     }
 
+    /// Creates a topic record; `false` when the owner already has one of that name.
     pub async fn create_topic(&self, topic: &TopicRecord) -> Result<bool, AuthError> {
         match self {
             AuthStore::Memory(db) => Ok(db.create_topic(topic)),

@@ -409,7 +409,8 @@ impl ValkeyAuthStore {
         Ok(reply.as_str().and_then(|s| s.parse().ok()))
     }
 
-    pub async fn put_api_key(&self, record: &ApiKeyRecord) -> Result<(), AuthError> {
+    /// Stores `record`; `changed`: a change caches must see (a revocation).
+    pub async fn put_api_key(&self, record: &ApiKeyRecord, changed: bool) -> Result<(), AuthError> {
         let key = format!("pulsar:apikey:{}", record.key_id);
         let grants = to_json_list(&record.grants);
         let revoked = if record.revoked { "1" } else { "0" };
@@ -438,7 +439,10 @@ impl ValkeyAuthStore {
         let set = format!("pulsar:apikey:user:{}", record.user_id);
         self.call(&set, &[b"SADD", set.as_bytes(), record.key_id.as_bytes()])
             .await?;
-        self.changed().await
+        if changed {
+            self.changed().await?;
+        }
+        Ok(())
     }
 
     pub async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, AuthError> {

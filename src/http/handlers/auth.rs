@@ -127,19 +127,24 @@ async fn handle_route(
         (false, Some(p)) => Some(p),
         (false, None) => return Err(AuthError::Unauthenticated(Refusal::Missing).into()),
     };
+    // Users, sessions and keys are managed with a login token only: an API key or an external
+    // token (whatever it grants, `admin` included) only asks who it is. Otherwise a leaked
+    // key could change its owner's password or mint a login that outlives the key's
+    // revocation, and an identity provider's `admin` claim would own every built-in user.
+    if let Some(user) = principal.and_then(|p| p.user.as_ref()) {
+        if user.credential != CredentialKind::BuiltinToken && route != AuthRoute::Me {
+            return Err(ApiError::new(
+                403,
+                "FORBIDDEN",
+                "users, sessions and API keys are managed with a login token, not an API key \
+                 or an external token",
+            ));
+        }
+    }
     let user_id = || {
         principal
             .and_then(Principal::user_id)
             .ok_or(ApiError::from(AuthError::Unauthenticated(Refusal::Missing)))
-    };
-    // Routes about the caller's own user record, which external tokens do not have.
-    let own_user_id = || match principal.and_then(|p| p.user.as_ref()) {
-        Some(user) if user.credential == CredentialKind::External => Err(ApiError::new(
-            403,
-            "FORBIDDEN",
-            "an external token has no user on this relay",
-        )),
-        _ => user_id(),
     };
     match route {
         AuthRoute::Login => login(shard, request).await,
@@ -163,18 +168,28 @@ async fn handle_route(
                     "external": true,
                 }),
             ),
-            _ => {
+            other => {
                 let user = shard
                     .auth
                     .store
                     .user_by_id(user_id()?)
                     .await?
                     .ok_or(AuthError::Unauthenticated(Refusal::UnknownUser))?;
-                json_reply(200, &user_public(&user))
+                let mut me = user_public(&user);
+                // An API key answers for its owner, with what the key itself may do now.
+                if let Some((p, user)) = other {
+                    if let CredentialKind::ApiKey { key_id } = &user.credential {
+                        me["api_key"] = json!({
+                            "key_id": key_id,
+                            "permissions": p.grants.entries(),
+                        });
+                    }
+                }
+                json_reply(200, &me)
             }
         },
         AuthRoute::Sessions => {
-            let rows = shard.auth.sessions(own_user_id()?).await?;
+            let rows = shard.auth.sessions(user_id()?).await?;
             let sessions: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -190,7 +205,7 @@ async fn handle_route(
             json_reply(200, &Value::Array(sessions))
         }
         AuthRoute::DeleteSession(jti) => {
-            if shard.auth.revoke_session(own_user_id()?, &jti).await? {
+            if shard.auth.revoke_session(user_id()?, &jti).await? {
                 Ok(Reply::no_content())
             } else {
                 Err(ApiError::not_found("session not found"))
@@ -248,11 +263,11 @@ async fn handle_route(
             Ok(Reply::no_content())
         }
         AuthRoute::CreateApiKey => {
-            let caller = key_manager(principal, own_user_id()?)?;
+            let caller = key_manager(principal, user_id()?)?;
             create_api_key(shard, request, caller).await
         }
         AuthRoute::ApiKeys => {
-            let caller = key_manager(principal, own_user_id()?)?;
+            let caller = key_manager(principal, user_id()?)?;
             let owner = query_value(request.query(), "user_id");
             let owner = match owner.as_deref() {
                 Some(other) if other != caller.user_id => {
@@ -268,7 +283,7 @@ async fn handle_route(
             )
         }
         AuthRoute::RevokeApiKey(key_id) => {
-            let caller = key_manager(principal, own_user_id()?)?;
+            let caller = key_manager(principal, user_id()?)?;
             let record = shard.auth.store.api_key(&key_id).await?;
             // Another user's key is a 404 to a non-admin, as another user's topic is.
             let visible = record
@@ -285,8 +300,8 @@ async fn handle_route(
     }
 }
 
-/// Who is managing API keys: a user logged in with a built-in token (a key cannot mint or
-/// revoke keys, so a leaked key cannot outlive its own revocation).
+/// Who is managing API keys: a user logged in with a built-in token (the only credential
+/// `handle` lets past for anything but `/auth/me`).
 struct KeyManager<'a> {
     principal: &'a Principal,
     user_id: &'a str,
@@ -297,14 +312,7 @@ fn key_manager<'a>(
     user_id: &'a str,
 ) -> Result<KeyManager<'a>, ApiError> {
     let principal = principal.ok_or(AuthError::Unauthenticated(Refusal::Missing))?;
-    match principal.user.as_ref().map(|u| &u.credential) {
-        Some(CredentialKind::BuiltinToken) => Ok(KeyManager { principal, user_id }),
-        _ => Err(ApiError::new(
-            403,
-            "FORBIDDEN",
-            "API keys are managed with a login token, not with an API key",
-        )),
-    }
+    Ok(KeyManager { principal, user_id })
 }
 
 fn query_value(query: Option<&str>, name: &str) -> Option<String> {
@@ -325,6 +333,13 @@ fn api_key_public(record: &ApiKeyRecord) -> Value {
     })
 }
 
+/// Live keys a user may hold: far more than producers need, few enough that listing them (and
+/// the per-key Valkey read it costs) stays cheap.
+const MAX_KEYS_PER_USER: usize = 100;
+
+/// Entries in one key's permissions: each topic check walks them.
+const MAX_GRANTS_PER_KEY: usize = 32;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateApiKeyBody {
@@ -343,6 +358,11 @@ async fn create_api_key(
     let name = body.name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(unprocessable("`name` is 1 to 100 characters"));
+    }
+    if body.permissions.len() > MAX_GRANTS_PER_KEY {
+        return Err(unprocessable(format!(
+            "at most {MAX_GRANTS_PER_KEY} permissions a key"
+        )));
     }
     let grants =
         Grants::parse_strict(body.permissions.iter().map(String::as_str)).map_err(|e| {
@@ -375,6 +395,21 @@ async fn create_api_key(
                 "a key cannot have permissions its owner lacks (the owner has {:?})",
                 owner.permissions.names()
             ),
+        ));
+    }
+    let live = shard
+        .auth
+        .store
+        .api_keys_of(&owner.id)
+        .await?
+        .iter()
+        .filter(|k| !k.revoked)
+        .count();
+    if live >= MAX_KEYS_PER_USER {
+        return Err(ApiError::new(
+            409,
+            "TOO_MANY_KEYS",
+            format!("a user has at most {MAX_KEYS_PER_USER} live API keys; revoke one first"),
         ));
     }
     let created = shard.auth.create_api_key(&owner.id, name, &grants).await?;

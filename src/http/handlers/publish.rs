@@ -333,10 +333,9 @@ pub async fn publish_bulk(
         match item {
             Ok(mut item) => {
                 let topic = std::mem::take(&mut item.topic);
-                if !principal.may(Permission::Write, &topic) {
-                    let refused = principal.topic(Permission::Write, &topic).err();
-                    let error = refused.map_or_else(ApiError::internal, ApiError::from);
-                    outcomes[index] = Some(Outcome::Rejected(Some(topic), error));
+                // Refused items are answered one by one; the rest of the bulk goes on.
+                if let Err(e) = principal.require_on(Permission::Write, &topic) {
+                    outcomes[index] = Some(Outcome::Rejected(Some(topic), e.into()));
                     continue;
                 }
                 item.topic = principal.into_topic(Permission::Write, topic)?;
