@@ -4,8 +4,9 @@
 //! (401 with `WWW-Authenticate: Bearer`, before any upgrade) and a principal without the
 //! permission (403); topics are private to their owner's namespace; the WebSocket subprotocol
 //! pair and the `EventSource` cookie carry tokens; a deactivation or logout applies to the next
-//! request on every shard; concurrent refreshes of one token never leave a live successor
-//! (memory and Valkey).
+//! request on every shard, and one written into Valkey by another writer (the Python relay)
+//! within a second; concurrent refreshes of one token never leave a live successor (memory
+//! and Valkey).
 
 mod common;
 
@@ -751,4 +752,99 @@ fn a_valkey_outage_keeps_verified_tokens_working_and_refuses_unseen_ones_with_50
         common::eventually(Duration::from_secs(20), || handshake(&unseen).is_ok()),
         "the unseen token never worked after Valkey came back"
     );
+}
+
+/// Writers that move no counter of ours change the shared keys too: the Python relay on the
+/// same Valkey during a migration (its deactivations, permission changes and deny-list entries
+/// are plain writes in the same layout), or an operator's script. A relay that had the user
+/// and the token cached on every shard refuses them within its one-second cache all the same.
+#[test]
+fn changes_another_writer_makes_in_the_shared_keys_apply_within_a_second() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(&auth_yaml(), &[]);
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    let grace_id = register(&relay, &admin, "grace", &["read", "write"]);
+    let grace = token(&relay, "grace", "grace-password");
+    let user_key = format!("user:{grace_id}");
+    // Every shard has grace cached (8 new connections reach both of 2 shards but for 2^-7).
+    let every_shard = |method: &str, path: &str, body: Option<&str>| -> Vec<u16> {
+        (0..8)
+            .map(|_| call(&relay, Some(&grace), method, path, body).status)
+            .collect()
+    };
+    let publish = r#"{"topic":"t","payload":{"a":1}}"#;
+    let settles = |method: &str, path: &str, body: Option<&str>, status: u16| {
+        // Our cache is a second old at most; the bound leaves a loaded machine room and is far
+        // below the token's ten minutes a cache that missed the change would keep it for.
+        common::eventually(Duration::from_secs(3), || {
+            every_shard(method, path, body).iter().all(|s| *s == status)
+        })
+    };
+    assert_eq!(every_shard("GET", "/auth/me", None), [200; 8]);
+    assert_eq!(
+        every_shard("POST", "/api/v1/messages", Some(publish)),
+        [201; 8]
+    );
+
+    valkey.cli(&["HSET", &user_key, "is_active", "False"]);
+    assert!(
+        settles("GET", "/auth/me", None, 403),
+        "a deactivation written to user:<id> is not refused"
+    );
+    valkey.cli(&["HSET", &user_key, "is_active", "True"]);
+    assert!(settles("GET", "/auth/me", None, 200));
+
+    valkey.cli(&["HSET", &user_key, "permissions", r#"["read"]"#]);
+    assert!(
+        settles("POST", "/api/v1/messages", Some(publish), 403),
+        "a permission withdrawn in user:<id> still publishes"
+    );
+
+    let claims = Signer::new(SECRET.as_bytes(), Duration::from_secs(600))
+        .expect("signer")
+        .verify(&grace)
+        .expect("our own token");
+    let jti = claims.jti.expect("our tokens carry a jti");
+    valkey.cli(&["SET", &format!("denylist:jti:{jti}"), "logout", "EX", "600"]);
+    assert!(
+        settles("GET", "/auth/me", None, 401),
+        "a token deny-listed as the Python relay writes it is still accepted"
+    );
+}
+
+/// The same when the outage comes more than a second after the token was verified: every
+/// shard has read the state again since (a new epoch, after which each principal is verified
+/// again on its next use), and still honours what it knew while Valkey cannot be read.
+#[test]
+fn a_valkey_outage_keeps_tokens_verified_in_an_earlier_epoch_working() {
+    let mut valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = valkey.start_relay(&auth_yaml(), &[]);
+    let seen = token(&relay, "admin", ADMIN_PASSWORD);
+    let busy = token(&relay, "admin", ADMIN_PASSWORD);
+    let handshake = |token: &str| {
+        let bearer = format!("Bearer {token}");
+        WsClient::try_connect_headers(relay.addr, &[], &[("Authorization", &bearer)], None)
+    };
+    for _ in 0..12 {
+        handshake(&seen).expect("upgrade before the outage");
+    }
+    // Another client's requests for longer than the once-a-second read of the state: every
+    // shard starts a new epoch meanwhile, `seen` untouched.
+    let verified = std::time::Instant::now();
+    while verified.elapsed() < Duration::from_millis(1500) {
+        handshake(&busy).expect("upgrade before the outage");
+    }
+    valkey.kill9();
+    let outage = std::time::Instant::now();
+    let mut handshakes = 0;
+    while outage.elapsed() < Duration::from_millis(2500) {
+        if let Err(e) = handshake(&seen) {
+            panic!(
+                "handshake {handshakes} during the outage ({:?} in): {e}",
+                outage.elapsed()
+            );
+        }
+        handshakes += 1;
+    }
+    valkey.restart();
 }

@@ -14,10 +14,12 @@
 //! relay's (`stream:topic:<owner>/<name>` with its key templates). Frames show the name as the
 //! client wrote it ([`crate::topic::public_name`]).
 //!
-//! Per request the cost is one HS256 verification plus two lookups in a per-shard cache (the
-//! user record, the token's deny-list entry); the cache is dropped whenever the shared state
-//! changes ([`store::AuthStore::generation`]), so a deactivation, a logout or a permission
-//! change applies to the next request on every shard (within a second on other relays).
+//! Per request the cost is one lookup in a per-shard cache of verified credentials. What they
+//! were verified against (user records, deny-list answers) is read again whenever the shared
+//! state changed ([`store::AuthStore::generation`]): a deactivation, a logout or a permission
+//! change applies to the next request on every shard of this relay. With Valkey other writers
+//! share the state without moving that counter (the Python relay during a migration), so there
+//! it is read again at least once a second: a change made anywhere applies within a second.
 
 pub mod api_key;
 pub mod bootstrap;
@@ -372,10 +374,13 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// How long a shard trusts its cached user records without asking whether anything changed:
-/// with the memory backend the check is an atomic load on every request; with Valkey it is a
-/// `GET` of the generation counter at most this often, so a change made on another relay
-/// applies within it.
+/// How long a shard trusts what it read of the shared state: with the memory backend the
+/// generation check is an atomic load on every request; with Valkey it is a `GET` of the
+/// generation counter at most this often, and every successful one starts a new epoch: user
+/// records, deny-list answers and the like are read again, and each cached principal is
+/// verified again on its next use. Not only when the counter moved: the Python relay (and any
+/// script) changes these keys without moving it, so a change made anywhere applies within
+/// this. The cost is a few reads per credential in use, per shard and second.
 const GENERATION_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// While the generation cannot be read (Valkey restarting or failing over), principals cached
@@ -401,20 +406,39 @@ pub struct Auth {
     checked_at: Cell<Option<Instant>>,
     /// The last time the generation was read successfully.
     confirmed_at: Cell<Option<Instant>>,
+    /// The last read of the generation failed: the state is unreachable.
+    unconfirmed: Cell<bool>,
 }
 
 #[derive(Default)]
 struct Cache {
     generation: u64,
+    /// Moves whenever the answers below are dropped: a principal verified in an earlier epoch
+    /// is verified again before it is used (and serves, while the state is unreachable, as
+    /// what the shard last knew).
+    epoch: u64,
     /// [`ExternalVerifier::keys_version`] when the principals were verified.
     external_keys: u64,
     users: HashMap<String, Option<User>>,
     denied: HashMap<String, bool>,
     disconnects: HashMap<String, Option<u64>>,
     api_keys: HashMap<String, Option<ApiKeyRecord>>,
-    /// Verified tokens → their principal: a keep-alive client pays the signature check and
-    /// the lookups once per token, not per request.
-    principals: HashMap<Box<str>, Principal>,
+    /// Verified tokens → their principal and the epoch it was verified in: a keep-alive
+    /// client pays the signature check and the lookups once per token and epoch, not per
+    /// request.
+    principals: HashMap<Box<str>, (Principal, u64)>,
+}
+
+impl Cache {
+    /// Drops what was read of the shared state and starts a new epoch; principals stay, to be
+    /// verified again.
+    fn new_epoch(&mut self) {
+        self.users.clear();
+        self.denied.clear();
+        self.disconnects.clear();
+        self.api_keys.clear();
+        self.epoch += 1;
+    }
 }
 
 impl Auth {
@@ -440,6 +464,7 @@ impl Auth {
             cache: RefCell::new(Cache::default()),
             checked_at: Cell::new(None),
             confirmed_at: Cell::new(None),
+            unconfirmed: Cell::new(false),
         })
     }
 
@@ -456,23 +481,45 @@ impl Auth {
         }
         let token = token.ok_or(AuthError::Unauthenticated(Refusal::Missing))?;
         self.refresh_cache().await?;
-        // A token seen since the shared state last changed: its principal as then (the cache
-        // is dropped on every logout, deactivation or permission change).
-        if let Some(principal) = self.cache.borrow().principals.get(token) {
-            if principal
-                .user
-                .as_ref()
-                .is_some_and(|u| u.expires_at > crate::clock::now_ms() / 1000)
-            {
-                return Ok(principal.clone());
+        let now = crate::clock::now_ms() / 1000;
+        let cached = {
+            let cache = self.cache.borrow();
+            cache
+                .principals
+                .get(token)
+                .filter(|(p, _)| p.user.as_ref().is_some_and(|u| u.expires_at > now))
+                .map(|(p, epoch)| (p.clone(), *epoch == cache.epoch))
+        };
+        match cached {
+            // Verified in this epoch (the state as read since it last changed).
+            Some((principal, true)) => return Ok(principal),
+            // The state is unreachable, within the window `refresh_cache` allows.
+            Some((principal, false)) if self.unconfirmed.get() && self.recently_confirmed() => {
+                return Ok(principal)
             }
+            _ => {}
         }
-        let principal = self.authenticate_uncached(token).await?;
+        let principal = match self.authenticate_uncached(token).await {
+            Ok(principal) => principal,
+            // Unreachable since the last read of the generation: what the shard knew (and
+            // until the next read, no more attempts for other cached principals).
+            Err(AuthError::Unavailable(cause)) => {
+                self.unconfirmed.set(true);
+                match cached {
+                    Some((principal, _)) if self.recently_confirmed() => return Ok(principal),
+                    _ => return Err(AuthError::Unavailable(cause)),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let mut cache = self.cache.borrow_mut();
         if cache.principals.len() >= CACHE_MAX_ENTRIES {
             cache.principals.clear();
         }
-        cache.principals.insert(token.into(), principal.clone());
+        let epoch = cache.epoch;
+        cache
+            .principals
+            .insert(token.into(), (principal.clone(), epoch));
         Ok(principal)
     }
 
@@ -658,7 +705,8 @@ impl StreamEnd {
 
 /// How often an open WebSocket or event stream re-checks its principal. A logout,
 /// deactivation or admin disconnect closes streams within it; each check is a cache lookup
-/// (a Valkey read only when the shared state changed), so 10,000 open streams cost ~700
+/// (with Valkey, reads of the user, deny-list and disconnect keys when a new epoch started
+/// since: at most once a second per user and token), so 10,000 open streams cost ~700
 /// lookups a second.
 pub const STREAM_RECHECK_EVERY: Duration = Duration::from_secs(15);
 
@@ -704,7 +752,17 @@ impl Auth {
         Ok(denied)
     }
 
-    /// Drops the cache when the shared state changed since it was filled.
+    /// Whether the generation was read successfully within [`STALE_CACHE_FOR`].
+    fn recently_confirmed(&self) -> bool {
+        self.confirmed_at
+            .get()
+            .is_some_and(|at| at.elapsed() < STALE_CACHE_FOR)
+    }
+
+    /// Starts a new epoch when the shared state may have changed since the last one: with
+    /// the memory backend when its counter moved, with Valkey at every successful read of
+    /// the counter (at most once a second). While Valkey cannot be read the epoch stays, for
+    /// up to [`STALE_CACHE_FOR`] since the last good read; then `Err`.
     async fn refresh_cache(&self) -> Result<(), AuthError> {
         // The external keys first: an atomic load, every request.
         if let Some(external) = &self.external {
@@ -715,7 +773,8 @@ impl Auth {
                 cache.external_keys = version;
             }
         }
-        let due = self.store.generation_is_local()
+        let local = self.store.generation_is_local();
+        let due = local
             || self
                 .checked_at
                 .get()
@@ -728,34 +787,32 @@ impl Auth {
             Err(e) => {
                 // Asked again in a second, not on every request meanwhile.
                 self.checked_at.set(Some(Instant::now()));
-                let recent = self
-                    .confirmed_at
-                    .get()
-                    .is_some_and(|at| at.elapsed() < STALE_CACHE_FOR);
-                return if recent { Ok(()) } else { Err(e) };
+                self.unconfirmed.set(true);
+                return if self.recently_confirmed() {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
             }
         };
         self.checked_at.set(Some(Instant::now()));
         self.confirmed_at.set(Some(Instant::now()));
+        self.unconfirmed.set(false);
         let mut cache = self.cache.borrow_mut();
-        if cache.generation != generation {
-            cache.users.clear();
-            cache.denied.clear();
-            cache.disconnects.clear();
-            cache.api_keys.clear();
-            cache.principals.clear();
+        // Our relays move the counter on every change; with Valkey other writers (the Python
+        // relay) change the same keys without moving it.
+        if cache.generation != generation || !local {
+            cache.new_epoch();
             cache.generation = generation;
         }
         Ok(())
     }
 
-    /// Forgets the cache at once (after a change made through this shard).
+    /// Forgets the cache at once (after a change made through this shard), principals too:
+    /// none of them is served again without being verified against the state.
     pub fn invalidate(&self) {
         let mut cache = self.cache.borrow_mut();
-        cache.users.clear();
-        cache.denied.clear();
-        cache.disconnects.clear();
-        cache.api_keys.clear();
+        cache.new_epoch();
         cache.principals.clear();
         self.checked_at.set(None);
     }
