@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use common::sse::SseClient;
 use common::valkey::{ValkeyOpts, ValkeyServer};
 use common::ws::WsClient;
-use common::{Conn, Response, Server};
+use common::{Conn, RelayOpts, Response, Server};
 use pulsar_relay::auth::token::Signer;
 
 const SECRET: &str = "entrance-test-secret-0123456789abcdef";
@@ -847,4 +847,104 @@ fn a_valkey_outage_keeps_tokens_verified_in_an_earlier_epoch_working() {
         handshakes += 1;
     }
     valkey.restart();
+}
+
+/// A publish leaves its topic's ownership record as a publish on the Python relay does
+/// (`topic:<owner>/<name>`, the name in `user:<owner>:owned_topics` and in the user hash's
+/// `owned_topics`): the Python relay knows a topic by it, and answers 404 for the history of a
+/// topic without one. Single and bulk publishes; a deleted topic's record goes with it, and
+/// the next publish writes it again. (One shard, so the deletion and the publish after it go
+/// through the shard that remembers the record.)
+#[test]
+fn a_publish_leaves_the_topic_record_the_python_relay_knows_topics_by() {
+    let valkey = ValkeyServer::start(ValkeyOpts::default());
+    let relay = Server::start_opts(RelayOpts {
+        shards: 1,
+        ..RelayOpts::new(&auth_yaml()).envs(&valkey.relay_env())
+    });
+    common::valkey::await_ready(&relay, Duration::from_secs(20));
+    let admin = token(&relay, "admin", ADMIN_PASSWORD);
+    let heidi_id = register(&relay, &admin, "heidi", &["read", "write"]);
+    let heidi = token(&relay, "heidi", "heidi-password");
+    let owned = || -> Vec<String> {
+        let set = valkey.cli_json(&["SMEMBERS", &format!("user:{heidi_id}:owned_topics")]);
+        let mut set: Vec<String> = serde_json::from_value(set).expect("names");
+        set.sort_unstable();
+        let list = valkey.cli(&["HGET", &format!("user:{heidi_id}"), "owned_topics"]);
+        let mut list: Vec<String> = serde_json::from_str(list.trim()).expect("a JSON list");
+        list.sort_unstable();
+        assert_eq!(set, list, "the owned-topics set and the user hash's list");
+        set
+    };
+    let record = |name: &str| -> Value {
+        valkey.cli_json(&["HGETALL", &format!("topic:{heidi_id}/{name}")])
+    };
+    assert_eq!(owned(), Vec::<String>::new());
+
+    let publish = |topic: &str| {
+        let body = format!(r#"{{"topic":"{topic}","payload":{{"a":1}}}}"#);
+        let resp = call(
+            &relay,
+            Some(&heidi),
+            "POST",
+            "/api/v1/messages",
+            Some(&body),
+        );
+        assert_eq!(resp.status, 201, "{resp:?}");
+    };
+    publish("single");
+    publish("single");
+    let single = record("single");
+    assert_eq!(single["topic_name"], "single", "{single}");
+    assert_eq!(single["owner_id"], heidi_id.as_str(), "{single}");
+    assert_eq!(
+        single["description"], "Auto-created topic by heidi",
+        "{single}"
+    );
+    assert_eq!(
+        single["topic_id"].as_str().map(str::len),
+        Some(36),
+        "a UUID: {single}"
+    );
+    assert!(
+        single["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("+00:00")),
+        "{single}"
+    );
+    let bulk = r#"{"messages":[{"topic":"b1","payload":{}},{"topic":"b2","payload":{}},{"topic":"b1","payload":{}},{"topic":"single","payload":{}}]}"#;
+    let resp = call(
+        &relay,
+        Some(&heidi),
+        "POST",
+        "/api/v1/messages/bulk",
+        Some(bulk),
+    );
+    assert_eq!(resp.status, 207, "{resp:?}");
+    assert_eq!(resp.json()["summary"]["accepted"], 4, "{resp:?}");
+    assert_eq!(record("b2")["topic_name"], "b2");
+    assert_eq!(owned(), ["b1", "b2", "single"]);
+    // The record made by the publish is the one `POST /api/v1/topics` finds.
+    let again = call(
+        &relay,
+        Some(&heidi),
+        "POST",
+        "/api/v1/topics",
+        Some(r#"{"topic_name":"b2"}"#),
+    );
+    assert_eq!(again.status, 409, "{again:?}");
+
+    let deleted = call(
+        &relay,
+        Some(&heidi),
+        "DELETE",
+        "/api/v1/topics/single",
+        None,
+    );
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    assert_eq!(record("single"), json!({}));
+    assert_eq!(owned(), ["b1", "b2"]);
+    publish("single");
+    assert_eq!(record("single")["topic_name"], "single");
+    assert_eq!(owned(), ["b1", "b2", "single"]);
 }

@@ -33,7 +33,7 @@ pub mod store;
 pub mod token;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ use crate::config::AuthConfig;
 use crate::http::error::ApiError;
 use external::ExternalVerifier;
 pub use grant::Grants;
-use store::{ApiKeyRecord, AuthStore, User};
+use store::{ApiKeyRecord, AuthStore, TopicRecord, User};
 use token::Signer;
 
 /// One of the Python relay's three permissions. Literal, as there: `admin` does not imply
@@ -394,6 +394,12 @@ const STALE_CACHE_FOR: Duration = Duration::from_secs(30);
 /// memory against a flood of distinct tokens.
 const CACHE_MAX_ENTRIES: usize = 10_000;
 
+/// How long a shard remembers that a topic has its ownership record, so a publish does not ask
+/// again ([`Auth::needs_topic_record`]). Records go away only when a topic is deleted; one
+/// deleted through another shard or relay (or the Python relay) comes back with the first
+/// publish through this shard after at most this long.
+const TOPIC_RECORDS_TRUSTED_FOR: Duration = Duration::from_secs(60);
+
 /// A shard's authentication: configuration, the shared state and its cache.
 pub struct Auth {
     pub config: AuthConfig,
@@ -408,6 +414,15 @@ pub struct Auth {
     confirmed_at: Cell<Option<Instant>>,
     /// The last read of the generation failed: the state is unreachable.
     unconfirmed: Cell<bool>,
+    topic_records: RefCell<TopicRecords>,
+}
+
+/// Stored topic names this shard has seen an ownership record for (or written one), and since
+/// when it remembers them.
+#[derive(Default)]
+struct TopicRecords {
+    known: HashSet<Box<str>>,
+    since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -465,6 +480,7 @@ impl Auth {
             checked_at: Cell::new(None),
             confirmed_at: Cell::new(None),
             unconfirmed: Cell::new(false),
+            topic_records: RefCell::new(TopicRecords::default()),
         })
     }
 
@@ -806,6 +822,66 @@ impl Auth {
             cache.generation = generation;
         }
         Ok(())
+    }
+
+    /// Whether a publish by `principal` to its topic `stored` (`<owner>/<name>`) must write the
+    /// topic's ownership record first ([`Auth::write_topic_record`]): with authentication on,
+    /// unless this shard knows the record exists.
+    pub fn needs_topic_record(&self, principal: &Principal, stored: &str) -> bool {
+        // Only topics in a user's namespace have records (not those of the open relay, nor
+        // the shared space of external tokens).
+        if principal.user.is_none() || crate::topic::owner_of(stored).is_none() {
+            return false;
+        }
+        let mut records = self.topic_records.borrow_mut();
+        if records
+            .since
+            .is_some_and(|at| at.elapsed() >= TOPIC_RECORDS_TRUSTED_FOR)
+        {
+            records.known.clear();
+            records.since = None;
+        }
+        !records.known.contains(stored)
+    }
+
+    /// Writes the ownership record of `principal`'s topic `stored` unless there is one, as a
+    /// publish on the Python relay creates its topic: `topic:<owner>/<name>` (description
+    /// `Auto-created topic by <username>`), the name in the owner's topics. The Python relay
+    /// knows a topic by that record only: without it its history and `GET` of the topic answer
+    /// 404, its topic list leaves it out and its `POST /api/v1/topics` creates it again.
+    /// A failure is logged and not returned: the record never holds up a publish (the next
+    /// publish through this shard tries again).
+    pub async fn write_topic_record(&self, principal: &Principal, stored: &str) {
+        let (Some(user), Some(owner)) = (&principal.user, crate::topic::owner_of(stored)) else {
+            return;
+        };
+        let record = TopicRecord {
+            topic_id: uuid::Uuid::new_v4().to_string(),
+            name: crate::topic::public_name(stored).to_owned(),
+            owner_id: owner.to_owned(),
+            description: format!("Auto-created topic by {}", user.username),
+            created_at: store::iso8601(crate::clock::now_ms() / 1000),
+        };
+        match self.store.create_topic(&record).await {
+            Ok(_) => {
+                let mut records = self.topic_records.borrow_mut();
+                if records.known.len() >= CACHE_MAX_ENTRIES {
+                    records.known.clear();
+                }
+                if records.known.is_empty() {
+                    records.since = Some(Instant::now());
+                }
+                records.known.insert(stored.into());
+            }
+            Err(e) => {
+                tracing::warn!(topic = stored, error = %e, "topic ownership record not written")
+            }
+        }
+    }
+
+    /// Forgets that `stored` has its ownership record (it was deleted through this shard).
+    pub fn forget_topic_record(&self, stored: &str) {
+        self.topic_records.borrow_mut().known.remove(stored);
     }
 
     /// Forgets the cache at once (after a change made through this shard), principals too:

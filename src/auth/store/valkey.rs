@@ -9,14 +9,15 @@
 //! | `refresh:user:<user id>` | set | the user's refresh-token ids |
 //! | `denylist:jti:<jti>` | string | `logout`, until the access token expires |
 //! | `topic:<owner>/<name>` | hash | `topic_id` (claimed with `HSETNX`), `topic_name, owner_id, description, created_at` |
-//! | `user:<owner>:owned_topics` | set | topic names |
+//! | `user:<owner>:owned_topics` | set | topic names (also kept in the user hash's `owned_topics`, as there) |
 //! | `pulsar:auth:generation` | string | ours: incremented on every change, for the shards' caches |
 //! | `pulsar:auth:disconnect:<user id>` | string | ours: tokens issued before this Unix second are refused (an admin disconnect) |
 //! | `pulsar:apikey:<key id>` | hash | ours: `key_id, user_id, name, secret_hash` (SHA-256 hex), `grants` (JSON list), `created_at, revoked` (`0`/`1`) |
 //! | `pulsar:apikey:user:<user id>` | set | ours: the user's key ids |
 //!
-//! Each command is routed by its key (Cluster-safe: no command spans two keys). The one
-//! compare-and-set, rotating a refresh token, is a short script as the Python relay's.
+//! Each command is routed by its key (Cluster-safe: no command spans two keys). The two
+//! read-modify-writes are short scripts: rotating a refresh token (a compare-and-set, as the
+//! Python relay's) and changing a user's `owned_topics` list.
 
 use std::rc::Rc;
 
@@ -33,6 +34,27 @@ const USERNAME_INDEX: &str = "user:username_index";
 const ROTATE_SCRIPT: &str = "if redis.call('HGET', KEYS[1], 'revoked') == '0' then \
      redis.call('HSET', KEYS[1], 'revoked', '1', 'revoked_reason', 'rotated', \
      'last_used_at', ARGV[1]) return 1 else return 0 end";
+
+/// Adds (`ARGV[2]` = `add`) or removes (`remove`) the topic name `ARGV[1]` in the JSON list
+/// of the user hash `KEYS[1]`'s `owned_topics`, as the Python relay keeps it; 1 if changed.
+/// A missing user (or field) is left alone: no partial user hash is ever created.
+const OWNED_TOPICS_SCRIPT: &str = "local current = redis.call('HGET', KEYS[1], 'owned_topics') \
+     if not current then return 0 end \
+     local ok, names = pcall(cjson.decode, current) \
+     if not ok or type(names) ~= 'table' then return 0 end \
+     local out, found = {}, false \
+     for _, name in ipairs(names) do \
+       if name == ARGV[1] then found = true end \
+       if name ~= ARGV[1] or ARGV[2] == 'add' then out[#out + 1] = name end \
+     end \
+     if ARGV[2] == 'add' then \
+       if found then return 0 end \
+       out[#out + 1] = ARGV[1] \
+     elseif not found then return 0 end \
+     local encoded = '[]' \
+     if #out > 0 then encoded = cjson.encode(out) end \
+     redis.call('HSET', KEYS[1], 'owned_topics', encoded) \
+     return 1";
 
 #[derive(Clone)]
 pub struct ValkeyAuthStore {
@@ -512,7 +534,27 @@ impl ValkeyAuthStore {
         let set = format!("user:{}:owned_topics", topic.owner_id);
         self.call(&set, &[b"SADD", set.as_bytes(), topic.name.as_bytes()])
             .await?;
+        self.owned_topic(&topic.owner_id, &topic.name, "add")
+            .await?;
         Ok(true)
+    }
+
+    /// [`OWNED_TOPICS_SCRIPT`] on `owner`'s user hash.
+    async fn owned_topic(&self, owner: &str, name: &str, change: &str) -> Result<(), AuthError> {
+        let key = format!("user:{owner}");
+        self.call(
+            &key,
+            &[
+                b"EVAL",
+                OWNED_TOPICS_SCRIPT.as_bytes(),
+                b"1",
+                key.as_bytes(),
+                name.as_bytes(),
+                change.as_bytes(),
+            ],
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn topic(&self, owner: &str, name: &str) -> Result<Option<TopicRecord>, AuthError> {
@@ -536,6 +578,6 @@ impl ValkeyAuthStore {
         let set = format!("user:{owner}:owned_topics");
         self.call(&set, &[b"SREM", set.as_bytes(), name.as_bytes()])
             .await?;
-        Ok(())
+        self.owned_topic(owner, name, "remove").await
     }
 }

@@ -279,7 +279,17 @@ async fn publish_one_inner(
     item.topic = principal.topic(Permission::Write, &topic)?;
     shard.metrics.per_topic(&item.topic, 0, 1);
     let owner = shard.owner_of(&item.topic);
-    let mut results = shard.publish_on(owner, vec![item]).await?;
+    // A topic new to this shard gets its ownership record as on the Python relay, written
+    // while the message is (both done before the answer).
+    let record = shard
+        .auth
+        .needs_topic_record(principal, &item.topic)
+        .then(|| item.topic.clone());
+    let publish = shard.publish_on(owner, vec![item]);
+    let mut results = match &record {
+        Some(stored) => futures::join!(shard.auth.write_topic_record(principal, stored), publish).1,
+        None => publish.await,
+    }?;
     let ack = match results.pop() {
         Some(result) => result?,
         None => return Err(ApiError::internal()),
@@ -329,6 +339,8 @@ pub async fn publish_bulk(
     let mut groups: Vec<(Vec<usize>, Vec<PublishItem>)> = (0..shard.shard_count())
         .map(|_| (Vec::new(), Vec::new()))
         .collect();
+    // Topics new to this shard, whose ownership records are written while the messages are.
+    let mut records: Vec<String> = Vec::new();
     for (index, item) in items.into_iter().enumerate() {
         match item {
             Ok(mut item) => {
@@ -339,6 +351,11 @@ pub async fn publish_bulk(
                     continue;
                 }
                 item.topic = principal.into_topic(Permission::Write, topic)?;
+                if !records.contains(&item.topic)
+                    && shard.auth.needs_topic_record(principal, &item.topic)
+                {
+                    records.push(item.topic.clone());
+                }
                 shard.metrics.per_topic(&item.topic, 0, 1);
                 let group = &mut groups[shard.owner_of(&item.topic)];
                 group.0.push(index);
@@ -356,7 +373,11 @@ pub async fn publish_bulk(
             let results = shard.publish_on(owner, items).await;
             (indexes, topics, results)
         });
-    for (indexes, topics, results) in join_all(calls).await {
+    let writes = records
+        .iter()
+        .map(|stored| shard.auth.write_topic_record(principal, stored));
+    let (_, published) = futures::join!(join_all(writes), join_all(calls));
+    for (indexes, topics, results) in published {
         match results {
             Ok(results) => {
                 for ((index, topic), result) in indexes.into_iter().zip(topics).zip(results) {

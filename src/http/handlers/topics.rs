@@ -358,6 +358,8 @@ pub async fn delete(
             .delete_topic(&record.owner_id, &record.name)
             .await?;
     }
+    // A publish through this shard writes the record again.
+    shard.auth.forget_topic_record(&topic);
     if shard.delete(topic.clone()).await? || record.is_some() {
         Ok(Reply::no_content())
     } else {
