@@ -10,7 +10,8 @@
 //! documented CLI, config file, environment and wire protocol. Valkey for the tests of the
 //! Valkey backend is in [`valkey`]; a Valkey Cluster in [`cluster`], a Sentinel-watched master
 //! and replica in [`sentinel`], several relays on one Valkey in [`fleet`], the real nginx with
-//! the shipped load-balancer configuration in [`nginx`].
+//! the shipped load-balancer configuration in [`nginx`], the real Python relay in
+//! [`python_relay`].
 //!
 //! Every socket read has a timeout, so a hung server fails the test with a message instead of
 //! hanging the suite.
@@ -24,6 +25,7 @@ pub mod fleet;
 pub mod hostile;
 pub mod nginx;
 pub mod python;
+pub mod python_relay;
 pub mod resuming_consumer;
 pub mod sentinel;
 pub mod sse;
