@@ -16,7 +16,8 @@
 //! - topics created on one exist on the other; messages published on either are read from the
 //!   other's history (one page of each from the other's cursor) and long-poll, with the same
 //!   ids and payloads, in order; a topic created by a publish here is one the Python relay
-//!   knows; another user sees none of it on either.
+//!   knows; another user sees none of it on either; a publish retried with its
+//!   `Idempotency-Key` on the other relay is stored again (docs/compatibility.md).
 //!
 //! The Python relay runs with Valkey authentication and without `PULSAR_ALLOW_INSECURE_DEFAULTS`,
 //! and starts after this relay has written users, a stream, its meta key and an idempotency key:
@@ -759,6 +760,31 @@ fn topics_and_messages_are_shared_with_the_python_relay() {
     assert_eq!(messages_of(&page)[0].0, py_auto_id);
     let page = history_page(python, &alice_py, "early", "limit=10");
     assert_eq!(messages_of(&page)[0].0, early_id);
+
+    // Each relay deduplicates a retried publish by its own `Idempotency-Key` records, which
+    // the other does not read: a retry that lands on the other relay is stored twice
+    // (docs/compatibility.md).
+    let keyed = |relay: Relay, token: &str| -> String {
+        let resp = Conn::connect(relay.addr).request_with(
+            "POST",
+            "/api/v1/messages",
+            &[
+                ("Authorization", &format!("Bearer {token}")),
+                ("Idempotency-Key", "retried-1"),
+            ],
+            Some(br#"{"topic":"retried","payload":{"once":true}}"#),
+        );
+        assert_eq!(resp.status, 201, "{} {resp:?}", relay.name);
+        resp.json()["message_id"].as_str().expect("id").to_owned()
+    };
+    let first = keyed(python, &alice_py);
+    assert_eq!(keyed(python, &alice_py), first, "python's own retry");
+    let on_ours = keyed(ours, &alice_ours);
+    assert_eq!(keyed(ours, &alice_ours), on_ours, "our own retry");
+    assert_ne!(
+        on_ours, first,
+        "(documented: the retry on the other relay is stored again)"
+    );
 
     // Another user sees none of alice's topics on either relay: their names are his own, and
     // he has no such topics (a history of one is 404 on the Python relay, an empty page here).
