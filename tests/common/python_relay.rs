@@ -131,6 +131,16 @@ impl PythonRelay {
 
 impl Drop for PythonRelay {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the Python relay said goes with the failure (its log is removed below).
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("--- the Python relay's log (last {} lines) ---", tail.len());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
         // SIGKILL by PID: uvicorn with one worker is this one process.
         let _ = self.child.kill();
         let _ = self.child.wait();
