@@ -11,8 +11,9 @@
 //! - a logout on ours is refused by the Python relay at once; an access token deny-listed as the
 //!   Python relay writes it (`denylist:jti:<jti>`) is refused here within our one-second cache
 //!   (the Python relay's own `/auth/logout` fails on Valkey: docs/compatibility.md);
-//! - a deactivation on either refuses that user's token on the other (and what the Python
-//!   relay's per-process user cache does to one made here, as docs/compatibility.md says);
+//! - a deactivation on either refuses that user's token on the other, as does a deletion on
+//!   the Python relay here (and what the Python relay's per-process user cache does to a
+//!   deactivation made here, as docs/compatibility.md says);
 //! - topics created on one exist on the other; messages published on either are read from the
 //!   other's history (one page of each from the other's cursor) and long-poll, with the same
 //!   ids and payloads, in order; a topic created by a publish here is one the Python relay
@@ -404,6 +405,23 @@ fn users_sessions_and_revocations_are_shared_with_the_python_relay() {
         "a user the Python relay deactivated",
     );
     assert_eq!(try_login(ours, "bob", &password_of("bob")).status, 403);
+    // Deleted there: "User not found" here too.
+    let resp = call(
+        python,
+        Some(&py_admin),
+        "DELETE",
+        &format!("/auth/users/{bob_id}"),
+        None,
+    );
+    assert_eq!(resp.status, 204, "{resp:?}");
+    await_me_status(
+        ours,
+        &bob_py,
+        401,
+        OUR_CACHE_BOUND,
+        "a user the Python relay deleted",
+    );
+    assert_eq!(try_login(ours, "bob", &password_of("bob")).status, 401);
 
     // A deactivation on ours: the Python relay refuses carol's token. (Carol has not used the
     // Python relay yet: it keeps a user it has served for up to 60 s in a per-process cache
