@@ -35,6 +35,10 @@ type IdsByTopic = BTreeMap<String, Vec<String>>;
 
 /// A well-behaved client running alongside an attack: it publishes to one topic per shard on
 /// one keep-alive HTTP connection, and a WebSocket subscriber of those topics reads on.
+///
+/// From the return of [`Bystander::start`] until [`Bystander::finish`], the relay has
+/// accepted exactly [`Bystander::CONNECTIONS`] connections of the bystander, so an attack may
+/// count the relay's connections.
 pub struct Bystander {
     /// Tells the publisher to stop (checked between publishes).
     stop_publishing: Arc<AtomicBool>,
@@ -50,7 +54,12 @@ pub struct Bystander {
 }
 
 impl Bystander {
-    /// Subscribes (waiting for `subscribed`), then starts publishing.
+    /// Connections the bystander holds while it runs: the publisher's keep-alive connection
+    /// and the subscriber's WebSocket.
+    pub const CONNECTIONS: u64 = 2;
+
+    /// Subscribes (waiting for `subscribed`), opens the publisher's connection (waiting for
+    /// one answer on it), then starts publishing.
     pub fn start(server: &Server, name: &str) -> Bystander {
         // `name` is a free-form label; topics allow only `[A-Za-z0-9._-]`.
         let label: String = name
@@ -61,6 +70,15 @@ impl Bystander {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let mut subscriber = WsClient::connect(server.addr);
         subscriber.subscribe(&names, None);
+        // Connected is not accepted: the relay counts a connection only once a shard accepts
+        // it. An answer on it proves that, before the publisher's thread (which the attack
+        // races) starts.
+        let mut conn = server.connect();
+        let health = conn.request("GET", "/health", None);
+        assert_eq!(
+            health.status, 200,
+            "the bystander's publisher connection: {health:?}"
+        );
 
         let stop_publishing = Arc::new(AtomicBool::new(false));
         let stop_reading = Arc::new(AtomicBool::new(false));
@@ -74,8 +92,7 @@ impl Bystander {
         };
         let publisher = {
             let stop = stop_publishing.clone();
-            let addr = server.addr;
-            std::thread::spawn(move || publish_until_stopped(addr, &topics, &stop))
+            std::thread::spawn(move || publish_until_stopped(conn, &topics, &stop))
         };
         Bystander {
             stop_publishing,
@@ -142,11 +159,10 @@ fn join<T>(handle: JoinHandle<T>) -> T {
 }
 
 fn publish_until_stopped(
-    addr: std::net::SocketAddr,
+    mut conn: Conn,
     topics: &[String],
     stop: &AtomicBool,
 ) -> Result<IdsByTopic, String> {
-    let mut conn = Conn::try_connect(addr).map_err(|e| format!("connect: {e}"))?;
     let mut acked = IdsByTopic::new();
     let mut i = 0usize;
     // At least one round, so a very short attack still proves delivery on every topic.
