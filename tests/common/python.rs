@@ -6,9 +6,10 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The venv `scripts/install-deps` puts the Python client in.
-pub fn client_python() -> PathBuf {
-    let venv = std::env::var_os("PULSAR_CLIENT_VENV")
+/// The `python` of a venv `scripts/install-deps` made: `$<env_var>` if set, else
+/// `~/.cache/pulsar-relay/<dir>` (`$XDG_CACHE_HOME` honoured); `what` names what it holds.
+pub fn venv_python(env_var: &str, dir: &str, what: &str) -> PathBuf {
+    let venv = std::env::var_os(env_var)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let cache = std::env::var_os("XDG_CACHE_HOME")
@@ -16,15 +17,20 @@ pub fn client_python() -> PathBuf {
                 .unwrap_or_else(|| {
                     PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
                 });
-            cache.join("pulsar-relay/client-venv")
+            cache.join("pulsar-relay").join(dir)
         });
     let python = venv.join("bin/python");
     assert!(
         python.exists(),
-        "{} missing: run scripts/install-deps (it installs pulsar-relay-client in a venv)",
+        "{} missing: run scripts/install-deps (it installs {what} in a venv)",
         python.display()
     );
     python
+}
+
+/// The venv `scripts/install-deps` puts the Python client in.
+pub fn client_python() -> PathBuf {
+    venv_python("PULSAR_CLIENT_VENV", "client-venv", "pulsar-relay-client")
 }
 
 /// Runs `tests/python/<script>` with `args` in the client's venv; returns the JSON object it

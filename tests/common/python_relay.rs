@@ -31,24 +31,11 @@ const LISTENING: &str = "Uvicorn running on http://";
 
 /// The venv `scripts/install-deps` puts the Python relay in.
 pub fn python_relay_python() -> PathBuf {
-    let venv = std::env::var_os("PULSAR_PYTHON_RELAY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
-                });
-            cache.join("pulsar-relay/python-relay-venv")
-        });
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/install-deps (it installs the Python relay pulsar-relay 0.2.1 \
-         in a venv)",
-        python.display()
-    );
-    python
+    super::python::venv_python(
+        "PULSAR_PYTHON_RELAY_VENV",
+        "python-relay-venv",
+        "the Python relay pulsar-relay 0.2.1",
+    )
 }
 
 /// How to start the Python relay.
