@@ -183,7 +183,7 @@ impl ValkeyTier {
         Ok(())
     }
 
-    /// The group's settings (cached for [`SETTINGS_TTL`]); defaults for a group created
+    /// The group's settings (cached for a few seconds); defaults for a group created
     /// without them.
     pub async fn group_settings(
         &self,
