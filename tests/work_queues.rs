@@ -95,6 +95,7 @@ on_both_backends!(
     every_message_reaches_one_consumer_per_group,
     max_in_flight_is_never_exceeded,
     acks_are_idempotent_and_nacks_redeliver_at_once,
+    a_nack_frees_room_under_max_in_flight,
     ack_timeout_redelivers_to_another_consumer_not_before,
     ack_timeout_redelivers_over_http,
     max_deliveries_dead_letters_once,
@@ -944,21 +945,20 @@ fn group_fields_start_and_reset(s: &Setup) {
         .iter()
         .map(id_of)
         .collect();
-    assert_eq!(got, vec![fresh], "after reset to last");
+    assert_eq!(got, vec![fresh.clone()], "after reset to last");
 
     for bad in [json!("soon"), json!("1-x"), json!(3), Value::Null] {
         assert_400(&reset(&bad), &format!("reset to {bad}"));
     }
 
     // Deleting a group drops what its consumers hold; a new group of the name starts clean.
-    let held = poll(relay, topic, "from-id", "c", json!({"max": 10}));
-    assert!(held.is_empty(), "from-id was drained: {held:?}");
-    relay.publish(topic, "1");
-    assert_eq!(
-        poll(relay, topic, "from-id", "c", json!({"max": 10})).len(),
-        1
-    );
-    assert_eq!(info(relay, topic, "from-id")["pending"], 1);
+    let held: Vec<String> = poll(relay, topic, "from-id", "c", json!({"max": 10}))
+        .iter()
+        .map(id_of)
+        .collect();
+    assert_eq!(held, vec![fresh], "from-id gets what came since");
+    // It holds ids[1], ids[2] (taken above, never acknowledged) and `fresh`.
+    assert_eq!(info(relay, topic, "from-id")["pending"], 3);
     assert_eq!(relay.delete(&group_path(topic, "from-id")).status, 200);
     let g = create_ok(relay, topic, "from-id", json!({}));
     assert_eq!(g["pending"], 0, "{g}");
@@ -1266,7 +1266,7 @@ fn max_in_flight_is_never_exceeded(s: &Setup) {
         rest.iter().map(id_of).collect::<Vec<_>>(),
         ids[5..].to_vec()
     );
-    for bad in [json!(0), json!(10_001), json!(-1), json!("4")] {
+    for bad in [json!(0), json!(-1), json!(1.5), json!("4")] {
         assert_400(
             &poll_raw(
                 relay,
@@ -1393,6 +1393,52 @@ fn acks_are_idempotent_and_nacks_redeliver_at_once(s: &Setup) {
             &format!("ack {bad}"),
         );
     }
+}
+
+/// A nacked message is released ("redelivered at once, to any consumer of the group, this one
+/// included"): it no longer counts against the `max_in_flight` of the consumer that nacked
+/// it, so a lone consumer with `max_in_flight: 1` gets it straight back.
+fn a_nack_frees_room_under_max_in_flight(s: &Setup) {
+    let relay = &s.relay;
+    let topic = "nack-room";
+    create_ok(relay, topic, "g", json!({"ack_timeout": 60}));
+
+    let m = id_of(&relay.publish(topic, r#"{"n":1}"#));
+    let got = poll(relay, topic, "g", "p", json!({"max_in_flight": 1}));
+    assert_eq!(
+        got.iter().map(|m| (id_of(m), dc(m))).collect::<Vec<_>>(),
+        vec![(m.clone(), 1)]
+    );
+    let r = nack(relay, topic, "g", &[m.clone()]);
+    assert_eq!(strings(&r["nacked_ids"]), vec![m.clone()], "{r}");
+    let got = poll(
+        relay,
+        topic,
+        "g",
+        "p",
+        json!({"max_in_flight": 1, "timeout": 3}),
+    );
+    assert_eq!(
+        got.iter().map(|m| (id_of(m), dc(m))).collect::<Vec<_>>(),
+        vec![(m.clone(), 2)],
+        "{}: HTTP consumer with max_in_flight 1 after nacking its only message",
+        s.name
+    );
+    ack(relay, topic, "g", &[m]);
+
+    let mut c = GroupWs::connect(relay.addr, &[topic], "g", "w", Some(1));
+    let m = id_of(&relay.publish(topic, r#"{"n":2}"#));
+    assert_eq!(id_of(&c.expect_message()), m);
+    c.nack(topic, "g", &[m.clone()]);
+    let again = c.next_message(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "{}: WebSocket consumer with max_in_flight 1 never got its nacked message back",
+            s.name
+        )
+    });
+    assert_eq!((id_of(&again), dc(&again)), (m.clone(), 2));
+    c.ack(topic, "g", &[m]);
+    await_settled(relay, topic, "g");
 }
 
 fn ack_timeout_redelivers_to_another_consumer_not_before(s: &Setup) {
@@ -1759,12 +1805,9 @@ fn http_long_poll_waits_and_times_out(s: &Setup) {
     let resp = poll_raw(relay, topic, "g", &json!({"consumer": "c", "timeout": 1}));
     let waited = t.elapsed();
     assert_eq!(resp.status, 200, "{resp:?}");
-    assert_eq!(
-        resp.json(),
-        json!({"messages": [], "timeout": true}),
-        "{}",
-        s.name
-    );
+    let v = resp.json();
+    assert_eq!(v["messages"], json!([]), "{}: {v}", s.name);
+    assert_eq!(v["timeout"], true, "{}: {v}", s.name);
     assert!(
         waited + SLACK >= Duration::from_secs(1),
         "answered after {waited:?}"
@@ -1901,7 +1944,7 @@ fn websocket_group_errors_and_legacy_ack(s: &Setup) {
     expect(sub(json!({"max_in_flight": 0})), &["INVALID_REQUEST"]);
     expect(sub(json!({"max_in_flight": 10_001})), &["INVALID_REQUEST"]);
     // None of that subscribed anything: a publish reaches nobody on this socket.
-    relay.publish(topic, "1");
+    let one = id_of(&relay.publish(topic, "1"));
     c.send_json(&json!({"type": "ping"}));
     let pong = c.recv();
     assert_eq!(pong["type"], "pong", "{}: {pong}", s.name);
@@ -1913,7 +1956,9 @@ fn websocket_group_errors_and_legacy_ack(s: &Setup) {
     assert_eq!(c.recv()["type"], "pong");
     drop(c);
     let mut ok = GroupWs::connect(relay.addr, &[topic], "g", "c", Some(10_000));
+    // The group was created before `one` was published: it is the group's first message.
     let m = id_of(&relay.publish(topic, "2"));
+    assert_eq!(id_of(&ok.expect_message()), one);
     assert_eq!(id_of(&ok.expect_message()), m);
     // An ack naming a group the socket does not consume, or an unknown group, does not
     // settle anything of `g`.
@@ -1926,7 +1971,7 @@ fn websocket_group_errors_and_legacy_ack(s: &Setup) {
     if reply["type"] == "acked" {
         assert_eq!(strings(&reply["acked"]), Vec::<String>::new(), "{reply}");
     }
-    assert_eq!(info(relay, topic, "g")["pending"], 1);
+    assert_eq!(info(relay, topic, "g")["pending"], 2);
 }
 
 // ---------------------------------------------------------------------------------------
