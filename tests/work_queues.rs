@@ -831,6 +831,24 @@ fn group_crud_and_validation(s: &Setup) {
     );
     info(relay, topic, "custom");
     info(relay, "crud-other", "workers");
+
+    // The default dead-letter topic `<topic>.dead` must be a valid topic name (at most 255
+    // characters): a 250-character topic gets it, a 251-character one must name its own.
+    let t250 = "t".repeat(250);
+    let g = create_ok(relay, &t250, "g", json!({}));
+    assert_eq!(g["dead_letter_topic"], format!("{t250}.dead"), "{g}");
+    let t251 = "t".repeat(251);
+    assert_400(
+        &create(relay, &t251, &json!({"group": "g"})),
+        "251-character topic",
+    );
+    let g = create_ok(
+        relay,
+        &t251,
+        "g",
+        json!({"dead_letter_topic": "short.dead"}),
+    );
+    assert_eq!(g["dead_letter_topic"], "short.dead", "{g}");
     create_ok(relay, topic, "workers", json!({}));
 }
 
@@ -1695,7 +1713,8 @@ fn max_deliveries_dead_letters_once(s: &Setup) {
 
 #[test]
 fn dead_letters_are_written_once_with_two_relays() {
-    const N: usize = 30;
+    // More than one take moves at once (64), so several takes must share the work.
+    const N: usize = 150;
     let valkey = ValkeyServer::start(ValkeyOpts::default());
     let fleet = RelayFleet::start(&valkey, 2, "", &[]);
     let topic = "dl2-jobs";
@@ -2019,8 +2038,35 @@ fn removed_messages_are_skipped(s: &Setup) {
         .collect();
     assert_eq!(
         got,
-        vec![live],
+        vec![live.clone()],
         "{}: the expired message was delivered",
+        s.name
+    );
+    ack(relay, topic, "g", &got);
+
+    // Nor redelivered once it expired while a consumer held it.
+    let resp = relay.post_json(
+        "/api/v1/messages",
+        &json!({"topic": topic, "payload": "held", "ttl": 1}).to_string(),
+    );
+    assert_eq!(resp.status, 201, "{resp:?}");
+    let held = id_of(&resp.json());
+    let got = poll(relay, topic, "g", "c", json!({}));
+    assert_eq!(
+        got.iter().map(id_of).collect::<Vec<_>>(),
+        vec![held.clone()]
+    );
+    assert!(
+        eventually(PATIENCE, || history(relay, topic)
+            .iter()
+            .all(|m| id_of(m) != held)),
+        "the message never expired"
+    );
+    nack(relay, topic, "g", &[held.clone()]);
+    let again = poll(relay, topic, "g", "c2", json!({"timeout": 1}));
+    assert!(
+        again.is_empty(),
+        "{}: an expired message was redelivered: {again:?}",
         s.name
     );
 }
@@ -2063,7 +2109,7 @@ fn random_walk_matches_the_model(s: &Setup) {
     let mut model = Model::default();
     let never = "1-1".to_string();
 
-    for step in 0..160 {
+    for step in 0..300 {
         let ctx = format!("{} seed {seed} step {step}", s.name);
         match rng.u32(0..10) {
             0..=2 => {
