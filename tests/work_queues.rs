@@ -96,6 +96,8 @@ on_both_backends!(
     max_in_flight_is_never_exceeded,
     acks_are_idempotent_and_nacks_redeliver_at_once,
     a_nack_frees_room_under_max_in_flight,
+    a_reconnecting_consumer_can_still_ack,
+    deleting_a_group_stops_its_consumers,
     ack_timeout_redelivers_to_another_consumer_not_before,
     ack_timeout_redelivers_over_http,
     max_deliveries_dead_letters_once,
@@ -1399,6 +1401,20 @@ fn acks_are_idempotent_and_nacks_redeliver_at_once(s: &Setup) {
         (json!(0), json!(0)),
         "{g}"
     );
+    // The counters moved.
+    let metrics = relay.get("/metrics").text();
+    for name in [
+        "relay_group_deliveries_total",
+        "relay_group_acks_total",
+        "relay_group_redeliveries_total",
+    ] {
+        let sum: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(sum > 0.0, "{}: {name} is {sum}:\n{metrics}", s.name);
+    }
     for bad in [
         json!({}),
         json!({"ids": "1-0"}),
@@ -1457,6 +1473,74 @@ fn a_nack_frees_room_under_max_in_flight(s: &Setup) {
     assert_eq!((id_of(&again), dc(&again)), (m.clone(), 2));
     c.ack(topic, "g", &[m]);
     await_settled(relay, topic, "g");
+}
+
+/// A consumer that disconnects and comes back (same name) within `ack_timeout` can still
+/// acknowledge what it held; nobody else got it meanwhile.
+fn a_reconnecting_consumer_can_still_ack(s: &Setup) {
+    let relay = &s.relay;
+    let topic = "reconnect-jobs";
+    create_ok(relay, topic, "g", json!({"ack_timeout": 5}));
+    let mut other = GroupWs::connect(relay.addr, &[topic], "g", "other", Some(1));
+    let mut a = GroupWs::connect(relay.addr, &[topic], "g", "a", Some(10));
+    // `other` takes the first message (and is then full); `a` the second.
+    let m0 = id_of(&relay.publish(topic, "0"));
+    let first = other.expect_message();
+    assert_eq!(id_of(&first), m0);
+    let m = id_of(&relay.publish(topic, "1"));
+    assert_eq!(id_of(&a.expect_message()), m);
+    a.ws.close(1000, "reconnecting");
+    drop(a);
+    let mut a = GroupWs::connect(relay.addr, &[topic], "g", "a", Some(10));
+    let r = a.ack(topic, "g", &[m.clone()]);
+    assert_eq!(strings(&r["acked"]), vec![m.clone()], "{}: {r}", s.name);
+    other.ack(topic, "g", &[m0]);
+    other.expect_silence(Duration::from_millis(300), "m was acknowledged by `a`");
+    a.expect_silence(Duration::from_millis(10), "nothing else was published");
+    await_settled(relay, topic, "g");
+}
+
+/// A deleted group's WebSocket consumers get none of the topic's messages any more, and
+/// their socket stays usable. (What an old subscription does once a group of the same name is
+/// created again is not specified, and not tested.)
+fn deleting_a_group_stops_its_consumers(s: &Setup) {
+    let relay = &s.relay;
+    let topic = "delete-live";
+    create_ok(relay, topic, "g", json!({}));
+    let mut c = GroupWs::connect(relay.addr, &[topic], "g", "c", None);
+    let m = id_of(&relay.publish(topic, "1"));
+    assert_eq!(id_of(&c.expect_message()), m);
+    assert_eq!(relay.delete(&group_path(topic, "g")).status, 200);
+    relay.publish(topic, "2");
+    // Other frames (an error or `unsubscribed`, say) may come first; no message may.
+    c.ws.send_json(&json!({"type": "ping"}));
+    loop {
+        let v = c.ws.recv();
+        assert_ne!(
+            v["type"], "message",
+            "{}: delivered after the delete: {v}",
+            s.name
+        );
+        if v["type"] == "pong" {
+            break;
+        }
+    }
+    while let Some(v) = c.ws.try_recv(Duration::from_millis(300)) {
+        assert_ne!(
+            v["type"], "message",
+            "{}: delivered after the delete: {v}",
+            s.name
+        );
+    }
+    // The acknowledgement of what it held is not an error that closes the socket.
+    let r = c.request_any(&json!({"type": "ack", "topic": topic, "group": "g", "ids": [m]}));
+    assert!(
+        r["type"] == "acked" || r["type"] == "error",
+        "{}: {r}",
+        s.name
+    );
+    c.ws.send_json(&json!({"type": "ping"}));
+    assert_eq!(c.ws.recv()["type"], "pong");
 }
 
 fn ack_timeout_redelivers_to_another_consumer_not_before(s: &Setup) {
