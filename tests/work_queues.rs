@@ -1481,12 +1481,12 @@ fn a_reconnecting_consumer_can_still_ack(s: &Setup) {
     let relay = &s.relay;
     let topic = "reconnect-jobs";
     create_ok(relay, topic, "g", json!({"ack_timeout": 5}));
+    // `other` alone takes the first message (and is then full); `a` then the second.
     let mut other = GroupWs::connect(relay.addr, &[topic], "g", "other", Some(1));
-    let mut a = GroupWs::connect(relay.addr, &[topic], "g", "a", Some(10));
-    // `other` takes the first message (and is then full); `a` the second.
     let m0 = id_of(&relay.publish(topic, "0"));
     let first = other.expect_message();
     assert_eq!(id_of(&first), m0);
+    let mut a = GroupWs::connect(relay.addr, &[topic], "g", "a", Some(10));
     let m = id_of(&relay.publish(topic, "1"));
     assert_eq!(id_of(&a.expect_message()), m);
     a.ws.close(1000, "reconnecting");
