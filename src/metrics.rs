@@ -875,10 +875,8 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
 }
 
 /// The consumer-group series (see docs/work-queues.md).
+/// The families are declared even with no group, so dashboards and alerts find them.
 fn render_groups(out: &mut String, groups: &BTreeMap<(String, String), GroupSeries>) {
-    if groups.is_empty() {
-        return;
-    }
     type Pick = fn(&GroupSeries) -> Option<u64>;
     let series: [(&str, &str, &str, Pick); 6] = [
         ("relay_group_deliveries_total", "counter", "Messages handed to consumer-group consumers (redeliveries included), by topic and group (capped).", |s| Some(s.delivered)),

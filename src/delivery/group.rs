@@ -19,7 +19,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::shard::{ReplayQuery, Shard, ShardError};
-use crate::store::group::{GroupError, GroupMessage};
+use crate::store::group::{GroupError, GroupMessage, TakeRequest};
 use crate::store::message::MessageId;
 
 /// The shortest and longest time between two looks for due messages; in between, a quarter
@@ -88,6 +88,11 @@ impl Holding {
 
     pub fn held(&self) -> usize {
         self.held.borrow().len()
+    }
+
+    /// The ids it holds now.
+    pub fn held_ids(&self) -> Vec<MessageId> {
+        self.held.borrow().iter().copied().collect()
     }
 
     /// The consumer settled (acknowledged or released) `ids`: those it held free room.
@@ -182,13 +187,17 @@ pub async fn run_consumer(
         let room = holding.room();
         if room > 0 {
             let claiming = claim || Instant::now() >= next_claim;
+            let held = holding.held_ids();
             let batch = shard
                 .group_take(
                     who.topic.to_string(),
                     who.group.clone(),
-                    who.consumer.clone(),
-                    room,
-                    claiming,
+                    TakeRequest {
+                        consumer: who.consumer.clone(),
+                        max: room,
+                        claim: claiming,
+                        held,
+                    },
                 )
                 .await?;
             if claiming {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::clock::now_ms;
 use crate::metrics::GroupEvent;
 use crate::store::group::{
-    GroupError, GroupInfo, GroupMessage, GroupSettings, GroupStart, Settled,
+    GroupError, GroupInfo, GroupMessage, GroupSettings, GroupStart, Settled, TakeRequest,
 };
 use crate::store::message::MessageId;
 use crate::store::{PublishItem, StoreError};
@@ -103,21 +103,20 @@ impl Shard {
         .map_err(lost)?
     }
 
-    /// Hands `consumer` up to `max` messages of the group (due ones first with `claim`); the
-    /// dead ones the take found are dead-lettered on the way.
+    /// Hands a consumer up to `request.max` messages of the group (due ones first with
+    /// `request.claim`); the dead ones the take found are dead-lettered on the way.
     pub async fn group_take(
         &self,
         topic: String,
         group: String,
-        consumer: String,
-        max: usize,
-        claim: bool,
+        request: TakeRequest,
     ) -> Result<Vec<GroupMessage>, GroupError> {
         let owner = self.owner_of(&topic);
         self.invoke_on(owner, async move |owner: &Shard| {
+            let claim = request.claim;
             let taken = owner
                 .storage
-                .group_take(&topic, &group, &consumer, max, claim, now_ms())
+                .group_take(&topic, &group, &request, now_ms())
                 .await?;
             if !taken.dead.is_empty() {
                 owner.dead_letter(&topic, &group, taken.dead).await?;
@@ -154,7 +153,7 @@ impl Shard {
     ) -> Result<Settled, GroupError> {
         let owner = self.owner_of(&topic);
         self.invoke_on(owner, async move |owner: &Shard| {
-            let settled = owner.storage.group_ack(&topic, &group, &ids).await?;
+            let settled = owner.storage.group_ack(&topic, &group, &ids, false).await?;
             if !settled.done.is_empty() {
                 owner
                     .metrics
@@ -239,7 +238,7 @@ impl Shard {
             tracing::warn!(topic, group, error = %e, "dead-letter publish failed; retried after the ack timeout");
         }
         if !stored.is_empty() {
-            let settled = self.storage.group_ack(topic, group, &stored).await?;
+            let settled = self.storage.group_ack(topic, group, &stored, true).await?;
             self.metrics.group(
                 topic,
                 group,

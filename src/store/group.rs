@@ -159,6 +159,19 @@ impl GroupMessage {
     }
 }
 
+/// What a consumer asks of its group in one take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakeRequest {
+    pub consumer: String,
+    /// At most this many messages.
+    pub max: usize,
+    /// Also look for due messages (ack timeouts ran out, releases).
+    pub claim: bool,
+    /// What the consumer holds now: due ones among them are not handed back to it (it has
+    /// them), only to others, or dead-lettered.
+    pub held: Vec<MessageId>,
+}
+
 /// Why a group operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GroupError {
@@ -305,19 +318,23 @@ impl MemoryGroups {
             .count())
     }
 
-    /// Hands `consumer` up to `max` messages (see the module doc). Due pending entries are
-    /// looked at only with `claim`.
-    #[allow(clippy::too_many_arguments)]
+    /// Hands the consumer up to `max` messages (see the module doc). Due pending entries
+    /// are looked at only with `claim`.
     pub fn take(
         &mut self,
         hot: &HotTier,
         topic: &str,
         name: &str,
-        consumer: &str,
-        max: usize,
-        claim: bool,
+        request: &TakeRequest,
         now_ms: u64,
     ) -> Result<Taken, GroupError> {
+        let TakeRequest {
+            consumer,
+            max,
+            claim,
+            held,
+        } = request;
+        let (consumer, max, claim) = (consumer.as_str(), *max, *claim);
         let group = self.group_mut(topic, name)?;
         group.consumers.insert(consumer.to_owned(), now_ms);
         let mut taken = Taken::default();
@@ -351,7 +368,7 @@ impl MemoryGroups {
                             delivery_count: pending.deliveries,
                         });
                     }
-                } else if taken.messages.len() < max {
+                } else if taken.messages.len() < max && !held.contains(&id) {
                     pending.consumer = consumer.to_owned();
                     pending.deliveries += 1;
                     pending.delivered_at_ms = now_ms;
@@ -392,17 +409,25 @@ impl MemoryGroups {
         Ok(taken)
     }
 
-    /// Acknowledges `ids`: each one pending in the group is settled (whoever holds it).
+    /// Acknowledges `ids`: with `dead`, those held for dead-lettering (by the shard that
+    /// dead-lettered them); else each one pending with anyone else. An acknowledgement and a
+    /// dead letter of one message never both happen.
     pub fn ack(
         &mut self,
         topic: &str,
         name: &str,
         ids: &[MessageId],
+        dead: bool,
     ) -> Result<Settled, GroupError> {
         let group = self.group_mut(topic, name)?;
         let mut settled = Settled::default();
         for id in ids {
-            if group.pending.remove(id).is_some() {
+            let held_for_dead = group
+                .pending
+                .get(id)
+                .map(|p| p.consumer == DEAD_LETTER_CONSUMER);
+            if held_for_dead == Some(dead) {
+                group.pending.remove(id);
                 settled.done.push(*id);
             } else {
                 settled.unknown.push(*id);
@@ -520,6 +545,15 @@ mod tests {
         }
     }
 
+    fn req(consumer: &str, max: usize, claim: bool) -> TakeRequest {
+        TakeRequest {
+            consumer: consumer.into(),
+            max,
+            claim,
+            held: Vec::new(),
+        }
+    }
+
     fn ids(taken: &[GroupMessage]) -> Vec<u64> {
         taken.iter().map(|m| m.message.id.ms).collect()
     }
@@ -539,13 +573,13 @@ mod tests {
         let hot = hot_with("t", 5);
         let mut groups = MemoryGroups::new();
         groups.create(&hot, "t", "g", settings(1000, 2), GroupStart::Earliest)?;
-        let a = groups.take(&hot, "t", "g", "a", 3, true, 10)?;
-        let b = groups.take(&hot, "t", "g", "b", 3, true, 10)?;
+        let a = groups.take(&hot, "t", "g", &req("a", 3, true), 10)?;
+        let b = groups.take(&hot, "t", "g", &req("b", 3, true), 10)?;
         assert_eq!(ids(&a.messages), vec![1, 2, 3]);
         assert_eq!(ids(&b.messages), vec![4, 5]);
         // Not due yet: nothing for c.
         assert!(groups
-            .take(&hot, "t", "g", "c", 3, true, 500)?
+            .take(&hot, "t", "g", &req("c", 3, true), 500)?
             .messages
             .is_empty());
         let settled = groups.ack(
@@ -556,20 +590,26 @@ mod tests {
                 MessageId::new(1, 0),
                 MessageId::new(9, 0),
             ],
+            false,
         )?;
         assert_eq!(settled.done, vec![MessageId::new(1, 0)]);
         assert_eq!(settled.unknown.len(), 2);
         // Due after the timeout: 2..5 to c, with a second delivery each.
-        let c = groups.take(&hot, "t", "g", "c", 10, true, 1010)?;
+        let c = groups.take(&hot, "t", "g", &req("c", 10, true), 1010)?;
         assert_eq!(ids(&c.messages), vec![2, 3, 4, 5]);
         assert!(c.messages.iter().all(|m| m.delivery_count == 2));
         assert_eq!(c.redelivered, 4);
         // Due again, past max_deliveries: dead.
-        let d = groups.take(&hot, "t", "g", "d", 10, true, 2100)?;
+        let d = groups.take(&hot, "t", "g", &req("d", 10, true), 2100)?;
         assert!(d.messages.is_empty());
         assert_eq!(ids(&d.dead), vec![2, 3, 4, 5]);
+        // Held for dead-lettering: a consumer's late acknowledgement does not settle it, the
+        // dead-letterer's does.
+        let two = [MessageId::new(2, 0)];
+        assert_eq!(groups.ack("t", "g", &two, false)?.unknown, two);
+        assert_eq!(groups.ack("t", "g", &two, true)?.done, two);
         let info = groups.info(&hot, "t", "g", 2100)?;
-        assert_eq!(info.pending, 4);
+        assert_eq!(info.pending, 3);
         assert_eq!(info.lag, Some(0));
         Ok(())
     }
@@ -581,7 +621,7 @@ mod tests {
         let mut groups = MemoryGroups::new();
         groups.create(&hot, "t", "g", settings(60_000, 5), GroupStart::Last)?;
         assert!(groups
-            .take(&hot, "t", "g", "a", 5, true, 1)?
+            .take(&hot, "t", "g", &req("a", 5, true), 1)?
             .messages
             .is_empty());
         assert!(matches!(
@@ -589,7 +629,7 @@ mod tests {
             Err(GroupError::Exists)
         ));
         groups.reset(&hot, "t", "g", GroupStart::After(MessageId::new(1, 0)))?;
-        let a = groups.take(&hot, "t", "g", "a", 5, true, 1)?;
+        let a = groups.take(&hot, "t", "g", &req("a", 5, true), 1)?;
         assert_eq!(ids(&a.messages), vec![2, 3]);
         assert!(groups
             .release("t", "g", &[MessageId::new(3, 0)], Some("b"))?
@@ -597,13 +637,13 @@ mod tests {
             .is_empty());
         let released = groups.release("t", "g", &[MessageId::new(3, 0)], Some("a"))?;
         assert_eq!(released.done, vec![MessageId::new(3, 0)]);
-        let b = groups.take(&hot, "t", "g", "b", 5, true, 2)?;
+        let b = groups.take(&hot, "t", "g", &req("b", 5, true), 2)?;
         assert_eq!(ids(&b.messages), vec![3]);
         assert_eq!(b.messages[0].delivery_count, 2);
         assert_eq!(groups.held_by("t", "g", "a")?, 1);
         assert!(groups.delete("t", "g"));
         assert!(matches!(
-            groups.take(&hot, "t", "g", "a", 1, true, 3),
+            groups.take(&hot, "t", "g", &req("a", 1, true), 3),
             Err(GroupError::NotFound)
         ));
         Ok(())

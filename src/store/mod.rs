@@ -844,15 +844,13 @@ impl Storage {
         }
     }
 
-    /// Hands `consumer` up to `max` of the group's messages (due ones first with `claim`).
-    #[allow(clippy::too_many_arguments)]
+    /// Hands a consumer up to `request.max` of the group's messages (due ones first with
+    /// `request.claim`).
     pub async fn group_take(
         &self,
         topic: &str,
         name: &str,
-        consumer: &str,
-        max: usize,
-        claim: bool,
+        request: &group::TakeRequest,
         now_ms: u64,
     ) -> Result<group::Taken, group::GroupError> {
         match &self.backend {
@@ -860,24 +858,23 @@ impl Storage {
                 let hot = self.hot.borrow();
                 self.groups
                     .borrow_mut()
-                    .take(&hot, topic, name, consumer, max, claim, now_ms)
+                    .take(&hot, topic, name, request, now_ms)
             }
-            Backend::Valkey(tier) => {
-                tier.group_take(topic, name, consumer, max, claim, now_ms)
-                    .await
-            }
+            Backend::Valkey(tier) => tier.group_take(topic, name, request, now_ms).await,
         }
     }
 
+    /// Acknowledges `ids`; `dead`: the dead-letterer acknowledging what it moved.
     pub async fn group_ack(
         &self,
         topic: &str,
         name: &str,
         ids: &[MessageId],
+        dead: bool,
     ) -> Result<group::Settled, group::GroupError> {
         match &self.backend {
-            Backend::Memory(_) => self.groups.borrow_mut().ack(topic, name, ids),
-            Backend::Valkey(tier) => tier.group_ack(topic, name, ids).await,
+            Backend::Memory(_) => self.groups.borrow_mut().ack(topic, name, ids, dead),
+            Backend::Valkey(tier) => tier.group_ack(topic, name, ids, dead).await,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::http::error::ApiError;
 use crate::http::router::GroupAction;
 use crate::shard::Shard;
 use crate::store::group::{
-    validate_name, GroupError, GroupInfo, GroupSettings, GroupStart, Settled,
+    validate_name, GroupError, GroupInfo, GroupSettings, GroupStart, Settled, TakeRequest,
     DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES, MAX_ACK_TIMEOUT_MS, MAX_MAX_DELIVERIES,
     MIN_ACK_TIMEOUT_MS,
 };
@@ -285,7 +285,16 @@ async fn poll(
         };
         if room > 0 {
             let messages = shard
-                .group_take(topic.clone(), group.clone(), consumer.clone(), room, true)
+                .group_take(
+                    topic.clone(),
+                    group.clone(),
+                    TakeRequest {
+                        consumer: consumer.clone(),
+                        max: room,
+                        claim: true,
+                        held: Vec::new(),
+                    },
+                )
                 .await?;
             if !messages.is_empty() {
                 let mut out = Vec::with_capacity(256 * messages.len());

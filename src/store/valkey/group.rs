@@ -9,7 +9,9 @@
 //!   idle>` reassigns them (to the consumer, or to the dead-letter holder past
 //!   `max_deliveries`): the min-idle check makes one claimer win when several relays race;
 //!   then `XREADGROUP … >` for new entries;
-//! - ack: one `XACK` per id in one pipeline, so each id's outcome is known;
+//! - ack: `FCALL pulsar_group_ack` (`publish.lua`): per id, `XACK` unless the entry is held
+//!   for dead-lettering, so an acknowledgement and a dead letter never both happen; the
+//!   dead-lettering relay acknowledges its own with plain `XACK`s;
 //! - release (`nack`): `XCLAIM … IDLE <long ago> JUSTID` to the entry's current holder: due
 //!   at once, its delivery count kept;
 //! - listing: `XINFO GROUPS` / `XINFO CONSUMERS`, and the first undelivered entry for the lag
@@ -23,8 +25,9 @@ use std::time::{Duration, Instant};
 use super::entry::parse_entry;
 use super::{on, store_error, ValkeyTier};
 use crate::store::group::{
-    ConsumerInfo, GroupError, GroupInfo, GroupMessage, GroupSettings, GroupStart, Settled, Taken,
-    DEAD_LETTER_CONSUMER, DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES, MAX_DEAD_PER_TAKE,
+    ConsumerInfo, GroupError, GroupInfo, GroupMessage, GroupSettings, GroupStart, Settled,
+    TakeRequest, Taken, DEAD_LETTER_CONSUMER, DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES,
+    MAX_DEAD_PER_TAKE,
 };
 use crate::store::message::MessageId;
 use crate::valkey::{Reply, ValkeyError};
@@ -183,7 +186,7 @@ impl ValkeyTier {
         Ok(())
     }
 
-    /// The group's settings (cached for [`SETTINGS_TTL`]); defaults for a group created
+    /// The group's settings (cached for a few seconds); defaults for a group created
     /// without them.
     pub async fn group_settings(
         &self,
@@ -365,23 +368,21 @@ impl ValkeyTier {
         Ok(held)
     }
 
-    /// Hands `consumer` up to `max` messages (see `store/group.rs`): due entries first (with
-    /// `claim`), then new ones.
-    #[allow(clippy::too_many_arguments)]
+    /// Hands the consumer up to `max` messages (see `store/group.rs`): due entries first
+    /// (with `claim`), then new ones.
     pub async fn group_take(
         &self,
         topic: &str,
         group: &str,
-        consumer: &str,
-        max: usize,
-        claim: bool,
+        request: &TakeRequest,
         now_ms: u64,
     ) -> Result<Taken, GroupError> {
+        let (consumer, max) = (request.consumer.as_str(), request.max);
         let settings = self.group_settings(topic, group).await?;
         let key = self.stream_key.render(topic);
         let mut taken = Taken::default();
-        if claim {
-            self.claim_due(topic, group, consumer, max, &settings, now_ms, &mut taken)
+        if request.claim {
+            self.claim_due(topic, group, request, &settings, now_ms, &mut taken)
                 .await?;
         }
         let room = max.saturating_sub(taken.messages.len());
@@ -432,24 +433,23 @@ impl ValkeyTier {
         }
         if !expired.is_empty() {
             taken.dropped += expired.len();
-            self.group_ack(topic, group, &expired).await?;
+            self.group_ack(topic, group, &expired, false).await?;
         }
         Ok(taken)
     }
 
     /// The claim half of a take: due entries to `consumer`, or past `max_deliveries` to the
     /// dead-letter holder.
-    #[allow(clippy::too_many_arguments)]
     async fn claim_due(
         &self,
         topic: &str,
         group: &str,
-        consumer: &str,
-        max: usize,
+        request: &TakeRequest,
         settings: &GroupSettings,
         now_ms: u64,
         taken: &mut Taken,
     ) -> Result<(), GroupError> {
+        let (consumer, max) = (request.consumer.as_str(), request.max);
         let key = self.stream_key.render(topic);
         let idle = settings.ack_timeout_ms.to_string();
         let count = (max + MAX_DEAD_PER_TAKE).to_string();
@@ -488,7 +488,11 @@ impl ValkeyTier {
                 if dead.len() < MAX_DEAD_PER_TAKE {
                     dead.push((id.to_owned(), deliveries));
                 }
-            } else if redeliver.len() < max {
+            } else if redeliver.len() < max
+                && !id
+                    .parse::<MessageId>()
+                    .is_ok_and(|id| request.held.contains(&id))
+            {
                 redeliver.push((id.to_owned(), deliveries));
             }
         }
@@ -525,7 +529,7 @@ impl ValkeyTier {
                     .map_or(0, |(_, n)| *n);
                 if !is_dead && self.is_due(&message, now_ms) {
                     taken.dropped += 1;
-                    self.group_ack(topic, group, &[id]).await?;
+                    self.group_ack(topic, group, &[id], false).await?;
                     continue;
                 }
                 if is_dead {
@@ -548,39 +552,60 @@ impl ValkeyTier {
         Ok(())
     }
 
-    /// Acknowledges `ids` in the group, one `XACK` each in one pipeline.
+    /// Acknowledges `ids` in the group: with `dead`, those the dead-letter holder has (plain
+    /// `XACK`s, by the relay that dead-lettered them); else those anyone else has, through
+    /// `pulsar_group_ack`, which leaves entries held for dead-lettering alone.
     pub async fn group_ack(
         &self,
         topic: &str,
         group: &str,
         ids: &[MessageId],
+        dead: bool,
     ) -> Result<Settled, GroupError> {
         if ids.is_empty() {
             return Ok(Settled::default());
         }
         let key = self.stream_key.render(topic);
         let texts: Vec<String> = ids.iter().map(MessageId::to_string).collect();
-        let commands: Vec<_> = texts
-            .iter()
-            .map(|id| {
-                on(
-                    topic,
-                    &[b"XACK", key.as_bytes(), group.as_bytes(), id.as_bytes()],
-                )
-            })
-            .collect();
         self.count("xack", ids.len());
-        let replies = self.client.call_many(&commands).await;
-        let mut settled = Settled::default();
-        for (id, reply) in ids.iter().zip(replies) {
-            match reply {
-                Ok(reply) if reply.as_int() == Some(1) => settled.done.push(*id),
-                Ok(_) => settled.unknown.push(*id),
+        let replies: Vec<Result<Reply, ValkeyError>> = if dead {
+            let commands: Vec<_> = texts
+                .iter()
+                .map(|id| {
+                    on(
+                        topic,
+                        &[b"XACK", key.as_bytes(), group.as_bytes(), id.as_bytes()],
+                    )
+                })
+                .collect();
+            self.client.call_many(&commands).await
+        } else {
+            let mut args: Vec<&[u8]> = vec![
+                b"FCALL",
+                b"pulsar_group_ack",
+                b"1",
+                key.as_bytes(),
+                group.as_bytes(),
+                DEAD_LETTER_CONSUMER.as_bytes(),
+            ];
+            args.extend(texts.iter().map(|t| t.as_bytes()));
+            match self.client.call_routed(topic.as_bytes(), &args).await {
+                Ok(Reply::Array(items)) => items.into_iter().map(Ok).collect(),
+                Ok(_) => Vec::new(),
                 Err(e) => return Err(group_error(e)),
+            }
+        };
+        let mut settled = Settled::default();
+        let mut replies = replies.into_iter();
+        for id in ids {
+            match replies.next() {
+                Some(Ok(reply)) if reply.as_int() == Some(1) => settled.done.push(*id),
+                Some(Ok(_)) | None => settled.unknown.push(*id),
+                Some(Err(e)) => return Err(group_error(e)),
             }
         }
         // XACK on a group that does not exist answers 0: tell a missing group apart.
-        if settled.done.is_empty() {
+        if settled.done.is_empty() && dead {
             self.group_settings_exist(topic, group).await?;
         }
         Ok(settled)
