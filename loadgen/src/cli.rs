@@ -210,6 +210,9 @@ pub struct GroupsArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Accepted for symmetry with the other scenarios (this one prints no progress).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Flags of `check`.

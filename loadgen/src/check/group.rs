@@ -4,8 +4,9 @@
 //! each on the next relay at every (re)connect, and misbehave on purpose: they acknowledge at
 //! once or after the group's `ack_timeout`, nack, ignore messages (left to time out), and
 //! crash holding unacknowledged messages (the connection dropped, a new one opened, under
-//! the same consumer name or a new one). Some messages ("poison": `seq % 11 == 5`) are never
-//! acknowledged, so they end in the dead-letter topic.
+//! the same consumer name or a new one), within a budget per worker. Some messages
+//! ("poison", about one in 64 by a hash of their seq) are never acknowledged (nacked or
+//! ignored), so they end in the dead-letter topic.
 //!
 //! After the steps, the workers stop misbehaving (poison messages stay poison) until every
 //! message owed to each group is settled or a deadline passes; then the dead-letter topic is
@@ -60,9 +61,16 @@ use crate::verify::MessageId;
 const IN_FLIGHT_SLACK: Duration = Duration::from_millis(100);
 const EARLY_SLACK: Duration = Duration::from_millis(150);
 
+/// About one message in 64 is never acknowledged (ends dead-lettered).
 fn is_poison(seq: u64) -> bool {
-    seq % 11 == 5
+    seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58 == 0
 }
+
+/// Misbehaviours (late ack, nack, ignore, crash) a worker may spend in a history: each ties
+/// up one of its `max_in_flight` places for up to an `ack_timeout`, so unbounded they would
+/// make a history's work queue crawl; crashes are at most [`CRASHES`] of them.
+const MISBEHAVIOURS: u32 = 40;
+const CRASHES: u32 = 4;
 
 fn id_str(id: MessageId) -> String {
     format!("{}-{}", id.ms, id.seq)
@@ -110,6 +118,23 @@ pub struct GroupShared {
     pub log: Mutex<GroupLog>,
     endpoints: Vec<Endpoint>,
     authorization: Option<HeaderValue>,
+    /// Per worker: what it is doing, for reports.
+    status: Mutex<Vec<WorkerStatus>>,
+}
+
+/// A worker's state as last reported by it.
+#[derive(Debug, Clone, Default)]
+struct WorkerStatus {
+    consumer: String,
+    relay: usize,
+    connected: bool,
+    /// When it last received anything (ms since the history began).
+    last_frame_ms: u128,
+    /// Deliveries it holds unacknowledged (on its current connection), acks and nacks it
+    /// has scheduled, acks without an answer yet.
+    held: usize,
+    timers: usize,
+    outstanding: usize,
 }
 
 /// What the group oracle found, plus counts for the summary.
@@ -167,6 +192,7 @@ impl GroupShared {
         endpoints: Vec<Endpoint>,
         authorization: Option<HeaderValue>,
     ) -> Arc<GroupShared> {
+        let plan_workers = plan.workers.len();
         Arc::new(GroupShared {
             name: format!("g{}", plan.index),
             topic: topic_name(plan.topic),
@@ -176,9 +202,47 @@ impl GroupShared {
             drain: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             log: Mutex::default(),
+            status: Mutex::new(vec![WorkerStatus::default(); plan_workers]),
             endpoints,
             authorization,
         })
+    }
+
+    fn report(&self, worker: usize, consumer: &str, relay: usize, connected: bool, s: &Session) {
+        let now = self.now().as_millis();
+        let mut st = lock(&self.status);
+        if let Some(w) = st.get_mut(worker) {
+            *w = WorkerStatus {
+                consumer: consumer.to_owned(),
+                relay,
+                connected,
+                last_frame_ms: if connected { now } else { w.last_frame_ms },
+                held: s.held.iter().filter(|(_, _, r)| !r).count(),
+                timers: s.timers.len(),
+                outstanding: s.outstanding.len(),
+            };
+        }
+    }
+
+    fn statuses(&self) -> String {
+        lock(&self.status)
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!(
+                    "w{i} ({} on relay {}, {}, last frame {} ms, holds {}, {} acks/nacks scheduled, \
+                     {} acks unanswered)",
+                    w.consumer,
+                    w.relay,
+                    if w.connected { "connected" } else { "disconnected" },
+                    w.last_frame_ms,
+                    w.held,
+                    w.timers,
+                    w.outstanding
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn now(&self) -> Duration {
@@ -316,14 +380,22 @@ impl GroupShared {
         if let Some(p) = previous.last() {
             let nacked = nacks.iter().any(|n| *n >= p.at);
             if !nacked && at.saturating_sub(p.at) < early {
+                let trail: Vec<String> = previous
+                    .iter()
+                    .map(|s| format!("#{} to w{} at {} ms", s.count, s.worker, s.at.as_millis()))
+                    .collect();
                 problems.push(format!(
-                    "{} redelivered to w{worker} (count {count}) {} ms after its delivery to w{} \
-                     (count {}), within ack_timeout {} ms, without a nack",
+                    "{} redelivered to w{worker} (count {count}) at {} ms, {} ms after its \
+                     delivery to w{} (count {}), within ack_timeout {} ms, without a nack \
+                     (deliveries before: {}; nacks sent at {:?} ms)",
                     id_str(id),
+                    at.as_millis(),
                     at.saturating_sub(p.at).as_millis(),
                     p.worker,
                     p.count,
-                    self.plan.ack_timeout_ms
+                    self.plan.ack_timeout_ms,
+                    trail.join(", "),
+                    nacks.iter().map(Duration::as_millis).collect::<Vec<_>>()
                 ));
             }
         }
@@ -521,6 +593,29 @@ impl GroupShared {
             }
         };
         let unsettled = self.unsettled(&dead);
+        if !unsettled.is_empty() {
+            // What the relay says of the group, for the report.
+            let mut conn = None;
+            let info = match request(
+                &self.endpoints[0],
+                &mut conn,
+                Method::GET,
+                &self.path(&format!("/{}", self.name)),
+                None,
+                self.authorization.as_ref(),
+            )
+            .await
+            {
+                Ok((st, b)) => format!("{st} {}", String::from_utf8_lossy(&b[..b.len().min(600)])),
+                Err(e) => e,
+            };
+            out.violations.push(violation(format!(
+                "{} owed messages unsettled at the end; the group as the relay shows it: {info}; \
+                 the workers: {}",
+                unsettled.len(),
+                self.statuses()
+            )));
+        }
         let ledger = lock(&self.ledger);
         let log = lock(&self.log);
         let published: HashSet<MessageId> = ledger
@@ -727,6 +822,8 @@ struct Worker {
     relay: usize,
     consumer: String,
     renames: u32,
+    misbehaviours: u32,
+    crashes: u32,
 }
 
 /// Starts a group's workers; they run until `stop` is set (or the task is aborted).
@@ -744,6 +841,8 @@ pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
                 relay: i,
                 consumer: format!("w{i}"),
                 renames: 0,
+                misbehaviours: 0,
+                crashes: 0,
             };
             tokio::spawn(worker.run())
         })
@@ -765,10 +864,14 @@ impl Worker {
                 Decision::Ignore
             };
         }
-        if drain {
+        if drain || self.misbehaviours >= MISBEHAVIOURS {
             return Decision::Later(Duration::ZERO, Action::Ack);
         }
-        match self.rng.u16(..1000) {
+        let roll = self.rng.u16(..1000);
+        if roll >= 750 {
+            self.misbehaviours += 1;
+        }
+        match roll {
             0..=749 => Decision::Later(soon, Action::Ack),
             750..=829 => {
                 lock(&self.g.log).late_acks += 1;
@@ -779,7 +882,11 @@ impl Worker {
             }
             830..=899 => Decision::Later(soon, Action::Nack),
             900..=979 => Decision::Ignore,
-            _ => Decision::Crash,
+            _ if self.crashes >= CRASHES => Decision::Later(soon, Action::Ack),
+            _ => {
+                self.crashes += 1;
+                Decision::Crash
+            }
         }
     }
 
@@ -822,6 +929,8 @@ impl Worker {
                 false
             }
         };
+        let relay = self.relay % self.g.endpoints.len();
+        self.g.report(self.index, &self.consumer, relay, false, &s);
         self.lost(s, crash);
         crash
     }
@@ -867,6 +976,7 @@ impl Worker {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 frame = ws.next() => {
+                    g.report(self.index, &self.consumer, self.relay % g.endpoints.len(), true, s);
                     let text = match frame {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Close(c))) => {
@@ -1075,6 +1185,7 @@ impl Worker {
                 }
             };
             failures = 0;
+            g.report(self.index, &self.consumer, self.relay % g.endpoints.len(), true, &s);
             let Ok(page) = serde_json::from_slice::<Page>(&answer) else {
                 g.event("group http: unparseable poll answer");
                 continue;

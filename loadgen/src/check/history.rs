@@ -364,7 +364,8 @@ pub fn generate(seed: u64, steps: usize, pins: Pins) -> History {
 /// them are skipped by the group, which the group oracle does not model); `--groups on`
 /// turns those retentions off instead. A group's topic is never deleted (a delete drops the
 /// topic's groups): with `--groups on` the deletes of a group topic become short sleeps.
-/// Trims and ttl stay: the messages they may remove are not owed to the group.
+/// Three trims of a group topic in four become sleeps too; the other trims and ttl stay: the
+/// messages they may remove are not owed to the group.
 pub fn plan_groups(h: &mut History, pin: Option<bool>) {
     let mut rng = fastrand::Rng::with_seed(h.seed ^ 0x6720_90b5);
     let draw = rng.u8(..4) == 0;
@@ -416,12 +417,18 @@ pub fn plan_groups(h: &mut History, pin: Option<bool>) {
             workers,
         });
     }
+    // Deletes of a group topic go; so do three trims in four (what a trim removes is not
+    // owed to the group, so each trim takes much of the topic out of the check).
     let group_topics: Vec<u16> = h.groups.iter().map(|g| g.topic).collect();
     for s in &mut h.steps {
-        if let Step::Delete { topic } = s {
-            if group_topics.contains(topic) {
+        match s {
+            Step::Delete { topic } if group_topics.contains(topic) => {
                 *s = Step::Sleep { ms: 50 };
             }
+            Step::Trim { topic, .. } if group_topics.contains(topic) && rng.u8(..4) != 0 => {
+                *s = Step::Sleep { ms: 50 };
+            }
+            _ => {}
         }
     }
 }
