@@ -51,7 +51,9 @@
 //!   checks).
 //! - [`delivery`]: what every real-time transport shares: bounded queues (sinks), the
 //!   per-shard subscriber registry, cross-shard fan-out fed by storage's append feed,
-//!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer.
+//!   pull-based catch-up with gap signals, the one writer loop, long-poll's answer, and the
+//!   consumer-group (work queue) consumers that take their messages from their group
+//!   (`store::group`, owner-calls in `shard::group`) within their `max_in_flight`.
 //! - [`metrics`]: per-shard counters and histograms, summed and rendered at scrape.
 //! - [`ws`]: sans-IO WebSocket handshake, frame codec (tungstenite's frame layer) and the
 //!   JSON protocol of `/ws`.

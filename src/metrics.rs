@@ -92,7 +92,38 @@ pub struct ShardMetrics {
     /// `metrics.per_topic`: received/delivered per topic, at most `cap` topics (the rest
     /// count under `_other`), so a client inventing topic names cannot blow up the series.
     per_topic: Option<(usize, RefCell<TopicCounts>)>,
+    /// Consumer groups by (topic, group): counters, and the gauges the topic's owner last
+    /// read; at most `group_cap` series (the rest count under `_other`).
+    groups: RefCell<BTreeMap<(String, String), GroupSeries>>,
+    group_cap: usize,
 }
+
+/// One consumer group's series.
+#[derive(Debug, Clone, Default)]
+pub struct GroupSeries {
+    /// Messages handed to consumers (first deliveries and redeliveries).
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub dead_lettered: u64,
+    pub acked: u64,
+    /// Unacknowledged and not-yet-delivered messages, with when they were read (exported
+    /// while fresh: the owner refreshes them while the group has consumers here).
+    pub pending: u64,
+    pub lag: Option<u64>,
+    pub gauged_at: Option<Instant>,
+}
+
+/// What a group event adds to its series.
+#[derive(Debug, Clone, Copy)]
+pub enum GroupEvent {
+    Delivered(u64),
+    Redelivered(u64),
+    DeadLettered(u64),
+    Acked(u64),
+}
+
+/// Gauges older than this are not exported (the group has no consumer here any more).
+const GROUP_GAUGE_FRESH: Duration = Duration::from_secs(60);
 
 impl Default for ShardMetrics {
     fn default() -> Self {
@@ -102,6 +133,9 @@ impl Default for ShardMetrics {
 
 /// Per topic `[received, delivered]`.
 type TopicCounts = BTreeMap<String, [u64; 2]>;
+
+/// Group series kept when per-topic metrics are off (with them: `metrics.max_topic_series`).
+const DEFAULT_GROUP_SERIES: usize = 1000;
 
 /// The label value that collects topics beyond `metrics.max_topic_series`.
 const OTHER_TOPICS: &str = "_other";
@@ -123,7 +157,50 @@ impl ShardMetrics {
             event_streams: Cell::new(0),
             busy_since: Cell::new(Instant::now()),
             per_topic: per_topic_cap.map(|cap| (cap, RefCell::new(BTreeMap::new()))),
+            groups: RefCell::new(BTreeMap::new()),
+            group_cap: per_topic_cap.unwrap_or(DEFAULT_GROUP_SERIES),
         }
+    }
+
+    /// The series of `(topic, group)`, or `_other` beyond the cap.
+    fn with_group(&self, topic: &str, group: &str, f: impl FnOnce(&mut GroupSeries)) {
+        let mut groups = self.groups.borrow_mut();
+        let key = (topic.to_owned(), group.to_owned());
+        if let Some(series) = groups.get_mut(&key) {
+            return f(series);
+        }
+        let key = if groups.len() + 1 < self.group_cap {
+            key
+        } else {
+            (OTHER_TOPICS.to_owned(), OTHER_TOPICS.to_owned())
+        };
+        f(groups.entry(key).or_default())
+    }
+
+    pub fn group(&self, topic: &str, group: &str, event: GroupEvent) {
+        self.with_group(topic, group, |s| match event {
+            GroupEvent::Delivered(n) => s.delivered += n,
+            GroupEvent::Redelivered(n) => s.redelivered += n,
+            GroupEvent::DeadLettered(n) => s.dead_lettered += n,
+            GroupEvent::Acked(n) => s.acked += n,
+        });
+    }
+
+    /// The owner's latest reading of a group's pending count and lag.
+    pub fn group_gauges(&self, topic: &str, group: &str, pending: u64, lag: Option<u64>) {
+        self.with_group(topic, group, |s| {
+            s.pending = pending;
+            s.lag = lag;
+            s.gauged_at = Some(Instant::now());
+        });
+    }
+
+    /// When the gauges of `(topic, group)` were last read here.
+    pub fn group_gauged_at(&self, topic: &str, group: &str) -> Option<Instant> {
+        self.groups
+            .borrow()
+            .get(&(topic.to_owned(), group.to_owned()))
+            .and_then(|s| s.gauged_at)
     }
 
     /// Counts a message of `topic` received (`which` 0) or delivered (1), when per-topic
@@ -259,6 +336,20 @@ impl ShardMetrics {
                 .as_ref()
                 .map(|(_, map)| map.borrow().clone())
                 .unwrap_or_default(),
+            groups: self
+                .groups
+                .borrow()
+                .iter()
+                .map(|(k, v)| {
+                    let mut v = v.clone();
+                    if v.gauged_at
+                        .is_none_or(|at| at.elapsed() > GROUP_GAUGE_FRESH)
+                    {
+                        v.gauged_at = None;
+                    }
+                    (k.clone(), v)
+                })
+                .collect(),
             ..Snapshot::empty(shard)
         }
     }
@@ -293,6 +384,8 @@ pub struct Snapshot {
     pub jwks: Option<crate::auth::jwks::JwksStats>,
     /// Per-topic `[received, delivered]`, when `metrics.per_topic` is on.
     pub per_topic: BTreeMap<String, [u64; 2]>,
+    /// Consumer groups' series by (topic, group); `gauged_at: None` = no fresh gauges.
+    pub groups: BTreeMap<(String, String), GroupSeries>,
 }
 
 /// The Valkey side of a shard's snapshot.
@@ -331,6 +424,7 @@ impl Snapshot {
             valkey: None,
             jwks: None,
             per_topic: BTreeMap::new(),
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -408,6 +502,22 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         total.parked_polls += s.parked_polls;
         total.connections += s.connections;
         total.storage = total.storage + s.storage;
+        for (key, series) in &s.groups {
+            let t = total.groups.entry(key.clone()).or_default();
+            t.delivered += series.delivered;
+            t.redelivered += series.redelivered;
+            t.dead_lettered += series.dead_lettered;
+            t.acked += series.acked;
+            if series.gauged_at.is_some() {
+                // Only the topic's owner reads them: no shard double counts.
+                t.pending += series.pending;
+                t.lag = match (t.lag, series.lag) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
+                t.gauged_at = series.gauged_at;
+            }
+        }
         for (topic, counts) in &s.per_topic {
             let t = total.per_topic.entry(topic.clone()).or_insert([0; 2]);
             t[0] += counts[0];
@@ -747,6 +857,7 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
             );
         }
     }
+    render_groups(&mut out, &total.groups);
     header(
         &mut out,
         "relay_valkey_connected",
@@ -761,6 +872,33 @@ pub fn render(shards: &[Snapshot], version: &str) -> String {
         );
     }
     out
+}
+
+/// The consumer-group series (see docs/work-queues.md).
+/// The families are declared even with no group, so dashboards and alerts find them.
+fn render_groups(out: &mut String, groups: &BTreeMap<(String, String), GroupSeries>) {
+    type Pick = fn(&GroupSeries) -> Option<u64>;
+    let series: [(&str, &str, &str, Pick); 6] = [
+        ("relay_group_deliveries_total", "counter", "Messages handed to consumer-group consumers (redeliveries included), by topic and group (capped).", |s| Some(s.delivered)),
+        ("relay_group_redeliveries_total", "counter", "Messages handed out again after their ack timeout or a nack, by topic and group (capped).", |s| Some(s.redelivered)),
+        ("relay_group_dead_letters_total", "counter", "Messages moved to the dead-letter topic after max_deliveries, by topic and group (capped).", |s| Some(s.dead_lettered)),
+        ("relay_group_acks_total", "counter", "Acknowledgements that settled a message, by topic and group (capped).", |s| Some(s.acked)),
+        ("relay_group_pending", "gauge", "Messages delivered and not yet acknowledged, by topic and group (while the group has consumers on this relay).", |s| s.gauged_at.map(|_| s.pending)),
+        ("relay_group_lag_messages", "gauge", "Messages not yet delivered to any consumer of the group, by topic and group (while it has consumers on this relay).", |s| s.gauged_at.and(s.lag)),
+    ];
+    for (name, kind, help, pick) in series {
+        header(out, name, kind, help);
+        for ((topic, group), s) in groups {
+            if let Some(v) = pick(s) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",group=\"{}\"}} {v}",
+                    escape_label(topic),
+                    escape_label(group)
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

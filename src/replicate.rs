@@ -63,7 +63,7 @@ async fn safety_net(shard: Rc<Shard>) {
     while !shard.is_shutting_down() {
         glommio::timer::sleep(SAFETY_NET_PERIOD).await;
         let wanted = |topic: &str| {
-            shard.delivery.local_consumers(topic) > 0 || shard.delivery.has_remote_interest(topic)
+            shard.delivery.has_local_interest(topic) || shard.delivery.has_remote_interest(topic)
         };
         shard.storage.safety_net(&wanted).await;
     }

@@ -127,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
             };
             match protocol::parse_client_message(text, config.ws.max_topics) {
                 Ok(
-                    ClientMessage::Subscribe { topics, .. } | ClientMessage::Unsubscribe { topics },
+                    ClientMessage::Subscribe { topics, .. } | ClientMessage::Unsubscribe { topics, .. },
                 ) => {
                     assert!(!topics.is_empty() && topics.len() <= config.ws.max_topics);
                 }

@@ -133,12 +133,22 @@ fn act_on(incoming: &Incoming) {
                         }
                     }
                 }
-                Ok(ClientMessage::Unsubscribe { topics }) => {
+                Ok(ClientMessage::Unsubscribe { topics, .. }) => {
                     assert!(topics.len() <= config.ws.max_topics);
                     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
                     protocol::write_unsubscribed(&mut reply, &names);
                 }
                 Ok(ClientMessage::Ack { .. }) => {}
+                Ok(ClientMessage::GroupAck {
+                    topic,
+                    group,
+                    ids,
+                    nack,
+                }) => {
+                    assert!(ids.len() <= protocol::MAX_ACK_IDS);
+                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    protocol::write_group_settled(&mut reply, nack, &topic, &group, &ids, &[]);
+                }
                 // The token is checked by the shard's `Auth` (not reached here); the answers
                 // are `auth` or an `AUTH_FAILED` error.
                 Ok(ClientMessage::Auth { token }) => {

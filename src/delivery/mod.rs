@@ -11,11 +11,14 @@
 //! Valkey for older ranges), then releases the held-back live messages newer than the last
 //! replayed one. An offset older than what is retained yields a gap signal first.
 //!
+//! - [`group`]: consumer-group consumers (work queues): the loop that takes a consumer's
+//!   messages from its group within its `max_in_flight`, and its wake-up.
 //! - [`sink`]: a consumer's bounded queue, per-topic cursors, shared encodings.
 //! - [`registry`]: consumers per topic, interest of other shards, parked long-poll count.
 //! - [`longpoll`]: what one poll request gets (parked until a message or its timeout).
 //! - [`writer`]: the one writer loop of the streaming transports (WebSocket, SSE).
 
+pub mod group;
 pub mod longpoll;
 pub mod registry;
 pub mod sink;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use super::group::GroupWake;
 use super::sink::{Delivered, Sink};
 use crate::store::message::Message;
 
@@ -26,6 +27,9 @@ pub struct Registry {
     next_sink_id: Cell<u64>,
     /// Parked long-polls on this shard, against `longpoll.max_parked_per_shard`.
     parked: Cell<usize>,
+    /// This shard's consumer-group consumers per topic: woken (not handed messages) when
+    /// the topic has news; they take their messages from the group themselves.
+    group_wakes: RefCell<HashMap<Arc<str>, Vec<Rc<GroupWake>>>>,
 }
 
 impl Registry {
@@ -59,14 +63,54 @@ impl Registry {
         sinks.retain(|s| s.id != sink_id);
         if sinks.is_empty() {
             local.remove(topic);
-            true
+            !self.group_wakes.borrow().contains_key(topic)
         } else {
             false
         }
     }
 
+    /// Adds a group consumer's wake-up for `topic`.
+    pub fn attach_group(&self, topic: &Arc<str>, wake: &Rc<GroupWake>) {
+        let mut wakes = self.group_wakes.borrow_mut();
+        let list = wakes.entry(topic.clone()).or_default();
+        if !list.iter().any(|w| Rc::ptr_eq(w, wake)) {
+            list.push(wake.clone());
+        }
+    }
+
+    /// Removes a group consumer's wake-up. Returns true when nothing on this shard follows
+    /// the topic any more (no consumer of any kind).
+    pub fn detach_group(&self, topic: &str, wake: &Rc<GroupWake>) -> bool {
+        let mut wakes = self.group_wakes.borrow_mut();
+        let Some(list) = wakes.get_mut(topic) else {
+            return false;
+        };
+        list.retain(|w| !Rc::ptr_eq(w, wake));
+        if list.is_empty() {
+            wakes.remove(topic);
+            !self.local.borrow().contains_key(topic)
+        } else {
+            false
+        }
+    }
+
+    /// Wakes this shard's group consumers of `topic`; `claim`: they look for due messages
+    /// too (a release).
+    pub fn wake_groups(&self, topic: &str, claim: bool) {
+        if let Some(list) = self.group_wakes.borrow().get(topic) {
+            for wake in list {
+                wake.wake(claim);
+            }
+        }
+    }
+
     pub fn local_consumers(&self, topic: &str) -> usize {
         self.local.borrow().get(topic).map_or(0, Vec::len)
+    }
+
+    /// Whether anything on this shard follows `topic` (plain or group consumers).
+    pub fn has_local_interest(&self, topic: &str) -> bool {
+        self.local.borrow().contains_key(topic) || self.group_wakes.borrow().contains_key(topic)
     }
 
     pub fn consumer_count(&self) -> usize {
@@ -107,6 +151,9 @@ impl Registry {
         messages: &[Message],
         acked_at: std::time::Instant,
     ) -> usize {
+        if !messages.is_empty() {
+            self.wake_groups(topic, false);
+        }
         let sinks: Vec<Rc<Sink>> = match self.local.borrow().get(topic) {
             Some(sinks) if !sinks.is_empty() => sinks.clone(),
             _ => return 0,

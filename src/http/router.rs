@@ -39,6 +39,35 @@ pub enum Route {
     CreateTopic,
     /// The Python relay's `/auth/*` endpoints.
     Auth(AuthRoute),
+    /// `/api/v1/topics/{topic}/groups[/{group}[/…]]`: consumer groups (work queues).
+    Groups(String, GroupAction),
+}
+
+/// What a consumer-group request does (the group's name where the path has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupAction {
+    List,
+    Create,
+    Show(String),
+    Delete(String),
+    Reset(String),
+    Poll(String),
+    Ack(String),
+    Nack(String),
+}
+
+impl GroupAction {
+    pub fn group(&self) -> Option<&str> {
+        match self {
+            GroupAction::List | GroupAction::Create => None,
+            GroupAction::Show(g)
+            | GroupAction::Delete(g)
+            | GroupAction::Reset(g)
+            | GroupAction::Poll(g)
+            | GroupAction::Ack(g)
+            | GroupAction::Nack(g) => Some(g),
+        }
+    }
 }
 
 /// `/auth/...`: tokens, sessions and user management.
@@ -110,6 +139,11 @@ impl Route {
             Route::Stats => "stats",
             Route::PollStats => "poll_stats",
             Route::CreateTopic => "topic_create",
+            Route::Groups(_, action) => match action {
+                GroupAction::Poll(_) => "group_poll",
+                GroupAction::Ack(_) | GroupAction::Nack(_) => "group_ack",
+                _ => "groups",
+            },
             Route::Auth(route) => match route {
                 AuthRoute::Login => "auth_login",
                 AuthRoute::Refresh => "auth_refresh",
@@ -236,6 +270,41 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
         ["api", "v1", "topics", topic, "messages"] if !topic.is_empty() => {
             allowed(get, "GET, HEAD", Route::History(decode_segment(topic)?))
         }
+        ["api", "v1", "topics", topic, "groups"] if !topic.is_empty() => {
+            let topic = decode_segment(topic)?;
+            match method {
+                Method::Post => Ok(Route::Groups(topic, GroupAction::Create)),
+                _ => allowed(
+                    get,
+                    "GET, HEAD, POST",
+                    Route::Groups(topic, GroupAction::List),
+                ),
+            }
+        }
+        ["api", "v1", "topics", topic, "groups", group]
+            if !topic.is_empty() && !group.is_empty() =>
+        {
+            let (topic, group) = (decode_segment(topic)?, decode_segment(group)?);
+            match method {
+                Method::Get | Method::Head => Ok(Route::Groups(topic, GroupAction::Show(group))),
+                Method::Delete => Ok(Route::Groups(topic, GroupAction::Delete(group))),
+                _ => allowed(false, "GET, HEAD, DELETE", Route::Health),
+            }
+        }
+        ["api", "v1", "topics", topic, "groups", group, verb]
+            if !topic.is_empty()
+                && !group.is_empty()
+                && matches!(*verb, "reset" | "poll" | "ack" | "nack") =>
+        {
+            let (topic, group) = (decode_segment(topic)?, decode_segment(group)?);
+            let action = match *verb {
+                "reset" => GroupAction::Reset(group),
+                "poll" => GroupAction::Poll(group),
+                "ack" => GroupAction::Ack(group),
+                _ => GroupAction::Nack(group),
+            };
+            allowed(method == Method::Post, "POST", Route::Groups(topic, action))
+        }
         ["api", "v1", "topics", topic, "trim"] if !topic.is_empty() => allowed(
             method == Method::Post,
             "POST",
@@ -263,6 +332,9 @@ pub fn allow_header(path: &str) -> &'static str {
         ["api", "v1", "poll"] | ["api", "v1", "events"] | ["ws"] => "GET",
         ["api", "v1", "topics", _, "events"] => "GET",
         ["api", "v1", "topics", _, "trim"] => "POST",
+        ["api", "v1", "topics", _, "groups"] => "GET, HEAD, POST",
+        ["api", "v1", "topics", _, "groups", _] => "GET, HEAD, DELETE",
+        ["api", "v1", "topics", _, "groups", _, _] => "POST",
         ["api", "v1", "topics", _] => "GET, HEAD, DELETE",
         _ => "GET, HEAD",
     }
@@ -361,6 +433,37 @@ mod tests {
         );
         assert_eq!(route(Method::Get, "/ws"), Ok(Route::WebSocket));
         assert_eq!(route(Method::Post, "/ws").map_err(|e| e.status), Err(405));
+        let group = |action| Ok(Route::Groups("a".into(), action));
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/a/groups"),
+            group(GroupAction::List)
+        );
+        assert_eq!(
+            route(Method::Post, "/api/v1/topics/a/groups"),
+            group(GroupAction::Create)
+        );
+        assert_eq!(
+            route(Method::Get, "/api/v1/topics/a/groups/g"),
+            group(GroupAction::Show("g".into()))
+        );
+        assert_eq!(
+            route(Method::Delete, "/api/v1/topics/a/groups/g"),
+            group(GroupAction::Delete("g".into()))
+        );
+        for (verb, action) in [
+            ("reset", GroupAction::Reset("g".into())),
+            ("poll", GroupAction::Poll("g".into())),
+            ("ack", GroupAction::Ack("g".into())),
+            ("nack", GroupAction::Nack("g".into())),
+        ] {
+            let path = format!("/api/v1/topics/a/groups/g/{verb}");
+            assert_eq!(route(Method::Post, &path), group(action));
+            assert_eq!(route(Method::Get, &path).map_err(|e| e.status), Err(405));
+        }
+        assert_eq!(
+            route(Method::Post, "/api/v1/topics/a/groups/g/other").map_err(|e| e.status),
+            Err(404)
+        );
     }
 
     #[test]

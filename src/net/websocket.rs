@@ -31,6 +31,7 @@ use std::collections::HashMap;
 
 use crate::auth::{Permission, Principal};
 use crate::clock::now_ms;
+use crate::delivery::group::{run_consumer, GroupConsumer, Holding, Registration};
 use crate::delivery::sink::{Delivered, Sink};
 use crate::delivery::writer::{self, Ending, Framing, Idle};
 use crate::delivery::OnDrop;
@@ -44,8 +45,9 @@ use crate::store::message::{write_rfc3339_millis, MessageId};
 /// on (another relay's publishes trimmed away before this one read them): like 4008, the
 /// client reconnects and resumes from its last ids, and the resume reports the gap.
 pub const RESUME_CLOSE_CODE: u16 = 4009;
+use crate::store::group::{validate_name, GroupError, GroupMessage};
 use crate::ws::codec::{self, CloseReason, CodecLimits, Decoder, Incoming};
-use crate::ws::protocol::{self, ClientMessage, Offset};
+use crate::ws::protocol::{self, ClientMessage, GroupSubscription, Offset};
 
 /// How long a closing session waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -114,6 +116,16 @@ struct Job {
 /// loop cannot pile up history reads.
 type CatchUps = RefCell<HashMap<Arc<str>, (u64, AbortHandle)>>;
 
+/// A group consumer to start: which group, on which topic, holding what.
+struct GroupJob {
+    who: GroupConsumer,
+    holding: Rc<Holding>,
+}
+
+/// The session's running group consumers by (stored topic, group): what each holds, and the
+/// handle that stops it (unsubscribe, or the same group subscribed anew).
+type GroupSlots = RefCell<HashMap<(Arc<str>, String), (Rc<Holding>, AbortHandle, String)>>;
+
 /// Drives one session until it closes. `input` holds bytes the client sent after the upgrade
 /// request (its first frames, possibly).
 pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsUpgrade) {
@@ -129,6 +141,8 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
     let acks = Cell::new(0u64);
     let (jobs_tx, mut jobs_rx) = mpsc::unbounded::<Vec<Job>>();
     let catch_ups: CatchUps = RefCell::new(HashMap::new());
+    let (group_jobs_tx, mut group_jobs_rx) = mpsc::unbounded::<GroupJob>();
+    let group_slots: GroupSlots = RefCell::new(HashMap::new());
     // Replaced by an in-band refresh (`{"type":"auth"}`).
     let principal = RefCell::new(upgrade.principal);
 
@@ -164,6 +178,8 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
                                     jobs: &jobs_tx,
                                     catch_ups: &catch_ups,
                                     acks: &acks,
+                                    group_jobs: &group_jobs_tx,
+                                    group_slots: &group_slots,
                                 };
                                 handle_text(shard, &sink, &text, &session).await
                             }
@@ -245,6 +261,31 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
         }
     };
 
+    // Group consumers: one task per (topic, group), each taking what its room allows.
+    let group_followers = async {
+        let mut running = FuturesUnordered::new();
+        loop {
+            let next_job = group_jobs_rx.next();
+            if running.is_empty() {
+                match next_job.await {
+                    Some(job) => running.push(start_group_job(shard, &sink, &group_slots, job)),
+                    None => return,
+                }
+                continue;
+            }
+            match select(next_job, running.next()).await {
+                Either::Left((Some(job), _)) => {
+                    running.push(start_group_job(shard, &sink, &group_slots, job))
+                }
+                Either::Left((None, _)) => {
+                    while running.next().await.is_some() {}
+                    return;
+                }
+                Either::Right(_) => {}
+            }
+        }
+    };
+
     // The session's token: its expiry (unless refreshed in band) or revocation ends it.
     let credential = async {
         let end = shard.auth.watch(&principal).await;
@@ -272,7 +313,10 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
     let session = async {
         select(
             std::pin::pin!(writer_loop),
-            select(std::pin::pin!(followers), std::pin::pin!(credential)),
+            select(
+                select(std::pin::pin!(followers), std::pin::pin!(group_followers)),
+                std::pin::pin!(credential),
+            ),
         )
         .await;
     };
@@ -288,6 +332,233 @@ pub async fn run(shard: &Shard, stream: TcpStream, input: BytesMut, upgrade: WsU
     unfollow_all(shard, &sink);
     tracing::trace!(session = %session_id, acks = acks.get(), "WebSocket session ended");
     let _ = writer.close().await;
+}
+
+/// Starts a group consumer, replacing one of the same (topic, group) in the session.
+fn start_group_job<'a>(
+    shard: &'a Shard,
+    sink: &'a Rc<Sink>,
+    slots: &'a GroupSlots,
+    job: GroupJob,
+) -> futures::future::Abortable<impl std::future::Future<Output = ()> + 'a> {
+    let key = (job.who.topic.clone(), job.who.group.clone());
+    let holding = job.holding.clone();
+    let consumer = job.who.consumer.clone();
+    let (task, handle) = abortable(group_job(shard, sink, job));
+    if let Some((_, old, _)) = slots.borrow_mut().insert(key, (holding, handle, consumer)) {
+        old.abort();
+    }
+    task
+}
+
+/// Runs one group consumer of the session: its deliveries are the session's frames. Storage
+/// failures are retried (the consumer stays); a deleted group ends it with an error frame.
+async fn group_job(shard: &Shard, sink: &Rc<Sink>, job: GroupJob) {
+    let GroupJob { who, holding } = job;
+    let public = crate::topic::public_name(&who.topic).to_owned();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let registration = match Registration::new(shard, &who.topic, &holding.wake).await {
+            Ok(registration) => registration,
+            Err(e) => {
+                tracing::debug!(error = %e, "group consumer registration failed");
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut deliver = |batch: Vec<GroupMessage>| {
+            shard
+                .metrics
+                .delivered(Egress::WebSocket, batch.len() as u64);
+            for m in batch {
+                let mut json = Vec::with_capacity(192 + m.message.payload.len());
+                m.write_json(&mut json, &who.topic, &who.group);
+                let mut out = Vec::with_capacity(json.len() + 20);
+                protocol::write_message(&mut out, &json);
+                sink.push_control(codec::text_frame(&out));
+            }
+        };
+        let result = run_consumer(shard, &who, &holding, &mut deliver).await;
+        drop(registration);
+        match result {
+            Ok(()) => return,
+            Err(GroupError::NotFound) => {
+                sink.push_control(error_frame(
+                    "GROUP_NOT_FOUND",
+                    &format!(
+                        "group `{}` of `{public}` no longer exists; not consuming it any more",
+                        who.group
+                    ),
+                ));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "group consumer failed; retrying");
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// A group `subscribe`: checks the names and that the group exists on every topic, answers
+/// `subscribed`, then starts one consumer per topic.
+async fn subscribe_group(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    session: &Session<'_>,
+    topics: &[String],
+    spec: GroupSubscription,
+) {
+    let config = &shard.config;
+    if let Err(e) = validate_name("group", &spec.group) {
+        return sink.push_control(subscription_error_frame("INVALID_GROUP", &e));
+    }
+    if let Err(e) = validate_name("consumer", &spec.consumer) {
+        return sink.push_control(subscription_error_frame("INVALID_CONSUMER", &e));
+    }
+    let mut stored_topics = Vec::with_capacity(topics.len());
+    for topic in topics {
+        if let Err(e) = crate::topic::validate(topic, config.api.max_topic_name_len) {
+            return sink.push_control(subscription_error_frame(
+                "INVALID_TOPIC",
+                &format!("`{}`: {e}", topic.escape_debug()),
+            ));
+        }
+        let stored = match session.principal.borrow().topic(Permission::Read, topic) {
+            Ok(stored) => stored,
+            Err(e) => {
+                return sink.push_control(subscription_error_frame("FORBIDDEN", &e.to_string()))
+            }
+        };
+        match shard.group_info(stored.clone(), spec.group.clone()).await {
+            Ok(_) => {}
+            Err(GroupError::NotFound) => {
+                return sink.push_control(subscription_error_frame(
+                    "GROUP_NOT_FOUND",
+                    &format!(
+                    "topic `{}` has no group `{}`; create it with POST /api/v1/topics/{}/groups",
+                    topic.escape_debug(),
+                    spec.group,
+                    topic.escape_debug()
+                ),
+                ))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket group subscribe failed");
+                return sink.push_control(subscription_error_frame(
+                    "SERVICE_UNAVAILABLE",
+                    "could not subscribe now; retry shortly",
+                ));
+            }
+        }
+        stored_topics.push(stored);
+    }
+    if session.group_slots.borrow().len() + stored_topics.len() > config.ws.max_topics {
+        return sink.push_control(subscription_error_frame(
+            "TOO_MANY_TOPICS",
+            &format!(
+                "a session may consume at most {} topics as a group member",
+                config.ws.max_topics
+            ),
+        ));
+    }
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut ts = Vec::with_capacity(24);
+    write_rfc3339_millis(&mut ts, now_ms());
+    let mut out = Vec::with_capacity(160);
+    protocol::write_group_subscribed(
+        &mut out,
+        &names,
+        &spec,
+        session.id,
+        &String::from_utf8_lossy(&ts),
+    );
+    sink.push_control(codec::text_frame(&out));
+    for stored in stored_topics {
+        let _ = session.group_jobs.unbounded_send(GroupJob {
+            who: GroupConsumer {
+                topic: Arc::from(stored.as_str()),
+                group: spec.group.clone(),
+                consumer: spec.consumer.clone(),
+            },
+            holding: Rc::new(Holding::new(spec.max_in_flight)),
+        });
+    }
+}
+
+/// A group `ack` or `nack`: settles the ids with the group (whoever holds them) and frees
+/// the room they took in this session's consumer, then answers id by id.
+async fn settle_group(
+    shard: &Shard,
+    sink: &Rc<Sink>,
+    session: &Session<'_>,
+    (topic, group, ids, nack): (String, String, Vec<String>, bool),
+) {
+    let code = if nack { "NACK_FAILED" } else { "ACK_FAILED" };
+    if let Err(e) = validate_name("group", &group) {
+        return sink.push_control(error_frame("INVALID_GROUP", &e));
+    }
+    let stored = match session.principal.borrow().topic(Permission::Read, &topic) {
+        Ok(stored) => stored,
+        Err(e) => return sink.push_control(error_frame("FORBIDDEN", &e.to_string())),
+    };
+    let mut parsed = Vec::with_capacity(ids.len());
+    for id in &ids {
+        match id.parse::<MessageId>() {
+            Ok(id) => parsed.push(id),
+            Err(_) => {
+                return sink.push_control(error_frame(
+                    "INVALID_REQUEST",
+                    &format!("`{}` is not a message id", id.escape_debug()),
+                ))
+            }
+        }
+    }
+    let slot = session
+        .group_slots
+        .borrow()
+        .get(&(Arc::from(stored.as_str()), group.clone()))
+        .map(|(holding, _, consumer)| (holding.clone(), consumer.clone()));
+    let (holding, consumer) = slot.unzip();
+    let result = if nack {
+        // Only what this session's consumer holds: a message redelivered elsewhere since
+        // is the other consumer's to release.
+        shard
+            .group_release(stored.clone(), group.clone(), parsed.clone(), consumer)
+            .await
+    } else {
+        shard
+            .group_ack(stored.clone(), group.clone(), parsed.clone())
+            .await
+    };
+    if let Some(holding) = holding {
+        // Settled or not (already settled elsewhere), the consumer no longer holds them.
+        holding.settle(&parsed);
+    }
+    match result {
+        Ok(settled) => {
+            let done: Vec<String> = settled.done.iter().map(ToString::to_string).collect();
+            let unknown: Vec<String> = settled.unknown.iter().map(ToString::to_string).collect();
+            let done: Vec<&str> = done.iter().map(String::as_str).collect();
+            let unknown: Vec<&str> = unknown.iter().map(String::as_str).collect();
+            let mut out = Vec::with_capacity(96 + 24 * ids.len());
+            protocol::write_group_settled(&mut out, nack, &topic, &group, &done, &unknown);
+            sink.push_control(codec::text_frame(&out));
+        }
+        Err(GroupError::NotFound) => sink.push_control(error_frame(
+            "GROUP_NOT_FOUND",
+            &format!("topic `{}` has no group `{group}`", topic.escape_debug()),
+        )),
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket group ack failed");
+            sink.push_control(error_frame(
+                code,
+                "storage is unavailable; the ids stay pending: send them again",
+            ))
+        }
+    }
 }
 
 async fn follow_job(shard: &Shard, sink: &Rc<Sink>, catch_ups: &CatchUps, job: Job) {
@@ -341,6 +612,9 @@ struct Session<'a> {
     jobs: &'a mpsc::UnboundedSender<Vec<Job>>,
     catch_ups: &'a CatchUps,
     acks: &'a Cell<u64>,
+    /// Group consumers to start, and those running.
+    group_jobs: &'a mpsc::UnboundedSender<GroupJob>,
+    group_slots: &'a GroupSlots,
 }
 
 /// Acts on one JSON command.
@@ -351,6 +625,7 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
         jobs,
         catch_ups,
         acks,
+        ..
     } = *session;
     let config = &shard.config;
     match protocol::parse_client_message(text, config.ws.max_topics) {
@@ -366,6 +641,36 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
             sink.push_control(codec::text_frame(&out));
         }
         Ok(ClientMessage::Ack { .. }) => acks.set(acks.get() + 1),
+        Ok(ClientMessage::GroupAck {
+            topic,
+            group,
+            ids,
+            nack,
+        }) => settle_group(shard, sink, session, (topic, group, ids, nack)).await,
+        Ok(ClientMessage::Subscribe {
+            topics,
+            group: Some(spec),
+            ..
+        }) => subscribe_group(shard, sink, session, &topics, spec).await,
+        Ok(ClientMessage::Unsubscribe {
+            topics,
+            group: Some(group),
+        }) => {
+            for topic in &topics {
+                let stored = principal.borrow().stored_name(topic);
+                if let Some((_, running, _)) = session
+                    .group_slots
+                    .borrow_mut()
+                    .remove(&(Arc::from(stored.as_str()), group.clone()))
+                {
+                    running.abort();
+                }
+            }
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let mut out = Vec::with_capacity(64);
+            protocol::write_unsubscribed(&mut out, &names);
+            sink.push_control(codec::text_frame(&out));
+        }
         Ok(ClientMessage::Auth { token }) => {
             let current = principal.borrow().user_id().map(str::to_owned);
             match shard.auth.authenticate(Some(&token)).await {
@@ -401,7 +706,10 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
                 )),
             }
         }
-        Ok(ClientMessage::Unsubscribe { topics }) => {
+        Ok(ClientMessage::Unsubscribe {
+            topics,
+            group: None,
+        }) => {
             for topic in &topics {
                 let stored = principal.borrow().stored_name(topic);
                 unfollow(shard, sink, &stored);
@@ -414,7 +722,12 @@ async fn handle_text(shard: &Shard, sink: &Rc<Sink>, text: &str, session: &Sessi
             protocol::write_unsubscribed(&mut out, &names);
             sink.push_control(codec::text_frame(&out));
         }
-        Ok(ClientMessage::Subscribe { topics, offset, .. }) => {
+        Ok(ClientMessage::Subscribe {
+            topics,
+            offset,
+            group: None,
+            ..
+        }) => {
             let mut plan: Vec<(Arc<str>, StartAt)> = Vec::with_capacity(topics.len());
             for topic in &topics {
                 if let Err(e) = crate::topic::validate(topic, config.api.max_topic_name_len) {

@@ -12,12 +12,15 @@
 //!
 //! - [`call`]: the owner-call ([`Shard::invoke_on`], [`Shard::invoke_on_all`],
 //!   [`Shard::post`]), the inbox and the order it keeps.
+//! - [`group`]: consumer-group operations (work queues) on the topic's owner, with dead
+//!   letters, group metrics and wake-ups.
 //! - [`replay`]: the subscribe-read a consumer's catch-up is made of.
 //! - [`router`]: topic → owning shard.
 //! - [`runtime`]: starting one pinned executor per shard, readiness, signals.
 //! - [`shutdown`]: the shard-local shutdown broadcast idle connections wait on.
 
 pub mod call;
+pub mod group;
 pub mod replay;
 pub mod router;
 pub mod runtime;

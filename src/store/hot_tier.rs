@@ -527,6 +527,20 @@ impl HotTier {
         }
     }
 
+    /// How many retained messages of `topic` have an id after `after` (a group's lag).
+    pub fn count_after(&self, topic: &str, after: MessageId) -> usize {
+        self.topic_named(topic).map_or(0, |t| {
+            t.log.len() - t.log.partition_point(|m| m.id <= after)
+        })
+    }
+
+    /// The timestamp of `topic`'s first retained message after `after`, if any.
+    pub fn first_after(&self, topic: &str, after: MessageId) -> Option<u64> {
+        let log = &self.topic_named(topic)?.log;
+        log.get(log.partition_point(|m| m.id <= after))
+            .map(|m| m.timestamp_ms)
+    }
+
     /// The newest id removed from `topic` so far (by retention, eviction, trim or delete),
     /// live or tombstoned, if any.
     pub fn max_removed(&self, topic: &str) -> Option<MessageId> {

@@ -12,6 +12,8 @@
 //!
 //! - [`message`]: [`message::MessageId`] (`<ms>-<seq>`, Valkey's stream-id format) and
 //!   [`message::Message`], and the JSON form every delivery path shares.
+//! - [`group`]: consumer groups (work queues): the model, and the memory backend's groups
+//!   (the Valkey backend's are Valkey Streams consumer groups, `valkey/group.rs`).
 //! - [`feed`]: the append feed, storage's one report of what it appended, for delivery.
 //! - [`idempotency`]: what an idempotency key is, and the memory backend's record of keys
 //!   (the Valkey backend keeps its record in Valkey, beside the topic's stream).
@@ -24,6 +26,7 @@
 //!   gap verdicts, retention (trim, sweep), topic discovery, server checks.
 
 pub mod feed;
+pub mod group;
 pub mod hot_tier;
 pub mod idempotency;
 pub mod message;
@@ -190,6 +193,8 @@ pub struct Storage {
     feed: feed::AppendFeed,
     /// With Valkey: which topics memory mirrors, how far, and whether reads may trust it.
     sync: Option<stream_sync::StreamSync>,
+    /// Memory backend: the consumer groups of this shard's topics (Valkey keeps its own).
+    groups: RefCell<group::MemoryGroups>,
 }
 
 impl Storage {
@@ -209,6 +214,7 @@ impl Storage {
                 ))),
                 feed: feed::AppendFeed::new(),
                 sync: None,
+                groups: RefCell::new(group::MemoryGroups::new()),
                 hot: RefCell::new(HotTier::new(HotTierLimits {
                     max_messages_per_topic: config.storage.max_messages_per_topic,
                     retention_ms: duration_ms(config.storage.persistent_tier_retention),
@@ -265,6 +271,7 @@ impl Storage {
                     backend: Backend::Valkey(Rc::new(tier)),
                     feed: feed::AppendFeed::new(),
                     sync: Some(sync),
+                    groups: RefCell::new(group::MemoryGroups::new()),
                     hot: RefCell::new(HotTier::new(HotTierLimits {
                         max_messages_per_topic: config
                             .hot_tier
@@ -737,7 +744,10 @@ impl Storage {
     /// Deletes a topic; `false` when it did not exist.
     pub async fn delete(&self, topic: &str) -> Result<bool, StoreError> {
         match &self.backend {
-            Backend::Memory(_) => Ok(self.hot.borrow_mut().delete(topic)),
+            Backend::Memory(_) => {
+                self.groups.borrow_mut().drop_topic(topic);
+                Ok(self.hot.borrow_mut().delete(topic))
+            }
             Backend::Valkey(tier) => {
                 let existed = tier.delete(topic).await?;
                 let cached = self.hot.borrow_mut().delete(topic);
@@ -746,6 +756,153 @@ impl Storage {
                 }
                 Ok(existed || cached)
             }
+        }
+    }
+
+    // ---- consumer groups (see `group`): one method per operation, either backend ----
+
+    pub async fn group_create(
+        &self,
+        topic: &str,
+        name: &str,
+        settings: group::GroupSettings,
+        start: group::GroupStart,
+    ) -> Result<(), group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => {
+                let hot = self.hot.borrow();
+                self.groups
+                    .borrow_mut()
+                    .create(&hot, topic, name, settings, start)
+            }
+            Backend::Valkey(tier) => tier.group_create(topic, name, &settings, start).await,
+        }
+    }
+
+    pub async fn group_delete(&self, topic: &str, name: &str) -> Result<bool, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(self.groups.borrow_mut().delete(topic, name)),
+            Backend::Valkey(tier) => tier.group_delete(topic, name).await,
+        }
+    }
+
+    pub async fn group_reset(
+        &self,
+        topic: &str,
+        name: &str,
+        to: group::GroupStart,
+    ) -> Result<(), group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => {
+                let hot = self.hot.borrow();
+                self.groups.borrow_mut().reset(&hot, topic, name, to)
+            }
+            Backend::Valkey(tier) => tier.group_reset(topic, name, to).await,
+        }
+    }
+
+    pub async fn group_list(
+        &self,
+        topic: &str,
+        now_ms: u64,
+    ) -> Result<Vec<group::GroupInfo>, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(self.groups.borrow().list(&self.hot.borrow(), topic, now_ms)),
+            Backend::Valkey(tier) => tier.group_list(topic, now_ms).await,
+        }
+    }
+
+    pub async fn group_info(
+        &self,
+        topic: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<group::GroupInfo, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => {
+                self.groups
+                    .borrow()
+                    .info(&self.hot.borrow(), topic, name, now_ms)
+            }
+            Backend::Valkey(tier) => tier.group_info(topic, name, now_ms).await,
+        }
+    }
+
+    pub async fn group_settings(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<group::GroupSettings, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => self
+                .groups
+                .borrow()
+                .settings(topic, name)
+                .cloned()
+                .ok_or(group::GroupError::NotFound),
+            Backend::Valkey(tier) => tier.group_settings(topic, name).await,
+        }
+    }
+
+    /// Hands a consumer up to `request.max` of the group's messages (due ones first with
+    /// `request.claim`).
+    pub async fn group_take(
+        &self,
+        topic: &str,
+        name: &str,
+        request: &group::TakeRequest,
+        now_ms: u64,
+    ) -> Result<group::Taken, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => {
+                let hot = self.hot.borrow();
+                self.groups
+                    .borrow_mut()
+                    .take(&hot, topic, name, request, now_ms)
+            }
+            Backend::Valkey(tier) => tier.group_take(topic, name, request, now_ms).await,
+        }
+    }
+
+    /// Acknowledges `ids`; `dead`: the dead-letterer acknowledging what it moved.
+    pub async fn group_ack(
+        &self,
+        topic: &str,
+        name: &str,
+        ids: &[MessageId],
+        dead: bool,
+    ) -> Result<group::Settled, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => self.groups.borrow_mut().ack(topic, name, ids, dead),
+            Backend::Valkey(tier) => tier.group_ack(topic, name, ids, dead).await,
+        }
+    }
+
+    /// Makes `ids` due at once (a `nack`); with `consumer`, only those it holds.
+    pub async fn group_release(
+        &self,
+        topic: &str,
+        name: &str,
+        ids: &[MessageId],
+        consumer: Option<&str>,
+        now_ms: u64,
+    ) -> Result<group::Settled, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => self.groups.borrow_mut().release(topic, name, ids, consumer),
+            Backend::Valkey(tier) => tier.group_release(topic, name, ids, consumer, now_ms).await,
+        }
+    }
+
+    /// Messages `consumer` holds in the group.
+    pub async fn group_held_by(
+        &self,
+        topic: &str,
+        name: &str,
+        consumer: &str,
+    ) -> Result<usize, group::GroupError> {
+        match &self.backend {
+            Backend::Memory(_) => self.groups.borrow().held_by(topic, name, consumer),
+            Backend::Valkey(tier) => tier.group_held_by(topic, name, consumer).await,
         }
     }
 

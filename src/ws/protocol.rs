@@ -26,12 +26,25 @@ pub enum ClientMessage {
         topics: Vec<String>,
         client_id: Option<String>,
         offset: Offset,
+        /// Consume as a member of a consumer group (a work queue) instead of every message.
+        group: Option<GroupSubscription>,
     },
     Unsubscribe {
         topics: Vec<String>,
+        /// Stop the group consumers of these topics (not the plain subscriptions).
+        group: Option<String>,
     },
+    /// The legacy acknowledgement of a plain subscription: counted only.
     Ack {
         message_id: String,
+    },
+    /// `{"type":"ack"|"nack","topic","group","ids":[..]}`: settles (or releases) messages
+    /// of a group.
+    GroupAck {
+        topic: String,
+        group: String,
+        ids: Vec<String>,
+        nack: bool,
     },
     Ping,
     /// `{"type":"auth","token":"<access token>"}`: a fresh token for the session, before the
@@ -40,6 +53,22 @@ pub enum ClientMessage {
         token: String,
     },
 }
+
+/// The group part of a `subscribe`: `"group"`, `"consumer"`, `"max_in_flight"` (names are
+/// checked by the session, which answers their errors as subscription errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSubscription {
+    pub group: String,
+    pub consumer: String,
+    pub max_in_flight: usize,
+}
+
+/// `max_in_flight` of a group subscription that does not say.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10;
+/// The largest `max_in_flight`.
+pub const MAX_MAX_IN_FLIGHT: usize = 10_000;
+/// Most ids one group `ack`/`nack` may name.
+pub const MAX_ACK_IDS: usize = 1000;
 
 /// Where a subscription starts, as the client asked. Use [`Offset::for_topic`] to resolve it
 /// for one topic.
@@ -164,24 +193,84 @@ pub fn parse_client_message(text: &str, max_topics: usize) -> Result<ClientMessa
             let wire: SubscribeWire = serde_json::from_str(text)
                 .map_err(shape_error)
                 .map_err(subscription)?;
+            let group = match (wire.group, wire.consumer, wire.max_in_flight) {
+                (None, None, None) => None,
+                (Some(group), Some(consumer), max_in_flight) => {
+                    let max_in_flight = match max_in_flight {
+                        None => DEFAULT_MAX_IN_FLIGHT,
+                        Some(n) if (1..=MAX_MAX_IN_FLIGHT as u64).contains(&n) => n as usize,
+                        Some(_) => {
+                            return Err(subscription(ProtocolError::InvalidRequest(format!(
+                                "\"max_in_flight\" is an integer from 1 to {MAX_MAX_IN_FLIGHT}"
+                            ))))
+                        }
+                    };
+                    Some(GroupSubscription {
+                        group,
+                        consumer,
+                        max_in_flight,
+                    })
+                }
+                (None, _, _) => {
+                    return Err(subscription(ProtocolError::InvalidRequest(
+                        "\"consumer\" and \"max_in_flight\" need \"group\"".into(),
+                    )))
+                }
+                (Some(_), None, _) => {
+                    return Err(subscription(ProtocolError::InvalidRequest(
+                        "a group subscription needs \"consumer\", the consumer's name".into(),
+                    )))
+                }
+            };
             Ok(ClientMessage::Subscribe {
                 topics: check_topics(wire.topics, max_topics).map_err(subscription)?,
                 client_id: wire.client_id,
                 offset: wire.offset.unwrap_or_default(),
+                group,
             })
         }
         Some(TypeField::Known(Kind::Unsubscribe)) => {
             let wire: UnsubscribeWire = serde_json::from_str(text).map_err(shape_error)?;
             Ok(ClientMessage::Unsubscribe {
                 topics: check_topics(wire.topics, max_topics)?,
+                group: wire.group,
             })
         }
-        Some(TypeField::Known(Kind::Ack)) => {
+        Some(TypeField::Known(kind @ (Kind::Ack | Kind::Nack))) => {
             let wire: AckWire = serde_json::from_str(text).map_err(shape_error)?;
-            let message_id = wire.message_id.ok_or_else(|| {
-                ProtocolError::InvalidRequest("ack needs \"message_id\", a string".into())
-            })?;
-            Ok(ClientMessage::Ack { message_id })
+            let nack = matches!(kind, Kind::Nack);
+            match (wire.group, nack) {
+                (None, false) => {
+                    let message_id = wire.message_id.ok_or_else(|| {
+                        ProtocolError::InvalidRequest("ack needs \"message_id\", a string".into())
+                    })?;
+                    Ok(ClientMessage::Ack { message_id })
+                }
+                (None, true) => Err(ProtocolError::InvalidRequest(
+                    "nack needs \"topic\", \"group\" and \"ids\"".into(),
+                )),
+                (Some(group), nack) => {
+                    let topic = wire.topic.ok_or_else(|| {
+                        ProtocolError::InvalidRequest("a group ack needs \"topic\"".into())
+                    })?;
+                    let ids = wire.ids.ok_or_else(|| {
+                        ProtocolError::InvalidRequest(
+                            "a group ack needs \"ids\", an array of message ids".into(),
+                        )
+                    })?;
+                    if ids.len() > MAX_ACK_IDS {
+                        return Err(ProtocolError::InvalidRequest(format!(
+                            "at most {MAX_ACK_IDS} ids at once"
+                        )));
+                    }
+                    Ok(ClientMessage::GroupAck {
+                        topic,
+                        group,
+                        ids,
+                        nack,
+                    })
+                }
+            }
         }
         Some(TypeField::Known(Kind::Ping)) => Ok(ClientMessage::Ping),
         Some(TypeField::Known(Kind::Auth)) => {
@@ -246,6 +335,7 @@ enum Kind {
     Subscribe,
     Unsubscribe,
     Ack,
+    Nack,
     Ping,
     Auth,
     #[serde(other)]
@@ -263,16 +353,23 @@ struct SubscribeWire {
     topics: Option<Vec<String>>,
     client_id: Option<String>,
     offset: Option<Offset>,
+    group: Option<String>,
+    consumer: Option<String>,
+    max_in_flight: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct UnsubscribeWire {
     topics: Option<Vec<String>>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct AckWire {
     message_id: Option<String>,
+    topic: Option<String>,
+    group: Option<String>,
+    ids: Option<Vec<String>>,
 }
 
 /// `"last"`, `"earliest"`, any other string (an id), or an object of topic → string; anything
@@ -345,6 +442,55 @@ pub fn write_subscribed(
 ) {
     out.extend_from_slice(b"{\"type\":\"subscribed\",\"topics\":");
     write_str_array(out, topics);
+    out.extend_from_slice(b",\"session_id\":");
+    write_str(out, session_id);
+    out.extend_from_slice(b",\"timestamp\":");
+    write_str(out, timestamp_rfc3339);
+    out.push(b'}');
+}
+
+/// `{"type":"acked"|"nacked","topic":..,"group":..,"acked"|"nacked":[ids],"unknown":[ids]}`:
+/// the answer to a group `ack`/`nack`, id by id.
+pub fn write_group_settled(
+    out: &mut Vec<u8>,
+    nack: bool,
+    topic: &str,
+    group: &str,
+    done: &[&str],
+    unknown: &[&str],
+) {
+    let what = if nack { "nacked" } else { "acked" };
+    out.extend_from_slice(b"{\"type\":");
+    write_str(out, what);
+    out.extend_from_slice(b",\"topic\":");
+    write_str(out, topic);
+    out.extend_from_slice(b",\"group\":");
+    write_str(out, group);
+    out.push(b',');
+    write_str(out, what);
+    out.push(b':');
+    write_str_array(out, done);
+    out.extend_from_slice(b",\"unknown\":");
+    write_str_array(out, unknown);
+    out.push(b'}');
+}
+
+/// `{"type":"subscribed","topics":[..],"group":..,"consumer":..,"max_in_flight":n,"session_id":..,"timestamp":..}`
+pub fn write_group_subscribed(
+    out: &mut Vec<u8>,
+    topics: &[&str],
+    group: &GroupSubscription,
+    session_id: &str,
+    timestamp_rfc3339: &str,
+) {
+    out.extend_from_slice(b"{\"type\":\"subscribed\",\"topics\":");
+    write_str_array(out, topics);
+    out.extend_from_slice(b",\"group\":");
+    write_str(out, &group.group);
+    out.extend_from_slice(b",\"consumer\":");
+    write_str(out, &group.consumer);
+    out.extend_from_slice(b",\"max_in_flight\":");
+    out.extend_from_slice(itoa::Buffer::new().format(group.max_in_flight).as_bytes());
     out.extend_from_slice(b",\"session_id\":");
     write_str(out, session_id);
     out.extend_from_slice(b",\"timestamp\":");
@@ -438,6 +584,7 @@ mod tests {
             topics: topics.iter().map(|t| t.to_string()).collect(),
             client_id: client_id.map(str::to_owned),
             offset,
+            group: None,
         }
     }
 
@@ -501,7 +648,8 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"unsubscribe","topics":["a"],"extra":{"x":[1,2]}}"#),
             ClientMessage::Unsubscribe {
-                topics: vec!["a".into()]
+                topics: vec!["a".into()],
+                group: None,
             }
         );
         assert_eq!(
@@ -518,6 +666,76 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"subscribe","topics":["a\"b","\u00e9"]}"#),
             subscribe(&["a\"b", "é"], None, Offset::Last)
+        );
+    }
+
+    #[test]
+    fn group_subscribe_ack_and_nack() {
+        assert_eq!(
+            parse(r#"{"type":"subscribe","topics":["a"],"group":"g","consumer":"c"}"#),
+            ClientMessage::Subscribe {
+                topics: vec!["a".into()],
+                client_id: None,
+                offset: Offset::Last,
+                group: Some(GroupSubscription {
+                    group: "g".into(),
+                    consumer: "c".into(),
+                    max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+                }),
+            }
+        );
+        let limit = |n: u64| {
+            parse_client_message(
+                &format!(
+                    r#"{{"type":"subscribe","topics":["a"],"group":"g","consumer":"c","max_in_flight":{n}}}"#
+                ),
+                10,
+            )
+        };
+        assert!(limit(1).is_ok());
+        assert!(limit(MAX_MAX_IN_FLIGHT as u64).is_ok());
+        for n in [0, MAX_MAX_IN_FLIGHT as u64 + 1] {
+            assert_eq!(
+                limit(n).map_err(|e| e.reason()).err(),
+                Some(Some("INVALID_REQUEST"))
+            );
+        }
+        for text in [
+            r#"{"type":"subscribe","topics":["a"],"group":"g"}"#,
+            r#"{"type":"subscribe","topics":["a"],"consumer":"c"}"#,
+            r#"{"type":"subscribe","topics":["a"],"group":"g","consumer":"c","max_in_flight":-1}"#,
+            r#"{"type":"ack","group":"g","ids":["1-0"]}"#,
+            r#"{"type":"ack","topic":"a","group":"g"}"#,
+            r#"{"type":"nack","message_id":"1-0"}"#,
+            r#"{"type":"nack","topic":"a","group":"g","ids":"1-0"}"#,
+        ] {
+            assert_eq!(specific_code(text), "INVALID_REQUEST", "{text}");
+        }
+        assert_eq!(
+            parse(r#"{"type":"nack","topic":"a","group":"g","ids":["1-0","2-0"]}"#),
+            ClientMessage::GroupAck {
+                topic: "a".into(),
+                group: "g".into(),
+                ids: vec!["1-0".into(), "2-0".into()],
+                nack: true,
+            }
+        );
+        let many: Vec<String> = (0..=MAX_ACK_IDS).map(|i| format!("\"{i}-0\"")).collect();
+        let text = format!(
+            r#"{{"type":"ack","topic":"a","group":"g","ids":[{}]}}"#,
+            many.join(",")
+        );
+        assert_eq!(specific_code(&text), "INVALID_REQUEST");
+        assert_eq!(
+            parse(r#"{"type":"unsubscribe","topics":["a"],"group":"g"}"#),
+            ClientMessage::Unsubscribe {
+                topics: vec!["a".into()],
+                group: Some("g".into()),
+            }
+        );
+        assert_eq!(
+            written(|out| write_group_settled(out, false, "a", "g", &["1-0"], &["2-0"])),
+            r#"{"type":"acked","topic":"a","group":"g","acked":["1-0"],"unknown":["2-0"]}"#
         );
     }
 

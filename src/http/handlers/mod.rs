@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod events;
+pub mod groups;
 pub mod health;
 pub mod poll;
 pub mod publish;
@@ -306,6 +307,7 @@ async fn dispatch(
         Route::DeleteTopic(topic) => topics::delete(shard, &topic, request.query(), who).await,
         Route::History(topic) => topics::history(shard, &topic, request.query(), who).await,
         Route::Trim(topic) => topics::trim(shard, &topic, request, who).await,
+        Route::Groups(topic, action) => groups::handle(shard, &topic, action, request, who).await,
         Route::Health => health::health(shard).await,
         Route::Ready => Ok(health::ready(shard).await),
         Route::Auth(route) => auth::handle(shard, route, request, principal).await,

@@ -24,7 +24,7 @@ fn checked_topic(name: &str, limits: &ApiConfig) -> Result<(), ApiError> {
 
 /// The stored name of the path's topic `name`, validated and `permission` on it checked: the
 /// caller's own, or with `?owner=` another user's (admins only).
-fn stored_topic(
+pub(super) fn stored_topic(
     permission: Permission,
     name: &str,
     query: Option<&str>,

@@ -23,7 +23,7 @@ use crate::store::{PublishAck, PublishItem};
 use crate::valkey::{Command, FunctionLibrary, ProtocolError, Reply, ValkeyError};
 
 /// Bumped with every change to `publish.lua` (see its header for the compatibility rule).
-pub const LIBRARY_VERSION: u32 = 2;
+pub const LIBRARY_VERSION: u32 = 3;
 
 /// The library every relay connection makes sure is loaded.
 pub const LIBRARY: FunctionLibrary = FunctionLibrary {

@@ -31,6 +31,7 @@
 //! - `retention.rs`: count, age and ttl retention: the trim endpoint and the sweep.
 //! - `discovery.rs`: which of this shard's topics exist (`SCAN`) and their stats (`XINFO`).
 //! - `server.rs`: `INFO`, and the server settings that could lose acknowledged messages.
+//! - `group.rs`: consumer groups (work queues) as Valkey Streams consumer groups.
 //! - `feed.rs`: the cross-relay feed: the notification after each publish batch, and the
 //!   reads that keep a hot tier a cache of the stream (seed, probe, repair, safety net).
 //!
@@ -57,6 +58,7 @@ mod discovery;
 mod entry;
 mod feed;
 mod function;
+mod group;
 mod publish;
 mod read;
 mod removal;
@@ -157,6 +159,10 @@ pub struct ValkeyTier {
     /// Where [`ValkeyTier::degrade_buffered`] reports a topic it degrades, so storage can
     /// drop what its memory holds of it (set once by [`super::Storage`]).
     writer_conflicts: RefCell<Option<futures::channel::mpsc::UnboundedSender<String>>>,
+    /// Consumer-group settings by (topic, group), with when they were read (`group.rs`).
+    group_settings: RefCell<
+        HashMap<(String, String), (crate::store::group::GroupSettings, std::time::Instant)>,
+    >,
 }
 
 impl ValkeyTier {
@@ -186,6 +192,7 @@ impl ValkeyTier {
             replication_short: std::cell::Cell::new(0),
             degraded: RefCell::new(std::collections::HashSet::new()),
             writer_conflicts: RefCell::new(None),
+            group_settings: RefCell::new(HashMap::new()),
         }
     }
 

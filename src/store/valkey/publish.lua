@@ -53,9 +53,20 @@ per-entry replies after one more leading element: the id of the stream's newest 
 the call appended anything ('0-0' for an empty or missing stream). With it a relay knows, for
 each entry it stored, which entry precedes it in the stream, so it can tell without another
 round trip whether anyone else appended between its own entries (`store/stream_sync.rs`).
+
+pulsar_group_ack (version 3): acknowledges ids in a consumer group of a topic's stream,
+except those held for dead-lettering, atomically per id (`store/valkey/group.rs`): an
+acknowledgement and a dead-lettering of one message must never both succeed.
+
+  KEYS[1]   the topic's stream key
+  ARGV[1]   the group
+  ARGV[2]   the name of the dead-letter holder (entries it holds are not acknowledged)
+  ARGV[3..] the ids
+  Reply: one integer per id: 1 acknowledged by this call, 0 not pending in the group or held
+  for dead-lettering. A missing group is the XPENDING's NOGROUP error.
 ]]
 
-local VERSION = 2
+local VERSION = 3
 
 local ENTRY_ARGS = 6
 local HEADER_ARGS = 4
@@ -124,6 +135,27 @@ local function append(keys, args, with_tip)
   end
   return replies
 end
+
+local function group_ack(keys, args)
+  local stream, group, dead = keys[1], args[1], args[2]
+  local replies = {}
+  for i = 3, #args do
+    local id = args[i]
+    local pending = redis.call('XPENDING', stream, group, id, id, 1)
+    if #pending == 1 and pending[1][2] ~= dead then
+      replies[#replies + 1] = redis.call('XACK', stream, group, id)
+    else
+      replies[#replies + 1] = 0
+    end
+  end
+  return replies
+end
+
+redis.register_function {
+  function_name = 'pulsar_group_ack',
+  callback = group_ack,
+  description = 'version ' .. VERSION,
+}
 
 redis.register_function {
   function_name = 'pulsar_publish',
