@@ -601,7 +601,11 @@ mod tests {
             assert!(!h.groups.is_empty() && h.groups.len() <= 2, "seed {seed}");
             assert_eq!(h, generate(seed, 40, on));
             assert_eq!(
-                (h.setup.max_messages, h.setup.retention_s, h.setup.memory_bytes),
+                (
+                    h.setup.max_messages,
+                    h.setup.retention_s,
+                    h.setup.memory_bytes
+                ),
                 (None, None, None)
             );
             for s in &h.steps {
