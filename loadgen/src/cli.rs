@@ -44,6 +44,11 @@ pub enum Scenario {
         after_help = "History i uses seed --seed + i: `--seed S --histories 1` replays one."
     )]
     Check(CheckArgs),
+    /// Consumer groups (work queues) against plain subscription, in one run: the same publish
+    /// load to a topic with --consumers plain WebSocket subscribers, then to a topic with one
+    /// group and --consumers group consumers acknowledging every message; messages/s,
+    /// publish -> delivery latency, delivery -> `acked` latency, and the ratios group / plain.
+    Groups(GroupsArgs),
     /// Single-message publishes (POST /api/v1/messages) over keep-alive connections.
     Publish {
         #[command(flatten)]
@@ -172,6 +177,44 @@ pub enum Scenario {
     },
 }
 
+/// Flags of `groups`.
+#[derive(Debug, Args, Clone)]
+pub struct GroupsArgs {
+    /// The relay's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Consumers per phase (plain subscribers, then group consumers).
+    #[arg(long, default_value_t = 4)]
+    pub consumers: usize,
+    /// Each group consumer's `max_in_flight`.
+    #[arg(long, default_value_t = 100)]
+    pub max_in_flight: u32,
+    /// Publishing connections (closed loop unless --rate).
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Open loop at this many messages per second in total.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long each phase publishes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Payload size, bytes.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// After publishing, wait at most this long for the consumers.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub drain_timeout: Duration,
+    /// Bearer token for a relay with authentication on.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Accepted for symmetry with the other scenarios (this one prints no progress).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 /// Flags of `check`.
 #[derive(Debug, Args, Clone)]
 pub struct CheckArgs {
@@ -220,6 +263,13 @@ pub struct CheckArgs {
     /// user's namespace.
     #[arg(long, value_enum)]
     pub auth: Option<CheckAuth>,
+    /// Consumer groups (work queues) in every history (`on`) or none (`off`); unset, about
+    /// one history in four without count, age or memory retention has one or two groups
+    /// with WebSocket and HTTP workers that crash holding messages, acknowledge late and
+    /// nack, checked for exactly-once acknowledgement or dead-lettering of every
+    /// acknowledged publish, and `max_in_flight`.
+    #[arg(long, value_enum)]
+    pub groups: Option<CheckAuth>,
     /// Relays per history, all on the one Valkey (1 to 5; more than 1 implies
     /// --backend valkey, and --ack persisted unless --ack buffered is given): publishes,
     /// trims and deletes go to each in turn, and consumers resume on the next relay each

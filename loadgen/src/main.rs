@@ -27,6 +27,7 @@ mod churn;
 mod cli;
 mod connections;
 mod delivery;
+mod groupbench;
 mod http;
 mod payload;
 mod publish;
@@ -92,6 +93,42 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&SetupError::Runtime(e)),
     };
+    if let Scenario::Groups(a) = &cli.scenario {
+        if a.consumers == 0 || a.connections == 0 || a.duration.is_zero() {
+            return fail(&invalid(
+                "--consumers, --connections and --duration must be positive",
+            ));
+        }
+        let spec = groupbench::GroupBenchSpec {
+            url: a.url.clone(),
+            consumers: a.consumers,
+            max_in_flight: a.max_in_flight,
+            connections: a.connections,
+            duration: a.duration,
+            rate: a.rate,
+            payload_bytes: a.payload_bytes,
+            drain_timeout: a.drain_timeout,
+            token: a.token.clone(),
+        };
+        return match runtime.block_on(groupbench::run(&spec)) {
+            Ok(report) => {
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).unwrap_or_else(|e| e.to_string())
+                    );
+                } else {
+                    print!("{}", report.to_text());
+                }
+                if report.plain.complete && report.group.complete {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => fail(&invalid(e)),
+        };
+    }
     if let Scenario::Check(args) = cli.scenario {
         return match check_spec(args) {
             Ok((spec, json)) => {
@@ -218,6 +255,7 @@ fn check_spec(a: cli::CheckArgs) -> Result<(check::CheckSpec, bool), SetupError>
             },
             transport: a.transport,
             auth: a.auth.map(|a| a == cli::CheckAuth::On),
+            groups: a.groups.map(|g| g == cli::CheckAuth::On),
         },
         quiet: a.quiet,
     };
@@ -365,7 +403,7 @@ fn base_report(
 async fn run(cli: Cli) -> Result<(Report, bool, bool), SetupError> {
     match cli.scenario {
         // Handled in `main`: it starts its own relays and has its own report.
-        Scenario::Check(_) => Err(invalid("check is not a load scenario")),
+        Scenario::Check(_) | Scenario::Groups(_) => Err(invalid("not a load scenario")),
         Scenario::Publish { common, load } => {
             let rate = load.rate.map(check_rate).transpose()?;
             let ctx = setup(&common, common.topics)?;

@@ -28,7 +28,7 @@ use serde::Serialize;
 const MAX_SEQ: u64 = 1 << 32;
 
 /// A relay message id, `<ms>-<seq>`, ordered as the relay orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId {
     pub ms: u64,
     pub seq: u64,

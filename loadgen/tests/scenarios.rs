@@ -648,6 +648,13 @@ const CHECK_SET: &[(u64, &[&str])] = &[
         &["--auth", "on", "--backend", "valkey", "--ack", "buffered"],
     ),
     (4001, &["--auth", "on", "--relays", "3"]),
+    // Consumer groups (issue 14, docs/work-queues.md): WebSocket and HTTP workers that crash
+    // holding messages, acknowledge late, nack and let messages time out; every acknowledged
+    // publish acknowledged or dead-lettered exactly once, max_in_flight, delivery_count.
+    // Memory with two groups; Valkey through an outage; three relays on one Valkey.
+    (115, &["--groups", "on", "--backend", "memory"]),
+    (100, &["--groups", "on", "--backend", "valkey"]),
+    (300, &["--groups", "on", "--relays", "3"]),
 ];
 
 #[test]

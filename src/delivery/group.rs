@@ -11,7 +11,7 @@
 //! acknowledgement frees room and wakes it ([`Holding`]).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -66,9 +66,20 @@ impl GroupWake {
 }
 
 /// What one consumer holds of one group on one topic, and may hold.
+///
+/// A message counts against `max_in_flight` until the consumer settles it or its
+/// `ack_timeout` runs out: from then on it is due, the group may give it to any consumer
+/// (this one included, as after a `nack`), and a consumer whose places were all taken by
+/// messages it let time out still gets work. (Counting due messages until this consumer
+/// settled them kept it from ever getting anything again once another consumer or the dead
+/// letters had taken them, and a lone consumer that let `max_in_flight` messages time out
+/// stalled its group for good.)
 pub struct Holding {
     pub max_in_flight: usize,
-    held: RefCell<BTreeSet<MessageId>>,
+    /// Held ids and when each was handed over.
+    held: RefCell<BTreeMap<MessageId, Instant>>,
+    /// The group's `ack_timeout` (set when the consumer starts; until then nothing is due).
+    ack_timeout: Cell<Option<Duration>>,
     pub wake: Rc<GroupWake>,
 }
 
@@ -76,23 +87,42 @@ impl Holding {
     pub fn new(max_in_flight: usize) -> Holding {
         Holding {
             max_in_flight: max_in_flight.max(1),
-            held: RefCell::new(BTreeSet::new()),
+            held: RefCell::new(BTreeMap::new()),
+            ack_timeout: Cell::new(None),
             wake: GroupWake::new(),
         }
     }
 
+    /// Forgets what was handed over an `ack_timeout` ago or more (due: the group's now).
+    fn expire(&self) {
+        if let Some(timeout) = self.ack_timeout.get() {
+            self.held
+                .borrow_mut()
+                .retain(|_, at| at.elapsed() < timeout);
+        }
+    }
+
+    /// When the oldest held message becomes due, if one is held and the timeout is known.
+    fn next_due(&self) -> Option<Instant> {
+        let timeout = self.ack_timeout.get()?;
+        self.held.borrow().values().min().map(|at| *at + timeout)
+    }
+
     /// How many more it may be handed now.
     pub fn room(&self) -> usize {
+        self.expire();
         self.max_in_flight.saturating_sub(self.held.borrow().len())
     }
 
     pub fn held(&self) -> usize {
+        self.expire();
         self.held.borrow().len()
     }
 
-    /// The ids it holds now.
+    /// The ids it holds now (not yet due).
     pub fn held_ids(&self) -> Vec<MessageId> {
-        self.held.borrow().iter().copied().collect()
+        self.expire();
+        self.held.borrow().keys().copied().collect()
     }
 
     /// The consumer settled (acknowledged or released) `ids`: those it held free room.
@@ -110,8 +140,9 @@ impl Holding {
 
     fn hold(&self, messages: &[GroupMessage]) {
         let mut held = self.held.borrow_mut();
+        let now = Instant::now();
         for m in messages {
-            held.insert(m.message.id);
+            held.insert(m.message.id, now);
         }
     }
 }
@@ -181,6 +212,9 @@ pub async fn run_consumer(
         .await?
         .settings;
     let period = claim_period(settings.ack_timeout_ms);
+    holding
+        .ack_timeout
+        .set(Some(Duration::from_millis(settings.ack_timeout_ms)));
     let mut claim = true;
     let mut next_claim = Instant::now();
     loop {
@@ -215,8 +249,20 @@ pub async fn run_consumer(
             }
         }
         if holding.room() == 0 {
-            // Nothing may be handed out before an acknowledgement frees room (which wakes).
-            claim |= holding.wake.wait().await;
+            // Nothing may be handed out before an acknowledgement frees room (which wakes)
+            // or the oldest held message becomes due (its place is free again; it may be
+            // handed back, so look for due messages then).
+            let wait = std::pin::pin!(holding.wake.wait());
+            let due = holding
+                .next_due()
+                .unwrap_or_else(|| Instant::now() + MAX_CLAIM_PERIOD);
+            let tick = std::pin::pin!(glommio::timer::sleep(
+                due.saturating_duration_since(Instant::now())
+            ));
+            match futures::future::select(wait, tick).await {
+                futures::future::Either::Left((claim_asked, _)) => claim |= claim_asked,
+                futures::future::Either::Right(_) => claim = true,
+            }
             continue;
         }
         let wait = std::pin::pin!(holding.wake.wait());

@@ -88,7 +88,8 @@ impl Shard {
         .map_err(lost)?
     }
 
-    /// Messages `consumer` holds in the group.
+    /// Messages `consumer` holds in the group and that are not due yet (a due message's
+    /// place is free: the group may give it to anyone, this consumer included).
     pub async fn group_held_by(
         &self,
         topic: String,
@@ -97,7 +98,10 @@ impl Shard {
     ) -> Result<usize, GroupError> {
         let owner = self.owner_of(&topic);
         self.invoke_on(owner, async move |owner: &Shard| {
-            owner.storage.group_held_by(&topic, &group, &consumer).await
+            owner
+                .storage
+                .group_held_by(&topic, &group, &consumer, now_ms())
+                .await
         })
         .await
         .map_err(lost)?

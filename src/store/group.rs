@@ -312,17 +312,29 @@ impl MemoryGroups {
         })
     }
 
-    /// Messages held by `consumer` in the group.
-    pub fn held_by(&self, topic: &str, name: &str, consumer: &str) -> Result<usize, GroupError> {
+    /// Messages held by `consumer` in the group and not due yet (released, or delivered an
+    /// `ack_timeout` ago or more: their places are free, the group may give them to anyone).
+    pub fn held_by(
+        &self,
+        topic: &str,
+        name: &str,
+        consumer: &str,
+        now_ms: u64,
+    ) -> Result<usize, GroupError> {
         let group = self
             .topics
             .get(topic)
             .and_then(|g| g.get(name))
             .ok_or(GroupError::NotFound)?;
+        let timeout = group.settings.ack_timeout_ms;
         Ok(group
             .pending
             .values()
-            .filter(|p| p.consumer == consumer)
+            .filter(|p| {
+                p.consumer == consumer
+                    && !p.released
+                    && now_ms < p.delivered_at_ms.saturating_add(timeout)
+            })
             .count())
     }
 
@@ -652,10 +664,12 @@ mod tests {
         let b = groups.take(&hot, "t", "g", &req("b", 5, true), 2)?;
         assert_eq!(ids(&b.messages), vec![3]);
         assert_eq!(b.messages[0].delivery_count, 2);
-        assert_eq!(groups.held_by("t", "g", "a")?, 1);
+        assert_eq!(groups.held_by("t", "g", "a", 2)?, 1);
+        // Once its ack_timeout has run out, a held message's place is free again.
+        assert_eq!(groups.held_by("t", "g", "a", 1 + 60_000)?, 0);
         // Released, it no longer counts against its former holder.
         groups.release("t", "g", &[MessageId::new(2, 0)], Some("a"))?;
-        assert_eq!(groups.held_by("t", "g", "a")?, 0);
+        assert_eq!(groups.held_by("t", "g", "a", 2)?, 0);
         assert!(groups.delete("t", "g"));
         assert!(matches!(
             groups.take(&hot, "t", "g", &req("a", 1, true), 3),

@@ -899,9 +899,10 @@ impl Storage {
         topic: &str,
         name: &str,
         consumer: &str,
+        now_ms: u64,
     ) -> Result<usize, group::GroupError> {
         match &self.backend {
-            Backend::Memory(_) => self.groups.borrow().held_by(topic, name, consumer),
+            Backend::Memory(_) => self.groups.borrow().held_by(topic, name, consumer, now_ms),
             Backend::Valkey(tier) => tier.group_held_by(topic, name, consumer).await,
         }
     }

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::consumer::{lock, topic_name, Cmd, Consumer, Shared, Wire};
+use super::group::{self, GroupShared};
 use super::history::{Backend, From, History, Outage, Setup, Step, MAX_BULK_BODY};
 use super::oracle::{self, Fate, Judgement, Ledger, Pos, Published, Retention, Violation};
 use super::procs::{config_yaml, Relay, Scratch, Valkey};
@@ -43,6 +44,9 @@ const SETTLE_MAX: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A consumer's connect must be confirmed within this.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// A group's drain after the steps takes at most this, plus twice the time its messages may
+/// take to be dead-lettered.
+const GROUP_DRAIN: Duration = Duration::from_secs(20);
 
 /// The binaries a history needs, and how many relays to run.
 #[derive(Debug, Clone)]
@@ -72,6 +76,12 @@ pub struct Outcome {
     /// Relay closes, error frames and failed connects, by kind.
     pub events: BTreeMap<String, u64>,
     pub elapsed: Duration,
+    pub group_owed: u64,
+    pub group_deliveries: u64,
+    pub group_redeliveries: u64,
+    pub group_acks: u64,
+    pub dead_letters: u64,
+    pub group_crashes: u64,
 }
 
 struct ConsumerHandle {
@@ -161,10 +171,54 @@ pub async fn run(history: &History, bins: &Bins) -> Result<Outcome, String> {
     if history.setup.auth {
         exec.authorization = Some(login(&exec.endpoints[0]).await?);
     }
+    // Consumer groups: created before the first publish, their workers run alongside.
+    let mut groups = Vec::new();
+    for plan in &history.groups {
+        let g = GroupShared::new(
+            plan.clone(),
+            exec.ledger.clone(),
+            exec.epoch,
+            exec.endpoints.clone(),
+            exec.authorization.clone(),
+        );
+        g.create().await?;
+        let tasks = group::spawn_workers(&g);
+        groups.push((g, tasks));
+    }
     for step in &history.steps {
         exec.step(step, &history.setup, &mut valkey).await;
     }
     let mut outcome = exec.settle(&history.setup).await;
+    for (g, _) in &groups {
+        let p = &g.plan;
+        let most = Duration::from_millis(u64::from(p.ack_timeout_ms) * u64::from(p.max_deliveries));
+        g.drain(GROUP_DRAIN + most * 2).await;
+    }
+    for (g, _) in &groups {
+        g.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    for (g, tasks) in groups {
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(3), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let o = g.judge().await;
+        outcome.violations.extend(o.violations);
+        outcome.group_owed += o.owed;
+        outcome.group_deliveries += o.deliveries;
+        outcome.group_redeliveries += o.redeliveries;
+        outcome.group_acks += o.acks;
+        outcome.dead_letters += o.dead_letters;
+        outcome.group_crashes += o.crashes;
+        for (k, v) in o.events {
+            *outcome.events.entry(k).or_default() += v;
+        }
+    }
     for (i, relay) in relays.iter_mut().enumerate() {
         if let Ok(Some(status)) = relay.try_wait() {
             outcome.violations.push(Violation {
@@ -715,6 +769,7 @@ impl Exec {
             restarts: self.restarts,
             events,
             elapsed: Duration::ZERO,
+            ..Outcome::default()
         }
     }
 
@@ -747,7 +802,7 @@ impl std::fmt::Write for VecWriter<'_> {
 }
 
 /// One request on `conn` (connected first if needed; dropped after a failure).
-async fn request(
+pub(super) async fn request(
     endpoint: &Endpoint,
     conn: &mut Option<HttpConn>,
     method: Method,

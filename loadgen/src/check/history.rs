@@ -143,6 +143,39 @@ pub struct History {
     pub setup: Setup,
     pub topics: u16,
     pub steps: Vec<Step>,
+    /// Consumer groups (work queues) on some topics, each with its workers; empty in most
+    /// histories (see [`plan_groups`]).
+    pub groups: Vec<GroupPlan>,
+}
+
+/// How a group worker talks to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupTransport {
+    /// `subscribe` with `group`/`consumer`/`max_in_flight`, `ack`/`nack` frames.
+    Ws,
+    /// `POST …/groups/{g}/poll`, `…/ack`, `…/nack`.
+    Http,
+}
+
+/// One worker of a group: its transport, its `max_in_flight`, and the seed of its
+/// behaviour (which messages it acknowledges at once or late, nacks, ignores, and when it
+/// crashes holding messages; those choices are made while running).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerPlan {
+    pub transport: GroupTransport,
+    pub max_in_flight: u16,
+    pub seed: u64,
+}
+
+/// A consumer group created (from `earliest`) on `topic` before the first step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPlan {
+    pub topic: u16,
+    /// Its name: `g<index>`.
+    pub index: u8,
+    pub ack_timeout_ms: u32,
+    pub max_deliveries: u32,
+    pub workers: Vec<WorkerPlan>,
 }
 
 /// Largest bulk request body the checker builds; the relay is configured to take more.
@@ -159,6 +192,9 @@ pub struct Pins {
     pub ack: Option<Ack>,
     pub transport: Option<Transport>,
     pub auth: Option<bool>,
+    /// Consumer groups on (`Some(true)`: every history), off, or (`None`) in about one
+    /// history in four of those without count, age or memory retention.
+    pub groups: Option<bool>,
 }
 
 fn pick<T: Copy>(rng: &mut fastrand::Rng, items: &[T]) -> T {
@@ -311,11 +347,89 @@ pub fn generate(seed: u64, steps: usize, pins: Pins) -> History {
         };
         out.push(step);
     }
-    History {
+    let mut h = History {
         seed,
         setup,
         topics,
         steps: out,
+        groups: Vec::new(),
+    };
+    plan_groups(&mut h, pins.groups);
+    h
+}
+
+/// Adds consumer groups to `h`, from a stream of its own (so a seed's other choices are
+/// those it had before groups joined the checker). By default only histories without count,
+/// age or memory retention get groups (messages a retention removes before a group delivers
+/// them are skipped by the group, which the group oracle does not model); `--groups on`
+/// turns those retentions off instead. A group's topic is never deleted (a delete drops the
+/// topic's groups): with `--groups on` the deletes of a group topic become short sleeps.
+/// Three trims of a group topic in four become sleeps too; the other trims and ttl stay: the
+/// messages they may remove are not owed to the group.
+pub fn plan_groups(h: &mut History, pin: Option<bool>) {
+    let mut rng = fastrand::Rng::with_seed(h.seed ^ 0x6720_90b5);
+    let draw = rng.u8(..4) == 0;
+    let retention = h.setup.max_messages.is_some()
+        || h.setup.retention_s.is_some()
+        || h.setup.memory_bytes.is_some();
+    match pin {
+        Some(false) => return,
+        None if !draw || retention => return,
+        _ => {}
+    }
+    h.setup.max_messages = None;
+    h.setup.retention_s = None;
+    h.setup.memory_bytes = None;
+    // The topic with the most publish steps (the "hot" one) and maybe another.
+    let mut publishes = vec![0u32; usize::from(h.topics)];
+    for s in &h.steps {
+        if let Step::Publish { topic, .. } = s {
+            publishes[usize::from(*topic)] += 1;
+        }
+    }
+    let hot = (0..h.topics)
+        .max_by_key(|t| publishes[usize::from(*t)])
+        .unwrap_or(0);
+    let mut topics = vec![hot];
+    if h.topics > 1 && rng.bool() {
+        let other = rng.u16(..h.topics);
+        if other != hot {
+            topics.push(other);
+        }
+    }
+    for (i, topic) in topics.into_iter().enumerate() {
+        let workers = (0..rng.u8(1..=3))
+            .map(|_| WorkerPlan {
+                transport: if rng.u8(..3) == 0 {
+                    GroupTransport::Http
+                } else {
+                    GroupTransport::Ws
+                },
+                max_in_flight: pick(&mut rng, &[1, 3, 10, 50]),
+                seed: rng.u64(..),
+            })
+            .collect();
+        h.groups.push(GroupPlan {
+            topic,
+            index: i as u8,
+            ack_timeout_ms: pick(&mut rng, &[300, 500, 1000]),
+            max_deliveries: pick(&mut rng, &[2, 3, 3, 5]),
+            workers,
+        });
+    }
+    // Deletes of a group topic go; so do three trims in four (what a trim removes is not
+    // owed to the group, so each trim takes much of the topic out of the check).
+    let group_topics: Vec<u16> = h.groups.iter().map(|g| g.topic).collect();
+    for s in &mut h.steps {
+        match s {
+            Step::Delete { topic } if group_topics.contains(topic) => {
+                *s = Step::Sleep { ms: 50 };
+            }
+            Step::Trim { topic, .. } if group_topics.contains(topic) && rng.u8(..4) != 0 => {
+                *s = Step::Sleep { ms: 50 };
+            }
+            _ => {}
+        }
     }
 }
 
@@ -425,6 +539,31 @@ impl fmt::Display for History {
             self.topics,
             self.steps.len()
         )?;
+        for g in &self.groups {
+            let ws: Vec<String> = g
+                .workers
+                .iter()
+                .map(|w| {
+                    format!(
+                        "{} max_in_flight {}",
+                        match w.transport {
+                            GroupTransport::Ws => "ws",
+                            GroupTransport::Http => "http",
+                        },
+                        w.max_in_flight
+                    )
+                })
+                .collect();
+            writeln!(
+                f,
+                "  group g{} on t{} (ack_timeout {} ms, max_deliveries {}): workers {}",
+                g.index,
+                g.topic,
+                g.ack_timeout_ms,
+                g.max_deliveries,
+                ws.join(", ")
+            )?;
+        }
         for (i, s) in self.steps.iter().enumerate() {
             writeln!(f, "  {i:>3}. {s}")?;
         }
@@ -451,6 +590,47 @@ mod tests {
     }
 
     #[test]
+    fn groups_come_without_retention_and_their_topics_are_never_deleted() {
+        let on = Pins {
+            groups: Some(true),
+            ..Pins::default()
+        };
+        let mut drawn = 0;
+        for seed in 0..200 {
+            let h = generate(seed, 40, on);
+            assert!(!h.groups.is_empty() && h.groups.len() <= 2, "seed {seed}");
+            assert_eq!(h, generate(seed, 40, on));
+            assert_eq!(
+                (
+                    h.setup.max_messages,
+                    h.setup.retention_s,
+                    h.setup.memory_bytes
+                ),
+                (None, None, None)
+            );
+            for s in &h.steps {
+                if let Step::Delete { topic } = s {
+                    assert!(h.groups.iter().all(|g| g.topic != *topic), "seed {seed}");
+                }
+            }
+            let off = Pins {
+                groups: Some(false),
+                ..Pins::default()
+            };
+            assert!(generate(seed, 40, off).groups.is_empty());
+            let default = generate(seed, 40, Pins::default());
+            if !default.groups.is_empty() {
+                drawn += 1;
+                assert_eq!(default.setup.max_messages, None);
+            } else {
+                // Without groups, a seed's history is the one it had before groups existed.
+                assert_eq!(default, generate(seed, 40, off));
+            }
+        }
+        assert!((10..100).contains(&drawn), "{drawn} of 200 drew groups");
+    }
+
+    #[test]
     fn pins_are_obeyed() {
         let pins = Pins {
             backend: Some(Backend::Valkey),
@@ -459,6 +639,7 @@ mod tests {
             ack: Some(Ack::Buffered),
             transport: Some(Transport::Sse),
             auth: Some(true),
+            groups: None,
         };
         for seed in 0..10 {
             let h = generate(seed, 60, pins);

@@ -15,6 +15,7 @@
 
 pub mod consumer;
 pub mod exec;
+pub mod group;
 pub mod history;
 pub mod oracle;
 pub mod procs;
@@ -69,6 +70,17 @@ pub struct Summary {
     pub resumes: u64,
     pub valkey_restarts: u64,
     pub violations: u64,
+    /// Consumer groups run (histories with groups have one or two).
+    pub groups: u64,
+    /// Acknowledged publishes owed to a group (per group).
+    pub group_owed: u64,
+    pub group_deliveries: u64,
+    pub group_redeliveries: u64,
+    /// Ids in `acked` answers.
+    pub group_acks: u64,
+    pub dead_letters: u64,
+    /// Workers that dropped their connection holding messages, on purpose.
+    pub group_crashes: u64,
     /// Histories that could not be set up (a process did not start).
     pub setup_errors: Vec<String>,
     pub failures: Vec<Failure>,
@@ -99,6 +111,21 @@ impl Summary {
             self.failures.len(),
             if self.failures.len() == 1 { "y" } else { "ies" }
         );
+        if self.groups > 0 {
+            let _ = writeln!(
+                s,
+                "  consumer groups: {} groups, {} acknowledged publishes owed to them, {} \
+                 deliveries ({} redeliveries), {} acknowledged, {} dead-lettered, {} worker \
+                 crashes",
+                self.groups,
+                self.group_owed,
+                self.group_deliveries,
+                self.group_redeliveries,
+                self.group_acks,
+                self.dead_letters,
+                self.group_crashes
+            );
+        }
         if !self.events.is_empty() {
             let ev: Vec<String> = self
                 .events
@@ -186,12 +213,27 @@ pub async fn run(spec: &CheckSpec) -> Summary {
         summary.resumes += outcome.resumes;
         summary.valkey_restarts += outcome.restarts;
         summary.violations += outcome.violations.len() as u64;
+        summary.groups += history.groups.len() as u64;
+        summary.group_owed += outcome.group_owed;
+        summary.group_deliveries += outcome.group_deliveries;
+        summary.group_redeliveries += outcome.group_redeliveries;
+        summary.group_acks += outcome.group_acks;
+        summary.dead_letters += outcome.dead_letters;
+        summary.group_crashes += outcome.group_crashes;
         for (k, v) in &outcome.events {
             *summary.events.entry(k.clone()).or_default() += v;
         }
         if !spec.quiet {
+            let groups = if history.groups.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", groups: {} owed, {} acked, {} dead-lettered",
+                    outcome.group_owed, outcome.group_acks, outcome.dead_letters
+                )
+            };
             eprintln!(
-                "check: seed {seed}: {} published, {} deliveries, {} gaps, {} violation(s), {:.1} s",
+                "check: seed {seed}: {} published, {} deliveries, {} gaps{groups}, {} violation(s), {:.1} s",
                 outcome.published,
                 outcome.deliveries,
                 outcome.gaps,

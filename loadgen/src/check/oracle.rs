@@ -287,6 +287,8 @@ pub enum Kind {
     Stall,
     /// The relay failed to serve (a WebSocket error frame, a 5xx to a read) or crashed.
     Relay,
+    /// A consumer group's contract broken (`check::group`).
+    Group,
 }
 
 impl fmt::Display for Kind {
@@ -298,6 +300,7 @@ impl fmt::Display for Kind {
             Kind::Foreign => "foreign",
             Kind::Stall => "stall",
             Kind::Relay => "relay error",
+            Kind::Group => "consumer group",
         })
     }
 }

@@ -337,7 +337,9 @@ impl ValkeyTier {
         })
     }
 
-    /// How many messages `consumer` holds in the group.
+    /// How many messages `consumer` holds in the group and are not due yet: those idle for
+    /// the group's `ack_timeout` or more (or released) may go to anyone, so their places are
+    /// free (`XPENDING … IDLE` counts them).
     pub async fn group_held_by(
         &self,
         topic: &str,
@@ -366,7 +368,34 @@ impl ValkeyTier {
                 })
             })
             .unwrap_or(0);
-        Ok(held)
+        if held == 0 {
+            return Ok(0);
+        }
+        let timeout = self.group_settings(topic, group).await?.ack_timeout_ms;
+        let idle = timeout.to_string();
+        let count = held.to_string();
+        self.count("xpending", 1);
+        let due = self
+            .client
+            .call_routed(
+                topic.as_bytes(),
+                &[
+                    b"XPENDING",
+                    key.as_bytes(),
+                    group.as_bytes(),
+                    b"IDLE",
+                    idle.as_bytes(),
+                    b"-",
+                    b"+",
+                    count.as_bytes(),
+                    consumer.as_bytes(),
+                ],
+            )
+            .await
+            .map_err(group_error)?
+            .as_array()
+            .map_or(0, <[Reply]>::len);
+        Ok(held.saturating_sub(due))
     }
 
     /// Hands the consumer up to `max` messages (see `store/group.rs`): due entries first
