@@ -105,6 +105,8 @@ on_both_backends!(
     websocket_group_errors_and_legacy_ack,
     removed_messages_are_skipped,
     random_walk_matches_the_model,
+    review_findings_stay_fixed,
+    a_group_poll_whose_client_left_takes_nothing,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -2501,4 +2503,167 @@ fn messages_held_on_a_killed_relay_are_redelivered_on_another_after_the_timeout(
         (json!(0), json!(0)),
         "{g}"
     );
+}
+
+/// Found by review of the first version, each fails without its fix:
+/// - two topics sharing one dead-letter topic lost dead letters whose ids collided (the
+///   idempotency key named the group and the id, not the source topic);
+/// - deleting or resetting a group of a topic whose stream does not exist was a 503 with Valkey;
+/// - a WebSocket nack from a session not consuming the group released another consumer's
+///   message.
+fn review_findings_stay_fixed(s: &Setup) {
+    let relay = &s.relay;
+    // One bulk request per round puts both topics' messages in the same milliseconds: equal
+    // ids in the two streams.
+    for topic in ["rf-a", "rf-b"] {
+        create_ok(
+            relay,
+            topic,
+            "g",
+            json!({"start": "earliest", "ack_timeout": 0.1, "max_deliveries": 1,
+                   "dead_letter_topic": "rf.dead"}),
+        );
+    }
+    let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
+    for round in 0..5 {
+        let messages: Vec<Value> = (0..20)
+            .flat_map(|i| {
+                ["rf-a", "rf-b"].map(|t| json!({"topic": t, "payload": {"r": round, "i": i}}))
+            })
+            .collect();
+        let resp = relay.post_json(
+            "/api/v1/messages/bulk",
+            &json!({ "messages": messages }).to_string(),
+        );
+        assert_eq!(resp.status, 207, "{resp:?}");
+        for (m, r) in messages
+            .iter()
+            .zip(resp.json()["results"].as_array().expect("results"))
+        {
+            let topic = if m["topic"] == "rf-a" { "rf-a" } else { "rf-b" };
+            ids.entry(topic).or_default().push(id_of(r));
+        }
+    }
+    let a: HashSet<&String> = ids["rf-a"].iter().collect();
+    let collisions = ids["rf-b"].iter().filter(|id| a.contains(id)).count();
+    assert!(
+        collisions > 0,
+        "{}: no id of rf-b equals one of rf-a; the test proves nothing",
+        s.name
+    );
+    for topic in ["rf-a", "rf-b"] {
+        let mut delivered = 0;
+        while delivered < 100 {
+            delivered += poll(relay, topic, "g", "w", json!({"max": 100, "timeout": 1})).len();
+        }
+    }
+    let mut dead = Vec::new();
+    let all_dead = eventually(PATIENCE, || {
+        // Due after 0.1 s; a take with a claim moves them.
+        for topic in ["rf-a", "rf-b"] {
+            poll(relay, topic, "g", "w", json!({"max": 1}));
+        }
+        dead = history(relay, "rf.dead");
+        dead.len() >= 200
+    });
+    assert!(all_dead, "{}: rf.dead holds {} of 200", s.name, dead.len());
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    for d in &dead {
+        let meta = &d["metadata"];
+        let key = (
+            meta["original_topic"]
+                .as_str()
+                .expect("original_topic")
+                .to_string(),
+            meta["original_id"]
+                .as_str()
+                .expect("original_id")
+                .to_string(),
+        );
+        assert!(
+            seen.insert(key.clone()),
+            "{}: dead-lettered twice: {key:?}",
+            s.name
+        );
+    }
+    assert_eq!(seen.len(), 200, "{}", s.name);
+
+    // A group of a topic that never held anything (no stream with Valkey).
+    let missing = relay.delete(&group_path("rf-never", "g"));
+    assert_error(
+        &missing,
+        404,
+        "GROUP_NOT_FOUND",
+        "delete on a missing stream",
+    );
+    let reset = relay.post_json(
+        &format!("{}/reset", group_path("rf-never", "g")),
+        r#"{"to":"last"}"#,
+    );
+    assert_error(&reset, 404, "GROUP_NOT_FOUND", "reset on a missing stream");
+
+    // A session that does not consume the group cannot release what another consumer holds.
+    create_ok(
+        relay,
+        "rf-c",
+        "g",
+        json!({"start": "earliest", "ack_timeout": 30}),
+    );
+    let m = id_of(&relay.publish("rf-c", r#"{"job":1}"#));
+    let mut holder = GroupWs::connect(relay.addr, &["rf-c"], "g", "holder", Some(1));
+    assert_eq!(id_of(&holder.expect_message()), m);
+    create_ok(relay, "rf-other", "x", json!({}));
+    let mut stranger = GroupWs::connect(relay.addr, &["rf-other"], "x", "s", None);
+    let r = stranger.nack("rf-c", "g", std::slice::from_ref(&m));
+    assert_eq!(strings(&r["unknown"]), vec![m.clone()], "{}: {r}", s.name);
+    assert_eq!(
+        poll(relay, "rf-c", "g", "other", json!({"max": 1})).len(),
+        0,
+        "{}: the stranger's nack released the holder's message",
+        s.name
+    );
+}
+
+/// The number of parked long-polls (group polls included) the relay reports.
+fn parked_polls(relay: &Server) -> u64 {
+    relay
+        .get("/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_connections{transport=\"longpoll\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Found by review: a group poll was not watched for its client leaving (only the plain
+/// long-polls were), so a worker that gave up (client timeout, killed pod) still had the next
+/// message taken for it, out of reach until the ack timeout.
+fn a_group_poll_whose_client_left_takes_nothing(s: &Setup) {
+    let relay = &s.relay;
+    create_ok(relay, "gone-poll", "g", json!({"ack_timeout": 30}));
+    // Waits far longer than the relay may take to notice the client left.
+    let body = r#"{"consumer":"gone","timeout":60}"#;
+    let mut raw = std::net::TcpStream::connect(relay.addr).expect("connect");
+    let request = format!(
+        "POST {}/poll HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        group_path("gone-poll", "g"),
+        body.len()
+    );
+    std::io::Write::write_all(&mut raw, request.as_bytes()).expect("send");
+    assert!(
+        eventually(PATIENCE, || parked_polls(relay) >= 1),
+        "{}: the poll never parked",
+        s.name
+    );
+    drop(raw);
+    assert!(
+        eventually(Duration::from_secs(10), || parked_polls(relay) == 0),
+        "{}: the poll of a client that left stays parked",
+        s.name
+    );
+    let m = id_of(&relay.publish("gone-poll", r#"{"job":1}"#));
+    let got = poll(relay, "gone-poll", "g", "present", json!({"timeout": 5}));
+    assert_eq!(got.len(), 1, "{}: {got:?}", s.name);
+    assert_eq!(id_of(&got[0]), m, "{}", s.name);
 }

@@ -223,7 +223,10 @@ async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration)
 /// Requests that may wait a long time for their answer (long-polls): while they wait, the
 /// connection watches its socket so a client that goes away is noticed at once.
 fn parks(request: &crate::http::codec::Request) -> bool {
-    matches!(request.path(), "/messages/poll" | "/api/v1/poll")
+    let path = request.path();
+    // A consumer group's poll too: a worker that left must not be handed messages.
+    matches!(path, "/messages/poll" | "/api/v1/poll")
+        || (path.starts_with("/api/v1/topics/") && path.ends_with("/poll"))
 }
 
 /// Runs a parking request while reading the socket: bytes that arrive (a pipelined request)

@@ -524,17 +524,32 @@ async fn settle_group(
     let (holding, consumer) = slot.unzip();
     let result = if nack {
         // Only what this session's consumer holds: a message redelivered elsewhere since
-        // is the other consumer's to release.
-        shard
-            .group_release(stored.clone(), group.clone(), parsed.clone(), consumer)
-            .await
+        // is the other consumer's to release, and a session consuming no such group holds
+        // nothing.
+        match consumer {
+            Some(consumer) => {
+                shard
+                    .group_release(
+                        stored.clone(),
+                        group.clone(),
+                        parsed.clone(),
+                        Some(consumer),
+                    )
+                    .await
+            }
+            None => Ok(crate::store::group::Settled {
+                done: Vec::new(),
+                unknown: parsed.clone(),
+            }),
+        }
     } else {
         shard
             .group_ack(stored.clone(), group.clone(), parsed.clone())
             .await
     };
-    if let Some(holding) = holding {
-        // Settled or not (already settled elsewhere), the consumer no longer holds them.
+    if let (Some(holding), Ok(_)) = (holding, &result) {
+        // Settled now or before (elsewhere), the consumer no longer holds them. (After a
+        // storage error they stay pending with it, and keep their places.)
         holding.settle(&parsed);
     }
     match result {

@@ -162,8 +162,6 @@ impl Shard {
                 owner
                     .metrics
                     .group(&topic, &group, GroupEvent::Acked(settled.done.len() as u64));
-                // Consumers waiting for room (a poll's `max_in_flight`) may take again.
-                owner.wake_group_consumers(&topic, false);
             }
             Ok(settled)
         })
@@ -227,7 +225,9 @@ impl Shard {
                 payload: d.message.payload.clone(),
                 metadata: Some(dead_letter_metadata(topic, group, d)),
                 ttl_ms: None,
-                idempotency_key: Some(format!("dead:{group}:{}", d.message.id)),
+                // The source topic too: several topics may share one dead-letter topic, and
+                // their ids collide.
+                idempotency_key: Some(format!("dead:{topic}:{group}:{}", d.message.id)),
             })
             .collect();
         let owner = self.owner_of(&target);

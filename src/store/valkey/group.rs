@@ -43,7 +43,10 @@ fn settings_field(group: &str) -> String {
 
 /// `NOGROUP`: the stream or the group does not exist.
 fn is_no_group(e: &ValkeyError) -> bool {
-    matches!(e, ValkeyError::Server(m) if m.starts_with("NOGROUP") || m.contains("no such key"))
+    matches!(e, ValkeyError::Server(m) if m.starts_with("NOGROUP")
+        || m.contains("no such key")
+        // XGROUP DESTROY / SETID on a stream that does not exist.
+        || m.contains("requires the key to exist"))
 }
 
 fn group_error(e: ValkeyError) -> GroupError {
@@ -122,13 +125,18 @@ impl ValkeyTier {
         let meta = self.meta_key.render(topic);
         let field = settings_field(group);
         self.count("hset", 1);
-        self.client
-            .call_routed(
-                topic.as_bytes(),
-                &[b"HSET", meta.as_bytes(), field.as_bytes(), &json],
-            )
+        // PERSIST: after a topic delete the meta hash is an expiring tombstone, and the
+        // settings must not expire with it.
+        for reply in self
+            .client
+            .call_many(&[
+                on(topic, &[b"HSET", meta.as_bytes(), field.as_bytes(), &json]),
+                on(topic, &[b"PERSIST", meta.as_bytes()]),
+            ])
             .await
-            .map_err(|e| GroupError::Store(store_error(e)))?;
+        {
+            reply.map_err(|e| GroupError::Store(store_error(e)))?;
+        }
         self.group_settings.borrow_mut().insert(
             (topic.to_owned(), group.to_owned()),
             (settings.clone(), Instant::now()),
@@ -225,6 +233,17 @@ impl ValkeyTier {
 
     /// Every group of `topic` (none when the stream does not exist).
     pub async fn group_list(&self, topic: &str, now_ms: u64) -> Result<Vec<GroupInfo>, GroupError> {
+        self.groups_named(topic, None, now_ms).await
+    }
+
+    /// The groups of `topic` (only `only` when given), with their details. A group deleted
+    /// between the listing and its details is left out, never an error for the others.
+    async fn groups_named(
+        &self,
+        topic: &str,
+        only: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<GroupInfo>, GroupError> {
         let key = self.stream_key.render(topic);
         self.count("xinfo", 1);
         let reply = match self
@@ -244,7 +263,14 @@ impl ValkeyTier {
             let Some(name) = field(map, "name").and_then(Reply::as_str) else {
                 continue;
             };
-            out.push(self.group_details(topic, name, map, now_ms).await?);
+            if only.is_some_and(|only| only != name) {
+                continue;
+            }
+            match self.group_details(topic, name, map, now_ms).await {
+                Ok(info) => out.push(info),
+                Err(GroupError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -255,10 +281,10 @@ impl ValkeyTier {
         group: &str,
         now_ms: u64,
     ) -> Result<GroupInfo, GroupError> {
-        self.group_list(topic, now_ms)
+        self.groups_named(topic, Some(group), now_ms)
             .await?
             .into_iter()
-            .find(|g| g.name == group)
+            .next()
             .ok_or(GroupError::NotFound)
     }
 
@@ -688,8 +714,15 @@ impl ValkeyTier {
             .collect();
         self.count("xpending", ids.len());
         let replies = self.client.call_many(&lookups).await;
-        // Delivered "long ago" (but after the epoch, which Valkey would clamp to now).
-        let idle = now_ms.saturating_sub(1000).max(1).to_string();
+        // Delivered one ack timeout ago by Valkey's own clock: due at once. (An absolute
+        // "long ago" from this relay's clock would be clamped to Valkey's now when the
+        // clocks disagree, and the release would wait a whole timeout.)
+        let _ = now_ms;
+        let idle = self
+            .group_settings(topic, group)
+            .await?
+            .ack_timeout_ms
+            .to_string();
         let mut settled = Settled::default();
         let mut claims = Vec::new();
         let mut claimed_ids = Vec::new();
