@@ -83,6 +83,8 @@ struct Seen {
     count: u32,
     at: Duration,
     worker: usize,
+    /// The worker's connection (WebSocket) or poll run (HTTP), counted from 0.
+    conn: u32,
 }
 
 /// Everything observed of one group.
@@ -302,7 +304,7 @@ impl GroupShared {
     }
 
     /// Records one delivery to `worker` (checks rules 2, 4, 5); its id if readable.
-    fn delivered(&self, worker: usize, f: &Frame) -> Option<MessageId> {
+    fn delivered(&self, worker: usize, conn: u32, f: &Frame) -> Option<MessageId> {
         let at = self.now();
         let mut log = lock(&self.log);
         log.deliveries_total += 1;
@@ -383,10 +385,18 @@ impl GroupShared {
             if !nacked && at.saturating_sub(p.at) < early {
                 let trail: Vec<String> = previous
                     .iter()
-                    .map(|s| format!("#{} to w{} at {} ms", s.count, s.worker, s.at.as_millis()))
+                    .map(|s| {
+                        format!(
+                            "#{} to w{} (connection {}) at {} ms",
+                            s.count,
+                            s.worker,
+                            s.conn,
+                            s.at.as_millis()
+                        )
+                    })
                     .collect();
                 problems.push(format!(
-                    "{} redelivered to w{worker} (count {count}) at {} ms, {} ms after its \
+                    "{} redelivered to w{worker} (connection {conn}, count {count}) at {} ms, {} ms after its \
                      delivery to w{} (count {}), within ack_timeout {} ms, without a nack \
                      (deliveries before: {}; nacks sent at {:?} ms)",
                     id_str(id),
@@ -401,7 +411,12 @@ impl GroupShared {
             }
         }
         let redelivery = !previous.is_empty();
-        previous.push(Seen { count, at, worker });
+        previous.push(Seen {
+            count,
+            at,
+            worker,
+            conn,
+        });
         if redelivery {
             log.redeliveries += 1;
         }
@@ -689,7 +704,7 @@ impl GroupShared {
             let seen = log.deliveries.get(id).map(Vec::as_slice).unwrap_or(&[]);
             let trail: Vec<String> = seen
                 .iter()
-                .map(|s| format!("#{} to w{} at {} ms", s.count, s.worker, s.at.as_millis()))
+                .map(|s| format!("#{} to w{} (connection {}) at {} ms", s.count, s.worker, s.conn, s.at.as_millis()))
                 .collect();
             v.push(format!(
                 "{} neither acknowledged nor dead-lettered (deliveries: {})",
@@ -828,6 +843,8 @@ struct Worker {
     renames: u32,
     misbehaviours: u32,
     crashes: u32,
+    /// Connections (poll runs) opened so far.
+    conns: u32,
 }
 
 /// Starts a group's workers; they run until `stop` is set (or the task is aborted).
@@ -847,6 +864,7 @@ pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
                 renames: 0,
                 misbehaviours: 0,
                 crashes: 0,
+                conns: 0,
             };
             tokio::spawn(worker.run())
         })
@@ -897,6 +915,7 @@ impl Worker {
     /// After a crash or a lost connection: what was sent and not answered may have been
     /// applied; the next connection goes to the next relay, sometimes under a new name.
     fn lost(&mut self, s: Session, crash: bool) {
+        self.conns += 1;
         self.g.maybe_acked(s.outstanding);
         self.relay += 1;
         if crash {
@@ -999,7 +1018,7 @@ impl Worker {
                             if !subscribed {
                                 g.event("group ws: message before subscribed");
                             }
-                            let Some(id) = g.delivered(self.index, &f) else { continue };
+                            let Some(id) = g.delivered(self.index, self.conns, &f) else { continue };
                             s.check_in_flight(&g, self.index, &[id], g.now(), self.plan.max_in_flight);
                             match self.decide(f.payload.as_ref().map(|p| p.seq)) {
                                 Decision::Later(d, a) => s.timers.push((Instant::now() + d, a, id)),
@@ -1076,7 +1095,7 @@ impl Worker {
                                                 }
                                             }
                                         } else if f.kind.as_deref() == Some("message") {
-                                            g.delivered(self.index, &f);
+                                            g.delivered(self.index, self.conns, &f);
                                         }
                                     }
                                 }
@@ -1204,7 +1223,7 @@ impl Worker {
             let mut ids = Vec::new();
             let mut seqs = Vec::new();
             for m in &page.messages {
-                if let Some(id) = g.delivered(self.index, m) {
+                if let Some(id) = g.delivered(self.index, self.conns, m) {
                     ids.push(id);
                     seqs.push(m.payload.as_ref().map(|p| p.seq));
                 }

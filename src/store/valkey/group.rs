@@ -562,9 +562,13 @@ impl ValkeyTier {
                     continue;
                 }
                 if is_dead {
+                    // Valkey counted every claim to the dead-letter holder as a delivery: an
+                    // entry whose dead-letter publish failed (and is claimed again after the
+                    // timeout) would say max_deliveries + 1. Consumers had it max_deliveries
+                    // times.
                     taken.dead.push(GroupMessage {
                         message,
-                        delivery_count: before,
+                        delivery_count: before.min(u64::from(settings.max_deliveries)),
                     });
                 } else {
                     taken.redelivered += 1;
