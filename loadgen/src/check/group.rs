@@ -704,7 +704,15 @@ impl GroupShared {
             let seen = log.deliveries.get(id).map(Vec::as_slice).unwrap_or(&[]);
             let trail: Vec<String> = seen
                 .iter()
-                .map(|s| format!("#{} to w{} (connection {}) at {} ms", s.count, s.worker, s.conn, s.at.as_millis()))
+                .map(|s| {
+                    format!(
+                        "#{} to w{} (connection {}) at {} ms",
+                        s.count,
+                        s.worker,
+                        s.conn,
+                        s.at.as_millis()
+                    )
+                })
                 .collect();
             v.push(format!(
                 "{} neither acknowledged nor dead-lettered (deliveries: {})",
@@ -783,7 +791,10 @@ impl Session {
                     "{} delivered at {} ms ({}) while it held {} (max_in_flight {max}): {}",
                     new.len(),
                     now.as_millis(),
-                    new.iter().map(|i| id_str(*i)).collect::<Vec<_>>().join(", "),
+                    new.iter()
+                        .map(|i| id_str(*i))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     held.len(),
                     held.join(", ")
                 ),
