@@ -32,7 +32,9 @@
 //!    nack releases it.
 //!
 //! The 200 ms margins absorb the time between the relay sending a frame and the checker
-//! reading it.
+//! reading it; when the checker itself stalled for 100 ms or more (a 20 ms ticker woke that
+//! late: the box is overloaded, frames pile up in the sockets and are read together) in the
+//! window a timing rule looks at, the rule is skipped and counted as an event instead.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -123,7 +125,14 @@ pub struct GroupShared {
     authorization: Option<HeaderValue>,
     /// Per worker: what it is doing, for reports.
     status: Mutex<Vec<WorkerStatus>>,
+    /// When the checker itself was late (a 20 ms ticker woken at least [`STALL`] late):
+    /// (when, how late). Rules 3 and 5 compare receive times, which mean nothing across such
+    /// a stall (frames pile up in the socket and are read together).
+    stalls: Mutex<Vec<(Duration, Duration)>>,
 }
+
+/// Lateness of the checker's ticker that voids the timing rules (3 and 5) around it.
+const STALL: Duration = Duration::from_millis(100);
 
 /// A worker's state as last reported by it.
 #[derive(Debug, Clone, Default)]
@@ -206,6 +215,7 @@ impl GroupShared {
             stop: AtomicBool::new(false),
             log: Mutex::default(),
             status: Mutex::new(vec![WorkerStatus::default(); plan_workers]),
+            stalls: Mutex::default(),
             endpoints,
             authorization,
         })
@@ -370,6 +380,7 @@ impl GroupShared {
         let early = self.ack_timeout().saturating_sub(EARLY_SLACK);
         let nacks: Vec<Duration> = log.nacked_at.get(&id).cloned().unwrap_or_default();
         let mut problems = Vec::new();
+        let mut skipped = false;
         let previous = log.deliveries.entry(id).or_default();
         if let Some(p) = previous.iter().find(|p| p.count == count) {
             problems.push(format!(
@@ -382,7 +393,11 @@ impl GroupShared {
         }
         if let Some(p) = previous.last() {
             let nacked = nacks.iter().any(|n| *n >= p.at);
-            if !nacked && at.saturating_sub(p.at) < early {
+            let stalled = !nacked && at.saturating_sub(p.at) < early && self.stalled(p.at);
+            if stalled {
+                skipped = true;
+            }
+            if !nacked && at.saturating_sub(p.at) < early && !stalled {
                 let trail: Vec<String> = previous
                     .iter()
                     .map(|s| {
@@ -421,6 +436,11 @@ impl GroupShared {
             log.redeliveries += 1;
         }
         log.violations.extend(problems);
+        if skipped {
+            *log.events
+                .entry("group timing rule skipped: the checker stalled".into())
+                .or_default() += 1;
+        }
         Some(id)
     }
 
@@ -449,10 +469,47 @@ impl GroupShared {
         }
     }
 
-    fn in_flight_violation(&self, worker: usize, detail: String) {
+    fn in_flight_violation(&self, worker: usize, detail: String, since: Duration) {
+        if self.stalled_since(since) {
+            return;
+        }
         lock(&self.log)
             .violations
             .push(format!("w{worker}: max_in_flight exceeded: {detail}"));
+    }
+
+    /// Whether the checker stalled (see `stalls`) between `since` and now: timing rules are
+    /// then skipped (counted as an event).
+    fn stalled_since(&self, since: Duration) -> bool {
+        let stalled = self.stalled(since);
+        if stalled {
+            self.event("group timing rule skipped: the checker stalled");
+        }
+        stalled
+    }
+
+    fn stalled(&self, since: Duration) -> bool {
+        lock(&self.stalls)
+            .iter()
+            .any(|(at, late)| *at + *late >= since)
+    }
+
+    /// Measures the checker's own lateness until `stop`.
+    pub fn spawn_stall_detector(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let g = self.clone();
+        tokio::spawn(async move {
+            let period = Duration::from_millis(20);
+            let mut next = Instant::now() + period;
+            while !g.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep_until(next.into()).await;
+                let late = next.elapsed();
+                if late >= STALL {
+                    let at = g.now().saturating_sub(late);
+                    lock(&g.stalls).push((at, late));
+                }
+                next = Instant::now() + period;
+            }
+        })
     }
 
     /// Whether `id` was delivered again (to anyone) after `at`.
@@ -798,6 +855,7 @@ impl Session {
                     held.len(),
                     held.join(", ")
                 ),
+                now.saturating_sub(g.ack_timeout()),
             );
         }
         self.held.extend(new.iter().map(|id| (*id, now, false)));
@@ -860,7 +918,9 @@ struct Worker {
 
 /// Starts a group's workers; they run until `stop` is set (or the task is aborted).
 pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
-    g.plan
+    let detector = g.spawn_stall_detector();
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = g
+        .plan
         .workers
         .iter()
         .enumerate()
@@ -879,7 +939,9 @@ pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
             };
             tokio::spawn(worker.run())
         })
-        .collect()
+        .collect();
+    tasks.push(detector);
+    tasks
 }
 
 impl Worker {
