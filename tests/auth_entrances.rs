@@ -117,6 +117,34 @@ fn entrances() -> Vec<(&'static str, String, Option<String>)> {
         ("GET", "/api/v1/poll?topics=t&timeout=1".into(), None),
         ("GET", "/api/v1/events?topics=t".into(), None),
         ("GET", "/api/v1/topics/t/events".into(), None),
+        ("GET", "/api/v1/topics/t/groups".into(), None),
+        (
+            "POST",
+            "/api/v1/topics/t/groups".into(),
+            Some(r#"{"group":"g"}"#.into()),
+        ),
+        ("GET", "/api/v1/topics/t/groups/g".into(), None),
+        ("DELETE", "/api/v1/topics/t/groups/g".into(), None),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/reset".into(),
+            Some(r#"{"to":"last"}"#.into()),
+        ),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/poll".into(),
+            Some(r#"{"consumer":"c"}"#.into()),
+        ),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/ack".into(),
+            Some(r#"{"ids":["1-0"]}"#.into()),
+        ),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/nack".into(),
+            Some(r#"{"ids":["1-0"]}"#.into()),
+        ),
         ("GET", "/api/v1/stats".into(), None),
         ("GET", "/messages/poll/stats".into(), None),
         ("GET", "/auth/me".into(), None),
@@ -246,6 +274,41 @@ fn each_entrance_needs_its_permission() {
         Some(r#"{"keep_count":0}"#),
     );
     forbidden(&reader, "DELETE", "/api/v1/topics/t", None);
+    // Managing consumer groups needs `write`; consuming them needs `read`.
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/topics/t/groups",
+        Some(r#"{"group":"g"}"#),
+    );
+    forbidden(&reader, "DELETE", "/api/v1/topics/t/groups/g", None);
+    forbidden(
+        &reader,
+        "POST",
+        "/api/v1/topics/t/groups/g/reset",
+        Some(r#"{"to":"last"}"#),
+    );
+    for (method, path, body) in [
+        ("GET", "/api/v1/topics/t/groups", None),
+        ("GET", "/api/v1/topics/t/groups/g", None),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/poll",
+            Some(r#"{"consumer":"c"}"#),
+        ),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/ack",
+            Some(r#"{"ids":[]}"#),
+        ),
+        (
+            "POST",
+            "/api/v1/topics/t/groups/g/nack",
+            Some(r#"{"ids":[]}"#),
+        ),
+    ] {
+        forbidden(&writer, method, path, body);
+    }
     // Reading needs `read`.
     forbidden(&writer, "GET", "/api/v1/topics/t/messages", None);
     forbidden(
@@ -290,6 +353,23 @@ fn each_entrance_needs_its_permission() {
         Some(r#"{"topic":"t","payload":1}"#),
     );
     assert_eq!(published.status, 201, "{published:?}");
+    let created = call(
+        &relay,
+        Some(&writer),
+        "POST",
+        "/api/v1/topics/t/groups",
+        Some(r#"{"group":"g","start":"earliest"}"#),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let polled = call(
+        &relay,
+        Some(&reader),
+        "POST",
+        "/api/v1/topics/t/groups/g/poll",
+        Some(r#"{"consumer":"c"}"#),
+    );
+    // The reader's own namespace holds no such group: the writer's `t` is another topic.
+    assert_eq!(polled.status, 404, "{polled:?}");
     for path in [
         "/api/v1/stats",
         "/messages/poll/stats",

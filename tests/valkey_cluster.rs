@@ -823,3 +823,111 @@ fn kill9_of_a_master_with_persisted_ack_recovers_and_counts_losses() {
     // Asynchronous replication may lose the tail: counted and printed, not asserted zero.
     let _ = kill9_master_under_load("kill9-persisted", PERSISTED, false);
 }
+
+/// Work queues on a cluster: groups on topics of every master, shared by two relays that each
+/// know a different seed node. Every message goes to exactly one consumer of the group (a
+/// WebSocket worker on one relay, an HTTP poller on the other), is acknowledged once, and
+/// what a worker held when it vanished is redelivered to the other after the ack timeout.
+#[test]
+fn consumer_groups_on_every_master_are_shared_by_two_relays() {
+    let cluster = ValkeyCluster::start(ClusterOpts::default());
+    let a = relay_on(&cluster, 0, PERSISTED);
+    let b = relay_on(&cluster, 1, PERSISTED);
+    let names = topics_on_every_master(&cluster, "work", 1);
+    for name in &names {
+        let created = a.post_json(
+            &format!("/api/v1/topics/{name}/groups"),
+            r#"{"group":"pool","start":"earliest","ack_timeout":1,"max_deliveries":5}"#,
+        );
+        assert_eq!(created.status, 201, "{created:?}");
+        // The group is the cluster's, not relay a's: b sees it at once.
+        let seen = b.get(&format!("/api/v1/topics/{name}/groups/pool"));
+        assert_eq!(seen.status, 200, "{seen:?}");
+    }
+    let mut published: HashSet<(String, String)> = HashSet::new();
+    for round in 0..20 {
+        for name in &names {
+            let via = if round % 2 == 0 { &a } else { &b };
+            let v = via.publish(name, &format!(r#"{{"round":{round}}}"#));
+            published.insert((name.clone(), v["message_id"].as_str().expect("id").into()));
+        }
+    }
+    // A WebSocket worker on a that takes 4 of each topic and never acknowledges, then drops.
+    let mut ws = WsClient::connect(a.addr);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    ws.send_json(
+        &json!({"type": "subscribe", "topics": refs, "group": "pool",
+                         "consumer": "ws-worker", "max_in_flight": 4}),
+    );
+    ws.recv_type("subscribed");
+    let held: Vec<Value> = ws.recv_messages(4 * names.len());
+    let held_ids: HashSet<(String, String)> = held
+        .iter()
+        .map(|m| {
+            assert_eq!(m["group"], "pool");
+            assert_eq!(m["delivery_count"], 1);
+            (
+                m["topic"].as_str().expect("topic").into(),
+                m["message_id"].as_str().expect("id").into(),
+            )
+        })
+        .collect();
+    assert_eq!(held_ids.len(), 4 * names.len(), "nothing handed out twice");
+    assert!(
+        ws.try_recv(Duration::from_millis(300)).is_none(),
+        "max_in_flight exceeded"
+    );
+    drop(ws);
+    // An HTTP poller on b drains the rest and, after the ack timeout, what the worker held.
+    let mut acked: HashMap<(String, String), u64> = HashMap::new();
+    let deadline = Instant::now() + PATIENCE;
+    while acked.len() < published.len() && Instant::now() < deadline {
+        for name in &names {
+            let got = b.post_json(
+                &format!("/api/v1/topics/{name}/groups/pool/poll"),
+                r#"{"consumer":"poller","max":50,"timeout":0.2}"#,
+            );
+            assert_eq!(got.status, 200, "{got:?}");
+            let got = got.json();
+            let ids: Vec<String> = got["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| {
+                    let key = (
+                        name.clone(),
+                        m["message_id"].as_str().expect("id").to_string(),
+                    );
+                    let count = m["delivery_count"].as_u64().expect("count");
+                    assert_eq!(
+                        count,
+                        if held_ids.contains(&key) { 2 } else { 1 },
+                        "{key:?}"
+                    );
+                    key.1
+                })
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let answer = b
+                .post_json(
+                    &format!("/api/v1/topics/{name}/groups/pool/ack"),
+                    &json!({ "ids": ids }).to_string(),
+                )
+                .json();
+            assert_eq!(answer["acked"].as_u64(), Some(ids.len() as u64), "{answer}");
+            for id in ids {
+                *acked.entry((name.clone(), id)).or_default() += 1;
+            }
+        }
+    }
+    let acked_set: HashSet<(String, String)> = acked.keys().cloned().collect();
+    assert_eq!(acked_set, published, "every message acknowledged");
+    assert!(acked.values().all(|&n| n == 1), "acknowledged twice");
+    for name in &names {
+        let info = a.get(&format!("/api/v1/topics/{name}/groups/pool")).json();
+        assert_eq!(info["pending"], 0, "{info}");
+        assert_eq!(info["lag"], 0, "{info}");
+    }
+}

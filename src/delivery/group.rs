@@ -68,15 +68,16 @@ impl GroupWake {
 /// What one consumer holds of one group on one topic, and may hold.
 ///
 /// A message counts against `max_in_flight` until the consumer settles it or its
-/// `ack_timeout` runs out: from then on it is due, the group may give it to any consumer
-/// (this one included, as after a `nack`), and a consumer whose places were all taken by
-/// messages it let time out still gets work. (Counting due messages until this consumer
-/// settled them kept it from ever getting anything again once another consumer or the dead
-/// letters had taken them, and a lone consumer that let `max_in_flight` messages time out
-/// stalled its group for good.)
+/// `ack_timeout` runs out: from then on it is due and its place is free, so a consumer whose
+/// places were all taken by messages it let time out still gets work. (Counting due messages
+/// until this consumer settled them kept it from ever getting anything again once another
+/// consumer or the dead letters had taken them, and a lone consumer that let
+/// `max_in_flight` messages time out stalled its group for good.) A due message goes to
+/// *another* consumer first: it is not handed back to this one until a second `ack_timeout`
+/// has passed (by then no other consumer took it: a lone consumer gets it back).
 pub struct Holding {
     pub max_in_flight: usize,
-    /// Held ids and when each was handed over.
+    /// Ids handed over, and when; kept two `ack_timeout`s (see above).
     held: RefCell<BTreeMap<MessageId, Instant>>,
     /// The group's `ack_timeout` (set when the consumer starts; until then nothing is due).
     ack_timeout: Cell<Option<Duration>>,
@@ -93,33 +94,51 @@ impl Holding {
         }
     }
 
-    /// Forgets what was handed over an `ack_timeout` ago or more (due: the group's now).
+    /// Forgets what was handed over two `ack_timeout`s ago or more.
     fn expire(&self) {
         if let Some(timeout) = self.ack_timeout.get() {
             self.held
                 .borrow_mut()
-                .retain(|_, at| at.elapsed() < timeout);
+                .retain(|_, at| at.elapsed() < timeout * 2);
         }
     }
 
-    /// When the oldest held message becomes due, if one is held and the timeout is known.
+    /// Whether a message handed over at `at` still takes a place (is not due).
+    fn counts(&self, at: Instant) -> bool {
+        self.ack_timeout
+            .get()
+            .is_none_or(|timeout| at.elapsed() < timeout)
+    }
+
+    /// When the oldest place-taking message becomes due, if one is held and the timeout is
+    /// known.
     fn next_due(&self) -> Option<Instant> {
         let timeout = self.ack_timeout.get()?;
-        self.held.borrow().values().min().map(|at| *at + timeout)
+        self.held
+            .borrow()
+            .values()
+            .filter(|at| self.counts(**at))
+            .min()
+            .map(|at| *at + timeout)
     }
 
     /// How many more it may be handed now.
     pub fn room(&self) -> usize {
-        self.expire();
-        self.max_in_flight.saturating_sub(self.held.borrow().len())
+        self.max_in_flight.saturating_sub(self.held())
     }
 
+    /// How many places its messages take (handed over, not settled, not due).
     pub fn held(&self) -> usize {
         self.expire();
-        self.held.borrow().len()
+        self.held
+            .borrow()
+            .values()
+            .filter(|at| self.counts(**at))
+            .count()
     }
 
-    /// The ids it holds now (not yet due).
+    /// The ids not to hand back to it: what it holds, and what became due less than an
+    /// `ack_timeout` ago (another consumer gets those first).
     pub fn held_ids(&self) -> Vec<MessageId> {
         self.expire();
         self.held.borrow().keys().copied().collect()

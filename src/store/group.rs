@@ -36,6 +36,10 @@ pub const MAX_NAME_LEN: usize = 64;
 /// dead-lettered once: the publish is idempotent).
 pub const DEAD_LETTER_CONSUMER: &str = "_dead-letter";
 
+/// The consumer name a released (`nack`ed) message is held by until a take hands it out
+/// again: it no longer counts against its former holder's `max_in_flight`.
+pub const RELEASED_CONSUMER: &str = "_released";
+
 /// `ack_timeout` when a create does not say.
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 30_000;
 pub const MIN_ACK_TIMEOUT_MS: u64 = 100;
@@ -63,6 +67,10 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!(
             "a {what} name may hold only letters, digits, `.`, `_` and `-`"
         ));
+    }
+    if name.starts_with('_') {
+        // `_dead-letter` and `_released` hold messages on the relay's behalf.
+        return Err(format!("a {what} name must not start with `_` (reserved)"));
     }
     Ok(())
 }
@@ -463,9 +471,11 @@ impl MemoryGroups {
             match group.pending.get_mut(id) {
                 Some(pending)
                     if pending.consumer != DEAD_LETTER_CONSUMER
+                        && pending.consumer != RELEASED_CONSUMER
                         && consumer.is_none_or(|c| c == pending.consumer) =>
                 {
                     pending.released = true;
+                    pending.consumer = RELEASED_CONSUMER.to_owned();
                     settled.done.push(*id);
                 }
                 _ => settled.unknown.push(*id),
@@ -578,6 +588,8 @@ mod tests {
         assert!(validate_name("group", &"a".repeat(65)).is_err());
         assert!(validate_name("group", "a b").is_err());
         assert!(validate_name("group", "a/b").is_err());
+        assert!(validate_name("consumer", DEAD_LETTER_CONSUMER).is_err());
+        assert!(validate_name("consumer", RELEASED_CONSUMER).is_err());
     }
 
     #[test]
@@ -655,6 +667,9 @@ mod tests {
         assert_eq!(groups.held_by("t", "g", "a", 2)?, 1);
         // Once its ack_timeout has run out, a held message's place is free again.
         assert_eq!(groups.held_by("t", "g", "a", 1 + 60_000)?, 0);
+        // Released, it no longer counts against its former holder.
+        groups.release("t", "g", &[MessageId::new(2, 0)], Some("a"))?;
+        assert_eq!(groups.held_by("t", "g", "a", 2)?, 0);
         assert!(groups.delete("t", "g"));
         assert!(matches!(
             groups.take(&hot, "t", "g", &req("a", 1, true), 3),

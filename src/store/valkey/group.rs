@@ -12,8 +12,9 @@
 //! - ack: `FCALL pulsar_group_ack` (`publish.lua`): per id, `XACK` unless the entry is held
 //!   for dead-lettering, so an acknowledgement and a dead letter never both happen; the
 //!   dead-lettering relay acknowledges its own with plain `XACK`s;
-//! - release (`nack`): `XCLAIM … IDLE <long ago> JUSTID` to the entry's current holder: due
-//!   at once, its delivery count kept;
+//! - release (`nack`): `XCLAIM … IDLE <long ago> JUSTID` to the release holder (so it no
+//!   longer counts against its consumer's `max_in_flight`): due at once, its delivery count
+//!   kept;
 //! - listing: `XINFO GROUPS` / `XINFO CONSUMERS`, and the first undelivered entry for the lag
 //!   in time.
 //!
@@ -27,7 +28,7 @@ use super::{on, store_error, ValkeyTier};
 use crate::store::group::{
     ConsumerInfo, GroupError, GroupInfo, GroupMessage, GroupSettings, GroupStart, Settled,
     TakeRequest, Taken, DEAD_LETTER_CONSUMER, DEFAULT_ACK_TIMEOUT_MS, DEFAULT_MAX_DELIVERIES,
-    MAX_DEAD_PER_TAKE,
+    MAX_DEAD_PER_TAKE, RELEASED_CONSUMER,
 };
 use crate::store::message::MessageId;
 use crate::valkey::{Reply, ValkeyError};
@@ -671,8 +672,8 @@ impl ValkeyTier {
         Ok(())
     }
 
-    /// Releases `ids` (a `nack`): each pending one (with `consumer`, held by it) stays with
-    /// its holder but is due at once.
+    /// Releases `ids` (a `nack`): each pending one (with `consumer`, held by it) moves to the
+    /// release holder, due at once.
     pub async fn group_release(
         &self,
         topic: &str,
@@ -720,7 +721,9 @@ impl ValkeyTier {
                 .map(str::to_owned);
             match holder {
                 Some(holder)
-                    if holder != DEAD_LETTER_CONSUMER && consumer.is_none_or(|c| c == holder) =>
+                    if holder != DEAD_LETTER_CONSUMER
+                        && holder != RELEASED_CONSUMER
+                        && consumer.is_none_or(|c| c == holder) =>
                 {
                     claims.push(on(
                         topic,
@@ -728,7 +731,7 @@ impl ValkeyTier {
                             b"XCLAIM",
                             key.as_bytes(),
                             group.as_bytes(),
-                            holder.as_bytes(),
+                            RELEASED_CONSUMER.as_bytes(),
                             b"0",
                             text.as_bytes(),
                             b"IDLE",
