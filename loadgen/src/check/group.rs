@@ -32,7 +32,9 @@
 //!    nack releases it.
 //!
 //! The 200 ms margins absorb the time between the relay sending a frame and the checker
-//! reading it.
+//! reading it; when the checker itself stalled for 100 ms or more (a 20 ms ticker woke that
+//! late: the box is overloaded, frames pile up in the sockets and are read together) in the
+//! window a timing rule looks at, the rule is skipped and counted as an event instead.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -83,6 +85,8 @@ struct Seen {
     count: u32,
     at: Duration,
     worker: usize,
+    /// The worker's connection (WebSocket) or poll run (HTTP), counted from 0.
+    conn: u32,
 }
 
 /// Everything observed of one group.
@@ -121,7 +125,14 @@ pub struct GroupShared {
     authorization: Option<HeaderValue>,
     /// Per worker: what it is doing, for reports.
     status: Mutex<Vec<WorkerStatus>>,
+    /// When the checker itself was late (a 20 ms ticker woken at least [`STALL`] late):
+    /// (when, how late). Rules 3 and 5 compare receive times, which mean nothing across such
+    /// a stall (frames pile up in the socket and are read together).
+    stalls: Mutex<Vec<(Duration, Duration)>>,
 }
+
+/// Lateness of the checker's ticker that voids the timing rules (3 and 5) around it.
+const STALL: Duration = Duration::from_millis(100);
 
 /// A worker's state as last reported by it.
 #[derive(Debug, Clone, Default)]
@@ -204,6 +215,7 @@ impl GroupShared {
             stop: AtomicBool::new(false),
             log: Mutex::default(),
             status: Mutex::new(vec![WorkerStatus::default(); plan_workers]),
+            stalls: Mutex::default(),
             endpoints,
             authorization,
         })
@@ -302,7 +314,7 @@ impl GroupShared {
     }
 
     /// Records one delivery to `worker` (checks rules 2, 4, 5); its id if readable.
-    fn delivered(&self, worker: usize, f: &Frame) -> Option<MessageId> {
+    fn delivered(&self, worker: usize, conn: u32, f: &Frame) -> Option<MessageId> {
         let at = self.now();
         let mut log = lock(&self.log);
         log.deliveries_total += 1;
@@ -368,6 +380,7 @@ impl GroupShared {
         let early = self.ack_timeout().saturating_sub(EARLY_SLACK);
         let nacks: Vec<Duration> = log.nacked_at.get(&id).cloned().unwrap_or_default();
         let mut problems = Vec::new();
+        let mut skipped = false;
         let previous = log.deliveries.entry(id).or_default();
         if let Some(p) = previous.iter().find(|p| p.count == count) {
             problems.push(format!(
@@ -380,13 +393,25 @@ impl GroupShared {
         }
         if let Some(p) = previous.last() {
             let nacked = nacks.iter().any(|n| *n >= p.at);
-            if !nacked && at.saturating_sub(p.at) < early {
+            let stalled = !nacked && at.saturating_sub(p.at) < early && self.stalled(p.at);
+            if stalled {
+                skipped = true;
+            }
+            if !nacked && at.saturating_sub(p.at) < early && !stalled {
                 let trail: Vec<String> = previous
                     .iter()
-                    .map(|s| format!("#{} to w{} at {} ms", s.count, s.worker, s.at.as_millis()))
+                    .map(|s| {
+                        format!(
+                            "#{} to w{} (connection {}) at {} ms",
+                            s.count,
+                            s.worker,
+                            s.conn,
+                            s.at.as_millis()
+                        )
+                    })
                     .collect();
                 problems.push(format!(
-                    "{} redelivered to w{worker} (count {count}) at {} ms, {} ms after its \
+                    "{} redelivered to w{worker} (connection {conn}, count {count}) at {} ms, {} ms after its \
                      delivery to w{} (count {}), within ack_timeout {} ms, without a nack \
                      (deliveries before: {}; nacks sent at {:?} ms)",
                     id_str(id),
@@ -401,11 +426,21 @@ impl GroupShared {
             }
         }
         let redelivery = !previous.is_empty();
-        previous.push(Seen { count, at, worker });
+        previous.push(Seen {
+            count,
+            at,
+            worker,
+            conn,
+        });
         if redelivery {
             log.redeliveries += 1;
         }
         log.violations.extend(problems);
+        if skipped {
+            *log.events
+                .entry("group timing rule skipped: the checker stalled".into())
+                .or_default() += 1;
+        }
         Some(id)
     }
 
@@ -434,10 +469,47 @@ impl GroupShared {
         }
     }
 
-    fn in_flight_violation(&self, worker: usize, detail: String) {
+    fn in_flight_violation(&self, worker: usize, detail: String, since: Duration) {
+        if self.stalled_since(since) {
+            return;
+        }
         lock(&self.log)
             .violations
             .push(format!("w{worker}: max_in_flight exceeded: {detail}"));
+    }
+
+    /// Whether the checker stalled (see `stalls`) between `since` and now: timing rules are
+    /// then skipped (counted as an event).
+    fn stalled_since(&self, since: Duration) -> bool {
+        let stalled = self.stalled(since);
+        if stalled {
+            self.event("group timing rule skipped: the checker stalled");
+        }
+        stalled
+    }
+
+    fn stalled(&self, since: Duration) -> bool {
+        lock(&self.stalls)
+            .iter()
+            .any(|(at, late)| *at + *late >= since)
+    }
+
+    /// Measures the checker's own lateness until `stop`.
+    pub fn spawn_stall_detector(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let g = self.clone();
+        tokio::spawn(async move {
+            let period = Duration::from_millis(20);
+            let mut next = Instant::now() + period;
+            while !g.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep_until(next.into()).await;
+                let late = next.elapsed();
+                if late >= STALL {
+                    let at = g.now().saturating_sub(late);
+                    lock(&g.stalls).push((at, late));
+                }
+                next = Instant::now() + period;
+            }
+        })
     }
 
     /// Whether `id` was delivered again (to anyone) after `at`.
@@ -689,7 +761,15 @@ impl GroupShared {
             let seen = log.deliveries.get(id).map(Vec::as_slice).unwrap_or(&[]);
             let trail: Vec<String> = seen
                 .iter()
-                .map(|s| format!("#{} to w{} at {} ms", s.count, s.worker, s.at.as_millis()))
+                .map(|s| {
+                    format!(
+                        "#{} to w{} (connection {}) at {} ms",
+                        s.count,
+                        s.worker,
+                        s.conn,
+                        s.at.as_millis()
+                    )
+                })
                 .collect();
             v.push(format!(
                 "{} neither acknowledged nor dead-lettered (deliveries: {})",
@@ -775,6 +855,7 @@ impl Session {
                     held.len(),
                     held.join(", ")
                 ),
+                now.saturating_sub(g.ack_timeout()),
             );
         }
         self.held.extend(new.iter().map(|id| (*id, now, false)));
@@ -831,11 +912,15 @@ struct Worker {
     renames: u32,
     misbehaviours: u32,
     crashes: u32,
+    /// Connections (poll runs) opened so far.
+    conns: u32,
 }
 
 /// Starts a group's workers; they run until `stop` is set (or the task is aborted).
 pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
-    g.plan
+    let detector = g.spawn_stall_detector();
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = g
+        .plan
         .workers
         .iter()
         .enumerate()
@@ -850,10 +935,13 @@ pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
                 renames: 0,
                 misbehaviours: 0,
                 crashes: 0,
+                conns: 0,
             };
             tokio::spawn(worker.run())
         })
-        .collect()
+        .collect();
+    tasks.push(detector);
+    tasks
 }
 
 impl Worker {
@@ -900,6 +988,7 @@ impl Worker {
     /// After a crash or a lost connection: what was sent and not answered may have been
     /// applied; the next connection goes to the next relay, sometimes under a new name.
     fn lost(&mut self, s: Session, crash: bool) {
+        self.conns += 1;
         self.g.maybe_acked(s.outstanding);
         self.relay += 1;
         if crash {
@@ -1002,7 +1091,7 @@ impl Worker {
                             if !subscribed {
                                 g.event("group ws: message before subscribed");
                             }
-                            let Some(id) = g.delivered(self.index, &f) else { continue };
+                            let Some(id) = g.delivered(self.index, self.conns, &f) else { continue };
                             s.check_in_flight(&g, self.index, &[id], g.now(), self.plan.max_in_flight);
                             match self.decide(f.payload.as_ref().map(|p| p.seq)) {
                                 Decision::Later(d, a) => s.timers.push((Instant::now() + d, a, id)),
@@ -1079,7 +1168,7 @@ impl Worker {
                                                 }
                                             }
                                         } else if f.kind.as_deref() == Some("message") {
-                                            g.delivered(self.index, &f);
+                                            g.delivered(self.index, self.conns, &f);
                                         }
                                     }
                                 }
@@ -1207,7 +1296,7 @@ impl Worker {
             let mut ids = Vec::new();
             let mut seqs = Vec::new();
             for m in &page.messages {
-                if let Some(id) = g.delivered(self.index, m) {
+                if let Some(id) = g.delivered(self.index, self.conns, m) {
                     ids.push(id);
                     seqs.push(m.payload.as_ref().map(|p| p.seq));
                 }
