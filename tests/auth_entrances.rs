@@ -798,7 +798,14 @@ fn two_relays_on_one_valkey_share_users_tokens_and_revocations() {
 #[test]
 fn a_valkey_outage_keeps_verified_tokens_working_and_refuses_unseen_ones_with_503() {
     let mut valkey = ValkeyServer::start(ValkeyOpts::default());
-    let relay = valkey.start_relay(&auth_yaml(), &[]);
+    // Short Valkey timeouts: the unseen token's 503 comes after a command timeout, which must
+    // stay well inside the test client's 10 s read timeout on a loaded machine (with the 5 s
+    // default it once took longer: "Interrupted handshake (WouldBlock)").
+    let yaml = format!(
+        "{}valkey:\n  connect_timeout: 500ms\n  command_timeout: 2s\n",
+        auth_yaml()
+    );
+    let relay = valkey.start_relay(&yaml, &[]);
     let seen = token(&relay, "admin", ADMIN_PASSWORD);
     let unseen = token(&relay, "admin", ADMIN_PASSWORD);
     let handshake = |token: &str| {
