@@ -626,17 +626,26 @@ impl GroupShared {
             .collect()
     }
 
-    /// After the steps: lets the workers settle everything owed (or `max` passes).
+    /// After the steps: lets the workers settle everything owed, for as long as they make
+    /// progress: it ends when nothing is left, or when `max` passes without one more message
+    /// settled (a stall, which judging then reports). A lone `max_in_flight: 1` worker
+    /// draining thousands of messages takes longer than any fixed budget, and is not stuck.
     pub async fn drain(&self, max: Duration) {
         self.drain.store(true, Ordering::Relaxed);
-        let begun = Instant::now();
+        let mut progress = Instant::now();
+        let mut left = usize::MAX;
         loop {
             if let Ok((dead, _)) = self.dead_letters().await {
-                if self.unsettled(&dead).is_empty() {
+                let unsettled = self.unsettled(&dead).len();
+                if unsettled == 0 {
                     return;
                 }
+                if unsettled < left {
+                    left = unsettled;
+                    progress = Instant::now();
+                }
             }
-            if begun.elapsed() > max {
+            if progress.elapsed() > max {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
