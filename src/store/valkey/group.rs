@@ -401,30 +401,42 @@ impl ValkeyTier {
             return Ok(0);
         }
         let timeout = self.group_settings(topic, group).await?.ack_timeout_ms;
-        let idle = timeout.to_string();
-        let count = held.to_string();
-        self.count("xpending", 1);
         let due = self
-            .client
-            .call_routed(
-                topic.as_bytes(),
-                &[
-                    b"XPENDING",
-                    key.as_bytes(),
-                    group.as_bytes(),
-                    b"IDLE",
-                    idle.as_bytes(),
-                    b"-",
-                    b"+",
-                    count.as_bytes(),
-                    consumer.as_bytes(),
-                ],
-            )
-            .await
-            .map_err(group_error)?
+            .pending_due(topic, group, timeout, held, Some(consumer))
+            .await?
             .as_array()
             .map_or(0, <[Reply]>::len);
         Ok(held.saturating_sub(due))
+    }
+
+    /// `XPENDING <stream> <group> IDLE <idle_ms> - + <count> [<consumer>]`: up to `count`
+    /// pending entries idle for at least `idle_ms` (due), of `consumer` only when given.
+    async fn pending_due(
+        &self,
+        topic: &str,
+        group: &str,
+        idle_ms: u64,
+        count: usize,
+        consumer: Option<&str>,
+    ) -> Result<Reply, GroupError> {
+        let key = self.stream_key.render(topic);
+        let (idle, count) = (idle_ms.to_string(), count.to_string());
+        let mut args: Vec<&[u8]> = vec![
+            b"XPENDING",
+            key.as_bytes(),
+            group.as_bytes(),
+            b"IDLE",
+            idle.as_bytes(),
+            b"-",
+            b"+",
+            count.as_bytes(),
+        ];
+        args.extend(consumer.map(str::as_bytes));
+        self.count("xpending", 1);
+        self.client
+            .call_routed(topic.as_bytes(), &args)
+            .await
+            .map_err(group_error)
     }
 
     /// Hands the consumer up to `max` messages (see `store/group.rs`): due entries first
@@ -521,25 +533,15 @@ impl ValkeyTier {
         let (consumer, max) = (request.consumer.as_str(), request.max);
         let key = self.stream_key.render(topic);
         let idle = settings.ack_timeout_ms.to_string();
-        let count = (max + MAX_DEAD_PER_TAKE).to_string();
-        self.count("xpending", 1);
         let reply = self
-            .client
-            .call_routed(
-                topic.as_bytes(),
-                &[
-                    b"XPENDING",
-                    key.as_bytes(),
-                    group.as_bytes(),
-                    b"IDLE",
-                    idle.as_bytes(),
-                    b"-",
-                    b"+",
-                    count.as_bytes(),
-                ],
+            .pending_due(
+                topic,
+                group,
+                settings.ack_timeout_ms,
+                max + MAX_DEAD_PER_TAKE,
+                None,
             )
-            .await
-            .map_err(group_error)?;
+            .await?;
         let mut redeliver: Vec<(String, u64)> = Vec::new();
         let mut dead: Vec<(String, u64)> = Vec::new();
         for entry in reply.as_array().unwrap_or_default() {
