@@ -239,7 +239,8 @@ fn assert_400(resp: &Response, what: &str) {
     assert!(v["error"].is_string(), "{what}: {resp:?}");
 }
 
-/// A delivered group message: the plain message fields and `group`, `delivery_count`.
+/// A delivered group message: the plain message fields and `group`, `delivery_count`,
+/// `ack_deadline`.
 fn assert_group_message(m: &Value, topic: &str, group: &str) {
     assert_eq!(m["topic"], topic, "{m}");
     assert_eq!(m["group"], group, "{m}");
@@ -248,6 +249,37 @@ fn assert_group_message(m: &Value, topic: &str, group: &str) {
     assert!(
         m["delivery_count"].as_u64().is_some_and(|n| n >= 1),
         "delivery_count: {m}"
+    );
+    deadline_ms(m);
+}
+
+/// A delivery's `ack_deadline` as Unix milliseconds.
+fn deadline_ms(m: &Value) -> u64 {
+    let text = m["ack_deadline"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ack_deadline in {m}"));
+    let at = humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    at.duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// `ack_deadline` is a lower bound on when a delivery becomes due, counted from no earlier
+/// than `sent_ms` (before the message could be taken) and no later than `got_ms` (it
+/// arrived): within `[sent_ms, got_ms] + ack_timeout`, give or take the millisecond the
+/// stamps round to.
+fn assert_deadline_between(m: &Value, sent_ms: u64, got_ms: u64, timeout_ms: u64, what: &str) {
+    let d = deadline_ms(m);
+    assert!(
+        d + 1 >= sent_ms + timeout_ms && d <= got_ms + timeout_ms + 1,
+        "{what}: ack_deadline {d} outside [{sent_ms}, {got_ms}] + {timeout_ms} ms: {m}"
     );
 }
 
@@ -1548,9 +1580,11 @@ fn ack_timeout_redelivers_to_another_consumer_not_before(s: &Setup) {
     // A holds m1 and has no room: after the timeout B gets it, not before; A's late ack
     // still settles it once.
     let mut a = GroupWs::connect(relay.addr, &[topic], "g", "a", Some(1));
+    let sent = wall_ms();
     let m1 = id_of(&relay.publish(topic, r#"{"n":1}"#));
     let first = a.expect_message();
     let t0 = Instant::now();
+    assert_deadline_between(&first, sent, wall_ms(), 1000, "first delivery");
     assert_eq!((id_of(&first), dc(&first)), (m1.clone(), 1));
     let mut b = GroupWs::connect(relay.addr, &[topic], "g", "b", None);
     let again = b.expect_message();
@@ -1561,6 +1595,8 @@ fn ack_timeout_redelivers_to_another_consumer_not_before(s: &Setup) {
         "{}: redelivered after {waited:?}, before the ack_timeout of {timeout:?}",
         s.name
     );
+    // By the relay's own clock, the redelivery was taken once the first's deadline passed.
+    assert_deadline_between(&again, deadline_ms(&first), wall_ms(), 1000, "redelivery");
     let r = a.ack(topic, "g", std::slice::from_ref(&m1));
     assert_eq!(
         strings(&r["acked"]),
@@ -1629,10 +1665,12 @@ fn ack_timeout_redelivers_over_http(s: &Setup) {
     let relay = &s.relay;
     let topic = "timeout-http";
     create_ok(relay, topic, "g", json!({"ack_timeout": 0.5}));
+    let sent = wall_ms();
     let m = id_of(&relay.publish(topic, "{}"));
     let got = poll(relay, topic, "g", "p1", json!({}));
     let t0 = Instant::now();
     assert_eq!(got.len(), 1);
+    assert_deadline_between(&got[0], sent, wall_ms(), 500, "first delivery");
     // Not due yet: another consumer gets nothing at once...
     let early = poll(relay, topic, "g", "p2", json!({}));
     if !early.is_empty() {
@@ -1651,6 +1689,13 @@ fn ack_timeout_redelivers_over_http(s: &Setup) {
         vec![(m.clone(), 2)],
         "{}",
         s.name
+    );
+    assert_deadline_between(
+        &again[0],
+        deadline_ms(&got[0]),
+        wall_ms(),
+        500,
+        "redelivery",
     );
     assert!(
         waited + SLACK >= Duration::from_millis(500),

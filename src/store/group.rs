@@ -126,6 +126,13 @@ pub struct GroupMessage {
     pub message: Message,
     /// 1 on its first delivery to the group, one more on each redelivery.
     pub delivery_count: u64,
+    /// Unix milliseconds until which this delivery is the consumer's alone: an
+    /// acknowledgement before it is never late. It is a lower bound on when the message
+    /// becomes due (the take's start, or for a redelivery the moment the relay learnt it was
+    /// due, plus `ack_timeout`), on the relay's clock, so a consumer can trust it and the model
+    /// checker can judge `max_in_flight` and redelivery timing by the relay's own clock
+    /// rather than by when frames arrived.
+    pub ack_deadline_ms: u64,
 }
 
 /// What a take handed out.
@@ -153,7 +160,7 @@ pub struct Settled {
 
 impl GroupMessage {
     /// The message's wire form ([`write_message_json`](super::message::write_message_json))
-    /// with `"group"` and `"delivery_count"` added: what every transport hands a group
+    /// with `"group"`, `"delivery_count"` and `"ack_deadline"` added: what every transport hands a group
     /// consumer.
     pub fn write_json(&self, out: &mut Vec<u8>, topic: &str, group: &str) {
         super::message::write_message_json(out, topic, &self.message);
@@ -163,7 +170,9 @@ impl GroupMessage {
         out.extend_from_slice(group.as_bytes());
         out.extend_from_slice(b"\",\"delivery_count\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.delivery_count).as_bytes());
-        out.push(b'}');
+        out.extend_from_slice(b",\"ack_deadline\":\"");
+        super::message::write_rfc3339_millis(out, self.ack_deadline_ms);
+        out.extend_from_slice(b"\"}");
     }
 }
 
@@ -357,6 +366,7 @@ impl MemoryGroups {
         let (consumer, max, claim) = (consumer.as_str(), *max, *claim);
         let group = self.group_mut(topic, name)?;
         group.consumers.insert(consumer.to_owned(), now_ms);
+        let timeout = group.settings.ack_timeout_ms;
         let mut taken = Taken::default();
         if claim {
             let due: Vec<MessageId> = group
@@ -386,6 +396,7 @@ impl MemoryGroups {
                         taken.dead.push(GroupMessage {
                             message: pending.message.clone(),
                             delivery_count: pending.deliveries,
+                            ack_deadline_ms: now_ms.saturating_add(timeout),
                         });
                     }
                 } else if taken.messages.len() < max && !held.contains(&id) {
@@ -396,6 +407,7 @@ impl MemoryGroups {
                     taken.messages.push(GroupMessage {
                         message: pending.message.clone(),
                         delivery_count: pending.deliveries,
+                        ack_deadline_ms: now_ms.saturating_add(timeout),
                     });
                     taken.redelivered += 1;
                 }
@@ -422,6 +434,7 @@ impl MemoryGroups {
                     taken.messages.push(GroupMessage {
                         message,
                         delivery_count: 1,
+                        ack_deadline_ms: now_ms.saturating_add(timeout),
                     });
                 }
             }

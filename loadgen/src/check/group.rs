@@ -22,19 +22,21 @@
 //! 2. nothing is acknowledged, dead-lettered or delivered that was not published (with the
 //!    id its 201 named) or ambiguous, and nothing of another topic or group;
 //! 3. no worker connection ever holds more than its `max_in_flight` unacknowledged messages:
-//!    at each delivery, its earlier deliveries not yet acknowledged or nacked by it, not
-//!    redelivered since, and delivered less than `ack_timeout - 200 ms` before (older ones
-//!    are due: their places are free), plus the new ones, are at most `max_in_flight`;
+//!    at each delivery, its earlier deliveries not yet acknowledged or nacked by it whose
+//!    `ack_deadline` had not passed when the new one was taken (its `ack_deadline` less the
+//!    `ack_timeout`), plus the new ones, are at most `max_in_flight`;
 //! 4. a message's `delivery_count` grows with each delivery (no value twice), never exceeds
 //!    `max_deliveries`, and a dead letter's `delivery_count` is `max_deliveries`;
-//! 5. a message is not redelivered while another delivery of it is still held: within
-//!    `ack_timeout - 200 ms` of the previous delivery (as the checker received them) only a
-//!    nack releases it.
+//! 5. a message is not redelivered while another delivery of it is still held: before the
+//!    previous delivery's `ack_deadline` only a nack (sent after that delivery arrived)
+//!    releases it.
 //!
-//! The 200 ms margins absorb the time between the relay sending a frame and the checker
-//! reading it; when the checker itself stalled for 100 ms or more (a 20 ms ticker woke that
-//! late: the box is overloaded, frames pile up in the sockets and are read together) in the
-//! window a timing rule looks at, the rule is skipped and counted as an event instead.
+//! Rules 3 and 5 judge by the relay's clock: every delivery carries its `ack_deadline`,
+//! which the relay counts from before it took the message (so it is never after the real
+//! due time, and a take it began once an earlier deadline passed is stamped after it).
+//! Judged by when frames arrived instead, one delayed frame on a loaded box (the relay,
+//! Valkey and the checker share two cores) made three deliveries taken 300 ms apart arrive
+//! within 14 ms, which looked like a `max_in_flight` 1 worker holding three (seed 6023).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -59,10 +61,15 @@ use crate::http::{connect_tcp, Endpoint, HttpConn};
 use crate::payload::Probe;
 use crate::verify::MessageId;
 
-/// How much later than another a delivery may reach the checker after the relay sent it
-/// (for rules 3 and 5): the worker tasks share two busy cores with the relay and Valkey.
-const IN_FLIGHT_SLACK: Duration = Duration::from_millis(200);
-const EARLY_SLACK: Duration = Duration::from_millis(200);
+/// Rounding of the relay's stamps (whole milliseconds, wall clock against the monotonic
+/// clock its holding uses) that rules 3 and 5 forgive.
+const DEADLINE_SLACK_MS: u64 = 2;
+
+/// An `ack_deadline` (RFC 3339, on the relay's clock) as Unix milliseconds.
+fn deadline_ms(f: &Frame) -> Option<u64> {
+    let t = humantime::parse_rfc3339(f.ack_deadline.as_deref()?).ok()?;
+    u64::try_from(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()
+}
 
 /// About one message in 64 is never acknowledged (ends dead-lettered).
 fn is_poison(seq: u64) -> bool {
@@ -84,6 +91,8 @@ fn id_str(id: MessageId) -> String {
 struct Seen {
     count: u32,
     at: Duration,
+    /// Its `ack_deadline` (Unix ms, the relay's clock).
+    deadline_ms: u64,
     worker: usize,
     /// The worker's connection (WebSocket) or poll run (HTTP), counted from 0.
     conn: u32,
@@ -99,6 +108,9 @@ pub struct GroupLog {
     maybe_acked: HashSet<MessageId>,
     /// When a nack of each id was sent.
     nacked_at: HashMap<MessageId, Vec<Duration>>,
+    /// Ids some worker sent an ack or nack of (whoever held them then): the group may have
+    /// settled or released them, which frees the place of whoever holds them now.
+    settle_sent: HashSet<MessageId>,
     /// Delivered ids whose publish was ambiguous (503 or no answer).
     ambiguous: HashSet<MessageId>,
     violations: Vec<String>,
@@ -125,14 +137,7 @@ pub struct GroupShared {
     authorization: Option<HeaderValue>,
     /// Per worker: what it is doing, for reports.
     status: Mutex<Vec<WorkerStatus>>,
-    /// When the checker itself was late (a 20 ms ticker woken at least [`STALL`] late):
-    /// (when, how late). Rules 3 and 5 compare receive times, which mean nothing across such
-    /// a stall (frames pile up in the socket and are read together).
-    stalls: Mutex<Vec<(Duration, Duration)>>,
 }
-
-/// Lateness of the checker's ticker that voids the timing rules (3 and 5) around it.
-const STALL: Duration = Duration::from_millis(100);
 
 /// A worker's state as last reported by it.
 #[derive(Debug, Clone, Default)]
@@ -177,6 +182,8 @@ struct Frame<'a> {
     #[serde(default)]
     delivery_count: Option<u32>,
     #[serde(default)]
+    ack_deadline: Option<String>,
+    #[serde(default)]
     payload: Option<Probe>,
     #[serde(default)]
     acked: Option<serde_json::Value>,
@@ -215,7 +222,6 @@ impl GroupShared {
             stop: AtomicBool::new(false),
             log: Mutex::default(),
             status: Mutex::new(vec![WorkerStatus::default(); plan_workers]),
-            stalls: Mutex::default(),
             endpoints,
             authorization,
         })
@@ -313,8 +319,9 @@ impl GroupShared {
         ))
     }
 
-    /// Records one delivery to `worker` (checks rules 2, 4, 5); its id if readable.
-    fn delivered(&self, worker: usize, conn: u32, f: &Frame) -> Option<MessageId> {
+    /// Records one delivery to `worker` (checks rules 2, 4, 5); its id and `ack_deadline`
+    /// if readable.
+    fn delivered(&self, worker: usize, conn: u32, f: &Frame) -> Option<(MessageId, u64)> {
         let at = self.now();
         let mut log = lock(&self.log);
         log.deliveries_total += 1;
@@ -325,6 +332,16 @@ impl GroupShared {
             ));
             return None;
         };
+        let Some(deadline) = deadline_ms(f) else {
+            log.violations.push(format!(
+                "w{worker}: {} delivered without a readable ack_deadline ({:?})",
+                id_str(id),
+                f.ack_deadline
+            ));
+            return None;
+        };
+        let timeout = u64::from(self.plan.ack_timeout_ms);
+        let taken_ms = deadline.saturating_sub(timeout);
         if f.topic.as_deref() != Some(self.topic.as_str()) {
             log.violations.push(format!(
                 "w{worker}: {} delivered with topic {:?}",
@@ -377,10 +394,8 @@ impl GroupShared {
                 id_str(id)
             ));
         }
-        let early = self.ack_timeout().saturating_sub(EARLY_SLACK);
         let nacks: Vec<Duration> = log.nacked_at.get(&id).cloned().unwrap_or_default();
         let mut problems = Vec::new();
-        let mut skipped = false;
         let previous = log.deliveries.entry(id).or_default();
         if let Some(p) = previous.iter().find(|p| p.count == count) {
             problems.push(format!(
@@ -393,33 +408,30 @@ impl GroupShared {
         }
         if let Some(p) = previous.last() {
             let nacked = nacks.iter().any(|n| *n >= p.at);
-            let stalled = !nacked && at.saturating_sub(p.at) < early && self.stalled(p.at);
-            if stalled {
-                skipped = true;
-            }
-            if !nacked && at.saturating_sub(p.at) < early && !stalled {
+            if !nacked && taken_ms + DEADLINE_SLACK_MS < p.deadline_ms {
                 let trail: Vec<String> = previous
                     .iter()
                     .map(|s| {
                         format!(
-                            "#{} to w{} (connection {}) at {} ms",
+                            "#{} to w{} (connection {}) received at {} ms, deadline {}",
                             s.count,
                             s.worker,
                             s.conn,
-                            s.at.as_millis()
+                            s.at.as_millis(),
+                            s.deadline_ms
                         )
                     })
                     .collect();
                 problems.push(format!(
-                    "{} redelivered to w{worker} (connection {conn}, count {count}) at {} ms, {} ms after its \
-                     delivery to w{} (count {}), within ack_timeout {} ms, without a nack \
-                     (deliveries before: {}; nacks sent at {:?} ms)",
+                    "{} redelivered to w{worker} (connection {conn}, count {count}, received at \
+                     {} ms) taken at {taken_ms}, {} ms before the ack_deadline of its delivery \
+                     to w{} (count {}), without a nack (deliveries before: {}; nacks sent at \
+                     {:?} ms)",
                     id_str(id),
                     at.as_millis(),
-                    at.saturating_sub(p.at).as_millis(),
+                    p.deadline_ms - taken_ms,
                     p.worker,
                     p.count,
-                    self.plan.ack_timeout_ms,
                     trail.join(", "),
                     nacks.iter().map(Duration::as_millis).collect::<Vec<_>>()
                 ));
@@ -429,6 +441,7 @@ impl GroupShared {
         previous.push(Seen {
             count,
             at,
+            deadline_ms: deadline,
             worker,
             conn,
         });
@@ -436,12 +449,7 @@ impl GroupShared {
             log.redeliveries += 1;
         }
         log.violations.extend(problems);
-        if skipped {
-            *log.events
-                .entry("group timing rule skipped: the checker stalled".into())
-                .or_default() += 1;
-        }
-        Some(id)
+        Some((id, deadline))
     }
 
     fn acked(&self, worker: usize, ids: &[String]) {
@@ -467,57 +475,22 @@ impl GroupShared {
         for id in ids {
             log.nacked_at.entry(*id).or_default().push(at);
         }
+        log.settle_sent.extend(ids);
     }
 
-    fn in_flight_violation(&self, worker: usize, detail: String, since: Duration) {
-        if self.stalled_since(since) {
-            return;
-        }
+    fn ack_sent(&self, ids: &[MessageId]) {
+        lock(&self.log).settle_sent.extend(ids);
+    }
+
+    /// Whether any worker sent an ack or nack of `id` so far.
+    fn settle_was_sent(&self, id: MessageId) -> bool {
+        lock(&self.log).settle_sent.contains(&id)
+    }
+
+    fn in_flight_violation(&self, worker: usize, detail: String) {
         lock(&self.log)
             .violations
             .push(format!("w{worker}: max_in_flight exceeded: {detail}"));
-    }
-
-    /// Whether the checker stalled (see `stalls`) between `since` and now: timing rules are
-    /// then skipped (counted as an event).
-    fn stalled_since(&self, since: Duration) -> bool {
-        let stalled = self.stalled(since);
-        if stalled {
-            self.event("group timing rule skipped: the checker stalled");
-        }
-        stalled
-    }
-
-    fn stalled(&self, since: Duration) -> bool {
-        lock(&self.stalls)
-            .iter()
-            .any(|(at, late)| *at + *late >= since)
-    }
-
-    /// Measures the checker's own lateness until `stop`.
-    pub fn spawn_stall_detector(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let g = self.clone();
-        tokio::spawn(async move {
-            let period = Duration::from_millis(20);
-            let mut next = Instant::now() + period;
-            while !g.stop.load(Ordering::Relaxed) {
-                tokio::time::sleep_until(next.into()).await;
-                let late = next.elapsed();
-                if late >= STALL {
-                    let at = g.now().saturating_sub(late);
-                    lock(&g.stalls).push((at, late));
-                }
-                next = Instant::now() + period;
-            }
-        })
-    }
-
-    /// Whether `id` was delivered again (to anyone) after `at`.
-    fn redelivered_since(&self, id: MessageId, at: Duration) -> bool {
-        lock(&self.log)
-            .deliveries
-            .get(&id)
-            .is_some_and(|v| v.iter().any(|s| s.at > at))
     }
 
     /// Reads `<topic>.dead` whole: per original id of this group, its dead letters'
@@ -820,8 +793,9 @@ enum Action {
 /// One connection's worth of a worker's state.
 #[derive(Default)]
 struct Session {
-    /// Deliveries on this connection: id, when, released (acked/nacked by it).
-    held: Vec<(MessageId, Duration, bool)>,
+    /// Deliveries on this connection: id, `ack_deadline` (Unix ms), released (acked or
+    /// nacked by it).
+    held: Vec<(MessageId, u64, bool)>,
     /// Acks and nacks due: when, what, which id.
     timers: Vec<(Instant, Action, MessageId)>,
     /// Ids sent in acks not answered yet.
@@ -829,48 +803,53 @@ struct Session {
 }
 
 impl Session {
-    /// Rule 3 for `new` deliveries arriving together at `now`.
+    /// Rule 3 for `new` deliveries (id, `ack_deadline`) of one take, arriving at `now`.
     fn check_in_flight(
         &mut self,
         g: &GroupShared,
         worker: usize,
-        new: &[MessageId],
+        new: &[(MessageId, u64)],
         now: Duration,
         max: u16,
     ) {
-        let horizon = g.ack_timeout().saturating_sub(IN_FLIGHT_SLACK);
+        let Some(first_deadline) = new.iter().map(|(_, d)| *d).min() else {
+            return;
+        };
+        // When the relay began the take: a held delivery whose deadline had passed by then
+        // no longer took a place.
+        let taken_ms = first_deadline.saturating_sub(u64::from(g.plan.ack_timeout_ms));
+        // A delivery this connection still holds that another worker acknowledged or
+        // nacked (its earlier holder, late) is settled or released in the group: the relay
+        // may count the place free (an HTTP consumer's places are what the group has pending
+        // for it).
         let mut held = Vec::new();
-        for (id, at, released) in &mut self.held {
-            if *released {
-                continue;
+        for (id, deadline, released) in &self.held {
+            if !*released && taken_ms + DEADLINE_SLACK_MS < *deadline && !g.settle_was_sent(*id) {
+                held.push(format!("{} (deadline {deadline})", id_str(*id)));
             }
-            if now.saturating_sub(*at) >= horizon || g.redelivered_since(*id, *at) {
-                *released = true;
-                continue;
-            }
-            held.push(format!("{} at {} ms", id_str(*id), at.as_millis()));
         }
         if held.len() + new.len() > usize::from(max) {
             g.in_flight_violation(
                 worker,
                 format!(
-                    "{} delivered at {} ms ({}) while it held {} (max_in_flight {max}): {}",
+                    "{} received at {} ms, taken at {taken_ms} ({}) while it held {} (max_in_flight {max}): {}",
                     new.len(),
                     now.as_millis(),
                     new.iter()
-                        .map(|i| id_str(*i))
+                        .map(|(i, _)| id_str(*i))
                         .collect::<Vec<_>>()
                         .join(", "),
                     held.len(),
                     held.join(", ")
                 ),
-                now.saturating_sub(g.ack_timeout()),
             );
         }
-        self.held.extend(new.iter().map(|id| (*id, now, false)));
-        // Keep the list short: released entries are done with.
+        self.held
+            .extend(new.iter().map(|(id, deadline)| (*id, *deadline, false)));
+        // Keep the list short: released and long-past entries are done with.
         if self.held.len() > 4096 {
-            self.held.retain(|(_, _, r)| !r);
+            self.held
+                .retain(|(_, deadline, r)| !r && *deadline + DEADLINE_SLACK_MS > taken_ms);
         }
     }
 
@@ -927,9 +906,7 @@ struct Worker {
 
 /// Starts a group's workers; they run until `stop` is set (or the task is aborted).
 pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
-    let detector = g.spawn_stall_detector();
-    let mut tasks: Vec<tokio::task::JoinHandle<()>> = g
-        .plan
+    g.plan
         .workers
         .iter()
         .enumerate()
@@ -948,9 +925,7 @@ pub fn spawn_workers(g: &Arc<GroupShared>) -> Vec<tokio::task::JoinHandle<()>> {
             };
             tokio::spawn(worker.run())
         })
-        .collect();
-    tasks.push(detector);
-    tasks
+        .collect()
 }
 
 impl Worker {
@@ -1100,8 +1075,8 @@ impl Worker {
                             if !subscribed {
                                 g.event("group ws: message before subscribed");
                             }
-                            let Some(id) = g.delivered(self.index, self.conns, &f) else { continue };
-                            s.check_in_flight(&g, self.index, &[id], g.now(), self.plan.max_in_flight);
+                            let Some((id, deadline)) = g.delivered(self.index, self.conns, &f) else { continue };
+                            s.check_in_flight(&g, self.index, &[(id, deadline)], g.now(), self.plan.max_in_flight);
                             match self.decide(f.payload.as_ref().map(|p| p.seq)) {
                                 Decision::Later(d, a) => s.timers.push((Instant::now() + d, a, id)),
                                 Decision::Ignore => {}
@@ -1149,6 +1124,7 @@ impl Worker {
                         s.release(&ids);
                         if action == Action::Ack {
                             s.outstanding.extend(ids.iter().copied());
+                            g.ack_sent(&ids);
                         } else {
                             g.nack_sent(&ids);
                         }
@@ -1215,6 +1191,8 @@ impl Worker {
                 let what = if action == Action::Ack { "ack" } else { "nack" };
                 if action == Action::Nack {
                     g.nack_sent(&ids);
+                } else {
+                    g.ack_sent(&ids);
                 }
                 let r = request(
                     &endpoint,
@@ -1312,7 +1290,7 @@ impl Worker {
             }
             s.check_in_flight(&g, self.index, &ids, now, self.plan.max_in_flight);
             let mut crashed = false;
-            for (id, seq) in ids.into_iter().zip(seqs) {
+            for ((id, _), seq) in ids.into_iter().zip(seqs) {
                 match self.decide(seq) {
                     Decision::Later(d, a) => s.timers.push((Instant::now() + d, a, id)),
                     Decision::Ignore => {}

@@ -506,6 +506,9 @@ impl ValkeyTier {
                 taken.messages.push(GroupMessage {
                     message,
                     delivery_count: 1,
+                    // `now_ms` was read before XREADGROUP ran: Valkey's idle clock for the
+                    // entry starts later, so this is never after the real due time.
+                    ack_deadline_ms: now_ms.saturating_add(settings.ack_timeout_ms),
                 });
             }
             if !expired.is_empty() {
@@ -542,6 +545,10 @@ impl ValkeyTier {
                 None,
             )
             .await?;
+        // XPENDING found these idle for `ack_timeout`, so they were last delivered at least
+        // that long before now; XCLAIM delivers them again after now. A deadline counted
+        // from here is never after the real one, and never before the previous delivery's.
+        let due_seen_ms = crate::clock::now_ms();
         let mut redeliver: Vec<(String, u64)> = Vec::new();
         let mut dead: Vec<(String, u64)> = Vec::new();
         for entry in reply.as_array().unwrap_or_default() {
@@ -611,12 +618,14 @@ impl ValkeyTier {
                     taken.dead.push(GroupMessage {
                         message,
                         delivery_count: before.min(u64::from(settings.max_deliveries)),
+                        ack_deadline_ms: due_seen_ms.saturating_add(settings.ack_timeout_ms),
                     });
                 } else {
                     taken.redelivered += 1;
                     taken.messages.push(GroupMessage {
                         message,
                         delivery_count: before + 1,
+                        ack_deadline_ms: due_seen_ms.saturating_add(settings.ack_timeout_ms),
                     });
                 }
             }
