@@ -7,6 +7,13 @@ use clap::Parser;
 
 use pulsar_relay::config::{self, Cli, LogFormat};
 
+/// jemalloc, not glibc's malloc: after a spike of connections glibc kept what they freed in
+/// each shard thread's arena (RSS stayed at the peak for good), while jemalloc's background
+/// thread returns freed pages to the kernel within its decay time (10 s); it also costs fewer
+/// instructions per request. Figures: docs/performance.md ("Memory after a spike").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match config::load_from_process(&cli) {
