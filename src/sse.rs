@@ -22,7 +22,7 @@
 //! Nothing here touches a socket: the stream runs in [`crate::net::sse`], its request is
 //! parsed in `crate::http::handlers::events`.
 
-use std::collections::HashMap;
+use crate::topic::TopicMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -140,7 +140,7 @@ pub struct Positions {
     topics: Vec<(Arc<str>, Option<MessageId>)>,
     /// `topic=id` per topic (empty while it has no position), same order as `topics`.
     rendered: Vec<Vec<u8>>,
-    index: HashMap<Arc<str>, usize>,
+    index: TopicMap<Arc<str>, usize>,
 }
 
 impl Positions {

@@ -4,6 +4,25 @@
 //! inside Valkey key templates (`topic:{topic}:stream`), URL paths, log lines and metric
 //! labels without any escaping.
 
+/// A map keyed by topic name, for the per-topic maps on the request path (hot tier index,
+/// subscriber registry, Valkey ordering slots, write-behind counts).
+///
+/// Hashed with foldhash rather than std's SipHash-1-3: a topic name is hashed several times
+/// per publish, and SipHash cost ~360 instructions of a Valkey publish (docs/performance.md).
+///
+/// HashDoS: topic names are chosen by clients, so an attacker could try to make them
+/// collide. `foldhash::fast::RandomState` seeds every map from a per-process random seed (as
+/// std does), so collisions cannot be computed offline; the names are short and restricted
+/// to `[A-Za-z0-9._-]` before they reach a map (validated at every entry point), and the
+/// topics a shard holds are bounded by memory and retention, so an attacker who somehow
+/// learnt the seed could slow lookups of one shard's topics, not grow memory. foldhash is
+/// the hasher hashbrown itself defaults to. Maps keyed by anything else (user names, tokens,
+/// Valkey node addresses) keep std's hasher.
+pub type TopicMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A set of topic names; see [`TopicMap`].
+pub type TopicSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// Why a topic name was refused, phrased for the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTopic {

@@ -9,8 +9,8 @@
 //! resume gap-free: whatever is appended after registration is forwarded, whatever before is
 //! in the history read, and the consumer's sink drops what both delivered.
 
+use crate::topic::TopicMap;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -21,15 +21,15 @@ use crate::store::message::Message;
 #[derive(Default)]
 pub struct Registry {
     /// This shard's consumers per topic.
-    local: RefCell<HashMap<Arc<str>, Vec<Rc<Sink>>>>,
+    local: RefCell<TopicMap<Arc<str>, Vec<Rc<Sink>>>>,
     /// Owner side: shards (other than this one) with consumers of a topic this shard owns.
-    remote: RefCell<HashMap<String, Vec<usize>>>,
+    remote: RefCell<TopicMap<String, Vec<usize>>>,
     next_sink_id: Cell<u64>,
     /// Parked long-polls on this shard, against `longpoll.max_parked_per_shard`.
     parked: Cell<usize>,
     /// This shard's consumer-group consumers per topic: woken (not handed messages) when
     /// the topic has news; they take their messages from the group themselves.
-    group_wakes: RefCell<HashMap<Arc<str>, Vec<Rc<GroupWake>>>>,
+    group_wakes: RefCell<TopicMap<Arc<str>, Vec<Rc<GroupWake>>>>,
 }
 
 impl Registry {

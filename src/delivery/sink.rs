@@ -24,8 +24,9 @@
 //! started for an earlier follow (unsubscribed since) can neither queue messages nor end the
 //! replay of the current one.
 
+use crate::topic::TopicMap;
 use std::cell::{OnceCell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -178,7 +179,7 @@ struct Inner {
     waker: Option<Waker>,
     /// Catch-ups waiting for room in the queue (one per topic being replayed at most).
     room_wakers: Vec<Waker>,
-    cursors: HashMap<Arc<str>, Cursor>,
+    cursors: TopicMap<Arc<str>, Cursor>,
     /// The generation the next follow gets.
     next_generation: u64,
 }
@@ -204,7 +205,7 @@ impl Sink {
                 writing: false,
                 waker: None,
                 room_wakers: Vec::new(),
-                cursors: HashMap::new(),
+                cursors: TopicMap::default(),
                 next_generation: 1,
             }),
         })

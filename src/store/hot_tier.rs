@@ -43,8 +43,9 @@
 //! the newest id any dropped tombstone removed reports a gap (reason `unknown`): the relay
 //! can no longer tell whether that topic lost messages, so it says it may have.
 
+use crate::topic::TopicMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -241,10 +242,8 @@ struct Slot {
 /// One shard's topics and their retention. See the module docs for the structures.
 pub struct HotTier {
     limits: HotTierLimits,
-    /// Name → slot. std's SipHash with a per-map random key: topic names come from clients,
-    /// and the one hash per request it costs (~20 ns for a short name) is noise next to
-    /// parsing the request, where a weak hasher would let crafted names collide.
-    index: HashMap<Arc<str>, usize>,
+    /// Name → slot ([`TopicMap`]: seeded foldhash, see there for the HashDoS reasoning).
+    index: TopicMap<Arc<str>, usize>,
     /// Topic storage; never shrinks, so a `MessageRef`'s slot index is always in range.
     slots: Vec<Slot>,
     /// Slots whose topic was removed, reused before `slots` grows.
@@ -267,7 +266,7 @@ pub struct HotTier {
     /// [`COMPACTION_SLACK`]; a field only so tests can make compaction frequent.
     compaction_slack: usize,
     /// Removed topics' tombstones by name.
-    tombstones: HashMap<Arc<str>, Tombstone>,
+    tombstones: TopicMap<Arc<str>, Tombstone>,
     /// Tombstones in creation order (plus stale entries of revived ones): the drop order.
     tombstone_order: VecDeque<(Arc<str>, u64)>,
     next_tombstone_serial: u64,
@@ -287,7 +286,7 @@ impl HotTier {
                 max_messages_per_topic: limits.max_messages_per_topic.max(1),
                 ..limits
             },
-            index: HashMap::new(),
+            index: TopicMap::default(),
             slots: Vec::new(),
             free_slots: Vec::new(),
             arrivals: VecDeque::new(),
@@ -298,7 +297,7 @@ impl HotTier {
             evictions: 0,
             expirations: 0,
             compaction_slack: COMPACTION_SLACK,
-            tombstones: HashMap::new(),
+            tombstones: TopicMap::default(),
             tombstone_order: VecDeque::new(),
             next_tombstone_serial: 0,
             max_tombstones: MAX_TOMBSTONES,
@@ -912,6 +911,7 @@ fn topic_stats(topic: &Topic) -> TopicStats {
 mod tests {
     use super::super::message::MESSAGE_OVERHEAD_BYTES;
     use super::*;
+    use std::collections::HashMap;
 
     const NO_LIMITS: HotTierLimits = HotTierLimits {
         max_messages_per_topic: usize::MAX,

@@ -35,8 +35,9 @@
 //! (`valkey::feed`), nor the task that feeds it events and runs its workers
 //! (`crate::replicate`).
 
+use crate::topic::TopicMap;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::channel::{mpsc, oneshot};
@@ -85,7 +86,7 @@ pub struct SyncStats {
 
 /// One shard's sync state (Valkey backend only).
 pub(super) struct StreamSync {
-    topics: RefCell<HashMap<String, TopicSync>>,
+    topics: RefCell<TopicMap<String, TopicSync>>,
     subscriber: Subscriber,
     work: mpsc::UnboundedSender<String>,
     /// Pub/sub connections lost so far: a confirmation holds for the connection it came on.
@@ -103,7 +104,7 @@ impl StreamSync {
         inputs: SyncInputs,
     ) -> StreamSync {
         StreamSync {
-            topics: RefCell::new(HashMap::new()),
+            topics: RefCell::new(TopicMap::default()),
             subscriber,
             work,
             epoch: Cell::new(0),
@@ -325,7 +326,7 @@ impl Storage {
     /// The topic's sync state, created (and its channel subscribed) if it is new.
     fn track<'t>(
         &self,
-        topics: &'t mut HashMap<String, TopicSync>,
+        topics: &'t mut TopicMap<String, TopicSync>,
         topic: &str,
     ) -> &'t mut TopicSync {
         if !topics.contains_key(topic) {

@@ -54,7 +54,7 @@ pub(super) struct Behind {
     pub(super) reassigned: u64,
     /// Messages in `queue` per topic: a topic degraded to persisted publishes waits until
     /// none of its own is left, so Valkey's ids stay above them.
-    per_topic: std::collections::HashMap<String, usize>,
+    per_topic: crate::topic::TopicMap<String, usize>,
 }
 
 impl Behind {
@@ -80,7 +80,7 @@ impl Behind {
             retries: 0,
             lost: 0,
             reassigned: 0,
-            per_topic: std::collections::HashMap::new(),
+            per_topic: crate::topic::TopicMap::default(),
         }
     }
 }

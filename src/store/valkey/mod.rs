@@ -74,6 +74,7 @@ pub use read::ReadSource;
 pub use retention::sweep_period;
 pub use server::ServerInfo;
 
+use crate::topic::TopicMap;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
@@ -132,30 +133,30 @@ pub struct ValkeyTier {
     discovered: std::cell::Cell<bool>,
     /// Stream lengths as last seen (XLEN/XINFO) plus appends since: the `total` of history
     /// pages served from memory, which must not cost a round trip.
-    lengths: RefCell<HashMap<String, usize>>,
+    lengths: RefCell<TopicMap<String, usize>>,
     /// Per topic, publishes whose append is in flight, in submission order (see `publish.rs`).
-    in_flight: RefCell<HashMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
+    in_flight: RefCell<TopicMap<String, VecDeque<Rc<RefCell<Slot>>>>>,
     /// Commands issued, by name (the `relay_valkey_operations_total` metric).
     ops: RefCell<std::collections::BTreeMap<&'static str, u64>>,
     /// Buffered mode only: the last id handed out per topic (ids are chosen here so the
     /// producer can be answered before Valkey replies), and whether it has been checked
     /// against the stream's last id since the last write-behind failure (`false`: read the
     /// stream's last id again before the next id; see [`ValkeyTier::assign_buffered_ids`]).
-    buffered_last: RefCell<HashMap<String, (MessageId, bool)>>,
+    buffered_last: RefCell<TopicMap<String, (MessageId, bool)>>,
     /// Buffered mode only: acknowledged messages not yet stored, oldest first (see
     /// [`ValkeyTier::enqueue_behind`]).
     behind: RefCell<Behind>,
     /// Buffered mode only: topics held while a keyed publish to them awaits Valkey's
     /// decision, each with the publishes waiting for it to be released (their receivers
     /// wake when the entry, and with it these senders, is dropped). See [`TopicHold`].
-    holds: RefCell<HashMap<String, Vec<futures::channel::oneshot::Sender<()>>>>,
+    holds: RefCell<TopicMap<String, Vec<futures::channel::oneshot::Sender<()>>>>,
     /// Replicated mode only: stored messages answered 503 because their batch's `WAIT`
     /// counted too few replicas (`relay_valkey_errors_total{kind="replication_short"}`).
     replication_short: std::cell::Cell<u64>,
     /// Buffered mode only: topics another writer was seen on. Their ids can no longer be
     /// chosen here, so they are published with `ack: persisted` for the rest of the
     /// process's life (see [`ValkeyTier::degrade_buffered`]).
-    degraded: RefCell<std::collections::HashSet<String>>,
+    degraded: RefCell<crate::topic::TopicSet<String>>,
     /// Where [`ValkeyTier::degrade_buffered`] reports a topic it degrades, so storage can
     /// drop what its memory holds of it (set once by [`super::Storage`]).
     writer_conflicts: RefCell<Option<futures::channel::mpsc::UnboundedSender<String>>>,
@@ -183,14 +184,14 @@ impl ValkeyTier {
             shards: config.shards,
             known: RefCell::new(BTreeSet::new()),
             discovered: std::cell::Cell::new(false),
-            lengths: RefCell::new(HashMap::new()),
-            in_flight: RefCell::new(HashMap::new()),
-            buffered_last: RefCell::new(HashMap::new()),
+            lengths: RefCell::new(TopicMap::default()),
+            in_flight: RefCell::new(TopicMap::default()),
+            buffered_last: RefCell::new(TopicMap::default()),
             behind: RefCell::new(Behind::new(config.max_behind)),
-            holds: RefCell::new(HashMap::new()),
+            holds: RefCell::new(TopicMap::default()),
             ops: RefCell::new(std::collections::BTreeMap::new()),
             replication_short: std::cell::Cell::new(0),
-            degraded: RefCell::new(std::collections::HashSet::new()),
+            degraded: RefCell::new(crate::topic::TopicSet::default()),
             writer_conflicts: RefCell::new(None),
             group_settings: RefCell::new(HashMap::new()),
         }
