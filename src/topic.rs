@@ -13,7 +13,8 @@
 /// HashDoS: topic names are chosen by clients, so an attacker could try to make them
 /// collide. `foldhash::fast::RandomState` seeds every map from a per-process random seed (as
 /// std does), so collisions cannot be computed offline; the names are short and restricted
-/// to `[A-Za-z0-9._-]` before they reach a map (validated at every entry point), and the
+/// to `[A-Za-z0-9._-]` (plus the server-chosen owner-id prefix of a namespaced topic) before
+/// they reach a map (validated at every entry point), and the
 /// topics a shard holds are bounded by memory and retention, so an attacker who somehow
 /// learnt the seed could slow lookups of one shard's topics, not grow memory. foldhash is
 /// the hasher hashbrown itself defaults to. Maps keyed by anything else (user names, tokens,

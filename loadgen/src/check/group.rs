@@ -482,9 +482,10 @@ impl GroupShared {
         lock(&self.log).settle_sent.extend(ids);
     }
 
-    /// Whether any worker sent an ack or nack of `id` so far.
-    fn settle_was_sent(&self, id: MessageId) -> bool {
-        lock(&self.log).settle_sent.contains(&id)
+    /// Which of `ids` some worker sent an ack or nack of so far.
+    fn settles_sent(&self, ids: impl Iterator<Item = MessageId>) -> HashSet<MessageId> {
+        let log = lock(&self.log);
+        ids.filter(|id| log.settle_sent.contains(id)).collect()
     }
 
     fn in_flight_violation(&self, worker: usize, detail: String) {
@@ -822,9 +823,10 @@ impl Session {
         // nacked (its earlier holder, late) is settled or released in the group: the relay
         // may count the place free (an HTTP consumer's places are what the group has pending
         // for it).
+        let settled = g.settles_sent(self.held.iter().filter(|h| !h.2).map(|h| h.0));
         let mut held = Vec::new();
         for (id, deadline, released) in &self.held {
-            if !*released && taken_ms + DEADLINE_SLACK_MS < *deadline && !g.settle_was_sent(*id) {
+            if !*released && taken_ms + DEADLINE_SLACK_MS < *deadline && !settled.contains(id) {
                 held.push(format!("{} (deadline {deadline})", id_str(*id)));
             }
         }
