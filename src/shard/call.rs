@@ -12,11 +12,22 @@
 //! `/health`, `GET /api/v1/topics`); [`Shard::post`] runs one without waiting for it (the
 //! delivery fan-out and interest withdrawal, which need no answer).
 //!
+//! # Batching
+//!
+//! Calls do not leave one by one. Each shard keeps an [`Outbox`]: calls for other shards
+//! queue there, one batch per target, and leave together once this shard's ready tasks have
+//! run (a flush task, spawned with the first call of the turn, yields once and then sends).
+//! So under load a turn's calls for a shard cost one channel push and at most one wake-up of
+//! that shard, not one each; a lone call waits only for the tasks already ready here.
+//!
 //! # Order
 //!
-//! A shard's inbox is FIFO, and [`serve_inbox`] starts one local task per call in arrival
-//! order (glommio 0.9's `spawn_local` even polls the new task at once, inside the inbox loop;
-//! a run queue would start them in the same order). So the synchronous part of each call
+//! A shard's inbox is FIFO, a batch keeps the order its calls were queued in, and batches
+//! leave in the order of their first call: a call queued before a call to another shard is
+//! sent before it, so nothing the later call causes can overtake it, as unbatched.
+//! [`serve_inbox`] starts one local task per call in arrival order (glommio 0.9's
+//! `spawn_local` even polls the new task at once, inside the inbox loop; a run queue would
+//! start them in the same order). So the synchronous part of each call
 //! (everything before its first `.await`) runs in the order one sender sent the calls, and a
 //! call that never awaits (a `post`ed delivery, an interest withdrawal) completes in that
 //! order entirely; a call that awaits holds up none behind it. The delivery contract relies
@@ -29,6 +40,7 @@
 //! save a task each, but would stay in order with the others only as long as glommio starts a
 //! spawned task at once, which its documentation does not promise.
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use futures::channel::{mpsc, oneshot};
@@ -48,8 +60,9 @@ pub type ShardInbox = mpsc::UnboundedReceiver<InboxMessage>;
 /// `Send` data (payloads are `Bytes`, never `Rc`) and the `Rc<Shard>` it runs on is the
 /// receiving shard's own.
 pub enum InboxMessage {
-    /// An owner-call from another shard (or a `post` from this one).
-    Call(RemoteCall),
+    /// Owner-calls from one shard (a `post` may come from this one), in the order it queued
+    /// them: one [`Outbox`] flush.
+    Calls(Vec<RemoteCall>),
     /// Stop accepting, finish in-flight work, exit. Sent by the signal thread, which is no
     /// shard and has none to run a closure on; it also ends [`serve_inbox`]'s first phase, a
     /// change of how the inbox itself is served that a call on the shard could not express.
@@ -159,13 +172,76 @@ impl Shard {
     }
 
     fn send(&self, target: usize, call: RemoteCall) -> Result<(), ShardError> {
+        self.outbox.queue(target, call)
+    }
+}
+
+/// Calls waiting to leave this shard, grouped by target, flushed once per executor turn (see
+/// the module docs). Shared (`Rc`) between the shard and the flush task it spawns.
+pub struct Outbox {
+    /// Inbox senders of every shard, indexed by shard id.
+    peers: Vec<ShardSender>,
+    /// One batch per target with calls waiting, in the order of each batch's first call.
+    batches: RefCell<Vec<(usize, Vec<RemoteCall>)>>,
+    /// Whether a flush task is spawned and has not yet sent.
+    flush_pending: Cell<bool>,
+}
+
+impl Outbox {
+    pub fn new(peers: Vec<ShardSender>) -> Rc<Outbox> {
+        Rc::new(Outbox {
+            peers,
+            batches: RefCell::new(Vec::new()),
+            flush_pending: Cell::new(false),
+        })
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Queues `call` for `target`; it leaves with this turn's flush. Errs at once when
+    /// `target` does not exist or its inbox is already closed (one that closes before the
+    /// flush drops the call, and with it the reply sender: the caller then sees
+    /// [`ShardError::ShardGone`] too).
+    fn queue(self: &Rc<Self>, target: usize, call: RemoteCall) -> Result<(), ShardError> {
         let inbox = self
             .peers
             .get(target)
             .ok_or(ShardError::ShardGone(target))?;
-        inbox
-            .unbounded_send(InboxMessage::Call(call))
-            .map_err(|_| ShardError::ShardGone(target))
+        if inbox.is_closed() {
+            return Err(ShardError::ShardGone(target));
+        }
+        {
+            let mut batches = self.batches.borrow_mut();
+            match batches.iter_mut().find(|(to, _)| *to == target) {
+                Some((_, calls)) => calls.push(call),
+                None => batches.push((target, vec![call])),
+            }
+        }
+        if !self.flush_pending.replace(true) {
+            let outbox = Rc::clone(self);
+            glommio::spawn_local(async move {
+                // Let the tasks already ready on this shard run (and queue their calls)
+                // first: that is what turns a busy turn's calls into one batch per target.
+                futures_lite::future::yield_now().await;
+                outbox.flush();
+            })
+            .detach();
+        }
+        Ok(())
+    }
+
+    /// Sends every waiting batch, in order. A batch for a shard whose inbox has closed is
+    /// dropped (see [`Outbox::queue`]).
+    fn flush(&self) {
+        self.flush_pending.set(false);
+        let batches = std::mem::take(&mut *self.batches.borrow_mut());
+        for (target, calls) in batches {
+            if let Some(inbox) = self.peers.get(target) {
+                let _ = inbox.unbounded_send(InboxMessage::Calls(calls));
+            }
+        }
     }
 }
 
@@ -175,7 +251,7 @@ impl Shard {
 pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     while let Some(message) = inbox.next().await {
         match message {
-            InboxMessage::Call(call) => call.start(&shard),
+            InboxMessage::Calls(calls) => calls.into_iter().for_each(|call| call.start(&shard)),
             InboxMessage::Shutdown => {
                 shard.begin_shutdown();
                 break;
@@ -186,8 +262,8 @@ pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     // one of our topics must still get its reply.
     glommio::spawn_local(async move {
         while let Some(message) = inbox.next().await {
-            if let InboxMessage::Call(call) = message {
-                call.start(&shard);
+            if let InboxMessage::Calls(calls) = message {
+                calls.into_iter().for_each(|call| call.start(&shard));
             }
         }
     })
@@ -286,7 +362,7 @@ mod tests {
         });
         let owner_thread = thread_rx.recv().expect("owner executor started");
         run(move || async move {
-            let here = shard(0, peers);
+            let here = shard(0, peers.clone());
             let (id, thread) = here
                 .invoke_on(1, async |shard: &Shard| {
                     (shard.id, std::thread::current().id())
@@ -302,7 +378,7 @@ mod tests {
             let ids: Vec<_> = all.into_iter().map(Result::ok).collect();
             assert_eq!(ids, [Some(0), Some(1)]);
 
-            here.peers[1]
+            peers[1]
                 .unbounded_send(InboxMessage::Shutdown)
                 .expect("shard 1 inbox open");
         });
@@ -359,6 +435,69 @@ mod tests {
                 .await
                 .expect("shard 1 answers");
             assert_eq!(seen, ["first: start", "second", "first: end"]);
+        });
+    }
+
+    #[test]
+    fn one_turns_calls_to_a_shard_leave_as_one_batch_in_order() {
+        run(|| async {
+            let (peers, mut inboxes) = inboxes(3);
+            let mut inbox_2 = inboxes.pop().expect("inbox 2");
+            let mut inbox_1 = inboxes.pop().expect("inbox 1");
+            let here = shard(0, peers.clone());
+            let serving = shard(1, peers);
+
+            // One turn: 1, 2, 1, 2, 1, with nothing awaited in between.
+            for (target, entry) in [(1, "a"), (2, "b"), (1, "c"), (2, "d"), (1, "e")] {
+                here.post(target, async move |_: &Shard| log(entry))
+                    .expect("posted");
+            }
+            assert!(
+                inbox_1.try_recv().is_err() && inbox_2.try_recv().is_err(),
+                "nothing leaves before the turn ends"
+            );
+
+            // The flush runs once this task yields: one message per target, calls in order.
+            let Some(InboxMessage::Calls(to_1)) = inbox_1.next().await else {
+                panic!("expected shard 1's batch");
+            };
+            let Some(InboxMessage::Calls(to_2)) = inbox_2.next().await else {
+                panic!("expected shard 2's batch");
+            };
+            assert_eq!((to_1.len(), to_2.len()), (3, 2));
+            assert!(inbox_1.try_recv().is_err() && inbox_2.try_recv().is_err());
+            to_1.into_iter().for_each(|call| call.start(&serving));
+            to_2.into_iter().for_each(|call| call.start(&serving));
+            assert_eq!(LOG.with(|log| log.take()), ["a", "c", "e", "b", "d"]);
+
+            // A later turn starts a new batch.
+            here.post(1, async |_: &Shard| log("f")).expect("posted");
+            let Some(InboxMessage::Calls(later)) = inbox_1.next().await else {
+                panic!("expected a second batch");
+            };
+            assert_eq!(later.len(), 1);
+        });
+    }
+
+    #[test]
+    fn batches_leave_in_the_order_of_their_first_call() {
+        run(|| async {
+            // Shards 1 and 2 share one inbox here, so it shows the order batches were sent in.
+            let (own, _inbox_0) = mpsc::unbounded();
+            let (shared, mut sent) = mpsc::unbounded();
+            let here = shard(0, vec![own, shared.clone(), shared]);
+            let serving = shard(1, inboxes(3).0);
+            here.post(2, async |_: &Shard| log("to 2")).expect("posted");
+            here.post(1, async |_: &Shard| log("to 1")).expect("posted");
+            here.post(2, async |_: &Shard| log("to 2 again"))
+                .expect("posted");
+            for _ in 0..2 {
+                let Some(InboxMessage::Calls(calls)) = sent.next().await else {
+                    panic!("expected a batch");
+                };
+                calls.into_iter().for_each(|call| call.start(&serving));
+            }
+            assert_eq!(LOG.with(|log| log.take()), ["to 2", "to 2 again", "to 1"]);
         });
     }
 }

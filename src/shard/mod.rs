@@ -104,8 +104,9 @@ pub struct Shard {
     /// Browser-safety policies and this shard's rate-limit buckets, consulted for every
     /// API request before it is routed.
     pub guard: crate::http::guard::Guard,
-    /// Inbox senders of every shard, indexed by shard id (this shard's own included, unused).
-    peers: Vec<ShardSender>,
+    /// Calls for other shards (and posts to this one) waiting for this turn's flush to their
+    /// inboxes.
+    outbox: Rc<call::Outbox>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
     connections: Cell<usize>,
     /// Held by every connection task; shutdown closes it and waits for them to finish.
@@ -140,7 +141,7 @@ impl Shard {
             delivery: Registry::new(),
             metrics: crate::metrics::ShardMetrics::new(per_topic_cap),
             guard,
-            peers,
+            outbox: call::Outbox::new(peers),
             connections: Cell::new(0),
             gate: Gate::new(),
             shutdown: shutdown::ShutdownSignal::new(),
@@ -149,11 +150,11 @@ impl Shard {
     }
 
     pub fn shard_count(&self) -> usize {
-        self.peers.len()
+        self.outbox.shard_count()
     }
 
     pub fn owner_of(&self, topic: &str) -> usize {
-        router::owner_of(topic, self.peers.len())
+        router::owner_of(topic, self.shard_count())
     }
 
     /// Counts a new connection unless the shard is at its limit.
