@@ -10,6 +10,7 @@
 //! - [`websocket`]: the `GET /ws` upgrade (the session runs in [`crate::net::websocket`]).
 
 pub mod auth;
+mod bulk_body;
 pub mod events;
 pub mod groups;
 pub mod health;

@@ -18,12 +18,12 @@ use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+pub use super::bulk_body::parse_bulk;
 use super::{bad_json, Reply};
 use crate::auth::{Permission, Principal};
 use crate::config::ApiConfig;
 use crate::http::codec::Request;
 use crate::http::error::ApiError;
-use crate::http::json::{array_up_to, Bounded};
 use crate::metrics::Ingress;
 use crate::shard::Shard;
 use crate::store::idempotency;
@@ -41,48 +41,19 @@ const MAX_TTL_SECONDS: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
 /// consumers' JSON parsers refuse or overflow their stacks on.
 pub const MAX_PAYLOAD_DEPTH: usize = 128;
 
-#[derive(Deserialize)]
-struct PublishBody<'a> {
+/// A message as sent: a single publish's body, or one item of a bulk body
+/// ([`super::bulk_body`] fills it field by field).
+#[derive(Deserialize, Default)]
+pub(super) struct PublishBody<'a> {
     #[serde(borrow)]
-    topic: Option<Cow<'a, str>>,
+    pub topic: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    payload: Option<&'a RawValue>,
-    ttl: Option<f64>,
+    pub payload: Option<&'a RawValue>,
+    pub ttl: Option<f64>,
     #[serde(borrow)]
-    metadata: Option<&'a RawValue>,
+    pub metadata: Option<&'a RawValue>,
     #[serde(borrow)]
-    idempotency_key: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct BulkBody<'a> {
-    #[serde(borrow)]
-    messages: Option<&'a RawValue>,
-}
-
-/// The items of a bulk body's `messages`: 1 to `max` of them, each still raw. Counted while
-/// they are split, not after (see [`crate::http::json`]).
-fn bulk_items(messages: &RawValue, max: usize) -> Result<Vec<&RawValue>, ApiError> {
-    let count_error = |got: &str| {
-        ApiError::invalid_request(format!(
-            "`messages` must hold 1 to {max} messages, got {got}"
-        ))
-    };
-    match array_up_to(messages, max) {
-        Err(Bounded::TooMany) => Err(count_error(&format!("more than {max}"))),
-        Err(Bounded::Invalid) => Err(ApiError::invalid_request(
-            "`messages` must be an array of messages",
-        )),
-        Ok(items) if items.is_empty() => Err(count_error("0")),
-        Ok(items) => Ok(items),
-    }
-}
-
-/// Just the topic of a bulk item that failed validation, to echo it in the item's result.
-#[derive(Deserialize)]
-struct TopicOnly<'a> {
-    #[serde(borrow)]
-    topic: Option<Cow<'a, str>>,
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Parses and validates a single-message body.
@@ -94,35 +65,6 @@ pub fn parse_publish(body: &[u8], limits: &ApiConfig) -> Result<PublishItem, Api
 /// One bulk item's outcome of validation: the item, or the topic it named (if any) and why it
 /// was rejected.
 pub type BulkItem = Result<PublishItem, (Option<String>, ApiError)>;
-
-/// Parses a bulk body. The envelope must be valid; each item is validated on its own.
-pub fn parse_bulk(body: &[u8], limits: &ApiConfig) -> Result<Vec<BulkItem>, ApiError> {
-    let parsed: BulkBody = serde_json::from_slice(body).map_err(bad_json)?;
-    let messages = parsed
-        .messages
-        .ok_or_else(|| ApiError::invalid_request("`messages` is required: an array of messages"))?;
-    let items = bulk_items(messages, limits.max_bulk_messages)?;
-    Ok(items
-        .into_iter()
-        .map(|raw| {
-            let parsed: PublishBody = serde_json::from_str(raw.get()).map_err(|e| {
-                (
-                    topic_of(raw),
-                    ApiError::invalid_request(format!("invalid message: {e}")),
-                )
-            })?;
-            let topic = parsed.topic.as_deref().map(str::to_owned);
-            validate(parsed, limits).map_err(|e| (topic, e))
-        })
-        .collect())
-}
-
-fn topic_of(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<TopicOnly>(raw.get())
-        .ok()
-        .and_then(|t| t.topic)
-        .map(Cow::into_owned)
-}
 
 /// Whether `json` (valid JSON) nests deeper than [`MAX_PAYLOAD_DEPTH`]. Valid JSON nested
 /// `d` deep holds at least `d` opening and `d` closing brackets, so a payload shorter than
@@ -159,7 +101,7 @@ fn nesting_depth(json: &[u8]) -> usize {
     deepest
 }
 
-fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiError> {
+pub(super) fn validate(body: PublishBody, limits: &ApiConfig) -> Result<PublishItem, ApiError> {
     let topic = body
         .topic
         .ok_or_else(|| ApiError::invalid_request("`topic` is required"))?;
