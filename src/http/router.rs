@@ -166,12 +166,24 @@ impl Route {
 }
 
 /// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
+/// The most segments a route has (`/api/v1/topics/{topic}/groups/{group}/…`).
+const MAX_SEGMENTS: usize = 8;
+
 pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
     let get = matches!(method, Method::Get | Method::Head);
-    let segments: Vec<&str> = match path.strip_prefix('/') {
-        Some(rest) => rest.split('/').collect(),
-        None => return Err(not_found(path)),
-    };
+    // The segments, in a fixed array: no route has more than `MAX_SEGMENTS`, so a longer path
+    // is no route, and routing allocates nothing.
+    let mut buffer = [""; MAX_SEGMENTS];
+    let mut count = 0;
+    for segment in path
+        .strip_prefix('/')
+        .ok_or_else(|| not_found(path))?
+        .split('/')
+    {
+        *buffer.get_mut(count).ok_or_else(|| not_found(path))? = segment;
+        count += 1;
+    }
+    let segments = &buffer[..count];
     let allowed = |ok: bool, allow: &'static str, route: Route| {
         if ok {
             Ok(route)
@@ -182,7 +194,7 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
             )))
         }
     };
-    match segments.as_slice() {
+    match segments {
         ["health"] => allowed(get, "GET, HEAD", Route::Health),
         ["ready"] => allowed(get, "GET, HEAD", Route::Ready),
         ["api", "v1", "messages"] => allowed(method == Method::Post, "POST", Route::Publish),

@@ -12,6 +12,7 @@
 //!
 //! Owns: the matching. Does not own: the answer to a refused host (`guard`).
 
+use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::config::{split_host_port, Config};
@@ -23,7 +24,16 @@ pub struct HostPolicy {
     patterns: Vec<Pattern>,
     /// The default for an empty list: loopback names only (a loopback `listen`), or any.
     loopback_only: bool,
+    /// The last `Host` value allowed, byte for byte: clients send the same one on every
+    /// request, and judging it anew (UTF-8, port split, address parse, pattern match) was
+    /// ~700 instructions of each publish. One entry per shard (the policy is per shard), at
+    /// most [`MEMO_MAX_BYTES`]; only allowed values are kept, so a refused one is always
+    /// judged.
+    last_allowed: RefCell<Option<Box<[u8]>>>,
 }
+
+/// The longest `Host` value remembered as allowed (a real one is far shorter).
+const MEMO_MAX_BYTES: usize = 256;
 
 /// One `security.trusted_hosts` entry, prepared so that matching allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +92,7 @@ impl HostPolicy {
                 .map(|entry| Pattern::new(entry))
                 .collect(),
             loopback_only: config.listen.ip().is_loopback(),
+            last_allowed: RefCell::new(None),
         }
     }
 
@@ -90,9 +101,18 @@ impl HostPolicy {
         let Some(host) = host else {
             return true;
         };
-        if self.is_open() {
+        if self.is_open() || self.last_allowed.borrow().as_deref() == Some(host) {
             return true;
         }
+        let allowed = self.judge(host);
+        if allowed && host.len() <= MEMO_MAX_BYTES {
+            *self.last_allowed.borrow_mut() = Some(host.into());
+        }
+        allowed
+    }
+
+    /// Whether this `Host` value names a host the relay answers to.
+    fn judge(&self, host: &[u8]) -> bool {
         let Some(host) = parse_host(host) else {
             return false;
         };
@@ -149,7 +169,30 @@ mod tests {
                 .expect("literal")
                 .ip()
                 .is_loopback(),
+            last_allowed: RefCell::new(None),
         }
+    }
+
+    #[test]
+    fn the_remembered_host_is_the_last_allowed_one_byte_for_byte() {
+        let p = policy("127.0.0.1:8080", &[]);
+        assert!(!allows(&p, ""), "nothing remembered matches an empty Host");
+        assert!(allows(&p, "localhost:8080"));
+        assert!(allows(&p, "localhost:8080"), "remembered");
+        for refused in ["localhost:8080.evil", "localhos:8080", "evil.example", ""] {
+            assert!(!allows(&p, refused), "{refused}");
+        }
+        assert!(allows(&p, "localhost:8080"), "a refusal is not remembered");
+
+        let p = policy("127.0.0.1:8080", &["*.example"]);
+        assert!(allows(&p, "a.example"));
+        let long = format!("{}.example", "a".repeat(MEMO_MAX_BYTES));
+        assert!(allows(&p, &long));
+        assert_eq!(
+            p.last_allowed.borrow().as_deref(),
+            Some(&b"a.example"[..]),
+            "a value longer than the memo's bound is judged every time"
+        );
     }
 
     fn allows(policy: &HostPolicy, host: &str) -> bool {
