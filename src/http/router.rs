@@ -165,10 +165,10 @@ impl Route {
     }
 }
 
-/// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
 /// The most segments a route has (`/api/v1/topics/{topic}/groups/{group}/…`).
 const MAX_SEGMENTS: usize = 8;
 
+/// Where `path` leads with `method`. `HEAD` is accepted wherever `GET` is.
 pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
     let get = matches!(method, Method::Get | Method::Head);
     // The segments, in a fixed array: no route has more than `MAX_SEGMENTS`, so a longer path

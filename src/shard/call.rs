@@ -14,17 +14,20 @@
 //!
 //! # Batching
 //!
-//! Calls do not leave one by one. Each shard keeps an [`Outbox`]: calls for other shards
-//! queue there, one batch per target, and leave together once this shard's ready tasks have
-//! run (a flush task, spawned with the first call of the turn, yields once and then sends).
-//! So under load a turn's calls for a shard cost one channel push and at most one wake-up of
-//! that shard, not one each; a lone call waits only for the tasks already ready here.
+//! Calls do not leave one by one. Each shard keeps an [`Outbox`]: calls queue there and leave
+//! once this shard's ready tasks have run (a flush task, spawned with the first call of the
+//! turn, yields once and then sends). Consecutive calls for the same shard travel as one
+//! inbox message, so under load a turn's calls for a shard cost one channel push and at most
+//! one wake-up of that shard, not one each; a lone call waits only for the tasks already
+//! ready here. Once the shard's run has ended ([`Outbox::send_directly`]: tasks dropped with
+//! the executor may still post from their destructors, with no executor to flush), calls go
+//! out at once.
 //!
 //! # Order
 //!
-//! A shard's inbox is FIFO, a batch keeps the order its calls were queued in, and batches
-//! leave in the order of their first call: a call queued before a call to another shard is
-//! sent before it, so nothing the later call causes can overtake it, as unbatched.
+//! A shard's inbox is FIFO, and calls leave the outbox in exactly the order they were queued
+//! (a batch holds only consecutive calls for one shard): a call queued before a call to
+//! another shard is sent before it, so nothing the later call causes can overtake it.
 //! [`serve_inbox`] starts one local task per call in arrival order (glommio 0.9's
 //! `spawn_local` even polls the new task at once, inside the inbox loop; a run queue would
 //! start them in the same order). So the synchronous part of each call
@@ -60,8 +63,8 @@ pub type ShardInbox = mpsc::UnboundedReceiver<InboxMessage>;
 /// `Send` data (payloads are `Bytes`, never `Rc`) and the `Rc<Shard>` it runs on is the
 /// receiving shard's own.
 pub enum InboxMessage {
-    /// Owner-calls from one shard (a `post` may come from this one), in the order it queued
-    /// them: one [`Outbox`] flush.
+    /// Consecutive owner-calls from one shard (a `post` may come from this one), in the order
+    /// it queued them.
     Calls(Vec<RemoteCall>),
     /// Stop accepting, finish in-flight work, exit. Sent by the signal thread, which is no
     /// shard and has none to run a closure on; it also ends [`serve_inbox`]'s first phase, a
@@ -121,8 +124,8 @@ impl Shard {
         reply.await.map_err(|_| ShardError::ShardGone(target))
     }
 
-    /// Runs `op` on every shard, concurrently (every remote call is sent before this shard's
-    /// own runs), and returns the outputs in shard order; a shard that could not answer
+    /// Runs `op` on every shard, concurrently (every remote call is queued before this
+    /// shard's own runs, and leaves at the latter's first await), and returns the outputs in shard order; a shard that could not answer
     /// yields its [`ShardError`] in its place.
     pub async fn invoke_on_all<T, F>(&self, op: F) -> Vec<Result<T, ShardError>>
     where
@@ -176,15 +179,17 @@ impl Shard {
     }
 }
 
-/// Calls waiting to leave this shard, grouped by target, flushed once per executor turn (see
-/// the module docs). Shared (`Rc`) between the shard and the flush task it spawns.
+/// Calls waiting to leave this shard, flushed once per executor turn (see the module docs).
+/// Shared (`Rc`) between the shard and the flush task it spawns.
 pub struct Outbox {
     /// Inbox senders of every shard, indexed by shard id.
     peers: Vec<ShardSender>,
-    /// One batch per target with calls waiting, in the order of each batch's first call.
+    /// The calls waiting, in queue order: runs of consecutive calls for one target.
     batches: RefCell<Vec<(usize, Vec<RemoteCall>)>>,
     /// Whether a flush task is spawned and has not yet sent.
     flush_pending: Cell<bool>,
+    /// Set when the shard's run has ended: no flush task could run any more.
+    direct: Cell<bool>,
 }
 
 impl Outbox {
@@ -193,6 +198,7 @@ impl Outbox {
             peers,
             batches: RefCell::new(Vec::new()),
             flush_pending: Cell::new(false),
+            direct: Cell::new(false),
         })
     }
 
@@ -212,11 +218,16 @@ impl Outbox {
         if inbox.is_closed() {
             return Err(ShardError::ShardGone(target));
         }
+        if self.direct.get() {
+            return inbox
+                .unbounded_send(InboxMessage::Calls(vec![call]))
+                .map_err(|_| ShardError::ShardGone(target));
+        }
         {
             let mut batches = self.batches.borrow_mut();
-            match batches.iter_mut().find(|(to, _)| *to == target) {
-                Some((_, calls)) => calls.push(call),
-                None => batches.push((target, vec![call])),
+            match batches.last_mut() {
+                Some((to, calls)) if *to == target => calls.push(call),
+                _ => batches.push((target, vec![call])),
             }
         }
         if !self.flush_pending.replace(true) {
@@ -230,6 +241,13 @@ impl Outbox {
             .detach();
         }
         Ok(())
+    }
+
+    /// From now on sends every call at once, and sends what is waiting. Called when the
+    /// shard's run ends, before its executor (and the tasks it still holds) is dropped.
+    pub fn send_directly(&self) {
+        self.direct.set(true);
+        self.flush();
     }
 
     /// Sends every waiting batch, in order. A batch for a shard whose inbox has closed is
@@ -447,8 +465,8 @@ mod tests {
             let here = shard(0, peers.clone());
             let serving = shard(1, peers);
 
-            // One turn: 1, 2, 1, 2, 1, with nothing awaited in between.
-            for (target, entry) in [(1, "a"), (2, "b"), (1, "c"), (2, "d"), (1, "e")] {
+            // One turn: 1, 1, 2, 2, 1, with nothing awaited in between.
+            for (target, entry) in [(1, "a"), (1, "c"), (2, "b"), (2, "d"), (1, "e")] {
                 here.post(target, async move |_: &Shard| log(entry))
                     .expect("posted");
             }
@@ -457,18 +475,24 @@ mod tests {
                 "nothing leaves before the turn ends"
             );
 
-            // The flush runs once this task yields: one message per target, calls in order.
-            let Some(InboxMessage::Calls(to_1)) = inbox_1.next().await else {
-                panic!("expected shard 1's batch");
-            };
-            let Some(InboxMessage::Calls(to_2)) = inbox_2.next().await else {
-                panic!("expected shard 2's batch");
-            };
-            assert_eq!((to_1.len(), to_2.len()), (3, 2));
+            // The flush runs once this task yields: one message per run of calls for one
+            // shard, calls in order.
+            let mut runs = Vec::new();
+            for target in [1, 2, 1] {
+                let inbox = if target == 1 {
+                    &mut inbox_1
+                } else {
+                    &mut inbox_2
+                };
+                let Some(InboxMessage::Calls(calls)) = inbox.next().await else {
+                    panic!("expected a batch");
+                };
+                runs.push(calls.len());
+                calls.into_iter().for_each(|call| call.start(&serving));
+            }
+            assert_eq!(runs, [2, 2, 1]);
             assert!(inbox_1.try_recv().is_err() && inbox_2.try_recv().is_err());
-            to_1.into_iter().for_each(|call| call.start(&serving));
-            to_2.into_iter().for_each(|call| call.start(&serving));
-            assert_eq!(LOG.with(|log| log.take()), ["a", "c", "e", "b", "d"]);
+            assert_eq!(LOG.with(|log| log.take()), ["a", "c", "b", "d", "e"]);
 
             // A later turn starts a new batch.
             here.post(1, async |_: &Shard| log("f")).expect("posted");
@@ -480,7 +504,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_leave_in_the_order_of_their_first_call() {
+    fn calls_leave_in_the_order_they_were_queued_across_targets() {
         run(|| async {
             // Shards 1 and 2 share one inbox here, so it shows the order batches were sent in.
             let (own, _inbox_0) = mpsc::unbounded();
@@ -491,13 +515,18 @@ mod tests {
             here.post(1, async |_: &Shard| log("to 1")).expect("posted");
             here.post(2, async |_: &Shard| log("to 2 again"))
                 .expect("posted");
-            for _ in 0..2 {
+            for _ in 0..3 {
                 let Some(InboxMessage::Calls(calls)) = sent.next().await else {
                     panic!("expected a batch");
                 };
                 calls.into_iter().for_each(|call| call.start(&serving));
             }
-            assert_eq!(LOG.with(|log| log.take()), ["to 2", "to 2 again", "to 1"]);
+            assert_eq!(LOG.with(|log| log.take()), ["to 2", "to 1", "to 2 again"]);
+
+            // Once the shard's run has ended, a call leaves at once, with no task to flush it.
+            here.outbox.send_directly();
+            here.post(1, async |_: &Shard| ()).expect("posted");
+            assert!(matches!(sent.try_recv(), Ok(InboxMessage::Calls(c)) if c.len() == 1));
         });
     }
 }

@@ -106,7 +106,7 @@ pub struct Shard {
     pub guard: crate::http::guard::Guard,
     /// Calls for other shards (and posts to this one) waiting for this turn's flush to their
     /// inboxes.
-    outbox: Rc<call::Outbox>,
+    pub(crate) outbox: Rc<call::Outbox>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
     connections: Cell<usize>,
     /// Held by every connection task; shutdown closes it and waits for them to finish.

@@ -308,6 +308,9 @@ async fn run_shard(boot: ShardBoot) -> anyhow::Result<()> {
         shard.storage.stop_sync().await;
         tier.client.shutdown().await;
     }
+    // What is still queued for peers leaves now, and so does anything posted later by the
+    // tasks dropped with this executor (interest withdrawals from their destructors).
+    shard.outbox.send_directly();
     tracing::debug!(shard = id, "shard stopped");
     Ok(())
 }

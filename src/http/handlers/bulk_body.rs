@@ -9,6 +9,14 @@
 //! while they are read (so an over-long array is refused without collecting it, see
 //! [`crate::http::json`]), and hand each item to the same validation a single publish gets.
 //! Sans-IO, fuzzed through [`parse_bulk`].
+//!
+//! Where this differs from the three-pass parser it replaced (the oracle of its tests): an
+//! item or an envelope written as an array (which a derived `Deserialize` read as the fields
+//! in order) is refused, not read; and a value the one pass cannot even read — an item that
+//! is a number out of `f64` range, or a string or a field name holding a lone UTF-16
+//! surrogate escape — fails the whole body with 400 instead of that item alone (nothing is
+//! published, and the client is told). Like a single publish, fields the relay ignores are
+//! skipped without checking their strings' UTF-8.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -591,6 +599,10 @@ mod tests {
         let (topic, e) = items[0].as_ref().expect_err("an array is rejected");
         assert_eq!((topic.as_deref(), e.code), (None, "INVALID_REQUEST"));
         assert!(e.message.contains("expected an object"), "{}", e.message);
+        // Nor is an envelope written as an array.
+        let envelope = br#"[[{"topic":"t-a","payload":1}]]"#;
+        let e = parse_bulk(envelope, &limits(10)).expect_err("an array envelope is refused");
+        assert_eq!((e.status, e.code), (400, "INVALID_REQUEST"));
     }
 
     #[test]
