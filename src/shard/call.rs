@@ -125,8 +125,8 @@ impl Shard {
     }
 
     /// Runs `op` on every shard, concurrently (every remote call is queued before this
-    /// shard's own runs, and leaves at the latter's first await), and returns the outputs in shard order; a shard that could not answer
-    /// yields its [`ShardError`] in its place.
+    /// shard's own runs, and leaves at the latter's first await), and returns the outputs in
+    /// shard order; a shard that could not answer yields its [`ShardError`] in its place.
     pub async fn invoke_on_all<T, F>(&self, op: F) -> Vec<Result<T, ShardError>>
     where
         F: AsyncFnOnce(&Shard) -> T + Clone + Send + 'static,
@@ -234,7 +234,7 @@ impl Outbox {
             let outbox = Rc::clone(self);
             glommio::spawn_local(async move {
                 // Let the tasks already ready on this shard run (and queue their calls)
-                // first: that is what turns a busy turn's calls into one batch per target.
+                // first: that is what turns a busy turn's calls for a shard into one message.
                 futures_lite::future::yield_now().await;
                 outbox.flush();
             })
@@ -269,7 +269,7 @@ impl Outbox {
 pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     while let Some(message) = inbox.next().await {
         match message {
-            InboxMessage::Calls(calls) => calls.into_iter().for_each(|call| call.start(&shard)),
+            InboxMessage::Calls(calls) => start_all(calls, &shard),
             InboxMessage::Shutdown => {
                 shard.begin_shutdown();
                 break;
@@ -281,11 +281,16 @@ pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: ShardInbox) {
     glommio::spawn_local(async move {
         while let Some(message) = inbox.next().await {
             if let InboxMessage::Calls(calls) = message {
-                calls.into_iter().for_each(|call| call.start(&shard));
+                start_all(calls, &shard);
             }
         }
     })
     .detach();
+}
+
+/// Starts a batch's calls on `shard`, in order.
+fn start_all(calls: Vec<RemoteCall>, shard: &Rc<Shard>) {
+    calls.into_iter().for_each(|call| call.start(shard));
 }
 
 #[cfg(test)]
