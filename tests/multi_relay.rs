@@ -646,6 +646,25 @@ fn valkey_counters(relay: &common::Server) -> HashMap<String, u64> {
         .collect()
 }
 
+/// Every relay has a pub/sub connection open, and Valkey lists the same connections.
+fn all_subscribed(valkey: &ValkeyServer, fleet: &RelayFleet) -> bool {
+    let open: Vec<u64> = (0..fleet.len())
+        .map(|i| pubsub_connections(fleet.relay(i)))
+        .collect();
+    let listed = valkey.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+    let listed = listed.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    open.iter().all(|n| *n >= 1) && listed == open.iter().sum::<u64>()
+}
+
+/// How many pub/sub connections to Valkey the relay has open now (over its shards): those
+/// it made less those it lost.
+fn pubsub_connections(relay: &common::Server) -> u64 {
+    let counters = valkey_counters(relay);
+    let count = |name: &str| counters.get(name).copied().unwrap_or(0);
+    count("relay_valkey_operations_total{op=\"pubsub_connect\"}")
+        .saturating_sub(count("relay_valkey_errors_total{kind=\"pubsub_lost\"}"))
+}
+
 fn consumers_on_every_relay(
     addrs: &[SocketAddr],
     topics: &[String],
@@ -769,12 +788,30 @@ fn lost_notifications_are_repaired() {
     for round in 1..=3 {
         assert!(eventually(Duration::from_secs(30), || ledger.acked_count()
             >= round * 120));
+        // Every relay is subscribed again after the last cut (its reconnect waits a backoff)
+        // and Valkey sees the same connections, so this cut is a loss for each relay.
+        assert!(
+            eventually(Duration::from_secs(30), || all_subscribed(&valkey, &fleet)),
+            "round {round}: a relay has no pub/sub connection to cut"
+        );
         let killed = valkey.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
         assert_ne!(killed.trim(), "0", "no pub/sub connection to cut");
     }
     let ledger = producers.join();
     // A writer that does not notify (the Python relay during a migration, a script): only the
-    // safety net can find its entry.
+    // safety net can find its entry. So first every relay subscribes again and its consumers
+    // hold the stream: the repair a new subscription starts must not be what finds it.
+    assert!(
+        eventually(Duration::from_secs(30), || all_subscribed(&valkey, &fleet)),
+        "a relay did not subscribe again"
+    );
+    let acked = assert_streams_hold_the_acked(&valkey, &topics, &ledger, &HashSet::new());
+    assert!(
+        eventually(CATCH_UP, || consumers
+            .iter()
+            .all(|c| acked.iter().all(|(t, s)| c.count(t) >= s.len()))),
+        "the consumers did not catch up before the silent writes"
+    );
     let mut extra = HashSet::new();
     for topic in &topics {
         let tag = format!("silent-{topic}");
