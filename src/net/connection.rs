@@ -13,6 +13,9 @@
 //! - while a response is written, each write must make progress within
 //!   `http.keepalive_timeout`, else the connection is dropped (a client that never reads).
 //!
+//! The shard's sweeper keeps these times (`super::deadline`): a wait that ends at once arms
+//! nothing, and a timeout fires at most `deadline::SWEEP_GAP` late, never early.
+//!
 //! Memory per connection is bounded too: once `OUTPUT_HIGH_WATER` (256 KiB) of responses are
 //! waiting, no further pipelined request is handled until they are written, so a client that
 //! pipelines requests for large responses and reads slowly holds at most one batch.
@@ -25,6 +28,7 @@ use futures::future::{select, Either};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
+use super::deadline::Deadline;
 use crate::http::codec::{Event, Limits, RequestDecoder};
 use crate::http::handlers::{self, Outcome};
 use crate::http::response::{write_continue, write_http_error, write_json_error};
@@ -69,6 +73,8 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
     // How long a response write may make no progress: a client that stopped reading is
     // as gone as one that stopped sending.
     let stall = http.keepalive_timeout;
+    // Bounds each wait below; the shard's sweeper keeps the time (`net::deadline`).
+    let deadline = shard.deadlines.slot();
 
     loop {
         // Handle every complete request already buffered.
@@ -88,6 +94,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             &mut stream,
                             &mut input,
                             &mut output,
+                            &deadline,
                         )
                         .await
                         {
@@ -104,17 +111,24 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                         }
                         Outcome::EventStream(sse, cors) => {
                             if !output.is_empty()
-                                && write_out(&mut stream, &mut output, stall).await.is_err()
+                                && write_out(&mut stream, &mut output, &deadline, stall)
+                                    .await
+                                    .is_err()
                             {
                                 return;
                             }
+                            drop(deadline);
                             super::sse::run(shard, stream, sse, &cors).await;
                             return;
                         }
                         Outcome::WebSocket(upgrade) => {
-                            if write_out(&mut stream, &mut output, stall).await.is_err() {
+                            if write_out(&mut stream, &mut output, &deadline, stall)
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
+                            drop(deadline);
                             super::websocket::run(shard, stream, input, upgrade).await;
                             return;
                         }
@@ -123,7 +137,10 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                 Ok(Some(Event::ContinueExpected)) => {
                     // The client waits for this before sending the body: write it now.
                     write_continue(&mut output);
-                    if write_out(&mut stream, &mut output, stall).await.is_err() {
+                    if write_out(&mut stream, &mut output, &deadline, stall)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -136,7 +153,11 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
         }
         // Handling stopped at the high-water mark: more complete requests may be buffered.
         let backed_up = output.len() >= OUTPUT_HIGH_WATER;
-        if !output.is_empty() && write_out(&mut stream, &mut output, stall).await.is_err() {
+        if !output.is_empty()
+            && write_out(&mut stream, &mut output, &deadline, stall)
+                .await
+                .is_err()
+        {
             return;
         }
         if !keep_open || (shard.is_shutting_down() && decoder.is_idle(&input)) {
@@ -163,7 +184,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
 
         // An idle connection also wakes for shutdown, so draining does not wait out its
         // keep-alive timeout.
-        let read = read_some(&mut stream, &mut input, wait);
+        let read = read_some(&mut stream, &mut input, &deadline, wait);
         let outcome = if idle {
             // Pinned on the stack, not boxed: this runs for every request.
             let shutdown = shard.shutdown.wait();
@@ -195,7 +216,7 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
                             &[],
                         )
                     });
-                    let _ = write_out(&mut stream, &mut output, stall).await;
+                    let _ = write_out(&mut stream, &mut output, &deadline, stall).await;
                 }
                 let _ = stream.close().await;
                 return;
@@ -208,15 +229,20 @@ pub async fn serve(shard: &Shard, mut stream: TcpStream, surface: super::Surface
 ///
 /// Cancel-safe (see [`super::read::read_into`]): dropping this future (a parked poll answered
 /// first, shutdown) leaves `input` exactly as it was.
-async fn read_some(stream: &mut TcpStream, input: &mut BytesMut, wait: Duration) -> ReadOutcome {
-    // Pinned on the stack, not boxed: two allocations per request saved.
-    let read = std::pin::pin!(super::read::read_into(stream, input));
-    let timer = std::pin::pin!(glommio::timer::sleep(wait));
-    match select(read, timer).await {
-        Either::Left((Ok(0), _)) => ReadOutcome::Closed,
-        Either::Left((Ok(_), _)) => ReadOutcome::Data,
-        Either::Left((Err(_), _)) => ReadOutcome::Failed,
-        Either::Right(_) => ReadOutcome::TimedOut,
+async fn read_some(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    deadline: &Deadline,
+    wait: Duration,
+) -> ReadOutcome {
+    match deadline
+        .within(wait, super::read::read_into(stream, input))
+        .await
+    {
+        Some(Ok(0)) => ReadOutcome::Closed,
+        Some(Ok(_)) => ReadOutcome::Data,
+        Some(Err(_)) => ReadOutcome::Failed,
+        None => ReadOutcome::TimedOut,
     }
 }
 
@@ -239,6 +265,7 @@ async fn handle_watching_peer(
     stream: &mut TcpStream,
     input: &mut BytesMut,
     output: &mut BytesMut,
+    deadline: &Deadline,
 ) -> Option<Outcome> {
     let mut handling = std::pin::pin!(handlers::handle(
         shard,
@@ -252,7 +279,12 @@ async fn handle_watching_peer(
         if !peer_open {
             return Some(handling.await);
         }
-        let read = Box::pin(read_some(stream, input, Duration::from_secs(3600)));
+        let read = Box::pin(read_some(
+            stream,
+            input,
+            deadline,
+            Duration::from_secs(3600),
+        ));
         let read_outcome = match select(handling.as_mut(), read).await {
             Either::Left((outcome, _)) => return Some(outcome),
             Either::Right((read_outcome, _)) => read_outcome,
@@ -276,6 +308,7 @@ async fn handle_watching_peer(
 async fn write_out(
     stream: &mut TcpStream,
     output: &mut BytesMut,
+    deadline: &Deadline,
     stall: Duration,
 ) -> std::io::Result<()> {
     let mut written = 0;
@@ -283,14 +316,14 @@ async fn write_out(
         if written == output.len() {
             break Ok(());
         }
-        // Pinned on the stack, not boxed: this runs for every response.
-        let write = std::pin::pin!(stream.write(&output[written..]));
-        let timer = std::pin::pin!(glommio::timer::sleep(stall));
-        match select(write, timer).await {
-            Either::Left((Ok(0), _)) => break Err(std::io::ErrorKind::WriteZero.into()),
-            Either::Left((Ok(n), _)) => written += n,
-            Either::Left((Err(e), _)) => break Err(e),
-            Either::Right(_) => break Err(std::io::ErrorKind::TimedOut.into()),
+        match deadline
+            .within(stall, stream.write(&output[written..]))
+            .await
+        {
+            Some(Ok(0)) => break Err(std::io::ErrorKind::WriteZero.into()),
+            Some(Ok(n)) => written += n,
+            Some(Err(e)) => break Err(e),
+            None => break Err(std::io::ErrorKind::TimedOut.into()),
         }
     };
     output.clear();

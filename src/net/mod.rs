@@ -6,11 +6,13 @@
 //!
 //! - [`listener`]: accepts on the shard's `SO_REUSEPORT` socket, enforces the connection cap.
 //! - [`connection`]: read → decode → handle → write, keep-alive and timeouts.
+//! - [`deadline`]: the shard's connection timeouts, kept by one sweeper task.
 //! - [`read`]: socket reads through one per-shard scratch buffer (no per-connection read room).
 //! - [`sse`]: an event stream: registration, catch-ups, the writer loop.
 //! - [`websocket`]: a `/ws` session: client frames in, commands, catch-ups, the writer loop.
 
 pub mod connection;
+pub mod deadline;
 pub mod listener;
 pub mod read;
 pub mod sse;

@@ -109,6 +109,8 @@ pub struct Shard {
     pub(crate) outbox: Rc<call::Outbox>,
     /// Open client connections on this shard, against `http.max_connections_per_shard`.
     connections: Cell<usize>,
+    /// The timeouts of this shard's HTTP connections (one sweeper, no timer per read).
+    pub deadlines: crate::net::deadline::Deadlines,
     /// Held by every connection task; shutdown closes it and waits for them to finish.
     pub gate: Gate,
     /// Triggered when this shard starts shutting down: the accept loop stops and connections
@@ -143,6 +145,7 @@ impl Shard {
             guard,
             outbox: call::Outbox::new(peers),
             connections: Cell::new(0),
+            deadlines: crate::net::deadline::Deadlines::new(),
             gate: Gate::new(),
             shutdown: shutdown::ShutdownSignal::new(),
             date: RefCell::new(DateCache::new(SystemTime::now())),
