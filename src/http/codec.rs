@@ -9,12 +9,15 @@
 //! `err.status()` and closes the connection; the decoder does not resynchronise.
 //!
 //! Allocation per request: the head is frozen into one `Bytes` (shared with the read buffer,
-//! no copy) and every string accessor is a `u32` range into it; one `Vec` of header ranges is
-//! the only allocation for a body-less request. Content-Length bodies are split off the read
+//! no copy) and every string accessor is a `u32` range into it (the target is a `ByteString`
+//! sharing it, validated as UTF-8 once); one `Vec` of header ranges is the only allocation for
+//! a body-less request. The fields every request is asked for (credentials, `Host`, `Origin`,
+//! `Content-Type`) are indexed while the head is parsed, so a lookup does not scan. Content-Length bodies are split off the read
 //! buffer without copying; chunked bodies are zero-copy when they arrive as a single data chunk
 //! and copied into one growing buffer otherwise.
 
 use bytes::{Buf, Bytes, BytesMut};
+use bytestring::ByteString;
 
 /// Header slots parsed on the stack. `max_headers` above this falls back to one heap array per
 /// head parse; 64 × 32-byte `httparse::Header` = 2 KiB of stack, comfortably below what a
@@ -205,10 +208,15 @@ pub struct Request {
     head: Bytes,
     method: Method,
     method_span: Span,
-    path: Span,
-    query: Option<Span>,
+    /// The request target (path and query), validated as UTF-8 once: handlers read the path
+    /// several times per request.
+    target: ByteString,
+    /// Where the path ends in `target` (at the first `?`, or its end).
+    path_end: u32,
     /// (name, value) per header field, in arrival order.
     headers: Vec<(Span, Span)>,
+    /// Where in `headers` the first field of each [`Field`] looked up on every request is.
+    indexed: FieldIndex,
     version_minor: u8,
     /// Computed once at head time from the version and all Connection headers.
     keep_alive: bool,
@@ -228,16 +236,20 @@ impl Request {
 
     /// Target without the query, as sent (not percent-decoded); `*` for `OPTIONS *`.
     pub fn path(&self) -> &str {
-        self.head_str(self.path)
+        self.target.get(..self.path_end as usize).unwrap_or("")
     }
 
     /// The part after the first `?`, without it; `Some("")` for a target ending in `?`.
     pub fn query(&self) -> Option<&str> {
-        self.query.map(|span| self.head_str(span))
+        self.target.get(self.path_end as usize..)?.strip_prefix('?')
     }
 
-    /// First field named `name` (ASCII case-insensitive).
+    /// First field named `name` (ASCII case-insensitive). The fields every request is asked
+    /// for were indexed at decode; others are found by a scan.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
+        if let Some(position) = Field::named(name).and_then(|field| self.indexed.get(field)) {
+            return position.map(|at| &self.head[self.headers[at].1.range()]);
+        }
         self.headers
             .iter()
             .find(|(n, _)| self.head[n.range()].eq_ignore_ascii_case(name.as_bytes()))
@@ -309,6 +321,7 @@ pub struct RequestDecoder {
 /// Not boxed: one decoder lives per connection, while boxing the body variant would cost an
 /// allocation per request with a body.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum State {
     Head(HeadProgress),
     Body(BodyProgress),
@@ -355,9 +368,10 @@ struct ParsedHead {
     len: usize,
     method: Method,
     method_span: Span,
-    path: Span,
-    query: Option<Span>,
+    target: Span,
+    path_end: u32,
     headers: Vec<(Span, Span)>,
+    indexed: FieldIndex,
     version_minor: u8,
     keep_alive: bool,
     connection_upgrade: bool,
@@ -515,13 +529,17 @@ fn decode_head(
 
     *progress = HeadProgress::default();
     let head = buf.split_to(parsed.len).freeze();
+    // httparse handed the target out as `&str`: this validation cannot fail.
+    let target = ByteString::try_from(head.slice(parsed.target.range()))
+        .map_err(|_| HttpError::Malformed(httparse::Error::Token))?;
     let request = Request {
         head,
         method: parsed.method,
         method_span: parsed.method_span,
-        path: parsed.path,
-        query: parsed.query,
+        target,
+        path_end: parsed.path_end,
         headers: parsed.headers,
+        indexed: parsed.indexed,
         version_minor: parsed.version_minor,
         keep_alive: parsed.keep_alive,
         connection_upgrade: parsed.connection_upgrade,
@@ -598,10 +616,8 @@ fn parse_head<'b>(
     if !(target.starts_with('/') || (target == "*" && method == Method::Options)) {
         return Err(HttpError::InvalidTarget);
     }
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(Span::of(bytes, query.as_bytes()))),
-        None => (target, None),
-    };
+    // Fits: the target lies inside a head of at most u32::MAX bytes.
+    let path_end = target.find('?').unwrap_or(target.len()) as u32;
 
     let mut headers = Vec::with_capacity(req.headers.len());
     let mut host_count = 0u32;
@@ -610,30 +626,37 @@ fn parse_head<'b>(
     let mut expects_continue = false;
     let mut connection = ConnectionTokens::default();
 
-    for field in req.headers.iter() {
+    let mut indexed = FieldIndex::default();
+    for (at, field) in req.headers.iter().enumerate() {
         let name = field.name;
         let value = field.value;
         headers.push((Span::of(bytes, name.as_bytes()), Span::of(bytes, value)));
-        if name.eq_ignore_ascii_case("host") {
-            host_count += 1;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            // Strict: even equal duplicates are refused (RFC 9112 §6.3 allows merging them,
-            // but a relay behind other proxies gains nothing from tolerating ambiguity).
-            if content_length.is_some() {
-                return Err(HttpError::DuplicateContentLength);
+        let Some(known) = Field::of(name) else {
+            continue;
+        };
+        indexed.note(known, at);
+        match known {
+            Field::Host => host_count += 1,
+            Field::ContentLength => {
+                // Strict: even equal duplicates are refused (RFC 9112 §6.3 allows merging
+                // them, but a relay behind other proxies gains nothing from tolerating
+                // ambiguity).
+                if content_length.is_some() {
+                    return Err(HttpError::DuplicateContentLength);
+                }
+                content_length = Some(parse_content_length(value)?);
             }
-            content_length = Some(parse_content_length(value)?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            te.add(value);
-        } else if name.eq_ignore_ascii_case("connection") {
-            connection.add(value);
-        } else if name.eq_ignore_ascii_case("expect") {
-            if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
-                // RFC 9110 §10.1.1: a 100-continue expectation in HTTP/1.0 is ignored.
-                expects_continue = version_minor == 1;
-            } else {
-                return Err(HttpError::UnsupportedExpectation);
+            Field::TransferEncoding => te.add(value),
+            Field::Connection => connection.add(value),
+            Field::Expect => {
+                if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
+                    // RFC 9110 §10.1.1: a 100-continue expectation in HTTP/1.0 is ignored.
+                    expects_continue = version_minor == 1;
+                } else {
+                    return Err(HttpError::UnsupportedExpectation);
+                }
             }
+            _ => {}
         }
     }
 
@@ -683,15 +706,149 @@ fn parse_head<'b>(
         len,
         method,
         method_span: Span::of(bytes, method_str.as_bytes()),
-        path: Span::of(bytes, path.as_bytes()),
-        query,
+        target: Span::of(bytes, target.as_bytes()),
+        path_end,
         headers,
+        indexed,
         version_minor,
         keep_alive,
         connection_upgrade: connection.upgrade,
         framing,
         expects_continue,
     }))
+}
+
+/// Header fields the decoder itself reads, and those looked up on every request (who is
+/// asking, from where, with what body): the latter are indexed at decode, so
+/// [`Request::header`] finds them without scanning every field for each name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    // Indexed (the first `FieldIndex::LEN` variants).
+    Host,
+    ContentType,
+    Authorization,
+    XApiKey,
+    Origin,
+    Cookie,
+    SecWebSocketProtocol,
+    XForwardedFor,
+    // Read by the decoder only.
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+}
+
+impl Field {
+    /// The field a lookup names, spelt in lowercase as the relay's code does (any other
+    /// spelling is found by a scan instead).
+    fn named(name: &str) -> Option<Field> {
+        Some(match name {
+            "host" => Field::Host,
+            "content-type" => Field::ContentType,
+            "authorization" => Field::Authorization,
+            "x-api-key" => Field::XApiKey,
+            "origin" => Field::Origin,
+            "cookie" => Field::Cookie,
+            "sec-websocket-protocol" => Field::SecWebSocketProtocol,
+            "x-forwarded-for" => Field::XForwardedFor,
+            _ => return None,
+        })
+    }
+
+    /// The field named `name` (ASCII case-insensitive), told apart by length first.
+    fn of(name: &str) -> Option<Field> {
+        let candidates: &[(&str, Field)] = match name.len() {
+            4 => &[("host", Field::Host)],
+            6 => &[
+                ("origin", Field::Origin),
+                ("cookie", Field::Cookie),
+                ("expect", Field::Expect),
+            ],
+            9 => &[("x-api-key", Field::XApiKey)],
+            10 => &[("connection", Field::Connection)],
+            12 => &[("content-type", Field::ContentType)],
+            13 => &[("authorization", Field::Authorization)],
+            14 => &[("content-length", Field::ContentLength)],
+            15 => &[("x-forwarded-for", Field::XForwardedFor)],
+            17 => &[("transfer-encoding", Field::TransferEncoding)],
+            22 => &[("sec-websocket-protocol", Field::SecWebSocketProtocol)],
+            _ => return None,
+        };
+        candidates
+            .iter()
+            .find(|(known, _)| token_eq_lowercase(name.as_bytes(), known.as_bytes()))
+            .map(|&(_, field)| field)
+    }
+}
+
+/// `token` (a header name: httparse admits only token characters) equals `lower` (lowercase
+/// letters and `-`) ignoring ASCII case, eight bytes at a time. Setting bit 0x20 lowercases a
+/// letter and keeps `-`; the only other byte it maps onto a letter or `-` is an uppercase
+/// letter or CR, which is no token character.
+fn token_eq_lowercase(token: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    if token.len() != lower.len() {
+        return false;
+    }
+    let mut token_words = token.chunks_exact(8);
+    let mut lower_words = lower.chunks_exact(8);
+    let words_equal = token_words
+        .by_ref()
+        .zip(lower_words.by_ref())
+        .all(|(t, l)| {
+            let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            word(t) | CASE == word(l)
+        });
+    words_equal
+        && token_words
+            .remainder()
+            .iter()
+            .zip(lower_words.remainder())
+            .all(|(t, l)| t | 0x20 == *l)
+}
+
+/// Position of the first field of each indexed [`Field`] in a request's header list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FieldIndex {
+    first: [u16; FieldIndex::LEN],
+    /// False once a field's position did not fit in a `u16`: lookups then scan.
+    usable: bool,
+}
+
+impl FieldIndex {
+    const LEN: usize = 8;
+    const ABSENT: u16 = u16::MAX;
+
+    /// `field` is at `at` (kept only if it is the first of its name).
+    fn note(&mut self, field: Field, at: usize) {
+        let Some(slot) = self.first.get_mut(field as usize) else {
+            return;
+        };
+        if *slot != Self::ABSENT {
+            return;
+        }
+        match u16::try_from(at) {
+            Ok(at) if at != Self::ABSENT => *slot = at,
+            _ => self.usable = false,
+        }
+    }
+
+    /// `None`: `field` is not indexed here (scan instead); `Some(None)`: the request has no
+    /// such field; `Some(Some(at))`: the first one is at `at`.
+    fn get(&self, field: Field) -> Option<Option<usize>> {
+        let slot = *self.first.get(field as usize).filter(|_| self.usable)?;
+        Some((slot != Self::ABSENT).then_some(usize::from(slot)))
+    }
+}
+
+impl Default for FieldIndex {
+    fn default() -> Self {
+        FieldIndex {
+            first: [Self::ABSENT; Self::LEN],
+            usable: true,
+        }
+    }
 }
 
 /// `1*DIGIT` only: no sign, no inner whitespace, no list (`5,5`), no overflow.
@@ -1076,6 +1233,90 @@ mod tests {
     }
 
     // ---- head parsing and accessors ----
+
+    /// The index of fields looked up on every request agrees with a scan of all fields, for
+    /// random heads: indexed and other names in any case, repeated, absent, up to the limit
+    /// of header fields; and path and query split like `split_once('?')`.
+    #[test]
+    fn indexed_lookups_and_the_target_agree_with_a_scan_on_random_heads() {
+        const NAMES: [&str; 14] = [
+            "host",
+            "content-type",
+            "authorization",
+            "x-api-key",
+            "origin",
+            "cookie",
+            "sec-websocket-protocol",
+            "x-forwarded-for",
+            "connection",
+            "upgrade",
+            "x-id",
+            "accept",
+            "cookies",
+            "originx",
+        ];
+        const TARGETS: [&str; 7] = [
+            "/",
+            "/a?",
+            "/a?b=1?c",
+            "/t/%20x?q",
+            "/api/v1/messages",
+            "/?",
+            "/é?ü",
+        ];
+        let limits = Limits {
+            max_header_bytes: 8 * 1024,
+            max_headers: 40,
+            max_body_bytes: 64,
+        };
+        for seed in 0..2_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let target = TARGETS[rng.usize(..TARGETS.len())];
+            let mut head = format!("GET {target} HTTP/1.1\r\n");
+            let mut host = false;
+            for i in 0..rng.usize(0..=38) {
+                let name = NAMES[rng.usize(..NAMES.len())];
+                if name == "host" && host {
+                    continue;
+                }
+                host |= name == "host";
+                let name: String = name
+                    .chars()
+                    .map(|c| {
+                        if rng.bool() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                head.push_str(&format!("{name}: v{i}\r\n"));
+            }
+            if !host {
+                head.push_str("Host: h\r\n");
+            }
+            head.push_str("\r\n");
+            let (events, err, _) = decode_whole(head.as_bytes(), limits);
+            assert_eq!(err, None, "seed {seed}: {head}");
+            let request = requests(events).remove(0);
+            for name in NAMES.iter().chain(&["HOST", "Cookie", "missing"]) {
+                let scanned = request
+                    .headers()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v);
+                assert_eq!(request.header(name), scanned, "seed {seed}, {name}: {head}");
+            }
+            let (path, query) = match target.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (target, None),
+            };
+            assert_eq!(
+                (request.path(), request.query()),
+                (path, query),
+                "seed {seed}"
+            );
+        }
+    }
 
     #[test]
     fn parses_get_with_query_and_headers() {
