@@ -227,10 +227,35 @@ const MAX_RFC3339_MS: u64 = 253_402_300_799_999;
 /// `fmt::Display` and `SystemTime` arithmetic (which panics on overflow) and returns
 /// `fmt::Error` after year 9999, once per delivered message on the hottest output path. The
 /// tests compare this against humantime.
+///
+/// The first 20 bytes (`YYYY-MM-DDTHH:MM:SS.`) are kept per thread for the last second
+/// formatted: a shard formats the same second over and over (every acknowledgement and
+/// delivery of a busy second), and the calendar arithmetic was ~200 of its ~225 instructions.
 pub fn write_rfc3339_millis(out: &mut Vec<u8>, unix_ms: u64) {
+    thread_local! {
+        /// (second, its formatted prefix); `u64::MAX` never matches a clamped second.
+        static LAST_SECOND: std::cell::Cell<(u64, [u8; 20])> =
+            const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+    }
     let unix_ms = unix_ms.min(MAX_RFC3339_MS);
-    let millis = unix_ms % 1000;
     let secs = unix_ms / 1000;
+    let prefix = LAST_SECOND.with(|last| {
+        let (second, prefix) = last.get();
+        if second == secs {
+            return prefix;
+        }
+        let prefix = rfc3339_second_prefix(secs);
+        last.set((secs, prefix));
+        prefix
+    });
+    let mut millis = *b"000Z";
+    put_digits(&mut millis[..3], unix_ms % 1000);
+    out.extend_from_slice(&prefix);
+    out.extend_from_slice(&millis);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.` for a second since the epoch (a four-digit year).
+fn rfc3339_second_prefix(secs: u64) -> [u8; 20] {
     let (year, month, day) = civil_from_days(secs / 86_400);
     let second_of_day = secs % 86_400;
     let (hour, minute, second) = (
@@ -239,15 +264,14 @@ pub fn write_rfc3339_millis(out: &mut Vec<u8>, unix_ms: u64) {
         second_of_day % 60,
     );
 
-    let mut buf = *b"0000-00-00T00:00:00.000Z";
+    let mut buf = *b"0000-00-00T00:00:00.";
     put_digits(&mut buf[0..4], year);
     put_digits(&mut buf[5..7], month);
     put_digits(&mut buf[8..10], day);
     put_digits(&mut buf[11..13], hour);
     put_digits(&mut buf[14..16], minute);
     put_digits(&mut buf[17..19], second);
-    put_digits(&mut buf[20..23], millis);
-    out.extend_from_slice(&buf);
+    buf
 }
 
 /// Writes `value` as zero-padded decimal filling `slot` (callers guarantee it fits).
@@ -470,6 +494,29 @@ mod tests {
             }
         }
         assert!(checked > 100_000, "{checked}");
+    }
+
+    /// Runs of milliseconds within one second and across second, day and year boundaries,
+    /// forwards, backwards and alternating: the remembered second is never used for another.
+    #[test]
+    fn rfc3339_remembered_second_matches_humantime() {
+        let check = |ms: u64| {
+            let mut out = Vec::new();
+            write_rfc3339_millis(&mut out, ms);
+            let expected = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string();
+            assert_eq!(String::from_utf8_lossy(&out), expected, "{ms}");
+        };
+        // 2026-12-31T23:59:59.998Z: a second, a day and a year end together.
+        let edge = 1_798_761_599_998u64;
+        for ms in (edge - 1_003..edge + 1_003).chain((edge - 3..edge + 3).rev()) {
+            check(ms);
+        }
+        for i in 0..2_000u64 {
+            check(if i % 2 == 0 { edge + i } else { edge - i });
+        }
+        check(MAX_RFC3339_MS);
+        check(0);
     }
 
     #[test]
