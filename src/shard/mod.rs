@@ -240,12 +240,12 @@ impl Shard {
         }
     }
 
-    fn deliver_batch(&self, topic: &str, messages: Vec<crate::store::message::Message>) {
+    fn deliver_batch(&self, topic: &str, messages: &[crate::store::message::Message]) {
         let acked_at = std::time::Instant::now();
-        self.delivery.deliver_local(topic, &messages, acked_at);
+        self.delivery.deliver_local(topic, messages, acked_at);
         for shard in self.delivery.interested_shards(topic) {
             let topic = topic.to_owned();
-            let messages = messages.clone();
+            let messages = messages.to_vec();
             // No reply: a shard that stopped has no consumer left to deliver to.
             let _ = self.post(shard, async move |consumers: &Shard| {
                 consumers

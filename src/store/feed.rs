@@ -19,7 +19,14 @@ use std::cell::RefCell;
 use super::message::Message;
 
 /// What receives a run of messages of one topic, in id order.
-pub type AppendListener = Box<dyn Fn(&str, Vec<Message>)>;
+pub type AppendListener = Box<dyn Fn(&str, &[Message])>;
+
+/// Messages appended and not yet flushed, with their topics, in append order.
+type Appended = Vec<(String, Message)>;
+
+/// Entries a flushed vector may hold and still be kept for the next operation: a shard keeps
+/// its usual operation's room, not the largest bulk it ever saw.
+const SPARE_ENTRIES: usize = 256;
 
 /// What learns that a topic's consumers must resume from their last id (see the module doc).
 pub type ResyncListener = Box<dyn Fn(&str)>;
@@ -27,7 +34,10 @@ pub type ResyncListener = Box<dyn Fn(&str)>;
 #[derive(Default)]
 pub struct AppendFeed {
     /// Appended since the last flush, in append order.
-    pending: RefCell<Vec<(String, Message)>>,
+    pending: RefCell<Appended>,
+    /// Emptied vectors of the last flush (its appended list and its run), reused so an
+    /// operation's appends and flush allocate nothing once a shard is warm.
+    spare: RefCell<(Appended, Vec<Message>)>,
     /// Set once, when the shard's delivery is wired up; appends before that (none in
     /// practice) are dropped at the next flush.
     listener: RefCell<Option<AppendListener>>,
@@ -68,27 +78,33 @@ impl AppendFeed {
     /// Hands everything appended since the last flush to the listener, grouping consecutive
     /// messages of one topic. Called by storage at the end of each operation that appends.
     pub fn flush(&self) {
-        let appended = std::mem::take(&mut *self.pending.borrow_mut());
-        if appended.is_empty() {
+        if self.pending.borrow().is_empty() {
             return;
         }
-        let listener = self.listener.borrow();
-        let Some(listener) = listener.as_ref() else {
-            return;
-        };
-        let mut run: Vec<Message> = Vec::new();
-        let mut current: Option<String> = None;
-        for (topic, message) in appended {
-            if current.as_deref() != Some(topic.as_str()) {
-                if let Some(done) = current.take() {
-                    listener(&done, std::mem::take(&mut run));
+        let (spare_appended, mut run) = std::mem::take(&mut *self.spare.borrow_mut());
+        let mut appended = std::mem::replace(&mut *self.pending.borrow_mut(), spare_appended);
+        {
+            let listener = self.listener.borrow();
+            let mut current: Option<String> = None;
+            for (topic, message) in appended.drain(..) {
+                if current.as_deref() != Some(topic.as_str()) {
+                    if let (Some(done), Some(listener)) = (current.take(), listener.as_ref()) {
+                        listener(&done, &run);
+                    }
+                    run.clear();
+                    current = Some(topic);
                 }
-                current = Some(topic);
+                run.push(message);
             }
-            run.push(message);
+            if let (Some(done), Some(listener)) = (current, listener.as_ref()) {
+                listener(&done, &run);
+            }
         }
-        if let Some(done) = current {
-            listener(&done, run);
+        run.clear();
+        if appended.capacity() <= SPARE_ENTRIES && run.capacity() <= SPARE_ENTRIES {
+            // A listener that appended and flushed meanwhile left its own spares: either
+            // pair serves.
+            *self.spare.borrow_mut() = (appended, run);
         }
     }
 }
@@ -133,5 +149,39 @@ mod tests {
                 ("a".to_owned(), vec![4])
             ]
         );
+    }
+
+    /// Operations of random sizes on both sides of the kept room, each flushed: every run
+    /// holds exactly its own messages (nothing left over from a reused vector), in order.
+    #[test]
+    fn reused_vectors_carry_nothing_from_one_flush_to_the_next() {
+        let feed = AppendFeed::new();
+        type Runs = Vec<(String, Vec<u64>)>;
+        let seen: Rc<RefCell<Runs>> = Rc::default();
+        let sink = seen.clone();
+        feed.subscribe(Box::new(move |topic, messages| {
+            let ids = messages.iter().map(|m| m.id.ms).collect();
+            sink.borrow_mut().push((topic.to_owned(), ids));
+        }));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut next = 0u64;
+        for _ in 0..300 {
+            let count = match rng.u8(..4) {
+                0 => rng.usize(SPARE_ENTRIES - 2..SPARE_ENTRIES + 3),
+                _ => rng.usize(0..8),
+            };
+            let mut expected: Runs = Vec::new();
+            for _ in 0..count {
+                let topic = ["a", "b", "c"][rng.usize(..3)].to_owned();
+                next += 1;
+                feed.append(topic.clone(), message(next));
+                match expected.last_mut() {
+                    Some((last, ids)) if *last == topic => ids.push(next),
+                    _ => expected.push((topic, vec![next])),
+                }
+            }
+            feed.flush();
+            assert_eq!(std::mem::take(&mut *seen.borrow_mut()), expected);
+        }
     }
 }
