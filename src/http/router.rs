@@ -175,10 +175,12 @@ pub fn route(method: Method, path: &str) -> Result<Route, ApiError> {
     // is no route, and routing allocates nothing.
     let mut buffer = [""; MAX_SEGMENTS];
     let mut count = 0;
+    // A one-char set, not `split('/')`: the char searcher sets up a memchr per segment,
+    // which cost more than walking these few bytes.
     for segment in path
         .strip_prefix('/')
         .ok_or_else(|| not_found(path))?
-        .split('/')
+        .split(['/'])
     {
         *buffer.get_mut(count).ok_or_else(|| not_found(path))? = segment;
         count += 1;
