@@ -248,7 +248,8 @@ impl Request {
     /// for were indexed at decode; others are found by a scan.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         if let Some(position) = Field::named(name).and_then(|field| self.indexed.get(field)) {
-            return position.map(|at| &self.head[self.headers[at].1.range()]);
+            let (_, value) = self.headers.get(position?)?;
+            return Some(&self.head[value.range()]);
         }
         self.headers
             .iter()
