@@ -125,16 +125,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_flush_hands_over_runs_of_one_topic_in_append_order() {
+    /// Runs handed over: (topic, the ids' milliseconds), in order.
+    type Runs = Vec<(String, Vec<u64>)>;
+
+    /// A feed whose listener records every run it is handed.
+    fn recording_feed() -> (AppendFeed, Rc<RefCell<Runs>>) {
         let feed = AppendFeed::new();
-        type Runs = Vec<(String, Vec<u64>)>;
         let seen: Rc<RefCell<Runs>> = Rc::default();
         let sink = seen.clone();
         feed.subscribe(Box::new(move |topic, messages| {
             let ids = messages.iter().map(|m| m.id.ms).collect();
             sink.borrow_mut().push((topic.to_owned(), ids));
         }));
+        (feed, seen)
+    }
+
+    #[test]
+    fn a_flush_hands_over_runs_of_one_topic_in_append_order() {
+        let (feed, seen) = recording_feed();
         for (topic, ms) in [("a", 1), ("a", 2), ("b", 3), ("a", 4)] {
             feed.append(topic.to_owned(), message(ms));
         }
@@ -155,14 +163,7 @@ mod tests {
     /// holds exactly its own messages (nothing left over from a reused vector), in order.
     #[test]
     fn reused_vectors_carry_nothing_from_one_flush_to_the_next() {
-        let feed = AppendFeed::new();
-        type Runs = Vec<(String, Vec<u64>)>;
-        let seen: Rc<RefCell<Runs>> = Rc::default();
-        let sink = seen.clone();
-        feed.subscribe(Box::new(move |topic, messages| {
-            let ids = messages.iter().map(|m| m.id.ms).collect();
-            sink.borrow_mut().push((topic.to_owned(), ids));
-        }));
+        let (feed, seen) = recording_feed();
         let mut rng = fastrand::Rng::with_seed(7);
         let mut next = 0u64;
         for _ in 0..300 {
